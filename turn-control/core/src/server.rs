@@ -1,0 +1,1438 @@
+//! The TURN server state machine.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::{RngExt as _, SeedableRng as _};
+use rtc_stun::attributes::{
+    ATTR_CHANNEL_NUMBER, ATTR_DATA, ATTR_ERROR_CODE, ATTR_EVEN_PORT, ATTR_LIFETIME,
+    ATTR_MESSAGE_INTEGRITY, ATTR_MESSAGE_INTEGRITY_SHA256, ATTR_NONCE, ATTR_PASSWORD_ALGORITHM,
+    ATTR_PRIORITY, ATTR_REALM, ATTR_REQUESTED_ADDRESS_FAMILY, ATTR_REQUESTED_TRANSPORT,
+    ATTR_USE_CANDIDATE, ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS, ATTR_XOR_RELAYED_ADDRESS,
+    ATTR_XORMAPPED_ADDRESS, AttrType,
+};
+use rtc_stun::message::{
+    CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE,
+    METHOD_BINDING, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION, METHOD_DATA, METHOD_REFRESH,
+    METHOD_SEND, Method, TransactionId,
+};
+use rtc_stun::uattrs::UnknownAttributes;
+use rtc_turn::proto::lifetime::Lifetime;
+
+use crate::allocation::{Allocation, Channel, Cooldown};
+use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceKey, RateLimiter, verify_integrity};
+use crate::config::{CHANNEL_COOLDOWN, CHANNEL_LIFETIME, Config, ConfigError, PERMISSION_LIFETIME};
+use crate::framing::{ChannelData, FrameKind, frame_kind};
+use crate::policy::PeerPolicy;
+use crate::stats::{RequestMethod, Stats};
+use crate::stun::{ATTR_ADDITIONAL_ADDRESS_FAMILY, Builder, Parsed, parse};
+use crate::types::{
+    AllocationPort, ChannelBinding, ChannelNumber, ClientAddr, Family, FiveTuple, PeerAddr,
+    RelayAddr, Transport,
+};
+
+/// A datagram or stream frame for the daemon to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// To a client, from the listener it used (over its TCP connection when `transport` is
+    /// TCP).
+    ToClient {
+        /// UDP, or TCP for the connection of this 5-tuple.
+        transport: Transport,
+        /// The listener address to send from.
+        server: SocketAddr,
+        /// The client.
+        client: ClientAddr,
+        /// A STUN message or ChannelData (padded on TCP).
+        payload: Vec<u8>,
+    },
+    /// To a peer, as plain UDP from the relay socket of an allocation.
+    ToPeer {
+        /// The relayed transport address (relay IP of the peer's family and allocation port).
+        relay: RelayAddr,
+        /// The peer.
+        peer: PeerAddr,
+        /// The application data.
+        payload: Vec<u8>,
+    },
+}
+
+impl Transmit {
+    /// The bytes to send.
+    pub fn payload(&self) -> &[u8] {
+        match self {
+            Transmit::ToClient { payload, .. } | Transmit::ToPeer { payload, .. } => payload,
+        }
+    }
+
+    /// The local address to send from: the listener or the relayed address.
+    pub fn source(&self) -> SocketAddr {
+        match self {
+            Transmit::ToClient { server, .. } => *server,
+            Transmit::ToPeer { relay, .. } => relay.0,
+        }
+    }
+
+    /// Where to send.
+    pub fn destination(&self) -> SocketAddr {
+        match self {
+            Transmit::ToClient { client, .. } => client.0,
+            Transmit::ToPeer { peer, .. } => peer.0,
+        }
+    }
+}
+
+/// A side effect for the daemon to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Open a UDP socket bound to `relay`. The core assumes this succeeds; if it does not,
+    /// report it with [`Server::relay_bind_failed`] and the allocation is deleted.
+    BindRelayPort {
+        /// The relayed transport address.
+        relay: RelayAddr,
+    },
+    /// Close the socket of `relay`.
+    FreeRelayPort {
+        /// The relayed transport address.
+        relay: RelayAddr,
+    },
+    /// Write `binding` into the data plane (both directions), then report the outcome with
+    /// [`Server::channel_installed`]. Only UDP-transport bindings are ever emitted: TCP
+    /// clients are relayed in user space.
+    InstallChannel {
+        /// The binding.
+        binding: ChannelBinding,
+    },
+    /// Remove `binding` from the data plane. Emitted when a channel expires, its allocation
+    /// is deleted or the permission for its peer lapses; removing an absent entry is fine.
+    RemoveChannel {
+        /// The binding.
+        binding: ChannelBinding,
+    },
+}
+
+/// Why the data plane did not install a binding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OffloadError {
+    /// No data-plane agent is connected.
+    #[error("no data plane agent is connected")]
+    Unavailable,
+    /// The agent refused or failed the request.
+    #[error("data plane refused the binding: {0}")]
+    Rejected(String),
+}
+
+/// The sans-IO TURN server (RFC 8656).
+///
+/// Feed it with [`handle_client`](Self::handle_client) (bytes from a listener),
+/// [`handle_peer`](Self::handle_peer) (bytes arriving at a relay socket),
+/// [`handle_timeout`](Self::handle_timeout) and the data plane's answers
+/// ([`channel_installed`](Self::channel_installed),
+/// [`relay_bind_failed`](Self::relay_bind_failed)). Time is always passed in: `now` is a
+/// monotonic [`Instant`]; wall-clock time (REST usernames, nonces) is derived from the
+/// (`Instant`, [`SystemTime`]) anchor given to [`Server::new`], which the daemon may re-anchor
+/// with [`set_wall_clock`](Self::set_wall_clock) (e.g. once a minute).
+///
+/// # Poll order
+///
+/// After every input, drain the outputs in this order:
+///
+/// 1. [`poll_command`](Self::poll_command) until `None`: sockets must be bound (and channel
+///    installs sent to the agent) before the responses that announce them go out.
+/// 2. [`poll_transmit`](Self::poll_transmit) until `None`.
+/// 3. [`poll_timeout`](Self::poll_timeout), and re-arm the single timer with it; when it
+///    fires, call [`handle_timeout`](Self::handle_timeout) and go to 1.
+///
+/// Nothing here blocks, allocates per packet beyond the output payload, or panics on input.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+    policy: PeerPolicy,
+    rng: StdRng,
+    nonce_key: NonceKeyDebug,
+    wall: WallClock,
+    allocations: HashMap<FiveTuple, Allocation>,
+    by_port: HashMap<AllocationPort, FiveTuple>,
+    per_user: HashMap<Arc<str>, u32>,
+    pending: HashMap<(FiveTuple, ChannelNumber), Pending>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    transmits: VecDeque<Transmit>,
+    commands: VecDeque<Command>,
+    unauthorized: Option<RateLimiter>,
+    stats: Stats,
+}
+
+/// A ChannelBind success waiting for the data plane.
+#[derive(Debug)]
+struct Pending {
+    deadline: Instant,
+    binding: ChannelBinding,
+    responses: Vec<Transmit>,
+}
+
+/// Timer entries; stale ones (refreshed or deleted since) are skipped when they come due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Allocation(FiveTuple),
+    Permission(FiveTuple, IpAddr),
+    Channel(FiveTuple, ChannelNumber),
+    Cooldown(FiveTuple, ChannelNumber),
+    Install(FiveTuple, ChannelNumber),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WallClock {
+    instant: Instant,
+    unix: Duration,
+}
+
+impl WallClock {
+    fn new(instant: Instant, now: SystemTime) -> Self {
+        Self {
+            instant,
+            unix: now.duration_since(UNIX_EPOCH).unwrap_or_default(),
+        }
+    }
+
+    fn unix_secs(&self, now: Instant) -> u64 {
+        (self.unix + now.saturating_duration_since(self.instant)).as_secs()
+    }
+}
+
+struct NonceKeyDebug(NonceKey);
+
+impl std::fmt::Debug for NonceKeyDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NonceKey(..)")
+    }
+}
+
+/// A successful authentication (RFC 8489 §9.2.4).
+struct Auth {
+    username: String,
+    key: LongTermKey,
+}
+
+/// How a request handler answers.
+enum Reply {
+    /// Send this success now.
+    Now(Builder),
+    /// Send this success when the data plane acknowledges the binding (or on timeout).
+    Hold(Builder, (FiveTuple, ChannelNumber)),
+}
+
+/// Attributes this server understands in requests; other comprehension-required ones get
+/// 420 (RFC 8489 §6.3.1). DONT-FRAGMENT and RESERVATION-TOKEN are deliberately absent:
+/// RFC 8656 §7.2 says a server that cannot honour them treats them as unknown.
+const KNOWN_ATTRIBUTES: &[AttrType] = &[
+    ATTR_USERNAME,
+    ATTR_MESSAGE_INTEGRITY,
+    ATTR_MESSAGE_INTEGRITY_SHA256,
+    ATTR_PASSWORD_ALGORITHM,
+    ATTR_ERROR_CODE,
+    ATTR_REALM,
+    ATTR_NONCE,
+    ATTR_XORMAPPED_ADDRESS,
+    ATTR_CHANNEL_NUMBER,
+    ATTR_LIFETIME,
+    ATTR_XOR_PEER_ADDRESS,
+    ATTR_DATA,
+    ATTR_XOR_RELAYED_ADDRESS,
+    ATTR_EVEN_PORT,
+    ATTR_REQUESTED_TRANSPORT,
+    ATTR_REQUESTED_ADDRESS_FAMILY,
+    ATTR_PRIORITY,
+    ATTR_USE_CANDIDATE,
+];
+
+const PROTO_UDP: u8 = 17;
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        420 => "Unknown Attribute",
+        437 => "Allocation Mismatch",
+        438 => "Stale Nonce",
+        440 => "Address Family not Supported",
+        441 => "Wrong Credentials",
+        442 => "Unsupported Transport Protocol",
+        443 => "Peer Address Family Mismatch",
+        486 => "Allocation Quota Reached",
+        508 => "Insufficient Capacity",
+        _ => "Server Error",
+    }
+}
+
+fn request_method(method: Method) -> Option<RequestMethod> {
+    Some(match method {
+        METHOD_BINDING => RequestMethod::Binding,
+        METHOD_ALLOCATE => RequestMethod::Allocate,
+        METHOD_REFRESH => RequestMethod::Refresh,
+        METHOD_CREATE_PERMISSION => RequestMethod::CreatePermission,
+        METHOD_CHANNEL_BIND => RequestMethod::ChannelBind,
+        _ => return None,
+    })
+}
+
+/// REQUESTED-ADDRESS-FAMILY / ADDITIONAL-ADDRESS-FAMILY value (RFC 8656 §18.10).
+fn family_attr(value: &[u8]) -> Option<Family> {
+    match value {
+        [0x01, _, _, _] => Some(Family::V4),
+        [0x02, _, _, _] => Some(Family::V6),
+        _ => None,
+    }
+}
+
+impl Server {
+    /// Creates a server. `now` and `unix_time` anchor the wall clock (see the type docs).
+    pub fn new(config: Config, now: Instant, unix_time: SystemTime) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut rng = StdRng::from_seed(config.rng_seed);
+        let mut nonce_key = [0u8; 32];
+        rng.fill(&mut nonce_key);
+        let policy = Self::build_policy(&config);
+        let unauthorized = config.unauthorized_rate.map(RateLimiter::new);
+        Ok(Self {
+            config,
+            policy,
+            rng,
+            nonce_key: NonceKeyDebug(NonceKey::new(nonce_key)),
+            wall: WallClock::new(now, unix_time),
+            allocations: HashMap::new(),
+            by_port: HashMap::new(),
+            per_user: HashMap::new(),
+            pending: HashMap::new(),
+            timers: BinaryHeap::new(),
+            transmits: VecDeque::new(),
+            commands: VecDeque::new(),
+            unauthorized,
+            stats: Stats::default(),
+        })
+    }
+
+    fn build_policy(config: &Config) -> PeerPolicy {
+        let own = config
+            .relay_ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(config.relay_ipv6.map(IpAddr::V6))
+            .chain(config.listeners.iter().map(|l| l.ip()))
+            .chain(config.own_addresses.iter().copied());
+        PeerPolicy::new(own, config.listeners.iter().copied())
+            .with_lists(config.allow_peers.clone(), config.deny_peers.clone())
+            .with_loopback(config.allow_loopback_peers)
+    }
+
+    /// Replaces users and REST secrets (SIGHUP reload). Allocations stay; later requests are
+    /// checked against the new credentials.
+    pub fn set_credentials(&mut self, credentials: Credentials) -> Result<(), ConfigError> {
+        if credentials.realm() != self.config.realm {
+            return Err(ConfigError::RealmMismatch);
+        }
+        self.config.credentials = credentials;
+        Ok(())
+    }
+
+    /// Replaces the operator's peer allow and deny lists. Existing permissions stay until
+    /// they expire; new CreatePermission, ChannelBind and Send are checked against the new
+    /// lists.
+    pub fn set_peer_lists(&mut self, allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>) {
+        self.config.allow_peers = allow;
+        self.config.deny_peers = deny;
+        self.policy = Self::build_policy(&self.config);
+    }
+
+    /// Re-anchors the wall clock used for REST usernames and nonces.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_time: SystemTime) {
+        self.wall = WallClock::new(now, unix_time);
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Every binding the data plane should hold right now: the full state to push after the
+    /// agent (re)connects.
+    pub fn channel_bindings(&self) -> impl Iterator<Item = ChannelBinding> + '_ {
+        self.allocations.iter().flat_map(|(tuple, alloc)| {
+            alloc
+                .channels
+                .iter()
+                .filter(|(_, ch)| ch.in_kernel)
+                .filter_map(|(number, ch)| alloc.binding(tuple, *number, ch.peer))
+        })
+    }
+
+    /// The number of allocations alive.
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// Bytes from a client: a STUN message or a ChannelData message (one datagram, or one
+    /// frame of a TCP stream as delimited by [`crate::frame_len`]), received on listener
+    /// `local`.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        transport: Transport,
+        local: SocketAddr,
+        from: ClientAddr,
+        packet: &[u8],
+    ) {
+        let tuple = FiveTuple {
+            client: from,
+            server: local,
+            transport,
+        };
+        let Some(&first) = packet.first() else {
+            self.stats.dropped += 1;
+            return;
+        };
+        match frame_kind(first) {
+            Ok(FrameKind::ChannelData) => self.client_channel_data(now, &tuple, packet),
+            Ok(FrameKind::Stun) => self.client_stun(now, &tuple, packet),
+            Err(_) => {
+                tracing::trace!(client = %from, "neither STUN nor ChannelData");
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    /// A UDP datagram from `from` arriving at relay socket `relay` (RFC 8656 §11.3, §12.7).
+    /// Goes to the client as ChannelData when a channel is bound to `from`, as a Data
+    /// indication when only a permission exists, and nowhere otherwise.
+    pub fn handle_peer(&mut self, now: Instant, relay: RelayAddr, from: PeerAddr, packet: &[u8]) {
+        let Some(tuple) = self.by_port.get(&relay.port()) else {
+            tracing::trace!(%relay, peer = %from, "no allocation on relay port");
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(alloc) = self.allocations.get(tuple) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        if alloc.relay(relay.family()) != Some(relay) || !alloc.has_permission(from.0.ip(), now) {
+            tracing::trace!(%relay, peer = %from, "no permission");
+            self.stats.dropped += 1;
+            return;
+        }
+        let tuple = *tuple;
+        let channel = alloc
+            .peers
+            .get(&from)
+            .and_then(|n| alloc.channels.get(n).map(|ch| (*n, ch)))
+            .filter(|(_, ch)| ch.confirmed && ch.expires > now)
+            .map(|(n, _)| n);
+        let payload = match channel {
+            Some(channel) => ChannelData {
+                channel,
+                payload: packet,
+            }
+            .encode(tuple.transport),
+            None => {
+                // RFC 8656 §11.3: a Data indication with XOR-PEER-ADDRESS and DATA.
+                let mut txid = [0u8; 12];
+                self.rng.fill(&mut txid);
+                let mut b = Builder::new(METHOD_DATA, CLASS_INDICATION, TransactionId(txid));
+                b.xor_address(ATTR_XOR_PEER_ADDRESS, from.0)
+                    .raw(ATTR_DATA, packet);
+                b.finish(None, None, false)
+            }
+        };
+        tracing::trace!(peer = %from, client = %tuple.client, ?channel, len = packet.len(), "relay to client");
+        self.stats.relayed_to_client.add(packet.len());
+        self.transmits.push_back(Transmit::ToClient {
+            transport: tuple.transport,
+            server: tuple.server,
+            client: tuple.client,
+            payload,
+        });
+    }
+
+    /// The TCP connection of a client closed: its allocation goes with it (RFC 8656 §7: an
+    /// allocation is bound to its 5-tuple, and a TCP 5-tuple ends with its connection).
+    pub fn handle_client_closed(
+        &mut self,
+        transport: Transport,
+        local: SocketAddr,
+        from: ClientAddr,
+    ) {
+        let tuple = FiveTuple {
+            client: from,
+            server: local,
+            transport,
+        };
+        self.delete_allocation(&tuple);
+    }
+
+    /// The daemon could not bind `relay`: the allocation owning it is deleted (the client
+    /// learns on its next request, which gets 437).
+    pub fn relay_bind_failed(&mut self, relay: RelayAddr) {
+        if let Some(tuple) = self.by_port.get(&relay.port()).copied() {
+            tracing::debug!(%relay, "relay port unavailable, deleting allocation");
+            self.delete_allocation(&tuple);
+        }
+    }
+
+    /// The data plane's answer to [`Command::InstallChannel`]. Releases a held ChannelBind
+    /// success; a failure leaves the channel to user-space relaying.
+    pub fn channel_installed(
+        &mut self,
+        now: Instant,
+        binding: &ChannelBinding,
+        result: Result<(), OffloadError>,
+    ) {
+        let tuple = FiveTuple {
+            client: binding.client,
+            server: binding.server,
+            transport: binding.transport,
+        };
+        let key = (tuple, binding.channel);
+        let current = self
+            .allocations
+            .get_mut(&tuple)
+            .and_then(|a| a.channels.get_mut(&binding.channel))
+            .filter(|ch| ch.peer == binding.peer);
+        match result {
+            Ok(()) => {
+                self.stats.offload_installed += 1;
+                tracing::debug!(%binding, "channel offloaded");
+            }
+            Err(error) => {
+                self.stats.offload_failed += 1;
+                tracing::debug!(%binding, %error, "channel offload failed, relaying in user space");
+                if let Some(ch) = current {
+                    ch.in_kernel = false;
+                }
+            }
+        }
+        if self
+            .pending
+            .get(&key)
+            .is_some_and(|p| p.binding == *binding)
+        {
+            self.release_pending(key);
+        }
+        let _ = now;
+    }
+
+    /// Expires whatever is due at `now`, emitting the matching remove commands and releasing
+    /// held ChannelBind successes whose offload timeout passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, timer))) = self.timers.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            if self.timer_current(deadline, timer) {
+                self.fire(now, timer);
+            }
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) next has work.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(Reverse((deadline, timer))) = self.timers.peek().copied() {
+            if self.timer_current(deadline, timer) {
+                return Some(deadline);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next side effect to carry out.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    // ---- per-packet paths -------------------------------------------------------------
+
+    /// RFC 8656 §12.6: ChannelData from a client goes to the bound peer, if a permission
+    /// exists; otherwise it is silently discarded.
+    fn client_channel_data(&mut self, now: Instant, tuple: &FiveTuple, packet: &[u8]) {
+        let Ok(data) = ChannelData::parse(packet) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(alloc) = self.allocations.get(tuple) else {
+            tracing::trace!(client = %tuple.client, "ChannelData without allocation");
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(ch) = alloc
+            .channels
+            .get(&data.channel)
+            .filter(|ch| ch.expires > now)
+        else {
+            tracing::trace!(client = %tuple.client, channel = %data.channel, "unbound channel");
+            self.stats.dropped += 1;
+            return;
+        };
+        let peer = ch.peer;
+        let (true, Some(relay)) = (
+            alloc.has_permission(peer.0.ip(), now),
+            alloc.relay(Family::of(peer.0.ip())),
+        ) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        tracing::trace!(client = %tuple.client, %peer, len = data.payload.len(), "relay to peer");
+        self.stats.relayed_to_peer.add(data.payload.len());
+        self.transmits.push_back(Transmit::ToPeer {
+            relay,
+            peer,
+            payload: data.payload.to_vec(),
+        });
+    }
+
+    fn client_stun(&mut self, now: Instant, tuple: &FiveTuple, packet: &[u8]) {
+        // Expire what is due first, so that no request sees a lapsed entry as alive.
+        self.handle_timeout(now);
+        let req = match parse(packet) {
+            Ok(req) => req,
+            Err(error) => {
+                tracing::trace!(client = %tuple.client, %error, "dropped");
+                self.stats.dropped += 1;
+                return;
+            }
+        };
+        match (req.class(), req.method()) {
+            (CLASS_INDICATION, METHOD_SEND) => self.send_indication(now, tuple, &req),
+            (CLASS_REQUEST, METHOD_BINDING) => self.binding(tuple, &req),
+            (CLASS_REQUEST, method) => match request_method(method) {
+                Some(method) => self.turn_request(now, tuple, &req, method),
+                None => {
+                    // RFC 8489 §6.3.1: an unknown method in a request gets 400.
+                    self.error(tuple, &req, 400, None);
+                }
+            },
+            _ => self.stats.dropped += 1,
+        }
+    }
+
+    // ---- requests -----------------------------------------------------------------------
+
+    fn binding(&mut self, tuple: &FiveTuple, req: &Parsed<'_>) {
+        let unknown = req.unknown_required(KNOWN_ATTRIBUTES);
+        if !unknown.is_empty() {
+            self.stats.response(RequestMethod::Binding, 420);
+            self.unknown_attributes(tuple, req, unknown, None);
+            return;
+        }
+        // RFC 8489 §7.3.1: XOR-MAPPED-ADDRESS is the source of the request.
+        let mut b = Builder::new(METHOD_BINDING, CLASS_SUCCESS_RESPONSE, req.transaction_id());
+        b.xor_address(ATTR_XORMAPPED_ADDRESS, tuple.client.0);
+        self.stats.response(RequestMethod::Binding, 200);
+        let payload = b.finish(self.config.software.as_deref(), None, true);
+        self.reply(tuple, payload);
+    }
+
+    fn turn_request(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        req: &Parsed<'_>,
+        method: RequestMethod,
+    ) {
+        let Some(auth) = self.authenticate(now, tuple, req, method) else {
+            return;
+        };
+        let unknown = req.unknown_required(KNOWN_ATTRIBUTES);
+        if !unknown.is_empty() {
+            self.stats.response(method, 420);
+            self.unknown_attributes(tuple, req, unknown, Some(&auth.key));
+            return;
+        }
+        if method != RequestMethod::Allocate {
+            // RFC 8656 §5: other requests need an allocation on this 5-tuple, made by the same
+            // user.
+            let Some(alloc) = self.allocations.get(tuple) else {
+                self.stats.response(method, 437);
+                self.error(tuple, req, 437, Some(&auth.key));
+                return;
+            };
+            if *alloc.username != *auth.username {
+                self.stats.response(method, 441);
+                self.error(tuple, req, 441, Some(&auth.key));
+                return;
+            }
+        }
+        let result = match method {
+            RequestMethod::Allocate => self.allocate(now, tuple, req, &auth),
+            RequestMethod::Refresh => self.refresh(now, tuple, req),
+            RequestMethod::CreatePermission => self.create_permission(now, tuple, req),
+            RequestMethod::ChannelBind => self.channel_bind(now, tuple, req),
+            RequestMethod::Binding => return,
+        };
+        match result {
+            Ok(reply) => {
+                self.stats.response(method, 200);
+                let software = self.config.software.as_deref();
+                let (builder, hold) = match reply {
+                    Reply::Now(b) => (b, None),
+                    Reply::Hold(b, key) => (b, Some(key)),
+                };
+                let transmit = Transmit::ToClient {
+                    transport: tuple.transport,
+                    server: tuple.server,
+                    client: tuple.client,
+                    payload: builder.finish(software, Some(&auth.key), true),
+                };
+                match hold.and_then(|key| self.pending.get_mut(&key)) {
+                    Some(pending) => pending.responses.push(transmit),
+                    None => self.transmits.push_back(transmit),
+                }
+            }
+            Err(code) => {
+                self.stats.response(method, code);
+                self.error(tuple, req, code, Some(&auth.key));
+            }
+        }
+    }
+
+    /// RFC 8489 §9.2.4 long-term credential checks. Answers the request itself (401, 438,
+    /// 400) when they fail.
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        req: &Parsed<'_>,
+        method: RequestMethod,
+    ) -> Option<Auth> {
+        let Some((prefix, length, mac)) = req.integrity_input() else {
+            if req.has(ATTR_MESSAGE_INTEGRITY) {
+                self.stats.auth_failures += 1;
+            }
+            self.challenge(now, tuple, req, method, 401);
+            return None;
+        };
+        let (Some(username), Some(realm), Some(nonce)) = (
+            req.attr(ATTR_USERNAME),
+            req.attr(ATTR_REALM),
+            req.attr(ATTR_NONCE),
+        ) else {
+            self.stats.response(method, 400);
+            self.error(tuple, req, 400, None);
+            return None;
+        };
+        let unix = self.wall.unix_secs(now);
+        let lifetime = self.config.nonce_lifetime.as_secs();
+        if self
+            .nonce_key
+            .0
+            .check(nonce, tuple.client.0, unix, lifetime)
+            != NonceCheck::Valid
+        {
+            self.challenge(now, tuple, req, method, 438);
+            return None;
+        }
+        let Ok(username) = std::str::from_utf8(username) else {
+            self.stats.auth_failures += 1;
+            self.challenge(now, tuple, req, method, 401);
+            return None;
+        };
+        let key = (realm == self.config.realm.as_bytes())
+            .then(|| self.config.credentials.keys_for(username, unix).ok())
+            .flatten()
+            .and_then(|keys| {
+                keys.iter()
+                    .find(|key| verify_integrity(key.as_slice(), prefix, length, mac))
+                    .copied()
+            });
+        let Some(key) = key else {
+            tracing::debug!(client = %tuple.client, username, "authentication failed");
+            self.stats.auth_failures += 1;
+            self.challenge(now, tuple, req, method, 401);
+            return None;
+        };
+        Some(Auth {
+            username: username.to_owned(),
+            key,
+        })
+    }
+
+    /// 401 or 438 with REALM and a fresh NONCE, subject to the 401 rate cap.
+    fn challenge(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        req: &Parsed<'_>,
+        method: RequestMethod,
+        code: u16,
+    ) {
+        if let Some(limiter) = &mut self.unauthorized
+            && !limiter.allow(now)
+        {
+            self.stats.unauthorized_rate_limited += 1;
+            return;
+        }
+        self.stats.response(method, code);
+        let nonce = self
+            .nonce_key
+            .0
+            .issue(self.wall.unix_secs(now), tuple.client.0);
+        let mut b = Builder::new(req.method(), CLASS_ERROR_RESPONSE, req.transaction_id());
+        b.error(code, reason(code))
+            .raw(ATTR_REALM, self.config.realm.as_bytes())
+            .raw(ATTR_NONCE, nonce.as_bytes());
+        let payload = b.finish(self.config.software.as_deref(), None, true);
+        self.reply(tuple, payload);
+    }
+
+    /// RFC 8656 §7.2.
+    fn allocate(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        req: &Parsed<'_>,
+        auth: &Auth,
+    ) -> Result<Reply, u16> {
+        if let Some(alloc) = self.allocations.get(tuple) {
+            // A retransmitted Allocate gets the original success; anything else is a
+            // mismatch.
+            if alloc.allocate_txid == req.transaction_id() && *alloc.username == *auth.username {
+                return Ok(Reply::Now(self.allocate_success(now, tuple, req)));
+            }
+            return Err(437);
+        }
+        match req.attr(ATTR_REQUESTED_TRANSPORT) {
+            None => return Err(400),
+            Some([PROTO_UDP, 0, 0, 0]) => {}
+            Some([_, _, _, _]) => return Err(442),
+            Some(_) => return Err(400),
+        }
+        let even_port = match req.attr(ATTR_EVEN_PORT) {
+            None => false,
+            Some([_]) => true,
+            Some(_) => return Err(400),
+        };
+        let requested = req.attr(ATTR_REQUESTED_ADDRESS_FAMILY);
+        let additional = req.attr(ATTR_ADDITIONAL_ADDRESS_FAMILY);
+        let (primary, extra) = match (requested, additional) {
+            (Some(_), Some(_)) => return Err(400),
+            (Some(v), None) => (family_attr(v).ok_or(440u16)?, None),
+            // ADDITIONAL-ADDRESS-FAMILY may only ask for IPv6, on top of IPv4.
+            (None, Some(v)) => match family_attr(v) {
+                Some(Family::V6) => (Family::V4, Some(Family::V6)),
+                _ => return Err(400),
+            },
+            (None, None) => (Family::V4, None),
+        };
+        let relay_ip = |f: Family| match f {
+            Family::V4 => self.config.relay_ipv4.map(IpAddr::V4),
+            Family::V6 => self.config.relay_ipv6.map(IpAddr::V6),
+        };
+        let Some(primary_ip) = relay_ip(primary) else {
+            return Err(440);
+        };
+        let extra_ip = extra.and_then(relay_ip);
+        let refused_family = extra.filter(|_| extra_ip.is_none());
+        let lifetime = self
+            .desired_lifetime(req)?
+            .max(self.config.default_lifetime);
+        let username: Arc<str> = Arc::from(auth.username.as_str());
+        if let Some(quota) = self.config.user_quota
+            && self.per_user.get(&username).copied().unwrap_or(0) >= quota
+        {
+            return Err(486);
+        }
+        if let Some(quota) = self.config.total_quota
+            && self.allocations.len() >= quota as usize
+        {
+            return Err(486);
+        }
+        let port = self.pick_port(even_port).ok_or(508u16)?;
+        let relay_for = |ip: IpAddr| RelayAddr(SocketAddr::new(ip, port.0));
+        let mut alloc = Allocation {
+            port,
+            relay_v4: None,
+            relay_v6: None,
+            refused_family,
+            username: username.clone(),
+            expires: now + lifetime,
+            allocate_txid: req.transaction_id(),
+            permissions: HashMap::new(),
+            channels: HashMap::new(),
+            peers: HashMap::new(),
+            cooldowns: HashMap::new(),
+        };
+        for ip in std::iter::once(primary_ip).chain(extra_ip) {
+            match ip {
+                IpAddr::V4(_) => alloc.relay_v4 = Some(relay_for(ip)),
+                IpAddr::V6(_) => alloc.relay_v6 = Some(relay_for(ip)),
+            }
+        }
+        for relay in alloc.relays() {
+            self.commands.push_back(Command::BindRelayPort { relay });
+        }
+        tracing::debug!(client = %tuple.client, %port, username = %username, ?lifetime, "allocation created");
+        *self.per_user.entry(username).or_default() += 1;
+        self.by_port.insert(port, *tuple);
+        self.timers
+            .push(Reverse((alloc.expires, Timer::Allocation(*tuple))));
+        self.allocations.insert(*tuple, alloc);
+        self.stats.allocations_created += 1;
+        self.stats.allocations_active += 1;
+        Ok(Reply::Now(self.allocate_success(now, tuple, req)))
+    }
+
+    fn allocate_success(&self, now: Instant, tuple: &FiveTuple, req: &Parsed<'_>) -> Builder {
+        let mut b = Builder::new(
+            METHOD_ALLOCATE,
+            CLASS_SUCCESS_RESPONSE,
+            req.transaction_id(),
+        );
+        if let Some(alloc) = self.allocations.get(tuple) {
+            for relay in alloc.relays() {
+                b.xor_address(ATTR_XOR_RELAYED_ADDRESS, relay.0);
+            }
+            b.attr(&Lifetime(remaining(alloc.expires, now)));
+            if let Some(family) = alloc.refused_family {
+                // RFC 8656 §7.2: the additional family could not be allocated.
+                b.address_error(family.wire(), 440, reason(440));
+            }
+        }
+        b.xor_address(ATTR_XORMAPPED_ADDRESS, tuple.client.0);
+        b
+    }
+
+    /// LIFETIME (RFC 8656 §7.2, §8): absent means the default, otherwise capped at the
+    /// maximum; zero is kept (Refresh deletes with it).
+    fn desired_lifetime(&self, req: &Parsed<'_>) -> Result<Duration, u16> {
+        match req.attr(ATTR_LIFETIME) {
+            None => Ok(self.config.default_lifetime),
+            Some(&[a, b, c, d]) => {
+                let secs = Duration::from_secs(u64::from(u32::from_be_bytes([a, b, c, d])));
+                if secs.is_zero() {
+                    Ok(Duration::ZERO)
+                } else {
+                    Ok(secs.clamp(self.config.default_lifetime, self.config.max_lifetime))
+                }
+            }
+            Some(_) => Err(400),
+        }
+    }
+
+    /// Draws a free allocation port at random from the range (RFC 8656 §7.2 asks for
+    /// unpredictable ports), falling back to a scan from a random start when the range is
+    /// crowded.
+    fn pick_port(&mut self, even: bool) -> Option<AllocationPort> {
+        let (lo, hi) = (
+            *self.config.port_range.start(),
+            *self.config.port_range.end(),
+        );
+        let free = |p: u16, by_port: &HashMap<AllocationPort, FiveTuple>| {
+            (!even || p.is_multiple_of(2)) && !by_port.contains_key(&AllocationPort(p))
+        };
+        for _ in 0..16 {
+            let p = self.rng.random_range(lo..=hi);
+            if free(p, &self.by_port) {
+                return Some(AllocationPort(p));
+            }
+        }
+        let span = u32::from(hi - lo) + 1;
+        let start = self.rng.random_range(0..span);
+        (0..span)
+            .map(|i| lo + ((start + i) % span) as u16)
+            .find(|p| free(*p, &self.by_port))
+            .map(AllocationPort)
+    }
+
+    /// RFC 8656 §8.2 (Receiving a Refresh Request).
+    fn refresh(&mut self, now: Instant, tuple: &FiveTuple, req: &Parsed<'_>) -> Result<Reply, u16> {
+        let lifetime = self.desired_lifetime(req)?;
+        let family = match req.attr(ATTR_REQUESTED_ADDRESS_FAMILY) {
+            None => None,
+            Some(v) => Some(family_attr(v).ok_or(400u16)?),
+        };
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return Err(437);
+        };
+        if let Some(family) = family
+            && alloc.relay(family).is_none()
+        {
+            return Err(443);
+        }
+        let mut b = Builder::new(METHOD_REFRESH, CLASS_SUCCESS_RESPONSE, req.transaction_id());
+        if lifetime.is_zero() {
+            let dual = alloc.relay_v4.is_some() && alloc.relay_v6.is_some();
+            match family {
+                // Deleting one family of a dual-stack allocation.
+                Some(family) if dual => self.drop_family(tuple, family),
+                _ => self.delete_allocation(tuple),
+            }
+        } else {
+            alloc.expires = now + lifetime;
+            self.timers
+                .push(Reverse((alloc.expires, Timer::Allocation(*tuple))));
+        }
+        b.attr(&Lifetime(lifetime));
+        Ok(Reply::Now(b))
+    }
+
+    /// The peers named in a request, checked for family (443) and policy (403).
+    fn checked_peer(
+        &mut self,
+        tuple: &FiveTuple,
+        value: &[u8],
+        req: &Parsed<'_>,
+    ) -> Result<PeerAddr, u16> {
+        let peer = req.xor_address(value).ok_or(400u16)?;
+        let Some(alloc) = self.allocations.get(tuple) else {
+            return Err(437);
+        };
+        if alloc.relay(Family::of(peer.ip())).is_none() {
+            return Err(443);
+        }
+        if let Err(denied) = self.policy.check(peer) {
+            tracing::debug!(client = %tuple.client, %peer, %denied, "peer denied");
+            self.stats.peers_denied += 1;
+            return Err(403);
+        }
+        Ok(PeerAddr(peer))
+    }
+
+    /// RFC 8656 §10.2: all peers are checked before any permission is installed.
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        req: &Parsed<'_>,
+    ) -> Result<Reply, u16> {
+        let mut peers = Vec::new();
+        for value in req.attrs(ATTR_XOR_PEER_ADDRESS) {
+            peers.push(self.checked_peer(tuple, value, req)?);
+        }
+        if peers.is_empty() {
+            return Err(400);
+        }
+        for peer in peers {
+            self.install_permission(now, tuple, peer.0.ip());
+        }
+        Ok(Reply::Now(Builder::new(
+            METHOD_CREATE_PERMISSION,
+            CLASS_SUCCESS_RESPONSE,
+            req.transaction_id(),
+        )))
+    }
+
+    /// RFC 8656 §12.2.
+    fn channel_bind(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        req: &Parsed<'_>,
+    ) -> Result<Reply, u16> {
+        let (Some(&[hi, lo, _, _]), Some(peer_value)) = (
+            req.attr(ATTR_CHANNEL_NUMBER),
+            req.attr(ATTR_XOR_PEER_ADDRESS),
+        ) else {
+            return Err(400);
+        };
+        let number = ChannelNumber::new(u16::from_be_bytes([hi, lo])).map_err(|_| 400u16)?;
+        let peer = self.checked_peer(tuple, peer_value, req)?;
+        let Some(alloc) = self.allocations.get(tuple) else {
+            return Err(437);
+        };
+        // The rebinding rules: a number stays with its peer and a peer with its number while
+        // bound and for five minutes after.
+        let existing = alloc
+            .channels
+            .get(&number)
+            .filter(|ch| ch.expires > now)
+            .copied();
+        if existing.is_some_and(|ch| ch.peer != peer)
+            || alloc.peers.get(&peer).is_some_and(|n| *n != number)
+            || alloc.cooldown_conflict(number, peer, now)
+        {
+            return Err(400);
+        }
+        self.install_permission(now, tuple, peer.0.ip());
+        let key = (*tuple, number);
+        let builder = Builder::new(
+            METHOD_CHANNEL_BIND,
+            CLASS_SUCCESS_RESPONSE,
+            req.transaction_id(),
+        );
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return Err(437);
+        };
+        let expires = now + CHANNEL_LIFETIME;
+        self.timers
+            .push(Reverse((expires, Timer::Channel(*tuple, number))));
+        if let Some(ch) = alloc.channels.get_mut(&number) {
+            // A refresh: new lifetime, no new install, answer at once unless the first
+            // answer is still held.
+            ch.expires = expires;
+            if self.pending.contains_key(&key) {
+                return Ok(Reply::Hold(builder, key));
+            }
+            return Ok(Reply::Now(builder));
+        }
+        alloc.cooldowns.remove(&number);
+        let offload = tuple.transport == Transport::Udp;
+        alloc.channels.insert(
+            number,
+            Channel {
+                peer,
+                expires,
+                confirmed: !offload,
+                in_kernel: offload,
+            },
+        );
+        alloc.peers.insert(peer, number);
+        self.stats.channels_active += 1;
+        let Some(binding) = alloc.binding(tuple, number, peer) else {
+            return Err(443);
+        };
+        tracing::debug!(%binding, "channel bound");
+        if !offload {
+            return Ok(Reply::Now(builder));
+        }
+        // The offload handshake: the success waits for the data plane (or the timeout), so
+        // the client's first ChannelData already meets the kernel entry.
+        self.commands.push_back(Command::InstallChannel { binding });
+        let deadline = now + self.config.offload_timeout;
+        self.pending.insert(
+            key,
+            Pending {
+                deadline,
+                binding,
+                responses: Vec::new(),
+            },
+        );
+        self.timers
+            .push(Reverse((deadline, Timer::Install(*tuple, number))));
+        Ok(Reply::Hold(builder, key))
+    }
+
+    /// RFC 8656 §11.2: a Send indication relays DATA to XOR-PEER-ADDRESS if a permission
+    /// exists. Indications are never answered; every failure is a silent drop.
+    fn send_indication(&mut self, now: Instant, tuple: &FiveTuple, req: &Parsed<'_>) {
+        let (Some(peer_value), Some(data)) = (req.attr(ATTR_XOR_PEER_ADDRESS), req.attr(ATTR_DATA))
+        else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(peer) = req.xor_address(peer_value) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(alloc) = self.allocations.get(tuple) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(relay) = alloc.relay(Family::of(peer.ip())) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        if let Err(denied) = self.policy.check(peer) {
+            tracing::debug!(client = %tuple.client, %peer, %denied, "Send to denied peer");
+            self.stats.peers_denied += 1;
+            return;
+        }
+        if !alloc.has_permission(peer.ip(), now) {
+            self.stats.dropped += 1;
+            return;
+        }
+        self.stats.relayed_to_peer.add(data.len());
+        self.transmits.push_back(Transmit::ToPeer {
+            relay,
+            peer: PeerAddr(peer),
+            payload: data.to_vec(),
+        });
+    }
+
+    // ---- table maintenance --------------------------------------------------------------
+
+    /// Installs or refreshes the permission for `ip` (RFC 8656 §9). A permission that comes
+    /// back after lapsing brings its channels back into the data plane.
+    fn install_permission(&mut self, now: Instant, tuple: &FiveTuple, ip: IpAddr) {
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return;
+        };
+        let expires = now + PERMISSION_LIFETIME;
+        let previous = alloc.permissions.insert(ip, expires);
+        self.timers
+            .push(Reverse((expires, Timer::Permission(*tuple, ip))));
+        if previous.is_some() {
+            return;
+        }
+        self.stats.permissions_active += 1;
+        if tuple.transport != Transport::Udp {
+            return;
+        }
+        for (number, ch) in alloc.channels.iter_mut() {
+            if ch.peer.0.ip() == ip && ch.confirmed && !ch.in_kernel {
+                ch.in_kernel = true;
+                if let Some(relay) = match Family::of(ip) {
+                    Family::V4 => alloc.relay_v4,
+                    Family::V6 => alloc.relay_v6,
+                } {
+                    let binding = ChannelBinding {
+                        client: tuple.client,
+                        server: tuple.server,
+                        transport: tuple.transport,
+                        relay,
+                        peer: ch.peer,
+                        channel: *number,
+                    };
+                    self.commands.push_back(Command::InstallChannel { binding });
+                }
+            }
+        }
+    }
+
+    fn timer_current(&self, deadline: Instant, timer: Timer) -> bool {
+        match timer {
+            Timer::Allocation(t) => self
+                .allocations
+                .get(&t)
+                .is_some_and(|a| a.expires == deadline),
+            Timer::Permission(t, ip) => self
+                .allocations
+                .get(&t)
+                .and_then(|a| a.permissions.get(&ip))
+                .is_some_and(|e| *e == deadline),
+            Timer::Channel(t, n) => self
+                .allocations
+                .get(&t)
+                .and_then(|a| a.channels.get(&n))
+                .is_some_and(|c| c.expires == deadline),
+            Timer::Cooldown(t, n) => self
+                .allocations
+                .get(&t)
+                .and_then(|a| a.cooldowns.get(&n))
+                .is_some_and(|c| c.until == deadline),
+            Timer::Install(t, n) => self
+                .pending
+                .get(&(t, n))
+                .is_some_and(|p| p.deadline == deadline),
+        }
+    }
+
+    fn fire(&mut self, now: Instant, timer: Timer) {
+        match timer {
+            Timer::Allocation(tuple) => {
+                tracing::debug!(client = %tuple.client, "allocation expired");
+                self.delete_allocation(&tuple);
+            }
+            Timer::Permission(tuple, ip) => self.expire_permission(&tuple, ip),
+            Timer::Channel(tuple, number) => self.expire_channel(now, &tuple, number),
+            Timer::Cooldown(tuple, number) => {
+                if let Some(alloc) = self.allocations.get_mut(&tuple) {
+                    alloc.cooldowns.remove(&number);
+                }
+            }
+            Timer::Install(tuple, number) => {
+                tracing::debug!(client = %tuple.client, channel = %number, "offload timed out");
+                self.stats.offload_timed_out += 1;
+                self.release_pending((tuple, number));
+            }
+        }
+    }
+
+    /// A permission lapsed: its channels leave the data plane (permissions are enforced there
+    /// by presence of the entry) and user space stops relaying for the address.
+    fn expire_permission(&mut self, tuple: &FiveTuple, ip: IpAddr) {
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return;
+        };
+        alloc.permissions.remove(&ip);
+        self.stats.permissions_active = self.stats.permissions_active.saturating_sub(1);
+        let (v4, v6) = (alloc.relay_v4, alloc.relay_v6);
+        for (number, ch) in alloc.channels.iter_mut() {
+            if ch.peer.0.ip() == ip && ch.in_kernel {
+                ch.in_kernel = false;
+                let relay = match Family::of(ip) {
+                    Family::V4 => v4,
+                    Family::V6 => v6,
+                };
+                if let Some(relay) = relay {
+                    let binding = ChannelBinding {
+                        client: tuple.client,
+                        server: tuple.server,
+                        transport: tuple.transport,
+                        relay,
+                        peer: ch.peer,
+                        channel: *number,
+                    };
+                    self.commands.push_back(Command::RemoveChannel { binding });
+                }
+            }
+        }
+    }
+
+    /// A channel lapsed: remove it, and keep number and peer reserved for the cooldown.
+    fn expire_channel(&mut self, now: Instant, tuple: &FiveTuple, number: ChannelNumber) {
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return;
+        };
+        let Some(ch) = alloc.channels.remove(&number) else {
+            return;
+        };
+        alloc.peers.remove(&ch.peer);
+        let until = now + CHANNEL_COOLDOWN;
+        alloc.cooldowns.insert(
+            number,
+            Cooldown {
+                peer: ch.peer,
+                until,
+            },
+        );
+        self.timers
+            .push(Reverse((until, Timer::Cooldown(*tuple, number))));
+        self.stats.channels_active = self.stats.channels_active.saturating_sub(1);
+        if ch.in_kernel
+            && let Some(binding) = alloc.binding(tuple, number, ch.peer)
+        {
+            self.commands.push_back(Command::RemoveChannel { binding });
+        }
+        self.pending.remove(&(*tuple, number));
+        tracing::debug!(client = %tuple.client, channel = %number, "channel expired");
+    }
+
+    fn release_pending(&mut self, key: (FiveTuple, ChannelNumber)) {
+        let Some(pending) = self.pending.remove(&key) else {
+            return;
+        };
+        if let Some(ch) = self
+            .allocations
+            .get_mut(&key.0)
+            .and_then(|a| a.channels.get_mut(&key.1))
+        {
+            ch.confirmed = true;
+        }
+        self.transmits.extend(pending.responses);
+    }
+
+    /// Deletes one family of a dual-stack allocation (Refresh with lifetime 0 and
+    /// REQUESTED-ADDRESS-FAMILY, RFC 8656 §8.2).
+    fn drop_family(&mut self, tuple: &FiveTuple, family: Family) {
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return;
+        };
+        let relay = match family {
+            Family::V4 => alloc.relay_v4.take(),
+            Family::V6 => alloc.relay_v6.take(),
+        };
+        let Some(relay) = relay else {
+            return;
+        };
+        let gone: Vec<ChannelNumber> = alloc
+            .channels
+            .iter()
+            .filter(|(_, ch)| Family::of(ch.peer.0.ip()) == family)
+            .map(|(n, _)| *n)
+            .collect();
+        for number in gone {
+            if let Some(ch) = alloc.channels.remove(&number) {
+                alloc.peers.remove(&ch.peer);
+                self.stats.channels_active = self.stats.channels_active.saturating_sub(1);
+                self.pending.remove(&(*tuple, number));
+                if ch.in_kernel {
+                    let binding = ChannelBinding {
+                        client: tuple.client,
+                        server: tuple.server,
+                        transport: tuple.transport,
+                        relay,
+                        peer: ch.peer,
+                        channel: number,
+                    };
+                    self.commands.push_back(Command::RemoveChannel { binding });
+                }
+            }
+        }
+        let before = alloc.permissions.len();
+        alloc.permissions.retain(|ip, _| Family::of(*ip) != family);
+        let removed = (before - alloc.permissions.len()) as u64;
+        self.stats.permissions_active = self.stats.permissions_active.saturating_sub(removed);
+        self.commands.push_back(Command::FreeRelayPort { relay });
+    }
+
+    fn delete_allocation(&mut self, tuple: &FiveTuple) {
+        let Some(alloc) = self.allocations.remove(tuple) else {
+            return;
+        };
+        self.by_port.remove(&alloc.port);
+        if let Some(count) = self.per_user.get_mut(&alloc.username) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_user.remove(&alloc.username);
+            }
+        }
+        for (number, ch) in &alloc.channels {
+            self.pending.remove(&(*tuple, *number));
+            if ch.in_kernel
+                && let Some(binding) = alloc.binding(tuple, *number, ch.peer)
+            {
+                self.commands.push_back(Command::RemoveChannel { binding });
+            }
+        }
+        for relay in alloc.relays() {
+            self.commands.push_back(Command::FreeRelayPort { relay });
+        }
+        let s = &mut self.stats;
+        s.channels_active = s
+            .channels_active
+            .saturating_sub(alloc.channels.len() as u64);
+        s.permissions_active = s
+            .permissions_active
+            .saturating_sub(alloc.permissions.len() as u64);
+        s.allocations_active = s.allocations_active.saturating_sub(1);
+        tracing::debug!(client = %tuple.client, port = %alloc.port, "allocation deleted");
+    }
+
+    // ---- responses ----------------------------------------------------------------------
+
+    fn reply(&mut self, tuple: &FiveTuple, payload: Vec<u8>) {
+        self.transmits.push_back(Transmit::ToClient {
+            transport: tuple.transport,
+            server: tuple.server,
+            client: tuple.client,
+            payload,
+        });
+    }
+
+    fn error(&mut self, tuple: &FiveTuple, req: &Parsed<'_>, code: u16, key: Option<&LongTermKey>) {
+        let mut b = Builder::new(req.method(), CLASS_ERROR_RESPONSE, req.transaction_id());
+        b.error(code, reason(code));
+        let payload = b.finish(self.config.software.as_deref(), key, true);
+        self.reply(tuple, payload);
+    }
+
+    fn unknown_attributes(
+        &mut self,
+        tuple: &FiveTuple,
+        req: &Parsed<'_>,
+        unknown: Vec<AttrType>,
+        key: Option<&LongTermKey>,
+    ) {
+        let mut b = Builder::new(req.method(), CLASS_ERROR_RESPONSE, req.transaction_id());
+        b.error(420, reason(420)).attr(&UnknownAttributes(unknown));
+        let payload = b.finish(self.config.software.as_deref(), key, true);
+        self.reply(tuple, payload);
+    }
+}
+
+fn remaining(expires: Instant, now: Instant) -> Duration {
+    Duration::from_secs(expires.saturating_duration_since(now).as_secs())
+}
