@@ -1,6 +1,12 @@
-//! The gRPC contract between turn-control and xdp-agent (`xdp_agent.proto`).
+//! The gRPC contract between turn-control and xdp-agent (`xdp_agent.proto`),
+//! and the client side of its unix-socket transport.
 
 #![expect(clippy::allow_attributes, reason = "generated code")]
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Version 1 of the agent's API.
 pub mod v1 {
@@ -9,4 +15,24 @@ pub mod v1 {
     /// The encoded file descriptor set, for the server reflection service.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("xdp_agent_descriptor");
+}
+
+/// A client of the agent's data-plane service.
+pub type DataPlaneClient = v1::data_plane_client::DataPlaneClient<Channel>;
+
+/// Connects to the agent's gRPC service on the unix socket at `path`.
+pub async fn connect(path: impl Into<PathBuf>) -> Result<DataPlaneClient, tonic::transport::Error> {
+    let path = path.into();
+    // The URI is required by the API but unused: the connector below ignores it.
+    let channel = Endpoint::from_static("http://xdp-agent.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await?;
+    Ok(DataPlaneClient::new(channel))
 }

@@ -14,13 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::binding::Binding;
 
-#[expect(
-    clippy::allow_attributes,
-    reason = "the generated skeleton allows its own lints"
-)]
-mod skel {
-    include!(concat!(env!("OUT_DIR"), "/relay.skel.rs"));
-}
+use relay_skel as skel;
 
 /// How to attach the program to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -201,3 +201,156 @@ impl V4UdpHeaders {
         self.udp.len = new_udp_len;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::Ipv4Addr;
+
+    /// Reference Internet checksum (RFC 1071), independent of `csum`.
+    fn checksum(chunks: &[&[u8]]) -> u16 {
+        let bytes: std::vec::Vec<u8> = chunks.concat();
+        let mut sum: u64 = 0;
+        for pair in bytes.chunks(2) {
+            sum += u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    fn udp_checksum(ip: &Ipv4Hdr, udp: &UdpHdr, payload: &[u8]) -> u16 {
+        let pseudo = [
+            &ip.saddr[..],
+            &ip.daddr[..],
+            &[0, IPPROTO_UDP],
+            &udp.len[..],
+        ]
+        .concat();
+        let header = UdpHdr {
+            check: [0, 0],
+            ..*udp
+        };
+        match checksum(&[&pseudo, header.as_bytes(), payload]) {
+            0 => 0xffff,
+            check => check,
+        }
+    }
+
+    /// A channel-data frame from 192.0.2.2:40000 to 203.0.113.10:3478 with
+    /// correct checksums (or a zero UDP checksum).
+    fn client_frame(data: &[u8], with_udp_checksum: bool) -> (V4UdpHeaders, ChannelHdr) {
+        let channel = ChannelHdr {
+            channel: [0x40, 0x01],
+            len: (data.len() as u16).to_be_bytes(),
+        };
+        let udp_len = (UDP_LEN + CHANNEL_HEADER_LEN + data.len()) as u16;
+        let mut headers = V4UdpHeaders {
+            eth: EthHdr {
+                dst: [2; 6],
+                src: [4; 6],
+                ether_type: ETH_P_IPV4,
+            },
+            ip: Ipv4Hdr {
+                version_ihl: 0x45,
+                tos: 0xb8,
+                tot_len: (udp_len + IPV4_LEN as u16).to_be_bytes(),
+                id: [0x12, 0x34],
+                frag_off: [0x40, 0],
+                ttl: 63,
+                protocol: IPPROTO_UDP,
+                check: [0, 0],
+                saddr: [192, 0, 2, 2],
+                daddr: [203, 0, 113, 10],
+            },
+            udp: UdpHdr {
+                source: 40000u16.to_be_bytes(),
+                dest: 3478u16.to_be_bytes(),
+                len: udp_len.to_be_bytes(),
+                check: [0, 0],
+            },
+        };
+        headers.ip.check = checksum(&[headers.ip.as_bytes()]).to_be_bytes();
+        if with_udp_checksum {
+            let payload = [channel.as_bytes(), data].concat();
+            headers.udp.check = udp_checksum(&headers.ip, &headers.udp, &payload).to_be_bytes();
+        }
+        (headers, channel)
+    }
+
+    #[test]
+    fn client_to_peer_rewrite_matches_a_freshly_built_datagram() {
+        for len in [0usize, 1, 2, 3, 100, 1199] {
+            let data: std::vec::Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let (mut headers, channel) = client_frame(&data, true);
+            let target = PeerTarget::v4(Ipv4Addr::new(198, 51, 100, 2), 9000, 50000);
+            headers.client_to_peer_v4(&channel, [203, 0, 113, 10], &target);
+
+            assert_eq!(headers.eth.dst, [4; 6]);
+            assert_eq!(headers.eth.src, [2; 6]);
+            assert_eq!(headers.ip.saddr, [203, 0, 113, 10]);
+            assert_eq!(headers.ip.daddr, [198, 51, 100, 2]);
+            assert_eq!(headers.ip.ttl, 62);
+            assert_eq!(headers.ip.tos, 0xb8, "DSCP and ECN are kept");
+            assert_eq!(headers.ip.frag_off, [0x40, 0], "DF is kept");
+            assert_eq!(
+                u16::from_be_bytes(headers.ip.tot_len) as usize,
+                IPV4_LEN + UDP_LEN + len
+            );
+            assert_eq!(u16::from_be_bytes(headers.udp.len) as usize, UDP_LEN + len);
+            assert_eq!(headers.udp.source, 50000u16.to_be_bytes());
+            assert_eq!(headers.udp.dest, 9000u16.to_be_bytes());
+            assert_eq!(
+                checksum(&[headers.ip.as_bytes()]),
+                0,
+                "IPv4 header checksum, len {len}"
+            );
+            assert_eq!(
+                u16::from_be_bytes(headers.udp.check),
+                udp_checksum(&headers.ip, &headers.udp, &data),
+                "UDP checksum, len {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_udp_checksum_stays_zero() {
+        let (mut headers, channel) = client_frame(b"no checksum", false);
+        let target = PeerTarget::v4(Ipv4Addr::new(198, 51, 100, 2), 9000, 50000);
+        headers.client_to_peer_v4(&channel, [203, 0, 113, 10], &target);
+        assert_eq!(headers.udp.check, [0, 0]);
+        assert_eq!(checksum(&[headers.ip.as_bytes()]), 0);
+    }
+
+    #[test]
+    fn channel_data_is_told_from_stun() {
+        let stun = ChannelHdr {
+            channel: [0x00, 0x01],
+            len: [0, 0],
+        };
+        assert!(!stun.is_channel_data());
+        assert!(
+            ChannelHdr {
+                channel: [0x40, 0x00],
+                len: [0, 0]
+            }
+            .is_channel_data()
+        );
+        assert!(
+            ChannelHdr {
+                channel: [0x4f, 0xff],
+                len: [0, 0]
+            }
+            .is_channel_data()
+        );
+        // Reserved by RFC 8656 (valid in RFC 5766): not relayed in the kernel.
+        assert!(
+            !ChannelHdr {
+                channel: [0x50, 0x00],
+                len: [0, 0]
+            }
+            .is_channel_data()
+        );
+    }
+}

@@ -62,9 +62,9 @@ fn try_relay(ctx: &XdpContext) -> Result<Relayed, Reason> {
     if !config.enabled() {
         return Err(Reason::PassNotConfigured);
     }
-    // SAFETY: `header` checked the bounds; the frame outlives this call.
-    let eth = unsafe { header::<EthHdr>(ctx, 0)? };
-    match eth.ether_type {
+    // SAFETY: `header` checked the bounds; `EthHdr` is plain bytes.
+    let ether_type = unsafe { (*header::<EthHdr>(ctx, 0)?).ether_type };
+    match ether_type {
         ETH_P_IPV4 => relay_v4(ctx, config),
         ETH_P_IPV6 => Err(Reason::PassIpv6),
         _ => Err(Reason::PassNotIp),
@@ -74,7 +74,8 @@ fn try_relay(ctx: &XdpContext) -> Result<Relayed, Reason> {
 /// IPv4 channel data from a client to the listen port (RFC 8656 section 12.6).
 #[inline(always)]
 fn relay_v4(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reason> {
-    // SAFETY: bounds checked by `header`.
+    // SAFETY: `header` checked the bounds; the headers are plain bytes, copied
+    // out because adjusting the head below invalidates the frame pointers.
     let mut headers = unsafe { *header::<V4UdpHeaders>(ctx, 0)? };
     let ip = &headers.ip;
     if ip.version_ihl != 0x45 {
@@ -104,7 +105,7 @@ fn relay_v4(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reaso
     if payload_len < CHANNEL_HEADER_LEN {
         return Err(Reason::PassNotChannelData);
     }
-    // SAFETY: bounds checked by `header`; `payload_len` says the bytes are UDP payload.
+    // SAFETY: `header` checked the bounds; `payload_len` says the bytes are UDP payload.
     let channel = unsafe { *header::<ChannelHdr>(ctx, ETH_LEN + IPV4_LEN + UDP_LEN)? };
     if !channel.is_channel_data() {
         return Err(Reason::PassNotChannelData);
@@ -123,8 +124,8 @@ fn relay_v4(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reaso
     // SAFETY: the value is only read, before anything else can change the map
     // entry from this program; a concurrent update from user space replaces
     // the element (RCU), leaving this reference valid.
-    let target = unsafe { CLIENT_V4.get(&headers.client_key(&channel)) }
-        .ok_or(Reason::PassUnknownBinding)?;
+    let target =
+        unsafe { CLIENT_V4.get(headers.client_key(&channel)) }.ok_or(Reason::PassUnknownBinding)?;
     if target.peer_family != FAMILY_V4 {
         return Err(Reason::PassUnsupportedFamily);
     }
@@ -135,9 +136,10 @@ fn relay_v4(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reaso
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, CHANNEL_HEADER_LEN as i32) } != 0 {
         return Err(Reason::PassAdjustFailed);
     }
-    // SAFETY: bounds re-checked against the adjusted frame; nothing else
-    // points into it any more.
-    unsafe { *header_mut::<V4UdpHeaders>(ctx, 0).map_err(|_| Reason::PassAdjustFailed)? = headers };
+    let start = header::<V4UdpHeaders>(ctx, 0).map_err(|_| Reason::PassAdjustFailed)?;
+    // SAFETY: bounds re-checked against the adjusted frame; no other pointer
+    // into the frame is live.
+    unsafe { *start = headers };
     Ok(Relayed {
         reason: Reason::RelayClientToPeerV4V4,
         bytes: data_len as u64,
@@ -156,32 +158,19 @@ fn count(reason: Reason, bytes: u64) {
     }
 }
 
-/// A reference to a `T` at `offset` in the frame.
-///
-/// # Safety
-/// `T` must be valid for any bit pattern and have alignment 1 (the
-/// `bpf_common::packet` types are). The reference must not outlive a change
-/// to the frame's bounds (`bpf_xdp_adjust_*`).
+/// A pointer to a `T` at `offset` in the frame, after checking that the
+/// whole `T` lies inside it. Dereferencing it is sound for the `#[repr(C)]`
+/// byte-array types of `bpf_common::packet` (alignment 1, any bit pattern
+/// valid) until the frame's bounds change (`bpf_xdp_adjust_*`).
 #[inline(always)]
-unsafe fn header<T>(ctx: &XdpContext, offset: usize) -> Result<&T, Reason> {
-    // SAFETY: forwarded to the caller.
-    unsafe { header_mut::<T>(ctx, offset).map(|header| &*header) }
-}
-
-/// A mutable reference to a `T` at `offset` in the frame.
-///
-/// # Safety
-/// As [`header`]; in addition the caller holds no other reference into the
-/// frame while it uses this one.
-#[inline(always)]
-unsafe fn header_mut<'a, T>(ctx: &'a XdpContext, offset: usize) -> Result<&'a mut T, Reason> {
+fn header<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
     let start = ctx.data() + offset;
+    // Compared in the form the verifier tracks: packet pointer + constant
+    // against `data_end`.
     if start + size_of::<T>() > ctx.data_end() {
         return Err(Reason::PassTruncated);
     }
-    // SAFETY: `start..start + size_of::<T>()` lies inside the frame (checked
-    // just above, in the form the verifier tracks); alignment 1 per contract.
-    Ok(unsafe { &mut *(start as *mut T) })
+    Ok(start as *mut T)
 }
 
 #[cfg(not(test))]

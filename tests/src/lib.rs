@@ -1,0 +1,525 @@
+//! A network-namespace lab for testing the relay with real packets.
+//!
+//! ```text
+//!  client ns            router ns                      relay ns
+//!  c0 192.0.2.2 ---- rc 192.0.2.1
+//!                     rx 203.0.113.1 [XDP_PASS] ---- x0 203.0.113.10 [relay XDP]
+//!  peer ns            rp 198.51.100.1
+//!  p0 198.51.100.2 --'
+//! ```
+//!
+//! The router forwards plainly (no NAT). Native XDP_TX out of a veth only
+//! delivers when the veth at the other end runs an XDP program, so the router's
+//! `rx` gets a trivial XDP_PASS program. IPv6 runs beside IPv4 on every link
+//! (2001:db8:1::/64 client, 2001:db8:2::/64 relay, 2001:db8:3::/64 peer).
+//!
+//! Every lab has its own namespaces with unique names, so tests run in
+//! parallel; dropping the [`Lab`] stops its processes, detaches its programs
+//! and deletes its namespaces, also when a test panics. Namespaces left by a
+//! killed test run are swept at the next start.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+pub mod packet;
+
+/// The client's address.
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The relay's address.
+pub const RELAY_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The peer's address.
+pub const PEER_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+/// The client's IPv6 address.
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+/// The relay's IPv6 address.
+pub const RELAY_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 10);
+/// The peer's IPv6 address.
+pub const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 2);
+/// The relay's interface.
+pub const RELAY_IFACE: &str = "x0";
+
+/// Prefix of every namespace this crate creates.
+const NETNS_PREFIX: &str = "xtlab";
+
+/// Whether privileged lab tests can run here. Under `CI=true` they must: a
+/// machine that cannot run them fails the test instead of skipping it.
+pub fn privileged() -> bool {
+    let reason = if !nix::unistd::Uid::effective().is_root() {
+        Some("not root")
+    } else if Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        Some("iproute2 missing")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(reason) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+            panic!("CI=true but the privileged lab tests cannot run: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("SKIPPED: privileged lab test needs root ({reason}); CI runs it");
+            false
+        }
+    }
+}
+
+/// Waits until `condition` yields a value, polling every 10 ms, or fails
+/// after `deadline` with `what` in the message.
+pub fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut condition: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = condition()? {
+            return Ok(value);
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a command to completion, failing with its stderr.
+pub fn run<I, S>(program: &str, args: I) -> anyhow::Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let output = Command::new(program)
+        .args(&args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    ensure!(
+        output.status.success(),
+        "{program} {} failed: {}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A named network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(name: String) -> anyhow::Result<Self> {
+        run("ip", ["netns", "add", &name])?;
+        let netns = Self { name };
+        netns.ip(["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME ARGS...`.
+    pub fn ip<I, S>(&self, args: I) -> anyhow::Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all: Vec<std::ffi::OsString> = vec!["-n".into(), self.name.clone().into()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        run("ip", all)
+    }
+
+    /// Runs a command inside the namespace to completion.
+    pub fn exec<I, S>(&self, program: &str, args: I) -> anyhow::Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all: Vec<std::ffi::OsString> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.name.clone().into(),
+            program.into(),
+        ];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        run("ip", all)
+    }
+
+    /// A command that will run inside the namespace. Only the network
+    /// namespace is entered (`nsenter --net`), so the host's bpffs stays
+    /// visible and pins made inside outlive the process.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// Runs `work` on a thread that has entered this namespace: sockets it
+    /// creates belong to the namespace for their whole life.
+    pub fn enter<T: Send>(
+        &self,
+        work: impl FnOnce() -> anyhow::Result<T> + Send,
+    ) -> anyhow::Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("cannot enter {path}"))?;
+                    work()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veths with it.
+        if let Err(error) = run("ip", ["netns", "del", &self.name]) {
+            eprintln!("lab: cannot delete namespace {}: {error:#}", self.name);
+        }
+    }
+}
+
+/// A process started in the lab, killed on drop.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Process {
+    /// Starts `command` with its output captured to a log file under `dir`.
+    pub fn spawn(name: &str, mut command: Command, dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let file =
+            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// Fails if the process has exited.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => bail!("{} exited: {status}", self.name),
+        }
+    }
+
+    /// Sends `signal` and waits for the exit status.
+    pub fn stop(
+        mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "{} ignored {signal}", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The four-namespace lab.
+#[derive(Debug)]
+pub struct Lab {
+    // Drop order: processes, then the pass program's link, then namespaces.
+    processes: Vec<Process>,
+    _pass_link: Option<libbpf_rs::Link>,
+    _pass_object: Option<libbpf_rs::Object>,
+    /// Holds the client.
+    pub client: Netns,
+    /// Forwards between the others.
+    pub router: Netns,
+    /// Runs the relay.
+    pub relay: Netns,
+    /// Holds the peer.
+    pub peer: Netns,
+    dir: PathBuf,
+}
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// Builds the lab.
+    pub fn new() -> anyhow::Result<Self> {
+        sweep_stale_namespaces();
+        let id = format!(
+            "{NETNS_PREFIX}{}x{}",
+            std::process::id(),
+            LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir)?;
+        let mut lab = Self {
+            processes: Vec::new(),
+            _pass_link: None,
+            _pass_object: None,
+            client: Netns::create(format!("{id}-client"))?,
+            router: Netns::create(format!("{id}-router"))?,
+            relay: Netns::create(format!("{id}-relay"))?,
+            peer: Netns::create(format!("{id}-peer"))?,
+            dir,
+        };
+        lab.wire()?;
+        lab.attach_pass_program()?;
+        Ok(lab)
+    }
+
+    /// A directory for this lab's sockets and logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts a process that lives as long as the lab.
+    pub fn spawn(&mut self, name: &str, command: Command) -> anyhow::Result<&mut Process> {
+        let process = Process::spawn(name, command, &self.dir)?;
+        let index = self.processes.len();
+        self.processes.push(process);
+        Ok(&mut self.processes[index])
+    }
+
+    /// Starts the real `xdp-agent` in the relay namespace, attached to the
+    /// relay's interface, with `args` added; returns its gRPC socket once it
+    /// accepts connections.
+    pub fn start_xdp_agent(&mut self, args: &[&str]) -> anyhow::Result<PathBuf> {
+        let socket = self.dir.join("agent.sock");
+        let mut command = self.relay.command(workspace_binary("xdp-agent")?);
+        command
+            .args(["--iface", RELAY_IFACE, "--grpc"])
+            .arg(&socket)
+            .args(args);
+        self.spawn("xdp-agent", command)?;
+        self.wait_for_unix_socket("xdp-agent", &socket, Duration::from_secs(20))?;
+        Ok(socket)
+    }
+
+    /// Waits until the process `name` accepts connections on the unix socket
+    /// at `path`; fails with its log if it exits first.
+    pub fn wait_for_unix_socket(
+        &mut self,
+        name: &str,
+        path: &Path,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        let result = wait_for(
+            &format!("{name} to serve {}", path.display()),
+            deadline,
+            || {
+                self.process_mut(name)?.ensure_running()?;
+                Ok(std::os::unix::net::UnixStream::connect(path)
+                    .ok()
+                    .map(|_| ()))
+            },
+        );
+        result.with_context(|| format!("{name}'s log:\n{}", self.log(name)))
+    }
+
+    /// A process the lab started.
+    pub fn process_mut(&mut self, name: &str) -> anyhow::Result<&mut Process> {
+        self.processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no process named {name}"))
+    }
+
+    /// Takes a process out of the lab, e.g. to stop it with a signal.
+    pub fn take_process(&mut self, name: &str) -> Option<Process> {
+        let index = self.processes.iter().position(|p| p.name == name)?;
+        Some(self.processes.remove(index))
+    }
+
+    /// The log a process wrote.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn wire(&self) -> anyhow::Result<()> {
+        let links = [
+            (&self.client, "c0", "rc", "192.0.2", "2001:db8:1::", 2),
+            (
+                &self.relay,
+                RELAY_IFACE,
+                "rx",
+                "203.0.113",
+                "2001:db8:2::",
+                10,
+            ),
+            (&self.peer, "p0", "rp", "198.51.100", "2001:db8:3::", 2),
+        ];
+        self.router
+            .exec("sysctl", ["-qw", "net.ipv4.ip_forward=1"])?;
+        self.router
+            .exec("sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        for (host, host_if, router_if, v4, v6, host_id) in links {
+            self.router.ip([
+                "link",
+                "add",
+                router_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                host_if,
+                "netns",
+                host.name(),
+            ])?;
+            self.router
+                .ip(["addr", "add", &format!("{v4}.1/24"), "dev", router_if])?;
+            self.router.ip([
+                "addr",
+                "add",
+                &format!("{v6}1/64"),
+                "dev",
+                router_if,
+                "nodad",
+            ])?;
+            self.router.ip(["link", "set", router_if, "up"])?;
+            host.ip(["addr", "add", &format!("{v4}.{host_id}/24"), "dev", host_if])?;
+            host.ip([
+                "addr",
+                "add",
+                &format!("{v6}{host_id:x}/64"),
+                "dev",
+                host_if,
+                "nodad",
+            ])?;
+            host.ip(["link", "set", host_if, "up"])?;
+            host.ip(["route", "add", "default", "via", &format!("{v4}.1")])?;
+            host.ip(["-6", "route", "add", "default", "via", &format!("{v6}1")])?;
+        }
+        // Packets the client sends carry complete checksums, so what the relay
+        // computes incrementally can be checked against them.
+        self.client.exec("ethtool", ["-K", "c0", "tx", "off"])?;
+        self.peer.exec("ethtool", ["-K", "p0", "tx", "off"])?;
+        Ok(())
+    }
+
+    fn attach_pass_program(&mut self) -> anyhow::Result<()> {
+        let object = libbpf_rs::ObjectBuilder::default()
+            .open_file(env!("LAB_PASS_OBJECT"))
+            .context("cannot open the XDP_PASS object")?
+            .load()
+            .context("cannot load the XDP_PASS program")?;
+        let link = self.router.enter(|| {
+            let ifindex = nix::net::if_::if_nametoindex("rx")?;
+            let program = object
+                .progs_mut()
+                .next()
+                .context("the XDP_PASS object has no program")?;
+            program
+                .attach_xdp(ifindex as i32)
+                .context("cannot attach XDP_PASS to rx")
+        })?;
+        self._pass_link = Some(link);
+        self._pass_object = Some(object);
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.processes.clear();
+        self._pass_link = None;
+        if std::thread::panicking() {
+            eprintln!("lab: logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Deletes namespaces left by lab runs whose process no longer exists.
+fn sweep_stale_namespaces() {
+    let Ok(list) = run("ip", ["netns", "list"]) else {
+        return;
+    };
+    for name in list
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+    {
+        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('x')
+            .next()
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            let _ = run("ip", ["netns", "del", name]);
+        }
+    }
+}
+
+/// Path of a binary built by this workspace, next to the test executable's
+/// directory (`target/<profile>/NAME`); `make test` builds them first.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let variable = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&variable) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test executable has no target directory")?;
+    let path = profile_dir.join(name);
+    ensure!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace`, as `make test` does) or set {variable}",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The address family of an IP, as a short label for messages.
+pub fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}

@@ -1,0 +1,215 @@
+//! Frames captured in the lab, parsed and checked independently of the
+//! relay's own code: checksums are recomputed from scratch (RFC 1071).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A UDP datagram in an IPv4 frame, with its checksums verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpV4Frame {
+    /// Source transport address.
+    pub source: SocketAddrV4,
+    /// Destination transport address.
+    pub destination: SocketAddrV4,
+    /// Time to live.
+    pub ttl: u8,
+    /// The UDP checksum field as sent (zero: none).
+    pub udp_checksum: u16,
+    /// The UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// The RFC 1071 sum of `data`, not yet complemented.
+fn ones_complement_sum(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([
+            pair[0],
+            pair.get(1).copied().unwrap_or(0),
+        ]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+/// Parses an Ethernet frame; `Ok(None)` if it is not IPv4 UDP. Fails if a
+/// checksum is wrong or a length inconsistent.
+pub fn parse_udp_v4(frame: &[u8]) -> anyhow::Result<Option<UdpV4Frame>> {
+    if frame.len() < 14 + 20 + 8 || frame[12..14] != [0x08, 0x00] {
+        return Ok(None);
+    }
+    let ip = &frame[14..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ip[9] != 17 {
+        return Ok(None);
+    }
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    ensure!(
+        total_len <= ip.len() && header_len >= 20,
+        "IPv4 length {total_len} exceeds the frame"
+    );
+    ensure!(
+        ones_complement_sum(&ip[..header_len], 0) == 0xffff,
+        "bad IPv4 header checksum {:#06x}",
+        u16::from_be_bytes([ip[10], ip[11]])
+    );
+    let source_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let destination_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let udp = &ip[header_len..total_len];
+    let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    ensure!(
+        udp_len == udp.len(),
+        "UDP length {udp_len} but {} bytes follow the IP header",
+        udp.len()
+    );
+    let udp_checksum = u16::from_be_bytes([udp[6], udp[7]]);
+    if udp_checksum != 0 {
+        let mut pseudo = Vec::with_capacity(12);
+        pseudo.extend_from_slice(&ip[12..20]);
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        let sum = ones_complement_sum(udp, ones_complement_sum(&pseudo, 0));
+        ensure!(
+            sum == 0xffff,
+            "bad UDP checksum {udp_checksum:#06x} (sum {sum:#06x})"
+        );
+    }
+    Ok(Some(UdpV4Frame {
+        source: SocketAddrV4::new(source_ip, u16::from_be_bytes([udp[0], udp[1]])),
+        destination: SocketAddrV4::new(destination_ip, u16::from_be_bytes([udp[2], udp[3]])),
+        ttl: ip[8],
+        udp_checksum,
+        payload: udp[8..].to_vec(),
+    }))
+}
+
+/// A packet socket that sees every frame on one interface (create it inside
+/// the interface's namespace).
+#[derive(Debug)]
+pub struct Capture {
+    socket: Socket,
+}
+
+impl Capture {
+    /// Captures on `interface`.
+    pub fn open(interface: &str) -> anyhow::Result<Self> {
+        const ETH_P_ALL: u16 = 0x0003;
+        let socket = Socket::new(
+            Domain::PACKET,
+            Type::RAW,
+            Some(Protocol::from(i32::from(ETH_P_ALL.to_be()))),
+        )
+        .context("cannot open a packet socket")?;
+        let ifindex = nix::net::if_::if_nametoindex(interface)?;
+        use nix::libc;
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
+        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_protocol = ETH_P_ALL.to_be();
+        address.sll_ifindex = ifindex as i32;
+        // SAFETY: the pointer and length describe `address`, which outlives the call.
+        let bound = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&raw const address).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if bound != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot bind the packet socket");
+        }
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(Self { socket })
+    }
+
+    /// The next IPv4 UDP frame for which `matches` holds, within `deadline`.
+    pub fn next_udp_v4(
+        &self,
+        deadline: Duration,
+        matches: impl Fn(&UdpV4Frame) -> bool,
+    ) -> anyhow::Result<UdpV4Frame> {
+        let start = Instant::now();
+        let mut buffer = vec![std::mem::MaybeUninit::<u8>::uninit(); 65536];
+        while start.elapsed() < deadline {
+            let len = match self.socket.recv(&mut buffer) {
+                Ok(len) => len,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e).context("capture failed"),
+            };
+            // SAFETY: `recv` initialised the first `len` bytes.
+            let frame: Vec<u8> = buffer[..len]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            if let Some(udp) = parse_udp_v4(&frame)?
+                && matches(&udp)
+            {
+                return Ok(udp);
+            }
+        }
+        bail!("no matching UDP frame captured within {deadline:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame with checksums computed by hand-checked arithmetic.
+    fn frame(udp_checksum_ok: bool) -> Vec<u8> {
+        let payload = b"hi";
+        let mut ip = vec![
+            0x45, 0, 0, 30, 0, 1, 0x40, 0, 64, 17, 0, 0, 192, 0, 2, 2, 198, 51, 100, 2,
+        ];
+        let ip_check = !(ones_complement_sum(&ip, 0) as u16);
+        ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+        let mut udp = vec![0x9c, 0x40, 0x23, 0x28, 0, 10, 0, 0];
+        udp.extend_from_slice(payload);
+        let mut pseudo = vec![192, 0, 2, 2, 198, 51, 100, 2, 0, 17, 0, 10];
+        pseudo.extend_from_slice(&udp);
+        let mut check = !(ones_complement_sum(&pseudo, 0) as u16);
+        if !udp_checksum_ok {
+            check ^= 1;
+        }
+        udp[6..8].copy_from_slice(&check.to_be_bytes());
+        let mut frame = vec![0; 12];
+        frame.extend_from_slice(&[0x08, 0x00]);
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&udp);
+        frame
+    }
+
+    #[test]
+    fn accepts_correct_and_rejects_corrupt_checksums() {
+        let parsed = parse_udp_v4(&frame(true)).unwrap().unwrap();
+        assert_eq!(parsed.source, "192.0.2.2:40000".parse().unwrap());
+        assert_eq!(parsed.destination, "198.51.100.2:9000".parse().unwrap());
+        assert_eq!(parsed.payload, b"hi");
+        assert!(
+            parse_udp_v4(&frame(false))
+                .unwrap_err()
+                .to_string()
+                .contains("bad UDP checksum")
+        );
+        let mut bad_ip = frame(true);
+        bad_ip[14 + 8] = 63;
+        assert!(
+            parse_udp_v4(&bad_ip)
+                .unwrap_err()
+                .to_string()
+                .contains("IPv4 header checksum")
+        );
+    }
+}
