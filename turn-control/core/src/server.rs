@@ -1436,3 +1436,7 @@ impl Server {
 fn remaining(expires: Instant, now: Instant) -> Duration {
     Duration::from_secs(expires.saturating_duration_since(now).as_secs())
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
