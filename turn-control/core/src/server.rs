@@ -536,8 +536,11 @@ impl Server {
                 break;
             }
             self.timers.pop();
-            if self.timer_current(deadline, timer) {
-                self.fire(now, timer);
+            match self.timer_deadline(timer) {
+                Some(actual) if actual <= now => self.fire(now, timer),
+                // Refreshed since: wait for the new deadline.
+                Some(actual) => self.timers.push(Reverse((actual, timer))),
+                None => {}
             }
         }
     }
@@ -545,10 +548,16 @@ impl Server {
     /// When [`handle_timeout`](Self::handle_timeout) next has work.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         while let Some(Reverse((deadline, timer))) = self.timers.peek().copied() {
-            if self.timer_current(deadline, timer) {
-                return Some(deadline);
+            match self.timer_deadline(timer) {
+                Some(actual) if actual <= deadline => return Some(deadline),
+                Some(actual) => {
+                    self.timers.pop();
+                    self.timers.push(Reverse((actual, timer)));
+                }
+                None => {
+                    self.timers.pop();
+                }
             }
-            self.timers.pop();
         }
         None
     }
@@ -980,9 +989,13 @@ impl Server {
                 _ => self.delete_allocation(tuple),
             }
         } else {
-            alloc.expires = now + lifetime;
-            self.timers
-                .push(Reverse((alloc.expires, Timer::Allocation(*tuple))));
+            let expires = now + lifetime;
+            // A later deadline reuses the queued timer entry; an earlier one needs its own.
+            if expires < alloc.expires {
+                self.timers
+                    .push(Reverse((expires, Timer::Allocation(*tuple))));
+            }
+            alloc.expires = expires;
         }
         b.attr(&Lifetime(lifetime));
         Ok(Reply::Now(b))
@@ -1076,8 +1089,6 @@ impl Server {
             return Err(437);
         };
         let expires = now + CHANNEL_LIFETIME;
-        self.timers
-            .push(Reverse((expires, Timer::Channel(*tuple, number))));
         if let Some(ch) = alloc.channels.get_mut(&number) {
             // A refresh: new lifetime, no new install, answer at once unless the first
             // answer is still held.
@@ -1088,6 +1099,8 @@ impl Server {
             return Ok(Reply::Now(builder));
         }
         alloc.cooldowns.remove(&number);
+        self.timers
+            .push(Reverse((expires, Timer::Channel(*tuple, number))));
         let offload = tuple.transport == Transport::Udp;
         alloc.channels.insert(
             number,
@@ -1170,12 +1183,11 @@ impl Server {
             return;
         };
         let expires = now + PERMISSION_LIFETIME;
-        let previous = alloc.permissions.insert(ip, expires);
-        self.timers
-            .push(Reverse((expires, Timer::Permission(*tuple, ip))));
-        if previous.is_some() {
+        if alloc.permissions.insert(ip, expires).is_some() {
             return;
         }
+        self.timers
+            .push(Reverse((expires, Timer::Permission(*tuple, ip))));
         self.stats.permissions_active += 1;
         if tuple.transport != Transport::Udp {
             return;
@@ -1201,31 +1213,31 @@ impl Server {
         }
     }
 
-    fn timer_current(&self, deadline: Instant, timer: Timer) -> bool {
+    /// The current deadline of what `timer` watches, `None` if it is gone.
+    ///
+    /// Refreshes that only push a deadline later add no heap entry: the old entry, when it
+    /// comes due, is put back at the new deadline. So the heap holds about one entry per
+    /// live allocation, permission, channel, cooldown and held response, however often
+    /// clients refresh.
+    fn timer_deadline(&self, timer: Timer) -> Option<Instant> {
         match timer {
-            Timer::Allocation(t) => self
-                .allocations
-                .get(&t)
-                .is_some_and(|a| a.expires == deadline),
+            Timer::Allocation(t) => self.allocations.get(&t).map(|a| a.expires),
             Timer::Permission(t, ip) => self
                 .allocations
                 .get(&t)
                 .and_then(|a| a.permissions.get(&ip))
-                .is_some_and(|e| *e == deadline),
+                .copied(),
             Timer::Channel(t, n) => self
                 .allocations
                 .get(&t)
                 .and_then(|a| a.channels.get(&n))
-                .is_some_and(|c| c.expires == deadline),
+                .map(|c| c.expires),
             Timer::Cooldown(t, n) => self
                 .allocations
                 .get(&t)
                 .and_then(|a| a.cooldowns.get(&n))
-                .is_some_and(|c| c.until == deadline),
-            Timer::Install(t, n) => self
-                .pending
-                .get(&(t, n))
-                .is_some_and(|p| p.deadline == deadline),
+                .map(|c| c.until),
+            Timer::Install(t, n) => self.pending.get(&(t, n)).map(|p| p.deadline),
         }
     }
 

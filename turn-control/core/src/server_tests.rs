@@ -1509,3 +1509,37 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn refreshes_do_not_grow_the_timer_heap() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate(&mut c);
+    h.bind_acked(&mut c, 0x4000, PEER);
+    let base = h.server.timers.len();
+    for _ in 0..200 {
+        h.now += Duration::from_millis(100);
+        assert!(h.permit(&mut c, PEER).is_success());
+        let req = c.request(METHOD_REFRESH, |_| {});
+        assert!(h.call(&c, &req).is_success());
+        assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    }
+    assert!(
+        h.server.timers.len() <= base,
+        "{} > {base}",
+        h.server.timers.len()
+    );
+    // A refresh that shortens the lifetime still takes effect on time.
+    let req = c.request(METHOD_REFRESH, |b| {
+        b.raw(ATTR_LIFETIME, &3600u32.to_be_bytes());
+    });
+    h.call(&c, &req);
+    let req = c.request(METHOD_REFRESH, |_| {});
+    h.call(&c, &req);
+    assert_eq!(
+        h.server.poll_timeout(),
+        Some(h.now + Duration::from_secs(300))
+    );
+    h.advance(Duration::from_secs(600));
+    assert_eq!(h.server.allocation_count(), 0);
+}
