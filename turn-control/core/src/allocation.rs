@@ -102,3 +102,28 @@ impl Allocation {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// Table entry sizes, for the memory estimate in the crate docs; fails if an entry grows
+    /// unexpectedly.
+    #[test]
+    fn entry_sizes() {
+        let allocation = size_of::<(FiveTuple, Allocation)>();
+        let by_port = size_of::<(AllocationPort, FiveTuple)>();
+        let channel = size_of::<(ChannelNumber, Channel)>();
+        let peer = size_of::<(PeerAddr, ChannelNumber)>();
+        let permission = size_of::<(IpAddr, Instant)>();
+        let cooldown = size_of::<(ChannelNumber, Cooldown)>();
+        println!(
+            "allocation entry {allocation} B, by_port {by_port} B, channel {channel} B, \
+             peer index {peer} B, permission {permission} B, cooldown {cooldown} B"
+        );
+        assert!(allocation <= 400, "{allocation}");
+        assert!(channel + peer <= 128, "{}", channel + peer);
+        assert!(permission <= 48, "{permission}");
+    }
+}

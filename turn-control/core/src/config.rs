@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::auth::Credentials;
 
-/// Default allocation lifetime (RFC 8656 §2.2... §7.2: 10 minutes).
+/// Default allocation lifetime (RFC 8656 §7.2: 10 minutes).
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
 /// Default maximum allocation lifetime (RFC 8656 §7.2 recommends one hour).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(3600);
@@ -19,6 +19,9 @@ pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// How long an expired channel number and peer stay reserved for each other
 /// (RFC 8656 §12: five minutes).
 pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// Upper bound for configured durations, so that deadline arithmetic cannot overflow.
+const MAX_CONFIGURABLE: Duration = Duration::from_secs(7 * 86_400);
 
 /// Everything a [`crate::Server`] needs to know. Build with [`Config::new`] and adjust the
 /// public fields.
@@ -105,7 +108,11 @@ impl Config {
         if self.port_range.is_empty() {
             return Err(ConfigError::EmptyPortRange);
         }
-        if self.default_lifetime.is_zero() || self.default_lifetime > self.max_lifetime {
+        if self.default_lifetime.is_zero()
+            || self.default_lifetime > self.max_lifetime
+            || self.max_lifetime > MAX_CONFIGURABLE
+            || self.offload_timeout > MAX_CONFIGURABLE
+        {
             return Err(ConfigError::Lifetimes);
         }
         if self.nonce_lifetime.as_secs() == 0 {
@@ -127,8 +134,10 @@ pub enum ConfigError {
     /// The allocation port range holds no port.
     #[error("empty allocation port range")]
     EmptyPortRange,
-    /// The default lifetime is zero or above the maximum.
-    #[error("default lifetime must be non-zero and at most the maximum lifetime")]
+    /// The default lifetime is zero or above the maximum, or a duration exceeds a week.
+    #[error(
+        "default lifetime must be non-zero and at most the maximum lifetime; durations at most a week"
+    )]
     Lifetimes,
     /// The nonce lifetime is under one second.
     #[error("nonce lifetime must be at least one second")]

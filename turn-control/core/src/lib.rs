@@ -26,6 +26,46 @@
 //! let _deadline = server.poll_timeout();
 //! ```
 //!
+//! # Decisions the daemon relies on
+//!
+//! - **Time.** Every input takes `now: Instant`; the core never reads a clock. Wall-clock
+//!   seconds (REST username expiry, nonce timestamps) come from the `(Instant, SystemTime)`
+//!   pair given to [`Server::new`] plus the monotonic time since; re-anchor with
+//!   [`Server::set_wall_clock`] to follow NTP steps.
+//! - **Randomness.** A ChaCha `StdRng` seeded from [`Config::rng_seed`] draws allocation ports,
+//!   the nonce key and Data indication transaction ids. Tests use constant seeds; the daemon
+//!   seeds from the OS.
+//! - **Relay sockets.** The core picks a random free port in [`Config::port_range`] and emits
+//!   [`Command::BindRelayPort`] before the Allocate success; it assumes success. If binding
+//!   fails the daemon calls [`Server::relay_bind_failed`] and the allocation is deleted. A
+//!   dual-stack allocation uses the same port on both relay addresses.
+//! - **Offload.** A new UDP channel binding emits [`Command::InstallChannel`] and holds the
+//!   ChannelBind success until [`Server::channel_installed`] or [`Config::offload_timeout`]
+//!   (50 ms). Refreshes neither re-install nor wait. TCP clients are never offloaded. When a
+//!   permission lapses its channels are removed from the data plane (the kernel path has no
+//!   permission check of its own) and re-installed if the permission comes back.
+//!   [`Server::channel_bindings`] lists what the data plane should hold, for a full sync.
+//! - **Nonces** are stateless (timestamp + HMAC over it and the client address), valid for
+//!   [`Config::nonce_lifetime`] (600 s, like coturn). Unauthenticated requests create no
+//!   state; 401/438 answers are capped by [`Config::unauthorized_rate`].
+//! - **Timers** live in one binary heap with lazy deletion; refreshes that push a deadline
+//!   later add no entry, so the heap stays at about one entry per live object.
+//!
+//! # Cost
+//!
+//! Measured with `cargo bench -p turn-core` (criterion, 2-core VM, 160-byte payloads): the
+//! client ChannelData to peer decision ~140 ns, peer to client ChannelData ~170 ns, peer to
+//! client Data indication ~320 ns, an authenticated CreatePermission or Refresh (nonce check,
+//! MD5 key lookup, two HMAC-SHA1, FINGERPRINT) ~1.7 us. Each per-packet path is three hash
+//! lookups and one allocation (the output payload).
+//!
+//! Memory (from `size_of`, hashbrown at 7/8 load and power-of-two growth, so about 1.5x the
+//! entry size on average, plus one 104-byte timer entry per timed object): an allocation is
+//! about 0.8 KiB (376-byte table entry, 72-byte port index entry, username); its first
+//! permission and first channel add about 0.45 KiB of per-allocation maps; each further
+//! channel about 0.25 KiB (64-byte channel entry, 36-byte reverse index entry, timer) and each
+//! further permission about 0.17 KiB.
+//!
 //! Modules: [`types`] (role newtypes), [`framing`] (STUN/ChannelData demultiplexing and TCP
 //! framing), [`policy`] (which peers may be reached), [`auth`] (long-term and REST
 //! credentials, nonces), [`config`], [`stats`]; the state machine is [`Server`].

@@ -523,9 +523,9 @@ impl Server {
             .get(&key)
             .is_some_and(|p| p.binding == *binding)
         {
+            tracing::trace!(%binding, ?now, "releasing held ChannelBind success");
             self.release_pending(key);
         }
-        let _ = now;
     }
 
     /// Expires whatever is due at `now`, emitting the matching remove commands and releasing
@@ -1386,7 +1386,7 @@ impl Server {
         };
         self.by_port.remove(&alloc.port);
         if let Some(count) = self.per_user.get_mut(&alloc.username) {
-            *count -= 1;
+            *count = count.saturating_sub(1);
             if *count == 0 {
                 self.per_user.remove(&alloc.username);
             }

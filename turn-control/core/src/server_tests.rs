@@ -1543,3 +1543,10 @@ fn refreshes_do_not_grow_the_timer_heap() {
     h.advance(Duration::from_secs(600));
     assert_eq!(h.server.allocation_count(), 0);
 }
+
+#[test]
+fn timer_entry_size() {
+    let size = std::mem::size_of::<std::cmp::Reverse<(Instant, Timer)>>();
+    println!("timer heap entry {size} B");
+    assert!(size <= 112, "{size}");
+}

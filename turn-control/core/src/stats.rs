@@ -49,8 +49,8 @@ pub struct Traffic {
 
 impl Traffic {
     pub(crate) fn add(&mut self, bytes: usize) {
-        self.packets += 1;
-        self.bytes += bytes as u64;
+        self.packets = self.packets.wrapping_add(1);
+        self.bytes = self.bytes.wrapping_add(bytes as u64);
     }
 }
 
