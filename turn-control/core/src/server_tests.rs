@@ -1550,3 +1550,65 @@ fn timer_entry_size() {
     println!("timer heap entry {size} B");
     assert!(size <= 112, "{size}");
 }
+
+#[test]
+fn fingerprint_is_optional_in_requests_and_always_in_responses() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.login(&mut c);
+    let mut b = Builder::new(METHOD_ALLOCATE, CLASS_REQUEST, TransactionId([0x33; 12]));
+    udp_transport(&mut b);
+    b.raw(ATTR_USERNAME, b"alice")
+        .raw(ATTR_REALM, REALM.as_bytes())
+        .raw(ATTR_NONCE, c.nonce.as_ref().unwrap().as_bytes());
+    let req = b.finish(None, Some(&c.key), false);
+    let resp = h.call(&c, &req);
+    assert!(resp.is_success());
+    assert!(resp.has_fingerprint());
+}
+
+#[test]
+fn attributes_after_message_integrity_are_ignored() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate(&mut c);
+    // A Refresh whose LIFETIME 0 was appended after MESSAGE-INTEGRITY (by an attacker) must
+    // not delete the allocation: RFC 8489 §14.5.
+    let mut req = c.request(METHOD_REFRESH, |_| {});
+    req.truncate(req.len() - 8); // drop FINGERPRINT
+    req.extend_from_slice(&[0x00, 0x0D, 0x00, 0x04, 0, 0, 0, 0]);
+    let len = (req.len() - 20) as u16;
+    req[2..4].copy_from_slice(&len.to_be_bytes());
+    let resp = h.call(&c, &req);
+    assert!(resp.is_success());
+    assert_eq!(resp.lifetime(), Some(600));
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn tampered_request_fails_integrity() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate(&mut c);
+    let mut req = c.request(METHOD_REFRESH, |b| {
+        b.raw(ATTR_LIFETIME, &1200u32.to_be_bytes());
+    });
+    req.truncate(req.len() - 8); // drop FINGERPRINT so the change is only caught by MI
+    let len = (req.len() - 20) as u16;
+    req[2..4].copy_from_slice(&len.to_be_bytes());
+    req[27] = 0; // LIFETIME value 1200 -> something else
+    let resp = h.call(&c, &req);
+    assert_eq!(resp.code(), Some(401));
+    assert_eq!(h.server.stats().auth_failures, 1);
+}
+
+#[test]
+fn binding_over_tcp() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    c.transport = Transport::Tcp;
+    let req = c.request(METHOD_BINDING, |_| {});
+    let resp = h.call(&c, &req);
+    assert!(resp.is_success());
+    assert_eq!(crate::frame_len(&resp.0), Ok(Some(resp.0.len())));
+}
