@@ -339,13 +339,23 @@ impl Server {
         Ok(())
     }
 
-    /// Replaces the operator's peer allow and deny lists. Existing permissions stay until
-    /// they expire; new CreatePermission, ChannelBind and Send are checked against the new
-    /// lists.
+    /// Replaces the operator's peer allow and deny lists. Permissions for addresses the new
+    /// lists refuse are revoked at once (their channels leave the data plane, as when a
+    /// permission expires); the rest stay.
     pub fn set_peer_lists(&mut self, allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>) {
         self.config.allow_peers = allow;
         self.config.deny_peers = deny;
         self.policy = Self::build_policy(&self.config);
+        let revoked: Vec<(FiveTuple, IpAddr)> = self
+            .allocations
+            .iter()
+            .flat_map(|(tuple, alloc)| alloc.permissions.keys().map(move |ip| (*tuple, *ip)))
+            .filter(|(_, ip)| self.policy.check(SocketAddr::new(*ip, 0)).is_err())
+            .collect();
+        for (tuple, ip) in revoked {
+            tracing::debug!(client = %tuple.client, %ip, "permission revoked by new peer lists");
+            self.expire_permission(&tuple, ip);
+        }
     }
 
     /// Re-anchors the wall clock used for REST usernames and nonces.

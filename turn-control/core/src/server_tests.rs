@@ -1612,3 +1612,23 @@ fn binding_over_tcp() {
     assert!(resp.is_success());
     assert_eq!(crate::frame_len(&resp.0), Ok(Some(resp.0.len())));
 }
+
+#[test]
+fn new_deny_list_revokes_permissions_and_kernel_entries() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let relay = h.allocate(&mut c);
+    h.bind_acked(&mut c, 0x4000, PEER);
+    h.permit(&mut c, PEER2);
+    h.take_commands();
+    h.server
+        .set_peer_lists(Vec::new(), vec!["8.8.8.0/24".parse().unwrap()]);
+    let cmds = h.take_commands();
+    assert!(
+        matches!(cmds.as_slice(), [Command::RemoveChannel { .. }]),
+        "{cmds:?}"
+    );
+    assert!(h.peer_send(relay, PEER, b"x").is_empty());
+    assert_eq!(h.peer_send(relay, PEER2, b"x").len(), 1);
+    assert_eq!(h.server.stats().permissions_active, 1);
+}
