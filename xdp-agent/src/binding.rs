@@ -1,23 +1,24 @@
 //! Channel bindings as the agent validates and stores them.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use bpf_common::{ClientKeyV4, FAMILY_V4, PeerTarget};
+use bpf_common::{ClientKeyV4, ClientKeyV6, ClientTarget, PeerKeyV4, PeerKeyV6, PeerTarget, Pod};
 
 /// RFC 8656 section 12: channel numbers 0x4000 through 0x4FFF.
 const CHANNEL_RANGE: std::ops::RangeInclusive<u32> = 0x4000..=0x4fff;
 
-/// A validated IPv4 channel binding: channel data from `client` on `channel`
-/// goes to `peer` from the relay's `allocation_port`.
+/// A validated channel binding: channel data from `client` on `channel`
+/// goes to `peer` from the relay's `allocation_port`, and the peer's
+/// datagrams to that port go back to `client` on `channel`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Binding {
     /// The client's transport address as the relay sees it.
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     /// Channel number, 0x4000-0x4FFF.
     pub channel: u16,
     /// The peer's transport address.
-    pub peer: SocketAddrV4,
+    pub peer: SocketAddr,
     /// The allocation's relay port.
     pub allocation_port: u16,
 }
@@ -29,28 +30,39 @@ pub struct Limits {
     pub listen_port: u16,
     /// The allocation port range, inclusive.
     pub ports: (u16, u16),
-    /// The relay's IPv4 address.
-    pub relay_v4: Ipv4Addr,
+    /// The relay's IPv4 address, if it relays IPv4.
+    pub relay_v4: Option<Ipv4Addr>,
+    /// The relay's IPv6 address, if it relays IPv6.
+    pub relay_v6: Option<Ipv6Addr>,
+}
+
+impl Limits {
+    fn is_listener(&self, address: SocketAddr) -> bool {
+        let ours = match address.ip() {
+            IpAddr::V4(ip) => self.relay_v4 == Some(ip),
+            IpAddr::V6(ip) => self.relay_v6 == Some(ip),
+        };
+        ours && address.port() == self.listen_port
+    }
+
+    fn has_family(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(_) => self.relay_v4.is_some(),
+            IpAddr::V6(_) => self.relay_v6.is_some(),
+        }
+    }
 }
 
 /// Why a binding was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BindingError {
     /// An address field is not `ip:port`.
-    #[error("{field} {value:?} is not an address of the form ip:port")]
+    #[error("{field} {value:?} is not an address of the form ip:port or [ip]:port")]
     BadAddress {
         /// The field's name.
         field: &'static str,
         /// What it held.
         value: String,
-    },
-    /// The data plane relays IPv4 bindings only.
-    #[error("{field} {address} is IPv6; this data plane relays IPv4 bindings only")]
-    Ipv6Unsupported {
-        /// The field's name.
-        field: &'static str,
-        /// The address.
-        address: SocketAddr,
     },
     /// Port zero cannot be a transport address.
     #[error("{field} {address} has port 0")]
@@ -58,7 +70,15 @@ pub enum BindingError {
         /// The field's name.
         field: &'static str,
         /// The address.
-        address: SocketAddrV4,
+        address: SocketAddr,
+    },
+    /// The address is of a family the relay has no address in.
+    #[error("{field} {address} is of a family the relay has no address in")]
+    FamilyNotRelayed {
+        /// The field's name.
+        field: &'static str,
+        /// The address.
+        address: SocketAddr,
     },
     /// The channel lies outside 0x4000-0x4FFF.
     #[error("channel {0:#06x} is outside 0x4000-0x4fff (RFC 8656 section 12)")]
@@ -73,12 +93,17 @@ pub enum BindingError {
         /// The range's high end.
         high: u16,
     },
-    /// The peer cannot be a real peer: unspecified, broadcast or multicast.
-    #[error("peer {0} is not a unicast address")]
-    PeerNotUnicast(SocketAddrV4),
+    /// The address cannot be a real endpoint: unspecified, broadcast or multicast.
+    #[error("{field} {address} is not a unicast address")]
+    NotUnicast {
+        /// The field's name.
+        field: &'static str,
+        /// The address.
+        address: SocketAddr,
+    },
     /// The peer is the relay's own TURN listener: relaying to it would loop.
     #[error("peer {0} is the relay's own listener")]
-    PeerIsListener(SocketAddrV4),
+    PeerIsListener(SocketAddr),
 }
 
 impl Binding {
@@ -87,8 +112,8 @@ impl Binding {
         binding: &proto::v1::ChannelBinding,
         limits: &Limits,
     ) -> Result<Self, BindingError> {
-        let client = parse_v4("client", &binding.client)?;
-        let peer = parse_v4("peer", &binding.peer)?;
+        let client = parse_endpoint("client", &binding.client, limits)?;
+        let peer = parse_endpoint("peer", &binding.peer, limits)?;
         if !CHANNEL_RANGE.contains(&binding.channel) {
             return Err(BindingError::ChannelOutOfRange(binding.channel));
         }
@@ -97,11 +122,7 @@ impl Binding {
         if !(u32::from(low)..=u32::from(high)).contains(&port) {
             return Err(BindingError::PortOutOfRange { port, low, high });
         }
-        let ip = peer.ip();
-        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-            return Err(BindingError::PeerNotUnicast(peer));
-        }
-        if *ip == limits.relay_v4 && peer.port() == limits.listen_port {
+        if limits.is_listener(peer) {
             return Err(BindingError::PeerIsListener(peer));
         }
         Ok(Self {
@@ -122,30 +143,101 @@ impl Binding {
         }
     }
 
-    /// The `CLIENT_V4` entry.
-    pub fn to_map_v4(self) -> (ClientKeyV4, PeerTarget) {
-        let key = ClientKeyV4 {
-            client_ip: self.client.ip().octets(),
-            client_port: self.client.port().to_be_bytes(),
-            channel: self.channel.to_be_bytes(),
+    /// The client-side entry (`CLIENT_V4` or `CLIENT_V6`): key and value.
+    pub fn client_entry(&self) -> (MapKey, PeerTarget) {
+        let client_port = self.client.port().to_be_bytes();
+        let channel = self.channel.to_be_bytes();
+        let key = match self.client.ip() {
+            IpAddr::V4(ip) => MapKey::ClientV4(ClientKeyV4 {
+                client_ip: ip.octets(),
+                client_port,
+                channel,
+            }),
+            IpAddr::V6(ip) => MapKey::ClientV6(ClientKeyV6 {
+                client_ip: ip.octets(),
+                client_port,
+                channel,
+            }),
         };
         (
             key,
-            PeerTarget::v4(*self.peer.ip(), self.peer.port(), self.allocation_port),
+            PeerTarget::new(self.peer.ip(), self.peer.port(), self.allocation_port),
         )
     }
 
-    /// The binding a `CLIENT_V4` entry holds, if it is an IPv4 one.
-    pub fn from_map_v4(key: &ClientKeyV4, target: &PeerTarget) -> Option<Self> {
-        (target.peer_family == FAMILY_V4).then(|| Self {
-            client: SocketAddrV4::new(key.client_ip.into(), u16::from_be_bytes(key.client_port)),
-            channel: u16::from_be_bytes(key.channel),
-            peer: SocketAddrV4::new(
-                target.peer_v4().into(),
-                u16::from_be_bytes(target.peer_port),
-            ),
+    /// The peer-side entry (`PEER_V4` or `PEER_V6`): key and value.
+    pub fn peer_entry(&self) -> (MapKey, ClientTarget) {
+        let peer_port = self.peer.port().to_be_bytes();
+        let allocation_port = self.allocation_port.to_be_bytes();
+        let key = match self.peer.ip() {
+            IpAddr::V4(ip) => MapKey::PeerV4(PeerKeyV4 {
+                peer_ip: ip.octets(),
+                peer_port,
+                allocation_port,
+            }),
+            IpAddr::V6(ip) => MapKey::PeerV6(PeerKeyV6 {
+                peer_ip: ip.octets(),
+                peer_port,
+                allocation_port,
+            }),
+        };
+        (
+            key,
+            ClientTarget::new(self.client.ip(), self.client.port(), self.channel),
+        )
+    }
+
+    /// The binding a client-side entry describes.
+    pub fn from_client_entry(key: &[u8], target: &PeerTarget) -> Option<Self> {
+        let (client, channel) = if let Some(key) = ClientKeyV4::from_bytes(key) {
+            (
+                SocketAddr::new(
+                    IpAddr::from(key.client_ip),
+                    u16::from_be_bytes(key.client_port),
+                ),
+                key.channel,
+            )
+        } else {
+            let key = ClientKeyV6::from_bytes(key)?;
+            (
+                SocketAddr::new(
+                    IpAddr::from(key.client_ip),
+                    u16::from_be_bytes(key.client_port),
+                ),
+                key.channel,
+            )
+        };
+        Some(Self {
+            client,
+            channel: u16::from_be_bytes(channel),
+            peer: SocketAddr::new(target.peer()?, u16::from_be_bytes(target.peer_port)),
             allocation_port: u16::from_be_bytes(target.allocation_port),
         })
+    }
+}
+
+/// A key of one of the four binding maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKey {
+    /// `CLIENT_V4`.
+    ClientV4(ClientKeyV4),
+    /// `CLIENT_V6`.
+    ClientV6(ClientKeyV6),
+    /// `PEER_V4`.
+    PeerV4(PeerKeyV4),
+    /// `PEER_V6`.
+    PeerV6(PeerKeyV6),
+}
+
+impl MapKey {
+    /// The key's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            MapKey::ClientV4(key) => key.as_bytes(),
+            MapKey::ClientV6(key) => key.as_bytes(),
+            MapKey::PeerV4(key) => key.as_bytes(),
+            MapKey::PeerV6(key) => key.as_bytes(),
+        }
     }
 }
 
@@ -153,24 +245,38 @@ impl fmt::Display for Binding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ch {:#06x} -> {} via port {}",
+            "{} ch {:#06x} <-> {} via port {}",
             self.client, self.channel, self.peer, self.allocation_port
         )
     }
 }
 
-fn parse_v4(field: &'static str, value: &str) -> Result<SocketAddrV4, BindingError> {
+fn parse_endpoint(
+    field: &'static str,
+    value: &str,
+    limits: &Limits,
+) -> Result<SocketAddr, BindingError> {
     let address: SocketAddr = value.parse().map_err(|_| BindingError::BadAddress {
         field,
         value: value.to_owned(),
     })?;
-    let SocketAddr::V4(v4) = address else {
-        return Err(BindingError::Ipv6Unsupported { field, address });
-    };
-    if v4.port() == 0 {
-        return Err(BindingError::ZeroPort { field, address: v4 });
+    // Canonicalise ::ffff:a.b.c.d: the kernel sees such an endpoint as IPv4.
+    let address = SocketAddr::new(address.ip().to_canonical(), address.port());
+    if address.port() == 0 {
+        return Err(BindingError::ZeroPort { field, address });
     }
-    Ok(v4)
+    let ip = address.ip();
+    let unicast = match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    };
+    if !unicast {
+        return Err(BindingError::NotUnicast { field, address });
+    }
+    if !limits.has_family(ip) {
+        return Err(BindingError::FamilyNotRelayed { field, address });
+    }
+    Ok(address)
 }
 
 /// Whether `ip` can serve as the relay's address.
@@ -199,7 +305,8 @@ mod tests {
     const LIMITS: Limits = Limits {
         listen_port: 3478,
         ports: (49152, 65535),
-        relay_v4: Ipv4Addr::new(203, 0, 113, 1),
+        relay_v4: Some(Ipv4Addr::new(203, 0, 113, 1)),
+        relay_v6: Some(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1)),
     };
 
     fn request(client: &str, channel: u32, peer: &str, port: u32) -> proto::v1::ChannelBinding {
@@ -212,71 +319,115 @@ mod tests {
     }
 
     #[test]
-    fn valid_binding_round_trips_through_the_map_layout() {
+    fn bindings_round_trip_through_the_map_layout_in_every_family_pair() {
+        for (client, peer) in [
+            ("192.0.2.10:40000", "198.51.100.7:9000"),
+            ("192.0.2.10:40000", "[2001:db8:3::7]:9000"),
+            ("[2001:db8:1::10]:40000", "198.51.100.7:9000"),
+            ("[2001:db8:1::10]:40000", "[2001:db8:3::7]:9000"),
+        ] {
+            let binding =
+                Binding::from_proto(&request(client, 0x4001, peer, 50000), &LIMITS).unwrap();
+            let (key, target) = binding.client_entry();
+            assert_eq!(
+                Binding::from_client_entry(key.bytes(), &target),
+                Some(binding)
+            );
+            let (peer_key, client_target) = binding.peer_entry();
+            assert_eq!(client_target.client(), Some(binding.client.ip()));
+            assert_eq!(client_target.channel, [0x40, 0x01]);
+            assert_eq!(
+                peer_key.bytes().len(),
+                if binding.peer.is_ipv4() { 8 } else { 20 }
+            );
+            assert_eq!(
+                key.bytes().len(),
+                if binding.client.is_ipv4() { 8 } else { 20 }
+            );
+            assert_eq!(binding.to_proto(), request(client, 0x4001, peer, 50000));
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_canonicalised() {
         let binding = Binding::from_proto(
-            &request("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000),
+            &request(
+                "[::ffff:192.0.2.10]:40000",
+                0x4001,
+                "198.51.100.7:9000",
+                50000,
+            ),
             &LIMITS,
         )
         .unwrap();
-        let (key, target) = binding.to_map_v4();
-        assert_eq!(key.client_ip, [192, 0, 2, 10]);
-        assert_eq!(key.client_port, 40000u16.to_be_bytes());
-        assert_eq!(key.channel, [0x40, 0x01]);
-        assert_eq!(Binding::from_map_v4(&key, &target), Some(binding));
-        assert_eq!(
-            binding.to_proto(),
-            request("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000)
-        );
+        assert_eq!(binding.client, "192.0.2.10:40000".parse().unwrap());
     }
 
     #[test]
     fn refusals_name_the_problem() {
         let refuse = |r| Binding::from_proto(&r, &LIMITS).unwrap_err();
+        let peer = "198.51.100.7:9000";
         assert!(matches!(
-            refuse(request("nonsense", 0x4001, "198.51.100.7:9000", 50000)),
+            refuse(request("nonsense", 0x4001, peer, 50000)),
             BindingError::BadAddress {
                 field: "client",
                 ..
             }
         ));
         assert!(matches!(
-            refuse(request(
-                "[2001:db8::1]:5",
-                0x4001,
-                "198.51.100.7:9000",
-                50000
-            )),
-            BindingError::Ipv6Unsupported { .. }
-        ));
-        assert!(matches!(
-            refuse(request("192.0.2.10:0", 0x4001, "198.51.100.7:9000", 50000)),
+            refuse(request("192.0.2.10:0", 0x4001, peer, 50000)),
             BindingError::ZeroPort { .. }
         ));
         assert_eq!(
-            refuse(request("192.0.2.10:1", 0x3fff, "198.51.100.7:9000", 50000)),
+            refuse(request("192.0.2.10:1", 0x3fff, peer, 50000)),
             BindingError::ChannelOutOfRange(0x3fff)
         );
         assert_eq!(
-            refuse(request("192.0.2.10:1", 0x5000, "198.51.100.7:9000", 50000)),
+            refuse(request("192.0.2.10:1", 0x5000, peer, 50000)),
             BindingError::ChannelOutOfRange(0x5000)
         );
         assert!(matches!(
-            refuse(request("192.0.2.10:1", 0x4000, "198.51.100.7:9000", 3478)),
+            refuse(request("192.0.2.10:1", 0x4000, peer, 3478)),
             BindingError::PortOutOfRange { .. }
         ));
         assert!(matches!(
-            refuse(request("192.0.2.10:1", 0x4000, "198.51.100.7:9000", 70000)),
+            refuse(request("192.0.2.10:1", 0x4000, peer, 70000)),
             BindingError::PortOutOfRange { .. }
         ));
         assert!(matches!(
             refuse(request("192.0.2.10:1", 0x4000, "0.0.0.0:9000", 50000)),
-            BindingError::PeerNotUnicast(_)
+            BindingError::NotUnicast { field: "peer", .. }
+        ));
+        assert!(matches!(
+            refuse(request("192.0.2.10:1", 0x4000, "[ff02::1]:9000", 50000)),
+            BindingError::NotUnicast { field: "peer", .. }
         ));
         assert!(matches!(
             refuse(request("192.0.2.10:1", 0x4000, "203.0.113.1:3478", 50000)),
             BindingError::PeerIsListener(_)
         ));
-        let message = refuse(request("192.0.2.10:1", 0x4fff, "198.51.100.7:9000", 1)).to_string();
+        assert!(matches!(
+            refuse(request(
+                "192.0.2.10:1",
+                0x4000,
+                "[2001:db8:2::1]:3478",
+                50000
+            )),
+            BindingError::PeerIsListener(_)
+        ));
+        let v4_only = Limits {
+            relay_v6: None,
+            ..LIMITS
+        };
+        assert!(matches!(
+            Binding::from_proto(
+                &request("192.0.2.10:1", 0x4000, "[2001:db8::7]:9", 50000),
+                &v4_only
+            )
+            .unwrap_err(),
+            BindingError::FamilyNotRelayed { field: "peer", .. }
+        ));
+        let message = refuse(request("192.0.2.10:1", 0x4fff, peer, 1)).to_string();
         assert_eq!(
             message,
             "allocation port 1 is outside the range 49152-65535"

@@ -7,12 +7,12 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
-use bpf_common::{ClientKeyV4, Counter, DataPlaneConfig, PeerTarget, Pod, REASON_COUNT, Reason};
+use bpf_common::{Counter, DataPlaneConfig, PeerTarget, Pod, REASON_COUNT, Reason};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, PrintLevel};
 use tracing::{debug, info, warn};
 
-use crate::binding::Binding;
+use crate::binding::{Binding, MapKey};
 
 use relay_skel as skel;
 
@@ -76,7 +76,11 @@ pub struct DataPlane {
     program_fd: OwnedFd,
     config: MapHandle,
     client_v4: MapHandle,
+    client_v6: MapHandle,
+    peer_v4: MapHandle,
+    peer_v6: MapHandle,
     stats: MapHandle,
+    relayed: MapHandle,
     /// Serialises multi-entry writes so that a batch is all-or-nothing.
     write_lock: Mutex<()>,
 }
@@ -109,7 +113,11 @@ impl DataPlane {
             program_fd,
             config: handle(&skel.maps.CONFIG, "CONFIG")?,
             client_v4: handle(&skel.maps.CLIENT_V4, "CLIENT_V4")?,
+            client_v6: handle(&skel.maps.CLIENT_V6, "CLIENT_V6")?,
+            peer_v4: handle(&skel.maps.PEER_V4, "PEER_V4")?,
+            peer_v6: handle(&skel.maps.PEER_V6, "PEER_V6")?,
             stats: handle(&skel.maps.STATS, "STATS")?,
+            relayed: handle(&skel.maps.RELAYED, "RELAYED")?,
             write_lock: Mutex::new(()),
         })
     }
@@ -183,35 +191,49 @@ impl DataPlane {
             .context("cannot write the data-plane configuration")
     }
 
-    /// Installs bindings, all or none: on failure the ones already written
-    /// are taken out again. Returns how many bindings the map holds after.
+    /// Installs bindings, both directions of each, all or none: on failure
+    /// every entry already written is restored to what it was. Returns how
+    /// many bindings the maps hold after.
     pub fn add(&self, bindings: &[Binding]) -> Result<u64, MapError> {
         let _guard = self
             .write_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (written, binding) in bindings.iter().enumerate() {
-            let (key, target) = binding.to_map_v4();
-            if let Err(error) =
-                self.client_v4
-                    .update(key.as_bytes(), target.as_bytes(), MapFlags::ANY)
-            {
-                for undo in &bindings[..written] {
-                    let _ = self.client_v4.delete(undo.to_map_v4().0.as_bytes());
-                }
-                return Err(match error.kind() {
+        let mut undo: Vec<(&MapHandle, MapKey, Option<Vec<u8>>)> = Vec::new();
+        let mut write = |key: MapKey, value: &[u8]| -> Result<(), MapError> {
+            let map = self.map(&key);
+            let previous = map.lookup(key.bytes(), MapFlags::ANY)?;
+            map.update(key.bytes(), value, MapFlags::ANY)
+                .map_err(|error| match error.kind() {
                     libbpf_rs::ErrorKind::TooBig => MapError::Full {
-                        capacity: self.client_v4.max_entries(),
+                        capacity: map.max_entries(),
                     },
                     _ => MapError::Kernel(error),
-                });
-            }
+                })?;
+            undo.push((map, key, previous));
+            Ok(())
+        };
+        let result = bindings.iter().try_for_each(|binding| {
+            let (client_key, peer_target) = binding.client_entry();
+            let (peer_key, client_target) = binding.peer_entry();
+            write(client_key, peer_target.as_bytes())?;
+            write(peer_key, client_target.as_bytes())?;
             debug!(%binding, "binding installed");
+            Ok(())
+        });
+        if let Err(error) = result {
+            for (map, key, previous) in undo.into_iter().rev() {
+                let _ = match previous {
+                    Some(value) => map.update(key.bytes(), &value, MapFlags::ANY),
+                    None => map.delete(key.bytes()),
+                };
+            }
+            return Err(error);
         }
-        Ok(self.client_v4.keys().count() as u64)
+        Ok(self.installed())
     }
 
-    /// Removes bindings; returns how many were present.
+    /// Removes bindings, both directions; returns how many were present.
     pub fn remove(&self, bindings: &[Binding]) -> Result<u64, MapError> {
         let _guard = self
             .write_lock
@@ -219,63 +241,86 @@ impl DataPlane {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut removed = 0;
         for binding in bindings {
-            let (key, _) = binding.to_map_v4();
-            match self.client_v4.delete(key.as_bytes()) {
-                Ok(()) => {
-                    removed += 1;
-                    debug!(%binding, "binding removed");
+            let (client_key, _) = binding.client_entry();
+            let (peer_key, _) = binding.peer_entry();
+            let mut present = false;
+            for key in [client_key, peer_key] {
+                match self.map(&key).delete(key.bytes()) {
+                    Ok(()) => present = true,
+                    Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                    Err(error) => return Err(MapError::Kernel(error)),
                 }
-                Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                Err(error) => return Err(MapError::Kernel(error)),
+            }
+            if present {
+                removed += 1;
+                debug!(%binding, "binding removed");
             }
         }
         Ok(removed)
     }
 
-    /// Every installed binding.
+    /// Every installed binding, read from the client-side maps.
     pub fn bindings(&self) -> Result<Vec<Binding>, MapError> {
         let mut bindings = Vec::new();
-        for key_bytes in self.client_v4.keys() {
-            let Some(key) = ClientKeyV4::from_bytes(&key_bytes) else {
-                continue;
-            };
-            // A binding removed between `keys` and `lookup` is simply not listed.
-            let Some(value) = self.client_v4.lookup(&key_bytes, MapFlags::ANY)? else {
-                continue;
-            };
-            let Some(target) = PeerTarget::from_bytes(&value) else {
-                continue;
-            };
-            if let Some(binding) = Binding::from_map_v4(&key, &target) {
-                bindings.push(binding);
+        for map in [&self.client_v4, &self.client_v6] {
+            for key in map.keys() {
+                // A binding removed between `keys` and `lookup` is simply not listed.
+                let Some(value) = map.lookup(&key, MapFlags::ANY)? else {
+                    continue;
+                };
+                if let Some(target) = PeerTarget::from_bytes(&value)
+                    && let Some(binding) = Binding::from_client_entry(&key, &target)
+                {
+                    bindings.push(binding);
+                }
             }
         }
         bindings.sort();
         Ok(bindings)
     }
 
+    /// How many bindings the client-side maps hold.
+    pub fn installed(&self) -> u64 {
+        (self.client_v4.keys().count() + self.client_v6.keys().count()) as u64
+    }
+
+    fn map(&self, key: &MapKey) -> &MapHandle {
+        match key {
+            MapKey::ClientV4(_) => &self.client_v4,
+            MapKey::ClientV6(_) => &self.client_v6,
+            MapKey::PeerV4(_) => &self.peer_v4,
+            MapKey::PeerV6(_) => &self.peer_v6,
+        }
+    }
+
     /// The per-reason counters, summed over CPUs, in `Reason` order.
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, MapError> {
         Reason::ALL
-            .into_iter()
-            .map(|reason| {
+            .iter()
+            .map(|&reason| {
                 let index = reason as u32;
                 debug_assert!(index < REASON_COUNT);
-                let per_cpu = self
-                    .stats
-                    .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)?;
-                let total = per_cpu
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|raw| Counter::from_ne_bytes(raw))
-                    .fold(Counter::default(), |sum, cpu| Counter {
-                        packets: sum.packets + cpu.packets,
-                        bytes: sum.bytes + cpu.bytes,
-                    });
-                Ok((reason, total))
+                Ok((reason, sum_per_cpu(&self.stats, index)?))
             })
             .collect()
     }
+
+    /// Relayed traffic of all paths, summed over CPUs.
+    pub fn relayed(&self) -> Result<Counter, MapError> {
+        sum_per_cpu(&self.relayed, 0)
+    }
+}
+
+fn sum_per_cpu(map: &MapHandle, index: u32) -> Result<Counter, MapError> {
+    let per_cpu = map.lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)?;
+    Ok(per_cpu
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|raw| Counter::from_ne_bytes(raw))
+        .fold(Counter::default(), |sum, cpu| Counter {
+            packets: sum.packets + cpu.packets,
+            bytes: sum.bytes + cpu.bytes,
+        }))
 }
 
 /// `XDP_FLAGS_SKB_MODE` from `linux/if_link.h`.

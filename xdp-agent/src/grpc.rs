@@ -85,7 +85,10 @@ impl DataPlaneService for Service {
         _request: Request<CountersRequest>,
     ) -> Result<Response<CountersResponse>, Status> {
         let counters = self.dataplane.counters().map_err(map_status)?;
+        let relayed = self.dataplane.relayed().map_err(map_status)?;
         Ok(Response::new(CountersResponse {
+            relayed_packets: relayed.packets,
+            relayed_bytes: relayed.bytes,
             counters: counters
                 .into_iter()
                 .map(|(reason, counter)| proto::v1::Counter {

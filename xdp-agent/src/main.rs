@@ -6,7 +6,7 @@ mod binding;
 mod dataplane;
 mod grpc;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,10 +56,16 @@ struct Args {
     #[arg(long, default_value = "49152-65535", value_name = "LOW-HIGH", value_parser = parse_port_range)]
     ports: (u16, u16),
 
-    /// The relay's IPv4 address; default: the first global IPv4 address of the
-    /// first --iface. Traffic to other addresses is left to the stack.
+    /// The relay's address in a family, repeatable (one IPv4, one IPv6);
+    /// default: the first global address of each family on the first --iface.
+    /// Traffic to other addresses is left to the stack.
     #[arg(long = "relay-ip", value_name = "IP")]
-    relay_ip: Option<Ipv4Addr>,
+    relay_ips: Vec<IpAddr>,
+
+    /// Make header room by moving the payload and the frame's tail instead of
+    /// the head, for drivers without headroom in front of frames (e.g. gVNIC).
+    #[arg(long)]
+    tail_adjust: bool,
 
     /// Log filter, e.g. "info" or "xdp_agent=debug,libbpf=debug".
     #[arg(long, env = "RUST_LOG", default_value = "info", value_name = "FILTER")]
@@ -128,22 +134,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nix::net::if_::if_nametoindex(interface.as_str())
             .with_context(|| format!("no interface named {interface}"))?;
     }
-    let relay_v4 = match args.relay_ip {
-        Some(ip) => ip,
-        None => first_ipv4_address(&args.interfaces[0])?,
-    };
+    let (relay_v4, relay_v6) = relay_addresses(&args.relay_ips, &args.interfaces[0])?;
 
     let dataplane = Arc::new(DataPlane::load()?);
     let limits = Limits {
         listen_port: args.listen_port,
         ports: args.ports,
         relay_v4,
+        relay_v6,
     };
-    dataplane.set_config(&DataPlaneConfig::new(
-        args.listen_port,
-        args.ports,
-        relay_v4,
-    ))?;
+    let config = DataPlaneConfig::new(args.listen_port, args.ports, relay_v4, relay_v6)
+        .with_tail_adjust(args.tail_adjust);
+    dataplane.set_config(&config)?;
     let links = args
         .interfaces
         .iter()
@@ -157,7 +159,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot build the reflection service")?;
     info!(
         socket = %args.grpc_socket.display(),
-        %relay_v4,
+        relay_v4 = %relay_v4.map_or("none".into(), |ip| ip.to_string()),
+        relay_v6 = %relay_v6.map_or("none".into(), |ip| ip.to_string()),
+        tail_adjust = args.tail_adjust,
         listen_port = args.listen_port,
         ports = %format!("{}-{}", args.ports.0, args.ports.1),
         "ready"
@@ -224,14 +228,47 @@ fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener>
     Ok(listener)
 }
 
-/// The first global unicast IPv4 address of `interface`.
-fn first_ipv4_address(interface: &str) -> anyhow::Result<Ipv4Addr> {
-    let addresses = nix::ifaddrs::getifaddrs().context("cannot list interface addresses")?;
-    addresses
-        .filter(|entry| entry.interface_name == interface)
-        .filter_map(|entry| entry.address?.as_sockaddr_in().map(|sin| sin.ip()))
-        .find(|ip| is_relay_candidate(IpAddr::V4(*ip)))
-        .with_context(|| format!("{interface} has no usable IPv4 address; pass --relay-ip"))
+/// The relay's address in each family: from `--relay-ip`, else the first
+/// usable address of that family on `interface`. At least one is required.
+fn relay_addresses(
+    given: &[IpAddr],
+    interface: &str,
+) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+    let (mut v4, mut v6) = (None, None);
+    for ip in given {
+        match ip.to_canonical() {
+            IpAddr::V4(ip) if v4.replace(ip).is_some() => bail!("--relay-ip given twice for IPv4"),
+            IpAddr::V6(ip) if v6.replace(ip).is_some() => bail!("--relay-ip given twice for IPv6"),
+            ip if !is_relay_candidate(ip) => {
+                bail!("--relay-ip {ip} is not a usable unicast address")
+            }
+            _ => {}
+        }
+    }
+    if given.is_empty() {
+        let addresses = nix::ifaddrs::getifaddrs().context("cannot list interface addresses")?;
+        for entry in addresses.filter(|entry| entry.interface_name == interface) {
+            let Some(address) = entry.address else {
+                continue;
+            };
+            if let Some(sin) = address.as_sockaddr_in()
+                && v4.is_none()
+                && is_relay_candidate(IpAddr::V4(sin.ip()))
+            {
+                v4 = Some(sin.ip());
+            }
+            if let Some(sin6) = address.as_sockaddr_in6()
+                && v6.is_none()
+                && is_relay_candidate(IpAddr::V6(sin6.ip()))
+            {
+                v6 = Some(sin6.ip());
+            }
+        }
+    }
+    if v4.is_none() && v6.is_none() {
+        bail!("{interface} has no usable address; pass --relay-ip");
+    }
+    Ok((v4, v6))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! exact image of a map key or value.
 #![cfg_attr(not(test), no_std)]
 
-use core::net::Ipv4Addr;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub mod csum;
 pub mod packet;
@@ -23,6 +23,14 @@ pub const MAX_BINDINGS: u32 = 65_536;
 /// `DataPlaneConfig::flags`: nothing is relayed unless this bit is set, so a
 /// zeroed configuration passes every packet to user space.
 pub const CONFIG_ENABLED: u8 = 1 << 0;
+
+/// `DataPlaneConfig::flags`: make header room by growing or shrinking the
+/// frame's tail and moving the payload, for drivers that leave no headroom in
+/// front of the frame (`bpf_xdp_adjust_head` fails there).
+pub const CONFIG_TAIL_ADJUST: u8 = 1 << 1;
+
+/// By default each CPU reports its relayed traffic every 64 relayed packets.
+pub const DEFAULT_EVENT_INTERVAL_LOG2: u8 = 6;
 
 /// Address family tag in map values (`AF_INET`).
 pub const FAMILY_V4: u8 = 4;
@@ -59,8 +67,9 @@ pub unsafe trait Pod: Copy + Sized {
 pub struct DataPlaneConfig {
     /// Bit set of `CONFIG_*` flags.
     pub flags: u8,
-    /// Reserved, zero.
-    pub reserved: u8,
+    /// Each CPU reports its relayed traffic through the perf-event array
+    /// every `1 << event_interval_log2` relayed packets.
+    pub event_interval_log2: u8,
     /// The TURN listen port (big-endian) that clients send channel data to.
     pub listen_port: [u8; 2],
     /// Lowest allocation (relay) port, big-endian, inclusive.
@@ -75,23 +84,52 @@ pub struct DataPlaneConfig {
 }
 
 impl DataPlaneConfig {
-    /// A configuration that relays for one IPv4 address.
-    pub fn new(listen_port: u16, ports: (u16, u16), relay_v4: Ipv4Addr) -> Self {
+    /// An enabled configuration; a family without a relay address is not
+    /// relayed in the kernel.
+    pub fn new(
+        listen_port: u16,
+        ports: (u16, u16),
+        relay_v4: Option<Ipv4Addr>,
+        relay_v6: Option<Ipv6Addr>,
+    ) -> Self {
         Self {
             flags: CONFIG_ENABLED,
-            reserved: 0,
+            event_interval_log2: DEFAULT_EVENT_INTERVAL_LOG2,
             listen_port: listen_port.to_be_bytes(),
             port_min: ports.0.to_be_bytes(),
             port_max: ports.1.to_be_bytes(),
-            relay_v4: relay_v4.octets(),
-            relay_v6: [0; 16],
+            relay_v4: relay_v4.map_or([0; 4], |ip| ip.octets()),
+            relay_v6: relay_v6.map_or([0; 16], |ip| ip.octets()),
         }
+    }
+
+    /// The same configuration with the tail-adjust header-room mode on or off.
+    pub fn with_tail_adjust(mut self, on: bool) -> Self {
+        if on {
+            self.flags |= CONFIG_TAIL_ADJUST;
+        } else {
+            self.flags &= !CONFIG_TAIL_ADJUST;
+        }
+        self
+    }
+
+    /// Whether header room comes from the tail (see [`CONFIG_TAIL_ADJUST`]).
+    #[inline(always)]
+    pub fn tail_adjust(&self) -> bool {
+        self.flags & CONFIG_TAIL_ADJUST != 0
     }
 
     /// Whether the data plane should relay at all.
     #[inline(always)]
     pub fn enabled(&self) -> bool {
         self.flags & CONFIG_ENABLED != 0
+    }
+
+    /// Whether a CPU that has relayed `packets` packets in all reports now.
+    #[inline(always)]
+    pub fn event_due(&self, packets: u64) -> bool {
+        let mask = (1u64 << (self.event_interval_log2 & 31)) - 1;
+        packets & mask == 0
     }
 
     /// Whether `port` (host order) lies in the allocation port range.
@@ -121,8 +159,42 @@ pub struct ClientKeyV4 {
     pub channel: [u8; 2],
 }
 
-// SAFETY: repr(C), u8 fields only.
-unsafe impl Pod for ClientKeyV4 {}
+/// Key of `CLIENT_V6`: as [`ClientKeyV4`] for an IPv6 client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKeyV6 {
+    /// Client IPv6 address (the packet's source).
+    pub client_ip: [u8; 16],
+    /// Client UDP port (the packet's source port).
+    pub client_port: [u8; 2],
+    /// Channel number, 0x4000-0x4FFF.
+    pub channel: [u8; 2],
+}
+
+/// Key of `PEER_V4`: an IPv4 peer's transport address and the allocation
+/// port it sends to, as they appear in its datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKeyV4 {
+    /// Peer IPv4 address (the packet's source).
+    pub peer_ip: [u8; 4],
+    /// Peer UDP port (the packet's source port).
+    pub peer_port: [u8; 2],
+    /// The allocation's relay port (the packet's destination port).
+    pub allocation_port: [u8; 2],
+}
+
+/// Key of `PEER_V6`: as [`PeerKeyV4`] for an IPv6 peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKeyV6 {
+    /// Peer IPv6 address (the packet's source).
+    pub peer_ip: [u8; 16],
+    /// Peer UDP port (the packet's source port).
+    pub peer_port: [u8; 2],
+    /// The allocation's relay port (the packet's destination port).
+    pub allocation_port: [u8; 2],
+}
 
 /// Value of the client-side maps: where the channel's data goes.
 #[repr(C)]
@@ -141,126 +213,200 @@ pub struct PeerTarget {
 }
 
 impl PeerTarget {
-    /// A target for an IPv4 peer.
-    pub fn v4(peer_ip: Ipv4Addr, peer_port: u16, allocation_port: u16) -> Self {
-        let mut ip = [0; 16];
-        ip[..4].copy_from_slice(&peer_ip.octets());
+    /// A target for a peer at `peer`.
+    pub fn new(peer: IpAddr, peer_port: u16, allocation_port: u16) -> Self {
+        let (peer_ip, peer_family) = ip_bytes(peer);
         Self {
-            peer_ip: ip,
+            peer_ip,
             peer_port: peer_port.to_be_bytes(),
             allocation_port: allocation_port.to_be_bytes(),
-            peer_family: FAMILY_V4,
+            peer_family,
             reserved: [0; 3],
         }
     }
 
-    /// The IPv4 peer's address bytes.
-    #[inline(always)]
-    pub fn peer_v4(&self) -> [u8; 4] {
-        [
-            self.peer_ip[0],
-            self.peer_ip[1],
-            self.peer_ip[2],
-            self.peer_ip[3],
-        ]
+    /// The peer's address.
+    pub fn peer(&self) -> Option<IpAddr> {
+        bytes_ip(self.peer_family, &self.peer_ip)
+    }
+}
+
+/// Value of the peer-side maps: which client, on which channel, a peer's
+/// datagrams go to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientTarget {
+    /// Client address; an IPv4 client uses the first four bytes, the rest zero.
+    pub client_ip: [u8; 16],
+    /// Client UDP port, big-endian.
+    pub client_port: [u8; 2],
+    /// Channel number, big-endian.
+    pub channel: [u8; 2],
+    /// `FAMILY_V4` or `FAMILY_V6`: the client's address family.
+    pub client_family: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 3],
+}
+
+impl ClientTarget {
+    /// A target for a client at `client`.
+    pub fn new(client: IpAddr, client_port: u16, channel: u16) -> Self {
+        let (client_ip, client_family) = ip_bytes(client);
+        Self {
+            client_ip,
+            client_port: client_port.to_be_bytes(),
+            channel: channel.to_be_bytes(),
+            client_family,
+            reserved: [0; 3],
+        }
+    }
+
+    /// The client's address.
+    pub fn client(&self) -> Option<IpAddr> {
+        bytes_ip(self.client_family, &self.client_ip)
+    }
+}
+
+/// An address as the 16 bytes and family tag of a map value.
+fn ip_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            (bytes, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+fn bytes_ip(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        _ => None,
     }
 }
 
 // SAFETY: repr(C), u8 fields only.
+unsafe impl Pod for ClientKeyV4 {}
+// SAFETY: repr(C), u8 fields only.
+unsafe impl Pod for ClientKeyV6 {}
+// SAFETY: repr(C), u8 fields only.
+unsafe impl Pod for PeerKeyV4 {}
+// SAFETY: repr(C), u8 fields only.
+unsafe impl Pod for PeerKeyV6 {}
+// SAFETY: repr(C), u8 fields only.
 unsafe impl Pod for PeerTarget {}
+// SAFETY: repr(C), u8 fields only.
+unsafe impl Pod for ClientTarget {}
 
-/// Why the program returned the verdict it did: the index into the per-CPU
-/// `STATS` array. Every verdict has exactly one reason.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// Relayed: IPv4 client channel-data became UDP to an IPv4 peer.
-    RelayClientToPeerV4V4 = 0,
-    /// Passed: the configuration is unset or disabled.
-    PassNotConfigured,
-    /// Passed: the frame is too short for the headers it claims.
-    PassTruncated,
-    /// Passed: neither IPv4 nor IPv6 (ARP, VLAN tags, ...).
-    PassNotIp,
-    /// Passed: IPv6, not handled by this program version.
-    PassIpv6,
-    /// Passed: not UDP.
-    PassNotUdp,
-    /// Passed: IPv4 header with options (IHL > 5): rare, left to the stack.
-    PassIpOptions,
-    /// Passed: an IP fragment; the stack reassembles it.
-    PassFragment,
-    /// Passed: the TTL would reach zero; the stack answers with ICMP.
-    PassTtlExpired,
-    /// Passed: not addressed to the relay address and a relayed port.
-    PassNotForRelay,
-    /// Passed: a STUN message or anything else that is not channel data.
-    PassNotChannelData,
-    /// Passed: channel data followed by padding or trailing bytes, which the
-    /// user-space path strips (RFC 8656 section 12.5 allows padding over UDP).
-    PassChannelDataPadded,
-    /// Passed: no binding for this client and channel.
-    PassUnknownBinding,
-    /// Passed: a binding whose address family this program version cannot relay.
-    PassUnsupportedFamily,
-    /// Passed: growing or shrinking the frame failed.
-    PassAdjustFailed,
-    /// Dropped: channel data whose length field exceeds the datagram
-    /// (RFC 8656 section 12.6: silently discarded).
-    DropChannelDataTruncated,
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident => $name:literal, $verdict:ident; )+) => {
+        /// Why the program returned the verdict it did: the index into the
+        /// per-CPU `STATS` array. Every verdict has exactly one reason.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $( $(#[$doc])* $variant, )+
+        }
+
+        impl Reason {
+            /// Every reason, in index order.
+            pub const ALL: &'static [Reason] = &[$( Reason::$variant, )+];
+
+            /// The verdict this reason stands for.
+            #[inline(always)]
+            pub const fn verdict(self) -> Verdict {
+                match self {
+                    $( Reason::$variant => Verdict::$verdict, )+
+                }
+            }
+
+            /// A stable snake_case name for metrics and the CLI.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $( Reason::$variant => $name, )+
+                }
+            }
+        }
+    };
 }
 
-impl Reason {
-    /// Every reason, in index order.
-    pub const ALL: [Reason; REASON_COUNT as usize] = [
-        Reason::RelayClientToPeerV4V4,
-        Reason::PassNotConfigured,
-        Reason::PassTruncated,
-        Reason::PassNotIp,
-        Reason::PassIpv6,
-        Reason::PassNotUdp,
-        Reason::PassIpOptions,
-        Reason::PassFragment,
-        Reason::PassTtlExpired,
-        Reason::PassNotForRelay,
-        Reason::PassNotChannelData,
-        Reason::PassChannelDataPadded,
-        Reason::PassUnknownBinding,
-        Reason::PassUnsupportedFamily,
-        Reason::PassAdjustFailed,
-        Reason::DropChannelDataTruncated,
-    ];
-
-    /// The verdict this reason stands for.
-    pub const fn verdict(self) -> Verdict {
-        match self {
-            Reason::RelayClientToPeerV4V4 => Verdict::Tx,
-            Reason::DropChannelDataTruncated => Verdict::Drop,
-            _ => Verdict::Pass,
-        }
-    }
-
-    /// A stable snake_case name for metrics and the CLI.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Reason::RelayClientToPeerV4V4 => "relay_client_to_peer_v4_v4",
-            Reason::PassNotConfigured => "pass_not_configured",
-            Reason::PassTruncated => "pass_truncated",
-            Reason::PassNotIp => "pass_not_ip",
-            Reason::PassIpv6 => "pass_ipv6",
-            Reason::PassNotUdp => "pass_not_udp",
-            Reason::PassIpOptions => "pass_ip_options",
-            Reason::PassFragment => "pass_fragment",
-            Reason::PassTtlExpired => "pass_ttl_expired",
-            Reason::PassNotForRelay => "pass_not_for_relay",
-            Reason::PassNotChannelData => "pass_not_channel_data",
-            Reason::PassChannelDataPadded => "pass_channel_data_padded",
-            Reason::PassUnknownBinding => "pass_unknown_binding",
-            Reason::PassUnsupportedFamily => "pass_unsupported_family",
-            Reason::PassAdjustFailed => "pass_adjust_failed",
-            Reason::DropChannelDataTruncated => "drop_channel_data_truncated",
-        }
-    }
+reasons! {
+    /// Relayed: IPv4 client channel data became UDP to an IPv4 peer.
+    RelayClientToPeerV4V4 => "relay_client_to_peer_v4_v4", Tx;
+    /// Relayed: IPv4 client channel data became UDP to an IPv6 peer.
+    RelayClientToPeerV4V6 => "relay_client_to_peer_v4_v6", Tx;
+    /// Relayed: IPv6 client channel data became UDP to an IPv4 peer.
+    RelayClientToPeerV6V4 => "relay_client_to_peer_v6_v4", Tx;
+    /// Relayed: IPv6 client channel data became UDP to an IPv6 peer.
+    RelayClientToPeerV6V6 => "relay_client_to_peer_v6_v6", Tx;
+    /// Relayed: UDP from an IPv4 peer became channel data to an IPv4 client.
+    RelayPeerToClientV4V4 => "relay_peer_to_client_v4_v4", Tx;
+    /// Relayed: UDP from an IPv4 peer became channel data to an IPv6 client.
+    RelayPeerToClientV4V6 => "relay_peer_to_client_v4_v6", Tx;
+    /// Relayed: UDP from an IPv6 peer became channel data to an IPv4 client.
+    RelayPeerToClientV6V4 => "relay_peer_to_client_v6_v4", Tx;
+    /// Relayed: UDP from an IPv6 peer became channel data to an IPv6 client.
+    RelayPeerToClientV6V6 => "relay_peer_to_client_v6_v6", Tx;
+    /// Relayed: channel data between two allocations of this relay, IPv4
+    /// client to IPv4 client, without a detour through the stack.
+    RelayHairpinV4V4 => "relay_hairpin_v4_v4", Tx;
+    /// Relayed: hairpin, IPv4 client to IPv6 client.
+    RelayHairpinV4V6 => "relay_hairpin_v4_v6", Tx;
+    /// Relayed: hairpin, IPv6 client to IPv4 client.
+    RelayHairpinV6V4 => "relay_hairpin_v6_v4", Tx;
+    /// Relayed: hairpin, IPv6 client to IPv6 client.
+    RelayHairpinV6V6 => "relay_hairpin_v6_v6", Tx;
+    /// Passed: the configuration is unset or disabled.
+    PassNotConfigured => "pass_not_configured", Pass;
+    /// Passed: the frame is too short for the headers it claims.
+    PassTruncated => "pass_truncated", Pass;
+    /// Passed: neither IPv4 nor IPv6 (ARP, VLAN tags, ...).
+    PassNotIp => "pass_not_ip", Pass;
+    /// Passed: not UDP.
+    PassNotUdp => "pass_not_udp", Pass;
+    /// Passed: IPv4 header with options (IHL > 5): rare, left to the stack.
+    PassIpOptions => "pass_ip_options", Pass;
+    /// Passed: an IP fragment (IPv4 MF/offset, IPv6 fragment header); the
+    /// stack reassembles it.
+    PassFragment => "pass_fragment", Pass;
+    /// Passed: IPv6 extension headers before UDP; the stack parses them.
+    PassIpv6ExtensionHeaders => "pass_ipv6_extension_headers", Pass;
+    /// Passed: the TTL or hop limit would reach zero; the stack answers with ICMP.
+    PassTtlExpired => "pass_ttl_expired", Pass;
+    /// Passed: not addressed to a relay address and a relayed port.
+    PassNotForRelay => "pass_not_for_relay", Pass;
+    /// Passed: a STUN message or anything else that is not channel data.
+    PassNotChannelData => "pass_not_channel_data", Pass;
+    /// Passed: channel data followed by padding or trailing bytes, which the
+    /// user-space path strips (RFC 8656 section 12.5 allows padding over UDP).
+    PassChannelDataPadded => "pass_channel_data_padded", Pass;
+    /// Passed: no binding for this client and channel.
+    PassUnknownBinding => "pass_unknown_binding", Pass;
+    /// Passed: no channel bound for this peer and allocation port (user
+    /// space sends a Data indication or drops it).
+    PassUnknownPeer => "pass_unknown_peer", Pass;
+    /// Passed: hairpin to an allocation of this relay whose client has no
+    /// channel to the sender; user space relays it.
+    PassHairpinUnbound => "pass_hairpin_unbound", Pass;
+    /// Passed: the other family's relay address is not configured.
+    PassNoRelayAddress => "pass_no_relay_address", Pass;
+    /// Passed: an IPv4 datagram without UDP checksum bound for IPv6, where a
+    /// checksum is mandatory and would need the whole payload summed.
+    PassZeroChecksumToIpv6 => "pass_zero_checksum_to_ipv6", Pass;
+    /// Passed: IPv6 UDP without a checksum, which RFC 8200 forbids; the
+    /// stack discards it.
+    PassZeroChecksumIpv6 => "pass_zero_checksum_ipv6", Pass;
+    /// Passed: the relayed datagram would exceed the largest UDP length.
+    PassTooLarge => "pass_too_large", Pass;
+    /// Passed: growing or shrinking the frame failed; it is untouched.
+    PassAdjustFailed => "pass_adjust_failed", Pass;
+    /// Dropped: channel data whose length field exceeds the datagram
+    /// (RFC 8656 section 12.6: silently discarded).
+    DropChannelDataTruncated => "drop_channel_data_truncated", Drop;
 }
 
 /// Number of [`Reason`]s: the size of the `STATS` array.
@@ -277,7 +423,9 @@ pub enum Verdict {
     Drop,
 }
 
-/// One per-CPU slot of `STATS`: packets and bytes for one [`Reason`].
+/// One per-CPU slot of `STATS`: packets and bytes for one [`Reason`]; also
+/// the cumulative relayed traffic of one CPU, in `RELAYED` and in the events
+/// of the `EVENTS` perf-event array.
 ///
 /// For relay reasons `bytes` counts application data (the channel-data
 /// payload), the figure a user-space relay reports for the same traffic; for
@@ -317,15 +465,29 @@ mod tests {
         assert_eq!(offset_of!(DataPlaneConfig, relay_v6), 12);
         assert_eq!(size_of::<ClientKeyV4>(), 8);
         assert_eq!(offset_of!(ClientKeyV4, channel), 6);
+        assert_eq!(size_of::<ClientKeyV6>(), 20);
+        assert_eq!(offset_of!(ClientKeyV6, channel), 18);
+        assert_eq!(size_of::<PeerKeyV4>(), 8);
+        assert_eq!(offset_of!(PeerKeyV4, allocation_port), 6);
+        assert_eq!(size_of::<PeerKeyV6>(), 20);
+        assert_eq!(offset_of!(PeerKeyV6, allocation_port), 18);
         assert_eq!(size_of::<PeerTarget>(), 24);
         assert_eq!(offset_of!(PeerTarget, peer_port), 16);
         assert_eq!(offset_of!(PeerTarget, allocation_port), 18);
         assert_eq!(offset_of!(PeerTarget, peer_family), 20);
+        assert_eq!(size_of::<ClientTarget>(), 24);
+        assert_eq!(offset_of!(ClientTarget, client_port), 16);
+        assert_eq!(offset_of!(ClientTarget, channel), 18);
+        assert_eq!(offset_of!(ClientTarget, client_family), 20);
         assert_eq!(size_of::<Counter>(), 16);
         for align in [
             align_of::<DataPlaneConfig>(),
             align_of::<ClientKeyV4>(),
+            align_of::<ClientKeyV6>(),
+            align_of::<PeerKeyV4>(),
+            align_of::<PeerKeyV6>(),
             align_of::<PeerTarget>(),
+            align_of::<ClientTarget>(),
         ] {
             assert_eq!(align, 1);
         }
@@ -333,19 +495,34 @@ mod tests {
 
     #[test]
     fn fields_are_big_endian_wire_bytes() {
-        let config = DataPlaneConfig::new(3478, (49152, 65535), Ipv4Addr::new(203, 0, 113, 1));
+        let config = DataPlaneConfig::new(
+            3478,
+            (49152, 65535),
+            Some(Ipv4Addr::new(203, 0, 113, 1)),
+            Some("2001:db8::1".parse().unwrap()),
+        );
         assert_eq!(config.listen_port, [0x0d, 0x96]);
         assert_eq!(config.as_bytes()[2..4], [0x0d, 0x96]);
         assert_eq!(config.as_bytes()[8..12], [203, 0, 113, 1]);
         assert!(config.enabled());
         assert!(config.is_allocation_port(49152) && config.is_allocation_port(65535));
         assert!(!config.is_allocation_port(3478));
+        assert_eq!(config.as_bytes()[12..14], [0x20, 0x01]);
+        assert!(!config.tail_adjust() && config.with_tail_adjust(true).tail_adjust());
 
-        let target = PeerTarget::v4(Ipv4Addr::new(198, 51, 100, 7), 9000, 50001);
+        let target = PeerTarget::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 9000, 50001);
         assert_eq!(target.as_bytes()[..4], [198, 51, 100, 7]);
         assert_eq!(target.as_bytes()[16..18], 9000u16.to_be_bytes());
         assert_eq!(target.as_bytes()[18..20], 50001u16.to_be_bytes());
-        assert_eq!(target.peer_v4(), [198, 51, 100, 7]);
+        assert_eq!(
+            target.peer(),
+            Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)))
+        );
+        let v6: IpAddr = "2001:db8:3::2".parse().unwrap();
+        let client = ClientTarget::new(v6, 40000, 0x4001);
+        assert_eq!(client.client_family, FAMILY_V6);
+        assert_eq!(client.channel, [0x40, 0x01]);
+        assert_eq!(client.client(), Some(v6));
     }
 
     #[test]
