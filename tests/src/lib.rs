@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 pub mod packet;
+pub mod xdp;
 
 /// The client's address.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);

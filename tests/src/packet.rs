@@ -1,7 +1,7 @@
 //! Frames captured in the lab, parsed and checked independently of the
 //! relay's own code: checksums are recomputed from scratch (RFC 1071).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,165 @@ pub fn parse_udp_v4(frame: &[u8]) -> anyhow::Result<Option<UdpV4Frame>> {
         destination: SocketAddrV4::new(destination_ip, u16::from_be_bytes([udp[2], udp[3]])),
         ttl: ip[8],
         udp_checksum,
+        payload: udp[8..].to_vec(),
+    }))
+}
+
+/// A frame to build: Ethernet, IPv4 or IPv6 (by the addresses' family),
+/// UDP, payload; checksums computed from scratch.
+#[derive(Debug, Clone)]
+pub struct FrameSpec {
+    /// Source MAC.
+    pub src_mac: [u8; 6],
+    /// Destination MAC.
+    pub dst_mac: [u8; 6],
+    /// Source transport address.
+    pub source: SocketAddr,
+    /// Destination transport address (same family as `source`).
+    pub destination: SocketAddr,
+    /// TTL or hop limit.
+    pub ttl: u8,
+    /// IPv4 TOS byte or IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 identification.
+    pub ipv4_id: u16,
+    /// IPv4 don't-fragment flag.
+    pub ipv4_df: bool,
+    /// IPv6 flow label (20 bits).
+    pub ipv6_flow: u32,
+    /// Whether to compute the UDP checksum (IPv4 may send zero).
+    pub udp_checksum: bool,
+    /// UDP payload.
+    pub payload: Vec<u8>,
+}
+
+impl FrameSpec {
+    /// A frame with common defaults: TTL 64, TOS 0, DF, checksum on.
+    pub fn new(source: SocketAddr, destination: SocketAddr, payload: &[u8]) -> Self {
+        Self {
+            src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x02],
+            source,
+            destination,
+            ttl: 64,
+            tos: 0,
+            ipv4_id: 0x1234,
+            ipv4_df: true,
+            ipv6_flow: 0,
+            udp_checksum: true,
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn build(&self) -> Vec<u8> {
+        let udp_len = 8 + self.payload.len();
+        let mut udp = Vec::with_capacity(udp_len);
+        udp.extend_from_slice(&self.source.port().to_be_bytes());
+        udp.extend_from_slice(&self.destination.port().to_be_bytes());
+        udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&self.payload);
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&self.dst_mac);
+        frame.extend_from_slice(&self.src_mac);
+        match (self.source.ip(), self.destination.ip()) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                frame.extend_from_slice(&[0x08, 0x00]);
+                let mut ip = vec![0x45, self.tos];
+                ip.extend_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+                ip.extend_from_slice(&self.ipv4_id.to_be_bytes());
+                ip.extend_from_slice(&[if self.ipv4_df { 0x40 } else { 0 }, 0]);
+                ip.extend_from_slice(&[self.ttl, 17, 0, 0]);
+                ip.extend_from_slice(&src.octets());
+                ip.extend_from_slice(&dst.octets());
+                let check = !(ones_complement_sum(&ip, 0) as u16);
+                ip[10..12].copy_from_slice(&check.to_be_bytes());
+                if self.udp_checksum {
+                    let mut pseudo = [&src.octets()[..], &dst.octets()[..], &[0, 17]].concat();
+                    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+                    set_udp_checksum(&mut udp, &pseudo);
+                }
+                frame.extend_from_slice(&ip);
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                frame.extend_from_slice(&[0x86, 0xdd]);
+                let word = (6u32 << 28) | (u32::from(self.tos) << 20) | (self.ipv6_flow & 0xfffff);
+                frame.extend_from_slice(&word.to_be_bytes());
+                frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
+                frame.extend_from_slice(&[17, self.ttl]);
+                frame.extend_from_slice(&src.octets());
+                frame.extend_from_slice(&dst.octets());
+                let mut pseudo = [&src.octets()[..], &dst.octets()[..]].concat();
+                pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, 17]);
+                set_udp_checksum(&mut udp, &pseudo);
+            }
+            _ => panic!("source and destination of different families"),
+        }
+        frame.extend_from_slice(&udp);
+        frame
+    }
+}
+
+fn set_udp_checksum(udp: &mut [u8], pseudo: &[u8]) {
+    let check = match !(ones_complement_sum(udp, ones_complement_sum(pseudo, 0)) as u16) {
+        0 => 0xffff,
+        check => check,
+    };
+    udp[6..8].copy_from_slice(&check.to_be_bytes());
+}
+
+/// A ChannelData message (RFC 8656 section 12.4), unpadded.
+pub fn channel_data(channel: u16, data: &[u8]) -> Vec<u8> {
+    let mut message = channel.to_be_bytes().to_vec();
+    message.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    message.extend_from_slice(data);
+    message
+}
+
+/// A UDP datagram in an IPv6 frame, with its checksum verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpV6Frame {
+    /// Source transport address.
+    pub source: SocketAddr,
+    /// Destination transport address.
+    pub destination: SocketAddr,
+    /// Hop limit.
+    pub hop_limit: u8,
+    /// The UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// Parses an Ethernet frame; `Ok(None)` if it is not IPv6 UDP. Fails if the
+/// checksum is wrong or a length inconsistent.
+pub fn parse_udp_v6(frame: &[u8]) -> anyhow::Result<Option<UdpV6Frame>> {
+    if frame.len() < 14 + 40 + 8 || frame[12..14] != [0x86, 0xdd] || frame[14 + 6] != 17 {
+        return Ok(None);
+    }
+    let ip = &frame[14..];
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    ensure!(
+        40 + payload_len <= ip.len(),
+        "IPv6 payload length {payload_len} exceeds the frame"
+    );
+    let src: [u8; 16] = ip[8..24].try_into()?;
+    let dst: [u8; 16] = ip[24..40].try_into()?;
+    let udp = &ip[40..40 + payload_len];
+    ensure!(
+        usize::from(u16::from_be_bytes([udp[4], udp[5]])) == payload_len,
+        "UDP length"
+    );
+    let mut pseudo = [&src[..], &dst[..]].concat();
+    pseudo.extend_from_slice(&(payload_len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    ensure!(udp[6..8] != [0, 0], "zero UDP checksum over IPv6");
+    let sum = ones_complement_sum(udp, ones_complement_sum(&pseudo, 0));
+    ensure!(sum == 0xffff, "bad UDP checksum (sum {sum:#06x})");
+    Ok(Some(UdpV6Frame {
+        source: SocketAddr::new(IpAddr::from(src), u16::from_be_bytes([udp[0], udp[1]])),
+        destination: SocketAddr::new(IpAddr::from(dst), u16::from_be_bytes([udp[2], udp[3]])),
+        hop_limit: ip[7],
         payload: udp[8..].to_vec(),
     }))
 }
@@ -189,6 +348,34 @@ mod tests {
         frame.extend_from_slice(&ip);
         frame.extend_from_slice(&udp);
         frame
+    }
+
+    #[test]
+    fn built_frames_parse_with_valid_checksums() {
+        let mut spec = FrameSpec::new(
+            "192.0.2.2:40000".parse().unwrap(),
+            "198.51.100.2:9000".parse().unwrap(),
+            b"hi",
+        );
+        spec.ipv4_id = 1;
+        // The hand-made reference frame below has zero MACs.
+        assert_eq!(spec.build()[12..], frame(true)[12..]);
+        let parsed = parse_udp_v4(&spec.build()).unwrap().unwrap();
+        assert_eq!(parsed.payload, b"hi");
+        let v6 = FrameSpec::new(
+            "[2001:db8:1::2]:40000".parse().unwrap(),
+            "[2001:db8:3::2]:9000".parse().unwrap(),
+            b"hello",
+        );
+        let parsed = parse_udp_v6(&v6.build()).unwrap().unwrap();
+        assert_eq!(
+            (parsed.source, parsed.destination, parsed.hop_limit),
+            (v6.source, v6.destination, 64)
+        );
+        assert_eq!(parsed.payload, b"hello");
+        let mut corrupt = v6.build();
+        *corrupt.last_mut().unwrap() ^= 1;
+        assert!(parse_udp_v6(&corrupt).is_err());
     }
 
     #[test]

@@ -400,6 +400,9 @@ reasons! {
     /// Passed: IPv6 UDP without a checksum, which RFC 8200 forbids; the
     /// stack discards it.
     PassZeroChecksumIpv6 => "pass_zero_checksum_ipv6", Pass;
+    /// Passed: an IPv4 header with a wrong checksum bound for IPv6, where
+    /// the rebuilt header would hide the error; the stack discards it.
+    PassBadHeaderChecksum => "pass_bad_header_checksum", Pass;
     /// Passed: the relayed datagram would exceed the largest UDP length.
     PassTooLarge => "pass_too_large", Pass;
     /// Passed: growing or shrinking the frame failed; it is untouched.

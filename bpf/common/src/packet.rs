@@ -212,6 +212,8 @@ pub trait IpHeader: Pod + Default {
     fn daddr(&self) -> Self::Addr;
     /// TTL or hop limit.
     fn hop_limit(&self) -> u8;
+    /// Whether the header's own checksum is right (IPv6 has none).
+    fn header_checksum_ok(&self) -> bool;
     /// The checks a header must pass before its UDP payload is relayed:
     /// version, no options or extension headers, not a fragment, UDP, and
     /// a UDP length consistent with the IP length. `Ok(udp_len)`.
@@ -237,6 +239,18 @@ impl IpHeader for Ipv4Hdr {
     #[inline(always)]
     fn hop_limit(&self) -> u8 {
         self.ttl
+    }
+
+    #[inline(always)]
+    fn header_checksum_ok(&self) -> bool {
+        let mut sum = Incremental::new([0xff, 0xff]);
+        let bytes = self.as_bytes();
+        let mut i = 0;
+        while i + 1 < IPV4_LEN {
+            sum.add16([bytes[i], bytes[i + 1]]);
+            i += 2;
+        }
+        sum.finish() == [0, 0]
     }
 
     #[inline(always)]
@@ -281,6 +295,11 @@ impl IpHeader for Ipv6Hdr {
     #[inline(always)]
     fn hop_limit(&self) -> u8 {
         self.hop_limit
+    }
+
+    #[inline(always)]
+    fn header_checksum_ok(&self) -> bool {
+        true
     }
 
     #[inline(always)]
@@ -445,6 +464,12 @@ where
 {
     if input.ip.hop_limit() <= 1 {
         return Err(Reason::PassTtlExpired);
+    }
+    // A same-family header is updated incrementally, which keeps a bad
+    // header checksum bad for the next hop to catch; one rebuilt in the other
+    // family would hide it, so it is checked first.
+    if In::LEN != Out::LEN && !input.ip.header_checksum_ok() {
+        return Err(Reason::PassBadHeaderChecksum);
     }
     let zero_checksum = input.udp.check == [0, 0];
     if zero_checksum && Out::CHECKSUM_REQUIRED {
@@ -864,6 +889,45 @@ mod tests {
             removed: route.removed,
             added: route.added,
         }
+    }
+
+    #[test]
+    fn a_bad_ipv4_header_checksum_is_kept_or_refused_never_repaired() {
+        let payload = [0x40, 1, 0, 1, 0xaa];
+        let mut input = frame(
+            v4_header(CLIENT4, RELAY4, UDP_LEN + 5),
+            40000,
+            3478,
+            &payload,
+        );
+        input.ip.check[1] ^= 1;
+        let channel = ChannelHdr {
+            channel: [0x40, 1],
+            len: [0, 1],
+        };
+        let route4 = Relay {
+            saddr: RELAY4,
+            daddr: PEER4,
+            source: [0xc3, 0x50],
+            dest: [0x23, 0x28],
+            removed: Some(channel),
+            added: None,
+        };
+        let (out, _) = relay::<Ipv4Hdr, Ipv4Hdr>(&input, UDP_LEN + 5, &route4).unwrap();
+        assert_ne!(
+            checksum(out.ip.as_bytes()),
+            0,
+            "still wrong for the next hop"
+        );
+        let route6 = Relay {
+            saddr: RELAY6,
+            daddr: PEER6,
+            ..route4_as_v6(route4)
+        };
+        assert_eq!(
+            relay::<Ipv4Hdr, Ipv6Hdr>(&input, UDP_LEN + 5, &route6).unwrap_err(),
+            Reason::PassBadHeaderChecksum
+        );
     }
 
     #[test]
