@@ -2,8 +2,15 @@
 
 fn main() {
     let manifest_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    match bpf_build::build(&manifest_dir, &["pass"]) {
-        Ok(objects) => println!("cargo:rustc-env=LAB_PASS_OBJECT={}", objects[0].display()),
+    match bpf_build::build(&manifest_dir, &["pass", "trivial", "floor"]) {
+        Ok(objects) => {
+            for (name, object) in ["LAB_PASS_OBJECT", "LAB_TRIVIAL_OBJECT", "LAB_FLOOR_OBJECT"]
+                .iter()
+                .zip(&objects)
+            {
+                println!("cargo:rustc-env={name}={}", object.display());
+            }
+        }
         Err(error) => {
             println!("cargo:warning={error}");
             std::process::exit(1);

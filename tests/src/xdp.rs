@@ -148,6 +148,11 @@ impl LoadedRelay {
         Ok(self.skel.progs.xdp_relay.test_run(input)?.duration)
     }
 
+    /// The program, e.g. for `test_run` or its run statistics.
+    pub fn program(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.xdp_relay
+    }
+
     /// One reason's counter, summed over CPUs.
     pub fn counter(&self, reason: Reason) -> anyhow::Result<Counter> {
         let per_cpu = self
@@ -164,4 +169,71 @@ impl LoadedRelay {
                 bytes: sum.bytes + cpu.bytes,
             }))
     }
+}
+
+/// A reference program of `bpf/xdp` (`trivial` or `floor`), loaded unattached.
+#[derive(Debug)]
+pub struct Reference {
+    object: libbpf_rs::Object,
+}
+
+impl Reference {
+    /// The program that only returns `XDP_TX`.
+    pub fn trivial() -> anyhow::Result<Self> {
+        Self::load(env!("LAB_TRIVIAL_OBJECT"))
+    }
+
+    /// The floor: one 12-byte-key hash lookup, a MAC swap, `XDP_TX`. Frames
+    /// whose addresses and ports are in `flows` are "relayed".
+    pub fn floor(flows: &[[u8; 12]]) -> anyhow::Result<Self> {
+        let reference = Self::load(env!("LAB_FLOOR_OBJECT"))?;
+        let map = reference.object.maps().next().context("the floor object has no map")?;
+        for flow in flows {
+            map.update(flow, &1u32.to_ne_bytes(), MapFlags::ANY)?;
+        }
+        Ok(reference)
+    }
+
+    fn load(path: &str) -> anyhow::Result<Self> {
+        let object = libbpf_rs::ObjectBuilder::default()
+            .open_file(path)
+            .with_context(|| format!("cannot open {path}"))?
+            .load()
+            .with_context(|| format!("cannot load {path}"))?;
+        Ok(Self { object })
+    }
+
+    /// The program.
+    pub fn program(&self) -> anyhow::Result<libbpf_rs::ProgramMut<'_>> {
+        self.object.progs_mut().next().context("the object has no program")
+    }
+}
+
+/// Runs `frame` through `program` once; the verdict.
+pub fn run_once(program: &libbpf_rs::ProgramMut<'_>, frame: &[u8]) -> anyhow::Result<u32> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let input = libbpf_rs::ProgramInput {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    Ok(program.test_run(input)?.return_value)
+}
+
+/// The kernel's run statistics of a program (`kernel.bpf_stats_enabled`):
+/// total run time in nanoseconds and number of runs.
+pub fn run_stats(program: &libbpf_rs::ProgramMut<'_>) -> anyhow::Result<(u64, u64)> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut info = libbpf_rs::libbpf_sys::bpf_prog_info::default();
+    let mut len = size_of::<libbpf_rs::libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: `info` and `len` describe a valid, writable bpf_prog_info.
+    let ret = unsafe {
+        libbpf_rs::libbpf_sys::bpf_prog_get_info_by_fd(
+            program.as_fd().as_raw_fd(),
+            &mut info,
+            &mut len,
+        )
+    };
+    anyhow::ensure!(ret == 0, "bpf_prog_get_info_by_fd failed: {ret}");
+    Ok((info.run_time_ns, info.run_cnt))
 }

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
-use bpf_common::{Counter, DataPlaneConfig, PeerTarget, Pod, REASON_COUNT, Reason};
+use bpf_common::{Counter, DataPlaneConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, PrintLevel};
 use tracing::{debug, info, warn};
@@ -80,7 +80,6 @@ pub struct DataPlane {
     peer_v4: MapHandle,
     peer_v6: MapHandle,
     stats: MapHandle,
-    relayed: MapHandle,
     /// Serialises multi-entry writes so that a batch is all-or-nothing.
     write_lock: Mutex<()>,
 }
@@ -117,7 +116,6 @@ impl DataPlane {
             peer_v4: handle(&skel.maps.PEER_V4, "PEER_V4")?,
             peer_v6: handle(&skel.maps.PEER_V6, "PEER_V6")?,
             stats: handle(&skel.maps.STATS, "STATS")?,
-            relayed: handle(&skel.maps.RELAYED, "RELAYED")?,
             write_lock: Mutex::new(()),
         })
     }
@@ -307,7 +305,14 @@ impl DataPlane {
 
     /// Relayed traffic of all paths, summed over CPUs.
     pub fn relayed(&self) -> Result<Counter, MapError> {
-        sum_per_cpu(&self.relayed, 0)
+        Ok(self
+            .counters()?
+            .into_iter()
+            .filter(|(reason, _)| reason.verdict() == Verdict::Tx)
+            .fold(Counter::default(), |sum, (_, counter)| Counter {
+                packets: sum.packets + counter.packets,
+                bytes: sum.bytes + counter.bytes,
+            }))
     }
 }
 

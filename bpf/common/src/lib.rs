@@ -415,6 +415,28 @@ reasons! {
 /// Number of [`Reason`]s: the size of the `STATS` array.
 pub const REASON_COUNT: u32 = Reason::DropChannelDataTruncated as u32 + 1;
 
+/// A report through the `EVENTS` perf-event array: the reporting CPU's
+/// cumulative counter of one relay reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayEvent {
+    /// The `Reason` (a relay reason).
+    pub reason: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Packets and bytes of that reason on that CPU since the program loaded.
+    pub total: Counter,
+}
+
+impl RelayEvent {
+    /// Reads an event from a perf sample's bytes (native endian).
+    pub fn from_ne_bytes(bytes: &[u8]) -> Option<Self> {
+        let reason = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
+        let total = Counter::from_ne_bytes(bytes.get(8..24)?)?;
+        Some(Self { reason, reserved: 0, total })
+    }
+}
+
 /// What the program did with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -483,6 +505,8 @@ mod tests {
         assert_eq!(offset_of!(ClientTarget, channel), 18);
         assert_eq!(offset_of!(ClientTarget, client_family), 20);
         assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(size_of::<RelayEvent>(), 24);
+        assert_eq!(offset_of!(RelayEvent, total), 8);
         for align in [
             align_of::<DataPlaneConfig>(),
             align_of::<ClientKeyV4>(),

@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use bpf_common::{
     ClientKeyV4, ClientKeyV6, ClientTarget, Counter, DataPlaneConfig, FAMILY_V4, FAMILY_V6,
-    MAX_BINDINGS, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason, Verdict,
+    MAX_BINDINGS, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason, RelayEvent, Verdict,
     packet::{
         CHANNEL_HEADER_LEN, ChannelFrame, ChannelHdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr,
         IpBytes, IpHeader, Ipv4Hdr, Ipv6Hdr, Relay, Translate, UDP_LEN, UdpFrame, relay,
@@ -58,12 +58,9 @@ static PEER_V6: HashMap<PeerKeyV6, ClientTarget, BINDINGS> = HashMap::new();
 #[btf_map]
 static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();
 
-/// Per-CPU cumulative relayed traffic (all relay reasons), reported through `EVENTS`.
-#[btf_map]
-static RELAYED: PerCpuArray<Counter, 1> = PerCpuArray::new();
-
-/// Each CPU's cumulative relayed traffic, every `1 << event_interval_log2`
-/// relayed packets: cumulative, so a lost event loses no bytes, only time.
+/// Each CPU's cumulative traffic of one relay reason (`RelayEvent`), every
+/// `1 << event_interval_log2` packets of that reason: cumulative, so a lost
+/// event loses no bytes, only time.
 #[btf_map]
 static EVENTS: PerfEventArray = PerfEventArray::new();
 
@@ -81,25 +78,24 @@ struct Relayed {
 
 #[xdp]
 pub fn xdp_relay(ctx: XdpContext) -> u32 {
-    let outcome = try_relay(&ctx);
-    let (reason, bytes) = match outcome {
+    let Some(config) = CONFIG.get(0) else {
+        count(&ctx, None, Reason::PassNotConfigured, 0);
+        return xdp_action::XDP_PASS;
+    };
+    let (reason, bytes) = match try_relay(&ctx, config) {
         Ok(relayed) => (relayed.reason, relayed.bytes),
         Err(reason) => (reason, (ctx.data_end() - ctx.data()) as u64),
     };
-    count(reason, bytes);
+    count(&ctx, Some(config), reason, bytes);
     match reason.verdict() {
-        Verdict::Tx => {
-            report_relayed(&ctx, bytes);
-            xdp_action::XDP_TX
-        }
+        Verdict::Tx => xdp_action::XDP_TX,
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
 }
 
 #[inline(always)]
-fn try_relay(ctx: &XdpContext) -> Result<Relayed, Reason> {
-    let config = CONFIG.get(0).ok_or(Reason::PassNotConfigured)?;
+fn try_relay(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reason> {
     if !config.enabled() {
         return Err(Reason::PassNotConfigured);
     }
@@ -329,7 +325,12 @@ fn emit<T: Pod>(
 ) -> Result<(), Reason> {
     let out_len = size_of::<T>();
     if config.tail_adjust() {
-        move_data(ctx, in_len, out_len, data_len)?;
+        if data_len > MOVE_MAX {
+            return Err(Reason::PassTooLarge);
+        }
+        if in_len != out_len && !move_data(ctx, in_len, out_len, data_len) {
+            return Err(Reason::PassAdjustFailed);
+        }
     } else if in_len != out_len {
         // SAFETY: the helper checks the context and the delta itself.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, in_len as i32 - out_len as i32) } != 0 {
@@ -350,41 +351,32 @@ const MOVE_CHUNK: usize = 512;
 const MOVE_MAX: usize = 8 * MOVE_CHUNK;
 
 /// Tail-adjust mode: moves `data_len` bytes of data from `from` to `to` and
-/// the frame's tail with them, leaving the head where it is. Fails before
-/// changing anything when the frame cannot grow.
-#[inline(always)]
-fn move_data(ctx: &XdpContext, from: usize, to: usize, data_len: usize) -> Result<(), Reason> {
-    if from == to {
-        return Ok(());
-    }
-    if data_len > MOVE_MAX {
-        return Err(Reason::PassTooLarge);
-    }
-    let buffer_ptr = SCRATCH
-        .get_ptr_mut(0)
-        .ok_or(Reason::PassAdjustFailed)?
-        .cast();
-    let step = |offset: usize, len: usize| -> Result<(), Reason> {
+/// the frame's tail with them, leaving the head where it is; `false` if a
+/// helper refused (nothing has changed yet when the frame cannot grow). Not
+/// inlined, and returning a plain `bool` across the call: it is the bulk of
+/// the program's code and the default mode never runs it.
+#[inline(never)]
+fn move_data(ctx: &XdpContext, from: usize, to: usize, data_len: usize) -> bool {
+    let Some(buffer) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let buffer = buffer.cast();
+    let step = |offset: usize, len: usize| -> bool {
         // `len` is 1..=MOVE_CHUNK; the mask makes that range visible to the
         // verifier, which refuses a possibly zero-sized access.
         let len = (((len - 1) & (MOVE_CHUNK - 1)) + 1) as u32;
         // SAFETY: the helpers bound-check offsets against the frame and
         // `len` (at most MOVE_CHUNK) against the buffer.
-        let failed = unsafe {
-            bpf_xdp_load_bytes(ctx.ctx, (from + offset) as u32, buffer_ptr, len) != 0
-                || bpf_xdp_store_bytes(ctx.ctx, (to + offset) as u32, buffer_ptr, len) != 0
-        };
-        if failed {
-            Err(Reason::PassAdjustFailed)
-        } else {
-            Ok(())
+        unsafe {
+            bpf_xdp_load_bytes(ctx.ctx, (from + offset) as u32, buffer, len) == 0
+                && bpf_xdp_store_bytes(ctx.ctx, (to + offset) as u32, buffer, len) == 0
         }
     };
     if to > from {
         // Grow first, then copy from the end so nothing is overwritten unread.
         // SAFETY: the helper checks the context and the delta itself.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, (to - from) as i32) } != 0 {
-            return Err(Reason::PassAdjustFailed);
+            return false;
         }
         let mut remaining = data_len;
         for _ in 0..MOVE_MAX / MOVE_CHUNK {
@@ -393,8 +385,11 @@ fn move_data(ctx: &XdpContext, from: usize, to: usize, data_len: usize) -> Resul
             }
             let len = remaining.min(MOVE_CHUNK);
             remaining -= len;
-            step(remaining, len)?;
+            if !step(remaining, len) {
+                return false;
+            }
         }
+        true
     } else {
         let mut done = 0;
         for _ in 0..MOVE_MAX / MOVE_CHUNK {
@@ -402,44 +397,43 @@ fn move_data(ctx: &XdpContext, from: usize, to: usize, data_len: usize) -> Resul
                 break;
             }
             let len = (data_len - done).min(MOVE_CHUNK);
-            step(done, len)?;
+            if !step(done, len) {
+                return false;
+            }
             done += len;
         }
         // SAFETY: the helper checks the context and the delta itself.
-        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((from - to) as i32)) } != 0 {
-            return Err(Reason::PassAdjustFailed);
-        }
-    }
-    Ok(())
-}
-
-#[inline(always)]
-fn count(reason: Reason, bytes: u64) {
-    if let Some(counter) = STATS.get_ptr_mut(reason as u32) {
-        // SAFETY: a per-CPU slot: no other program instance touches it while
-        // this one runs (XDP runs with preemption disabled).
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
+        unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((from - to) as i32)) == 0 }
     }
 }
 
-/// Adds a relayed packet to this CPU's cumulative total and reports the
-/// total through `EVENTS` when it is due.
+/// Counts a verdict; a relayed packet's cumulative counter is also reported
+/// through `EVENTS` when due.
 #[inline(always)]
-fn report_relayed(ctx: &XdpContext, bytes: u64) {
-    let (Some(total), Some(config)) = (RELAYED.get_ptr_mut(0), CONFIG.get(0)) else {
+fn count(ctx: &XdpContext, config: Option<&DataPlaneConfig>, reason: Reason, bytes: u64) {
+    let Some(counter) = STATS.get_ptr_mut(reason as u32) else {
         return;
     };
-    // SAFETY: a per-CPU slot, as in `count`.
+    // SAFETY: a per-CPU slot: no other program instance touches it while
+    // this one runs (XDP runs with preemption disabled).
     let total = unsafe {
-        (*total).packets += 1;
-        (*total).bytes += bytes;
-        *total
+        (*counter).packets += 1;
+        (*counter).bytes += bytes;
+        *counter
     };
-    if config.event_due(total.packets) {
-        EVENTS.output(ctx, &total, 0);
+    if reason.verdict() == Verdict::Tx
+        && let Some(config) = config
+        && config.event_due(total.packets)
+    {
+        EVENTS.output(
+            ctx,
+            &RelayEvent {
+                reason: reason as u32,
+                reserved: 0,
+                total,
+            },
+            0,
+        );
     }
 }
 
