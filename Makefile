@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build release test lint fmt clean
+.PHONY: all setup build release test lint fmt clean run
 
 all: build
 
@@ -18,6 +18,11 @@ build: setup
 ## release: optimised binaries in target/release
 release: setup
 	$(CARGO) build --workspace --release
+
+## run: a development TURN relay on 127.0.0.1:3478 (credential printed at start-up, metrics on 127.0.0.1:9641)
+run: setup
+	$(CARGO) build -p turn-control --release
+	target/release/turn-control --dev
 
 ## test: every test, the privileged network-namespace lab tests included (they need root)
 test: setup
