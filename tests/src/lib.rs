@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+pub mod agent;
 pub mod packet;
 pub mod xdp;
 

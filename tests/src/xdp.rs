@@ -187,7 +187,11 @@ impl Reference {
     /// whose addresses and ports are in `flows` are "relayed".
     pub fn floor(flows: &[[u8; 12]]) -> anyhow::Result<Self> {
         let reference = Self::load(env!("LAB_FLOOR_OBJECT"))?;
-        let map = reference.object.maps().next().context("the floor object has no map")?;
+        let map = reference
+            .object
+            .maps()
+            .next()
+            .context("the floor object has no map")?;
         for flow in flows {
             map.update(flow, &1u32.to_ne_bytes(), MapFlags::ANY)?;
         }
@@ -205,7 +209,10 @@ impl Reference {
 
     /// The program.
     pub fn program(&self) -> anyhow::Result<libbpf_rs::ProgramMut<'_>> {
-        self.object.progs_mut().next().context("the object has no program")
+        self.object
+            .progs_mut()
+            .next()
+            .context("the object has no program")
     }
 }
 
