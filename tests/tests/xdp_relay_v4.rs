@@ -1,7 +1,6 @@
 //! The first channel-data packet through the real XDP program and the real
 //! `xdp-agent`: relayed with correct checksums (checked independently on the
 //! captured frame) until its binding is removed.
-#![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
