@@ -19,7 +19,7 @@ pub enum ToAgent {
     Install(ChannelBinding),
     /// Remove one binding; no answer.
     Remove(ChannelBinding),
-    /// Add every binding of a full sync after a (re)connect; failures are logged.
+    /// The full set of bindings after a (re)connect (the Sync RPC); failures are logged.
     Sync(Vec<ChannelBinding>),
 }
 
@@ -44,13 +44,34 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bindings per RPC.
 const MAX_BATCH: usize = 256;
 
+/// What the data plane must know besides the bindings, sent with SetConfig on every
+/// connect (explicit relay addresses override the agent's interface discovery).
+#[derive(Debug, Clone)]
+pub struct DataPlane {
+    /// The TURN port clients send ChannelData to.
+    pub listen_port: u16,
+    /// The allocation port range.
+    pub ports: std::ops::RangeInclusive<u16>,
+    /// The local IPv4 relay address.
+    pub relay_v4: Option<std::net::Ipv4Addr>,
+    /// The local IPv6 relay address.
+    pub relay_v6: Option<std::net::Ipv6Addr>,
+}
+
 /// Runs the link until `requests` closes (after the loop's shutdown drain), then returns
 /// once what was queued has been sent or dropped.
 pub async fn run(
     path: PathBuf,
+    data_plane: DataPlane,
     mut requests: mpsc::Receiver<ToAgent>,
     events: mpsc::Sender<FromAgent>,
 ) {
+    // Sync generations grow across restarts of this daemon too.
+    let mut generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs());
+    // The generation of our last successful Sync, compared with the agent's Health.
+    let mut synced: Option<u64> = None;
     let mut backoff = BACKOFF.0;
     let mut client: Option<proto::DataPlaneClient> = None;
     let mut next_attempt = tokio::time::Instant::now();
@@ -58,9 +79,14 @@ pub async fn run(
     loop {
         if client.is_none() && tokio::time::Instant::now() >= next_attempt {
             match tokio::time::timeout(RPC_TIMEOUT, proto::connect(path.clone())).await {
-                Ok(Ok(c)) => {
+                Ok(Ok(mut c)) => {
                     tracing::info!(agent = %path.display(), "connected to xdp-agent");
+                    if let Err(error) = set_config(&mut c, &data_plane).await {
+                        metrics::counter!("agent_rpc_errors_total").increment(1);
+                        tracing::warn!(%error, "xdp-agent SetConfig failed");
+                    }
                     client = Some(c);
+                    synced = None;
                     backoff = BACKOFF.0;
                     let _ = events.send(FromAgent::Connected).await;
                 }
@@ -87,21 +113,33 @@ pub async fn run(
                 }
             }
             () = tokio::time::sleep_until(wake) => {
-                if let Some(c) = &mut client
-                    && let Err(error) = probe(c).await
-                {
-                    lost(&mut client, &events, &path, &error).await;
-                    next_attempt = tokio::time::Instant::now();
+                if let Some(c) = &mut client {
+                    match probe(c).await {
+                        Err(error) => {
+                            lost(&mut client, &events, &path, &error).await;
+                            next_attempt = tokio::time::Instant::now();
+                        }
+                        // The gRPC channel reconnects by itself, so an agent restart
+                        // between two probes shows only as a generation that is not ours:
+                        // push the full state again.
+                        Ok(Some(agent_generation)) if synced.is_some_and(|g| g != agent_generation) => {
+                            tracing::info!(agent_generation, ours = ?synced, "xdp-agent lost our state (restarted?); resyncing");
+                            synced = None;
+                            let _ = events.send(FromAgent::Connected).await;
+                        }
+                        Ok(_) => {}
+                    }
                 }
                 continue;
             }
         }
-        let (mut installs, mut removes, mut syncs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut installs, mut removes, mut syncs) = (Vec::new(), Vec::new(), None);
         for request in buf.drain(..) {
             match request {
                 ToAgent::Install(b) => installs.push(b),
                 ToAgent::Remove(b) => removes.push(b),
-                ToAgent::Sync(all) => syncs.extend(all),
+                // A later full state replaces an earlier one.
+                ToAgent::Sync(all) => syncs = Some(all),
             }
         }
         let Some(c) = &mut client else {
@@ -125,9 +163,25 @@ pub async fn run(
         {
             failure = Some(error);
         }
-        if failure.is_none() && !syncs.is_empty() {
-            match call(c, Call::Add, &syncs).await {
-                Ok(()) => tracing::info!(bindings = syncs.len(), "full sync sent to xdp-agent"),
+        if failure.is_none()
+            && let Some(all) = syncs
+        {
+            generation += 1;
+            match sync(c, generation, &all).await {
+                Ok(SyncKind::Generation) => {
+                    synced = Some(generation);
+                    tracing::info!(
+                        bindings = all.len(),
+                        generation,
+                        "full sync sent to xdp-agent"
+                    );
+                }
+                Ok(SyncKind::AddOnly) => {
+                    tracing::info!(
+                        bindings = all.len(),
+                        "full state added to xdp-agent (no Sync RPC)"
+                    );
+                }
                 Err(error) => failure = Some(error),
             }
         }
@@ -213,14 +267,64 @@ async fn call(
     }
 }
 
-async fn probe(client: &mut proto::DataPlaneClient) -> Result<(), RpcError> {
-    match tokio::time::timeout(RPC_TIMEOUT, client.counters(proto::v1::CountersRequest {})).await {
-        Ok(Ok(_)) => Ok(()),
+/// Health: `Some(generation)` the agent holds, `None` when it cannot say.
+async fn probe(client: &mut proto::DataPlaneClient) -> Result<Option<u64>, RpcError> {
+    match tokio::time::timeout(RPC_TIMEOUT, client.health(proto::v1::HealthRequest {})).await {
+        Ok(Ok(health)) => Ok(Some(health.into_inner().generation)),
         // Any answer, even an error status, shows the agent is there.
         Ok(Err(status)) => match classify(&status) {
-            RpcError::Rejected(_) => Ok(()),
+            RpcError::Rejected(_) => Ok(None),
             gone => Err(gone),
         },
+        Err(_) => Err(RpcError::Gone("timed out".to_owned())),
+    }
+}
+
+/// How the full state went over.
+#[derive(Debug, Clone, Copy)]
+enum SyncKind {
+    /// Sync: the agent holds exactly this state under our generation.
+    Generation,
+    /// AddChannelBinding: an agent without Sync; stale entries may remain.
+    AddOnly,
+}
+
+/// The full state (Sync replaces everything under a new generation, so entries of a previous
+/// run of either daemon do not linger); AddChannelBinding when the agent predates Sync.
+async fn sync(
+    client: &mut proto::DataPlaneClient,
+    generation: u64,
+    bindings: &[ChannelBinding],
+) -> Result<SyncKind, RpcError> {
+    let request = proto::v1::SyncRequest {
+        generation,
+        bindings: bindings.iter().map(to_proto).collect(),
+    };
+    match tokio::time::timeout(RPC_TIMEOUT, client.sync(request)).await {
+        Ok(Ok(_)) => Ok(SyncKind::Generation),
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            if !bindings.is_empty() {
+                call(client, Call::Add, bindings).await?;
+            }
+            Ok(SyncKind::AddOnly)
+        }
+        Ok(Err(status)) => Err(classify(&status)),
+        Err(_) => Err(RpcError::Gone("timed out".to_owned())),
+    }
+}
+
+async fn set_config(client: &mut proto::DataPlaneClient, dp: &DataPlane) -> Result<(), RpcError> {
+    let request = proto::v1::SetConfigRequest {
+        listen_port: Some(u32::from(dp.listen_port)),
+        port_min: Some(u32::from(*dp.ports.start())),
+        port_max: Some(u32::from(*dp.ports.end())),
+        relay_ipv4: dp.relay_v4.map(|ip| ip.to_string()),
+        relay_ipv6: dp.relay_v6.map(|ip| ip.to_string()),
+        tail_adjust: None,
+    };
+    match tokio::time::timeout(RPC_TIMEOUT, client.set_config(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(classify(&status)),
         Err(_) => Err(RpcError::Gone("timed out".to_owned())),
     }
 }

@@ -186,7 +186,17 @@ impl Eventloop {
         if let Some(path) = this.settings.agent.clone() {
             let (tx, rx) = mpsc::channel(65536);
             this.agent = Some(tx);
-            this.agent_task = Some(tokio::spawn(agent::run(path, rx, agent_tx)));
+            let data_plane = agent::DataPlane {
+                listen_port: this
+                    .settings
+                    .listen
+                    .first()
+                    .map_or(crate::config::DEFAULT_PORT, |a| a.port()),
+                ports: this.settings.ports.clone(),
+                relay_v4: this.settings.relay_v4,
+                relay_v6: this.settings.relay_v6,
+            };
+            this.agent_task = Some(tokio::spawn(agent::run(path, data_plane, rx, agent_tx)));
         }
         metrics::gauge!(name::AGENT_CONNECTED).set(0.0);
         Ok(this)
