@@ -1,0 +1,439 @@
+//! `xdp-agent-ctl`: inspects a running xdp-agent through its gRPC socket:
+//! the channel bindings in the kernel's maps, the data plane's counters, its
+//! configuration and the agent's health.
+
+mod args;
+mod render;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use clap::{Parser, Subcommand};
+use proto::v1::{
+    ChannelBinding, CountersRequest, GetChannelBindingRequest, GetConfigRequest, HealthRequest,
+    ListChannelBindingsRequest,
+};
+use tonic::Code;
+
+use crate::args::AddressFilter;
+
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  success
+  1  usage or any other error
+  2  the agent is unreachable (its socket is missing, refuses connections or
+     does not answer in time)
+  3  not found (`binding` of a client and channel that have no binding)";
+
+/// Inspects a running xdp-agent: channel bindings, counters, configuration
+/// and health.
+#[derive(Debug, Parser)]
+#[command(version, after_long_help = EXIT_STATUS)]
+struct Cli {
+    /// The agent's gRPC unix socket.
+    #[arg(
+        long,
+        global = true,
+        env = "XDP_AGENT_SOCKET",
+        default_value = "/run/xdp-turn/agent.sock",
+        value_name = "PATH"
+    )]
+    socket: PathBuf,
+
+    /// Give up when the agent has not answered within this many seconds.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 10,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    timeout: u64,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Lists the channel bindings the kernel's maps hold.
+    Bindings {
+        /// Only bindings of this client (an IP alone matches every port).
+        #[arg(long, value_name = "IP[:PORT]")]
+        client: Option<AddressFilter>,
+        /// Only bindings to this peer (an IP alone matches every port).
+        #[arg(long, value_name = "IP[:PORT]")]
+        peer: Option<AddressFilter>,
+        /// Only bindings of this allocation port.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// Print a JSON array of {client, channel, peer, allocation_port}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows the binding of a client's channel.
+    Binding {
+        /// The client's transport address, IP:PORT ([IP]:PORT for IPv6).
+        #[arg(value_parser = args::parse_socket_addr)]
+        client: SocketAddr,
+        /// The channel number, decimal or hexadecimal (0x4000-0x4FFF).
+        #[arg(value_parser = args::parse_channel)]
+        channel: u16,
+        /// Print a JSON object {client, channel, peer, allocation_port}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows the data plane's counters, summed over CPUs.
+    Counters {
+        /// Print a JSON object (it always holds every counter).
+        #[arg(long)]
+        json: bool,
+        /// Also list the counters that are zero.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Shows the data-plane configuration in force.
+    Config {
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows the agent's version, attachments, generation, capacity and uptime.
+    Health {
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Failures with their own exit status.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The agent's socket is missing, refuses connections or stays silent.
+    #[error(
+        "cannot reach the agent at {}: {reason}; check that the xdp-agent service runs \
+         (systemctl status xdp-agent) or choose its socket with --socket",
+        socket.display()
+    )]
+    Unreachable { socket: PathBuf, reason: String },
+    /// What was asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Unreachable { .. } => 2,
+            Self::NotFound(_) => 3,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // --help and --version print to stdout and succeed; usage errors
+            // exit 1 (clap's own 2 is ours for an unreachable agent).
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(&cli)));
+    let output = match result {
+        Ok(output) => output,
+        Err(error) => {
+            eprintln!("xdp-agent-ctl: {error:#}");
+            let code = error
+                .downcast_ref::<Failure>()
+                .map_or(1, Failure::exit_code);
+            return ExitCode::from(code);
+        }
+    };
+    match std::io::stdout().lock().write_all(output.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped early (`| head`) got what it wanted.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xdp-agent-ctl: cannot write the output: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the command; what it prints.
+async fn run(cli: &Cli) -> anyhow::Result<String> {
+    let deadline = Duration::from_secs(cli.timeout);
+    tokio::time::timeout(deadline, command(cli))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::Unreachable {
+                socket: cli.socket.clone(),
+                reason: format!("no answer within {}s", cli.timeout),
+            }
+            .into())
+        })
+}
+
+async fn command(cli: &Cli) -> anyhow::Result<String> {
+    let mut agent = connect(&cli.socket).await?;
+    let socket = cli.socket.as_path();
+    let output = match cli.command {
+        Command::Bindings {
+            client,
+            peer,
+            port,
+            json,
+        } => {
+            let request = ListChannelBindingsRequest {
+                client: client.map(|f| f.to_string()).unwrap_or_default(),
+                peer: peer.map(|f| f.to_string()).unwrap_or_default(),
+                allocation_port: port.map_or(0, u32::from),
+            };
+            let answer = agent.list_channel_bindings(request).await;
+            let mut bindings = answer_of(socket, "ListChannelBindings", answer)?.bindings;
+            // The agent filters too; filtering here as well keeps the output
+            // right with agents that ignore a filter.
+            bindings.retain(|b| {
+                client.is_none_or(|f| f.matches(&b.client))
+                    && peer.is_none_or(|f| f.matches(&b.peer))
+                    && port.is_none_or(|p| b.allocation_port == u32::from(p))
+            });
+            render::sort_bindings(&mut bindings);
+            if json {
+                render::json_text(&render::bindings_json(&bindings))
+            } else {
+                render::bindings_table(&bindings)
+            }
+        }
+        Command::Binding {
+            client,
+            channel,
+            json,
+        } => {
+            let request = GetChannelBindingRequest {
+                client: client.to_string(),
+                channel: u32::from(channel),
+            };
+            let answer = agent.get_channel_binding(request).await;
+            let binding: ChannelBinding = match answer {
+                Err(status) if status.code() == Code::NotFound => {
+                    return Err(Failure::NotFound(format!(
+                        "no binding for {client} on channel {}",
+                        render::channel_hex(u32::from(channel))
+                    ))
+                    .into());
+                }
+                answer => answer_of(socket, "GetChannelBinding", answer)?,
+            };
+            if json {
+                render::json_text(&render::binding_json(&binding))
+            } else {
+                render::binding_text(&binding)
+            }
+        }
+        Command::Counters { json, all } => {
+            let answer = agent.counters(CountersRequest {}).await;
+            let counters = answer_of(socket, "Counters", answer)?;
+            if json {
+                render::json_text(&render::counters_json(&counters))
+            } else {
+                render::counters_text(&counters, all)
+            }
+        }
+        Command::Config { json } => {
+            let answer = agent.get_config(GetConfigRequest {}).await;
+            let config = answer_of(socket, "GetConfig", answer)?;
+            if json {
+                render::json_text(&render::config_json(&config))
+            } else {
+                render::config_text(&config)
+            }
+        }
+        Command::Health { json } => {
+            let answer = agent.health(HealthRequest {}).await;
+            let health = answer_of(socket, "Health", answer)?;
+            if json {
+                render::json_text(&render::health_json(&health))
+            } else {
+                render::health_text(&health)
+            }
+        }
+    };
+    Ok(output)
+}
+
+/// Connects to the agent; a missing or refusing socket is [`Failure::Unreachable`].
+async fn connect(socket: &Path) -> anyhow::Result<proto::DataPlaneClient> {
+    let error = match proto::connect(socket).await {
+        Ok(client) => return Ok(client),
+        Err(error) => error,
+    };
+    // The connector's I/O error is somewhere in the transport error's chain.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let io = std::iter::from_fn(|| {
+        let current = source?;
+        source = current.source();
+        Some(current)
+    })
+    .find_map(|e| e.downcast_ref::<std::io::Error>());
+    let Some(io) = io else {
+        return Err(anyhow!(error).context(format!(
+            "cannot connect to the agent at {}",
+            socket.display()
+        )));
+    };
+    if io.kind() == std::io::ErrorKind::PermissionDenied {
+        return Err(anyhow!(
+            "cannot connect to the agent at {}: permission denied; the socket is for root \
+             and the agent's group (--grpc-group)",
+            socket.display()
+        ));
+    }
+    Err(Failure::Unreachable {
+        socket: socket.to_owned(),
+        reason: io_reason(io),
+    }
+    .into())
+}
+
+/// An I/O error without Rust's "(os error N)" suffix.
+fn io_reason(error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
+        None => error.to_string(),
+    }
+}
+
+/// The message of an answer, or an error naming the RPC.
+fn answer_of<T>(
+    socket: &Path,
+    rpc: &str,
+    answer: Result<tonic::Response<T>, tonic::Status>,
+) -> anyhow::Result<T> {
+    let status = match answer {
+        Ok(response) => return Ok(response.into_inner()),
+        Err(status) => status,
+    };
+    Err(match status.code() {
+        Code::Unavailable => Failure::Unreachable {
+            socket: socket.to_owned(),
+            reason: status.message().to_owned(),
+        }
+        .into(),
+        Code::Unimplemented => anyhow!(
+            "the agent at {} does not serve {rpc}; is it older than xdp-agent-ctl?",
+            socket.display()
+        ),
+        Code::NotFound => Failure::NotFound(format!("{rpc}: {}", status.message())).into(),
+        code => anyhow!("{rpc} failed ({code:?}): {}", status.message()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn long_help_documents_exit_status() {
+        let help = Cli::command().render_long_help().to_string();
+        for line in [
+            "0  success",
+            "1  usage",
+            "2  the agent is unreachable",
+            "3  not found",
+        ] {
+            assert!(help.contains(line), "{help}");
+        }
+    }
+
+    #[test]
+    fn parses_subcommands_and_global_socket() {
+        let cli = Cli::try_parse_from([
+            "xdp-agent-ctl",
+            "binding",
+            "[2001:db8::2]:40000",
+            "0x4001",
+            "--json",
+            "--socket",
+            "/tmp/a.sock",
+        ])
+        .unwrap();
+        assert_eq!(cli.socket, Path::new("/tmp/a.sock"));
+        let Command::Binding {
+            client,
+            channel,
+            json,
+        } = cli.command
+        else {
+            panic!("not binding: {:?}", cli.command);
+        };
+        assert_eq!(client, "[2001:db8::2]:40000".parse().unwrap());
+        assert_eq!((channel, json), (0x4001, true));
+
+        let cli = Cli::try_parse_from([
+            "xdp-agent-ctl",
+            "bindings",
+            "--client",
+            "192.0.2.2",
+            "--peer",
+            "198.51.100.2:5000",
+            "--port",
+            "49160",
+        ])
+        .unwrap();
+        let Command::Bindings {
+            client, peer, port, ..
+        } = cli.command
+        else {
+            panic!("not bindings: {:?}", cli.command);
+        };
+        assert_eq!(client.map(|f| f.to_string()).as_deref(), Some("192.0.2.2"));
+        assert_eq!(
+            peer.map(|f| f.to_string()).as_deref(),
+            Some("198.51.100.2:5000")
+        );
+        assert_eq!(port, Some(49160));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            &["xdp-agent-ctl", "binding", "192.0.2.2:1", "0x3fff"][..],
+            &["xdp-agent-ctl", "binding", "192.0.2.2", "0x4001"],
+            &["xdp-agent-ctl", "bindings", "--port", "0"],
+            &["xdp-agent-ctl", "bindings", "--client", "nope"],
+            &["xdp-agent-ctl"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn io_reasons_have_no_os_error_suffix() {
+        let error = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        assert_eq!(io_reason(&error), "No such file or directory");
+        let error = std::io::Error::other("custom");
+        assert_eq!(io_reason(&error), "custom");
+    }
+}
