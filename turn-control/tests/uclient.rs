@@ -210,13 +210,11 @@ fn send_indications_ipv6_tcp() {
 }
 
 #[test]
-#[ignore = "turnutils_uclient binds channels 0x5000-0x7FFF (RFC 5766), which turn-core refuses per RFC 8656 §12"]
 fn channel_data_ipv4_udp() {
     echo("channel_data_ipv4_udp", "127.0.0.1", &["-X"]);
 }
 
 #[test]
-#[ignore = "turnutils_uclient binds channels 0x5000-0x7FFF (RFC 5766), which turn-core refuses per RFC 8656 §12"]
 fn channel_data_ipv4_tcp() {
     echo("channel_data_ipv4_tcp", "127.0.0.1", &["-X", "-t"]);
 }

@@ -155,7 +155,7 @@ pub struct ClientKeyV4 {
     pub client_ip: [u8; 4],
     /// Client UDP port (the packet's source port).
     pub client_port: [u8; 2],
-    /// Channel number, 0x4000-0x4FFF (RFC 8656 section 12).
+    /// Channel number, 0x4000-0x7FFF.(RFC 8656 section 12).
     pub channel: [u8; 2],
 }
 
@@ -167,7 +167,7 @@ pub struct ClientKeyV6 {
     pub client_ip: [u8; 16],
     /// Client UDP port (the packet's source port).
     pub client_port: [u8; 2],
-    /// Channel number, 0x4000-0x4FFF.
+    /// Channel number, 0x4000-0x7FFF.
     pub channel: [u8; 2],
 }
 
@@ -433,7 +433,11 @@ impl RelayEvent {
     pub fn from_ne_bytes(bytes: &[u8]) -> Option<Self> {
         let reason = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
         let total = Counter::from_ne_bytes(bytes.get(8..24)?)?;
-        Some(Self { reason, reserved: 0, total })
+        Some(Self {
+            reason,
+            reserved: 0,
+            total,
+        })
     }
 }
 

@@ -85,19 +85,20 @@ pub struct UdpHdr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ChannelHdr {
-    /// Channel number, 0x4000-0x4FFF.
+    /// Channel number, 0x4000-0x7FFF.
     pub channel: [u8; 2],
     /// Length of the application data that follows, without padding.
     pub len: [u8; 2],
 }
 
 impl ChannelHdr {
-    /// Whether the first two bits mark a ChannelData message and the number
-    /// lies in the assignable range 0x4000-0x4FFF (RFC 8656 section 12).
-    /// STUN messages start with two zero bits (RFC 8489 section 5).
+    /// Whether the first two bits mark a ChannelData message: channel numbers
+    /// 0x4000-0x7FFF (RFC 5766 section 11; RFC 8656 section 12 reserves
+    /// 0x5000-0x7FFF, but RFC 5766 clients still bind them, as turn-control
+    /// accepts). STUN messages start with two zero bits (RFC 8489 section 5).
     #[inline(always)]
     pub fn is_channel_data(&self) -> bool {
-        self.channel[0] & 0xf0 == 0x40
+        self.channel[0] & 0xc0 == 0x40
     }
 }
 

@@ -2,7 +2,7 @@
 //! (RFC 8656 §12.4-§12.5).
 //!
 //! The first two bits of a frame tell them apart: `00` is STUN (RFC 8489 §5), `01` is
-//! ChannelData (channel numbers `0x4000..=0x7FFF`, of which RFC 8656 allows `0x4000..=0x4FFF`).
+//! ChannelData (channel numbers `0x4000..=0x7FFF`, see [`ChannelNumber`](crate::ChannelNumber)).
 
 use crate::types::{ChannelNumber, Transport};
 
@@ -25,7 +25,7 @@ pub enum FrameError {
     /// Fewer bytes than a ChannelData header.
     #[error("ChannelData shorter than its 4-byte header")]
     Truncated,
-    /// The channel number is outside `0x4000..=0x4FFF`.
+    /// The channel number is outside `0x4000..=0x7FFF`.
     #[error("invalid channel number {0:#06x}")]
     InvalidChannel(u16),
     /// The length field claims more bytes than the frame holds.
@@ -155,10 +155,8 @@ mod tests {
         // ChannelData of 5 bytes takes 4 + 8 on TCP.
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x05]), Ok(Some(12)));
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x04]), Ok(Some(8)));
-        assert_eq!(
-            frame_len(&[0x50, 0x00, 0x00, 0x04]),
-            Err(FrameError::InvalidChannel(0x5000))
-        );
+        // RFC 5766's upper channel range frames like the rest.
+        assert_eq!(frame_len(&[0x7f, 0xff, 0x00, 0x04]), Ok(Some(8)));
         assert_eq!(
             frame_len(&[0x80, 0, 0, 0]),
             Err(FrameError::UnknownFrame(0x80))
@@ -201,7 +199,7 @@ mod tests {
     proptest! {
         #[test]
         fn channel_data_round_trips(
-            n in 0x4000u16..=0x4FFF,
+            n in 0x4000u16..=0x7FFF,
             payload in proptest::collection::vec(any::<u8>(), 0..600),
             tcp in any::<bool>(),
         ) {

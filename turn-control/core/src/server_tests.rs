@@ -1165,8 +1165,8 @@ fn channel_bind_errors() {
         Resp(out[0].payload().to_vec()).code()
     };
     assert_eq!(code(&mut h, &mut c, 0x3FFF, PEER), Some(400));
-    assert_eq!(code(&mut h, &mut c, 0x5000, PEER), Some(400));
-    assert_eq!(code(&mut h, &mut c, 0x7FFF, PEER), Some(400));
+    assert_eq!(code(&mut h, &mut c, 0x8000, PEER), Some(400));
+    assert_eq!(code(&mut h, &mut c, 0xFFFF, PEER), Some(400));
     assert_eq!(code(&mut h, &mut c, 0x4000, PEER6), Some(443));
     assert_eq!(code(&mut h, &mut c, 0x4000, "192.168.1.1:1"), Some(403));
     let req = c.request(METHOD_CHANNEL_BIND, |b| channel_attr(b, 0x4000));

@@ -22,21 +22,23 @@ pub struct RelayAddr(pub SocketAddr);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AllocationPort(pub u16);
 
-/// A TURN channel number, validated to the range RFC 8656 §12 allows a client to bind:
-/// `0x4000..=0x4FFF`.
+/// A TURN channel number, validated to `0x4000..=0x7FFF`: the range of RFC 5766 §11.
+/// RFC 8656 §12 narrows it to `0x4000..=0x4FFF` and reserves the rest, but clients built
+/// for RFC 5766 (coturn's `turnutils_uclient` among them) still bind numbers up to
+/// `0x7FFF`, and coturn accepts them; so does this relay, kernel path included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelNumber(u16);
 
-/// A number outside the channel range of RFC 8656 §12.
+/// A number outside the channel range (`0x4000..=0x7FFF`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("channel number {0:#06x} is outside 0x4000..=0x4FFF")]
+#[error("channel number {0:#06x} is outside 0x4000..=0x7FFF")]
 pub struct InvalidChannelNumber(pub u16);
 
 impl ChannelNumber {
     /// The lowest channel number (RFC 8656 §12).
     pub const MIN: u16 = 0x4000;
-    /// The highest channel number (RFC 8656 §12; 0x5000-0x7FFF are reserved).
-    pub const MAX: u16 = 0x4FFF;
+    /// The highest channel number (RFC 5766 §11; see the type's documentation).
+    pub const MAX: u16 = 0x7FFF;
 
     /// Validates `value` as a channel number.
     pub fn new(value: u16) -> Result<Self, InvalidChannelNumber> {
@@ -214,10 +216,15 @@ mod tests {
             ChannelNumber::new(0x4FFF).map(ChannelNumber::value),
             Ok(0x4FFF)
         );
-        // 0x5000-0x7FFF were valid in RFC 5766 and are reserved in RFC 8656.
+        // 0x5000-0x7FFF were valid in RFC 5766 and are reserved in RFC 8656;
+        // RFC 5766 clients still use them.
         assert_eq!(
-            ChannelNumber::new(0x5000),
-            Err(InvalidChannelNumber(0x5000))
+            ChannelNumber::new(0x7FFF).map(ChannelNumber::value),
+            Ok(0x7FFF)
+        );
+        assert_eq!(
+            ChannelNumber::new(0x8000),
+            Err(InvalidChannelNumber(0x8000))
         );
         assert!(ChannelNumber::new(0xFFFF).is_err());
     }
@@ -238,7 +245,7 @@ mod tests {
         fn channel_number_round_trips(v in any::<u16>()) {
             match ChannelNumber::new(v) {
                 Ok(ch) => prop_assert_eq!(ch.value(), v),
-                Err(e) => prop_assert!(!(0x4000..=0x4FFF).contains(&e.0)),
+                Err(e) => prop_assert!(!(0x4000..=0x7FFF).contains(&e.0)),
             }
         }
     }
