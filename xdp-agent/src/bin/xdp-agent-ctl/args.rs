@@ -5,8 +5,9 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
-/// The channel numbers a TURN client may bind (RFC 8656 section 12).
-pub const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x4FFF;
+/// The channel numbers the data plane relays: RFC 5766's 0x4000-0x7FFF,
+/// which includes RFC 8656's 0x4000-0x4FFF (section 12).
+pub const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 
 /// Parses a channel number, decimal (`16385`) or hexadecimal (`0x4001`),
 /// within [`CHANNELS`].
@@ -109,6 +110,8 @@ mod tests {
         assert_eq!(parse_channel("0X4fff"), Ok(0x4FFF));
         assert_eq!(parse_channel("16384"), Ok(0x4000));
         assert_eq!(parse_channel(" 20479 "), Ok(0x4FFF));
+        assert_eq!(parse_channel("0x5000"), Ok(0x5000));
+        assert_eq!(parse_channel("32767"), Ok(0x7FFF));
     }
 
     #[test]
@@ -130,7 +133,7 @@ mod tests {
         ] {
             let error = parse_channel(bad).expect_err(bad);
             assert!(
-                error.contains("0x4000-0x4fff (16384-20479)"),
+                error.contains("0x4000-0x7fff (16384-32767)"),
                 "{bad}: {error}"
             );
         }

@@ -80,7 +80,7 @@ enum Command {
         /// The client's transport address, IP:PORT ([IP]:PORT for IPv6).
         #[arg(value_parser = args::parse_socket_addr)]
         client: SocketAddr,
-        /// The channel number, decimal or hexadecimal (0x4000-0x4FFF).
+        /// The channel number, decimal or hexadecimal (0x4000-0x7FFF).
         #[arg(value_parser = args::parse_channel)]
         channel: u16,
         /// Print a JSON object {client, channel, peer, allocation_port}.
@@ -420,6 +420,7 @@ mod tests {
     fn rejects_bad_values() {
         for args in [
             &["xdp-agent-ctl", "binding", "192.0.2.2:1", "0x3fff"][..],
+            &["xdp-agent-ctl", "binding", "192.0.2.2:1", "0x8000"],
             &["xdp-agent-ctl", "binding", "192.0.2.2", "0x4001"],
             &["xdp-agent-ctl", "bindings", "--port", "0"],
             &["xdp-agent-ctl", "bindings", "--client", "nope"],
