@@ -118,9 +118,9 @@ mod tests {
     fn channels_out_of_range_or_malformed() {
         for bad in [
             "0x3fff",
-            "0x5000",
+            "0x8000",
             "16383",
-            "20480",
+            "32768",
             "0",
             "65536",
             "99999999999",
