@@ -43,3 +43,43 @@ fmt:
 clean:
 	$(CARGO) clean
 	cd bpf/xdp && rustup run nightly cargo clean
+
+## install: release binaries, systemd units, sysusers/tmpfiles, configs (never overwritten)
+## and the Prometheus/Grafana files; honours DESTDIR and PREFIX (default /usr/local)
+.PHONY: install install-files
+PREFIX ?= /usr/local
+UNITDIR ?= /lib/systemd/system
+SYSUSERSDIR ?= /usr/lib/sysusers.d
+TMPFILESDIR ?= /usr/lib/tmpfiles.d
+CONFDIR ?= /etc/xdp-turn
+# Where install-files takes the binaries from.
+BINDIR_BUILT ?= $(or $(CARGO_TARGET_DIR),target)/release
+
+install: setup
+	$(CARGO) build --release -p turn-control -p xdp-agent
+	$(MAKE) --no-print-directory install-files
+
+## install-files: what install copies, without building (BINDIR_BUILT=dir of built binaries)
+install-files:
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
+		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(PREFIX)/share/xdp-turn/prometheus \
+		$(DESTDIR)$(PREFIX)/share/xdp-turn/grafana
+	install -m 0755 $(BINDIR_BUILT)/turn-control $(BINDIR_BUILT)/xdp-agent \
+		$(BINDIR_BUILT)/xdp-agent-ctl $(DESTDIR)$(PREFIX)/bin/
+	for unit in xdp-agent turn-control; do \
+		sed 's|/usr/local/|$(PREFIX)/|g' deploy/systemd/$$unit.service > $(DESTDIR)$(UNITDIR)/$$unit.service \
+			&& chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit.service || exit 1; \
+	done
+	install -m 0644 deploy/sysusers.d/xdp-turn.conf $(DESTDIR)$(SYSUSERSDIR)/xdp-turn.conf
+	install -m 0644 deploy/tmpfiles.d/xdp-turn.conf $(DESTDIR)$(TMPFILESDIR)/xdp-turn.conf
+	test -e $(DESTDIR)$(CONFDIR)/xdp-agent.env || install -m 0644 deploy/xdp-agent.env $(DESTDIR)$(CONFDIR)/xdp-agent.env
+	test -e $(DESTDIR)$(CONFDIR)/turn-control.toml || \
+		install -m 0640 deploy/turn-control.example.toml $(DESTDIR)$(CONFDIR)/turn-control.toml
+	install -m 0644 deploy/README.md deploy/turn-control.example.toml deploy/xdp-agent.env \
+		$(DESTDIR)$(PREFIX)/share/xdp-turn/
+	install -m 0644 deploy/prometheus/prometheus.yml deploy/prometheus/alerts.yml \
+		deploy/prometheus/alerts_test.yml $(DESTDIR)$(PREFIX)/share/xdp-turn/prometheus/
+	install -m 0644 deploy/grafana/xdp-turn.json $(DESTDIR)$(PREFIX)/share/xdp-turn/grafana/
+	@echo "Installed. Then, as root: systemd-sysusers xdp-turn.conf; systemd-tmpfiles --create xdp-turn.conf;"
+	@echo "edit $(CONFDIR)/xdp-agent.env (--iface) and $(CONFDIR)/turn-control.toml;"
+	@echo "systemctl daemon-reload; systemctl enable --now xdp-agent turn-control"
