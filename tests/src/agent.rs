@@ -60,7 +60,7 @@ impl Agent {
 
     /// ListChannelBindings.
     pub fn list(&mut self) -> Result<Vec<ChannelBinding>, tonic::Status> {
-        let request = ListChannelBindingsRequest {};
+        let request = ListChannelBindingsRequest::default();
         Ok(self
             .runtime
             .block_on(self.client.list_channel_bindings(request))?

@@ -281,7 +281,11 @@ pub struct Lab {
     /// Holds the peer.
     pub peer: Netns,
     dir: PathBuf,
+    id: String,
 }
+
+/// Where bpffs is mounted on the host.
+const BPFFS: &str = "/sys/fs/bpf";
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -296,6 +300,7 @@ impl Lab {
         );
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir)?;
+        mount_bpffs()?;
         let mut lab = Self {
             processes: Vec::new(),
             _pass_link: None,
@@ -305,6 +310,7 @@ impl Lab {
             relay: Netns::create(format!("{id}-relay"))?,
             peer: Netns::create(format!("{id}-peer"))?,
             dir,
+            id,
         };
         lab.wire()?;
         lab.attach_pass_program()?;
@@ -333,10 +339,18 @@ impl Lab {
         command
             .args(["--iface", RELAY_IFACE, "--grpc"])
             .arg(&socket)
+            .arg("--pin-dir")
+            .arg(self.pin_dir())
             .args(args);
         self.spawn("xdp-agent", command)?;
         self.wait_for_unix_socket("xdp-agent", &socket, Duration::from_secs(20))?;
         Ok(socket)
+    }
+
+    /// This lab's bpffs directory for the agent's pinned maps and links; it
+    /// is removed with the lab.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(BPFFS).join(&self.id)
     }
 
     /// Waits until the process `name` accepts connections on the unix socket
@@ -466,6 +480,12 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.processes.clear();
         self._pass_link = None;
+        // Pinned links and maps outlive the agent by design; not the lab.
+        if let Err(error) = std::fs::remove_dir_all(self.pin_dir())
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("lab: cannot remove {}: {error}", self.pin_dir().display());
+        }
         if std::thread::panicking() {
             eprintln!("lab: logs kept in {}", self.dir.display());
         } else {
@@ -474,8 +494,28 @@ impl Drop for Lab {
     }
 }
 
-/// Deletes namespaces left by lab runs whose process no longer exists.
+/// Mounts bpffs on the host's /sys/fs/bpf unless it is there already.
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some(BPFFS) && line.contains(" bpf "));
+    if !mounted {
+        run("mount", ["-t", "bpf", "bpf", BPFFS])?;
+    }
+    Ok(())
+}
+
+/// Deletes namespaces and pin directories left by lab runs whose process no
+/// longer exists.
 fn sweep_stale_namespaces() {
+    if let Ok(entries) = std::fs::read_dir(BPFFS) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if stale_lab_pid(&name).is_some() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let Ok(list) = run("ip", ["netns", "list"]) else {
         return;
     };
@@ -483,21 +523,18 @@ fn sweep_stale_namespaces() {
         .lines()
         .filter_map(|line| line.split_whitespace().next())
     {
-        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest
-            .split('x')
-            .next()
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        if !alive {
+        if stale_lab_pid(name).is_some() {
             let _ = run("ip", ["netns", "del", name]);
         }
     }
+}
+
+/// The pid in a lab resource's name (`xtlab<pid>x<n>...`) if that process is gone.
+fn stale_lab_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix(NETNS_PREFIX)?;
+    let pid = rest.split('x').next()?.parse::<i32>().ok()?;
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    (!alive).then_some(pid)
 }
 
 /// Path of a binary built by this workspace, next to the test executable's

@@ -5,8 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bpf_common::{ClientKeyV4, ClientKeyV6, ClientTarget, PeerKeyV4, PeerKeyV6, PeerTarget, Pod};
 
-/// RFC 8656 section 12: channel numbers 0x4000 through 0x4FFF.
-const CHANNEL_RANGE: std::ops::RangeInclusive<u32> = 0x4000..=0x4fff;
+/// Channel numbers 0x4000 through 0x7FFF: RFC 5766 section 11's range, which
+/// turn-control accepts for RFC 5766 clients (RFC 8656 section 12 reserves
+/// 0x5000-0x7FFF).
+const CHANNEL_RANGE: std::ops::RangeInclusive<u32> = 0x4000..=0x7fff;
 
 /// A validated channel binding: channel data from `client` on `channel`
 /// goes to `peer` from the relay's `allocation_port`, and the peer's
@@ -15,7 +17,7 @@ const CHANNEL_RANGE: std::ops::RangeInclusive<u32> = 0x4000..=0x4fff;
 pub struct Binding {
     /// The client's transport address as the relay sees it.
     pub client: SocketAddr,
-    /// Channel number, 0x4000-0x4FFF.
+    /// Channel number, 0x4000-0x7FFF.
     pub channel: u16,
     /// The peer's transport address.
     pub peer: SocketAddr,
@@ -80,8 +82,8 @@ pub enum BindingError {
         /// The address.
         address: SocketAddr,
     },
-    /// The channel lies outside 0x4000-0x4FFF.
-    #[error("channel {0:#06x} is outside 0x4000-0x4fff (RFC 8656 section 12)")]
+    /// The channel lies outside 0x4000-0x7FFF.
+    #[error("channel {0:#06x} is outside 0x4000-0x7fff")]
     ChannelOutOfRange(u32),
     /// The allocation port lies outside the configured range.
     #[error("allocation port {port} is outside the range {low}-{high}")]
@@ -107,6 +109,28 @@ pub enum BindingError {
 }
 
 impl Binding {
+    /// Reads a binding to remove: well-formed, but not checked against the
+    /// configuration in force (it may have been installed under another).
+    pub fn parse(binding: &proto::v1::ChannelBinding) -> Result<Self, BindingError> {
+        let client = parse_address("client", &binding.client)?;
+        let peer = parse_address("peer", &binding.peer)?;
+        if !CHANNEL_RANGE.contains(&binding.channel) {
+            return Err(BindingError::ChannelOutOfRange(binding.channel));
+        }
+        let port =
+            u16::try_from(binding.allocation_port).map_err(|_| BindingError::PortOutOfRange {
+                port: binding.allocation_port,
+                low: 1,
+                high: u16::MAX,
+            })?;
+        Ok(Self {
+            client,
+            channel: binding.channel as u16,
+            peer,
+            allocation_port: port,
+        })
+    }
+
     /// Validates a binding received over gRPC.
     pub fn from_proto(
         binding: &proto::v1::ChannelBinding,
@@ -251,17 +275,22 @@ impl fmt::Display for Binding {
     }
 }
 
+/// Parses `ip:port`, canonicalising `::ffff:a.b.c.d` (the kernel sees such
+/// an endpoint as IPv4).
+pub fn parse_address(field: &'static str, value: &str) -> Result<SocketAddr, BindingError> {
+    let address: SocketAddr = value.parse().map_err(|_| BindingError::BadAddress {
+        field,
+        value: value.to_owned(),
+    })?;
+    Ok(SocketAddr::new(address.ip().to_canonical(), address.port()))
+}
+
 fn parse_endpoint(
     field: &'static str,
     value: &str,
     limits: &Limits,
 ) -> Result<SocketAddr, BindingError> {
-    let address: SocketAddr = value.parse().map_err(|_| BindingError::BadAddress {
-        field,
-        value: value.to_owned(),
-    })?;
-    // Canonicalise ::ffff:a.b.c.d: the kernel sees such an endpoint as IPv4.
-    let address = SocketAddr::new(address.ip().to_canonical(), address.port());
+    let address = parse_address(field, value)?;
     if address.port() == 0 {
         return Err(BindingError::ZeroPort { field, address });
     }
@@ -383,8 +412,8 @@ mod tests {
             BindingError::ChannelOutOfRange(0x3fff)
         );
         assert_eq!(
-            refuse(request("192.0.2.10:1", 0x5000, peer, 50000)),
-            BindingError::ChannelOutOfRange(0x5000)
+            refuse(request("192.0.2.10:1", 0x8000, peer, 50000)),
+            BindingError::ChannelOutOfRange(0x8000)
         );
         assert!(matches!(
             refuse(request("192.0.2.10:1", 0x4000, peer, 3478)),

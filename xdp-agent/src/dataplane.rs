@@ -2,8 +2,10 @@
 //! to interfaces, and reading and writing its maps. Everything else in the
 //! agent talks to the kernel through [`DataPlane`].
 
+use std::collections::HashSet;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
@@ -15,35 +17,6 @@ use tracing::{debug, info, warn};
 use crate::binding::{Binding, MapKey};
 
 use relay_skel as skel;
-
-/// How to attach the program to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum XdpMode {
-    /// Driver (native) mode; generic mode as a logged fallback.
-    Auto,
-    /// Driver (native) mode only.
-    Native,
-    /// Generic (skb) mode only.
-    Generic,
-}
-
-/// The mode an attachment ended up in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachedMode {
-    /// In the driver, before any socket buffer exists.
-    Native,
-    /// After the stack built a socket buffer: works everywhere, slower.
-    Generic,
-}
-
-impl std::fmt::Display for AttachedMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            AttachedMode::Native => "native",
-            AttachedMode::Generic => "generic",
-        })
-    }
-}
 
 /// Why a map operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,16 +32,20 @@ pub enum MapError {
     Kernel(#[from] libbpf_rs::Error),
 }
 
-/// An XDP program attached to an interface through a BPF link: closing the
-/// link's descriptor detaches the program.
-#[derive(Debug)]
-pub struct XdpLink {
-    /// The interface's name.
-    pub interface: String,
-    /// The mode the kernel attached in.
-    pub mode: AttachedMode,
-    _fd: OwnedFd,
-}
+/// The maps of the relay program, by the names they are pinned under.
+const PINNED_MAPS: [&str; 8] = [
+    "CONFIG",
+    "CLIENT_V4",
+    "CLIENT_V6",
+    "PEER_V4",
+    "PEER_V6",
+    "STATS",
+    "EVENTS",
+    "SCRATCH",
+];
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// The loaded program and handles on its maps.
 #[derive(Debug)]
@@ -80,25 +57,73 @@ pub struct DataPlane {
     peer_v4: MapHandle,
     peer_v6: MapHandle,
     stats: MapHandle,
+    events: MapHandle,
     /// Serialises multi-entry writes so that a batch is all-or-nothing.
     write_lock: Mutex<()>,
 }
 
 impl DataPlane {
-    /// Opens and loads the embedded object. A program the verifier rejects
-    /// fails here, after libbpf printed the verifier's log through `tracing`.
-    pub fn load() -> anyhow::Result<Self> {
+    /// Loads the embedded object with its maps pinned under `pin_dir`. Maps
+    /// already pinned there by an earlier run are adopted with their
+    /// contents, so installed bindings survive an agent restart; maps of an
+    /// incompatible layout are refused, or replaced (emptied) when
+    /// `replace_incompatible` says so. Returns whether maps were adopted.
+    ///
+    /// A program the verifier rejects fails here, after libbpf printed the
+    /// verifier's log through `tracing`.
+    pub fn load(pin_dir: &Path, replace_incompatible: bool) -> anyhow::Result<(Self, bool)> {
         route_libbpf_output_to_tracing();
+        prepare_pin_dir(pin_dir)?;
+        let pinned = pin_dir.join("CONFIG").exists();
+        match Self::load_pinned(pin_dir) {
+            Ok(dataplane) => Ok((dataplane, pinned)),
+            Err(error) if pinned && replace_incompatible => {
+                warn!(
+                    pin_dir = %pin_dir.display(),
+                    error = %format!("{error:#}"),
+                    "replacing the pinned maps of an incompatible version: installed bindings \
+                     are dropped until turn-control syncs"
+                );
+                for name in PINNED_MAPS {
+                    let _ = std::fs::remove_file(pin_dir.join(name));
+                }
+                Ok((Self::load_pinned(pin_dir)?, false))
+            }
+            Err(error) if pinned => Err(error.context(format!(
+                "the maps pinned in {} do not fit this version; stop the old agent's data plane \
+                 (xdp-agent detach) or rerun with --replace-incompatible, which drops the \
+                 installed bindings until turn-control syncs",
+                pin_dir.display()
+            ))),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn load_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
         // The skeleton borrows its object storage for as long as it lives;
         // the agent loads once per process, so the storage lives as long.
         let storage: &'static mut MaybeUninit<OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let open = skel::RelaySkelBuilder::default()
+        let mut open = skel::RelaySkelBuilder::default()
             .open(storage)
             .context("cannot open the embedded XDP object")?;
-        let skel = open
-            .load()
-            .context("the kernel refused the XDP program (the verifier's log is above)")?;
+        let maps = &mut open.maps;
+        for (map, name) in [
+            (&mut maps.CONFIG, "CONFIG"),
+            (&mut maps.CLIENT_V4, "CLIENT_V4"),
+            (&mut maps.CLIENT_V6, "CLIENT_V6"),
+            (&mut maps.PEER_V4, "PEER_V4"),
+            (&mut maps.PEER_V6, "PEER_V6"),
+            (&mut maps.STATS, "STATS"),
+            (&mut maps.EVENTS, "EVENTS"),
+            (&mut maps.SCRATCH, "SCRATCH"),
+        ] {
+            map.set_pin_path(pin_dir.join(name))
+                .with_context(|| format!("cannot set the pin path of {name}"))?;
+        }
+        let skel = open.load().context(
+            "cannot load the XDP program and its maps (the verifier's log, if any, is above)",
+        )?;
         let handle = |map: &libbpf_rs::MapMut<'_>, name: &str| {
             MapHandle::try_from(map).with_context(|| format!("cannot duplicate the {name} map"))
         };
@@ -116,70 +141,26 @@ impl DataPlane {
             peer_v4: handle(&skel.maps.PEER_V4, "PEER_V4")?,
             peer_v6: handle(&skel.maps.PEER_V6, "PEER_V6")?,
             stats: handle(&skel.maps.STATS, "STATS")?,
+            events: handle(&skel.maps.EVENTS, "EVENTS")?,
             write_lock: Mutex::new(()),
         })
     }
 
-    /// Attaches the program to `interface` in `mode`.
-    pub fn attach(&self, interface: &str, mode: XdpMode) -> anyhow::Result<XdpLink> {
-        let ifindex = nix::net::if_::if_nametoindex(interface)
-            .with_context(|| format!("no interface named {interface}"))?;
-        let (fd, mode) = match mode {
-            XdpMode::Native => (
-                self.link_create(ifindex, XDP_FLAGS_DRV_MODE)?,
-                AttachedMode::Native,
-            ),
-            XdpMode::Generic => (
-                self.link_create(ifindex, XDP_FLAGS_SKB_MODE)?,
-                AttachedMode::Generic,
-            ),
-            XdpMode::Auto => match self.link_create(ifindex, XDP_FLAGS_DRV_MODE) {
-                Ok(fd) => (fd, AttachedMode::Native),
-                Err(error) => {
-                    warn!(interface, error = %format!("{error:#}"), "native XDP unavailable, falling back to generic mode");
-                    (
-                        self.link_create(ifindex, XDP_FLAGS_SKB_MODE)?,
-                        AttachedMode::Generic,
-                    )
-                }
-            },
-        };
-        info!(interface, %mode, "XDP program attached");
-        Ok(XdpLink {
-            interface: interface.to_owned(),
-            mode,
-            _fd: fd,
-        })
+    /// The loaded program's descriptor, for attaching.
+    pub fn program_fd(&self) -> BorrowedFd<'_> {
+        self.program_fd.as_fd()
     }
 
-    fn link_create(&self, ifindex: u32, flags: u32) -> anyhow::Result<OwnedFd> {
-        let opts = libbpf_rs::libbpf_sys::bpf_link_create_opts {
-            sz: size_of::<libbpf_rs::libbpf_sys::bpf_link_create_opts>() as _,
-            flags,
-            ..Default::default()
-        };
-        // SAFETY: plain syscall wrapper; `opts` is a valid, sized options struct.
-        let fd = unsafe {
-            libbpf_rs::libbpf_sys::bpf_link_create(
-                self.program_fd.as_raw_fd(),
-                ifindex as i32,
-                libbpf_rs::libbpf_sys::BPF_XDP,
-                &opts,
-            )
-        };
-        if fd < 0 {
-            let mode = if flags == XDP_FLAGS_DRV_MODE {
-                "native"
-            } else {
-                "generic"
-            };
-            bail!(
-                "cannot attach in {mode} mode to ifindex {ifindex}: {}",
-                std::io::Error::from_raw_os_error(-fd)
-            );
+    /// The perf-event array the program reports relayed traffic through.
+    pub fn events(&self) -> &MapHandle {
+        &self.events
+    }
+
+    /// Removes the pinned maps: the kernel frees them once nothing holds them.
+    pub fn unpin(pin_dir: &Path) {
+        for name in PINNED_MAPS {
+            let _ = std::fs::remove_file(pin_dir.join(name));
         }
-        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// Writes the data-plane configuration.
@@ -187,6 +168,46 @@ impl DataPlane {
         self.config
             .update(&0u32.to_ne_bytes(), config.as_bytes(), MapFlags::ANY)
             .context("cannot write the data-plane configuration")
+    }
+
+    /// Replaces every binding with `wanted`: writes what is missing or
+    /// different, removes what is not wanted. Returns (added, removed).
+    pub fn sync(&self, wanted: &[Binding]) -> Result<(u64, u64), MapError> {
+        let current: HashSet<Binding> = self.bindings()?.into_iter().collect();
+        let wanted_set: HashSet<Binding> = wanted.iter().copied().collect();
+        let missing: Vec<Binding> = wanted_set.difference(&current).copied().collect();
+        let stale: Vec<Binding> = current.difference(&wanted_set).copied().collect();
+        // Remove first: a stale binding may hold the peer-side key a wanted one needs.
+        let removed = self.remove(&stale)?;
+        self.add(&missing)?;
+        Ok((missing.len() as u64, removed))
+    }
+
+    /// The most bindings each map holds.
+    pub fn capacity(&self) -> u32 {
+        self.client_v4.max_entries()
+    }
+
+    /// Entries in each binding map, by name.
+    pub fn map_entries(&self) -> [(&'static str, u64); 4] {
+        [
+            ("CLIENT_V4", self.client_v4.keys().count() as u64),
+            ("CLIENT_V6", self.client_v6.keys().count() as u64),
+            ("PEER_V4", self.peer_v4.keys().count() as u64),
+            ("PEER_V6", self.peer_v6.keys().count() as u64),
+        ]
+    }
+
+    /// Per-CPU counters of `reason`, one entry per possible CPU.
+    pub fn per_cpu(&self, reason: Reason) -> Result<Vec<Counter>, MapError> {
+        let per_cpu = self
+            .stats
+            .lookup_percpu(&(reason as u32).to_ne_bytes(), MapFlags::ANY)?;
+        Ok(per_cpu
+            .unwrap_or_default()
+            .iter()
+            .map(|raw| Counter::from_ne_bytes(raw).unwrap_or_default())
+            .collect())
     }
 
     /// Installs bindings, both directions of each, all or none: on failure
@@ -328,10 +349,20 @@ fn sum_per_cpu(map: &MapHandle, index: u32) -> Result<Counter, MapError> {
         }))
 }
 
-/// `XDP_FLAGS_SKB_MODE` from `linux/if_link.h`.
-const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-/// `XDP_FLAGS_DRV_MODE` from `linux/if_link.h`.
-const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+/// Creates `pin_dir` on a BPF filesystem, or explains why it cannot.
+fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
+    let stat = nix::sys::statfs::statfs(pin_dir)
+        .with_context(|| format!("cannot inspect {}", pin_dir.display()))?;
+    if stat.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a BPF filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or pass --pin-dir",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// libbpf reports through a print callback; the verifier's log arrives there
 /// at WARN level when a program is rejected. Never silence it.

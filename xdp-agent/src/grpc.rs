@@ -1,39 +1,44 @@
 //! The agent's gRPC service (`proto/xdp_agent.proto`) on a unix socket.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bpf_common::Verdict;
 use proto::v1::data_plane_server::DataPlane as DataPlaneService;
 use proto::v1::{
-    AddChannelBindingRequest, AddChannelBindingResponse, CountersRequest, CountersResponse,
-    ListChannelBindingsRequest, ListChannelBindingsResponse, RemoveChannelBindingRequest,
-    RemoveChannelBindingResponse,
+    AddChannelBindingRequest, AddChannelBindingResponse, Attachment, ChannelBinding,
+    CountersRequest, CountersResponse, DataPlaneConfig, GetChannelBindingRequest, GetConfigRequest,
+    HealthRequest, HealthResponse, ListChannelBindingsRequest, ListChannelBindingsResponse,
+    RemoveChannelBindingRequest, RemoveChannelBindingResponse, SetConfigRequest, SyncRequest,
+    SyncResponse,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
-use crate::binding::{Binding, Limits};
-use crate::dataplane::{DataPlane, MapError};
+use crate::binding::{Binding, parse_address};
+use crate::dataplane::MapError;
+use crate::state::AgentState;
 
-/// Serves the data-plane API over the loaded program's maps.
+/// Serves the data-plane API over the agent's state.
 #[derive(Debug, Clone)]
 pub struct Service {
-    dataplane: Arc<DataPlane>,
-    limits: Limits,
+    state: Arc<AgentState>,
 }
 
 impl Service {
-    /// A service over `dataplane`, refusing bindings outside `limits`.
-    pub fn new(dataplane: Arc<DataPlane>, limits: Limits) -> Self {
-        Self { dataplane, limits }
+    /// A service over `state`.
+    pub fn new(state: Arc<AgentState>) -> Self {
+        Self { state }
     }
 
-    fn validate(&self, bindings: &[proto::v1::ChannelBinding]) -> Result<Vec<Binding>, Status> {
+    /// Validates bindings to install against the configuration in force.
+    fn validate(&self, bindings: &[ChannelBinding]) -> Result<Vec<Binding>, Status> {
+        let limits = self.state.settings().limits();
         bindings
             .iter()
             .enumerate()
             .map(|(index, binding)| {
-                Binding::from_proto(binding, &self.limits).map_err(|error| {
+                Binding::from_proto(binding, &limits).map_err(|error| {
                     Status::invalid_argument(format!("bindings[{index}]: {error}"))
                 })
             })
@@ -48,61 +53,240 @@ fn map_status(error: MapError) -> Status {
     }
 }
 
+/// Counts a request by method and outcome.
+fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+    let code = match &result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics::counter!("xdp_agent_grpc_requests_total", "method" => method, "code" => format!("{code:?}"))
+        .increment(1);
+    result
+}
+
+/// Matches an address filter: empty, `ip` or `ip:port`.
+fn matches(filter: &str, address: SocketAddr) -> Result<bool, Status> {
+    if filter.is_empty() {
+        return Ok(true);
+    }
+    if let Ok(ip) = filter.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_canonical() == address.ip());
+    }
+    let wanted =
+        parse_address("filter", filter).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(wanted == address)
+}
+
 #[tonic::async_trait]
 impl DataPlaneService for Service {
     async fn add_channel_binding(
         &self,
         request: Request<AddChannelBindingRequest>,
     ) -> Result<Response<AddChannelBindingResponse>, Status> {
-        let bindings = self.validate(&request.into_inner().bindings)?;
-        let installed = self.dataplane.add(&bindings).map_err(map_status)?;
-        info!(count = bindings.len(), installed, "bindings added");
-        Ok(Response::new(AddChannelBindingResponse { installed }))
+        observe(
+            "AddChannelBinding",
+            (|| {
+                let bindings = self.validate(&request.get_ref().bindings)?;
+                let installed = self.state.dataplane.add(&bindings).map_err(map_status)?;
+                info!(count = bindings.len(), installed, "bindings added");
+                Ok(Response::new(AddChannelBindingResponse { installed }))
+            })(),
+        )
     }
 
     async fn remove_channel_binding(
         &self,
         request: Request<RemoveChannelBindingRequest>,
     ) -> Result<Response<RemoveChannelBindingResponse>, Status> {
-        let bindings = self.validate(&request.into_inner().bindings)?;
-        let removed = self.dataplane.remove(&bindings).map_err(map_status)?;
-        info!(count = bindings.len(), removed, "bindings removed");
-        Ok(Response::new(RemoveChannelBindingResponse { removed }))
+        observe(
+            "RemoveChannelBinding",
+            (|| {
+                let bindings = request
+                    .get_ref()
+                    .bindings
+                    .iter()
+                    .enumerate()
+                    .map(|(index, binding)| {
+                        Binding::parse(binding).map_err(|error| {
+                            Status::invalid_argument(format!("bindings[{index}]: {error}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let removed = self.state.dataplane.remove(&bindings).map_err(map_status)?;
+                info!(count = bindings.len(), removed, "bindings removed");
+                Ok(Response::new(RemoveChannelBindingResponse { removed }))
+            })(),
+        )
+    }
+
+    async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
+        observe(
+            "Sync",
+            (|| {
+                let request = request.get_ref();
+                let bindings = self.validate(&request.bindings)?;
+                let (added, removed) = self.state.dataplane.sync(&bindings).map_err(map_status)?;
+                self.state.set_generation(request.generation);
+                let installed = self.state.dataplane.installed();
+                info!(
+                    generation = request.generation,
+                    added, removed, installed, "bindings synced"
+                );
+                Ok(Response::new(SyncResponse {
+                    generation: request.generation,
+                    added,
+                    removed,
+                    installed,
+                }))
+            })(),
+        )
     }
 
     async fn list_channel_bindings(
         &self,
-        _request: Request<ListChannelBindingsRequest>,
+        request: Request<ListChannelBindingsRequest>,
     ) -> Result<Response<ListChannelBindingsResponse>, Status> {
-        let bindings = self.dataplane.bindings().map_err(map_status)?;
-        Ok(Response::new(ListChannelBindingsResponse {
-            bindings: bindings.into_iter().map(Binding::to_proto).collect(),
-        }))
+        observe(
+            "ListChannelBindings",
+            (|| {
+                let filter = request.get_ref();
+                let mut bindings = Vec::new();
+                for binding in self.state.dataplane.bindings().map_err(map_status)? {
+                    if matches(&filter.client, binding.client)?
+                        && matches(&filter.peer, binding.peer)?
+                        && (filter.allocation_port == 0
+                            || filter.allocation_port == u32::from(binding.allocation_port))
+                    {
+                        bindings.push(binding.to_proto());
+                    }
+                }
+                Ok(Response::new(ListChannelBindingsResponse { bindings }))
+            })(),
+        )
+    }
+
+    async fn get_channel_binding(
+        &self,
+        request: Request<GetChannelBindingRequest>,
+    ) -> Result<Response<ChannelBinding>, Status> {
+        observe(
+            "GetChannelBinding",
+            (|| {
+                let request = request.get_ref();
+                let client = parse_address("client", &request.client)
+                    .map_err(|error| Status::invalid_argument(error.to_string()))?;
+                let found = self
+                    .state
+                    .dataplane
+                    .bindings()
+                    .map_err(map_status)?
+                    .into_iter()
+                    .find(|b| b.client == client && u32::from(b.channel) == request.channel)
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "no binding for {client} on channel {:#06x}",
+                            request.channel
+                        ))
+                    })?;
+                Ok(Response::new(found.to_proto()))
+            })(),
+        )
+    }
+
+    async fn set_config(
+        &self,
+        request: Request<SetConfigRequest>,
+    ) -> Result<Response<DataPlaneConfig>, Status> {
+        observe(
+            "SetConfig",
+            (|| {
+                let mut refused = None;
+                let settings = self
+                    .state
+                    .update_settings(|current| {
+                        current.with_request(request.get_ref()).map_err(|error| {
+                            refused = Some(error.to_string());
+                            anyhow::anyhow!("refused")
+                        })
+                    })
+                    .map_err(|error| match refused.take() {
+                        Some(reason) => Status::invalid_argument(reason),
+                        None => Status::internal(format!("{error:#}")),
+                    })?;
+                info!(config = ?settings.to_proto(), "data-plane configuration set");
+                Ok(Response::new(settings.to_proto()))
+            })(),
+        )
+    }
+
+    async fn get_config(
+        &self,
+        _request: Request<GetConfigRequest>,
+    ) -> Result<Response<DataPlaneConfig>, Status> {
+        observe(
+            "GetConfig",
+            Ok(Response::new(self.state.settings().to_proto())),
+        )
     }
 
     async fn counters(
         &self,
         _request: Request<CountersRequest>,
     ) -> Result<Response<CountersResponse>, Status> {
-        let counters = self.dataplane.counters().map_err(map_status)?;
-        let relayed = self.dataplane.relayed().map_err(map_status)?;
-        Ok(Response::new(CountersResponse {
-            relayed_packets: relayed.packets,
-            relayed_bytes: relayed.bytes,
-            counters: counters
-                .into_iter()
-                .map(|(reason, counter)| proto::v1::Counter {
-                    reason: reason.name().to_owned(),
-                    verdict: match reason.verdict() {
-                        Verdict::Tx => "tx",
-                        Verdict::Pass => "pass",
-                        Verdict::Drop => "drop",
-                    }
-                    .to_owned(),
-                    packets: counter.packets,
-                    bytes: counter.bytes,
-                })
-                .collect(),
-        }))
+        observe(
+            "Counters",
+            (|| {
+                let dataplane = &self.state.dataplane;
+                let counters = dataplane.counters().map_err(map_status)?;
+                let relayed = dataplane.relayed().map_err(map_status)?;
+                let (_, lost_events) = self.state.reports.events_and_lost();
+                Ok(Response::new(CountersResponse {
+                    relayed_packets: relayed.packets,
+                    relayed_bytes: relayed.bytes,
+                    reported_bytes: self.state.reports.reported().bytes,
+                    lost_events,
+                    counters: counters
+                        .into_iter()
+                        .map(|(reason, counter)| proto::v1::Counter {
+                            reason: reason.name().to_owned(),
+                            verdict: match reason.verdict() {
+                                Verdict::Tx => "tx",
+                                Verdict::Pass => "pass",
+                                Verdict::Drop => "drop",
+                            }
+                            .to_owned(),
+                            packets: counter.packets,
+                            bytes: counter.bytes,
+                        })
+                        .collect(),
+                }))
+            })(),
+        )
+    }
+
+    async fn health(
+        &self,
+        _request: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        let state = &self.state;
+        observe(
+            "Health",
+            Ok(Response::new(HealthResponse {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                attachments: state
+                    .attachments
+                    .iter()
+                    .map(|(interface, mode)| Attachment {
+                        interface: interface.clone(),
+                        mode: mode.to_string(),
+                    })
+                    .collect(),
+                generation: state.generation(),
+                installed: state.dataplane.installed(),
+                capacity: u64::from(state.dataplane.capacity()),
+                uptime_seconds: state.started.elapsed().as_secs(),
+                adopted: state.adopted,
+            })),
+        )
     }
 }

@@ -1,32 +1,74 @@
 //! `xdp-agent`: the relay's only privileged process. It loads the XDP
-//! program, attaches it to the relay's interfaces, owns its maps and serves
-//! the gRPC API through which turn-control installs channel bindings.
+//! program, attaches it to the relay's interfaces through pinned links, owns
+//! its maps, learns the interfaces' addresses, reads the program's perf
+//! events, exports Prometheus metrics and serves the gRPC API through which
+//! turn-control installs channel bindings.
+//!
+//! Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when the agent
+//! cannot start or fails (the reason on stderr, one line), 2 for bad flags.
 
+mod addresses;
+mod attach;
 mod binding;
 mod dataplane;
+mod events;
 mod grpc;
+mod metrics;
+mod settings;
+mod state;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bpf_common::DataPlaneConfig;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use crate::binding::{Limits, is_relay_candidate};
-use crate::dataplane::{DataPlane, XdpMode};
+use crate::addresses::RelayAddresses;
+use crate::attach::{Attachment, XdpMode};
+use crate::binding::is_relay_candidate;
+use crate::dataplane::DataPlane;
+use crate::events::Reports;
+use crate::settings::Settings;
+use crate::state::AgentState;
 
 /// Loads the relay's XDP program, attaches it to the given interfaces and
 /// serves the channel-binding API on a unix socket.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
-struct Args {
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Detaches the program and removes its pinned links and maps (what a
+    /// stop with --persist leaves behind), then exits.
+    Detach {
+        /// The bpffs directory the agent pinned into.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdp-turn";
+
+/// How long a stop waits for gRPC clients to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// Interface to attach the XDP program to (repeatable).
     #[arg(long = "iface", value_name = "NAME", required = true)]
     interfaces: Vec<String>,
@@ -44,21 +86,21 @@ struct Args {
     )]
     grpc_socket: PathBuf,
 
-    /// Group that owns the gRPC socket (turn-control's group); default: the agent's.
+    /// Group that owns the gRPC socket (turn-control's); default: the agent's.
     #[arg(long, value_name = "GROUP")]
     grpc_group: Option<String>,
 
-    /// The UDP port turn-control listens on for clients.
+    /// The UDP port turn-control listens on for clients (turn-control may change it).
     #[arg(long, default_value_t = 3478, value_name = "PORT")]
     listen_port: u16,
 
-    /// The allocation (relay) port range, inclusive.
+    /// The allocation (relay) port range, inclusive (turn-control may change it).
     #[arg(long, default_value = "49152-65535", value_name = "LOW-HIGH", value_parser = parse_port_range)]
     ports: (u16, u16),
 
-    /// The relay's address in a family, repeatable (one IPv4, one IPv6);
-    /// default: the first global address of each family on the first --iface.
-    /// Traffic to other addresses is left to the stack.
+    /// The relay's address in a family, repeatable (one IPv4, one IPv6); it
+    /// overrides what the agent learns from the interfaces. Traffic to other
+    /// addresses is left to the stack.
     #[arg(long = "relay-ip", value_name = "IP")]
     relay_ips: Vec<IpAddr>,
 
@@ -67,9 +109,38 @@ struct Args {
     #[arg(long)]
     tail_adjust: bool,
 
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+
+    /// On SIGTERM/SIGINT leave the program attached and the maps pinned, so
+    /// that the next agent adopts them without interrupting traffic
+    /// (upgrades). Without it a stop detaches and unpins everything.
+    #[arg(long)]
+    persist: bool,
+
+    /// Replace pinned maps whose layout does not fit this version (their
+    /// bindings are dropped until turn-control syncs) instead of refusing to start.
+    #[arg(long)]
+    replace_incompatible: bool,
+
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9642.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+
     /// Log filter, e.g. "info" or "xdp_agent=debug,libbpf=debug".
     #[arg(long, env = "RUST_LOG", default_value = "info", value_name = "FILTER")]
     log: String,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
@@ -91,26 +162,20 @@ fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    if let Err(error) = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_default())
-        .with_writer(std::io::stderr)
-        .try_init()
-    {
+    let cli = Cli::parse();
+    if let Err(error) = init_logging(&cli.run) {
         eprintln!("xdp-agent: cannot set up logging: {error}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("xdp-agent: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let result = match cli.command {
+        Some(Command::Detach { pin_dir }) => detach(&pin_dir),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")
+            .and_then(|runtime| runtime.block_on(run(cli.run))),
     };
-    match runtime.block_on(run(args)) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("xdp-agent: {error:#}");
@@ -119,68 +184,201 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    if args.ports.0 <= args.listen_port && args.listen_port <= args.ports.1 {
-        bail!(
-            "--listen-port {} lies inside --ports {}-{}",
-            args.listen_port,
-            args.ports.0,
-            args.ports.1
-        );
-    }
-    // Resolve every interface before touching the kernel, so that a typo fails
-    // with one line and nothing attached.
-    for interface in &args.interfaces {
-        nix::net::if_::if_nametoindex(interface.as_str())
-            .with_context(|| format!("no interface named {interface}"))?;
-    }
-    let (relay_v4, relay_v6) = relay_addresses(&args.relay_ips, &args.interfaces[0])?;
-
-    let dataplane = Arc::new(DataPlane::load()?);
-    let limits = Limits {
-        listen_port: args.listen_port,
-        ports: args.ports,
-        relay_v4,
-        relay_v6,
+fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .with_context(|| format!("bad log filter {:?}", args.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
     };
-    let config = DataPlaneConfig::new(args.listen_port, args.ports, relay_v4, relay_v6)
-        .with_tail_adjust(args.tail_adjust);
-    dataplane.set_config(&config)?;
-    let links = args
+    result.map_err(|error| anyhow::anyhow!(error))
+}
+
+fn detach(pin_dir: &Path) -> anyhow::Result<()> {
+    let links = attach::unpin_links(pin_dir)?;
+    DataPlane::unpin(pin_dir);
+    let _ = std::fs::remove_dir(pin_dir);
+    println!(
+        "removed {links} pinned link(s) and the maps in {}",
+        pin_dir.display()
+    );
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let overrides = relay_overrides(&args.relay_ips)?;
+    let mut settings = Settings::new(args.listen_port, args.ports, overrides, args.tail_adjust)
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    // Bind the metrics port and resolve every interface before touching the
+    // kernel, so that a busy port or a typo fails with one line and nothing
+    // attached.
+    if let Some(address) = args.metrics {
+        metrics::install(address)?;
+    }
+    let ifindexes = args
         .interfaces
         .iter()
-        .map(|interface| dataplane.attach(interface, args.xdp_mode))
+        .map(|name| {
+            nix::net::if_::if_nametoindex(name.as_str())
+                .with_context(|| format!("no interface named {name}"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let (dataplane, adopted) = DataPlane::load(&args.pin_dir, args.replace_incompatible)?;
+    let dataplane = Arc::new(dataplane);
+    if adopted {
+        info!(pin_dir = %args.pin_dir.display(), installed = dataplane.installed(), "adopted the pinned maps of an earlier run");
+    }
+
+    let (address_updates, mut addresses) = tokio::sync::watch::channel(RelayAddresses::default());
+    let watcher = tokio::spawn(async move {
+        if let Err(error) = addresses::watch(ifindexes, address_updates).await {
+            error!(error = %format!("{error:#}"), "cannot follow the interfaces' addresses");
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(5), addresses.changed()).await {
+        Ok(Ok(())) => settings.learned = *addresses.borrow_and_update(),
+        _ => warn!("no interface addresses learned yet; relying on --relay-ip"),
+    }
+    if settings.relay() == (None, None) {
+        bail!(
+            "{} has no usable address; pass --relay-ip",
+            args.interfaces.join(", ")
+        );
+    }
+    dataplane.set_config(&settings.to_map())?;
+
+    let attachments = args
+        .interfaces
+        .iter()
+        .map(|interface| {
+            Attachment::attach(
+                dataplane.program_fd(),
+                interface,
+                args.xdp_mode,
+                &args.pin_dir,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let reports = Arc::new(Reports::default());
+    let stop_reader = Arc::new(AtomicBool::new(false));
+    let reader = events::spawn_reader(&dataplane, Arc::clone(&reports), Arc::clone(&stop_reader))?;
+    let state = Arc::new(AgentState::new(
+        Arc::clone(&dataplane),
+        settings,
+        attachments
+            .iter()
+            .map(|a| (a.interface.clone(), a.mode))
+            .collect(),
+        adopted || attachments.iter().any(|a| a.adopted),
+        reports,
+    ));
+    let metrics_task = args
+        .metrics
+        .map(|_| tokio::spawn(metrics::refresh_forever(Arc::clone(&state))));
 
     let listener = bind_socket(&args.grpc_socket, args.grpc_group.as_deref())?;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
+    let (stopping, mut stop_requested) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stopping.send(true);
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(proto::v1::data_plane_server::DataPlaneServer::new(
+            grpc::Service::new(Arc::clone(&state)),
+        ))
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    tokio::pin!(server);
+
+    let (relay_v4, relay_v6) = settings.relay();
     info!(
         socket = %args.grpc_socket.display(),
         relay_v4 = %relay_v4.map_or("none".into(), |ip| ip.to_string()),
         relay_v6 = %relay_v6.map_or("none".into(), |ip| ip.to_string()),
-        tail_adjust = args.tail_adjust,
-        listen_port = args.listen_port,
-        ports = %format!("{}-{}", args.ports.0, args.ports.1),
+        listen_port = settings.listen_port,
+        ports = %format!("{}-{}", settings.ports.0, settings.ports.1),
+        tail_adjust = settings.tail_adjust,
         "ready"
     );
-    let served = tonic::transport::Server::builder()
-        .add_service(proto::v1::data_plane_server::DataPlaneServer::new(
-            grpc::Service::new(dataplane, limits),
-        ))
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    // Detach before anything else can fail.
-    for link in links {
-        info!(interface = link.interface, mode = %link.mode, "XDP program detached");
-        drop(link);
+    // A client that keeps its connection open must not hold the stop up.
+    let grace = async move {
+        let _ = stop_requested.wait_for(|stop| *stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::pin!(grace);
+    let served = loop {
+        tokio::select! {
+            served = &mut server => break served,
+            () = &mut grace => {
+                warn!("gRPC clients still connected after {SHUTDOWN_GRACE:?}; stopping anyway");
+                break Ok(());
+            }
+            changed = addresses.changed() => {
+                if changed.is_err() {
+                    // The watcher ended (its error is logged by the task):
+                    // keep the last addresses and serve on.
+                    warn!("interface address watcher stopped; relay addresses are frozen");
+                    break tokio::select! {
+                        served = &mut server => served,
+                        () = &mut grace => Ok(()),
+                    };
+                }
+                let learned = *addresses.borrow_and_update();
+                match state.update_settings(|current| Ok(Settings { learned, ..*current })) {
+                    Ok(settings) => info!(relay = ?settings.relay(), "relay addresses changed"),
+                    Err(error) => error!(error = %format!("{error:#}"), "cannot apply the new relay addresses"),
+                }
+            }
+        }
+    };
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    watcher.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    stop_reader.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    if args.persist {
+        attachments.into_iter().for_each(Attachment::keep);
+        info!(pin_dir = %args.pin_dir.display(), "maps and links left pinned for the next agent");
+    } else {
+        attachments.into_iter().for_each(Attachment::detach);
+        DataPlane::unpin(&args.pin_dir);
+        let _ = std::fs::remove_dir(&args.pin_dir);
     }
     let _ = std::fs::remove_file(&args.grpc_socket);
     served.context("the gRPC server failed")
+}
+
+/// At most one `--relay-ip` per family, each a usable unicast address.
+fn relay_overrides(given: &[IpAddr]) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+    let (mut v4, mut v6) = (None, None);
+    for ip in given {
+        let ip = ip.to_canonical();
+        if !is_relay_candidate(ip) {
+            bail!("--relay-ip {ip} is not a usable unicast address");
+        }
+        let duplicate = match ip {
+            IpAddr::V4(ip) => v4.replace(ip).is_some(),
+            IpAddr::V6(ip) => v6.replace(ip).is_some(),
+        };
+        if duplicate {
+            bail!("--relay-ip is given twice for the family of {ip}");
+        }
+    }
+    Ok((v4, v6))
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -228,49 +426,6 @@ fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener>
     Ok(listener)
 }
 
-/// The relay's address in each family: from `--relay-ip`, else the first
-/// usable address of that family on `interface`. At least one is required.
-fn relay_addresses(
-    given: &[IpAddr],
-    interface: &str,
-) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
-    let (mut v4, mut v6) = (None, None);
-    for ip in given {
-        match ip.to_canonical() {
-            IpAddr::V4(ip) if v4.replace(ip).is_some() => bail!("--relay-ip given twice for IPv4"),
-            IpAddr::V6(ip) if v6.replace(ip).is_some() => bail!("--relay-ip given twice for IPv6"),
-            ip if !is_relay_candidate(ip) => {
-                bail!("--relay-ip {ip} is not a usable unicast address")
-            }
-            _ => {}
-        }
-    }
-    if given.is_empty() {
-        let addresses = nix::ifaddrs::getifaddrs().context("cannot list interface addresses")?;
-        for entry in addresses.filter(|entry| entry.interface_name == interface) {
-            let Some(address) = entry.address else {
-                continue;
-            };
-            if let Some(sin) = address.as_sockaddr_in()
-                && v4.is_none()
-                && is_relay_candidate(IpAddr::V4(sin.ip()))
-            {
-                v4 = Some(sin.ip());
-            }
-            if let Some(sin6) = address.as_sockaddr_in6()
-                && v6.is_none()
-                && is_relay_candidate(IpAddr::V6(sin6.ip()))
-            {
-                v6 = Some(sin6.ip());
-            }
-        }
-    }
-    if v4.is_none() && v6.is_none() {
-        bail!("{interface} has no usable address; pass --relay-ip");
-    }
-    Ok((v4, v6))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,7 +433,7 @@ mod tests {
 
     #[test]
     fn flags_are_consistent() {
-        Args::command().debug_assert();
+        Cli::command().debug_assert();
     }
 
     #[test]
@@ -287,5 +442,26 @@ mod tests {
         assert!(parse_port_range("65535-49152").is_err());
         assert!(parse_port_range("0-10").is_err());
         assert!(parse_port_range("49152").unwrap_err().contains("LOW-HIGH"));
+    }
+
+    #[test]
+    fn relay_overrides_take_one_usable_address_per_family() {
+        let v4: IpAddr = "203.0.113.10".parse().unwrap();
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        assert_eq!(
+            relay_overrides(&[v4, v6]).unwrap(),
+            (
+                Some(Ipv4Addr::new(203, 0, 113, 10)),
+                Some("2001:db8::10".parse().unwrap())
+            )
+        );
+        assert!(
+            relay_overrides(&[v4, v4])
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        assert!(relay_overrides(&["127.0.0.1".parse().unwrap()]).is_err());
+        assert!(relay_overrides(&["ff02::1".parse().unwrap()]).is_err());
     }
 }

@@ -1071,10 +1071,17 @@ mod tests {
             }
             .is_channel_data()
         );
-        // Reserved by RFC 8656 (valid in RFC 5766): not relayed in the kernel.
+        // Reserved by RFC 8656, valid in RFC 5766 and still used by its clients.
+        assert!(
+            ChannelHdr {
+                channel: [0x7f, 0xff],
+                len: [0, 0]
+            }
+            .is_channel_data()
+        );
         assert!(
             !ChannelHdr {
-                channel: [0x50, 0x00],
+                channel: [0x80, 0x00],
                 len: [0, 0]
             }
             .is_channel_data()

@@ -1,0 +1,518 @@
+//! The agent as operators run it: every RPC and its refusals, full-state
+//! Sync, restarts under traffic, address changes and the metrics endpoint.
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test: failures should panic"
+)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use lab::agent::{Agent, binding};
+use lab::packet::channel_data;
+use lab::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, wait_for};
+use proto::v1::{ChannelBinding, ListChannelBindingsRequest, SetConfigRequest, SyncRequest};
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+const METRICS: &str = "127.0.0.1:9642";
+
+fn start(lab: &mut Lab) -> Agent {
+    let socket = lab
+        .start_xdp_agent(&["--xdp-mode", "native", "--metrics", METRICS])
+        .unwrap();
+    Agent::connect(&socket).unwrap()
+}
+
+fn udp(netns: &lab::Netns, ip: IpAddr) -> UdpSocket {
+    let socket = netns.enter(move || Ok(UdpSocket::bind((ip, 0))?)).unwrap();
+    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    socket
+}
+
+fn sorted(mut bindings: Vec<ChannelBinding>) -> Vec<ChannelBinding> {
+    bindings.sort_by(|a, b| (&a.client, a.channel).cmp(&(&b.client, b.channel)));
+    bindings
+}
+
+#[test]
+fn every_rpc_answers_and_refuses_what_it_must() {
+    if !lab::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let mut agent = start(&mut lab);
+    let peer: SocketAddr = "198.51.100.2:9000".parse().unwrap();
+    let a = binding("192.0.2.2:40000".parse().unwrap(), 0x4001, peer, 50000);
+    let b = binding(
+        "[2001:db8:1::2]:40000".parse().unwrap(),
+        0x4002,
+        "[2001:db8:3::2]:9".parse().unwrap(),
+        50001,
+    );
+    let c = binding(
+        "192.0.2.3:40000".parse().unwrap(),
+        0x4003,
+        "198.51.100.3:9".parse().unwrap(),
+        50002,
+    );
+    assert_eq!(agent.add(vec![a.clone(), b.clone()]).unwrap(), 2);
+
+    // Refusals: nothing of a refused batch is written.
+    let refusals = [
+        (
+            binding("192.0.2.9:1".parse().unwrap(), 0x3fff, peer, 50000),
+            "outside 0x4000-0x7fff",
+        ),
+        (
+            binding("192.0.2.9:1".parse().unwrap(), 0x4000, peer, 3478),
+            "outside the range",
+        ),
+        (
+            binding(
+                "192.0.2.9:1".parse().unwrap(),
+                0x4000,
+                "203.0.113.10:3478".parse().unwrap(),
+                50000,
+            ),
+            "listener",
+        ),
+        (
+            binding(
+                "192.0.2.9:1".parse().unwrap(),
+                0x4000,
+                "0.0.0.0:9".parse().unwrap(),
+                50000,
+            ),
+            "not a unicast",
+        ),
+        (
+            ChannelBinding {
+                client: "nonsense".into(),
+                ..c.clone()
+            },
+            "not an address",
+        ),
+    ];
+    for (bad, reason) in refusals {
+        let status = agent.add(vec![c.clone(), bad]).unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{reason}");
+        assert!(
+            status.message().contains("bindings[1]") && status.message().contains(reason),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        sorted(agent.list().unwrap()),
+        sorted(vec![a.clone(), b.clone()])
+    );
+
+    // Filters and Get.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = runtime
+        .block_on(proto::connect(lab.dir().join("agent.sock")))
+        .unwrap();
+    let filtered = runtime
+        .block_on(client.list_channel_bindings(ListChannelBindingsRequest {
+            client: "192.0.2.2".into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .bindings;
+    assert_eq!(filtered, vec![a.clone()]);
+    let by_port = runtime
+        .block_on(client.list_channel_bindings(ListChannelBindingsRequest {
+            allocation_port: 50001,
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .bindings;
+    assert_eq!(by_port, vec![b.clone()]);
+    let got = runtime
+        .block_on(
+            client.get_channel_binding(proto::v1::GetChannelBindingRequest {
+                client: a.client.clone(),
+                channel: a.channel,
+            }),
+        )
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, a);
+    let missing = runtime
+        .block_on(
+            client.get_channel_binding(proto::v1::GetChannelBindingRequest {
+                client: a.client.clone(),
+                channel: 0x4fff,
+            }),
+        )
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // Sync: c added, a kept, b removed; the generation is reported.
+    let synced = runtime
+        .block_on(client.sync(SyncRequest {
+            generation: 7,
+            bindings: vec![a.clone(), c.clone()],
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!((synced.added, synced.removed, synced.installed), (1, 1, 2));
+    assert_eq!(
+        sorted(agent.list().unwrap()),
+        sorted(vec![a.clone(), c.clone()])
+    );
+    let health = runtime
+        .block_on(client.health(proto::v1::HealthRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.generation, 7);
+    assert_eq!(health.installed, 2);
+    assert!(health.capacity >= 65536);
+    assert_eq!(health.attachments.len(), 1);
+    assert_eq!(
+        (
+            health.attachments[0].interface.as_str(),
+            health.attachments[0].mode.as_str()
+        ),
+        ("x0", "native")
+    );
+
+    // Remove is idempotent.
+    assert_eq!(agent.remove(vec![c.clone()]).unwrap(), 1);
+    assert_eq!(agent.remove(vec![c.clone()]).unwrap(), 0);
+
+    // Configuration: set, read back, refuse nonsense.
+    let config = runtime
+        .block_on(client.set_config(SetConfigRequest {
+            port_min: Some(50000),
+            port_max: Some(60000),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (config.port_min, config.port_max, config.listen_port),
+        (50000, 60000, 3478)
+    );
+    assert_eq!(config.relay_ipv4, RELAY_V4.to_string());
+    let read = runtime
+        .block_on(client.get_config(proto::v1::GetConfigRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(read, config);
+    let refused = runtime
+        .block_on(client.set_config(SetConfigRequest {
+            listen_port: Some(55000),
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("listen port 55000"),
+        "{}",
+        refused.message()
+    );
+    // The port range in force now refuses a binding it allowed before.
+    let outside = binding("192.0.2.9:1".parse().unwrap(), 0x4000, peer, 49999);
+    assert_eq!(
+        agent.add(vec![outside]).unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
+/// Scrapes the metrics endpoint from inside the relay's namespace.
+fn scrape(lab: &Lab) -> String {
+    lab.relay
+        .enter(|| {
+            let mut stream = TcpStream::connect(METRICS)?;
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .unwrap()
+}
+
+/// The value of an unlabelled sample (or one whose labels contain `labels`).
+fn sample(body: &str, name: &str, labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| {
+            line.starts_with(name)
+                && line[name.len()..].starts_with([' ', '{'])
+                && line.contains(labels)
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
+    if !lab::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let mut agent = start(&mut lab);
+    let client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
+    let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
+    agent
+        .add(vec![binding(
+            client.local_addr().unwrap(),
+            0x4001,
+            peer.local_addr().unwrap(),
+            50000,
+        )])
+        .unwrap();
+    // 200 datagrams of 100 bytes: more than three perf-event reports' worth.
+    let mut buffer = [0u8; 2048];
+    for _ in 0..200 {
+        client
+            .send_to(&channel_data(0x4001, &[7u8; 100]), (RELAY_V4, 3478))
+            .unwrap();
+        peer.recv_from(&mut buffer)
+            .expect("the peer received nothing");
+    }
+    let body = wait_for(
+        "metrics to show the relayed bytes",
+        Duration::from_secs(10),
+        || {
+            let response = scrape(&lab);
+            let body = response
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            Ok(
+                (sample(&body, "data_relayed_ebpf_bytes_total", "") == Some(20_000.0))
+                    .then_some(body),
+            )
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        sample(&body, "data_relayed_ebpf_packets_total", ""),
+        Some(200.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "xdp_packets_total",
+            "reason=\"relay_client_to_peer_v4_v4\""
+        ),
+        Some(200.0)
+    );
+    assert_eq!(sample(&body, "xdp_bindings_installed", ""), Some(1.0));
+    assert!(
+        sample(&body, "xdp_perf_events_total", "").unwrap() >= 3.0,
+        "perf events arrive"
+    );
+    assert_eq!(sample(&body, "xdp_perf_events_lost_total", ""), Some(0.0));
+    assert_eq!(
+        sample(&body, "xdp_attached", "interface=\"x0\",mode=\"native\"").or(sample(
+            &body,
+            "xdp_attached",
+            "mode=\"native\""
+        )),
+        Some(1.0)
+    );
+    // Every line is a comment or `name{labels} value`.
+    for line in body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        assert!(name.chars().next().unwrap().is_ascii_alphabetic(), "{line}");
+    }
+    let counters = agent.counter("relay_client_to_peer_v4_v4").unwrap();
+    assert_eq!(counters, (200, 20_000));
+    promtool_check(&body);
+}
+
+/// `promtool check metrics` on the scraped text (Debian's prometheus package).
+fn promtool_check(body: &str) {
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "promtool is missing (make setup installs it)"
+        );
+        eprintln!("SKIPPED: promtool check (promtool not installed)");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// SIGKILL the agent while channel data flows, start it again: every
+/// datagram still reaches the peer through XDP, and the new agent adopts the
+/// maps with their bindings.
+#[test]
+fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
+    if !lab::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let mut agent = start(&mut lab);
+    let client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
+    let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
+    let bound = binding(
+        client.local_addr().unwrap(),
+        0x4001,
+        peer.local_addr().unwrap(),
+        50000,
+    );
+    agent.add(vec![bound.clone()]).unwrap();
+    drop(agent);
+
+    let mut sent = 0u64;
+    let mut buffer = [0u8; 2048];
+    let mut exchange = |sent: &mut u64| {
+        client
+            .send_to(&channel_data(0x4001, &sent.to_be_bytes()), (RELAY_V4, 3478))
+            .unwrap();
+        let (len, _) = peer.recv_from(&mut buffer).expect("a datagram was lost");
+        assert_eq!(&buffer[..len], &sent.to_be_bytes());
+        *sent += 1;
+    };
+    for _ in 0..50 {
+        exchange(&mut sent);
+    }
+    lab.take_process("xdp-agent")
+        .unwrap()
+        .stop(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    // Dead agent: the pinned link and maps keep relaying.
+    for _ in 0..50 {
+        exchange(&mut sent);
+    }
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let mut agent = Agent::connect(&socket).unwrap();
+    for _ in 0..50 {
+        exchange(&mut sent);
+    }
+    assert_eq!(agent.list().unwrap(), vec![bound]);
+    // Everything went through XDP: the counters survived with the maps.
+    assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, sent);
+    assert_eq!(agent.counter("pass_unknown_binding").unwrap().0, 0);
+    assert!(
+        lab.log("xdp-agent").contains("adopted"),
+        "{}",
+        lab.log("xdp-agent")
+    );
+
+    // A clean stop detaches and unpins: traffic goes to the stack.
+    lab.take_process("xdp-agent")
+        .unwrap()
+        .stop(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert!(!lab.pin_dir().join("link-x0").exists());
+    assert!(!lab.pin_dir().join("CLIENT_V4").exists());
+    client
+        .send_to(&channel_data(0x4001, b"after stop"), (RELAY_V4, 3478))
+        .unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let started = Instant::now();
+    assert!(
+        peer.recv_from(&mut buffer).is_err(),
+        "relayed after a clean stop"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+/// The relay's interface gets a new address and loses the old: the agent
+/// follows through netlink and the data plane relays on the new one.
+#[test]
+fn the_data_plane_follows_the_interface_address() {
+    if !lab::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let socket = lab
+        .start_xdp_agent(&["--xdp-mode", "native", "--log", "xdp_agent=debug"])
+        .unwrap();
+    let mut agent = Agent::connect(&socket).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = runtime
+        .block_on(proto::connect(lab.dir().join("agent.sock")))
+        .unwrap();
+    let mut relay_ipv4 = || {
+        runtime
+            .block_on(client.get_config(proto::v1::GetConfigRequest {}))
+            .unwrap()
+            .into_inner()
+            .relay_ipv4
+    };
+    assert_eq!(relay_ipv4(), RELAY_V4.to_string(), "learned at start");
+
+    // The new address joins the old one's subnet as a secondary; promote it
+    // when the primary goes, as operators renumbering a host would.
+    lab.relay
+        .exec("sysctl", ["-qw", "net.ipv4.conf.x0.promote_secondaries=1"])
+        .unwrap();
+    lab.relay
+        .ip(["addr", "add", "203.0.113.20/24", "dev", "x0"])
+        .unwrap();
+    lab.relay
+        .ip(["addr", "del", "203.0.113.10/24", "dev", "x0"])
+        .unwrap();
+    let learned = wait_for("the agent to learn 203.0.113.20", DEADLINE, || {
+        Ok((relay_ipv4() == "203.0.113.20").then_some(()))
+    });
+    if let Err(error) = learned {
+        panic!(
+            "{error:#}\n{}\n{}",
+            lab.relay.ip(["addr", "show", "x0"]).unwrap(),
+            lab.log("xdp-agent")
+        );
+    }
+
+    let user = udp(&lab.client, IpAddr::V4(CLIENT_V4));
+    let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
+    agent
+        .add(vec![binding(
+            user.local_addr().unwrap(),
+            0x4001,
+            peer.local_addr().unwrap(),
+            50000,
+        )])
+        .unwrap();
+    user.send_to(
+        &channel_data(0x4001, b"new address"),
+        ("203.0.113.20", 3478),
+    )
+    .unwrap();
+    let mut buffer = [0u8; 64];
+    let (len, from) = peer
+        .recv_from(&mut buffer)
+        .expect("nothing relayed on the new address");
+    assert_eq!(&buffer[..len], b"new address");
+    assert_eq!(from, "203.0.113.20:50000".parse().unwrap());
+    assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, 1);
+}
