@@ -2,7 +2,11 @@
 //! a veth by the real `xdp-agent`, with real sockets in network namespaces:
 //! the kernel sockets at the far ends accept only datagrams with correct
 //! checksums, and the agent's counters show that XDP, not the stack, relayed.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "a test: failures should panic")]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test: failures should panic"
+)]
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
