@@ -46,6 +46,32 @@ pub const RELAY_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 10);
 pub const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 2);
 /// The relay's interface.
 pub const RELAY_IFACE: &str = "x0";
+/// turn-control's metrics endpoint inside the relay namespace.
+pub const TURN_CONTROL_METRICS: &str = "127.0.0.1:9641";
+/// xdp-agent's metrics endpoint inside the relay namespace.
+pub const AGENT_METRICS: &str = "127.0.0.1:9642";
+
+/// The value of the first sample of `name` whose labels contain `labels`
+/// (`""`: any), in a Prometheus text body.
+pub fn sample(body: &str, name: &str, labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| {
+            line.starts_with(name)
+                && line[name.len()..].starts_with([' ', '{'])
+                && line.contains(labels)
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// The sum of every sample of `name` (all label sets).
+pub fn sample_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
 
 /// Prefix of every namespace this crate creates.
 const NETNS_PREFIX: &str = "xtlab";
@@ -351,6 +377,67 @@ impl Lab {
     /// is removed with the lab.
     pub fn pin_dir(&self) -> PathBuf {
         PathBuf::from(BPFFS).join(&self.id)
+    }
+
+    /// Starts the real `turn-control` in the relay namespace, relaying for the
+    /// lab's addresses with user `test:testpass`, allowing the peer networks,
+    /// with metrics on 127.0.0.1:9641 there, connected to the agent at
+    /// `agent` if given; `args` are added. Returns once it is ready.
+    pub fn start_turn_control(
+        &mut self,
+        agent: Option<&Path>,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
+        let mut command = self.relay.command(workspace_binary("turn-control")?);
+        command.args([
+            "--listen",
+            "203.0.113.10:3478",
+            "--listen",
+            "[2001:db8:2::a]:3478",
+            "--relay-ip",
+            "203.0.113.10",
+            "--relay-ip",
+            "2001:db8:2::a",
+            "--ports",
+            "49152-65535",
+            "--realm",
+            "lab.example",
+            "--user",
+            "test:testpass",
+            "--allow-peer",
+            "198.51.100.0/24",
+            "--allow-peer",
+            "2001:db8:3::/64",
+            "--metrics",
+            TURN_CONTROL_METRICS,
+        ]);
+        if let Some(agent) = agent {
+            command.arg("--agent").arg(agent);
+        }
+        command.args(args);
+        self.spawn("turn-control", command)?;
+        let result = wait_for("turn-control to be ready", Duration::from_secs(20), || {
+            self.process_mut("turn-control")?.ensure_running()?;
+            Ok(self
+                .log("turn-control")
+                .contains("relay ready")
+                .then_some(()))
+        });
+        result.with_context(|| format!("turn-control's log:\n{}", self.log("turn-control")))
+    }
+
+    /// Scrapes a Prometheus endpoint at `address` inside `netns`; the body.
+    pub fn scrape(netns: &Netns, address: &str) -> anyhow::Result<String> {
+        let address = address.to_owned();
+        netns.enter(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(&address)?;
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: lab\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (_, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
+            Ok(body.to_owned())
+        })
     }
 
     /// Waits until the process `name` accepts connections on the unix socket

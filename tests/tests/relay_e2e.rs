@@ -1,0 +1,195 @@
+//! The whole relay as operators run it: turn-control and xdp-agent together
+//! in the lab, driven by TURN clients we did not write (coturn's
+//! `turnutils_uclient` with `turnutils_peer`). Channel data must be relayed
+//! by XDP: the agent's relayed bytes grow while turn-control's user-space
+//! bytes stay flat, and no message is lost to the offload handshake.
+#![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
+
+use std::process::Command;
+use std::time::Duration;
+
+use lab::agent::Agent;
+use lab::{AGENT_METRICS, Lab, TURN_CONTROL_METRICS, sample, sample_sum, wait_for};
+
+/// Whether coturn's tools are here; under CI they must be.
+fn coturn_tools() -> bool {
+    let present = Command::new("turnutils_uclient").output().is_ok()
+        && Command::new("turnutils_peer").arg("-h").output().is_ok();
+    if !present {
+        assert!(
+            std::env::var("CI").is_err(),
+            "coturn's tools are missing (make setup installs them)"
+        );
+        eprintln!("SKIPPED: turnutils_uclient/turnutils_peer not installed");
+    }
+    present
+}
+
+/// (sent, received) from `turnutils_uclient`'s summary line.
+fn totals(output: &str) -> Option<(u64, u64)> {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| l.contains("tot_send_msgs="))?;
+    let number = |key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((number("tot_send_msgs=")?, number("tot_recv_msgs=")?))
+}
+
+struct Case {
+    name: &'static str,
+    server: &'static str,
+    peer: &'static str,
+    /// uclient's relay-family flag.
+    family_flag: Option<&'static str>,
+    to_peer: &'static str,
+    to_client: &'static str,
+}
+
+fn run_case(case: &Case) {
+    let mut lab = Lab::new().unwrap();
+    let socket = lab
+        .start_xdp_agent(&["--xdp-mode", "native", "--metrics", AGENT_METRICS])
+        .unwrap();
+    lab.start_turn_control(Some(&socket), &[]).unwrap();
+    wait_for(
+        "turn-control to connect to the agent",
+        Duration::from_secs(15),
+        || {
+            let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
+            Ok((sample(&body, "agent_connected", "") == Some(1.0)).then_some(()))
+        },
+    )
+    .unwrap();
+
+    let mut peer = lab.peer.command("turnutils_peer");
+    peer.args(["-L", case.peer, "-p", "3480"]);
+    lab.spawn("turnutils_peer", peer).unwrap();
+
+    let (clients, messages) = (5u64, 200u64);
+    let mut uclient = lab.client.command("turnutils_uclient");
+    uclient.args([
+        "-u", "test", "-w", "testpass", "-e", case.peer, "-r", "3480",
+    ]);
+    uclient.args([
+        "-m",
+        &clients.to_string(),
+        "-n",
+        &messages.to_string(),
+        "-l",
+        "100",
+        "-z",
+        "5",
+        "-c",
+    ]);
+    if let Some(flag) = case.family_flag {
+        uclient.arg(flag);
+    }
+    uclient.args(["-p", "3478", case.server]);
+    let output = uclient.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (sent, received) = totals(&stdout).unwrap_or_else(|| {
+        panic!(
+            "{}: no totals from uclient:\n{stdout}\n{}",
+            case.name,
+            lab.log("turn-control")
+        )
+    });
+    assert_eq!(sent, clients * messages, "{}", case.name);
+    assert!(
+        received * 100 >= sent * 99,
+        "{}: {received} of {sent} echoed",
+        case.name
+    );
+
+    let mut agent = Agent::connect(&socket).unwrap();
+    let (to_peer, _) = agent.counter(case.to_peer).unwrap();
+    let (to_client, _) = agent.counter(case.to_client).unwrap();
+    assert!(
+        to_peer >= sent,
+        "{}: XDP relayed {to_peer} of {sent} to the peer",
+        case.name
+    );
+    assert!(
+        to_client >= received,
+        "{}: XDP relayed {to_client} of {received} back",
+        case.name
+    );
+
+    let control = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS).unwrap();
+    let userspace = sample_sum(&control, "data_relayed_userspace_packets_total");
+    assert_eq!(
+        userspace, 0.0,
+        "{}: channel data crossed user space",
+        case.name
+    );
+    // Every channel bind was acknowledged by the agent: none fell back.
+    let installed = sample(
+        &control,
+        "turn_offload_installs_total",
+        "result=\"installed\"",
+    );
+    assert!(
+        installed.unwrap_or(0.0) >= clients as f64,
+        "{}: {installed:?} offloads",
+        case.name
+    );
+    for result in ["failed", "timed_out"] {
+        let label = format!("result=\"{result}\"");
+        let count = sample(&control, "turn_offload_installs_total", &label).unwrap_or(0.0);
+        assert_eq!(count, 0.0, "{}: {result}", case.name);
+    }
+    let agent_metrics = Lab::scrape(&lab.relay, AGENT_METRICS).unwrap();
+    assert!(
+        sample(&agent_metrics, "data_relayed_ebpf_bytes_total", "").unwrap() >= (sent * 100) as f64
+    );
+}
+
+#[test]
+fn uclient_channel_data_is_relayed_by_xdp_in_every_family_pair() {
+    if !lab::privileged() || !coturn_tools() {
+        return;
+    }
+    let cases = [
+        Case {
+            name: "v4",
+            server: "203.0.113.10",
+            peer: "198.51.100.2",
+            family_flag: None,
+            to_peer: "relay_client_to_peer_v4_v4",
+            to_client: "relay_peer_to_client_v4_v4",
+        },
+        Case {
+            name: "v6",
+            server: "2001:db8:2::a",
+            peer: "2001:db8:3::2",
+            family_flag: Some("-x"),
+            to_peer: "relay_client_to_peer_v6_v6",
+            to_client: "relay_peer_to_client_v6_v6",
+        },
+        Case {
+            name: "v4 client, v6 peer",
+            server: "203.0.113.10",
+            peer: "2001:db8:3::2",
+            family_flag: Some("-x"),
+            to_peer: "relay_client_to_peer_v4_v6",
+            to_client: "relay_peer_to_client_v6_v4",
+        },
+        Case {
+            name: "v6 client, v4 peer",
+            server: "2001:db8:2::a",
+            peer: "198.51.100.2",
+            family_flag: Some("-X"),
+            to_peer: "relay_client_to_peer_v6_v4",
+            to_client: "relay_peer_to_client_v4_v6",
+        },
+    ];
+    for case in &cases {
+        run_case(case);
+    }
+}
