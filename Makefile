@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build release test lint fmt clean run
+.PHONY: all setup build release test lint fmt clean run lab
 
 all: build
 
@@ -23,6 +23,11 @@ release: setup
 run: setup
 	$(CARGO) build -p turn-control --release
 	target/release/turn-control --dev
+
+## lab: the whole relay live in a namespace lab (root): both daemons, XDP, coturn's clients; Ctrl-C ends it
+lab: setup
+	$(CARGO) build --workspace --bins
+	target/debug/lab
 
 ## test: every test, the privileged network-namespace lab tests included (they need root)
 test: setup

@@ -631,18 +631,21 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os(&variable) {
         return Ok(PathBuf::from(path));
     }
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the test executable has no target directory")?;
-    let path = profile_dir.join(name);
-    ensure!(
-        path.is_file(),
-        "{} is missing: build the workspace first (`cargo build --workspace`, as `make test` does) or set {variable}",
-        path.display()
-    );
-    Ok(path)
+    let exe_dir = exe.parent().context("the executable has no directory")?;
+    let candidates = [Some(exe_dir), exe_dir.parent()];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .with_context(|| {
+            format!(
+                "{name} is missing next to {}: build the workspace first (`cargo build --workspace`, as `make test` does) or set {variable}",
+                exe.display()
+            )
+        })
 }
 
 /// The address family of an IP, as a short label for messages.
