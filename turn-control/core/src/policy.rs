@@ -91,9 +91,18 @@ impl PeerPolicy {
     }
 
     /// Decides whether `peer` may be reached.
+    ///
+    /// The relay's own listeners are never a peer, whatever the operator allows:
+    /// relaying to them would loop. The relay's other addresses are refused unless the
+    /// operator allows them, which two allocations of this relay reaching each other
+    /// (the hairpin) needs.
     pub fn check(&self, peer: SocketAddr) -> Result<(), PeerDenied> {
         let raw = peer.ip();
         let ip = canonical_ip(raw);
+        let canonical = SocketAddr::new(ip, peer.port());
+        if self.own_sockets.contains(&canonical) {
+            return Err(PeerDenied::Relay);
+        }
         if self
             .deny
             .iter()
@@ -103,10 +112,6 @@ impl PeerPolicy {
         }
         if self.allow.iter().any(|net| net.contains(&ip)) {
             return Ok(());
-        }
-        let canonical = SocketAddr::new(ip, peer.port());
-        if self.own_sockets.contains(&canonical) {
-            return Err(PeerDenied::Relay);
         }
         match builtin_verdict(ip) {
             Err(PeerDenied::Loopback) if self.allow_loopback => return Ok(()),
@@ -345,6 +350,28 @@ mod tests {
             Err(PeerDenied::Operator)
         );
         assert_eq!(p.check(sa("127.0.0.1:1")), Ok(()));
+    }
+
+    #[test]
+    fn the_listener_is_refused_even_inside_an_allowed_network() {
+        let listener: SocketAddr = "203.0.113.10:3478".parse().unwrap();
+        let policy = PeerPolicy::new([listener.ip()], [listener])
+            .with_lists(vec!["203.0.113.0/24".parse().unwrap()], vec![]);
+        assert_eq!(policy.check(listener), Err(PeerDenied::Relay));
+        let mapped: SocketAddr = "[::ffff:203.0.113.10]:3478".parse().unwrap();
+        assert_eq!(policy.check(mapped), Err(PeerDenied::Relay));
+        // Another allocation of this relay, allowed by the operator: the hairpin.
+        assert_eq!(policy.check("203.0.113.10:50000".parse().unwrap()), Ok(()));
+        // Without the allow list the relay's own address stays refused.
+        let own: SocketAddr = "192.0.2.77:50000".parse().unwrap();
+        let strict = PeerPolicy::new([own.ip()], [])
+            .with_lists(vec!["192.0.2.0/24".parse().unwrap()], vec![]);
+        assert_eq!(strict.check(own), Ok(()), "the operator allowed it");
+        let strict = PeerPolicy::new(["8.8.8.8".parse().unwrap()], []);
+        assert_eq!(
+            strict.check("8.8.8.8:50000".parse().unwrap()),
+            Err(PeerDenied::Relay)
+        );
     }
 
     #[test]
