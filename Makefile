@@ -33,6 +33,7 @@ lab: setup
 test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-60} bash tests/fuzz/run.sh
 
 ## lint: formatting and clippy for the workspace and the BPF crate
 lint: setup
@@ -40,6 +41,11 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd bpf/xdp && rustup run nightly cargo fmt -- --check
 	cd bpf/xdp && env -u RUSTC -u RUSTUP_TOOLCHAIN rustup run nightly cargo clippy --release -- -D warnings
+
+## fuzz: every cargo-fuzz target in tests/fuzz for FUZZ_SECONDS each (default 60); fails on a crash
+.PHONY: fuzz
+fuzz: setup
+	bash tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -74,4 +74,11 @@ else
     touch "$stamp"
 fi
 
+# --- cargo-fuzz ---------------------------------------------------------------
+# tests/fuzz: libFuzzer targets, run by `make fuzz` and `make test` (tests/fuzz/run.sh).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    log "installing cargo-fuzz (about 3 minutes)"
+    cargo install cargo-fuzz --locked
+fi
+
 log "ok: $(bpf-linker --version 2>/dev/null || echo bpf-linker), nightly LLVM $llvm_major"

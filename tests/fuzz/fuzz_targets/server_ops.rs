@@ -1,0 +1,365 @@
+//! Sequences of operations on the TURN core with simulated time: clients allocate, refresh,
+//! create permissions, bind channels and send data (authenticated, following 401 and 438
+//! answers for the nonce); peers answer; the data plane acknowledges or refuses channel
+//! installs; relay binds fail; TCP connections close; time advances.
+//!
+//! A model of what the daemon holds (bound relay sockets, installed channel bindings) follows
+//! the commands. Invariants, after every operation: no panic; no relay bound twice or freed
+//! unbound; no binding installed twice; the bindings the core says the data plane should hold
+//! (`channel_bindings`) are exactly those installed and not removed; each installed binding
+//! uses a bound relay; the allocation count matches the bound relay ports; after
+//! `handle_timeout(now)` nothing is due at `now`. At the end, after a final long timeout:
+//! no allocation, relay socket, installed binding or timer is left, so every InstallChannel
+//! was paired with a RemoveChannel.
+#![no_main]
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use turn_core::{
+    ChannelBinding, ClientAddr, Command, OffloadError, PeerAddr, RelayAddr, Server, Transmit,
+    Transport,
+};
+use turn_fuzz::{
+    Decoded, LISTEN, LISTEN6, Msg, PASSWORD, REST_USER, USER, attr, class, method, rest_key, sa,
+    server, sign, user_key,
+};
+
+#[derive(Debug, Arbitrary)]
+enum Op {
+    Allocate { client: u8, lifetime: Option<u16>, family: u8, rest: bool },
+    Refresh { client: u8, lifetime: Option<u16> },
+    CreatePermission { client: u8, peers: [u8; 2] },
+    ChannelBind { client: u8, channel: u16, peer: u8 },
+    Send { client: u8, peer: u8, len: u8 },
+    ChannelData { client: u8, channel: u16, len: u8 },
+    FromPeer { relay: u8, peer: u8, len: u8 },
+    Advance { millis: u32 },
+    Installed { index: u8, ok: bool },
+    BindFailed { relay: u8 },
+    Closed { client: u8 },
+    Raw { client: u8, bytes: Vec<u8> },
+}
+
+/// Clients: UDP over IPv4 (three), UDP over IPv6, TCP over IPv4 and IPv6.
+const CLIENTS: [(&str, &str, Transport); 6] = [
+    ("192.0.2.1:5000", LISTEN, Transport::Udp),
+    ("192.0.2.2:5000", LISTEN, Transport::Udp),
+    ("192.0.2.2:5001", LISTEN, Transport::Udp),
+    ("[2001:db8:1::1]:5000", LISTEN6, Transport::Udp),
+    ("192.0.2.3:6000", LISTEN, Transport::Tcp),
+    ("[2001:db8:1::3]:6000", LISTEN6, Transport::Tcp),
+];
+
+/// Peers: allowed ones of both families and a few the policy refuses.
+const PEERS: [&str; 8] = [
+    "8.8.8.8:5000",
+    "1.1.1.1:6000",
+    "8.8.8.8:5001",
+    "[2a00:1450::1]:7000",
+    "[2606:4700::1]:53",
+    "10.0.0.1:1000",
+    "127.0.0.1:3478",
+    "198.51.100.7:50001",
+];
+
+struct Client {
+    addr: ClientAddr,
+    local: SocketAddr,
+    transport: Transport,
+    nonce: Option<Vec<u8>>,
+    rest: bool,
+    txid: u32,
+}
+
+struct Harness {
+    server: Server,
+    now: Instant,
+    clients: Vec<Client>,
+    relays: HashSet<RelayAddr>,
+    installed: HashSet<ChannelBinding>,
+    pending: Vec<ChannelBinding>,
+    installs: u64,
+    removes: u64,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            server: server(now),
+            now,
+            clients: CLIENTS
+                .iter()
+                .map(|&(addr, local, transport)| Client {
+                    addr: ClientAddr(sa(addr)),
+                    local: sa(local),
+                    transport,
+                    nonce: None,
+                    rest: false,
+                    txid: 0,
+                })
+                .collect(),
+            relays: HashSet::new(),
+            installed: HashSet::new(),
+            pending: Vec::new(),
+            installs: 0,
+            removes: 0,
+        }
+    }
+
+    /// Applies the commands to the model of the daemon and returns the answers to `to`.
+    fn drain(&mut self, to: Option<ClientAddr>) -> Vec<Vec<u8>> {
+        while let Some(command) = self.server.poll_command() {
+            match command {
+                Command::BindRelayPort { relay } => {
+                    assert!(self.relays.insert(relay), "{relay:?} bound twice");
+                }
+                Command::FreeRelayPort { relay } => {
+                    assert!(self.relays.remove(&relay), "{relay:?} freed but not bound");
+                }
+                Command::InstallChannel { binding } => {
+                    assert_eq!(binding.transport, Transport::Udp, "TCP binding offloaded");
+                    assert!(self.relays.contains(&binding.relay), "binding on unbound relay");
+                    assert!(self.installed.insert(binding), "{binding} installed twice");
+                    self.pending.push(binding);
+                    self.installs += 1;
+                }
+                Command::RemoveChannel { binding } => {
+                    self.installed.remove(&binding);
+                    self.removes += 1;
+                }
+            }
+        }
+        let mut answers = Vec::new();
+        while let Some(transmit) = self.server.poll_transmit() {
+            match transmit {
+                Transmit::ToClient { client, payload, .. } => {
+                    if Some(client) == to {
+                        answers.push(payload);
+                    }
+                }
+                Transmit::ToPeer { relay, .. } => {
+                    assert!(self.relays.contains(&relay), "sent from unbound {relay:?}");
+                }
+            }
+        }
+        answers
+    }
+
+    fn check(&mut self) {
+        let held: HashSet<ChannelBinding> = self.server.channel_bindings().collect();
+        assert_eq!(held, self.installed, "data plane and core disagree");
+        let ports: BTreeSet<u16> = self.relays.iter().map(|r| r.0.port()).collect();
+        assert_eq!(self.server.allocation_count(), ports.len(), "allocations vs relay ports");
+    }
+
+    fn client_input(&mut self, index: usize, bytes: &[u8]) -> Vec<Vec<u8>> {
+        let c = &self.clients[index];
+        let (transport, local, addr) = (c.transport, c.local, c.addr);
+        self.server.handle_client(self.now, transport, local, addr, bytes);
+        self.drain(Some(addr))
+    }
+
+    /// Sends an authenticated request, learning the nonce from a 401 or 438 when needed.
+    fn request(&mut self, index: usize, m: u16, build: impl Fn(&mut Msg)) -> Option<u16> {
+        for _ in 0..3 {
+            let c = &mut self.clients[index];
+            c.txid += 1;
+            let mut txid = [0u8; 12];
+            txid[..4].copy_from_slice(&c.txid.to_be_bytes());
+            txid[4] = index as u8;
+            let mut msg = Msg::new(m, class::REQUEST, txid);
+            build(&mut msg);
+            let unsigned = msg.finish(None, false);
+            let bytes = match &c.nonce {
+                Some(nonce) if c.rest => sign(&unsigned, REST_USER, &rest_key(), nonce, true),
+                Some(nonce) => sign(&unsigned, USER, &user_key(USER, PASSWORD), nonce, false),
+                None => unsigned,
+            };
+            let answers = self.client_input(index, &bytes);
+            let Some(answer) = answers
+                .iter()
+                .filter_map(|a| Decoded::parse(a))
+                .find(|d| d.txid == txid)
+            else {
+                // Rate-limited 401s and held ChannelBind successes give no answer (yet).
+                return None;
+            };
+            assert_eq!(answer.method, m);
+            let code = answer.error_code();
+            if answer.class == class::ERROR {
+                assert!(code.is_some(), "error response without ERROR-CODE");
+            }
+            match code {
+                Some(401 | 438) if let Some(nonce) = answer.attr(attr::NONCE) => {
+                    self.clients[index].nonce = Some(nonce.to_vec());
+                }
+                other => return other,
+            }
+        }
+        None
+    }
+
+    /// Advances time, firing every deadline on the way as the daemon's timer would.
+    fn advance(&mut self, to: Instant) {
+        let mut steps = 0;
+        while let Some(deadline) = self.server.poll_timeout()
+            && deadline <= to
+        {
+            steps += 1;
+            assert!(steps < 100_000, "timers do not converge");
+            let at = deadline.max(self.now);
+            self.now = at;
+            self.server.handle_timeout(at);
+            self.drain(None);
+        }
+        self.now = to.max(self.now);
+        self.server.handle_timeout(self.now);
+        self.drain(None);
+        if let Some(deadline) = self.server.poll_timeout() {
+            assert!(deadline > self.now, "a deadline at or before now survived handle_timeout");
+        }
+    }
+
+    fn apply(&mut self, op: Op) {
+        let pick = |i: u8| usize::from(i) % CLIENTS.len();
+        let peer = |i: u8| sa(PEERS[usize::from(i) % PEERS.len()]);
+        let channel = |n: u16| if n & 0x8000 != 0 { n & 0x7FFF } else { 0x4000 + n % 8 };
+        match op {
+            Op::Allocate { client, lifetime, family, rest } => {
+                let i = pick(client);
+                if self.clients[i].rest != rest {
+                    self.clients[i].rest = rest;
+                }
+                self.request(i, method::ALLOCATE, |m| {
+                    m.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+                    match family % 4 {
+                        1 => {
+                            m.attr(attr::REQUESTED_ADDRESS_FAMILY, &[1, 0, 0, 0]);
+                        }
+                        2 => {
+                            m.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+                        }
+                        3 => {
+                            m.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+                        }
+                        _ => {}
+                    }
+                    if let Some(l) = lifetime {
+                        m.attr(attr::LIFETIME, &u32::from(l).to_be_bytes());
+                    }
+                });
+            }
+            Op::Refresh { client, lifetime } => {
+                self.request(pick(client), method::REFRESH, |m| {
+                    if let Some(l) = lifetime {
+                        m.attr(attr::LIFETIME, &u32::from(l).to_be_bytes());
+                    }
+                });
+            }
+            Op::CreatePermission { client, peers } => {
+                self.request(pick(client), method::CREATE_PERMISSION, |m| {
+                    for p in peers {
+                        m.xor_addr(attr::XOR_PEER_ADDRESS, peer(p));
+                    }
+                });
+            }
+            Op::ChannelBind { client, channel: n, peer: p } => {
+                self.request(pick(client), method::CHANNEL_BIND, |m| {
+                    m.attr(attr::CHANNEL_NUMBER, &[(channel(n) >> 8) as u8, channel(n) as u8, 0, 0]);
+                    m.xor_addr(attr::XOR_PEER_ADDRESS, peer(p));
+                });
+            }
+            Op::Send { client, peer: p, len } => {
+                let i = pick(client);
+                let mut m = Msg::new(method::SEND, class::INDICATION, [9; 12]);
+                m.xor_addr(attr::XOR_PEER_ADDRESS, peer(p)).attr(attr::DATA, &vec![0xAB; usize::from(len)]);
+                let bytes = m.finish(None, false);
+                self.client_input(i, &bytes);
+            }
+            Op::ChannelData { client, channel: n, len } => {
+                let i = pick(client);
+                let mut bytes = channel(n).to_be_bytes().to_vec();
+                bytes.extend_from_slice(&u16::from(len).to_be_bytes());
+                bytes.resize(4 + usize::from(len), 0xCD);
+                if self.clients[i].transport == Transport::Tcp {
+                    bytes.resize(bytes.len().next_multiple_of(4), 0);
+                }
+                self.client_input(i, &bytes);
+            }
+            Op::FromPeer { relay, peer: p, len } => {
+                let mut relays: Vec<RelayAddr> = self.relays.iter().copied().collect();
+                relays.sort();
+                let Some(&relay) = relays.get(usize::from(relay) % relays.len().max(1)) else {
+                    return;
+                };
+                let from = peer(p);
+                if from.is_ipv4() != relay.0.is_ipv4() {
+                    return;
+                }
+                self.server.handle_peer(self.now, relay, PeerAddr(from), &vec![0xEF; usize::from(len)]);
+                self.drain(None);
+            }
+            Op::Advance { millis } => {
+                let to = self.now + Duration::from_millis(u64::from(millis % 7_200_000));
+                self.advance(to);
+            }
+            Op::Installed { index, ok } => {
+                if self.pending.is_empty() {
+                    return;
+                }
+                let binding = self.pending.remove(usize::from(index) % self.pending.len());
+                let result = if ok {
+                    Ok(())
+                } else {
+                    // The daemon relays a refused binding in user space: it is not installed.
+                    self.installed.remove(&binding);
+                    Err(OffloadError::Rejected("fuzz".to_owned()))
+                };
+                self.server.channel_installed(self.now, &binding, result);
+                self.drain(None);
+            }
+            Op::BindFailed { relay } => {
+                let mut relays: Vec<RelayAddr> = self.relays.iter().copied().collect();
+                relays.sort();
+                let Some(&relay) = relays.get(usize::from(relay) % relays.len().max(1)) else {
+                    return;
+                };
+                self.server.relay_bind_failed(relay);
+                self.drain(None);
+                assert!(!self.relays.contains(&relay), "allocation kept after its bind failed");
+            }
+            Op::Closed { client } => {
+                let c = &self.clients[pick(client)];
+                if c.transport == Transport::Tcp {
+                    let (transport, local, addr) = (c.transport, c.local, c.addr);
+                    self.server.handle_client_closed(transport, local, addr);
+                    self.drain(None);
+                }
+            }
+            Op::Raw { client, bytes } => {
+                self.client_input(pick(client), &bytes);
+            }
+        }
+    }
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let mut h = Harness::new();
+    for op in ops.into_iter().take(256) {
+        h.apply(op);
+        h.check();
+    }
+    // Every allocation, permission, channel and cooldown lapses within this.
+    let end = h.now + Duration::from_secs(8 * 86_400);
+    h.advance(end);
+    h.check();
+    assert_eq!(h.server.allocation_count(), 0, "allocations left");
+    assert!(h.relays.is_empty(), "relay sockets left: {:?}", h.relays);
+    assert!(h.installed.is_empty(), "bindings left in the data plane: {:?}", h.installed);
+    assert!(h.server.poll_timeout().is_none(), "timers left");
+});
