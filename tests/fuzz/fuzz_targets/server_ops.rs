@@ -30,18 +30,57 @@ use turn_fuzz::{
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    Allocate { client: u8, lifetime: Option<u16>, family: u8, rest: bool },
-    Refresh { client: u8, lifetime: Option<u16> },
-    CreatePermission { client: u8, peers: [u8; 2] },
-    ChannelBind { client: u8, channel: u16, peer: u8 },
-    Send { client: u8, peer: u8, len: u8 },
-    ChannelData { client: u8, channel: u16, len: u8 },
-    FromPeer { relay: u8, peer: u8, len: u8 },
-    Advance { millis: u32 },
-    Installed { index: u8, ok: bool },
-    BindFailed { relay: u8 },
-    Closed { client: u8 },
-    Raw { client: u8, bytes: Vec<u8> },
+    Allocate {
+        client: u8,
+        lifetime: Option<u16>,
+        family: u8,
+        rest: bool,
+    },
+    Refresh {
+        client: u8,
+        lifetime: Option<u16>,
+    },
+    CreatePermission {
+        client: u8,
+        peers: [u8; 2],
+    },
+    ChannelBind {
+        client: u8,
+        channel: u16,
+        peer: u8,
+    },
+    Send {
+        client: u8,
+        peer: u8,
+        len: u8,
+    },
+    ChannelData {
+        client: u8,
+        channel: u16,
+        len: u8,
+    },
+    FromPeer {
+        relay: u8,
+        peer: u8,
+        len: u8,
+    },
+    Advance {
+        millis: u32,
+    },
+    Installed {
+        index: u8,
+        ok: bool,
+    },
+    BindFailed {
+        relay: u8,
+    },
+    Closed {
+        client: u8,
+    },
+    Raw {
+        client: u8,
+        bytes: Vec<u8>,
+    },
 }
 
 /// Clients: UDP over IPv4 (three), UDP over IPv6, TCP over IPv4 and IPv6.
@@ -123,7 +162,10 @@ impl Harness {
                 }
                 Command::InstallChannel { binding } => {
                     assert_eq!(binding.transport, Transport::Udp, "TCP binding offloaded");
-                    assert!(self.relays.contains(&binding.relay), "binding on unbound relay");
+                    assert!(
+                        self.relays.contains(&binding.relay),
+                        "binding on unbound relay"
+                    );
                     assert!(self.installed.insert(binding), "{binding} installed twice");
                     self.pending.push(binding);
                     self.installs += 1;
@@ -137,7 +179,9 @@ impl Harness {
         let mut answers = Vec::new();
         while let Some(transmit) = self.server.poll_transmit() {
             match transmit {
-                Transmit::ToClient { client, payload, .. } => {
+                Transmit::ToClient {
+                    client, payload, ..
+                } => {
                     if Some(client) == to {
                         answers.push(payload);
                     }
@@ -154,13 +198,18 @@ impl Harness {
         let held: HashSet<ChannelBinding> = self.server.channel_bindings().collect();
         assert_eq!(held, self.installed, "data plane and core disagree");
         let ports: BTreeSet<u16> = self.relays.iter().map(|r| r.0.port()).collect();
-        assert_eq!(self.server.allocation_count(), ports.len(), "allocations vs relay ports");
+        assert_eq!(
+            self.server.allocation_count(),
+            ports.len(),
+            "allocations vs relay ports"
+        );
     }
 
     fn client_input(&mut self, index: usize, bytes: &[u8]) -> Vec<Vec<u8>> {
         let c = &self.clients[index];
         let (transport, local, addr) = (c.transport, c.local, c.addr);
-        self.server.handle_client(self.now, transport, local, addr, bytes);
+        self.server
+            .handle_client(self.now, transport, local, addr, bytes);
         self.drain(Some(addr))
     }
 
@@ -221,16 +270,30 @@ impl Harness {
         self.server.handle_timeout(self.now);
         self.drain(None);
         if let Some(deadline) = self.server.poll_timeout() {
-            assert!(deadline > self.now, "a deadline at or before now survived handle_timeout");
+            assert!(
+                deadline > self.now,
+                "a deadline at or before now survived handle_timeout"
+            );
         }
     }
 
     fn apply(&mut self, op: Op) {
         let pick = |i: u8| usize::from(i) % CLIENTS.len();
         let peer = |i: u8| sa(PEERS[usize::from(i) % PEERS.len()]);
-        let channel = |n: u16| if n & 0x8000 != 0 { n & 0x7FFF } else { 0x4000 + n % 8 };
+        let channel = |n: u16| {
+            if n & 0x8000 != 0 {
+                n & 0x7FFF
+            } else {
+                0x4000 + n % 8
+            }
+        };
         match op {
-            Op::Allocate { client, lifetime, family, rest } => {
+            Op::Allocate {
+                client,
+                lifetime,
+                family,
+                rest,
+            } => {
                 let i = pick(client);
                 if self.clients[i].rest != rest {
                     self.clients[i].rest = rest;
@@ -268,20 +331,36 @@ impl Harness {
                     }
                 });
             }
-            Op::ChannelBind { client, channel: n, peer: p } => {
+            Op::ChannelBind {
+                client,
+                channel: n,
+                peer: p,
+            } => {
                 self.request(pick(client), method::CHANNEL_BIND, |m| {
-                    m.attr(attr::CHANNEL_NUMBER, &[(channel(n) >> 8) as u8, channel(n) as u8, 0, 0]);
+                    m.attr(
+                        attr::CHANNEL_NUMBER,
+                        &[(channel(n) >> 8) as u8, channel(n) as u8, 0, 0],
+                    );
                     m.xor_addr(attr::XOR_PEER_ADDRESS, peer(p));
                 });
             }
-            Op::Send { client, peer: p, len } => {
+            Op::Send {
+                client,
+                peer: p,
+                len,
+            } => {
                 let i = pick(client);
                 let mut m = Msg::new(method::SEND, class::INDICATION, [9; 12]);
-                m.xor_addr(attr::XOR_PEER_ADDRESS, peer(p)).attr(attr::DATA, &vec![0xAB; usize::from(len)]);
+                m.xor_addr(attr::XOR_PEER_ADDRESS, peer(p))
+                    .attr(attr::DATA, &vec![0xAB; usize::from(len)]);
                 let bytes = m.finish(None, false);
                 self.client_input(i, &bytes);
             }
-            Op::ChannelData { client, channel: n, len } => {
+            Op::ChannelData {
+                client,
+                channel: n,
+                len,
+            } => {
                 let i = pick(client);
                 let mut bytes = channel(n).to_be_bytes().to_vec();
                 bytes.extend_from_slice(&u16::from(len).to_be_bytes());
@@ -291,7 +370,11 @@ impl Harness {
                 }
                 self.client_input(i, &bytes);
             }
-            Op::FromPeer { relay, peer: p, len } => {
+            Op::FromPeer {
+                relay,
+                peer: p,
+                len,
+            } => {
                 let mut relays: Vec<RelayAddr> = self.relays.iter().copied().collect();
                 relays.sort();
                 let Some(&relay) = relays.get(usize::from(relay) % relays.len().max(1)) else {
@@ -301,7 +384,12 @@ impl Harness {
                 if from.is_ipv4() != relay.0.is_ipv4() {
                     return;
                 }
-                self.server.handle_peer(self.now, relay, PeerAddr(from), &vec![0xEF; usize::from(len)]);
+                self.server.handle_peer(
+                    self.now,
+                    relay,
+                    PeerAddr(from),
+                    &vec![0xEF; usize::from(len)],
+                );
                 self.drain(None);
             }
             Op::Advance { millis } => {
@@ -331,7 +419,10 @@ impl Harness {
                 };
                 self.server.relay_bind_failed(relay);
                 self.drain(None);
-                assert!(!self.relays.contains(&relay), "allocation kept after its bind failed");
+                assert!(
+                    !self.relays.contains(&relay),
+                    "allocation kept after its bind failed"
+                );
             }
             Op::Closed { client } => {
                 let c = &self.clients[pick(client)];
@@ -360,6 +451,10 @@ fuzz_target!(|ops: Vec<Op>| {
     h.check();
     assert_eq!(h.server.allocation_count(), 0, "allocations left");
     assert!(h.relays.is_empty(), "relay sockets left: {:?}", h.relays);
-    assert!(h.installed.is_empty(), "bindings left in the data plane: {:?}", h.installed);
+    assert!(
+        h.installed.is_empty(),
+        "bindings left in the data plane: {:?}",
+        h.installed
+    );
     assert!(h.server.poll_timeout().is_none(), "timers left");
 });

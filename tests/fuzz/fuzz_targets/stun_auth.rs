@@ -21,15 +21,19 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use turn_core::{ClientAddr, Command, Transmit, Transport, frame_len};
 use turn_fuzz::{
-    PASSWORD, REST_USER, USER, attr, class, exchange, fetch_nonce, method, rest_key, sa, server,
-    sign, user_key, Decoded, Msg, LISTEN, LISTEN6,
+    Decoded, LISTEN, LISTEN6, Msg, PASSWORD, REST_USER, USER, attr, class, exchange, fetch_nonce,
+    method, rest_key, sa, server, sign, user_key,
 };
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, message)) = data.split_first() else {
         return;
     };
-    let transport = if flags & 1 != 0 { Transport::Tcp } else { Transport::Udp };
+    let transport = if flags & 1 != 0 {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
     let (local, client) = if flags & 0x40 != 0 {
         (sa(LISTEN6), ClientAddr(sa("[2001:db8:1::5]:40000")))
     } else {
@@ -90,7 +94,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     while let Some(transmit) = server.poll_transmit() {
-        let Transmit::ToClient { client: to, transport: t, payload, .. } = transmit else {
+        let Transmit::ToClient {
+            client: to,
+            transport: t,
+            payload,
+            ..
+        } = transmit
+        else {
             continue;
         };
         assert_eq!(to, client);

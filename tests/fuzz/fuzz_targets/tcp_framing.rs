@@ -107,7 +107,10 @@ fuzz_target!(|input: Input| {
         {
             got.push(buffer.drain(..n).collect::<Vec<_>>());
         }
-        assert!(frame_len(&buffer).is_ok(), "valid frames never fail to frame");
+        assert!(
+            frame_len(&buffer).is_ok(),
+            "valid frames never fail to frame"
+        );
     }
     assert!(buffer.is_empty(), "bytes left over: {buffer:?}");
     assert_eq!(got, expected);

@@ -14,11 +14,11 @@
 //! when it was zero, and never to IPv6).
 #![no_main]
 
-use bpf_common::packet::{
-    CHANNEL_HEADER_LEN, ChannelHdr, ETH_LEN, IpHeader, Ipv4Hdr, Ipv6Hdr, Relay, Translate,
-    UDP_LEN, UdpFrame, relay,
-};
 use bpf_common::Pod;
+use bpf_common::packet::{
+    CHANNEL_HEADER_LEN, ChannelHdr, ETH_LEN, IpHeader, Ipv4Hdr, Ipv6Hdr, Relay, Translate, UDP_LEN,
+    UdpFrame, relay,
+};
 use libfuzzer_sys::fuzz_target;
 use turn_fuzz::{fold, sum16, udp_check};
 
@@ -120,7 +120,11 @@ fn from_family<In: Family>(frame: &[u8]) {
         return;
     };
     assert!(udp_len >= UDP_LEN);
-    assert_eq!(udp_len, headers.ip.udp_len_field(), "check() accepted inconsistent lengths");
+    assert_eq!(
+        udp_len,
+        headers.ip.udp_len_field(),
+        "check() accepted inconsistent lengths"
+    );
     // Lengths come from the headers; the frame may be longer (Ethernet padding) but not shorter.
     if ETH_LEN + In::LEN + udp_len > frame.len() {
         return;
@@ -130,8 +134,26 @@ fn from_family<In: Family>(frame: &[u8]) {
 
     // From a peer: the whole payload, a ChannelData header added.
     let to_client = |removed: Option<ChannelHdr>, data: &[u8]| {
-        route::<In, Ipv4Hdr>(&headers, udp_len, udp_bytes, data, removed, Some([0x40, 0x01]), PEER_V4, RELAY_V4);
-        route::<In, Ipv6Hdr>(&headers, udp_len, udp_bytes, data, removed, Some([0x7F, 0xFF]), PEER_V6, RELAY_V6);
+        route::<In, Ipv4Hdr>(
+            &headers,
+            udp_len,
+            udp_bytes,
+            data,
+            removed,
+            Some([0x40, 0x01]),
+            PEER_V4,
+            RELAY_V4,
+        );
+        route::<In, Ipv6Hdr>(
+            &headers,
+            udp_len,
+            udp_bytes,
+            data,
+            removed,
+            Some([0x7F, 0xFF]),
+            PEER_V6,
+            RELAY_V6,
+        );
     };
     to_client(None, payload);
 
@@ -151,13 +173,34 @@ fn from_family<In: Family>(frame: &[u8]) {
     }
     let data = &payload[CHANNEL_HEADER_LEN..];
     // To a peer: the header removed.
-    route::<In, Ipv4Hdr>(&headers, udp_len, udp_bytes, data, Some(channel), None, RELAY_V4, PEER_V4);
-    route::<In, Ipv6Hdr>(&headers, udp_len, udp_bytes, data, Some(channel), None, RELAY_V6, PEER_V6);
+    route::<In, Ipv4Hdr>(
+        &headers,
+        udp_len,
+        udp_bytes,
+        data,
+        Some(channel),
+        None,
+        RELAY_V4,
+        PEER_V4,
+    );
+    route::<In, Ipv6Hdr>(
+        &headers,
+        udp_len,
+        udp_bytes,
+        data,
+        Some(channel),
+        None,
+        RELAY_V6,
+        PEER_V6,
+    );
     // Hairpin to another allocation's client: the header replaced.
     to_client(Some(channel), data);
 }
 
-#[expect(clippy::too_many_arguments, reason = "one route of the program, spelled out")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one route of the program, spelled out"
+)]
 fn route<In: Family, Out: Family>(
     input: &UdpFrame<In>,
     udp_len: usize,
@@ -182,7 +225,13 @@ fn route<In: Family, Out: Family>(
         return;
     };
     // Lengths: the UDP datagram is the data plus the headers that frame it.
-    let new_udp_len = UDP_LEN + data.len() + if added.is_some() { CHANNEL_HEADER_LEN } else { 0 };
+    let new_udp_len = UDP_LEN
+        + data.len()
+        + if added.is_some() {
+            CHANNEL_HEADER_LEN
+        } else {
+            0
+        };
     assert_eq!(usize::from(u16::from_be_bytes(out.udp.len)), new_udp_len);
     assert_eq!(out.ip.udp_len_field(), new_udp_len);
     // The relayed datagram would pass the program's own checks.
@@ -209,9 +258,16 @@ fn route<In: Family, Out: Family>(
         udp_bytes,
     ) == 0;
     if input.udp.check == [0, 0] {
-        assert!(Out::LEN == 20 && out.udp.check == [0, 0], "zero checksum carried to IPv6");
+        assert!(
+            Out::LEN == 20 && out.udp.check == [0, 0],
+            "zero checksum carried to IPv6"
+        );
     } else {
-        assert_ne!(out.udp.check, [0, 0], "a computed checksum of zero is sent as 0xFFFF");
+        assert_ne!(
+            out.udp.check,
+            [0, 0],
+            "a computed checksum of zero is sent as 0xFFFF"
+        );
         if input_ok {
             let mut bytes = out.udp.as_bytes().to_vec();
             if let Some(h) = header {

@@ -366,13 +366,7 @@ pub fn fetch_nonce(
 /// FINGERPRINT attributes the bytes carry, appends the right ones and a valid
 /// MESSAGE-INTEGRITY. Short or malformed input is padded to a header and its attributes
 /// are taken as far as they parse.
-pub fn sign(
-    message: &[u8],
-    user: &str,
-    key: &[u8],
-    nonce: &[u8],
-    fingerprint: bool,
-) -> Vec<u8> {
+pub fn sign(message: &[u8], user: &str, key: &[u8], nonce: &[u8], fingerprint: bool) -> Vec<u8> {
     let mut header = [0u8; 20];
     let n = message.len().min(20);
     header[..n].copy_from_slice(&message[..n]);
