@@ -47,6 +47,15 @@ lint: setup
 fuzz: setup
 	bash tests/fuzz/run.sh $(FUZZ_SECONDS)
 
+## bench: the relays measured in isolation (in-kernel XDP generator and sink, coturn beside
+## turn-control, XDP and the floor); writes BENCHMARKS.md and tests/bench/bench.png. Needs
+## root (sudo is used otherwise). BENCH_QUICK=1: a smoke run; BENCH_RUNS, BENCH_SECONDS.
+.PHONY: bench
+bench: setup
+	$(CARGO) build --release -p xdp-agent -p turn-control -p lab --bins
+	$(if $(filter 0,$(shell id -u)),,sudo -E) $(or $(CARGO_TARGET_DIR),target)/release/bench \
+		--out BENCHMARKS.md --png tests/bench/bench.png
+
 fmt:
 	$(CARGO) fmt --all
 	cd bpf/xdp && rustup run nightly cargo fmt
