@@ -299,6 +299,9 @@ pub struct Lab {
     processes: Vec<Process>,
     _pass_link: Option<libbpf_rs::Link>,
     _pass_object: Option<libbpf_rs::Object>,
+    _pass_link_b: Option<libbpf_rs::Link>,
+    /// A second relay (`Site::B`), after [`Lab::add_second_relay`].
+    pub relay_b: Option<Netns>,
     /// Holds the client.
     pub client: Netns,
     /// Forwards between the others.
@@ -309,6 +312,40 @@ pub struct Lab {
     pub peer: Netns,
     dir: PathBuf,
     id: String,
+}
+
+/// One of the lab's relays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// The relay every lab has: 203.0.113.10, 2001:db8:2::a.
+    A,
+    /// The second relay of [`Lab::add_second_relay`]: 198.18.0.10, 2001:db8:4::a.
+    B,
+}
+
+impl Site {
+    /// The relay's IPv4 address.
+    pub fn v4(self) -> Ipv4Addr {
+        match self {
+            Site::A => RELAY_V4,
+            Site::B => Ipv4Addr::new(198, 18, 0, 10),
+        }
+    }
+
+    /// The relay's IPv6 address.
+    pub fn v6(self) -> Ipv6Addr {
+        match self {
+            Site::A => RELAY_V6,
+            Site::B => Ipv6Addr::new(0x2001, 0xdb8, 4, 0, 0, 0, 0, 10),
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Site::A => "",
+            Site::B => "-b",
+        }
+    }
 }
 
 /// Where bpffs is mounted on the host.
@@ -332,6 +369,8 @@ impl Lab {
             processes: Vec::new(),
             _pass_link: None,
             _pass_object: None,
+            _pass_link_b: None,
+            relay_b: None,
             client: Netns::create(format!("{id}-client"))?,
             router: Netns::create(format!("{id}-router"))?,
             relay: Netns::create(format!("{id}-relay"))?,
@@ -361,23 +400,44 @@ impl Lab {
     /// relay's interface, with `args` added; returns its gRPC socket once it
     /// accepts connections.
     pub fn start_xdp_agent(&mut self, args: &[&str]) -> anyhow::Result<PathBuf> {
-        let socket = self.dir.join("agent.sock");
-        let mut command = self.relay.command(workspace_binary("xdp-agent")?);
+        self.start_xdp_agent_at(Site::A, args)
+    }
+
+    /// As [`Lab::start_xdp_agent`], on the relay at `site`.
+    pub fn start_xdp_agent_at(&mut self, site: Site, args: &[&str]) -> anyhow::Result<PathBuf> {
+        let name = format!("xdp-agent{}", site.suffix());
+        let socket = self.dir.join(format!("agent{}.sock", site.suffix()));
+        let mut command = self.relay_at(site)?.command(workspace_binary("xdp-agent")?);
         command
             .args(["--iface", RELAY_IFACE, "--grpc"])
             .arg(&socket)
             .arg("--pin-dir")
-            .arg(self.pin_dir())
+            .arg(self.pin_dir_at(site))
             .args(args);
-        self.spawn("xdp-agent", command)?;
-        self.wait_for_unix_socket("xdp-agent", &socket, Duration::from_secs(20))?;
+        self.spawn(&name, command)?;
+        self.wait_for_unix_socket(&name, &socket, Duration::from_secs(20))?;
         Ok(socket)
     }
 
     /// This lab's bpffs directory for the agent's pinned maps and links; it
     /// is removed with the lab.
     pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from(BPFFS).join(&self.id)
+        self.pin_dir_at(Site::A)
+    }
+
+    fn pin_dir_at(&self, site: Site) -> PathBuf {
+        PathBuf::from(BPFFS).join(format!("{}{}", self.id, site.suffix()))
+    }
+
+    /// The namespace of the relay at `site`.
+    pub fn relay_at(&self, site: Site) -> anyhow::Result<&Netns> {
+        match site {
+            Site::A => Ok(&self.relay),
+            Site::B => self
+                .relay_b
+                .as_ref()
+                .context("no second relay: call add_second_relay"),
+        }
     }
 
     /// Starts the real `turn-control` in the relay namespace, relaying for the
@@ -389,42 +449,111 @@ impl Lab {
         agent: Option<&Path>,
         args: &[&str],
     ) -> anyhow::Result<()> {
-        let mut command = self.relay.command(workspace_binary("turn-control")?);
-        command.args([
-            "--listen",
-            "203.0.113.10:3478",
-            "--listen",
-            "[2001:db8:2::a]:3478",
-            "--relay-ip",
-            "203.0.113.10",
-            "--relay-ip",
-            "2001:db8:2::a",
-            "--ports",
-            "49152-65535",
-            "--realm",
-            "lab.example",
-            "--user",
-            "test:testpass",
-            "--allow-peer",
-            "198.51.100.0/24",
-            "--allow-peer",
-            "2001:db8:3::/64",
-            "--metrics",
-            TURN_CONTROL_METRICS,
-        ]);
+        self.start_turn_control_at(Site::A, agent, args)
+    }
+
+    /// As [`Lab::start_turn_control`], on the relay at `site`.
+    pub fn start_turn_control_at(
+        &mut self,
+        site: Site,
+        agent: Option<&Path>,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
+        let name = format!("turn-control{}", site.suffix());
+        let (v4, v6) = (site.v4(), site.v6());
+        let mut command = self
+            .relay_at(site)?
+            .command(workspace_binary("turn-control")?);
+        command
+            .args([
+                "--listen",
+                &format!("{v4}:3478"),
+                "--listen",
+                &format!("[{v6}]:3478"),
+            ])
+            .args(["--relay-ip", &v4.to_string(), "--relay-ip", &v6.to_string()])
+            .args([
+                "--ports",
+                "49152-65535",
+                "--realm",
+                "lab.example",
+                "--user",
+                "test:testpass",
+            ])
+            .args([
+                "--allow-peer",
+                "198.51.100.0/24",
+                "--allow-peer",
+                "2001:db8:3::/64",
+            ])
+            .args(["--metrics", TURN_CONTROL_METRICS]);
         if let Some(agent) = agent {
             command.arg("--agent").arg(agent);
         }
         command.args(args);
-        self.spawn("turn-control", command)?;
-        let result = wait_for("turn-control to be ready", Duration::from_secs(20), || {
-            self.process_mut("turn-control")?.ensure_running()?;
-            Ok(self
-                .log("turn-control")
-                .contains("relay ready")
-                .then_some(()))
-        });
-        result.with_context(|| format!("turn-control's log:\n{}", self.log("turn-control")))
+        self.spawn(&name, command)?;
+        let result = wait_for(
+            &format!("{name} to be ready"),
+            Duration::from_secs(20),
+            || {
+                self.process_mut(&name)?.ensure_running()?;
+                Ok(self.log(&name).contains("relay ready").then_some(()))
+            },
+        );
+        result.with_context(|| format!("{name}'s log:\n{}", self.log(&name)))
+    }
+
+    /// Adds a second relay namespace (`Site::B`) behind the router: its `x0`
+    /// at 198.18.0.10/24 and 2001:db8:4::a/64, the router's side `ry`
+    /// running XDP_PASS like `rx`.
+    pub fn add_second_relay(&mut self) -> anyhow::Result<()> {
+        let relay_b = Netns::create(format!("{}-relayb", self.id))?;
+        self.router.ip([
+            "link",
+            "add",
+            "ry",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            RELAY_IFACE,
+            "netns",
+            relay_b.name(),
+        ])?;
+        self.router
+            .ip(["addr", "add", "198.18.0.1/24", "dev", "ry"])?;
+        self.router
+            .ip(["addr", "add", "2001:db8:4::1/64", "dev", "ry", "nodad"])?;
+        self.router.ip(["link", "set", "ry", "up"])?;
+        relay_b.ip(["addr", "add", "198.18.0.10/24", "dev", RELAY_IFACE])?;
+        relay_b.ip([
+            "addr",
+            "add",
+            "2001:db8:4::a/64",
+            "dev",
+            RELAY_IFACE,
+            "nodad",
+        ])?;
+        relay_b.ip(["link", "set", RELAY_IFACE, "up"])?;
+        relay_b.ip(["route", "add", "default", "via", "198.18.0.1"])?;
+        relay_b.ip(["-6", "route", "add", "default", "via", "2001:db8:4::1"])?;
+        self.relay_b = Some(relay_b);
+        let object = self
+            ._pass_object
+            .as_ref()
+            .context("the XDP_PASS object is not loaded")?;
+        let link = self.router.enter(|| {
+            let ifindex = nix::net::if_::if_nametoindex("ry")?;
+            let program = object
+                .progs_mut()
+                .next()
+                .context("the XDP_PASS object has no program")?;
+            program
+                .attach_xdp(ifindex as i32)
+                .context("cannot attach XDP_PASS to ry")
+        })?;
+        self._pass_link_b = Some(link);
+        Ok(())
     }
 
     /// Scrapes a Prometheus endpoint at `address` inside `netns`; the body.
@@ -568,11 +697,15 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.processes.clear();
         self._pass_link = None;
+        self._pass_link_b = None;
         // Pinned links and maps outlive the agent by design; not the lab.
-        if let Err(error) = std::fs::remove_dir_all(self.pin_dir())
-            && error.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("lab: cannot remove {}: {error}", self.pin_dir().display());
+        for site in [Site::A, Site::B] {
+            let pins = self.pin_dir_at(site);
+            if let Err(error) = std::fs::remove_dir_all(&pins)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("lab: cannot remove {}: {error}", pins.display());
+            }
         }
         if std::thread::panicking() {
             eprintln!("lab: logs kept in {}", self.dir.display());

@@ -1,9 +1,6 @@
 //! The agent as operators run it: every RPC and its refusals, full-state
 //! Sync, restarts under traffic, address changes and the metrics endpoint.
-#![expect(
-    clippy::unwrap_used,
-    reason = "a test: failures should panic"
-)]
+#![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};

@@ -144,6 +144,22 @@ fn every_family_pair_is_relayed_both_ways_byte_for_byte() {
                     (before.packets + 1, before.bytes + len as u64)
                 );
 
+                // Padded to a multiple of four (RFC 8656 section 12.5), as some
+                // clients always send: the padding stays behind the relayed
+                // datagram as a trailer, outside its lengths and checksum.
+                let pad = (4 - len % 4) % 4;
+                if pad > 0 {
+                    let pad_bytes = &[0xa5u8, 0x5a, 0xff][..pad];
+                    let mut message = channel_data(channel, &payload);
+                    message.extend_from_slice(pad_bytes);
+                    let input = incoming(client, listener, &message);
+                    let (verdict, out) = relay.run(&input.build()).unwrap();
+                    assert_eq!(verdict, XDP_TX, "padded client to peer: {context}");
+                    let mut wanted = expected(&input, relayed, peer, &payload);
+                    wanted.extend_from_slice(pad_bytes);
+                    assert_eq!(out, wanted, "padded client to peer: {context}");
+                }
+
                 let before = relay.counter(to_client).unwrap();
                 let input = incoming(peer, relayed, &payload);
                 let (verdict, out) = relay.run(&input.build()).unwrap();
@@ -254,8 +270,9 @@ fn every_verdict_reason_is_taken_and_counted() {
     zero_checksum.udp_checksum = false;
     let mut ttl_one = bound(0x4001);
     ttl_one.ttl = 1;
-    let mut padded = channel_data(0x4001, b"abc");
-    padded.push(0);
+    // Padding rounds "abc" up to four bytes; five more bytes are not padding.
+    let mut trailing = channel_data(0x4001, b"abc");
+    trailing.extend_from_slice(&[0; 6]);
     let stun_binding_request = {
         let mut message = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
         message.extend_from_slice(&[7; 12]);
@@ -318,8 +335,8 @@ fn every_verdict_reason_is_taken_and_counted() {
             FrameSpec::new(client4, listener4, &[0x40, 0x01]).build(),
         ),
         (
-            Reason::PassChannelDataPadded,
-            FrameSpec::new(client4, listener4, &padded).build(),
+            Reason::PassChannelDataTrailing,
+            FrameSpec::new(client4, listener4, &trailing).build(),
         ),
         (Reason::PassUnknownBinding, bound(0x4fff).build()),
         (

@@ -7,7 +7,13 @@ use std::{env, fs};
 fn main() {
     if let Err(error) = run() {
         // One clear line in the build log instead of a panic backtrace.
-        println!("cargo:warning={error}");
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        println!("cargo:warning={message}");
         std::process::exit(1);
     }
 }

@@ -381,9 +381,9 @@ reasons! {
     PassNotForRelay => "pass_not_for_relay", Pass;
     /// Passed: a STUN message or anything else that is not channel data.
     PassNotChannelData => "pass_not_channel_data", Pass;
-    /// Passed: channel data followed by padding or trailing bytes, which the
-    /// user-space path strips (RFC 8656 section 12.5 allows padding over UDP).
-    PassChannelDataPadded => "pass_channel_data_padded", Pass;
+    /// Passed: channel data followed by more than its padding to a multiple
+    /// of four (RFC 8656 section 12.5); the user-space path decides.
+    PassChannelDataTrailing => "pass_channel_data_trailing", Pass;
     /// Passed: no binding for this client and channel.
     PassUnknownBinding => "pass_unknown_binding", Pass;
     /// Passed: no channel bound for this peer and allocation port (user

@@ -440,6 +440,21 @@ pub struct Relay<Addr> {
     /// The ChannelData header the outgoing payload starts with, if any; it
     /// is added (its length is the application data's length).
     pub added: Option<[u8; 2]>,
+    /// Padding after the incoming ChannelData message's data, which the
+    /// relayed datagram does not carry.
+    pub padding: Padding,
+}
+
+/// Bytes that pad a ChannelData message to a multiple of four (RFC 8656
+/// section 12.5: optional over UDP, and some clients always send it). The
+/// relayed datagram's lengths and checksum leave them out; they stay behind
+/// it in the frame as a link-layer trailer, which receivers ignore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Padding {
+    /// The padding bytes, `len` of them.
+    pub bytes: [u8; 3],
+    /// How many, 0-3.
+    pub len: u8,
 }
 
 /// Rewrites the headers of a UDP datagram that arrived for the relay into
@@ -479,7 +494,7 @@ where
     let data_len = udp_len
         - UDP_LEN
         - if relay.removed.is_some() {
-            CHANNEL_HEADER_LEN
+            CHANNEL_HEADER_LEN + relay.padding.len as usize
         } else {
             0
         };
@@ -522,6 +537,18 @@ where
         if let Some(removed) = relay.removed {
             check.remove16(removed.channel);
             check.remove16(removed.len);
+            // The data starts at an even offset, so a padding byte's place in
+            // its 16-bit word follows from the data length.
+            let mut i = 0;
+            while i < relay.padding.len as usize && i < 3 {
+                let byte = relay.padding.bytes[i];
+                check.remove16(if (data_len + i).is_multiple_of(2) {
+                    [byte, 0]
+                } else {
+                    [0, byte]
+                });
+                i += 1;
+            }
         }
         if let Some(added) = added {
             check.add16(added.channel);
@@ -716,6 +743,7 @@ mod tests {
                 dest: 9000u16.to_be_bytes(),
                 removed: Some(channel),
                 added: None,
+                padding: Padding::default(),
             };
             let (out, added) = relay::<In, Out>(&input, udp_len, &route).unwrap();
             assert_eq!(added, None);
@@ -741,6 +769,7 @@ mod tests {
                 dest: 40000u16.to_be_bytes(),
                 removed: None,
                 added: Some([0x40, 0x07]),
+                padding: Padding::default(),
             };
             let (out, added) = relay::<In, Out>(&input, udp_len, &route).unwrap();
             let added = added.unwrap();
@@ -795,6 +824,7 @@ mod tests {
             dest: 40001u16.to_be_bytes(),
             removed: Some(channel),
             added: Some([0x40, 0x09]),
+            padding: Padding::default(),
         };
         let (out, added) = relay::<Ipv4Hdr, Ipv4Hdr>(&input, udp_len, &route).unwrap();
         let added = added.unwrap();
@@ -816,6 +846,7 @@ mod tests {
             dest: [0x23, 0x28],
             removed,
             added: None,
+            padding: Padding::default(),
         };
         let input = frame(v4_header(CLIENT4, RELAY4, udp_len), 40000, 3478, &payload);
         let (out, _) = relay::<Ipv4Hdr, Ipv4Hdr>(&input, udp_len, &route4(Some(channel))).unwrap();
@@ -836,6 +867,7 @@ mod tests {
             dest: [0x23, 0x28],
             removed: Some(channel),
             added: None,
+            padding: Padding::default(),
         };
         let (out, _) = relay::<Ipv6Hdr, Ipv6Hdr>(&input6, udp_len, &route6).unwrap();
         assert_eq!(
@@ -866,6 +898,7 @@ mod tests {
             dest: [0x23, 0x28],
             removed: Some(channel),
             added: None,
+            padding: Padding::default(),
         };
         let (out, _) = relay::<Ipv4Hdr, Ipv4Hdr>(&input, udp_len, &route4).unwrap();
         assert_eq!(out.udp.check, [0, 0]);
@@ -889,6 +922,7 @@ mod tests {
             dest: route.dest,
             removed: route.removed,
             added: route.added,
+            padding: route.padding,
         }
     }
 
@@ -913,6 +947,7 @@ mod tests {
             dest: [0x23, 0x28],
             removed: Some(channel),
             added: None,
+            padding: Padding::default(),
         };
         let (out, _) = relay::<Ipv4Hdr, Ipv4Hdr>(&input, UDP_LEN + 5, &route4).unwrap();
         assert_ne!(
@@ -932,6 +967,55 @@ mod tests {
     }
 
     #[test]
+    fn padding_leaves_the_relayed_datagram() {
+        for len in [1usize, 2, 3, 5, 6, 7, 99] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 11 + 5) as u8).collect();
+            let pad = (4 - len % 4) % 4;
+            let pad_bytes = [0xa5u8, 0x5a, 0xff];
+            let padding = Padding {
+                bytes: pad_bytes,
+                len: pad as u8,
+            };
+            let channel = channel_header(0x4001, &data);
+            let payload = [channel.as_bytes(), &data, &pad_bytes[..pad]].concat();
+            let udp_len = UDP_LEN + payload.len();
+            let input = frame(v4_header(CLIENT4, RELAY4, udp_len), 40000, 3478, &payload);
+            let to_peer = Relay {
+                saddr: RELAY6,
+                daddr: PEER6,
+                source: 50000u16.to_be_bytes(),
+                dest: 9000u16.to_be_bytes(),
+                removed: Some(channel),
+                added: None,
+                padding,
+            };
+            let (out, _) = relay::<Ipv4Hdr, Ipv6Hdr>(&input, udp_len, &to_peer).unwrap();
+            assert_sent(&out, RELAY6, PEER6, (50000, 9000), &data);
+            // The hairpin: padding off, a new ChannelData header on.
+            let other = [192, 0, 2, 3];
+            let hairpin = Relay {
+                saddr: RELAY4,
+                daddr: other,
+                source: 3478u16.to_be_bytes(),
+                dest: 40001u16.to_be_bytes(),
+                removed: Some(channel),
+                added: Some([0x40, 0x09]),
+                padding,
+            };
+            let (out, added) = relay::<Ipv4Hdr, Ipv4Hdr>(&input, udp_len, &hairpin).unwrap();
+            let added = added.unwrap();
+            assert_eq!(added, channel_header(0x4009, &data));
+            assert_sent(
+                &out,
+                RELAY4,
+                other,
+                (3478, 40001),
+                &[added.as_bytes(), &data].concat(),
+            );
+        }
+    }
+
+    #[test]
     fn expiring_ttl_is_left_to_the_stack() {
         let mut input = frame(
             v4_header(CLIENT4, RELAY4, UDP_LEN + 4),
@@ -947,6 +1031,7 @@ mod tests {
             dest: [0x23, 0x28],
             removed: Some(channel_header(0x4001, &[])),
             added: None,
+            padding: Padding::default(),
         };
         assert_eq!(
             relay::<Ipv4Hdr, Ipv4Hdr>(&input, UDP_LEN + 4, &route).unwrap_err(),

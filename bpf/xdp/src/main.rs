@@ -28,7 +28,7 @@ use bpf_common::{
     MAX_BINDINGS, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason, RelayEvent, Verdict,
     packet::{
         CHANNEL_HEADER_LEN, ChannelFrame, ChannelHdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr,
-        IpBytes, IpHeader, Ipv4Hdr, Ipv6Hdr, Relay, Translate, UDP_LEN, UdpFrame, relay,
+        IpBytes, IpHeader, Ipv4Hdr, Ipv6Hdr, Padding, Relay, Translate, UDP_LEN, UdpFrame, relay,
     },
 };
 
@@ -154,9 +154,11 @@ fn from_client<In: Family>(
     if CHANNEL_HEADER_LEN + data_len > payload_len {
         return Err(Reason::DropChannelDataTruncated);
     }
-    if CHANNEL_HEADER_LEN + data_len < payload_len {
-        return Err(Reason::PassChannelDataPadded);
-    }
+    let padding = padding(
+        ctx,
+        ETH_LEN + In::LEN + udp_len,
+        payload_len - CHANNEL_HEADER_LEN - data_len,
+    )?;
     let target = In::peer_of(frame.ip.saddr(), frame.udp.source, channel.channel)
         .ok_or(Reason::PassUnknownBinding)?;
     let input = ChannelFrame {
@@ -164,8 +166,8 @@ fn from_client<In: Family>(
         channel,
     };
     match target.peer_family {
-        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, &input, udp_len, &target),
-        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, &input, udp_len, &target),
+        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, &input, udp_len, &target, padding),
+        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, &input, udp_len, &target, padding),
         _ => Err(Reason::PassUnknownBinding),
     }
 }
@@ -179,6 +181,7 @@ fn to_peer<In, Out>(
     input: &ChannelFrame<In>,
     udp_len: usize,
     target: &PeerTarget,
+    padding: Padding,
 ) -> Result<Relayed, Reason>
 where
     In: Family + Translate<Out>,
@@ -196,8 +199,8 @@ where
         let other = Out::client_of(relay_addr, target.allocation_port, target.peer_port)
             .ok_or(Reason::PassHairpinUnbound)?;
         return match other.client_family {
-            FAMILY_V4 => hairpin::<In, Ipv4Hdr>(ctx, config, input, udp_len, &other),
-            FAMILY_V6 => hairpin::<In, Ipv6Hdr>(ctx, config, input, udp_len, &other),
+            FAMILY_V4 => hairpin::<In, Ipv4Hdr>(ctx, config, input, udp_len, &other, padding),
+            FAMILY_V6 => hairpin::<In, Ipv6Hdr>(ctx, config, input, udp_len, &other, padding),
             _ => Err(Reason::PassHairpinUnbound),
         };
     }
@@ -208,10 +211,17 @@ where
         dest: target.peer_port,
         removed: Some(input.channel),
         added: None,
+        padding,
     };
     let (out, _) = relay::<In, Out>(&input.udp, udp_len, &route)?;
-    let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN;
-    emit(ctx, config, size_of::<ChannelFrame<In>>(), &out, data_len)?;
+    let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
+    emit(
+        ctx,
+        config,
+        size_of::<ChannelFrame<In>>(),
+        &out,
+        data_len + padding.len as usize,
+    )?;
     Ok(Relayed {
         reason: In::TO_PEER[Out::INDEX],
         bytes: data_len as u64,
@@ -226,6 +236,7 @@ fn hairpin<In, Out>(
     input: &ChannelFrame<In>,
     udp_len: usize,
     other: &ClientTarget,
+    padding: Padding,
 ) -> Result<Relayed, Reason>
 where
     In: Family + Translate<Out>,
@@ -242,17 +253,63 @@ where
         dest: other.client_port,
         removed: Some(input.channel),
         added: Some(other.channel),
+        padding,
     };
     let (udp, added) = relay::<In, Out>(&input.udp, udp_len, &route)?;
     let out = ChannelFrame {
         udp,
         channel: added.unwrap_or_default(),
     };
-    let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN;
-    emit(ctx, config, size_of::<ChannelFrame<In>>(), &out, data_len)?;
+    let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
+    emit(
+        ctx,
+        config,
+        size_of::<ChannelFrame<In>>(),
+        &out,
+        data_len + padding.len as usize,
+    )?;
     Ok(Relayed {
         reason: In::HAIRPIN[Out::INDEX],
         bytes: data_len as u64,
+    })
+}
+
+/// The padding behind a ChannelData message's `pad` bytes of surplus, the
+/// last of the UDP payload ending at `payload_end`: up to three bytes that
+/// round the message up to a multiple of four (RFC 8656 section 12.5).
+/// Anything longer is not padding: user space decides.
+#[inline(always)]
+fn padding(ctx: &XdpContext, payload_end: usize, pad: usize) -> Result<Padding, Reason> {
+    if pad == 0 {
+        return Ok(Padding::default());
+    }
+    if pad > 3 {
+        return Err(Reason::PassChannelDataTrailing);
+    }
+    let mut tail = [0u8; 4];
+    // SAFETY: the helper bound-checks the offset against the frame and
+    // writes 4 bytes into `tail`; the payload holds the 4-byte ChannelData
+    // header and `pad` more bytes, so it ends at least 5 bytes after its start.
+    let failed = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            (payload_end - 4) as u32,
+            tail.as_mut_ptr().cast(),
+            4,
+        ) != 0
+    };
+    if failed {
+        return Err(Reason::PassTruncated);
+    }
+    // Constant indexes: nothing here may be able to panic.
+    let bytes = match pad {
+        1 => [tail[3], 0, 0],
+        2 => [tail[2], tail[3], 0],
+        _ => [tail[1], tail[2], tail[3]],
+    };
+    Ok(Padding {
+        bytes,
+        len: pad as u8,
     })
 }
 
@@ -297,6 +354,7 @@ where
         dest: target.client_port,
         removed: None,
         added: Some(target.channel),
+        padding: Padding::default(),
     };
     let (udp, added) = relay::<In, Out>(frame, udp_len, &route)?;
     let out = ChannelFrame {
@@ -312,7 +370,8 @@ where
 }
 
 /// Replaces the frame's first `in_len` bytes (headers) by `out`, keeping the
-/// `data_len` bytes of application data behind them: by moving the frame's
+/// `data_len` bytes behind them (application data, and any padding, which
+/// stays behind the relayed datagram as a trailer in both modes): by moving the frame's
 /// head (`bpf_xdp_adjust_head`) or, in tail-adjust mode, by moving the data
 /// and the tail.
 #[inline(always)]
