@@ -1,0 +1,181 @@
+//! Restarts of either daemon under traffic, and expiry: afterwards the
+//! agent's bindings equal turn-control's, nothing stale remains, and channel
+//! data is relayed in the kernel again.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test: failures should panic"
+)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lab::agent::Agent;
+use lab::{CLIENT_V4, Lab, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
+use nix::sys::signal::Signal;
+use turn::client::{Client, ClientConfig};
+
+const T: Duration = Duration::from_secs(5);
+
+async fn client(lab: &Lab) -> Client {
+    let socket = lab
+        .client
+        .enter(|| {
+            let socket = std::net::UdpSocket::bind((CLIENT_V4, 0))?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .unwrap();
+    let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478).to_string();
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: server.clone(),
+        turn_serv_addr: server,
+        username: "test".into(),
+        password: "testpass".into(),
+        realm: "lab.example".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(tokio::net::UdpSocket::from_std(socket).unwrap()),
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    client.listen().await.unwrap();
+    client
+}
+
+/// `count` round trips between a relayed connection and the peer socket.
+async fn round_trips(relayed: &impl webrtc_util::Conn, peer: &tokio::net::UdpSocket, count: usize) {
+    let (relayed_addr, peer_addr) = (relayed.local_addr().unwrap(), peer.local_addr().unwrap());
+    let mut buffer = vec![0u8; 2048];
+    for i in 0..count {
+        let message = format!("message {i}");
+        relayed
+            .send_to(message.as_bytes(), peer_addr)
+            .await
+            .unwrap();
+        let (n, from) = tokio::time::timeout(T, peer.recv_from(&mut buffer))
+            .await
+            .expect("the peer got nothing")
+            .unwrap();
+        assert_eq!((&buffer[..n], from), (message.as_bytes(), relayed_addr));
+        peer.send_to(b"echo", relayed_addr).await.unwrap();
+        let (n, _) = tokio::time::timeout(T, relayed.recv_from(&mut buffer))
+            .await
+            .expect("the client got nothing")
+            .unwrap();
+        assert_eq!(&buffer[..n], b"echo");
+    }
+}
+
+fn turn_control_bindings(lab: &Lab) -> f64 {
+    let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS).unwrap();
+    sample(&body, "turn_channel_bindings_active", "").unwrap_or(-1.0)
+}
+
+fn connected(lab: &Lab) -> anyhow::Result<Option<()>> {
+    let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
+    Ok((sample(&body, "agent_connected", "") == Some(1.0)).then_some(()))
+}
+
+#[test]
+fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() {
+    if !lab::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    lab.start_turn_control(Some(&socket), &[]).unwrap();
+    wait_for(
+        "turn-control to connect to the agent",
+        Duration::from_secs(15),
+        || connected(&lab),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let peer_socket = lab
+        .peer
+        .enter(|| {
+            let socket = std::net::UdpSocket::bind((PEER_V4, 0))?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .unwrap();
+    let _guard = runtime.enter();
+    let peer = tokio::net::UdpSocket::from_std(peer_socket).unwrap();
+
+    // A client with a channel to the peer, relayed in the kernel.
+    let first = runtime.block_on(client(&lab));
+    let relayed = runtime.block_on(first.allocate()).unwrap();
+    runtime.block_on(round_trips(&relayed, &peer, 20));
+    let mut agent = Agent::connect(&socket).unwrap();
+    wait_for("the binding in both daemons", T, || {
+        Ok((agent.list()?.len() == 1 && turn_control_bindings(&lab) == 1.0).then_some(()))
+    })
+    .unwrap();
+    drop(agent);
+
+    // The agent is killed and started again: turn-control re-syncs, the
+    // bindings match and traffic stays in the kernel.
+    lab.take_process("xdp-agent")
+        .unwrap()
+        .stop(Signal::SIGKILL)
+        .unwrap();
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let mut agent = Agent::connect(&socket).unwrap();
+    let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
+    runtime.block_on(round_trips(&relayed, &peer, 20));
+    assert_eq!(
+        agent.counter("relay_client_to_peer_v4_v4").unwrap().0,
+        before + 20,
+        "offloaded after the agent restart"
+    );
+    assert_eq!(agent.list().unwrap().len(), 1);
+
+    // turn-control is killed and started again: its allocations are gone, so
+    // its Sync removes every binding from the kernel; nothing stale remains.
+    lab.take_process("turn-control")
+        .unwrap()
+        .stop(Signal::SIGKILL)
+        .unwrap();
+    lab.start_turn_control(Some(&socket), &[]).unwrap();
+    wait_for("turn-control to reconnect", Duration::from_secs(15), || {
+        connected(&lab)
+    })
+    .unwrap();
+    wait_for("the stale binding to go", T, || {
+        Ok(agent.list()?.is_empty().then_some(()))
+    })
+    .unwrap();
+    assert_eq!(turn_control_bindings(&lab), 0.0);
+
+    // A new client is offloaded at once.
+    let second = runtime.block_on(client(&lab));
+    let relayed_again = runtime.block_on(second.allocate()).unwrap();
+    let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
+    let started = std::time::Instant::now();
+    runtime.block_on(round_trips(&relayed_again, &peer, 20));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "traffic took {:?} to flow",
+        started.elapsed()
+    );
+    assert!(
+        agent.counter("relay_client_to_peer_v4_v4").unwrap().0 > before,
+        "offloaded after the turn-control restart"
+    );
+    assert_eq!(agent.list().unwrap().len(), 1);
+
+    // Deallocation (Refresh with lifetime 0) removes the kernel's entries.
+    runtime.block_on(webrtc_util::Conn::close(&relayed_again)).unwrap();
+    wait_for("the deallocated binding to go", T, || {
+        Ok(agent.list()?.is_empty().then_some(()))
+    })
+    .unwrap();
+    let _ = runtime.block_on(first.close());
+}
