@@ -65,6 +65,39 @@ pub fn sample(body: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
+/// Runs `promtool check metrics` (Debian's prometheus package) on a scraped
+/// body. Without promtool it prints SKIPPED, or fails under `CI=true`.
+pub fn promtool_check_metrics(body: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let spawned = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = spawned else {
+        ensure!(
+            std::env::var("CI").is_err(),
+            "promtool is missing (make setup installs it)"
+        );
+        eprintln!("SKIPPED: promtool check metrics (promtool not installed)");
+        return Ok(());
+    };
+    child
+        .stdin
+        .take()
+        .context("promtool's stdin")?
+        .write_all(body.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 /// The sum of every sample of `name` (all label sets).
 pub fn sample_sum(body: &str, name: &str) -> f64 {
     body.lines()

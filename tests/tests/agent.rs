@@ -2,7 +2,8 @@
 //! Sync, restarts under traffic, address changes and the metrics endpoint.
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
-use std::io::{Read, Write};
+use std::io::Read;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -329,38 +330,7 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
     }
     let counters = agent.counter("relay_client_to_peer_v4_v4").unwrap();
     assert_eq!(counters, (200, 20_000));
-    promtool_check(&body);
-}
-
-/// `promtool check metrics` on the scraped text (Debian's prometheus package).
-fn promtool_check(body: &str) {
-    let Ok(mut child) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "promtool is missing (make setup installs it)"
-        );
-        eprintln!("SKIPPED: promtool check (promtool not installed)");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    lab::promtool_check_metrics(&body).unwrap();
 }
 
 /// SIGKILL the agent while channel data flows, start it again: every

@@ -145,6 +145,8 @@ fn run_case(case: &Case) {
         assert_eq!(count, 0.0, "{}: {result}", case.name);
     }
     let agent_metrics = Lab::scrape(&lab.relay, AGENT_METRICS).unwrap();
+    lab::promtool_check_metrics(&control).unwrap();
+    lab::promtool_check_metrics(&agent_metrics).unwrap();
     assert!(
         sample(&agent_metrics, "data_relayed_ebpf_bytes_total", "").unwrap() >= (sent * 100) as f64
     );
