@@ -172,7 +172,9 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     assert_eq!(agent.list().unwrap().len(), 1);
 
     // Deallocation (Refresh with lifetime 0) removes the kernel's entries.
-    runtime.block_on(webrtc_util::Conn::close(&relayed_again)).unwrap();
+    runtime
+        .block_on(webrtc_util::Conn::close(&relayed_again))
+        .unwrap();
     wait_for("the deallocated binding to go", T, || {
         Ok(agent.list()?.is_empty().then_some(()))
     })
