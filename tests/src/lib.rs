@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 pub mod agent;
+pub mod clients;
 pub mod bench;
 pub mod packet;
 pub mod xdp;

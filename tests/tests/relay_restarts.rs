@@ -8,41 +8,20 @@
 )]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use lab::agent::Agent;
 use lab::{CLIENT_V4, Lab, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
 use nix::sys::signal::Signal;
-use turn::client::{Client, ClientConfig};
+use turn::client::Client;
 
 const T: Duration = Duration::from_secs(5);
 
 async fn client(lab: &Lab) -> Client {
-    let socket = lab
-        .client
-        .enter(|| {
-            let socket = std::net::UdpSocket::bind((CLIENT_V4, 0))?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })
-        .unwrap();
-    let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478).to_string();
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: server.clone(),
-        turn_serv_addr: server,
-        username: "test".into(),
-        password: "testpass".into(),
-        realm: "lab.example".into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(tokio::net::UdpSocket::from_std(socket).unwrap()),
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
-    client
+    let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478);
+    lab::clients::webrtc_client(&lab.client, IpAddr::V4(CLIENT_V4), server)
+        .await
+        .unwrap()
 }
 
 /// `count` round trips between a relayed connection and the peer socket.

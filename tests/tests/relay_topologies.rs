@@ -15,36 +15,16 @@ use std::time::Duration;
 
 use lab::agent::Agent;
 use lab::{CLIENT_V4, Lab, Netns, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
-use turn::client::{Client, ClientConfig};
+use turn::client::Client;
 
 const T: Duration = Duration::from_secs(5);
 
 /// A TURN client whose socket lives in `netns`, for the relay at `site`.
 async fn client(netns: &Netns, local: IpAddr, site: Site) -> Client {
-    let socket = netns
-        .enter(move || {
-            let socket = std::net::UdpSocket::bind((local, 0))?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })
-        .unwrap();
-    let conn = Arc::new(tokio::net::UdpSocket::from_std(socket).unwrap());
-    let server = SocketAddr::new(IpAddr::V4(site.v4()), 3478).to_string();
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: server.clone(),
-        turn_serv_addr: server,
-        username: "test".into(),
-        password: "testpass".into(),
-        realm: "lab.example".into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
-    client
+    let server = SocketAddr::new(IpAddr::V4(site.v4()), 3478);
+    lab::clients::webrtc_client(netns, local, server)
+        .await
+        .unwrap()
 }
 
 /// Starts an agent and a turn-control connected to it at `site`, and waits
