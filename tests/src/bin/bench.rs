@@ -417,23 +417,43 @@ fn measure(
         sustained: full,
     };
     if full_loss >= 0.01 {
-        // Step the offered rate down from what was delivered until loss < 1%.
-        let mut rate = result.med(|s| s.delivered_pps, false) * 0.97;
-        let mut found = None;
-        for _ in 0..8 {
-            let trial_sample = sample(net, sut, &frame, trial, Some(rate))?;
-            if trial_sample.loss < 0.01 {
-                found = Some(rate);
+        // Step the offered rate down from what was delivered until a trial
+        // loses under 1%, then bisect twice towards the last rate that lost.
+        let lossless = |rate: f64| -> anyhow::Result<bool> {
+            let s = sample(net, sut, &frame, trial, Some(rate))?;
+            eprintln!(
+                "bench:   trial at {rate:.0} pps: offered {:.0}, delivered {:.0}, loss {:.2}%",
+                s.offered_pps,
+                s.delivered_pps,
+                s.loss * 100.0
+            );
+            Ok(s.loss < 0.01)
+        };
+        let mut bad = result.med(|s| s.delivered_pps, false);
+        let mut good = None;
+        let mut rate = bad * 0.97;
+        for _ in 0..12 {
+            if lossless(rate)? {
+                good = Some(rate);
                 break;
             }
+            bad = rate;
             rate *= 0.85;
         }
-        let rate = found.unwrap_or(rate);
+        let mut good = good.unwrap_or(rate);
+        for _ in 0..2 {
+            let mid = (good + bad) / 2.0;
+            if lossless(mid)? {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
         let mut sustained = Vec::new();
         for _ in 0..options.runs {
-            sustained.push(sample(net, sut, &frame, duration, Some(rate))?);
+            sustained.push(sample(net, sut, &frame, duration, Some(good))?);
         }
-        result.paced_rate = Some(rate);
+        result.paced_rate = Some(good);
         result.sustained = sustained;
     }
     eprintln!(
@@ -471,10 +491,15 @@ fn machine() -> String {
         .ok()
         .and_then(|v| v.lines().next().map(str::to_owned))
         .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     format!(
-        "- CPUs: {cpus} (`nproc`), {model}\n- Kernel: {}\n- Memory: {memory} GiB\n- coturn: {} (Debian)\n- Shared machine: other builds may run on the same cores.\n",
+        "- CPUs: {cpus} (`nproc`), {model}\n- Kernel: {}\n- Memory: {memory} GiB\n- coturn: {} (Debian)\n- Load average when the report was written: {} (a shared machine: other builds ran on the same cores, so absolute figures are low and noisy; the ratios within the run are the result)\n",
         kernel.trim(),
-        coturn.trim()
+        coturn.trim(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     )
 }
 
@@ -547,7 +572,7 @@ fn end_to_end(server: System, options: &Options) -> anyhow::Result<String> {
     let (clients, messages) = if options.quick {
         ("5", "100")
     } else {
-        ("20", "1000")
+        ("20", "2000")
     };
     let mut uclient = lab.client.command("turnutils_uclient");
     uclient.args([
@@ -579,15 +604,14 @@ fn end_to_end(server: System, options: &Options) -> anyhow::Result<String> {
     let mut summary: Vec<String> = stdout
         .lines()
         .filter(|l| {
-            l.contains("tot_send_msgs")
+            (l.contains("tot_send_msgs") && !l.contains("msz="))
                 || l.contains("Total transmit time")
                 || l.contains("Average round trip delay")
                 || l.contains("Total lost packets")
-                || l.contains("Average jitter")
         })
         .map(|l| {
-            l.split_once(": ")
-                .map_or(l, |(_, rest)| rest)
+            l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ':' || c == ' ')
+                .trim_start_matches("start_mclient: ")
                 .trim()
                 .to_owned()
         })
@@ -609,7 +633,11 @@ fn run() -> anyhow::Result<()> {
     let directions = [Direction::ClientToPeer, Direction::PeerToClient];
     let mut results: Vec<CaseResult> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    let only = std::env::var("BENCH_SYSTEMS").unwrap_or_default();
     for system in System::ALL {
+        if !only.is_empty() && !only.split(',').any(|s| s == system.short()) {
+            continue;
+        }
         eprintln!("bench: {}", system.name());
         let mut net = BenchNet::new()?;
         let sut = start_system(&mut net, system)?;
