@@ -1,0 +1,729 @@
+//! Hostile input against the real `turn-control` on loopback: floods of unauthenticated
+//! Allocate requests from many source addresses, oversized and truncated messages, garbage
+//! on TCP, channel numbers outside the range, requests beyond the allocation quota, and
+//! peers in every denied range and IPv4-in-IPv6 form.
+//!
+//! No namespace is needed: the daemon listens on 127.0.0.1 (and relays on 127.0.0.1 and ::1)
+//! and loopback holds all of 127/8 for the many source addresses. Requests are built here
+//! with a minimal STUN encoder with long-term credentials (RFC 8489 §9.2), independent of
+//! the core's.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failure is a test failure"
+)]
+
+use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac as _};
+use md5::{Digest as _, Md5};
+use sha1::Sha1;
+
+const REALM: &str = "hostile.example";
+const USER: &str = "mallory";
+const PASSWORD: &str = "mallory-pw";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---- the daemon ---------------------------------------------------------------------------
+
+/// The real daemon on loopback, killed on drop (also when a test panics).
+struct Daemon {
+    child: Child,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+/// A port free for UDP and TCP on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("::1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let base = free_port().min(65535 - 64);
+        let mut child = Command::new(lab::workspace_binary("turn-control").unwrap())
+            .args(["--listen", &listen.to_string()])
+            .args(["--metrics", &metrics.to_string()])
+            .args(["--relay-ip", "127.0.0.1", "--relay-ip", "::1"])
+            .args(["--ports", &format!("{base}-{}", base + 64)])
+            .args(["--realm", REALM, "--user", &format!("{USER}:{PASSWORD}")])
+            .args(["--log-level", "info"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning turn-control");
+        let log = Arc::new(Mutex::new(String::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let mut daemon = Daemon {
+            child,
+            listen,
+            metrics,
+            log,
+        };
+        daemon.wait("relay ready", |d| {
+            Ok(d.log.lock().unwrap().contains("relay ready").then_some(()))
+        });
+        daemon
+    }
+
+    /// Waits for `condition` with a deadline, failing with the daemon's log.
+    fn wait<T>(
+        &mut self,
+        what: &str,
+        mut condition: impl FnMut(&mut Daemon) -> anyhow::Result<Option<T>>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("turn-control exited ({status}):\n{}", self.log());
+            }
+            match condition(self) {
+                Ok(Some(value)) => return value,
+                Ok(None) => {}
+                Err(error) => eprintln!("waiting for {what}: {error:#}"),
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("turn-control exited ({status}):\n{}", self.log());
+        }
+    }
+
+    /// The value of a metric series (name with labels as printed), 0 when absent.
+    fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let mut stream = TcpStream::connect(self.metrics)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n",
+            self.metrics
+        )?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body)?;
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0))
+    }
+
+    /// Waits until a metric satisfies `check` (published about once a second).
+    fn wait_metric(&mut self, series: &str, check: impl Fn(f64) -> bool) -> f64 {
+        self.wait(&format!("metric {series}"), |d| {
+            let value = d.metric(series)?;
+            Ok(check(value).then_some(value))
+        })
+    }
+
+    fn vm_rss_kib(&self) -> u64 {
+        vm_rss_kib(self.child.id())
+    }
+
+    /// A UDP Binding request still gets its success response.
+    fn answers_binding(&mut self) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut client = Client::new(socket, self.listen);
+        let request = Msg::new(BINDING, REQUEST, client.next_txid()).finish(None);
+        let answer = client.exchange(&request).expect("Binding answered");
+        assert_eq!((answer.method, answer.class), (BINDING, SUCCESS));
+        self.alive();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// VmRSS of a process in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+// ---- a minimal STUN client ----------------------------------------------------------------
+
+const BINDING: u16 = 0x001;
+const ALLOCATE: u16 = 0x003;
+const REFRESH: u16 = 0x004;
+const CREATE_PERMISSION: u16 = 0x008;
+const CHANNEL_BIND: u16 = 0x009;
+const REQUEST: u16 = 0;
+const SUCCESS: u16 = 2;
+const ERROR: u16 = 3;
+
+const USERNAME: u16 = 0x0006;
+const MESSAGE_INTEGRITY: u16 = 0x0008;
+const ERROR_CODE: u16 = 0x0009;
+const CHANNEL_NUMBER: u16 = 0x000C;
+const LIFETIME: u16 = 0x000D;
+const XOR_PEER_ADDRESS: u16 = 0x0012;
+const REALM_ATTR: u16 = 0x0014;
+const NONCE: u16 = 0x0015;
+const REQUESTED_TRANSPORT: u16 = 0x0019;
+const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+const MAGIC: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+
+/// A STUN message under construction.
+struct Msg {
+    buf: Vec<u8>,
+}
+
+impl Msg {
+    fn new(method: u16, class: u16, txid: [u8; 12]) -> Self {
+        // RFC 8489 §5: the class bits sit between the method bits.
+        let t = (method & 0x000F)
+            | ((method & 0x0070) << 1)
+            | ((method & 0x0F80) << 2)
+            | ((class & 1) << 4)
+            | ((class & 2) << 7);
+        let mut buf = t.to_be_bytes().to_vec();
+        buf.extend_from_slice(&[0, 0]);
+        buf.extend_from_slice(&MAGIC);
+        buf.extend_from_slice(&txid);
+        Self { buf }
+    }
+
+    fn attr(mut self, t: u16, value: &[u8]) -> Self {
+        self.buf.extend_from_slice(&t.to_be_bytes());
+        self.buf
+            .extend_from_slice(&(value.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(value);
+        self.buf.resize(self.buf.len().next_multiple_of(4), 0);
+        self
+    }
+
+    fn xor_addr(self, t: u16, addr: SocketAddr) -> Self {
+        let txid: [u8; 12] = self.buf[8..20].try_into().unwrap();
+        let mut v = vec![0, if addr.is_ipv4() { 1 } else { 2 }];
+        v.extend_from_slice(&(addr.port() ^ 0x2112).to_be_bytes());
+        match addr.ip() {
+            IpAddr::V4(ip) => v.extend(ip.octets().iter().zip(MAGIC).map(|(a, m)| a ^ m)),
+            IpAddr::V6(ip) => {
+                let mask = MAGIC.iter().chain(txid.iter());
+                v.extend(ip.octets().iter().zip(mask).map(|(a, m)| a ^ m));
+            }
+        }
+        self.attr(t, &v)
+    }
+
+    /// Sets the length and appends MESSAGE-INTEGRITY (RFC 8489 §14.5) when `key` is given.
+    fn finish(mut self, key: Option<&[u8]>) -> Vec<u8> {
+        if let Some(key) = key {
+            let len = (self.buf.len() - 20 + 24) as u16;
+            self.buf[2..4].copy_from_slice(&len.to_be_bytes());
+            let mut mac = <Hmac<Sha1>>::new_from_slice(key).unwrap();
+            mac.update(&self.buf);
+            let tag = mac.finalize().into_bytes();
+            self = self.attr(MESSAGE_INTEGRITY, &tag);
+        }
+        let len = (self.buf.len() - 20) as u16;
+        self.buf[2..4].copy_from_slice(&len.to_be_bytes());
+        self.buf
+    }
+}
+
+/// A decoded response.
+#[derive(Debug)]
+struct Answer {
+    method: u16,
+    class: u16,
+    txid: [u8; 12],
+    attrs: Vec<(u16, Vec<u8>)>,
+}
+
+impl Answer {
+    fn parse(buf: &[u8]) -> Option<Self> {
+        let t = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]);
+        if buf.get(4..8)? != MAGIC {
+            return None;
+        }
+        let method = (t & 0x000F) | ((t & 0x00E0) >> 1) | ((t & 0x3E00) >> 2);
+        let class = ((t >> 4) & 1) | ((t >> 7) & 2);
+        let txid = buf.get(8..20)?.try_into().ok()?;
+        let mut attrs = Vec::new();
+        let mut rest = buf.get(20..)?;
+        while let [t0, t1, l0, l1, ref tail @ ..] = *rest {
+            let l = usize::from(u16::from_be_bytes([l0, l1]));
+            attrs.push((u16::from_be_bytes([t0, t1]), tail.get(..l)?.to_vec()));
+            rest = tail.get(l.next_multiple_of(4)..).unwrap_or_default();
+        }
+        Some(Self {
+            method,
+            class,
+            txid,
+            attrs,
+        })
+    }
+
+    fn attr(&self, t: u16) -> Option<&[u8]> {
+        self.attrs
+            .iter()
+            .find(|(a, _)| *a == t)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn code(&self) -> Option<u16> {
+        let v = self.attr(ERROR_CODE)?;
+        Some(u16::from(v[2] & 7) * 100 + u16::from(v[3]))
+    }
+}
+
+fn long_term_key(user: &str, password: &str) -> [u8; 16] {
+    Md5::digest(format!("{user}:{REALM}:{password}")).into()
+}
+
+/// A UDP client with long-term credentials.
+struct Client {
+    socket: UdpSocket,
+    server: SocketAddr,
+    key: [u8; 16],
+    nonce: Option<Vec<u8>>,
+    txid: u64,
+}
+
+impl Client {
+    fn new(socket: UdpSocket, server: SocketAddr) -> Self {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        Self {
+            socket,
+            server,
+            key: long_term_key(USER, PASSWORD),
+            nonce: None,
+            txid: 0,
+        }
+    }
+
+    fn next_txid(&mut self) -> [u8; 12] {
+        self.txid += 1;
+        let mut t = [0x5A; 12];
+        t[4..].copy_from_slice(&self.txid.to_be_bytes());
+        t
+    }
+
+    /// Sends `request` and returns the answer with its transaction id, retrying a few times
+    /// (UDP on loopback does not lose datagrams, but the daemon may drop a 401 when rate
+    /// limited).
+    fn exchange(&mut self, request: &[u8]) -> Option<Answer> {
+        let txid: [u8; 12] = request[8..20].try_into().unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..5 {
+            self.socket.send_to(request, self.server).unwrap();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(1) {
+                match self.socket.recv(&mut buf) {
+                    Ok(n) => {
+                        if let Some(a) = Answer::parse(&buf[..n])
+                            && a.txid == txid
+                        {
+                            return Some(a);
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        break;
+                    }
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+        }
+        None
+    }
+
+    /// An authenticated request; follows 401 and 438 for the nonce.
+    fn request(&mut self, method: u16, build: impl Fn(Msg) -> Msg) -> Answer {
+        for _ in 0..3 {
+            let mut msg = build(Msg::new(method, REQUEST, self.next_txid()));
+            let key = self.key;
+            if let Some(nonce) = &self.nonce {
+                msg = msg
+                    .attr(USERNAME, USER.as_bytes())
+                    .attr(REALM_ATTR, REALM.as_bytes())
+                    .attr(NONCE, nonce);
+            }
+            let request = msg.finish(self.nonce.is_some().then_some(&key[..]));
+            let answer = self.exchange(&request).expect("request answered");
+            assert_eq!(answer.method, method);
+            match answer.code() {
+                Some(401 | 438) if let Some(nonce) = answer.attr(NONCE) => {
+                    self.nonce = Some(nonce.to_vec());
+                }
+                _ => return answer,
+            }
+        }
+        panic!("authentication did not converge");
+    }
+
+    /// A dual-stack UDP allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY).
+    fn allocate(&mut self) -> Answer {
+        self.request(ALLOCATE, |m| {
+            m.attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
+        })
+    }
+}
+
+fn client(daemon: &Daemon) -> Client {
+    Client::new(UdpSocket::bind("127.0.0.1:0").unwrap(), daemon.listen)
+}
+
+fn ok(answer: &Answer) {
+    assert_eq!(answer.class, SUCCESS, "expected success, got {answer:?}");
+}
+
+// ---- tests ------------------------------------------------------------------------------
+
+/// A flood of unauthenticated Allocate requests from 1,000 source addresses creates no
+/// allocation and no per-source state (memory stays flat), and the 401 answers are capped.
+#[test]
+fn allocate_flood_from_many_sources_creates_no_state() {
+    let mut daemon = Daemon::start(&[]);
+    let sockets: Vec<UdpSocket> = (0..1000u32)
+        .map(|i| {
+            let ip = format!(
+                "127.{}.{}.{}",
+                1 + i / 250 / 250,
+                (i / 250) % 250,
+                1 + i % 250
+            );
+            let socket = UdpSocket::bind((ip.as_str(), 0)).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            socket
+        })
+        .collect();
+    let listen = daemon.listen;
+    let round = |n: u8| {
+        let mut sent = 0u64;
+        for (i, socket) in sockets.iter().enumerate() {
+            for j in 0..10u8 {
+                let mut txid = [n; 12];
+                txid[..4].copy_from_slice(&(i as u32).to_be_bytes());
+                txid[4] = j;
+                let mut msg =
+                    Msg::new(ALLOCATE, REQUEST, txid).attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+                if j % 2 == 1 {
+                    // Claims a user, a stale nonce and a wrong MESSAGE-INTEGRITY.
+                    msg = msg
+                        .attr(USERNAME, USER.as_bytes())
+                        .attr(REALM_ATTR, REALM.as_bytes())
+                        .attr(NONCE, b"bogus-nonce");
+                }
+                let request = msg.finish((j % 2 == 1).then_some(&[0u8; 16][..]));
+                // A full socket buffer drops the datagram, like a real flood would.
+                if socket.send_to(&request, listen).is_ok() {
+                    sent += 1;
+                }
+            }
+            let mut buf = [0u8; 1500];
+            while socket.recv(&mut buf).is_ok() {}
+        }
+        sent
+    };
+    // A first round grows buffers and allocator arenas to their working size.
+    round(1);
+    daemon.answers_binding();
+    let rss_before = daemon.vm_rss_kib();
+    let mut sent = 0;
+    for n in 2..6 {
+        sent += round(n);
+    }
+    daemon.answers_binding();
+    let rss_after = daemon.vm_rss_kib();
+    eprintln!("flood: {sent} requests from 1000 sources; VmRSS {rss_before} -> {rss_after} KiB");
+    assert!(sent > 30_000, "only {sent} requests sent");
+    assert!(
+        rss_after <= rss_before + 2048,
+        "memory grew under an unauthenticated flood: {rss_before} -> {rss_after} KiB"
+    );
+    daemon.wait_metric("turn_unauthorized_rate_limited_total", |v| v > 0.0);
+    assert_eq!(daemon.metric("turn_allocations_active").unwrap(), 0.0);
+    assert_eq!(
+        daemon.metric("turn_allocations_created_total").unwrap(),
+        0.0
+    );
+}
+
+/// Truncated, oversized and inconsistent messages are dropped; the daemon lives on.
+#[test]
+fn oversized_and_truncated_messages_are_dropped() {
+    let mut daemon = Daemon::start(&[]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let binding = Msg::new(BINDING, REQUEST, [7; 12]).finish(None);
+    let mut cases: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        vec![0],
+        binding[..10].to_vec(),
+        binding[..19].to_vec(),
+    ];
+    // The length field claims more than the datagram holds, or is not a multiple of 4.
+    for len in [4u16, 8, 1000, 0xFFFC, 3, 0xFFFF] {
+        let mut m = binding.clone();
+        m[2..4].copy_from_slice(&len.to_be_bytes());
+        cases.push(m);
+    }
+    // An attribute whose length runs past the end.
+    let mut m = Msg::new(ALLOCATE, REQUEST, [8; 12])
+        .attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .finish(None);
+    m[22..24].copy_from_slice(&0x0400u16.to_be_bytes());
+    cases.push(m);
+    // The largest UDP datagram: a valid header and 65,000 bytes of attributes.
+    let mut big = Msg::new(ALLOCATE, REQUEST, [9; 12]);
+    for _ in 0..(65_000 / 1004) {
+        big = big.attr(0x7FFF, &[0xAA; 1000]);
+    }
+    cases.push(big.finish(None));
+    cases.push(vec![0xFF; 65_507]);
+    // Thousands of tiny attributes.
+    let mut many = Msg::new(BINDING, REQUEST, [10; 12]);
+    for _ in 0..8000 {
+        many = many.attr(0x8022, &[]);
+    }
+    cases.push(many.finish(None));
+    // ChannelData without an allocation, truncated and oversized.
+    cases.push(vec![0x40, 0x00, 0x00, 0x10, 1, 2]);
+    cases.push([&[0x40u8, 0x00, 0xFF, 0xFF][..], &[0; 60_000]].concat());
+    for case in &cases {
+        let _ = socket.send_to(case, daemon.listen);
+    }
+    // Over TCP: a frame claiming 65,532 bytes, delivered in part, then the connection closes.
+    let mut tcp = TcpStream::connect(daemon.listen).unwrap();
+    let mut head = binding.clone();
+    head[2..4].copy_from_slice(&0xFFFCu16.to_be_bytes());
+    tcp.write_all(&head).unwrap();
+    tcp.write_all(&[0; 30_000]).unwrap();
+    drop(tcp);
+    daemon.answers_binding();
+    daemon.wait_metric("turn_packets_dropped_total", |v| v > 0.0);
+    daemon.answers_binding();
+}
+
+/// Garbage on a TCP connection closes that connection; the daemon still answers others.
+#[test]
+fn tcp_garbage_closes_the_connection() {
+    let mut daemon = Daemon::start(&[]);
+    // What a TLS, HTTP/2 or random client sends first. (ASCII text such as "GET / HTTP/1.1"
+    // starts with the bits 01 and a valid channel number: it frames as ChannelData, and the
+    // connection waits for the length it claims.)
+    let garbage: [&[u8]; 4] = [
+        // TLS ClientHello: a STUN-looking header whose length (0x0102) is not a multiple of 4.
+        &[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03,
+        ],
+        // HTTP/2 preface byte pattern and random high bits: neither STUN nor ChannelData.
+        &[0x80, 0x00, 0x00, 0x04, 0, 0, 0, 0],
+        &[0xFF; 64],
+        // A STUN length that is not a multiple of 4.
+        &[0x00, 0x01, 0x00, 0x03, 0x21, 0x12, 0xA4, 0x42],
+    ];
+    for bytes in garbage {
+        let mut tcp = TcpStream::connect(daemon.listen).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        tcp.write_all(bytes).unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 512];
+        loop {
+            match tcp.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "connection sending {bytes:?} stays open"
+            );
+        }
+    }
+    // A well-behaved TCP client still gets its Binding success.
+    let mut tcp = TcpStream::connect(daemon.listen).unwrap();
+    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
+    tcp.write_all(&Msg::new(BINDING, REQUEST, [3; 12]).finish(None))
+        .unwrap();
+    let mut head = [0u8; 20];
+    tcp.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]]))];
+    tcp.read_exact(&mut body).unwrap();
+    let answer = Answer::parse(&[&head[..], &body].concat()).unwrap();
+    assert_eq!((answer.method, answer.class), (BINDING, SUCCESS));
+    daemon.answers_binding();
+}
+
+/// ChannelBind with a number outside 0x4000-0x7FFF gets 400 (RFC 8656 §12.2).
+#[test]
+fn channel_numbers_outside_the_range_are_refused() {
+    let daemon = Daemon::start(&[]);
+    let mut c = client(&daemon);
+    ok(&c.allocate());
+    let peer: SocketAddr = "8.8.8.8:5000".parse().unwrap();
+    for number in [0x0000u16, 0x0001, 0x3FFF, 0x8000, 0x8001, 0xBFFF, 0xFFFF] {
+        let answer = c.request(CHANNEL_BIND, |m| {
+            m.attr(CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0])
+                .xor_addr(XOR_PEER_ADDRESS, peer)
+        });
+        assert_eq!(
+            (answer.class, answer.code()),
+            (ERROR, Some(400)),
+            "channel {number:#06x}"
+        );
+    }
+    // The edges of the range are fine.
+    for (number, port) in [(0x4000u16, 5000), (0x7FFF, 5001)] {
+        let peer = SocketAddr::new(peer.ip(), port);
+        ok(&c.request(CHANNEL_BIND, |m| {
+            m.attr(CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0])
+                .xor_addr(XOR_PEER_ADDRESS, peer)
+        }));
+    }
+}
+
+/// With `--user-quota 1` a second allocation of the same user gets 486 (RFC 8656 §7.2);
+/// after the first is deleted, a new one succeeds.
+#[test]
+fn allocations_beyond_the_quota_get_486() {
+    let mut daemon = Daemon::start(&["--user-quota", "1"]);
+    let mut first = client(&daemon);
+    ok(&first.allocate());
+    for _ in 0..3 {
+        let mut other = client(&daemon);
+        let answer = other.allocate();
+        assert_eq!((answer.class, answer.code()), (ERROR, Some(486)));
+    }
+    ok(&first.request(REFRESH, |m| m.attr(LIFETIME, &0u32.to_be_bytes())));
+    let mut later = client(&daemon);
+    ok(&later.allocate());
+    daemon.wait_metric("turn_allocations_active", |v| v == 1.0);
+}
+
+/// CreatePermission for a peer in any denied range, in any IPv4-in-IPv6 form, gets 403
+/// (RFC 8656 §21.2.2; coturn CVE-2020-26262); public peers of both families are allowed.
+#[test]
+fn denied_peers_get_403_in_every_form() {
+    let mut daemon = Daemon::start(&[]);
+    let mut c = client(&daemon);
+    ok(&c.allocate());
+    let denied = [
+        // Loopback, also as IPv4-mapped, IPv4-compatible, NAT64 and 6to4.
+        "127.0.0.1",
+        "127.255.255.254",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::127.0.0.1",
+        "64:ff9b::7f00:1",
+        "2002:7f00:1::1",
+        // Unspecified and "this network".
+        "0.0.0.0",
+        "0.1.2.3",
+        "::",
+        "::ffff:0.0.0.0",
+        // Private (RFC 1918) and unique local, also embedded.
+        "10.0.0.1",
+        "10.255.255.255",
+        "172.16.0.1",
+        "172.31.255.254",
+        "192.168.0.1",
+        "192.168.255.254",
+        "::ffff:10.0.0.1",
+        "::ffff:192.168.1.1",
+        "64:ff9b::c0a8:101",
+        "2002:ac10:1::1",
+        "fc00::1",
+        "fd12:3456::1",
+        // Shared address space (CGNAT).
+        "100.64.0.1",
+        "100.127.255.254",
+        "::ffff:100.64.0.1",
+        // Link-local.
+        "169.254.0.1",
+        "169.254.169.254",
+        "::ffff:169.254.169.254",
+        "fe80::1",
+        "febf::1",
+        // Multicast and broadcast.
+        "224.0.0.1",
+        "239.255.255.250",
+        "255.255.255.255",
+        "::ffff:224.0.0.1",
+        "ff02::1",
+        "ff0e::1",
+        // Benchmarking, reserved, documentation.
+        "198.18.0.1",
+        "198.19.255.254",
+        "240.0.0.1",
+        "::ffff:198.18.0.1",
+        "192.0.2.1",
+        "2001:db8::1",
+    ];
+    let mut wrong = Vec::new();
+    for ip in denied {
+        let peer = SocketAddr::new(ip.parse().unwrap(), 5000);
+        let answer = c.request(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer));
+        if (answer.class, answer.code()) != (ERROR, Some(403)) {
+            wrong.push(format!(
+                "{ip}: class {} code {:?}",
+                answer.class,
+                answer.code()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "not refused with 403: {wrong:#?}");
+    for ip in ["8.8.8.8", "2001:4860:4860::8888"] {
+        let peer = SocketAddr::new(ip.parse().unwrap(), 5000);
+        ok(&c.request(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer)));
+    }
+    daemon.wait_metric("turn_peers_denied_total", |v| v >= denied.len() as f64);
+}
