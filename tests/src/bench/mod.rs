@@ -32,6 +32,7 @@ use libbpf_rs::{MapCore, MapFlags};
 use crate::packet::{FrameSpec, channel_data};
 use crate::run;
 
+pub mod control;
 pub mod plot;
 pub mod turn;
 
