@@ -123,6 +123,8 @@ struct Harness {
     pending: Vec<ChannelBinding>,
     installs: u64,
     removes: u64,
+    /// `FUZZ_TRACE=1`: print operations and commands (to read a reproducer).
+    trace: bool,
 }
 
 impl Harness {
@@ -147,12 +149,16 @@ impl Harness {
             pending: Vec::new(),
             installs: 0,
             removes: 0,
+            trace: std::env::var_os("FUZZ_TRACE").is_some(),
         }
     }
 
     /// Applies the commands to the model of the daemon and returns the answers to `to`.
     fn drain(&mut self, to: Option<ClientAddr>) -> Vec<Vec<u8>> {
         while let Some(command) = self.server.poll_command() {
+            if self.trace {
+                eprintln!("  {command:?}");
+            }
             match command {
                 Command::BindRelayPort { relay } => {
                     assert!(self.relays.insert(relay), "{relay:?} bound twice");
@@ -442,6 +448,9 @@ impl Harness {
 fuzz_target!(|ops: Vec<Op>| {
     let mut h = Harness::new();
     for op in ops.into_iter().take(256) {
+        if h.trace {
+            eprintln!("{op:?}");
+        }
         h.apply(op);
         h.check();
     }

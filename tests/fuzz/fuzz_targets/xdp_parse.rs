@@ -16,8 +16,8 @@
 
 use bpf_common::Pod;
 use bpf_common::packet::{
-    CHANNEL_HEADER_LEN, ChannelHdr, ETH_LEN, IpHeader, Ipv4Hdr, Ipv6Hdr, Relay, Translate, UDP_LEN,
-    UdpFrame, relay,
+    CHANNEL_HEADER_LEN, ChannelHdr, ETH_LEN, IpHeader, Ipv4Hdr, Ipv6Hdr, Padding, Relay, Translate,
+    UDP_LEN, UdpFrame, relay,
 };
 use libfuzzer_sys::fuzz_target;
 use turn_fuzz::{fold, sum16, udp_check};
@@ -133,7 +133,7 @@ fn from_family<In: Family>(frame: &[u8]) {
     let payload = &udp_bytes[UDP_LEN..];
 
     // From a peer: the whole payload, a ChannelData header added.
-    let to_client = |removed: Option<ChannelHdr>, data: &[u8]| {
+    let to_client = |removed: Option<(ChannelHdr, Padding)>, data: &[u8]| {
         route::<In, Ipv4Hdr>(
             &headers,
             udp_len,
@@ -168,17 +168,28 @@ fn from_family<In: Family>(frame: &[u8]) {
         return;
     }
     let data_len = usize::from(u16::from_be_bytes(channel.len));
-    if CHANNEL_HEADER_LEN + data_len != payload.len() {
+    // Up to three bytes of padding may follow the data (RFC 8656 §12.5); more is not
+    // relayed by the kernel.
+    let Some(pad) = payload.len().checked_sub(CHANNEL_HEADER_LEN + data_len) else {
+        return;
+    };
+    if pad > 3 {
         return;
     }
-    let data = &payload[CHANNEL_HEADER_LEN..];
+    let mut bytes = [0u8; 3];
+    bytes[..pad].copy_from_slice(&payload[payload.len() - pad..]);
+    let padding = Padding {
+        bytes,
+        len: pad as u8,
+    };
+    let data = &payload[CHANNEL_HEADER_LEN..CHANNEL_HEADER_LEN + data_len];
     // To a peer: the header removed.
     route::<In, Ipv4Hdr>(
         &headers,
         udp_len,
         udp_bytes,
         data,
-        Some(channel),
+        Some((channel, padding)),
         None,
         RELAY_V4,
         PEER_V4,
@@ -188,13 +199,13 @@ fn from_family<In: Family>(frame: &[u8]) {
         udp_len,
         udp_bytes,
         data,
-        Some(channel),
+        Some((channel, padding)),
         None,
         RELAY_V6,
         PEER_V6,
     );
     // Hairpin to another allocation's client: the header replaced.
-    to_client(Some(channel), data);
+    to_client(Some((channel, padding)), data);
 }
 
 #[expect(
@@ -206,7 +217,7 @@ fn route<In: Family, Out: Family>(
     udp_len: usize,
     udp_bytes: &[u8],
     data: &[u8],
-    removed: Option<ChannelHdr>,
+    removed: Option<(ChannelHdr, Padding)>,
     added: Option<[u8; 2]>,
     saddr: Out::Addr,
     daddr: Out::Addr,
@@ -218,8 +229,9 @@ fn route<In: Family, Out: Family>(
         daddr,
         source: [0xC3, 0x50],
         dest: [0x13, 0x88],
-        removed,
+        removed: removed.map(|(h, _)| h),
         added,
+        padding: removed.map(|(_, p)| p).unwrap_or_default(),
     };
     let Ok((out, header)) = relay::<In, Out>(input, udp_len, &route) else {
         return;
