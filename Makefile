@@ -47,6 +47,12 @@ lint: setup
 fuzz: setup
 	bash tests/fuzz/run.sh $(FUZZ_SECONDS)
 
+## soak: allocations and channels churned through the lab for SOAK_SECONDS (default 600; needs root)
+.PHONY: soak
+soak: setup
+	$(CARGO) build --workspace --bins
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} $(CARGO) test -p lab --test soak -- --nocapture
+
 ## bench: the relays measured in isolation (in-kernel XDP generator and sink, coturn beside
 ## turn-control, XDP and the floor); writes BENCHMARKS.md and tests/bench/bench.png. Needs
 ## root (sudo is used otherwise). BENCH_QUICK=1: a smoke run; BENCH_RUNS, BENCH_SECONDS.
