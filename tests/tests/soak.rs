@@ -403,7 +403,11 @@ impl Client {
     /// One cycle: allocate, bind channels, send channel data and count its echoes, refresh
     /// allocation and channels, send again. Returns the bindings held.
     fn churn(&mut self, worker: usize, cycle: u64, counters: &Counters) -> Vec<(String, u32)> {
-        let lifetime = if cycle % 2 == 0 { 600u32 } else { 1200 };
+        let lifetime = if cycle.is_multiple_of(2) {
+            600u32
+        } else {
+            1200
+        };
         self.request(
             ALLOCATE,
             &[
