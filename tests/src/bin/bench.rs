@@ -807,10 +807,16 @@ fn render(
          channel number, and drops it. Everything else (ARP, STUN) passes.\n\
          4. Rate: each case runs {} time(s) for {:.1} s at full generator speed; when the \
          median loss there is 1% or more, the offered rate is stepped down from 97% of what \
-         was delivered by 15% until a {:.1} s trial loses under 1%, and the case runs again \
-         at that paced rate (bursts of 256 frames). \"Relayed pps\" is the median delivered \
-         rate at under 1% loss; \"full load\" the median delivered rate when offered all the \
-         generator can.\n\
+         was delivered by 15% until a {:.1} s trial loses under 1%, two bisection trials move it \
+         up towards the last rate that lost, and the case runs again at that rate. The \
+         generator program paces itself: with a pace set, a run that comes before its time \
+         returns XDP_DROP (nothing is sent), so frames go out evenly spaced (a late frame does \
+         not pull the next ones forward by more than 100 us); it counts what it sends, which is \
+         the offered rate reported. Each `BPF_PROG_TEST_RUN` call runs about a quarter of the \
+         duration (a call has a fixed cost of about 17 ms here, during which nothing is sent, so \
+         paced runs offer somewhat less than the pace). \"Relayed pps\" is the median delivered \
+         rate of the final runs (their loss is in the table); \"full load\" the median \
+         delivered rate when offered all the generator can.\n\
          5. CPU per relayed packet: XDP programs: `kernel.bpf_stats_enabled=1`, run_time_ns / \
          run_cnt of the program attached to `x0`. User space: utime+stime of the server process \
          (/proc/PID/stat) / packets delivered; the kernel's receive and send path that runs in \
