@@ -510,9 +510,13 @@ impl Server {
             transport: binding.transport,
         };
         let key = (tuple, binding.channel);
+        // The whole binding must match, relay address included: a late answer
+        // for a deleted allocation's binding must not touch the channel a new
+        // allocation of the same 5-tuple bound since.
         let current = self
             .allocations
             .get_mut(&tuple)
+            .filter(|a| a.binding(&tuple, binding.channel, binding.peer) == Some(*binding))
             .and_then(|a| a.channels.get_mut(&binding.channel))
             .filter(|ch| ch.peer == binding.peer);
         match result {
