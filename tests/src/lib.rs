@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 pub mod agent;
-pub mod clients;
 pub mod bench;
+pub mod clients;
 pub mod packet;
 pub mod xdp;
 
