@@ -187,7 +187,7 @@ pub struct Netns {
 }
 
 impl Netns {
-    fn create(name: String) -> anyhow::Result<Self> {
+    pub(crate) fn create(name: String) -> anyhow::Result<Self> {
         run("ip", ["netns", "add", &name])?;
         let netns = Self { name };
         netns.ip(["link", "set", "lo", "up"])?;
@@ -238,19 +238,24 @@ impl Netns {
         command
     }
 
+    /// Enters the namespace on the calling thread.
+    pub fn enter_this_thread(&self) -> anyhow::Result<()> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("cannot enter {path}"))
+    }
+
     /// Runs `work` on a thread that has entered this namespace: sockets it
     /// creates belong to the namespace for their whole life.
     pub fn enter<T: Send>(
         &self,
         work: impl FnOnce() -> anyhow::Result<T> + Send,
     ) -> anyhow::Result<T> {
-        let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
-                    let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
-                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .with_context(|| format!("cannot enter {path}"))?;
+                    self.enter_this_thread()?;
                     work()
                 })
                 .join()

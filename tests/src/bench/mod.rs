@@ -17,7 +17,6 @@
 //! client (192.0.2.2) and the peer (198.51.100.2) are local addresses of the
 //! generator's namespace.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -54,79 +53,8 @@ pub const GEN_IFACE: &str = "rx";
 const PREFIX: &str = "xtlab";
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace, deleted on drop.
-#[derive(Debug)]
-pub struct Ns {
-    name: String,
-}
-
-impl Ns {
-    fn create(name: String) -> anyhow::Result<Self> {
-        run("ip", ["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.ip(["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// The namespace's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Runs `ip -n NAME ARGS...`.
-    pub fn ip<I, S>(&self, args: I) -> anyhow::Result<String>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        let mut all: Vec<std::ffi::OsString> = vec!["-n".into(), self.name.clone().into()];
-        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
-        run("ip", all)
-    }
-
-    /// A command that runs in the namespace (network namespace only, so the
-    /// host's bpffs stays visible); `nsenter` execs it, the pid stays.
-    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net=/run/netns/{}", self.name))
-            .arg("--")
-            .arg(program);
-        command
-    }
-
-    /// Enters the namespace on the calling thread.
-    pub fn enter_this_thread(&self) -> anyhow::Result<()> {
-        let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("cannot enter {path}"))
-    }
-
-    /// Runs `work` on a scoped thread inside the namespace.
-    pub fn enter<T: Send>(
-        &self,
-        work: impl FnOnce() -> anyhow::Result<T> + Send,
-    ) -> anyhow::Result<T> {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    self.enter_this_thread()?;
-                    work()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        if let Err(error) = run("ip", ["netns", "del", &self.name]) {
-            eprintln!("bench: cannot delete namespace {}: {error:#}", self.name);
-        }
-    }
-}
+/// The bench's namespaces are the lab's.
+pub use crate::Netns as Ns;
 
 /// A process of the bench, killed on drop.
 #[derive(Debug)]
