@@ -144,12 +144,15 @@ fn run_case(case: &Case) {
         let count = sample(&control, "turn_offload_installs_total", &label).unwrap_or(0.0);
         assert_eq!(count, 0.0, "{}: {result}", case.name);
     }
-    let agent_metrics = Lab::scrape(&lab.relay, AGENT_METRICS).unwrap();
+    // The agent refreshes its metrics every second: wait for this traffic.
+    let agent_metrics = wait_for("the agent's relayed bytes", Duration::from_secs(10), || {
+        let body = Lab::scrape(&lab.relay, AGENT_METRICS)?;
+        let relayed = sample(&body, "data_relayed_ebpf_bytes_total", "").unwrap_or(0.0);
+        Ok((relayed >= (sent * 100) as f64).then_some(body))
+    })
+    .unwrap();
     lab::promtool_check_metrics(&control).unwrap();
     lab::promtool_check_metrics(&agent_metrics).unwrap();
-    assert!(
-        sample(&agent_metrics, "data_relayed_ebpf_bytes_total", "").unwrap() >= (sent * 100) as f64
-    );
 }
 
 #[test]

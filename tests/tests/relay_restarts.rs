@@ -131,7 +131,10 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
         Ok(agent.list()?.is_empty().then_some(()))
     })
     .unwrap();
-    assert_eq!(turn_control_bindings(&lab), 0.0);
+    wait_for("turn-control to report no channels", T, || {
+        Ok((turn_control_bindings(&lab) == 0.0).then_some(()))
+    })
+    .unwrap();
 
     // A new client is offloaded at once.
     let second = runtime.block_on(client(&lab));

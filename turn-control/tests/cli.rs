@@ -79,8 +79,9 @@ fn unknown_flag_and_bad_values() {
 
 #[test]
 fn busy_port() {
-    let port = free_port("127.0.0.1");
-    let _busy = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    // Bound first, on a port the kernel picks: no other test can take it.
+    let busy = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+    let port = busy.local_addr().unwrap().port();
     let metrics = free_port("127.0.0.1");
     let listen = format!("127.0.0.1:{port}");
     let (status, _, stderr) = run_to_exit(
