@@ -32,6 +32,7 @@ pub mod agent;
 pub mod bench;
 pub mod clients;
 pub mod packet;
+pub mod stun;
 pub mod xdp;
 
 /// The client's address.

@@ -15,14 +15,16 @@
 )]
 
 use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac as _};
-use md5::{Digest as _, Md5};
-use sha1::Sha1;
+use lab::stun::{
+    ADDITIONAL_ADDRESS_FAMILY, ALLOCATE, Answer, BINDING, CHANNEL_BIND, CHANNEL_NUMBER,
+    CREATE_PERMISSION, Client, ERROR, LIFETIME, Msg, NONCE, REALM as REALM_ATTR, REFRESH, REQUEST,
+    REQUESTED_TRANSPORT, SUCCESS, USERNAME, XOR_PEER_ADDRESS, vm_rss_kib,
+};
 
 const REALM: &str = "hostile.example";
 const USER: &str = "mallory";
@@ -161,15 +163,18 @@ impl Daemon {
     }
 
     fn vm_rss_kib(&self) -> u64 {
-        vm_rss_kib(self.child.id())
+        vm_rss_kib(self.child.id()).unwrap()
     }
 
     /// A UDP Binding request still gets its success response.
     fn answers_binding(&mut self) {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut client = Client::new(socket, self.listen);
+        let mut client = new_client(socket, self.listen);
         let request = Msg::new(BINDING, REQUEST, client.next_txid()).finish(None);
-        let answer = client.exchange(&request).expect("Binding answered");
+        let answer = client
+            .exchange(&request)
+            .unwrap()
+            .expect("Binding answered");
         assert_eq!((answer.method, answer.class), (BINDING, SUCCESS));
         self.alive();
     }
@@ -182,233 +187,28 @@ impl Drop for Daemon {
     }
 }
 
-/// VmRSS of a process in KiB.
-fn vm_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+// ---- a minimal STUN client (lab::stun) ---------------------------------------------------
+
+/// A UDP client of the daemon with the test's long-term credentials.
+fn new_client(socket: UdpSocket, server: SocketAddr) -> Client {
+    Client::new(socket, server, USER, PASSWORD, Some(REALM)).unwrap()
 }
 
-// ---- a minimal STUN client ----------------------------------------------------------------
-
-const BINDING: u16 = 0x001;
-const ALLOCATE: u16 = 0x003;
-const REFRESH: u16 = 0x004;
-const CREATE_PERMISSION: u16 = 0x008;
-const CHANNEL_BIND: u16 = 0x009;
-const REQUEST: u16 = 0;
-const SUCCESS: u16 = 2;
-const ERROR: u16 = 3;
-
-const USERNAME: u16 = 0x0006;
-const MESSAGE_INTEGRITY: u16 = 0x0008;
-const ERROR_CODE: u16 = 0x0009;
-const CHANNEL_NUMBER: u16 = 0x000C;
-const LIFETIME: u16 = 0x000D;
-const XOR_PEER_ADDRESS: u16 = 0x0012;
-const REALM_ATTR: u16 = 0x0014;
-const NONCE: u16 = 0x0015;
-const REQUESTED_TRANSPORT: u16 = 0x0019;
-const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
-const MAGIC: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
-
-/// A STUN message under construction.
-struct Msg {
-    buf: Vec<u8>,
-}
-
-impl Msg {
-    fn new(method: u16, class: u16, txid: [u8; 12]) -> Self {
-        // RFC 8489 §5: the class bits sit between the method bits.
-        let t = (method & 0x000F)
-            | ((method & 0x0070) << 1)
-            | ((method & 0x0F80) << 2)
-            | ((class & 1) << 4)
-            | ((class & 2) << 7);
-        let mut buf = t.to_be_bytes().to_vec();
-        buf.extend_from_slice(&[0, 0]);
-        buf.extend_from_slice(&MAGIC);
-        buf.extend_from_slice(&txid);
-        Self { buf }
-    }
-
-    fn attr(mut self, t: u16, value: &[u8]) -> Self {
-        self.buf.extend_from_slice(&t.to_be_bytes());
-        self.buf
-            .extend_from_slice(&(value.len() as u16).to_be_bytes());
-        self.buf.extend_from_slice(value);
-        self.buf.resize(self.buf.len().next_multiple_of(4), 0);
-        self
-    }
-
-    fn xor_addr(self, t: u16, addr: SocketAddr) -> Self {
-        let txid: [u8; 12] = self.buf[8..20].try_into().unwrap();
-        let mut v = vec![0, if addr.is_ipv4() { 1 } else { 2 }];
-        v.extend_from_slice(&(addr.port() ^ 0x2112).to_be_bytes());
-        match addr.ip() {
-            IpAddr::V4(ip) => v.extend(ip.octets().iter().zip(MAGIC).map(|(a, m)| a ^ m)),
-            IpAddr::V6(ip) => {
-                let mask = MAGIC.iter().chain(txid.iter());
-                v.extend(ip.octets().iter().zip(mask).map(|(a, m)| a ^ m));
-            }
-        }
-        self.attr(t, &v)
-    }
-
-    /// Sets the length and appends MESSAGE-INTEGRITY (RFC 8489 §14.5) when `key` is given.
-    fn finish(mut self, key: Option<&[u8]>) -> Vec<u8> {
-        if let Some(key) = key {
-            let len = (self.buf.len() - 20 + 24) as u16;
-            self.buf[2..4].copy_from_slice(&len.to_be_bytes());
-            let mut mac = <Hmac<Sha1>>::new_from_slice(key).unwrap();
-            mac.update(&self.buf);
-            let tag = mac.finalize().into_bytes();
-            self = self.attr(MESSAGE_INTEGRITY, &tag);
-        }
-        let len = (self.buf.len() - 20) as u16;
-        self.buf[2..4].copy_from_slice(&len.to_be_bytes());
-        self.buf
-    }
-}
-
-/// A decoded response.
-#[derive(Debug)]
-struct Answer {
-    method: u16,
-    class: u16,
-    txid: [u8; 12],
-    attrs: Vec<(u16, Vec<u8>)>,
-}
-
-impl Answer {
-    fn parse(buf: &[u8]) -> Option<Self> {
-        let t = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]);
-        if buf.get(4..8)? != MAGIC {
-            return None;
-        }
-        let method = (t & 0x000F) | ((t & 0x00E0) >> 1) | ((t & 0x3E00) >> 2);
-        let class = ((t >> 4) & 1) | ((t >> 7) & 2);
-        let txid = buf.get(8..20)?.try_into().ok()?;
-        let mut attrs = Vec::new();
-        let mut rest = buf.get(20..)?;
-        while let [t0, t1, l0, l1, ref tail @ ..] = *rest {
-            let l = usize::from(u16::from_be_bytes([l0, l1]));
-            attrs.push((u16::from_be_bytes([t0, t1]), tail.get(..l)?.to_vec()));
-            rest = tail.get(l.next_multiple_of(4)..).unwrap_or_default();
-        }
-        Some(Self {
-            method,
-            class,
-            txid,
-            attrs,
-        })
-    }
-
-    fn attr(&self, t: u16) -> Option<&[u8]> {
-        self.attrs
-            .iter()
-            .find(|(a, _)| *a == t)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    fn code(&self) -> Option<u16> {
-        let v = self.attr(ERROR_CODE)?;
-        Some(u16::from(v[2] & 7) * 100 + u16::from(v[3]))
-    }
-}
-
-fn long_term_key(user: &str, password: &str) -> [u8; 16] {
-    Md5::digest(format!("{user}:{REALM}:{password}")).into()
-}
-
-/// A UDP client with long-term credentials.
-struct Client {
-    socket: UdpSocket,
-    server: SocketAddr,
-    key: [u8; 16],
-    nonce: Option<Vec<u8>>,
-    txid: u64,
-}
-
-impl Client {
-    fn new(socket: UdpSocket, server: SocketAddr) -> Self {
-        socket
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        Self {
-            socket,
-            server,
-            key: long_term_key(USER, PASSWORD),
-            nonce: None,
-            txid: 0,
-        }
-    }
-
-    fn next_txid(&mut self) -> [u8; 12] {
-        self.txid += 1;
-        let mut t = [0x5A; 12];
-        t[4..].copy_from_slice(&self.txid.to_be_bytes());
-        t
-    }
-
-    /// Sends `request` and returns the answer with its transaction id, retrying a few times
-    /// (UDP on loopback does not lose datagrams, but the daemon may drop a 401 when rate
-    /// limited).
-    fn exchange(&mut self, request: &[u8]) -> Option<Answer> {
-        let txid: [u8; 12] = request[8..20].try_into().unwrap();
-        let mut buf = [0u8; 2048];
-        for _ in 0..5 {
-            self.socket.send_to(request, self.server).unwrap();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(1) {
-                match self.socket.recv(&mut buf) {
-                    Ok(n) => {
-                        if let Some(a) = Answer::parse(&buf[..n])
-                            && a.txid == txid
-                        {
-                            return Some(a);
-                        }
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        break;
-                    }
-                    Err(e) => panic!("recv: {e}"),
-                }
-            }
-        }
-        None
-    }
-
-    /// An authenticated request; follows 401 and 438 for the nonce.
-    fn request(&mut self, method: u16, build: impl Fn(Msg) -> Msg) -> Answer {
-        for _ in 0..3 {
-            let mut msg = build(Msg::new(method, REQUEST, self.next_txid()));
-            let key = self.key;
-            if let Some(nonce) = &self.nonce {
-                msg = msg
-                    .attr(USERNAME, USER.as_bytes())
-                    .attr(REALM_ATTR, REALM.as_bytes())
-                    .attr(NONCE, nonce);
-            }
-            let request = msg.finish(self.nonce.is_some().then_some(&key[..]));
-            let answer = self.exchange(&request).expect("request answered");
-            assert_eq!(answer.method, method);
-            match answer.code() {
-                Some(401 | 438) if let Some(nonce) = answer.attr(NONCE) => {
-                    self.nonce = Some(nonce.to_vec());
-                }
-                _ => return answer,
-            }
-        }
-        panic!("authentication did not converge");
-    }
-
+/// Request helpers of the tests.
+trait Requests {
+    /// An authenticated request that must be answered; follows 401 and 438 for the nonce.
+    fn req(&mut self, method: u16, build: impl Fn(Msg) -> Msg) -> Answer;
     /// A dual-stack UDP allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY).
-    fn allocate(&mut self) -> Answer {
-        self.request(ALLOCATE, |m| {
+    fn allocate_dual(&mut self) -> Answer;
+}
+
+impl Requests for Client {
+    fn req(&mut self, method: u16, build: impl Fn(Msg) -> Msg) -> Answer {
+        self.request(method, build).expect("request answered")
+    }
+
+    fn allocate_dual(&mut self) -> Answer {
+        self.req(ALLOCATE, |m| {
             m.attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0])
                 .attr(ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
         })
@@ -416,7 +216,7 @@ impl Client {
 }
 
 fn client(daemon: &Daemon) -> Client {
-    Client::new(UdpSocket::bind("127.0.0.1:0").unwrap(), daemon.listen)
+    new_client(UdpSocket::bind("127.0.0.1:0").unwrap(), daemon.listen)
 }
 
 fn ok(answer: &Answer) {
@@ -608,10 +408,10 @@ fn tcp_garbage_closes_the_connection() {
 fn channel_numbers_outside_the_range_are_refused() {
     let daemon = Daemon::start(&[]);
     let mut c = client(&daemon);
-    ok(&c.allocate());
+    ok(&c.allocate_dual());
     let peer: SocketAddr = "8.8.8.8:5000".parse().unwrap();
     for number in [0x0000u16, 0x0001, 0x3FFF, 0x8000, 0x8001, 0xBFFF, 0xFFFF] {
-        let answer = c.request(CHANNEL_BIND, |m| {
+        let answer = c.req(CHANNEL_BIND, |m| {
             m.attr(CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0])
                 .xor_addr(XOR_PEER_ADDRESS, peer)
         });
@@ -624,7 +424,7 @@ fn channel_numbers_outside_the_range_are_refused() {
     // The edges of the range are fine.
     for (number, port) in [(0x4000u16, 5000), (0x7FFF, 5001)] {
         let peer = SocketAddr::new(peer.ip(), port);
-        ok(&c.request(CHANNEL_BIND, |m| {
+        ok(&c.req(CHANNEL_BIND, |m| {
             m.attr(CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0])
                 .xor_addr(XOR_PEER_ADDRESS, peer)
         }));
@@ -637,15 +437,15 @@ fn channel_numbers_outside_the_range_are_refused() {
 fn allocations_beyond_the_quota_get_486() {
     let mut daemon = Daemon::start(&["--user-quota", "1"]);
     let mut first = client(&daemon);
-    ok(&first.allocate());
+    ok(&first.allocate_dual());
     for _ in 0..3 {
         let mut other = client(&daemon);
-        let answer = other.allocate();
+        let answer = other.allocate_dual();
         assert_eq!((answer.class, answer.code()), (ERROR, Some(486)));
     }
-    ok(&first.request(REFRESH, |m| m.attr(LIFETIME, &0u32.to_be_bytes())));
+    ok(&first.req(REFRESH, |m| m.attr(LIFETIME, &0u32.to_be_bytes())));
     let mut later = client(&daemon);
-    ok(&later.allocate());
+    ok(&later.allocate_dual());
     daemon.wait_metric("turn_allocations_active", |v| v == 1.0);
 }
 
@@ -655,7 +455,7 @@ fn allocations_beyond_the_quota_get_486() {
 fn denied_peers_get_403_in_every_form() {
     let mut daemon = Daemon::start(&[]);
     let mut c = client(&daemon);
-    ok(&c.allocate());
+    ok(&c.allocate_dual());
     let denied = [
         // Loopback, also as IPv4-mapped, IPv4-compatible, NAT64 and 6to4.
         "127.0.0.1",
@@ -711,7 +511,7 @@ fn denied_peers_get_403_in_every_form() {
     let mut wrong = Vec::new();
     for ip in denied {
         let peer = SocketAddr::new(ip.parse().unwrap(), 5000);
-        let answer = c.request(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer));
+        let answer = c.req(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer));
         if (answer.class, answer.code()) != (ERROR, Some(403)) {
             wrong.push(format!(
                 "{ip}: class {} code {:?}",
@@ -723,7 +523,7 @@ fn denied_peers_get_403_in_every_form() {
     assert!(wrong.is_empty(), "not refused with 403: {wrong:#?}");
     for ip in ["8.8.8.8", "2001:4860:4860::8888"] {
         let peer = SocketAddr::new(ip.parse().unwrap(), 5000);
-        ok(&c.request(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer)));
+        ok(&c.req(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer)));
     }
     daemon.wait_metric("turn_peers_denied_total", |v| v >= denied.len() as f64);
 }

@@ -8,26 +8,23 @@
 //! after the workers delete them, both are zero: no binding leaked. Both daemons' VmRSS is
 //! sampled (start, peak, end reported) and must not grow in the second half of the run.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failure is a test failure"
-)]
+#![expect(clippy::unwrap_used, reason = "test code: a failure is a test failure")]
 
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac as _};
 use lab::agent::Agent;
+use lab::stun::{
+    self, ALLOCATE, CHANNEL_BIND, CHANNEL_NUMBER, LIFETIME, Msg, REFRESH, REQUESTED_TRANSPORT,
+    SUCCESS, XOR_PEER_ADDRESS, vm_rss_kib,
+};
 use lab::{CLIENT_V4, Lab, Netns, PEER_V4, RELAY_V4, TURN_CONTROL_METRICS, wait_for};
-use md5::{Digest as _, Md5};
-use sha1::Sha1;
 
 const WORKERS: usize = 4;
 const CHANNELS: u16 = 2;
@@ -64,7 +61,10 @@ fn churn_keeps_agent_and_control_in_step() {
     let stop = Arc::new(AtomicBool::new(false));
     let echo = start_echo(&lab.peer, stop.clone());
     let counters = Arc::new(Counters::default());
-    let rss_start = (vm_rss_kib(control_pid), vm_rss_kib(agent_pid));
+    let rss_start = (
+        vm_rss_kib(control_pid).unwrap(),
+        vm_rss_kib(agent_pid).unwrap(),
+    );
 
     // Workers churn until the deadline, then each keeps its last allocation until the
     // state has been compared (first barrier), then deletes it (second barrier).
@@ -101,7 +101,10 @@ fn churn_keeps_agent_and_control_in_step() {
     let mut mid = None;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500).min(deadline - Instant::now()));
-        let now = (vm_rss_kib(control_pid), vm_rss_kib(agent_pid));
+        let now = (
+            vm_rss_kib(control_pid).unwrap(),
+            vm_rss_kib(agent_pid).unwrap(),
+        );
         peak = (peak.0.max(now.0), peak.1.max(now.1));
         if mid.is_none() && deadline - Instant::now() < Duration::from_secs(seconds / 2) {
             mid = Some(now);
@@ -154,7 +157,10 @@ fn churn_keeps_agent_and_control_in_step() {
     stop.store(true, Ordering::Relaxed);
     echo.join().unwrap();
 
-    let end = (vm_rss_kib(control_pid), vm_rss_kib(agent_pid));
+    let end = (
+        vm_rss_kib(control_pid).unwrap(),
+        vm_rss_kib(agent_pid).unwrap(),
+    );
     let mid = mid.unwrap_or(rss_start);
     let c = &counters;
     eprintln!(
@@ -205,15 +211,6 @@ fn pid_in(netns: &Netns, binary: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {binary} running in {}", netns.name()))
 }
 
-fn vm_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
 /// A UDP socket bound in the namespace named `netns`.
 fn bind_in(netns: &str, addr: SocketAddr) -> UdpSocket {
     let path = format!("/run/netns/{netns}");
@@ -251,153 +248,36 @@ fn start_echo(peer: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()
     })
 }
 
-// ---- a minimal STUN client with long-term credentials (RFC 8489 §9.2) ---------------------
+// ---- the STUN client (lab::stun) with long-term credentials ---------------------------------
 
-const ALLOCATE: u16 = 0x003;
-const REFRESH: u16 = 0x004;
-const CHANNEL_BIND: u16 = 0x009;
-const SUCCESS: u16 = 2;
-const USERNAME: u16 = 0x0006;
-const MESSAGE_INTEGRITY: u16 = 0x0008;
-const ERROR_CODE: u16 = 0x0009;
-const CHANNEL_NUMBER: u16 = 0x000C;
-const LIFETIME: u16 = 0x000D;
-const XOR_PEER_ADDRESS: u16 = 0x0012;
-const REALM_ATTR: u16 = 0x0014;
-const NONCE: u16 = 0x0015;
-const REQUESTED_TRANSPORT: u16 = 0x0019;
-const MAGIC: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
-
-fn message(method: u16, txid: [u8; 12], attrs: &[(u16, Vec<u8>)], key: Option<&[u8]>) -> Vec<u8> {
-    // RFC 8489 §5: request class, method bits around the class bits.
-    let t = (method & 0x000F) | ((method & 0x0070) << 1) | ((method & 0x0F80) << 2);
-    let mut buf = t.to_be_bytes().to_vec();
-    buf.extend_from_slice(&[0, 0]);
-    buf.extend_from_slice(&MAGIC);
-    buf.extend_from_slice(&txid);
-    let push = |buf: &mut Vec<u8>, t: u16, v: &[u8]| {
-        buf.extend_from_slice(&t.to_be_bytes());
-        buf.extend_from_slice(&(v.len() as u16).to_be_bytes());
-        buf.extend_from_slice(v);
-        buf.resize(buf.len().next_multiple_of(4), 0);
-    };
-    for (t, v) in attrs {
-        push(&mut buf, *t, v);
-    }
-    if let Some(key) = key {
-        let len = (buf.len() - 20 + 24) as u16;
-        buf[2..4].copy_from_slice(&len.to_be_bytes());
-        let mut mac = <Hmac<Sha1>>::new_from_slice(key).unwrap();
-        mac.update(&buf);
-        let tag = mac.finalize().into_bytes();
-        push(&mut buf, MESSAGE_INTEGRITY, &tag);
-    }
-    let len = (buf.len() - 20) as u16;
-    buf[2..4].copy_from_slice(&len.to_be_bytes());
-    buf
-}
-
-fn xor_peer(addr: SocketAddr) -> (u16, Vec<u8>) {
-    let IpAddr::V4(ip) = addr.ip() else {
-        unreachable!("IPv4 peers only")
-    };
-    let mut v = vec![0, 1];
-    v.extend_from_slice(&(addr.port() ^ 0x2112).to_be_bytes());
-    v.extend(ip.octets().iter().zip(MAGIC).map(|(a, m)| a ^ m));
-    (XOR_PEER_ADDRESS, v)
-}
-
-/// The class, error code and NONCE of a response to `txid`, if `buf` is one.
-fn answer(buf: &[u8], txid: &[u8; 12]) -> Option<(u16, Option<u16>, Option<Vec<u8>>)> {
-    if buf.len() < 20 || buf[0] & 0xC0 != 0 || buf[8..20] != txid[..] {
-        return None;
-    }
-    let t = u16::from_be_bytes([buf[0], buf[1]]);
-    let class = ((t >> 4) & 1) | ((t >> 7) & 2);
-    let (mut code, mut nonce) = (None, None);
-    let mut rest = &buf[20..];
-    while let [t0, t1, l0, l1, ref tail @ ..] = *rest {
-        let l = usize::from(u16::from_be_bytes([l0, l1]));
-        let v = tail.get(..l)?;
-        match u16::from_be_bytes([t0, t1]) {
-            ERROR_CODE if l >= 4 => code = Some(u16::from(v[2] & 7) * 100 + u16::from(v[3])),
-            NONCE => nonce = Some(v.to_vec()),
-            _ => {}
-        }
-        rest = tail.get(l.next_multiple_of(4)..).unwrap_or_default();
-    }
-    Some((class, code, nonce))
-}
-
-struct Client {
-    socket: UdpSocket,
-    server: SocketAddr,
-    key: [u8; 16],
-    nonce: Option<Vec<u8>>,
-    txid: u64,
-}
+struct Client(stun::Client);
 
 impl Client {
     fn new(socket: UdpSocket, server: SocketAddr) -> Self {
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        Self {
-            socket,
-            server,
-            key: Md5::digest(format!("{USER}:{REALM}:{PASSWORD}")).into(),
-            nonce: None,
-            txid: 0,
-        }
+        let mut client = stun::Client::new(socket, server, USER, PASSWORD, Some(REALM)).unwrap();
+        client.txid_tag = 0x33;
+        // Retransmits on silence (a rate-limited 401 is dropped) for 10 s.
+        client.tries = 20;
+        client.wait = Duration::from_millis(500);
+        Self(client)
     }
 
     /// An authenticated request that must succeed; follows 401/438 for the nonce and
-    /// retransmits on silence (a rate-limited 401 is dropped).
-    fn request(&mut self, method: u16, attrs: &[(u16, Vec<u8>)], counters: &Counters) {
-        let start = Instant::now();
-        let mut buf = [0u8; 2048];
-        loop {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "method {method:#x} unanswered"
-            );
-            self.txid += 1;
-            let mut txid = [0x33; 12];
-            txid[4..].copy_from_slice(&self.txid.to_be_bytes());
-            let mut all = attrs.to_vec();
-            if let Some(nonce) = &self.nonce {
-                all.push((USERNAME, USER.as_bytes().to_vec()));
-                all.push((REALM_ATTR, REALM.as_bytes().to_vec()));
-                all.push((NONCE, nonce.clone()));
-            }
-            let key = self.key;
-            let request = message(method, txid, &all, self.nonce.is_some().then_some(&key[..]));
-            self.socket.send_to(&request, self.server).unwrap();
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            let sent = Instant::now();
-            let got = loop {
-                if sent.elapsed() > Duration::from_millis(500) {
-                    break None;
-                }
-                match self.socket.recv(&mut buf) {
-                    Ok(n) => {
-                        if let Some(a) = answer(&buf[..n], &txid) {
-                            break Some(a);
-                        }
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(e) => panic!("recv: {e}"),
-                }
-            };
-            match got {
-                None => {}
-                Some((SUCCESS, _, _)) => return,
-                Some((_, Some(401 | 438), Some(nonce))) => self.nonce = Some(nonce),
-                Some((class, code, _)) => {
-                    panic!("method {method:#x}: class {class} code {code:?}")
-                }
-            }
-        }
+    /// retransmits on silence.
+    fn request(&mut self, method: u16, build: impl Fn(Msg) -> Msg, counters: &Counters) {
+        let sent = self.0.sent;
+        let answer = self.0.request(method, build);
+        counters
+            .requests
+            .fetch_add(self.0.sent - sent, Ordering::Relaxed);
+        let answer = answer.unwrap_or_else(|e| panic!("method {method:#x}: {e:#}"));
+        assert_eq!(
+            answer.class,
+            SUCCESS,
+            "method {method:#x}: class {} code {:?}",
+            answer.class,
+            answer.code()
+        );
     }
 
     /// One cycle: allocate, bind channels, send channel data and count its echoes, refresh
@@ -410,13 +290,13 @@ impl Client {
         };
         self.request(
             ALLOCATE,
-            &[
-                (REQUESTED_TRANSPORT, vec![17, 0, 0, 0]),
-                (LIFETIME, lifetime.to_be_bytes().to_vec()),
-            ],
+            |m| {
+                m.attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                    .attr(LIFETIME, &lifetime.to_be_bytes())
+            },
             counters,
         );
-        let client = SocketAddr::new(CLIENT_V4.into(), self.socket.local_addr().unwrap().port());
+        let client = SocketAddr::new(CLIENT_V4.into(), self.0.socket.local_addr().unwrap().port());
         let mut held = Vec::new();
         for round in 0..2 {
             for k in 0..CHANNELS {
@@ -424,13 +304,10 @@ impl Client {
                 let peer = SocketAddr::new(PEER_V4.into(), PEER_PORT + k);
                 self.request(
                     CHANNEL_BIND,
-                    &[
-                        (
-                            CHANNEL_NUMBER,
-                            vec![(number >> 8) as u8, number as u8, 0, 0],
-                        ),
-                        xor_peer(peer),
-                    ],
+                    |m| {
+                        m.attr(CHANNEL_NUMBER, &stun::channel_number(number))
+                            .xor_addr(XOR_PEER_ADDRESS, peer)
+                    },
                     counters,
                 );
                 if round == 0 {
@@ -441,7 +318,7 @@ impl Client {
             if round == 0 {
                 self.request(
                     REFRESH,
-                    &[(LIFETIME, 600u32.to_be_bytes().to_vec())],
+                    |m| m.attr(LIFETIME, &600u32.to_be_bytes()),
                     counters,
                 );
             }
@@ -451,18 +328,16 @@ impl Client {
 
     /// Sends channel data and counts the echoes that come back as channel data.
     fn traffic(&mut self, number: u16, counters: &Counters) {
-        let mut frame = number.to_be_bytes().to_vec();
-        frame.extend_from_slice(&100u16.to_be_bytes());
-        frame.extend_from_slice(&[0x5A; 100]);
+        let frame = stun::channel_data(number, &[0x5A; 100]);
         for _ in 0..PACKETS {
-            self.socket.send_to(&frame, self.server).unwrap();
+            self.0.socket.send_to(&frame, self.0.server).unwrap();
         }
         counters.sent.fetch_add(PACKETS as u64, Ordering::Relaxed);
         let mut got = 0;
         let start = Instant::now();
         let mut buf = [0u8; 2048];
         while got < PACKETS && start.elapsed() < Duration::from_millis(500) {
-            match self.socket.recv(&mut buf) {
+            match self.0.socket.recv(&mut buf) {
                 Ok(n) if n >= 4 && buf[..2] == number.to_be_bytes() => got += 1,
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
@@ -474,6 +349,6 @@ impl Client {
 
     /// Deletes the allocation (RFC 8656 §8: Refresh with LIFETIME 0).
     fn delete(&mut self, counters: &Counters) {
-        self.request(REFRESH, &[(LIFETIME, vec![0, 0, 0, 0])], counters);
+        self.request(REFRESH, |m| m.attr(LIFETIME, &[0, 0, 0, 0]), counters);
     }
 }
