@@ -3,8 +3,10 @@
 //!
 //! While the agent is unreachable every install is answered as failed at once, so the core
 //! relays those channels in user space instead of holding ChannelBind successes for the
-//! offload timeout. On every (re)connect the event loop pushes the full set of bindings the
-//! data plane should hold ([`ToAgent::Sync`]).
+//! offload timeout. On every (re)connect each event-loop thread pushes its share of the
+//! bindings the data plane should hold ([`ToAgent::Sync`]); the link sends their union as one
+//! Sync RPC, holding back installs and removals until it has gone out so that none of them is
+//! undone by it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,15 +14,26 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use turn_core::{ChannelBinding, OffloadError};
 
-/// Requests from the event loop.
+/// Requests from the event-loop threads; `shard` is the sender's index, where answers go.
 #[derive(Debug)]
 pub enum ToAgent {
     /// Add one binding; answer with [`FromAgent::Installed`].
-    Install(ChannelBinding),
+    Install {
+        /// The sending thread.
+        shard: usize,
+        /// The binding.
+        binding: ChannelBinding,
+    },
     /// Remove one binding; no answer.
     Remove(ChannelBinding),
-    /// The full set of bindings after a (re)connect (the Sync RPC); failures are logged.
-    Sync(Vec<ChannelBinding>),
+    /// One thread's full set of bindings, its answer to [`FromAgent::Connected`]. Once every
+    /// thread answered, their union goes out as one Sync RPC; failures are logged.
+    Sync {
+        /// The sending thread.
+        shard: usize,
+        /// Every binding it holds.
+        bindings: Vec<ChannelBinding>,
+    },
 }
 
 /// Answers and link events for the event loop.
@@ -28,7 +41,8 @@ pub enum ToAgent {
 pub enum FromAgent {
     /// The outcome of an [`ToAgent::Install`].
     Installed(ChannelBinding, Result<(), OffloadError>),
-    /// The agent is reachable (again): the loop should send [`ToAgent::Sync`].
+    /// The agent is reachable (again), or lost our state: the thread answers with
+    /// [`ToAgent::Sync`].
     Connected,
     /// The agent went away.
     Disconnected,
@@ -58,13 +72,52 @@ pub struct DataPlane {
     pub relay_v6: Option<std::net::Ipv6Addr>,
 }
 
-/// Runs the link until `requests` closes (after the loop's shutdown drain), then returns
-/// once what was queued has been sent or dropped.
+/// The [`ToAgent::Sync`] parts collected after a (re)connect, one per thread, and what the
+/// threads asked for meanwhile.
+#[derive(Debug)]
+struct PendingSync {
+    parts: Vec<Option<Vec<ChannelBinding>>>,
+    /// Installs and removals that arrived after some thread's part: sending them before the
+    /// Sync would let the Sync undo them, so they follow it.
+    held: Vec<ToAgent>,
+}
+
+impl PendingSync {
+    fn new(shards: usize) -> Self {
+        Self {
+            parts: (0..shards).map(|_| None).collect(),
+            held: Vec::new(),
+        }
+    }
+
+    /// The union of every thread's part, once all have answered.
+    fn take_union(&mut self) -> Option<Vec<ChannelBinding>> {
+        if self.parts.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(
+            self.parts
+                .iter_mut()
+                .flat_map(|p| p.take().unwrap_or_default())
+                .collect(),
+        )
+    }
+}
+
+/// Sends `event` to every event-loop thread.
+async fn broadcast(events: &[mpsc::Sender<FromAgent>], event: impl Fn() -> FromAgent) {
+    for tx in events {
+        let _ = tx.send(event()).await;
+    }
+}
+
+/// Runs the link until `requests` closes (after every thread's shutdown drain), then
+/// returns once what was queued has been sent or dropped. `events[i]` reaches thread `i`.
 pub async fn run(
     path: PathBuf,
     data_plane: DataPlane,
     mut requests: mpsc::Receiver<ToAgent>,
-    events: mpsc::Sender<FromAgent>,
+    events: Vec<mpsc::Sender<FromAgent>>,
 ) {
     // Sync generations grow across restarts of this daemon too.
     let mut generation = std::time::SystemTime::now()
@@ -76,19 +129,22 @@ pub async fn run(
     let mut client: Option<proto::DataPlaneClient> = None;
     let mut next_attempt = tokio::time::Instant::now();
     let mut buf = Vec::with_capacity(MAX_BATCH);
+    let mut pending: Option<PendingSync> = None;
     loop {
         if client.is_none() && tokio::time::Instant::now() >= next_attempt {
             match tokio::time::timeout(RPC_TIMEOUT, proto::connect(path.clone())).await {
                 Ok(Ok(mut c)) => {
                     tracing::info!(agent = %path.display(), "connected to xdp-agent");
                     if let Err(error) = set_config(&mut c, &data_plane).await {
-                        metrics::counter!("agent_rpc_errors_total").increment(1);
+                        metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
                         tracing::warn!(%error, "xdp-agent SetConfig failed");
                     }
                     client = Some(c);
                     synced = None;
                     backoff = BACKOFF.0;
-                    let _ = events.send(FromAgent::Connected).await;
+                    metrics::gauge!(crate::metrics::name::AGENT_CONNECTED).set(1.0);
+                    pending = Some(PendingSync::new(events.len()));
+                    broadcast(&events, || FromAgent::Connected).await;
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(agent = %path.display(), error = %error_chain(&error), "xdp-agent unreachable");
@@ -117,6 +173,7 @@ pub async fn run(
                     match probe(c).await {
                         Err(error) => {
                             lost(&mut client, &events, &path, &error).await;
+                            pending = None;
                             next_attempt = tokio::time::Instant::now();
                         }
                         // The gRPC channel reconnects by itself, so an agent restart
@@ -125,7 +182,8 @@ pub async fn run(
                         Ok(Some(agent_generation)) if synced.is_some_and(|g| g != agent_generation) => {
                             tracing::info!(agent_generation, ours = ?synced, "xdp-agent lost our state (restarted?); resyncing");
                             synced = None;
-                            let _ = events.send(FromAgent::Connected).await;
+                            pending = Some(PendingSync::new(events.len()));
+                            broadcast(&events, || FromAgent::Connected).await;
                         }
                         Ok(_) => {}
                     }
@@ -133,21 +191,38 @@ pub async fn run(
                 continue;
             }
         }
-        let (mut installs, mut removes, mut syncs) = (Vec::new(), Vec::new(), None);
+        let mut syncs = None;
+        let mut ready = Vec::with_capacity(buf.len());
         for request in buf.drain(..) {
+            match (request, pending.as_mut()) {
+                (ToAgent::Sync { shard, bindings }, Some(p)) => {
+                    if let Some(part) = p.parts.get_mut(shard) {
+                        *part = Some(bindings);
+                    }
+                    if let Some(all) = p.take_union() {
+                        syncs = Some(all);
+                        ready.append(&mut p.held);
+                        pending = None;
+                    }
+                }
+                // A part of a sync that a lost connection abandoned.
+                (ToAgent::Sync { .. }, None) => {}
+                (request, Some(p)) if p.parts.iter().any(Option::is_some) => p.held.push(request),
+                (request, _) => ready.push(request),
+            }
+        }
+        let (mut installs, mut removes) = (Vec::new(), Vec::new());
+        for request in ready {
             match request {
-                ToAgent::Install(b) => installs.push(b),
+                ToAgent::Install { shard, binding } => installs.push((shard, binding)),
                 ToAgent::Remove(b) => removes.push(b),
-                // A later full state replaces an earlier one.
-                ToAgent::Sync(all) => syncs = Some(all),
+                ToAgent::Sync { .. } => {}
             }
         }
         let Some(c) = &mut client else {
             // RFC 8656 §12 leaves relaying to the server; without an agent it is ours.
-            for b in installs {
-                let _ = events
-                    .send(FromAgent::Installed(b, Err(OffloadError::Unavailable)))
-                    .await;
+            for (shard, b) in installs {
+                answer(&events, shard, b, Err(OffloadError::Unavailable)).await;
             }
             if !removes.is_empty() {
                 tracing::debug!(
@@ -190,15 +265,16 @@ pub async fn run(
         } else if installs.is_empty() {
             Ok(())
         } else {
-            call(c, Call::Add, &installs).await
+            let bindings: Vec<ChannelBinding> = installs.iter().map(|(_, b)| *b).collect();
+            call(c, Call::Add, &bindings).await
         };
-        for b in installs {
+        for (shard, b) in installs {
             let result = match &install_result {
                 Ok(()) => Ok(()),
                 Err(RpcError::Rejected(reason)) => Err(OffloadError::Rejected(reason.clone())),
                 Err(RpcError::Gone(_)) => Err(OffloadError::Unavailable),
             };
-            let _ = events.send(FromAgent::Installed(b, result)).await;
+            answer(&events, shard, b, result).await;
         }
         if let Err(error) = install_result {
             failure.get_or_insert(error);
@@ -206,10 +282,11 @@ pub async fn run(
         match failure {
             Some(error @ RpcError::Gone(_)) => {
                 lost(&mut client, &events, &path, &error).await;
+                pending = None;
                 next_attempt = tokio::time::Instant::now();
             }
             Some(RpcError::Rejected(reason)) => {
-                metrics::counter!("agent_rpc_errors_total").increment(1);
+                metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
                 tracing::warn!(%reason, "xdp-agent refused a request");
             }
             None => {}
@@ -340,14 +417,27 @@ fn classify(status: &tonic::Status) -> RpcError {
 
 async fn lost(
     client: &mut Option<proto::DataPlaneClient>,
-    events: &mpsc::Sender<FromAgent>,
+    events: &[mpsc::Sender<FromAgent>],
     path: &std::path::Path,
     error: &RpcError,
 ) {
-    metrics::counter!("agent_rpc_errors_total").increment(1);
+    metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
+    metrics::gauge!(crate::metrics::name::AGENT_CONNECTED).set(0.0);
     tracing::warn!(agent = %path.display(), %error, "lost the xdp-agent; relaying in user space until it is back");
     *client = None;
-    let _ = events.send(FromAgent::Disconnected).await;
+    broadcast(events, || FromAgent::Disconnected).await;
+}
+
+/// The outcome of an install, to the thread that asked.
+async fn answer(
+    events: &[mpsc::Sender<FromAgent>],
+    shard: usize,
+    binding: ChannelBinding,
+    result: Result<(), OffloadError>,
+) {
+    if let Some(tx) = events.get(shard) {
+        let _ = tx.send(FromAgent::Installed(binding, result)).await;
+    }
 }
 
 /// The wire form of a binding (proto/xdp_agent.proto).

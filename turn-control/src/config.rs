@@ -27,6 +27,8 @@ pub const DEV_USER: &str = "dev";
 pub const DEFAULT_LISTENER_BUFFER: usize = 8 << 20;
 /// Default SO_RCVBUF/SO_SNDBUF of relay sockets: one allocation's peer traffic each.
 pub const DEFAULT_RELAY_BUFFER: usize = 1 << 20;
+/// Most event-loop threads (`--threads`).
+pub const MAX_THREADS: usize = 256;
 
 /// The command line. Every option can also come from the environment variable named in
 /// `--help`; list variables take comma-separated values.
@@ -151,6 +153,10 @@ pub struct Cli {
     /// Do not listen on TCP (TURN over TCP, RFC 8656 §3.1).
     #[arg(long = "no-tcp", env = "TURN_CONTROL_NO_TCP")]
     pub no_tcp: bool,
+    /// Event-loop threads, each with its own SO_REUSEPORT listener sockets, allocations and
+    /// share of the port range [default: one per CPU].
+    #[arg(long, env = "TURN_CONTROL_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// How logs are written.
@@ -221,6 +227,8 @@ pub struct Settings {
     pub listener_buffer_bytes: usize,
     /// Relay socket buffers.
     pub relay_buffer_bytes: usize,
+    /// Event-loop threads.
+    pub threads: usize,
 }
 
 /// A configuration the daemon cannot run with. Each message names the key (or flag) and
@@ -368,6 +376,28 @@ impl Settings {
                 "no credentials: set --user NAME:PASSWORD or --auth-secret (or use --dev)",
             ));
         }
+        let threads = match cli.threads.or(file.threads) {
+            Some(0) => return Err(invalid("threads", "must be at least 1")),
+            Some(n) if n > MAX_THREADS => {
+                return Err(invalid(
+                    "threads",
+                    format!("{n} is more than {MAX_THREADS}"),
+                ));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS)),
+        };
+        // Each thread allocates from its own slice of the range (no cross-thread port
+        // bookkeeping); a slice must hold at least one port.
+        let ports_in_range = usize::from(ports.end() - ports.start()) + 1;
+        if ports_in_range < threads {
+            return Err(invalid(
+                "ports",
+                format!(
+                    "{ports_in_range} port(s) cannot be shared by {threads} threads (see --threads)"
+                ),
+            ));
+        }
         let metrics = cli
             .metrics
             .or(file.metrics)
@@ -404,6 +434,7 @@ impl Settings {
                 .relay_buffer_bytes
                 .or(file.relay_buffer_bytes)
                 .unwrap_or(DEFAULT_RELAY_BUFFER),
+            threads,
         };
         Ok(settings)
     }
@@ -472,6 +503,7 @@ impl Settings {
             self.listener_buffer_bytes
         );
         let _ = writeln!(out, "relay_buffer_bytes = {}", self.relay_buffer_bytes);
+        let _ = writeln!(out, "threads = {}", self.threads);
         out
     }
 }
@@ -498,6 +530,7 @@ pub struct FileConfig {
     total_quota: Option<u32>,
     listener_buffer_bytes: Option<usize>,
     relay_buffer_bytes: Option<usize>,
+    threads: Option<usize>,
 }
 
 impl FileConfig {
@@ -533,6 +566,7 @@ impl FileConfig {
             total_quota: keys.integer("total_quota")?,
             listener_buffer_bytes: keys.integer("listener_buffer_bytes")?,
             relay_buffer_bytes: keys.integer("relay_buffer_bytes")?,
+            threads: keys.integer("threads")?,
         };
         if let Some(key) = keys.table.keys().next() {
             return Err(ConfigError::UnknownKey {

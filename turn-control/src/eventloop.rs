@@ -1,6 +1,9 @@
-//! The daemon's one event loop: it owns the [`Server`], every UDP socket (listeners and one
-//! relay socket per allocation port), the single timer re-armed from
-//! [`Server::poll_timeout`], and the channels to the TCP connection tasks and the agent link.
+//! One shard's event loop (see [`crate::shards`]), on a thread of its own with a
+//! current-thread runtime, so a packet is read, decided and sent without leaving the thread:
+//! it owns a [`Server`], the shard's UDP sockets (its listener of each SO_REUSEPORT group and
+//! one relay socket per allocation port), the single timer re-armed from
+//! [`Server::poll_timeout`], its TCP connection tasks, and its ends of the channels to the
+//! agent link and the main thread.
 //!
 //! UDP sockets sit in one edge-triggered `epoll` set (mio) whose descriptor tokio watches;
 //! ready sockets are read [`udp::BATCH`] datagrams per `recvmmsg`, the core's transmits are
@@ -9,24 +12,26 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use ipnet::IpNet;
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use socket2::Socket;
 use tokio::io::unix::AsyncFd;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use turn_core::{
-    ClientAddr, Command, Config, Credentials, Family, FiveTuple, OffloadError, PeerAddr, RelayAddr,
-    Server, Transmit, Transport,
+    ClientAddr, Command, Config, Credentials, Family, FiveTuple, OffloadError, PeerAddr,
+    QuotaLedger, RelayAddr, Server, Transmit, Transport,
 };
 
-use crate::agent::{self, FromAgent, ToAgent};
-use crate::config::{Cli, Settings, User};
-use crate::metrics::{self as m, name};
+use crate::agent::{FromAgent, ToAgent};
+use crate::config::{Settings, User};
+use crate::metrics::name;
+use crate::shards::{Control, Listeners, Report, ReportSlot};
 use crate::udp::{self, RecvBatch};
 
 /// Messages from the TCP connection tasks.
@@ -66,8 +71,6 @@ const SOCKETS_PER_ROUND: usize = 64;
 const EVENTS: usize = 1024;
 /// How often the wall clock is re-anchored (REST usernames, nonces follow NTP steps).
 const WALL_CLOCK_EVERY: u64 = 60;
-/// How long the shutdown drain waits for the agent to take the last removals.
-const AGENT_DRAIN: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 enum Role {
@@ -84,8 +87,7 @@ struct UdpEntry {
 }
 
 enum Event {
-    Terminate,
-    Reload,
+    Control(Control),
     Timer,
     Tick,
     Tcp(TcpEvent),
@@ -93,13 +95,34 @@ enum Event {
     Udp { poll: bool },
 }
 
-/// The event loop. Build with [`Eventloop::new`] inside the runtime, then [`Eventloop::run`].
+/// What a shard starts with.
+#[derive(Debug)]
+pub struct Shard {
+    /// Its index among the shards.
+    pub index: usize,
+    /// The daemon's settings.
+    pub settings: Settings,
+    /// Its core's configuration (its port slice, the shared seed and quota ledger).
+    pub core: Config,
+    /// Its socket of each listener group.
+    pub listeners: Listeners,
+    /// Requests to the agent link, if an agent is configured.
+    pub agent: Option<mpsc::Sender<ToAgent>>,
+    /// Answers and link events from the agent link.
+    pub agent_events: mpsc::Receiver<FromAgent>,
+    /// Messages from the main thread; closed means terminate.
+    pub control: mpsc::UnboundedReceiver<Control>,
+    /// Where it reports its counters.
+    pub report: ReportSlot,
+}
+
+/// The event loop. Build with [`Eventloop::new`] inside the shard's runtime, then
+/// [`Eventloop::run`].
 #[derive(Debug)]
 pub struct Eventloop {
+    index: usize,
     server: Server,
-    cli: Cli,
     settings: Settings,
-    dev_user: Option<User>,
     /// The epoll set of every UDP socket; tokio watches its descriptor.
     poll: AsyncFd<mio::Poll>,
     events: mio::Events,
@@ -118,37 +141,35 @@ pub struct Eventloop {
     inbox_rx: mpsc::Receiver<TcpEvent>,
     inbox_tx: mpsc::Sender<TcpEvent>,
     agent: Option<mpsc::Sender<ToAgent>>,
-    agent_task: Option<JoinHandle<()>>,
     agent_rx: mpsc::Receiver<FromAgent>,
-    /// Keeps `agent_rx` open when no agent is configured.
-    _agent_tx: mpsc::Sender<FromAgent>,
     agent_connected: bool,
+    control: mpsc::UnboundedReceiver<Control>,
+    report: ReportSlot,
 }
 
 impl Eventloop {
-    /// Binds every listener and builds the core. Errors name the address that failed.
-    pub fn new(cli: Cli, settings: Settings, dev_user: Option<User>) -> anyhow::Result<Self> {
-        let mut seed = [0u8; 32];
-        {
-            use rand::TryRng as _;
-            rand::rngs::SysRng
-                .try_fill_bytes(&mut seed)
-                .context("seeding the random number generator from the OS")?;
-        }
-        let config = core_config(&settings, dev_user.as_ref(), seed);
-        let server = Server::new(config, Instant::now(), SystemTime::now())
+    /// Registers the shard's sockets and builds its core.
+    pub fn new(shard: Shard) -> anyhow::Result<Self> {
+        let Shard {
+            index,
+            settings,
+            core,
+            listeners,
+            agent,
+            agent_events,
+            control,
+            report,
+        } = shard;
+        let server = Server::new(core, Instant::now(), SystemTime::now())
             .context("protocol core configuration")?;
-
         let poll = mio::Poll::new().context("creating epoll instance")?;
         // SAFETY: the Poll owns its epoll descriptor and neither closes nor replaces it while
         // the AsyncFd holds it; dropping the AsyncFd deregisters before closing.
         let poll = unsafe { AsyncFd::register(poll) }.context("registering epoll with tokio")?;
         let (inbox_tx, inbox_rx) = mpsc::channel(4096);
-        let (agent_tx, agent_rx) = mpsc::channel(4096);
         let mut this = Self {
+            index,
             server,
-            cli,
-            dev_user,
             poll,
             events: mio::Events::with_capacity(EVENTS),
             sockets: Vec::new(),
@@ -163,51 +184,32 @@ impl Eventloop {
             allocations: HashMap::new(),
             inbox_rx,
             inbox_tx,
-            agent: None,
-            agent_task: None,
-            agent_rx,
-            _agent_tx: agent_tx.clone(),
+            agent,
+            agent_rx: agent_events,
             agent_connected: false,
+            control,
+            report,
             settings,
         };
-        for addr in this.settings.listen.clone() {
-            let socket = udp::bind(addr, this.settings.listener_buffer_bytes, false)
-                .with_context(|| format!("listen udp {addr}"))?;
+        for (addr, socket) in listeners.udp {
             let slot = this
                 .insert(socket, Role::Listener(addr))
                 .with_context(|| format!("listen udp {addr}"))?;
             this.listeners.insert(addr, slot);
-            if this.settings.tcp {
-                let listener = tcp_listener(addr).with_context(|| format!("listen tcp {addr}"))?;
-                let task = tokio::spawn(crate::tcp::accept(listener, addr, this.inbox_tx.clone()));
-                this.tcp_accept.push(task);
-            }
         }
-        if let Some(path) = this.settings.agent.clone() {
-            let (tx, rx) = mpsc::channel(65536);
-            this.agent = Some(tx);
-            let data_plane = agent::DataPlane {
-                listen_port: this
-                    .settings
-                    .listen
-                    .first()
-                    .map_or(crate::config::DEFAULT_PORT, |a| a.port()),
-                ports: this.settings.ports.clone(),
-                relay_v4: this.settings.relay_v4,
-                relay_v6: this.settings.relay_v6,
-            };
-            this.agent_task = Some(tokio::spawn(agent::run(path, data_plane, rx, agent_tx)));
+        for (addr, listener) in listeners.tcp {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .with_context(|| format!("listen tcp {addr}"))?;
+            let task = tokio::spawn(crate::tcp::accept(listener, addr, this.inbox_tx.clone()));
+            this.tcp_accept.push(task);
         }
-        metrics::gauge!(name::AGENT_CONNECTED).set(0.0);
         Ok(this)
     }
 
-    /// Runs until SIGTERM or SIGINT, then drains: stops listening, deletes every allocation
-    /// (their channel removals reach the agent) and returns.
-    pub async fn run(mut self) -> anyhow::Result<()> {
-        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    /// Runs until the main thread says [`Control::Terminate`] (or goes away), then drains:
+    /// stops listening, deletes every allocation (their channel removals reach the agent)
+    /// and returns.
+    pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut ticks: u64 = 0;
@@ -217,19 +219,7 @@ impl Eventloop {
         // Sockets may have become readable before tokio watched the epoll descriptor.
         let mut first = true;
 
-        tracing::info!(
-            listen = ?self.settings.listen,
-            tcp = self.settings.tcp,
-            relay_v4 = ?self.settings.relay_v4,
-            relay_v6 = ?self.settings.relay_v6,
-            external_v4 = ?self.settings.external_v4,
-            external_v6 = ?self.settings.external_v6,
-            ports = ?self.settings.ports,
-            realm = %self.settings.realm,
-            metrics = ?self.settings.metrics,
-            agent = ?self.settings.agent,
-            "relay ready"
-        );
+        tracing::debug!(shard = self.index, ports = ?self.settings.ports, "event loop running");
         loop {
             self.flush();
             let deadline = self.server.poll_timeout();
@@ -242,9 +232,7 @@ impl Eventloop {
             let busy = !self.ready.is_empty() || first;
             first = false;
             let event = tokio::select! {
-                _ = sigterm.recv() => Event::Terminate,
-                _ = sigint.recv() => Event::Terminate,
-                _ = sighup.recv() => Event::Reload,
+                control = self.control.recv() => Event::Control(control.unwrap_or(Control::Terminate)),
                 () = &mut sleep, if armed.is_some() => Event::Timer,
                 _ = tick.tick() => Event::Tick,
                 Some(msg) = self.inbox_rx.recv() => Event::Tcp(msg),
@@ -259,8 +247,12 @@ impl Eventloop {
                 () = std::future::ready(()), if busy => Event::Udp { poll: true },
             };
             match event {
-                Event::Terminate => break,
-                Event::Reload => self.reload(),
+                Event::Control(Control::Terminate) => break,
+                Event::Control(Control::Reload {
+                    credentials,
+                    allow_peer,
+                    deny_peer,
+                }) => self.reload(credentials, allow_peer, deny_peer),
                 Event::Timer => self.server.handle_timeout(Instant::now()),
                 Event::Tick => {
                     ticks += 1;
@@ -282,8 +274,7 @@ impl Eventloop {
                 }
             }
         }
-        self.drain().await;
-        Ok(())
+        self.drain();
     }
 
     fn insert(&mut self, socket: Socket, role: Role) -> std::io::Result<usize> {
@@ -503,11 +494,15 @@ impl Eventloop {
                 Command::BindRelayPort { relay } => self.bind_relay(relay, tuple),
                 Command::FreeRelayPort { relay } => self.free_relay(relay),
                 Command::InstallChannel { binding } => {
+                    let request = ToAgent::Install {
+                        shard: self.index,
+                        binding,
+                    };
                     let sent = self.agent_connected
                         && self
                             .agent
                             .as_ref()
-                            .is_some_and(|tx| tx.try_send(ToAgent::Install(binding)).is_ok());
+                            .is_some_and(|tx| tx.try_send(request).is_ok());
                     if !sent {
                         // No agent: relay in user space, and release the ChannelBind
                         // success now rather than after the offload timeout.
@@ -621,84 +616,51 @@ impl Eventloop {
             }
             FromAgent::Connected => {
                 self.agent_connected = true;
-                metrics::gauge!(name::AGENT_CONNECTED).set(1.0);
-                let all: Vec<_> = self
+                let bindings: Vec<_> = self
                     .server
                     .channel_bindings()
                     .filter(|b| b.transport == Transport::Udp)
                     .collect();
+                let part = ToAgent::Sync {
+                    shard: self.index,
+                    bindings,
+                };
                 if let Some(tx) = &self.agent
-                    && tx.try_send(ToAgent::Sync(all)).is_err()
+                    && tx.try_send(part).is_err()
                 {
                     tracing::warn!("agent queue full, full sync dropped");
                 }
             }
-            FromAgent::Disconnected => {
-                self.agent_connected = false;
-                metrics::gauge!(name::AGENT_CONNECTED).set(0.0);
-            }
+            FromAgent::Disconnected => self.agent_connected = false,
         }
     }
 
-    /// SIGHUP: users, REST secret and peer lists from the file (flags and environment still
-    /// win). Other keys need a restart.
-    fn reload(&mut self) {
-        let new = match Settings::load(&self.cli) {
-            Ok(new) => new,
-            Err(error) => {
-                metrics::counter!(name::RELOADS, "result" => "error").increment(1);
-                tracing::error!(%error, "reload failed; keeping the running configuration");
-                return;
-            }
-        };
-        if new.realm != self.settings.realm {
-            tracing::warn!(running = %self.settings.realm, file = %new.realm, "a realm change needs a restart; keeping the running realm");
-        }
-        let mut effective = new.clone();
-        effective.realm = self.settings.realm.clone();
-        let credentials = credentials(&effective, self.dev_user.as_ref());
+    /// SIGHUP (validated by the main thread): users, REST secrets and peer lists.
+    fn reload(&mut self, credentials: Credentials, allow_peer: Vec<IpNet>, deny_peer: Vec<IpNet>) {
         if let Err(error) = self.server.set_credentials(credentials) {
-            metrics::counter!(name::RELOADS, "result" => "error").increment(1);
-            tracing::error!(%error, "reload failed; keeping the running credentials");
-            return;
+            tracing::error!(shard = self.index, %error, "reload refused; keeping the running credentials");
         }
-        self.server
-            .set_peer_lists(new.allow_peer.clone(), new.deny_peer.clone());
-        let restart_needed = Settings {
-            users: self.settings.users.clone(),
-            auth_secret: self.settings.auth_secret.clone(),
-            allow_peer: self.settings.allow_peer.clone(),
-            deny_peer: self.settings.deny_peer.clone(),
-            realm: self.settings.realm.clone(),
-            ..new.clone()
-        } != self.settings;
-        if restart_needed {
-            tracing::warn!(
-                "keys other than users, auth_secret, allow_peer and deny_peer changed; they take effect on restart"
-            );
-        }
-        self.settings.users = new.users;
-        self.settings.auth_secret = new.auth_secret;
-        self.settings.allow_peer = new.allow_peer;
-        self.settings.deny_peer = new.deny_peer;
-        metrics::counter!(name::RELOADS, "result" => "ok").increment(1);
-        tracing::info!(
-            users = self.settings.users.len(),
-            rest_secret = self.settings.auth_secret.is_some(),
-            allow_peer = ?self.settings.allow_peer,
-            deny_peer = ?self.settings.deny_peer,
-            "configuration reloaded"
-        );
+        self.server.set_peer_lists(allow_peer, deny_peer);
     }
 
     fn publish(&self) {
-        m::publish(self.server.stats());
-        metrics::gauge!(name::TCP_CONNECTIONS).set(self.tcp_conns.len() as f64);
-        metrics::gauge!(name::RELAY_SOCKETS).set(self.relays.len() as f64);
+        let mut report = self
+            .report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *report = Report {
+            stats: self.server.stats().clone(),
+            tcp_connections: self.tcp_conns.len(),
+            relay_sockets: self.relays.len(),
+        };
     }
 
-    async fn drain(&mut self) {
-        tracing::info!(allocations = self.server.allocation_count(), "draining");
+    fn drain(&mut self) {
+        tracing::debug!(
+            shard = self.index,
+            allocations = self.server.allocation_count(),
+            "draining"
+        );
         for task in self.tcp_accept.drain(..) {
             task.abort();
         }
@@ -715,23 +677,20 @@ impl Eventloop {
         self.flush();
         self.tcp_conns.clear();
         self.publish();
-        if let Some(tx) = self.agent.take() {
-            drop(tx);
-            if let Some(task) = self.agent_task.take()
-                && tokio::time::timeout(AGENT_DRAIN, task).await.is_err()
-            {
-                tracing::warn!("xdp-agent did not take the last removals in time");
-            }
-        }
-        tracing::info!(
-            allocations = self.server.allocation_count(),
-            "drained, exiting"
-        );
+        // The agent link ends once every shard dropped its sender.
+        self.agent = None;
     }
 }
 
-/// The core's configuration from the daemon's settings.
-fn core_config(settings: &Settings, dev_user: Option<&User>, seed: [u8; 32]) -> Config {
+/// Shard `index` of `shards`' core configuration from the daemon's settings: the shared
+/// `seed` (one nonce key for all) and `quotas`, its own slice of the port range.
+pub fn core_config(
+    settings: &Settings,
+    dev_user: Option<&User>,
+    seed: [u8; 32],
+    (index, shards): (usize, usize),
+    quotas: &Arc<QuotaLedger>,
+) -> Config {
     let mut config = Config::new(settings.realm.clone(), seed);
     config.software = Some(concat!("turn-control ", env!("CARGO_PKG_VERSION")).to_owned());
     config.credentials = credentials(settings, dev_user);
@@ -746,16 +705,23 @@ fn core_config(settings: &Settings, dev_user: Option<&User>, seed: [u8; 32]) -> 
         .into_iter()
         .chain(settings.relay_v6.map(IpAddr::V6))
         .collect();
-    config.port_range = settings.ports.clone();
+    config.port_range = crate::shards::port_slice(&settings.ports, index, shards);
     config.user_quota = settings.user_quota;
     config.total_quota = settings.total_quota;
+    config.quotas = Arc::clone(quotas);
+    config.core_index = index as u32;
+    // The 401 cap is per core; split it so that the host-wide cap stays as documented.
+    config.unauthorized_rate = config
+        .unauthorized_rate
+        .map(|rate| rate.div_ceil(shards as u32).max(1));
     config.allow_peers = settings.allow_peer.clone();
     config.deny_peers = settings.deny_peer.clone();
     config.allow_loopback_peers = settings.dev;
     config
 }
 
-fn credentials(settings: &Settings, dev_user: Option<&User>) -> Credentials {
+/// Static users (and the development user) and REST secrets of `settings`.
+pub fn credentials(settings: &Settings, dev_user: Option<&User>) -> Credentials {
     let mut credentials = Credentials::new(settings.realm.clone());
     for user in settings.users.iter().chain(dev_user) {
         credentials = credentials.with_user(user.name.clone(), &user.password);
@@ -764,17 +730,4 @@ fn credentials(settings: &Settings, dev_user: Option<&User>) -> Credentials {
         credentials = credentials.with_rest_secret(secret.as_bytes().to_vec());
     }
     credentials
-}
-
-fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Protocol, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    tokio::net::TcpListener::from_std(socket.into())
 }

@@ -1,22 +1,27 @@
-//! `turn-control`: the TURN relay daemon (RFC 8656). It wraps the sans-IO `turn-core` in one
-//! tokio event loop with batched UDP I/O, TURN over TCP, Prometheus metrics, a TOML
-//! configuration and the gRPC link to the xdp-agent.
+//! `turn-control`: the TURN relay daemon (RFC 8656). It runs the sans-IO `turn-core` in one
+//! event loop per core ([`shards`]) with batched UDP I/O and TURN over TCP; the main thread
+//! handles signals, Prometheus metrics and the gRPC link to the xdp-agent.
 
 mod agent;
 mod config;
 mod eventloop;
 mod metrics;
+mod shards;
 mod tcp;
 mod udp;
 
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Cli, LogFormat, Settings, User};
+use crate::shards::{Control, ReportSlot};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -44,6 +49,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long the shutdown drain waits for the agent to take the last removals.
+const AGENT_DRAIN: Duration = Duration::from_secs(3);
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(&cli)?;
     if cli.print_config {
@@ -51,26 +59,291 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&settings)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("turn-control-io")
+    let shard_count = settings.threads;
+    // Everything that can fail on bad input fails here, before any thread starts.
+    let listeners = shards::bind_listeners(&settings, shard_count)?;
+    let dev_user = settings.dev.then(dev_credential).transpose()?;
+    let mut seed = [0u8; 32];
+    {
+        use rand::TryRng as _;
+        rand::rngs::SysRng
+            .try_fill_bytes(&mut seed)
+            .context("seeding the random number generator from the OS")?;
+    }
+    let quotas = turn_core::QuotaLedger::shared();
+    for index in 0..shard_count {
+        let config = eventloop::core_config(
+            &settings,
+            dev_user.as_ref(),
+            seed,
+            (index, shard_count),
+            &quotas,
+        );
+        turn_core::Server::new(config, Instant::now(), SystemTime::now())
+            .context("protocol core configuration")?;
+    }
+    // The main thread: signals, metrics, the agent link. The shards have threads of their
+    // own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    // The event loop runs on this thread (block_on); TCP connections, the agent link and the
-    // metrics endpoint run on the runtime's worker threads.
     runtime.block_on(async move {
-        let dev_user = settings.dev.then(dev_credential).transpose()?;
         if let Some(addr) = settings.metrics {
             metrics::install(addr)?;
         }
-        let announce = dev_user.clone().map(|u| (u, settings.clone()));
-        let eventloop = eventloop::Eventloop::new(cli, settings, dev_user)?;
-        if let Some((user, settings)) = announce {
-            print_dev_banner(&user, &settings);
+        ::metrics::gauge!(metrics::name::AGENT_CONNECTED).set(0.0);
+        let mut supervisor = Supervisor::start(
+            cli,
+            settings.clone(),
+            dev_user.clone(),
+            listeners,
+            seed,
+            &quotas,
+        )?;
+        if let Some(user) = &dev_user {
+            print_dev_banner(user, &settings);
         }
-        eventloop.run().await
+        tracing::info!(
+            listen = ?settings.listen,
+            tcp = settings.tcp,
+            relay_v4 = ?settings.relay_v4,
+            relay_v6 = ?settings.relay_v6,
+            external_v4 = ?settings.external_v4,
+            external_v6 = ?settings.external_v6,
+            ports = ?settings.ports,
+            realm = %settings.realm,
+            metrics = ?settings.metrics,
+            agent = ?settings.agent,
+            threads = shard_count,
+            "relay ready"
+        );
+        supervisor.run().await
     })
+}
+
+/// The main thread's side of the shards: their control channels, reports and threads, and
+/// the agent link they share.
+struct Supervisor {
+    cli: Cli,
+    settings: Settings,
+    dev_user: Option<User>,
+    controls: Vec<mpsc::UnboundedSender<Control>>,
+    reports: Vec<ReportSlot>,
+    /// One message per shard thread when it ends: its index and whether it panicked.
+    ended: mpsc::UnboundedReceiver<(usize, bool)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    agent_task: Option<tokio::task::JoinHandle<()>>,
+    /// Without an agent: keeps the shards' agent channels open (and silent).
+    _no_agent_events: Vec<mpsc::Sender<agent::FromAgent>>,
+}
+
+impl Supervisor {
+    fn start(
+        cli: Cli,
+        settings: Settings,
+        dev_user: Option<User>,
+        listeners: Vec<shards::Listeners>,
+        seed: [u8; 32],
+        quotas: &std::sync::Arc<turn_core::QuotaLedger>,
+    ) -> anyhow::Result<Self> {
+        let shard_count = listeners.len();
+        let mut agent_events = Vec::with_capacity(shard_count);
+        let mut agent_receivers = Vec::with_capacity(shard_count);
+        for _ in 0..shard_count {
+            let (tx, rx) = mpsc::channel(4096);
+            agent_events.push(tx);
+            agent_receivers.push(rx);
+        }
+        let mut no_agent_events = Vec::new();
+        let (agent_tx, agent_task) = match settings.agent.clone() {
+            Some(path) => {
+                let (tx, rx) = mpsc::channel(65536);
+                let data_plane = agent::DataPlane {
+                    listen_port: settings
+                        .listen
+                        .first()
+                        .map_or(config::DEFAULT_PORT, |a| a.port()),
+                    ports: settings.ports.clone(),
+                    relay_v4: settings.relay_v4,
+                    relay_v6: settings.relay_v6,
+                };
+                let task = tokio::spawn(agent::run(path, data_plane, rx, agent_events));
+                (Some(tx), Some(task))
+            }
+            None => {
+                no_agent_events = agent_events;
+                (None, None)
+            }
+        };
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let mut this = Self {
+            cli,
+            settings: settings.clone(),
+            dev_user: dev_user.clone(),
+            controls: Vec::with_capacity(shard_count),
+            reports: Vec::with_capacity(shard_count),
+            ended,
+            threads: Vec::with_capacity(shard_count),
+            agent_task,
+            _no_agent_events: no_agent_events,
+        };
+        for (index, (listeners, agent_events)) in
+            listeners.into_iter().zip(agent_receivers).enumerate()
+        {
+            let (control_tx, control) = mpsc::unbounded_channel();
+            let report = ReportSlot::default();
+            let shard = eventloop::Shard {
+                index,
+                core: eventloop::core_config(
+                    &settings,
+                    dev_user.as_ref(),
+                    seed,
+                    (index, shard_count),
+                    quotas,
+                ),
+                settings: settings.clone(),
+                listeners,
+                agent: agent_tx.clone(),
+                agent_events,
+                control,
+                report: report.clone(),
+            };
+            let ended_tx = ended_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("turn-shard-{index}"))
+                .spawn(move || {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_shard(shard);
+                    }));
+                    let _ = ended_tx.send((index, outcome.is_err()));
+                })
+                .with_context(|| format!("starting event-loop thread {index}"))?;
+            this.controls.push(control_tx);
+            this.reports.push(report);
+            this.threads.push(thread);
+        }
+        Ok(this)
+    }
+
+    /// Until SIGTERM/SIGINT (or a shard's end), then the drain: the shards delete their
+    /// allocations, the agent link sends the last removals.
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let failure = loop {
+            tokio::select! {
+                _ = sigterm.recv() => break None,
+                _ = sigint.recv() => break None,
+                _ = sighup.recv() => self.reload(),
+                _ = tick.tick() => self.publish(),
+                ended = self.ended.recv() => {
+                    let (index, panicked) = ended.unwrap_or((0, true));
+                    let how = if panicked { "panicked" } else { "stopped" };
+                    break Some(anyhow::anyhow!("event-loop thread {index} {how}; shutting down"));
+                }
+            }
+        };
+        tracing::info!("draining");
+        for control in &self.controls {
+            let _ = control.send(Control::Terminate);
+        }
+        for thread in self.threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.publish();
+        if let Some(task) = self.agent_task.take()
+            && tokio::time::timeout(AGENT_DRAIN, task).await.is_err()
+        {
+            tracing::warn!("xdp-agent did not take the last removals in time");
+        }
+        tracing::info!("drained, exiting");
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn publish(&self) {
+        let total = shards::total(&self.reports);
+        metrics::publish(&total.stats);
+        ::metrics::gauge!(metrics::name::TCP_CONNECTIONS).set(total.tcp_connections as f64);
+        ::metrics::gauge!(metrics::name::RELAY_SOCKETS).set(total.relay_sockets as f64);
+    }
+
+    /// SIGHUP: users, REST secrets and peer lists from the file (flags and environment still
+    /// win). Other keys need a restart.
+    fn reload(&mut self) {
+        use metrics::name;
+        let new = match Settings::load(&self.cli) {
+            Ok(new) => new,
+            Err(error) => {
+                ::metrics::counter!(name::RELOADS, "result" => "error").increment(1);
+                tracing::error!(%error, "reload failed; keeping the running configuration");
+                return;
+            }
+        };
+        if new.realm != self.settings.realm {
+            tracing::warn!(running = %self.settings.realm, file = %new.realm, "a realm change needs a restart; keeping the running realm");
+        }
+        let restart_needed = Settings {
+            users: self.settings.users.clone(),
+            auth_secret: self.settings.auth_secret.clone(),
+            allow_peer: self.settings.allow_peer.clone(),
+            deny_peer: self.settings.deny_peer.clone(),
+            realm: self.settings.realm.clone(),
+            ..new.clone()
+        } != self.settings;
+        if restart_needed {
+            tracing::warn!(
+                "keys other than users, auth_secret, allow_peer and deny_peer changed; they take effect on restart"
+            );
+        }
+        self.settings.users = new.users;
+        self.settings.auth_secret = new.auth_secret;
+        self.settings.allow_peer = new.allow_peer;
+        self.settings.deny_peer = new.deny_peer;
+        let credentials = eventloop::credentials(&self.settings, self.dev_user.as_ref());
+        for control in &self.controls {
+            let _ = control.send(Control::Reload {
+                credentials: credentials.clone(),
+                allow_peer: self.settings.allow_peer.clone(),
+                deny_peer: self.settings.deny_peer.clone(),
+            });
+        }
+        ::metrics::counter!(name::RELOADS, "result" => "ok").increment(1);
+        tracing::info!(
+            users = self.settings.users.len(),
+            rest_secret = self.settings.auth_secret.is_some(),
+            allow_peer = ?self.settings.allow_peer,
+            deny_peer = ?self.settings.deny_peer,
+            "configuration reloaded"
+        );
+    }
+}
+
+/// A shard's thread: its own current-thread runtime running its event loop.
+fn run_shard(shard: eventloop::Shard) {
+    let index = shard.index;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(shard = index, %error, "starting the event loop's runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        match eventloop::Eventloop::new(shard) {
+            Ok(eventloop) => eventloop.run().await,
+            Err(error) => tracing::error!(shard = index, error = %format!("{error:#}"), "event loop failed to start"),
+        }
+    });
 }
 
 fn init_tracing(settings: &Settings) -> anyhow::Result<()> {

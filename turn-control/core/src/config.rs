@@ -2,11 +2,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
 use crate::auth::Credentials;
+use crate::quota::QuotaLedger;
 
 /// Default allocation lifetime (RFC 8656 §7.2: 10 minutes).
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
@@ -52,6 +54,9 @@ pub struct Config {
     pub user_quota: Option<u32>,
     /// Maximum allocations in total (486 beyond), `None` for no limit.
     pub total_quota: Option<u32>,
+    /// Where allocations are counted against the quotas; servers that must share the limits
+    /// share one ledger. Default: a ledger of this server's own.
+    pub quotas: Arc<QuotaLedger>,
     /// Operator allow list: peers in these networks are allowed even inside the built-in
     /// denied ranges.
     pub allow_peers: Vec<IpNet>,
@@ -72,6 +77,9 @@ pub struct Config {
     /// Seed for the random number generator (ports, nonce key, transaction ids). The daemon
     /// seeds from the OS; tests use a constant.
     pub rng_seed: [u8; 32],
+    /// Which of the daemon's cores this is. Cores given the same seed share the nonce key
+    /// but draw different random streams. Default 0.
+    pub core_index: u32,
 }
 
 impl Config {
@@ -90,6 +98,7 @@ impl Config {
             port_range: 49152..=65535,
             user_quota: None,
             total_quota: None,
+            quotas: QuotaLedger::shared(),
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
             allow_loopback_peers: false,
@@ -98,6 +107,7 @@ impl Config {
             default_lifetime: DEFAULT_LIFETIME,
             max_lifetime: MAX_LIFETIME,
             rng_seed,
+            core_index: 0,
         }
     }
 

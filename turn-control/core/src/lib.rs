@@ -75,6 +75,7 @@ pub mod auth;
 pub mod config;
 pub mod framing;
 pub mod policy;
+pub mod quota;
 mod server;
 pub mod stats;
 mod stun;
@@ -84,6 +85,7 @@ pub use auth::{Credentials, LongTermKey, long_term_key, rest_password};
 pub use config::{Config, ConfigError};
 pub use framing::{ChannelData, FrameError, frame_len};
 pub use policy::{PeerDenied, PeerPolicy};
+pub use quota::QuotaLedger;
 pub use server::{Command, OffloadError, Server, Transmit};
 pub use stats::{RequestMethod, Stats, Traffic};
 pub use types::{

@@ -157,7 +157,6 @@ pub struct Server {
     wall: WallClock,
     allocations: HashMap<FiveTuple, Allocation>,
     by_port: HashMap<AllocationPort, FiveTuple>,
-    per_user: HashMap<Arc<str>, u32>,
     pending: HashMap<(FiveTuple, ChannelNumber), Pending>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     transmits: VecDeque<Transmit>,
@@ -296,6 +295,14 @@ impl Server {
         let mut rng = StdRng::from_seed(config.rng_seed);
         let mut nonce_key = [0u8; 32];
         rng.fill(&mut nonce_key);
+        // Cores of one daemon share the seed, hence the nonce key (a nonce one core issued is
+        // good at every other), but each draws its own stream of ports and transaction ids.
+        let mut stream_seed = [0u8; 32];
+        rng.fill(&mut stream_seed);
+        for (byte, core) in stream_seed.iter_mut().zip(config.core_index.to_le_bytes()) {
+            *byte ^= core;
+        }
+        let rng = StdRng::from_seed(stream_seed);
         let policy = Self::build_policy(&config);
         let unauthorized = config.unauthorized_rate.map(RateLimiter::new);
         Ok(Self {
@@ -306,7 +313,6 @@ impl Server {
             wall: WallClock::new(now, unix_time),
             allocations: HashMap::new(),
             by_port: HashMap::new(),
-            per_user: HashMap::new(),
             pending: HashMap::new(),
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
@@ -872,17 +878,14 @@ impl Server {
             .desired_lifetime(req)?
             .max(self.config.default_lifetime);
         let username: Arc<str> = Arc::from(auth.username.as_str());
-        if let Some(quota) = self.config.user_quota
-            && self.per_user.get(&username).copied().unwrap_or(0) >= quota
-        {
-            return Err(486);
-        }
-        if let Some(quota) = self.config.total_quota
-            && self.allocations.len() >= quota as usize
-        {
-            return Err(486);
-        }
         let port = self.pick_port(even_port).ok_or(508u16)?;
+        if !self.config.quotas.try_reserve(
+            &username,
+            self.config.user_quota,
+            self.config.total_quota,
+        ) {
+            return Err(486);
+        }
         let relay_for = |ip: IpAddr| RelayAddr(SocketAddr::new(ip, port.0));
         let mut alloc = Allocation {
             port,
@@ -907,7 +910,6 @@ impl Server {
             self.commands.push_back(Command::BindRelayPort { relay });
         }
         tracing::debug!(client = %tuple.client, %port, username = %username, ?lifetime, "allocation created");
-        *self.per_user.entry(username).or_default() += 1;
         self.by_port.insert(port, *tuple);
         self.timers
             .push(Reverse((alloc.expires, Timer::Allocation(*tuple))));
@@ -1399,12 +1401,7 @@ impl Server {
             return;
         };
         self.by_port.remove(&alloc.port);
-        if let Some(count) = self.per_user.get_mut(&alloc.username) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.per_user.remove(&alloc.username);
-            }
-        }
+        self.config.quotas.release(&alloc.username);
         for (number, ch) in &alloc.channels {
             self.pending.remove(&(*tuple, *number));
             if ch.in_kernel

@@ -97,4 +97,79 @@ impl Stats {
     pub fn responses_for(&self, method: RequestMethod, code: u16) -> u64 {
         self.responses.get(&(method, code)).copied().unwrap_or(0)
     }
+
+    /// Adds `other`'s counts to these: the totals of a daemon that runs several servers.
+    pub fn accumulate(&mut self, other: &Stats) {
+        // Destructured so that a new counter cannot be forgotten here.
+        let Stats {
+            responses,
+            auth_failures,
+            unauthorized_rate_limited,
+            peers_denied,
+            allocations_active,
+            allocations_created,
+            permissions_active,
+            channels_active,
+            relayed_to_peer,
+            relayed_to_client,
+            dropped,
+            offload_installed,
+            offload_failed,
+            offload_timed_out,
+        } = other;
+        for (key, count) in responses {
+            *self.responses.entry(*key).or_default() += count;
+        }
+        self.auth_failures += auth_failures;
+        self.unauthorized_rate_limited += unauthorized_rate_limited;
+        self.peers_denied += peers_denied;
+        self.allocations_active += allocations_active;
+        self.allocations_created += allocations_created;
+        self.permissions_active += permissions_active;
+        self.channels_active += channels_active;
+        for (sum, part) in [
+            (&mut self.relayed_to_peer, relayed_to_peer),
+            (&mut self.relayed_to_client, relayed_to_client),
+        ] {
+            sum.packets = sum.packets.wrapping_add(part.packets);
+            sum.bytes = sum.bytes.wrapping_add(part.bytes);
+        }
+        self.dropped += dropped;
+        self.offload_installed += offload_installed;
+        self.offload_failed += offload_failed;
+        self.offload_timed_out += offload_timed_out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulate_adds_every_counter() {
+        let mut one = Stats::default();
+        one.response(RequestMethod::Allocate, 200);
+        one.relayed_to_peer.add(100);
+        one.allocations_active = 2;
+        one.offload_installed = 3;
+        let mut two = one.clone();
+        two.response(RequestMethod::ChannelBind, 403);
+        two.dropped = 5;
+        let mut sum = Stats::default();
+        sum.accumulate(&one);
+        sum.accumulate(&two);
+        assert_eq!(sum.responses_for(RequestMethod::Allocate, 200), 2);
+        assert_eq!(sum.responses_for(RequestMethod::ChannelBind, 403), 1);
+        assert_eq!(
+            sum.relayed_to_peer,
+            Traffic {
+                packets: 2,
+                bytes: 200
+            }
+        );
+        assert_eq!(
+            (sum.allocations_active, sum.offload_installed, sum.dropped),
+            (4, 6, 5)
+        );
+    }
 }

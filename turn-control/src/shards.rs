@@ -1,0 +1,183 @@
+//! The daemon runs one event loop per thread ("shard"), each a complete TURN server for the
+//! clients the kernel steers to it, so that user-space relaying uses every core with no
+//! locks on the packet path:
+//!
+//! - every listener address is a SO_REUSEPORT group of one UDP (and one TCP) socket per
+//!   shard; the kernel picks the socket by a hash of the 4-tuple, so all of a client's
+//!   requests and ChannelData reach the same shard (its allocation's home);
+//! - each shard owns its allocations' relay sockets, drawn from its own slice of the port
+//!   range, so peer traffic lands on the shard that holds the allocation;
+//! - the shards share one nonce key (a nonce from one is good at all), one quota ledger
+//!   (`user_quota`/`total_quota` hold across them) and one link to the xdp-agent.
+//!
+//! This module binds the sockets before any thread starts (so a busy port is reported at
+//! once), carves the port range, and carries the messages between the main thread and the
+//! shards.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use socket2::{Domain, Protocol, Socket, Type};
+use turn_core::{Credentials, Stats};
+
+use crate::config::Settings;
+use crate::udp;
+
+/// What the main thread tells a shard.
+#[derive(Debug)]
+pub enum Control {
+    /// SIGHUP: new credentials and peer lists.
+    Reload {
+        /// Users and REST secrets.
+        credentials: Credentials,
+        /// Operator allow list.
+        allow_peer: Vec<IpNet>,
+        /// Operator deny list.
+        deny_peer: Vec<IpNet>,
+    },
+    /// SIGTERM: drain and stop.
+    Terminate,
+}
+
+/// What a shard shows the metrics, refreshed once a second.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The core's counters.
+    pub stats: Stats,
+    /// TURN-over-TCP connections open.
+    pub tcp_connections: usize,
+    /// Relay sockets open.
+    pub relay_sockets: usize,
+}
+
+/// Where a shard writes its [`Report`] and the main thread reads it.
+pub type ReportSlot = Arc<Mutex<Report>>;
+
+/// The sum of every shard's report.
+pub fn total(slots: &[ReportSlot]) -> Report {
+    let mut sum = Report::default();
+    for slot in slots {
+        let report = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        sum.stats.accumulate(&report.stats);
+        sum.tcp_connections += report.tcp_connections;
+        sum.relay_sockets += report.relay_sockets;
+    }
+    sum
+}
+
+/// One shard's listener sockets.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// UDP listeners by address.
+    pub udp: Vec<(SocketAddr, Socket)>,
+    /// TCP listeners by address (empty without TCP).
+    pub tcp: Vec<(SocketAddr, std::net::TcpListener)>,
+}
+
+/// Binds every listener address as a SO_REUSEPORT group of `shards` sockets per transport;
+/// `result[i]` belongs to shard `i`. Errors name the address.
+pub fn bind_listeners(settings: &Settings, shards: usize) -> anyhow::Result<Vec<Listeners>> {
+    let mut out: Vec<Listeners> = (0..shards).map(|_| Listeners::default()).collect();
+    for &addr in &settings.listen {
+        // SO_REUSEPORT would let this daemon join a group that another process of the same
+        // user holds, silently splitting its clients; a plain bind first finds it busy.
+        exclusive_probe(addr, Type::DGRAM).with_context(|| format!("listen udp {addr}"))?;
+        for listeners in &mut out {
+            let socket = udp::bind(addr, settings.listener_buffer_bytes, true)
+                .with_context(|| format!("listen udp {addr}"))?;
+            listeners.udp.push((addr, socket));
+        }
+        if settings.tcp {
+            exclusive_probe(addr, Type::STREAM).with_context(|| format!("listen tcp {addr}"))?;
+            for listeners in &mut out {
+                let listener = tcp_listener(addr).with_context(|| format!("listen tcp {addr}"))?;
+                listeners.tcp.push((addr, listener));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Binds `addr` without SO_REUSEPORT and lets it go: fails if anyone holds the address.
+fn exclusive_probe(addr: SocketAddr, kind: Type) -> std::io::Result<()> {
+    let protocol = if kind == Type::STREAM {
+        Protocol::TCP
+    } else {
+        Protocol::UDP
+    };
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(protocol))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if kind == Type::STREAM {
+        // Connections of an earlier run in TIME_WAIT do not make the port busy.
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&addr.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Shard `index` of `shards`' slice of `ports`: contiguous, disjoint, together the whole
+/// range, sizes differing by at most one. Needs `shards` <= the range's length (the
+/// configuration checks it).
+pub fn port_slice(ports: &RangeInclusive<u16>, index: usize, shards: usize) -> RangeInclusive<u16> {
+    let low = usize::from(*ports.start());
+    let len = usize::from(*ports.end()) - low + 1;
+    let start = low + index * len / shards;
+    let end = low + (index + 1) * len / shards - 1;
+    // Both lie within `ports`, so they fit in a u16.
+    (start as u16)..=(end as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_slices_cover_the_range_once() {
+        for (range, shards) in [
+            (49152..=65535u16, 2),
+            (49152..=65535, 3),
+            (1000..=1006, 7),
+            (1000..=1009, 3),
+            (5..=5, 1),
+            (1..=65535, 256),
+        ] {
+            let mut next = *range.start();
+            for i in 0..shards {
+                let slice = port_slice(&range, i, shards);
+                assert_eq!(*slice.start(), next, "{range:?}/{shards} slice {i}");
+                assert!(!slice.is_empty());
+                next = slice.end().wrapping_add(1);
+                if i == shards - 1 {
+                    assert_eq!(slice.end(), range.end());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_taken_address_is_busy_even_for_a_reuseport_group() {
+        let holder = udp::bind("127.0.0.1:0".parse().unwrap(), 4096, true).unwrap();
+        let addr = holder.local_addr().unwrap().as_socket().unwrap();
+        let error = exclusive_probe(addr, Type::DGRAM).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        drop(holder);
+        exclusive_probe(addr, Type::DGRAM).unwrap();
+    }
+}
