@@ -345,6 +345,11 @@ impl Client {
         self.realm = Some(realm.to_vec());
     }
 
+    /// The realm (once known).
+    pub fn realm(&self) -> Option<&[u8]> {
+        self.realm.as_deref()
+    }
+
     /// The long-term key (once the realm is known).
     pub fn key(&self) -> Option<[u8; 16]> {
         self.key

@@ -1,14 +1,16 @@
 //! The bench's tools work: a very short run of the live-frames generator and
 //! the XDP sink through the floor program and through the relay program
 //! (loaded on its own with one binding) delivers frames and the sink counts
-//! them, with no frame failing its checks. No figure is asserted.
+//! them, with no frame failing its checks; the raw TURN client of the control-plane figures
+//! binds channels on a real turn-control. No figure is asserted.
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use bpf_common::DataPlaneConfig;
-use lab::bench::{BenchNet, CLIENT, Direction, PEER, RELAY, case_frames, floor_key};
+use lab::bench::{BenchNet, CLIENT, Direction, PEER, RELAY, case_frames, floor_key, raw};
 use lab::xdp::{LoadedRelay, Reference};
 
 /// Root is needed for namespaces and XDP; under CI it must be there.
@@ -92,4 +94,70 @@ fn generator_and_sink_through_the_relay_program() {
         assert!(counted <= generated, "{counted} counted of {generated}");
         assert_eq!(bad, 0, "relayed frames failed the sink's checks");
     }
+}
+
+/// A UDP port free on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the daemon when the test ends, also on a panic.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The pipelined raw client allocates and binds every channel it asks for on turn-control
+/// (user space, loopback; the peer is public, so policy allows it, and nothing is sent to it).
+/// Needs no root.
+#[test]
+fn raw_client_binds_channels_on_turn_control() {
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let base = free_port().min(65535 - 32);
+    let _daemon = Killed(
+        Command::new(lab::workspace_binary("turn-control").unwrap())
+            .args(["--listen", &listen.to_string()])
+            .args(["--metrics", &format!("127.0.0.1:{}", free_port())])
+            .args(["--relay-ip", "127.0.0.1"])
+            .args(["--ports", &format!("{base}-{}", base + 32)])
+            .args(["--realm", "lab.example", "--user", "test:testpass"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let mut allocs = loop {
+        match raw::allocate(None, Ipv4Addr::LOCALHOST, listen, 3) {
+            Ok(allocs) => break allocs,
+            Err(error) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "no allocation: {error:#}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let figures = raw::bind_channels(
+        &mut allocs,
+        Ipv4Addr::new(8, 8, 8, 8),
+        10000,
+        40,
+        8,
+        Duration::from_millis(250),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    eprintln!("{figures:?}: {:.0}/s", figures.per_second());
+    assert_eq!((figures.bound, figures.errors), (120, 0), "{figures:?}");
 }

@@ -1,13 +1,14 @@
-//! Control-plane figures: allocations per second and memory per allocation
-//! (the server's RSS growth), and for the XDP system channel bindings per
-//! second end to end, counted when the agent lists them (turn-control pushes
-//! a binding to the agent before it answers the ChannelBind).
+//! Control-plane figures: allocations per second and memory per allocation (the server's
+//! RSS growth) with webrtc-rs `turn` clients, 16 in flight; channel bindings per second with
+//! the pipelined raw client of [`super::raw`] (K allocations, a window of ChannelBind
+//! requests in flight on each); and, for the XDP system, the time from a ChannelBind request
+//! to the first packet relayed by XDP.
 //!
-//! The clients are webrtc-rs `turn` clients in the generator's namespace, 16
-//! in flight at a time: on a 2-core machine they share the CPUs with the
-//! server, so these are lower bounds of what the server could do.
+//! Every client runs in the generator's namespace: on a 2-core machine it shares the CPUs
+//! with the server, so these are lower bounds of what the server could do.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +18,11 @@ use tokio::net::UdpSocket;
 use turn::client::{Client, ClientConfig};
 use webrtc_util::Conn;
 
-use super::{Ns, RELAY};
+use super::raw::{self, BindFigures, OffloadLatency};
+use super::{Ns, PEER, RELAY};
 
 /// What one control-plane run measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ControlFigures {
     /// Allocations made.
     pub allocations: usize,
@@ -28,8 +30,46 @@ pub struct ControlFigures {
     pub allocations_per_second: f64,
     /// Server RSS growth per allocation, in bytes.
     pub rss_bytes_per_allocation: f64,
-    /// Channel bindings per second until the agent listed them all.
-    pub bindings_per_second: Option<f64>,
+    /// The raw client's channel bindings (successes per second).
+    pub bindings: Result<BindFigures, String>,
+    /// With an agent: how many of those bindings it listed afterwards (all, or the run
+    /// fails).
+    pub agent_listed: Option<usize>,
+    /// With an agent: ChannelBind request -> first packet relayed by XDP.
+    pub first_offload: Option<Result<OffloadLatency, String>>,
+}
+
+/// The shape of the raw client's runs.
+#[derive(Debug, Clone, Copy)]
+pub struct RawOptions {
+    /// Allocations, each from its own source port.
+    pub allocations: usize,
+    /// Channels bound on each.
+    pub channels: u16,
+    /// ChannelBind requests in flight per allocation.
+    pub window: usize,
+    /// First peer port (channel i goes to PEER's address, this port + i).
+    pub first_peer_port: u16,
+    /// Samples of the first-offload latency (with an agent).
+    pub samples: usize,
+    /// Interval of the channel data sent while a sample waits for XDP.
+    pub interval: Duration,
+}
+
+impl RawOptions {
+    /// The bench's shape: 8 allocations of 2048 channels (256 when `quick`), 64 in flight
+    /// each, peer ports from 10000 (clear of the sink's 9000 and the client's 40000), 200
+    /// latency samples (30) with data every 20 us.
+    pub fn bench(quick: bool) -> Self {
+        Self {
+            allocations: 8,
+            channels: if quick { 256 } else { 2048 },
+            window: 64,
+            first_peer_port: 10000,
+            samples: if quick { 30 } else { 200 },
+            interval: Duration::from_micros(20),
+        }
+    }
 }
 
 /// Resident set size of a process, in bytes.
@@ -46,17 +86,18 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 
 const IN_FLIGHT: usize = 16;
 
-/// Makes `count` allocations against the relay from the generator's
-/// namespace, then binds one channel on each (to distinct peer ports) and,
-/// with an agent, waits until the agent lists `already + count` bindings.
+/// Makes `count` allocations against the relay from the generator's namespace with
+/// webrtc-rs clients (allocations per second, RSS per allocation); then binds channels with
+/// the raw client and, with an agent (its socket and the bindings it already holds), checks
+/// that the agent lists every one of them and measures the first offload.
 pub fn run(
     ns: &Ns,
     count: usize,
     server_pid: u32,
     agent: Option<(&Path, usize)>,
+    options: RawOptions,
 ) -> anyhow::Result<ControlFigures> {
     let (to_main, from_thread) = std::sync::mpsc::channel::<anyhow::Result<Duration>>();
-    let (bind_tx, bind_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let path = format!("/run/netns/{}", ns.name());
     let rss_before = rss_bytes(server_pid)?;
@@ -109,14 +150,7 @@ pub fn run(
                     }
                 }
                 let _ = to_main.send(Ok(started.elapsed()));
-                if bind_rx.await.is_ok() {
-                    for (index, (_, relay)) in sessions.iter().enumerate() {
-                        let peer =
-                            SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 2), 10000 + index as u16);
-                        let _ = relay.send_to(b"bind", SocketAddr::V4(peer)).await;
-                    }
-                    let _ = stop_rx.await;
-                }
+                let _ = stop_rx.await;
                 for (client, relay) in sessions {
                     let _ = relay.close().await;
                     let _ = client.close().await;
@@ -135,26 +169,89 @@ pub fn run(
         // Let the server settle before reading its RSS.
         std::thread::sleep(Duration::from_millis(200));
         let rss_after = rss_bytes(server_pid)?;
-        let mut figures = ControlFigures {
+        Ok(ControlFigures {
             allocations: count,
             allocations_per_second: count as f64 / elapsed.as_secs_f64(),
             rss_bytes_per_allocation: (rss_after as f64 - rss_before as f64) / count as f64,
-            bindings_per_second: None,
-        };
-        if let Some((socket, already)) = agent {
-            let mut agent = crate::agent::Agent::connect(socket)?;
-            let started = Instant::now();
-            let _ = bind_tx.send(());
-            crate::wait_for(
-                "the agent to list every binding",
-                Duration::from_secs(60),
-                || Ok((agent.list()?.len() >= already + count).then_some(())),
-            )?;
-            figures.bindings_per_second = Some(count as f64 / started.elapsed().as_secs_f64());
-        }
-        Ok(figures)
+            bindings: Err("not run".to_owned()),
+            agent_listed: None,
+            first_offload: None,
+        })
     })();
+    // The webrtc-rs clients end (and delete their allocations) before the raw client runs.
     let _ = stop_tx.send(());
     let _ = thread.join();
-    outcome
+    let mut figures = outcome?;
+    match raw_figures(ns, agent, options) {
+        Ok((bindings, listed, first)) => {
+            figures.bindings = Ok(bindings);
+            figures.agent_listed = listed;
+            figures.first_offload = first.map(|r| r.map_err(|e| format!("{e:#}")));
+        }
+        Err(error) => figures.bindings = Err(format!("{error:#}")),
+    }
+    Ok(figures)
+}
+
+type RawOutcome = (
+    BindFigures,
+    Option<usize>,
+    Option<anyhow::Result<OffloadLatency>>,
+);
+
+fn raw_figures(
+    ns: &Ns,
+    agent: Option<(&Path, usize)>,
+    options: RawOptions,
+) -> anyhow::Result<RawOutcome> {
+    let mut allocs = raw::allocate(
+        Some(ns),
+        Ipv4Addr::new(192, 0, 2, 2),
+        SocketAddr::V4(RELAY),
+        options.allocations,
+    )?;
+    let bindings = raw::bind_channels(
+        &mut allocs,
+        *PEER.ip(),
+        options.first_peer_port,
+        options.channels,
+        options.window,
+        Duration::from_millis(250),
+        Duration::from_secs(120),
+    )?;
+    let Some((socket, already)) = agent else {
+        return Ok((bindings, None, None));
+    };
+    // turn-control answered each ChannelBind after the agent acknowledged it: the agent
+    // lists them all now.
+    let mut agent = crate::agent::Agent::connect(socket)?;
+    let expected: BTreeSet<(String, u32)> = allocs
+        .iter()
+        .flat_map(|a| (0..u32::from(options.channels)).map(|i| (a.local.to_string(), 0x4000 + i)))
+        .collect();
+    let listed = crate::wait_for(
+        "the agent to list every binding",
+        Duration::from_secs(10),
+        || {
+            let list = agent.list()?;
+            let found = list
+                .iter()
+                .filter(|b| expected.contains(&(b.client.clone(), b.channel)))
+                .count();
+            Ok(
+                (found == expected.len() && list.len() >= already + expected.len())
+                    .then_some(found),
+            )
+        },
+    )?;
+    let first = raw::first_offload(
+        ns,
+        allocs.first_mut().context("no allocation")?,
+        *PEER.ip(),
+        options.first_peer_port + options.channels,
+        options.channels,
+        options.samples,
+        options.interval,
+    );
+    Ok((bindings, Some(listed), Some(first)))
 }

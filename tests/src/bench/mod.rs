@@ -33,6 +33,7 @@ use crate::run;
 
 pub mod control;
 pub mod plot;
+pub mod raw;
 pub mod turn;
 
 /// The client's address (a local address of the generator's namespace).

@@ -1,0 +1,582 @@
+//! A lightweight raw-UDP TURN client for control-plane figures: K allocations from distinct
+//! source ports (so that a server with several `SO_REUSEPORT` shards spreads them), each
+//! binding many channels with a window of requests in flight; and the time from a
+//! ChannelBind request to the first channel-data datagram relayed by XDP.
+//!
+//! Blocking std sockets on one thread, the STUN messages of [`crate::stun`]: the client
+//! costs a few microseconds per request, so on a 2-core machine most of the CPU is left to
+//! the server.
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use nix::libc;
+use nix::sys::socket::{setsockopt, sockopt};
+
+use super::Ns;
+use crate::stun::{
+    self, Answer, CHANNEL_BIND, CHANNEL_NUMBER, Msg, NONCE, REQUEST, SUCCESS, XOR_PEER_ADDRESS,
+    XOR_RELAYED_ADDRESS,
+};
+
+/// The bench's TURN user.
+pub const USER: &str = "test";
+/// Its password.
+pub const PASSWORD: &str = "testpass";
+/// The TTL the client sends with: relayed by XDP (which decrements it) a datagram arrives
+/// with 199, relayed by a user-space server with that server's own (64 by default).
+pub const CLIENT_TTL: u32 = 200;
+/// A datagram at the peer with a TTL above this was relayed by XDP.
+pub const XDP_TTL_ABOVE: u8 = 128;
+
+/// One allocation of the raw client.
+#[derive(Debug)]
+pub struct RawAllocation {
+    client: stun::Client,
+    /// The client's address (the allocation's 5-tuple).
+    pub local: SocketAddr,
+    /// The relayed address the server chose.
+    pub relayed: SocketAddr,
+}
+
+/// Makes `count` UDP allocations on `server` (401, then Allocate), each from its own socket
+/// on `local_ip` (an ephemeral port), created in `ns` when given.
+pub fn allocate(
+    ns: Option<&Ns>,
+    local_ip: Ipv4Addr,
+    server: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Vec<RawAllocation>> {
+    let bind = move || -> anyhow::Result<Vec<UdpSocket>> {
+        (0..count)
+            .map(|_| Ok(UdpSocket::bind(SocketAddrV4::new(local_ip, 0))?))
+            .collect()
+    };
+    let sockets = match ns {
+        Some(ns) => ns.enter(bind)?,
+        None => bind()?,
+    };
+    let mut out = Vec::with_capacity(count);
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let local = socket.local_addr()?;
+        let mut client = stun::Client::new(socket, server, USER, PASSWORD, None)?;
+        client.txid_tag = 0xA0 | (index as u8 & 0x0F);
+        let answer = client.allocate()?;
+        ensure!(
+            answer.class == SUCCESS,
+            "Allocate from {local}: class {} code {:?}",
+            answer.class,
+            answer.code()
+        );
+        let relayed = answer
+            .xor_addr(XOR_RELAYED_ADDRESS)
+            .context("no XOR-RELAYED-ADDRESS")?;
+        out.push(RawAllocation {
+            client,
+            local,
+            relayed,
+        });
+    }
+    Ok(out)
+}
+
+/// What [`bind_channels`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct BindFigures {
+    /// Bindings whose success response arrived.
+    pub bound: usize,
+    /// Bindings asked for.
+    pub requested: usize,
+    /// From the first request to the last success.
+    pub elapsed: Duration,
+    /// Requests sent again after a timeout.
+    pub retransmits: u64,
+    /// Requests answered with an error (other than 401/438, which are followed).
+    pub errors: u64,
+}
+
+impl BindFigures {
+    /// Bindings per second.
+    pub fn per_second(&self) -> f64 {
+        self.bound as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The transaction id of request `index` of allocation `alloc` (the same on a
+/// retransmission).
+fn txid(alloc: usize, index: u32) -> [u8; 12] {
+    let mut t = [0xB1; 12];
+    t[1] = alloc as u8;
+    t[2..6].copy_from_slice(&index.to_be_bytes());
+    t
+}
+
+fn channel_bind(
+    alloc: &RawAllocation,
+    txid: [u8; 12],
+    channel: u16,
+    peer: SocketAddr,
+) -> anyhow::Result<Vec<u8>> {
+    let c = &alloc.client;
+    let nonce = c.nonce.as_deref().context("no nonce yet")?;
+    let key = c.key().context("no realm yet")?;
+    let realm = c.realm().context("no realm yet")?;
+    Ok(Msg::new(CHANNEL_BIND, REQUEST, txid)
+        .attr(CHANNEL_NUMBER, &stun::channel_number(channel))
+        .xor_addr(XOR_PEER_ADDRESS, peer)
+        .credentials(USER, realm, nonce)
+        .finish_with(Some(&key), true))
+}
+
+/// Waits until one of `sockets` is readable or `timeout` passes.
+fn wait_readable(sockets: &[&UdpSocket], timeout: Duration) {
+    let mut fds: Vec<libc::pollfd> = sockets
+        .iter()
+        .map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `fds` is a valid array of pollfd of the given length.
+    unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_millis().max(1) as i32,
+        );
+    }
+}
+
+/// On every allocation, binds channels 0x4000 + i for i in `0..channels` to
+/// `peer_ip`:(`first_port` + i), keeping `window` requests in flight per allocation and
+/// retransmitting after `rto`. Gives up at `deadline`.
+pub fn bind_channels(
+    allocs: &mut [RawAllocation],
+    peer_ip: Ipv4Addr,
+    first_port: u16,
+    channels: u16,
+    window: usize,
+    rto: Duration,
+    deadline: Duration,
+) -> anyhow::Result<BindFigures> {
+    ensure!(
+        u32::from(channels) <= 0x4000,
+        "at most 16384 channels per allocation"
+    );
+    ensure!(
+        u32::from(first_port) + u32::from(channels) <= 65536,
+        "peer ports out of range"
+    );
+    ensure!(allocs.len() <= 256, "at most 256 allocations");
+    for alloc in allocs.iter() {
+        alloc.client.socket.set_nonblocking(true)?;
+    }
+    let peer = |i: u32| SocketAddr::V4(SocketAddrV4::new(peer_ip, first_port + i as u16));
+    /// Per request: when last sent (None: not in flight) and how often.
+    #[derive(Clone, Copy)]
+    struct Slot {
+        sent: Option<Instant>,
+        tries: u32,
+        done: bool,
+    }
+    struct State {
+        slots: Vec<Slot>,
+        next: u32,
+        in_flight: usize,
+    }
+    let n = u32::from(channels);
+    let mut states: Vec<State> = allocs
+        .iter()
+        .map(|_| State {
+            slots: vec![
+                Slot {
+                    sent: None,
+                    tries: 0,
+                    done: false,
+                };
+                usize::from(channels)
+            ],
+            next: 0,
+            in_flight: 0,
+        })
+        .collect();
+    let requested = allocs.len() * usize::from(channels);
+    let (mut bound, mut errors, mut retransmits) = (0usize, 0u64, 0u64);
+    let mut first_error: Option<String> = None;
+    let started = Instant::now();
+    let mut last_success = started;
+    let mut last_scan = started;
+    let mut buf = [0u8; 2048];
+    let send = |alloc: &RawAllocation, a: usize, i: u32| -> anyhow::Result<bool> {
+        let request = channel_bind(alloc, txid(a, i), 0x4000 + i as u16, peer(i))?;
+        match alloc.client.socket.send_to(&request, alloc.client.server) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e).context("send"),
+        }
+    };
+    while bound + (errors as usize) < requested {
+        if started.elapsed() > deadline {
+            bail!(
+                "{bound} of {requested} bindings in {deadline:?} ({retransmits} retransmits, {errors} errors{})",
+                first_error.map_or(String::new(), |e| format!(", first: {e}"))
+            );
+        }
+        // Fill the windows.
+        for (a, (alloc, state)) in allocs.iter().zip(states.iter_mut()).enumerate() {
+            while state.in_flight < window && state.next < n {
+                let i = state.next;
+                if !send(alloc, a, i)? {
+                    break;
+                }
+                let slot = &mut state.slots[i as usize];
+                slot.sent = Some(Instant::now());
+                slot.tries = 1;
+                state.next += 1;
+                state.in_flight += 1;
+            }
+        }
+        // Take the answers.
+        let mut got = false;
+        for (a, alloc) in allocs.iter_mut().enumerate() {
+            loop {
+                let len = match alloc.client.socket.recv(&mut buf) {
+                    Ok(len) => len,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e).context("recv"),
+                };
+                got = true;
+                let Some(answer) = Answer::parse(&buf[..len]) else {
+                    continue;
+                };
+                let t = answer.txid;
+                if t[0] != 0xB1 || usize::from(t[1]) != a || answer.method != CHANNEL_BIND {
+                    continue;
+                }
+                let i = u32::from_be_bytes([t[2], t[3], t[4], t[5]]);
+                let state = &mut states[a];
+                let Some(slot) = state.slots.get_mut(i as usize) else {
+                    continue;
+                };
+                if slot.done || slot.sent.is_none() {
+                    continue;
+                }
+                match (answer.class, answer.code(), answer.attr(NONCE)) {
+                    (SUCCESS, _, _) => {
+                        slot.done = true;
+                        slot.sent = None;
+                        state.in_flight -= 1;
+                        bound += 1;
+                        last_success = Instant::now();
+                    }
+                    (_, Some(401 | 438), Some(nonce)) => {
+                        // A new nonce: send again with it (a new transmission).
+                        alloc.client.nonce = Some(nonce.to_vec());
+                        slot.sent = Some(Instant::now());
+                        send(alloc, a, i)?;
+                    }
+                    (class, code, _) => {
+                        slot.done = true;
+                        slot.sent = None;
+                        state.in_flight -= 1;
+                        errors += 1;
+                        first_error.get_or_insert_with(|| {
+                            format!("channel {:#06x}: class {class} code {code:?}", 0x4000 + i)
+                        });
+                    }
+                }
+            }
+        }
+        // Retransmit what timed out (scanned every few milliseconds).
+        let now = Instant::now();
+        if now.duration_since(last_scan) >= Duration::from_millis(5) {
+            last_scan = now;
+            for (a, (alloc, state)) in allocs.iter().zip(states.iter_mut()).enumerate() {
+                for i in 0..state.next {
+                    let slot = &mut state.slots[i as usize];
+                    if let Some(sent) = slot.sent
+                        && now.duration_since(sent) >= rto
+                    {
+                        ensure!(
+                            slot.tries < 10,
+                            "channel {:#06x} of allocation {a}: no answer after {} tries",
+                            0x4000 + i,
+                            slot.tries
+                        );
+                        if send(alloc, a, i)? {
+                            slot.sent = Some(now);
+                            slot.tries += 1;
+                            retransmits += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if !got {
+            let sockets: Vec<&UdpSocket> = allocs.iter().map(|a| &a.client.socket).collect();
+            wait_readable(&sockets, Duration::from_millis(1));
+        }
+    }
+    Ok(BindFigures {
+        bound,
+        requested,
+        elapsed: last_success.duration_since(started),
+        retransmits,
+        errors,
+    })
+}
+
+/// What [`first_offload`] measured, in microseconds.
+#[derive(Debug, Clone)]
+pub struct OffloadLatency {
+    /// Samples measured.
+    pub samples: usize,
+    /// ChannelBind request -> first datagram relayed by XDP at the peer, per sample.
+    pub first_xdp_us: Vec<f64>,
+    /// ChannelBind request -> its success response, per sample (channel data flowing).
+    pub bind_success_us: Vec<f64>,
+    /// ChannelBind request -> its success response with no channel data sent, one request
+    /// at a time, per sample (fresh channels after the others).
+    pub bind_only_us: Vec<f64>,
+    /// Datagrams that reached the peer relayed in user space before the first one relayed
+    /// by XDP, summed over the samples.
+    pub userspace_before: u64,
+    /// Channel-data datagrams sent per sample (median).
+    pub sent_median: f64,
+    /// Samples whose first XDP datagram was sent before the success response arrived.
+    pub before_success: usize,
+}
+
+/// A percentile (0..=1) of `values`, nearest rank.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Receives one datagram without blocking: (its first 4 payload bytes as a sequence number,
+/// its TTL), `None` when none is queued.
+fn recv_ttl(socket: &UdpSocket) -> anyhow::Result<Option<(u32, u8)>> {
+    let mut data = [0u8; 2048];
+    // Room for one cmsghdr with an int (IP_TTL), aligned.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no iov, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at live buffers of the stated sizes.
+    let len = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) };
+    if len < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(error).context("recvmsg");
+    }
+    let mut ttl = 0u8;
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled in, bounded by
+    // msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_TTL {
+                ttl = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()) as u8;
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    let seq = match data.get(..4.min(len as usize)) {
+        Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]),
+        _ => u32::MAX,
+    };
+    Ok(Some((seq, ttl)))
+}
+
+/// For `samples` fresh channels 0x4000 + `first_index` + j of `alloc` (peer
+/// `peer_ip`:`first_port` + j, a socket in `ns` with IP_RECVTTL): sends ChannelBind and,
+/// without waiting for its answer, channel data on that channel every `interval` (a busy
+/// loop), until the peer receives a datagram relayed by XDP, told by its TTL (the client
+/// sends with [`CLIENT_TTL`]; XDP relays it with one less, a user-space relay with its own).
+/// Then `samples` more fresh channels (j from `samples`) bound one at a time with no data.
+pub fn first_offload(
+    ns: &Ns,
+    alloc: &mut RawAllocation,
+    peer_ip: Ipv4Addr,
+    first_port: u16,
+    first_index: u16,
+    samples: usize,
+    interval: Duration,
+) -> anyhow::Result<OffloadLatency> {
+    ensure!(
+        usize::from(first_index) + 2 * samples <= 0x4000,
+        "channel numbers out of range"
+    );
+    let peers: Vec<UdpSocket> = ns.enter(|| {
+        (0..samples)
+            .map(|j| {
+                let socket = UdpSocket::bind(SocketAddrV4::new(peer_ip, first_port + j as u16))?;
+                socket.set_nonblocking(true)?;
+                setsockopt(&socket, sockopt::Ipv4RecvTtl, &true)?;
+                Ok(socket)
+            })
+            .collect()
+    })?;
+    let socket = &alloc.client.socket;
+    socket.set_nonblocking(true)?;
+    socket.set_ttl(CLIENT_TTL)?;
+    let server = alloc.client.server;
+    let mut out = OffloadLatency {
+        samples: 0,
+        first_xdp_us: Vec::with_capacity(samples),
+        bind_success_us: Vec::with_capacity(samples),
+        bind_only_us: Vec::with_capacity(samples),
+        userspace_before: 0,
+        sent_median: 0.0,
+        before_success: 0,
+    };
+    let mut sent_counts = Vec::with_capacity(samples);
+    let mut buf = [0u8; 2048];
+    for (j, peer_socket) in peers.iter().enumerate() {
+        let index = u32::from(first_index) + j as u32;
+        let channel = 0x4000 + index as u16;
+        let peer = SocketAddr::V4(SocketAddrV4::new(peer_ip, first_port + j as u16));
+        let t = txid(0xFF, index);
+        let request = channel_bind(alloc, t, channel, peer)?;
+        let mut data = [0u8; 64];
+        let started = Instant::now();
+        socket.send_to(&request, server)?;
+        let mut sent: u32 = 0;
+        let mut next_send = started;
+        let mut success: Option<Instant> = None;
+        let mut success_seq = u32::MAX;
+        let mut first: Option<(Instant, u32)> = None;
+        let mut retransmitted = started;
+        while first.is_none() || success.is_none() {
+            let now = Instant::now();
+            ensure!(
+                now.duration_since(started) < Duration::from_secs(5),
+                "channel {channel:#06x}: no datagram relayed by XDP within 5 s ({sent} sent, success {})",
+                success.is_some()
+            );
+            if first.is_none() && now >= next_send {
+                data[..4].copy_from_slice(&sent.to_be_bytes());
+                let frame = stun::channel_data(channel, &data);
+                match socket.send_to(&frame, server) {
+                    Ok(_) => sent += 1,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e).context("send channel data"),
+                }
+                next_send += interval;
+                if next_send < now {
+                    next_send = now + interval;
+                }
+            }
+            if success.is_none() && now.duration_since(retransmitted) > Duration::from_millis(500) {
+                retransmitted = now;
+                socket.send_to(&request, server)?;
+            }
+            match socket.recv(&mut buf) {
+                Ok(len) => {
+                    if let Some(answer) = Answer::parse(&buf[..len])
+                        && answer.txid == t
+                    {
+                        ensure!(
+                            answer.class == SUCCESS,
+                            "ChannelBind {channel:#06x}: class {} code {:?}",
+                            answer.class,
+                            answer.code()
+                        );
+                        success.get_or_insert(now);
+                        success_seq = sent;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e).context("recv"),
+            }
+            if first.is_none() {
+                while let Some((seq, ttl)) = recv_ttl(peer_socket)? {
+                    if ttl > XDP_TTL_ABOVE {
+                        first = Some((Instant::now(), seq));
+                        break;
+                    }
+                    out.userspace_before += 1;
+                }
+            }
+        }
+        let (Some(success), Some((first_at, seq))) = (success, first) else {
+            unreachable!("the loop ends with both")
+        };
+        if seq < success_seq {
+            out.before_success += 1;
+        }
+        out.first_xdp_us
+            .push(first_at.duration_since(started).as_secs_f64() * 1e6);
+        out.bind_success_us
+            .push(success.duration_since(started).as_secs_f64() * 1e6);
+        sent_counts.push(f64::from(sent));
+        out.samples += 1;
+        // Drain what else arrives, so that the next sample starts clean.
+        while recv_ttl(peer_socket)?.is_some() {}
+    }
+    out.sent_median = percentile(&sent_counts, 0.5);
+    // The same ChannelBind with no channel data: only the request and its answer.
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    for j in samples..2 * samples {
+        let index = u32::from(first_index) + j as u32;
+        let channel = 0x4000 + index as u16;
+        let peer = SocketAddr::V4(SocketAddrV4::new(peer_ip, first_port + j as u16));
+        let t = txid(0xFF, index);
+        let request = channel_bind(alloc, t, channel, peer)?;
+        let started = Instant::now();
+        socket.send_to(&request, server)?;
+        let mut retransmitted = started;
+        let success = loop {
+            let now = Instant::now();
+            ensure!(
+                now.duration_since(started) < Duration::from_secs(5),
+                "ChannelBind {channel:#06x}: no answer within 5 s"
+            );
+            if now.duration_since(retransmitted) > Duration::from_millis(500) {
+                retransmitted = now;
+                socket.send_to(&request, server)?;
+            }
+            // A blocking receive, as a real client waits: the CPU stays with the server.
+            match socket.recv(&mut buf) {
+                Ok(len) => {
+                    let now = Instant::now();
+                    if let Some(answer) = Answer::parse(&buf[..len])
+                        && answer.txid == t
+                    {
+                        ensure!(
+                            answer.class == SUCCESS,
+                            "ChannelBind {channel:#06x}: class {} code {:?}",
+                            answer.class,
+                            answer.code()
+                        );
+                        break now;
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e).context("recv"),
+            }
+        };
+        out.bind_only_us
+            .push(success.duration_since(started).as_secs_f64() * 1e6);
+    }
+    Ok(out)
+}
