@@ -50,6 +50,10 @@ pub mod name {
     pub const UDP_TRUNCATED: &str = "udp_recv_truncated_total";
     /// Gauge: TURN-over-TCP connections open.
     pub const TCP_CONNECTIONS: &str = "tcp_connections_active";
+    /// Counter: TURN-over-TCP connections closed, by `reason` (client, error, server,
+    /// shutdown, not_turn, first_frame_timeout, frame_timeout, frame_too_long,
+    /// write_timeout).
+    pub const TCP_CLOSED: &str = "tcp_connections_closed_total";
     /// Gauge: relay sockets open.
     pub const RELAY_SOCKETS: &str = "relay_sockets_open";
     /// Counter: SIGHUP reloads by `result`.
@@ -127,6 +131,10 @@ fn describe() {
         "Frames dropped because a TCP client's queue was full"
     );
     describe_gauge!(name::TCP_CONNECTIONS, "TURN-over-TCP connections open");
+    describe_counter!(
+        name::TCP_CLOSED,
+        "TURN-over-TCP connections closed, by reason (not_turn, first_frame_timeout, frame_timeout, ...)"
+    );
     describe_gauge!(name::RELAY_SOCKETS, "Relay UDP sockets open");
     describe_counter!(name::RELOADS, "Configuration reloads (SIGHUP), by result");
 }

@@ -1,0 +1,367 @@
+//! TURN-over-TCP stream hygiene against the real `turn-control` on loopback
+//! (turn-control/src/tcp.rs): a stream whose first frame is not STUN is closed at once
+//! (HTTP text frames as ChannelData), a connection that sends nothing is closed after the
+//! first-frame deadline, a frame trickled slower than the frame deadline closes its
+//! connection, while a request split across writes is answered and a connection idle
+//! between complete frames stays open. Every close is counted in
+//! `tcp_connections_closed_total{reason}`.
+//!
+//! No root and no namespace: the daemon listens on 127.0.0.1. The deadlines are the
+//! daemon's constants (not configurable), so the slow cases really wait for them, in
+//! parallel threads, each bounded by a deadline.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failure is a test failure"
+)]
+
+use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// `FIRST_FRAME_TIMEOUT` in turn-control/src/tcp.rs.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// `FRAME_TIMEOUT` in turn-control/src/tcp.rs.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How early a deadline may seem to fire, seen from the client (the client starts its
+/// clock before the daemon accepts; this only absorbs clock granularity).
+const EARLY: Duration = Duration::from_millis(500);
+/// How late a deadline may fire on a loaded two-core machine.
+const LATE: Duration = Duration::from_secs(5);
+/// What "at once" means for a close that needs no deadline.
+const PROMPT: Duration = Duration::from_secs(3);
+/// Every other wait (start-up, answers, metrics).
+const DEADLINE: Duration = Duration::from_secs(20);
+/// The counter of closes.
+const CLOSED: &str = "tcp_connections_closed_total";
+
+// ---- the daemon ---------------------------------------------------------------------------
+
+/// The real daemon on loopback, killed on drop (also when a test panics).
+struct Daemon {
+    child: Child,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+/// A TCP port free on 127.0.0.1 right now (UDP too, for the TURN listener).
+fn free_port() -> u16 {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut child = Command::new(lab::workspace_binary("turn-control").unwrap())
+            .args(["--listen", &listen.to_string()])
+            .args(["--metrics", &metrics.to_string()])
+            .args(["--realm", "tcp.example", "--user", "alice:alice-pw"])
+            .args(["--log-level", "info"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning turn-control");
+        let log = Arc::new(Mutex::new(String::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let mut daemon = Daemon {
+            child,
+            listen,
+            metrics,
+            log,
+        };
+        daemon.wait("relay ready", |d| {
+            Ok(d.log.lock().unwrap().contains("relay ready").then_some(()))
+        });
+        daemon
+    }
+
+    /// Waits for `condition` with a deadline, failing with the daemon's log.
+    fn wait<T>(
+        &mut self,
+        what: &str,
+        mut condition: impl FnMut(&mut Daemon) -> anyhow::Result<Option<T>>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("turn-control exited ({status}):\n{}", self.log());
+            }
+            match condition(self) {
+                Ok(Some(value)) => return value,
+                Ok(None) => {}
+                Err(error) => eprintln!("waiting for {what}: {error:#}"),
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The body of `/metrics`.
+    fn scrape(&self) -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect(self.metrics)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n",
+            self.metrics
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (_headers, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow::anyhow!("no HTTP body in {response:?}"))?;
+        Ok(body.to_owned())
+    }
+
+    /// Waits until `tcp_connections_closed_total{reason}` is `expected`, and returns the
+    /// scraped body.
+    fn wait_closed_count(&mut self, reason: &str, expected: f64) -> String {
+        let labels = format!("reason=\"{reason}\"");
+        self.wait(&format!("{CLOSED}{{{labels}}} = {expected}"), |d| {
+            let body = d.scrape()?;
+            Ok((lab::sample(&body, CLOSED, &labels) == Some(expected)).then_some(body))
+        })
+    }
+
+    fn connect(&self) -> TcpStream {
+        let tcp = TcpStream::connect(self.listen).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        tcp
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- the client side ----------------------------------------------------------------------
+
+/// A STUN Binding request without attributes (RFC 8489 §5, §6.3.1: no credentials needed).
+fn binding_request(txid: [u8; 12]) -> Vec<u8> {
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    request.extend_from_slice(&txid);
+    request
+}
+
+/// Reads one STUN message and checks it is the Binding success for `txid`.
+fn expect_binding_success(tcp: &mut TcpStream, txid: [u8; 12]) {
+    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut head = [0u8; 20];
+    tcp.read_exact(&mut head).expect("Binding answered");
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]]))];
+    tcp.read_exact(&mut body).expect("Binding answer's body");
+    assert_eq!(&head[..2], &[0x01, 0x01], "Binding success response");
+    assert_eq!(&head[8..], &txid, "the request's transaction ID");
+}
+
+/// Whether a read result means the daemon closed the connection (EOF, or a reset after
+/// we wrote into a closed connection); `None` for a read that timed out.
+fn closed(read: std::io::Result<usize>) -> Option<bool> {
+    match read {
+        Ok(0) => Some(true),
+        Ok(n) => panic!("unexpected {n} bytes from the daemon"),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => Some(true),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+        Err(e) => panic!("read: {e}"),
+    }
+}
+
+/// Waits, sending nothing, until the daemon closes `tcp`; returns the time since `since`.
+/// Fails after `limit`.
+fn wait_for_close(tcp: &mut TcpStream, since: Instant, limit: Duration, what: &str) -> Duration {
+    tcp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        if closed(tcp.read(&mut buf)) == Some(true) {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < limit,
+            "{what}: still open after {limit:?}"
+        );
+    }
+}
+
+// ---- the tests ----------------------------------------------------------------------------
+
+/// "GET / HTTP/1.1" frames as ChannelData on channel 0x4745 claiming 21 KB: as the first
+/// frame it cannot belong to an allocation, and the daemon closes at once instead of waiting
+/// for the bytes. Other garbage is counted under the same reason.
+#[test]
+fn http_request_is_closed_at_once() {
+    let mut daemon = Daemon::start();
+    let mut tcp = daemon.connect();
+    let start = Instant::now();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: relay.example\r\nUser-Agent: curl/8\r\n\r\n")
+        .unwrap();
+    let took = wait_for_close(&mut tcp, start, PROMPT, "GET /");
+    eprintln!("GET / closed after {took:?}");
+    // A valid ChannelData frame, channel and all, is no better as a first frame.
+    let mut tcp = daemon.connect();
+    let start = Instant::now();
+    tcp.write_all(&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4])
+        .unwrap();
+    wait_for_close(&mut tcp, start, PROMPT, "ChannelData first");
+
+    let body = daemon.wait_closed_count("not_turn", 2.0);
+    assert!(
+        body.contains(&format!("# TYPE {CLOSED} counter"))
+            && body.contains(&format!("# HELP {CLOSED} ")),
+        "{CLOSED} is a described counter:\n{body}"
+    );
+    // The daemon still serves well-behaved clients over TCP.
+    let mut tcp = daemon.connect();
+    tcp.write_all(&binding_request([7; 12])).unwrap();
+    expect_binding_success(&mut tcp, [7; 12]);
+}
+
+/// A Binding request split across two writes with a pause is still answered: the frame
+/// deadline counts from the first byte, and a legitimately slow client is far inside it.
+/// Two requests in one write are both answered.
+#[test]
+fn split_and_coalesced_requests_are_answered() {
+    let daemon = Daemon::start();
+    let mut tcp = daemon.connect();
+    let request = binding_request([1; 12]);
+    tcp.write_all(&request[..7]).unwrap();
+    // The pause is what is tested: the daemon must wait for the rest of the frame.
+    std::thread::sleep(Duration::from_millis(300));
+    tcp.write_all(&request[7..]).unwrap();
+    expect_binding_success(&mut tcp, [1; 12]);
+
+    let both = [binding_request([2; 12]), binding_request([3; 12])].concat();
+    tcp.write_all(&both[..30]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tcp.write_all(&both[30..]).unwrap();
+    expect_binding_success(&mut tcp, [2; 12]);
+    expect_binding_success(&mut tcp, [3; 12]);
+}
+
+/// The deadlines, each waited for in its own thread against one daemon: a silent
+/// connection is closed after the first-frame deadline; a frame trickled a byte every
+/// 500 ms (activity, but no complete frame) is closed after the frame deadline; a
+/// connection idle after a complete frame for longer than both stays open.
+#[test]
+fn slow_connections_are_closed_after_the_deadlines() {
+    let mut daemon = Daemon::start();
+    let limit = FIRST_FRAME_TIMEOUT.max(FRAME_TIMEOUT) + LATE;
+
+    let mut silent = daemon.connect();
+    let silent = std::thread::spawn(move || {
+        let start = Instant::now();
+        wait_for_close(&mut silent, start, limit, "silent connection")
+    });
+
+    let mut trickle = daemon.connect();
+    let trickle = std::thread::spawn(move || {
+        trickle.write_all(&binding_request([4; 12])).unwrap();
+        expect_binding_success(&mut trickle, [4; 12]);
+        // A STUN header announcing 400 bytes, then one byte every 500 ms (the read timeout
+        // paces the writes): 100 s to complete, far beyond the frame deadline.
+        let mut frame = vec![0x00, 0x01, 0x01, 0x90, 0x21, 0x12, 0xA4, 0x42];
+        frame.resize(20 + 400, 0);
+        trickle
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        for byte in &frame {
+            match trickle.write_all(&[*byte]) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) =>
+                {
+                    return start.elapsed();
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+            if closed(trickle.read(&mut buf)) == Some(true) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "trickled frame: still open after {limit:?}"
+            );
+        }
+        panic!("the whole trickled frame was accepted");
+    });
+
+    let mut idle = daemon.connect();
+    let idle = std::thread::spawn(move || {
+        idle.write_all(&binding_request([5; 12])).unwrap();
+        expect_binding_success(&mut idle, [5; 12]);
+        // Idle between complete frames for longer than either deadline: the connection must
+        // stay open (the allocation's lifetime, not the stream, decides).
+        let idle_for = FIRST_FRAME_TIMEOUT.max(FRAME_TIMEOUT) + Duration::from_secs(1);
+        idle.set_read_timeout(Some(idle_for)).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            closed(idle.read(&mut buf)),
+            None,
+            "an idle connection was closed"
+        );
+        idle.write_all(&binding_request([6; 12])).unwrap();
+        expect_binding_success(&mut idle, [6; 12]);
+    });
+
+    let silent = silent.join().unwrap();
+    eprintln!("silent connection closed after {silent:?}");
+    assert!(
+        silent + EARLY >= FIRST_FRAME_TIMEOUT,
+        "silent connection closed after {silent:?}, before the first-frame deadline"
+    );
+    let trickle = trickle.join().unwrap();
+    eprintln!("trickled frame closed after {trickle:?}");
+    assert!(
+        trickle + EARLY >= FRAME_TIMEOUT,
+        "trickled frame closed after {trickle:?}, before the frame deadline"
+    );
+    idle.join().unwrap();
+
+    daemon.wait_closed_count("first_frame_timeout", 1.0);
+    let body = daemon.wait_closed_count("frame_timeout", 1.0);
+    assert_eq!(
+        lab::sample(&body, CLOSED, "reason=\"not_turn\""),
+        None,
+        "nothing here was garbage:\n{body}"
+    );
+    let log = daemon.log();
+    assert!(!log.contains("panicked"), "turn-control log:\n{log}");
+}
