@@ -268,6 +268,17 @@ impl Supervisor {
     }
 
     fn publish(&self) {
+        use metrics::name;
+        ::metrics::gauge!(name::THREADS).set(self.reports.len() as f64);
+        for (thread, slot) in self.reports.iter().enumerate() {
+            let allocations = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .stats
+                .allocations_active;
+            ::metrics::gauge!(name::THREAD_ALLOCATIONS, "thread" => thread.to_string())
+                .set(allocations as f64);
+        }
         let total = shards::total(&self.reports);
         metrics::publish(&total.stats);
         ::metrics::gauge!(metrics::name::TCP_CONNECTIONS).set(total.tcp_connections as f64);

@@ -56,6 +56,10 @@ pub mod name {
     pub const TCP_CLOSED: &str = "tcp_connections_closed_total";
     /// Gauge: relay sockets open.
     pub const RELAY_SOCKETS: &str = "relay_sockets_open";
+    /// Gauge: allocations alive per event-loop `thread`.
+    pub const THREAD_ALLOCATIONS: &str = "turn_thread_allocations_active";
+    /// Gauge: event-loop threads.
+    pub const THREADS: &str = "turn_threads";
     /// Counter: SIGHUP reloads by `result`.
     pub const RELOADS: &str = "config_reloads_total";
 }
@@ -136,6 +140,11 @@ fn describe() {
         "TURN-over-TCP connections closed, by reason (not_turn, first_frame_timeout, frame_timeout, ...)"
     );
     describe_gauge!(name::RELAY_SOCKETS, "Relay UDP sockets open");
+    describe_gauge!(
+        name::THREAD_ALLOCATIONS,
+        "TURN allocations alive per event-loop thread (the kernel spreads clients by address hash)"
+    );
+    describe_gauge!(name::THREADS, "Event-loop threads (--threads)");
     describe_counter!(name::RELOADS, "Configuration reloads (SIGHUP), by result");
 }
 
