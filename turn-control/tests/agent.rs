@@ -320,3 +320,151 @@ async fn absent_agent_is_a_metric_not_an_error() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_after_reconnect_is_the_union_of_every_thread() {
+    const CLIENTS: usize = 12;
+    const THREADS: usize = 4;
+    let path = std::env::temp_dir().join(format!(
+        "turn-control-agent-union-{}.sock",
+        std::process::id()
+    ));
+    let fake = Fake::default();
+    let server = fake.serve(&path);
+    // Relay ports below the ephemeral range: a client's or peer's socket taking one would
+    // make the daemon delete that allocation after its success.
+    let daemon = Daemon::start_with_ports(
+        "127.0.0.1",
+        common::quiet_port_range(200),
+        &[
+            "--dev",
+            "--user",
+            "test:testpass",
+            "--threads",
+            &THREADS.to_string(),
+            "--agent",
+            path.to_str().unwrap(),
+        ],
+    );
+    daemon.wait_metric("agent_connected", |v| v == 1.0, T);
+    assert_eq!(fake.wait_for("sync").await, "sync []");
+
+    // Clients on whichever threads the kernel picks, each binding a channel to its own
+    // peer (the first send to a peer binds one in the background).
+    let server_addr = daemon.listen.to_string();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let server_addr = server_addr.clone();
+        tasks.spawn(async move {
+            let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            let client = Client::new(ClientConfig {
+                stun_serv_addr: server_addr.clone(),
+                turn_serv_addr: server_addr,
+                username: "test".to_owned(),
+                password: "testpass".to_owned(),
+                realm: "turn-control".to_owned(),
+                software: String::new(),
+                rto_in_ms: 0,
+                conn,
+                vnet: None,
+            })
+            .await
+            .unwrap();
+            client.listen().await.unwrap();
+            let relay = client.allocate().await.unwrap();
+            let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut buf = [0u8; 64];
+            relay
+                .send_to(b"hi", peer.local_addr().unwrap())
+                .await
+                .unwrap();
+            tokio::time::timeout(T, peer.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            (client, relay, peer)
+        });
+    }
+    let mut clients = Vec::with_capacity(CLIENTS);
+    while let Some(done) = tasks.join_next().await {
+        clients.push(done.unwrap());
+    }
+
+    // Every binding reaches the agent as an install.
+    let deadline = Instant::now() + T;
+    let adds: Vec<String> = loop {
+        let adds: Vec<String> = fake
+            .entries()
+            .iter()
+            .filter_map(|e| e.strip_prefix("add ").map(str::to_owned))
+            .collect();
+        if adds.len() >= CLIENTS {
+            break adds;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} installs of {CLIENTS}: {:?}",
+            adds.len(),
+            fake.entries()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let installed: std::collections::BTreeSet<String> = adds.iter().cloned().collect();
+    assert_eq!(installed.len(), CLIENTS, "{adds:?}");
+    let expected: std::collections::BTreeSet<String> = clients
+        .iter()
+        .map(|(_, relay, peer)| {
+            format!(
+                "{} {}",
+                peer.local_addr().unwrap(),
+                relay.local_addr().unwrap().port()
+            )
+        })
+        .collect();
+    let installed_tails: std::collections::BTreeSet<String> = installed
+        .iter()
+        .map(|b| b.splitn(3, ' ').nth(2).unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        installed_tails, expected,
+        "peer and relay port of each client"
+    );
+    // They come from more than one thread (all 12 on one of 4 has a chance of 4^-11).
+    let ports = daemon.ports.clone();
+    let shard_of = |port: u16| {
+        let low = usize::from(*ports.start());
+        let len = usize::from(*ports.end()) - low + 1;
+        (0..THREADS)
+            .find(|&i| {
+                (low + i * len / THREADS..=low + (i + 1) * len / THREADS - 1)
+                    .contains(&usize::from(port))
+            })
+            .unwrap()
+    };
+    let threads: std::collections::BTreeSet<usize> = clients
+        .iter()
+        .map(|(_, relay, _)| shard_of(relay.local_addr().unwrap().port()))
+        .collect();
+    assert!(threads.len() > 1, "every allocation on thread {threads:?}");
+
+    // The agent restarts with empty maps: the Sync after the reconnect holds every
+    // thread's bindings, each once.
+    drop(server);
+    let fake2 = Fake::default();
+    let _server2 = fake2.serve(&path);
+    let sync = fake2.wait_for("sync").await;
+    let list = sync
+        .strip_prefix("sync [")
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap();
+    let synced: Vec<String> = list.split(", ").map(str::to_owned).collect();
+    assert_eq!(synced.len(), CLIENTS, "{sync}");
+    let synced: std::collections::BTreeSet<String> = synced.into_iter().collect();
+    assert_eq!(synced, installed, "{sync}");
+    daemon.wait_metric("agent_connected", |v| v == 1.0, T);
+    for (client, relay, _) in clients {
+        relay.close().await.unwrap();
+        client.close().await.unwrap();
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,6 +25,8 @@ pub struct Daemon {
     child: Child,
     pub listen: SocketAddr,
     pub metrics: SocketAddr,
+    /// The `--ports` range it was started with.
+    pub ports: RangeInclusive<u16>,
     pub stdout: Vec<String>,
     lines: mpsc::Receiver<String>,
     pub log: Vec<String>,
@@ -46,23 +49,67 @@ pub fn port_range(len: u16) -> String {
     format!("{base}-{}", base + len)
 }
 
+/// A range of `len + 1` allocation ports below the kernel's ephemeral range, each free for
+/// UDP on 127.0.0.1 right now: no socket bound to port 0 (a test's clients and peers, or
+/// anyone else's) can take one of them before the daemon binds it, which would make it
+/// delete that allocation after its success (the client's next request gets 437).
+pub fn quiet_port_range(len: u16) -> RangeInclusive<u16> {
+    const FLOOR: u16 = 10_000;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let span = ephemeral_low
+        .checked_sub(FLOOR + len)
+        .filter(|&s| s > 0)
+        .expect("no room below the ephemeral port range");
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ u64::from(std::process::id()) << 32
+        ^ u64::from(N.fetch_add(1, Ordering::Relaxed)) << 20;
+    loop {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let base = FLOOR + ((seed >> 33) % u64::from(span)) as u16;
+        let range = base..=base + len;
+        if range
+            .clone()
+            .all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
+        {
+            return range;
+        }
+    }
+}
+
 impl Daemon {
     /// Starts the daemon with `args` plus a free `--listen` on `ip` and free `--metrics`,
     /// waiting for its "relay ready" log line.
     pub fn start(ip: &str, args: &[&str]) -> Daemon {
+        let (low, high) = port_range(200)
+            .split_once('-')
+            .map(|(l, h)| (l.parse().unwrap(), h.parse().unwrap()))
+            .unwrap();
+        Daemon::start_with_ports(ip, low..=high, args)
+    }
+
+    /// [`Daemon::start`] with `--ports` `ports`.
+    pub fn start_with_ports(ip: &str, ports: RangeInclusive<u16>, args: &[&str]) -> Daemon {
         let port = free_port(ip);
         let listen: SocketAddr = SocketAddr::new(ip.parse().unwrap(), port);
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
             .parse()
             .unwrap();
-        let ports = port_range(200);
         let mut cmd = Command::new(BIN);
         cmd.arg("--listen")
             .arg(listen.to_string())
             .arg("--metrics")
             .arg(metrics.to_string())
             .arg("--ports")
-            .arg(&ports)
+            .arg(format!("{}-{}", ports.start(), ports.end()))
             .arg("--log-level")
             .arg("info,turn_core=debug")
             .args(args)
@@ -89,6 +136,7 @@ impl Daemon {
             child,
             listen,
             metrics,
+            ports,
             stdout: Vec::new(),
             lines,
             log: Vec::new(),
