@@ -57,14 +57,23 @@ pub struct RawOptions {
 }
 
 impl RawOptions {
-    /// The bench's shape: 8 allocations of 2048 channels (256 when `quick`), 64 in flight
-    /// each, peer ports from 10000 (clear of the sink's 9000 and the client's 40000), 200
-    /// latency samples (30) with data every 20 us.
+    /// The bench's shape: 32 allocations of 512 channels (64 when `quick`), 16 in flight
+    /// each (512 in all), peer ports from 10000 (clear of the sink's 9000 and the client's
+    /// 40000), 200 latency samples (30) with data every 20 us. coturn 4.6 stops answering
+    /// ChannelBind on an allocation after about 1,000 channels, hence many allocations of a
+    /// few hundred channels. BENCH_BIND_ALLOCATIONS, BENCH_BIND_CHANNELS and
+    /// BENCH_BIND_WINDOW override the shape.
     pub fn bench(quick: bool) -> Self {
+        let env = |name: &str, default: usize| -> usize {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
         Self {
-            allocations: 8,
-            channels: if quick { 256 } else { 2048 },
-            window: 64,
+            allocations: env("BENCH_BIND_ALLOCATIONS", 32),
+            channels: env("BENCH_BIND_CHANNELS", if quick { 64 } else { 512 }) as u16,
+            window: env("BENCH_BIND_WINDOW", 16),
             first_peer_port: 10000,
             samples: if quick { 30 } else { 200 },
             interval: Duration::from_micros(20),
@@ -89,13 +98,15 @@ const IN_FLIGHT: usize = 16;
 /// Makes `count` allocations against the relay from the generator's namespace with
 /// webrtc-rs clients (allocations per second, RSS per allocation); then binds channels with
 /// the raw client and, with an agent (its socket and the bindings it already holds), checks
-/// that the agent lists every one of them and measures the first offload.
+/// that the agent lists every one of them and measures the first offload, with the
+/// processes `boost` (the server and the agent) and the measuring thread at nice -10.
 pub fn run(
     ns: &Ns,
     count: usize,
     server_pid: u32,
     agent: Option<(&Path, usize)>,
     options: RawOptions,
+    boost: Vec<u32>,
 ) -> anyhow::Result<ControlFigures> {
     let (to_main, from_thread) = std::sync::mpsc::channel::<anyhow::Result<Duration>>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -182,7 +193,7 @@ pub fn run(
     let _ = stop_tx.send(());
     let _ = thread.join();
     let mut figures = outcome?;
-    match raw_figures(ns, agent, options) {
+    match raw_figures(ns, agent, options, boost) {
         Ok((bindings, listed, first)) => {
             figures.bindings = Ok(bindings);
             figures.agent_listed = listed;
@@ -203,6 +214,7 @@ fn raw_figures(
     ns: &Ns,
     agent: Option<(&Path, usize)>,
     options: RawOptions,
+    boost: Vec<u32>,
 ) -> anyhow::Result<RawOutcome> {
     let mut allocs = raw::allocate(
         Some(ns),
@@ -244,6 +256,7 @@ fn raw_figures(
             )
         },
     )?;
+    let _boost = raw::Boost::new(&boost, -10);
     let first = raw::first_offload(
         ns,
         allocs.first_mut().context("no allocation")?,

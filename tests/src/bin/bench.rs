@@ -663,12 +663,17 @@ fn run() -> anyhow::Result<()> {
         if let Some(pid) = sut.server_pid {
             net.set_rules(&[])?;
             let count = if options.quick { 20 } else { 200 };
+            let boost: Vec<u32> = [Some(pid), net.process("xdp-agent").ok().map(|p| p.pid())]
+                .into_iter()
+                .flatten()
+                .collect();
             let figures = lab::bench::control::run(
                 &net.gen_ns,
                 count,
                 pid,
                 sut.agent_socket.as_deref().map(|socket| (socket, 1)),
                 RawOptions::bench(options.quick),
+                boost,
             );
             match &figures {
                 Ok(f) => eprintln!(
@@ -678,13 +683,15 @@ fn run() -> anyhow::Result<()> {
                     f.rss_bytes_per_allocation,
                     match &f.bindings {
                         Ok(b) => format!(
-                            "{:.0}/s ({} of {} in {:.3} s, {} retransmits, {} errors)",
+                            "{:.0}/s ({} of {} in {:.3} s, {} retransmits, {} errors, {} unanswered; {})",
                             b.per_second(),
                             b.bound,
                             b.requested,
                             b.elapsed.as_secs_f64(),
                             b.retransmits,
-                            b.errors
+                            b.errors,
+                            b.unanswered,
+                            b.first_error.as_deref().unwrap_or("-")
                         ),
                         Err(e) => format!("failed: {e}"),
                     },
@@ -1066,7 +1073,10 @@ fn render(
          so a server with several SO_REUSEPORT shards spreads them), then binds on each of them \
          channels 0x4000+i to 198.51.100.2:(10000+i) for i < {c} (ChannelBind installs the \
          permission, no CreatePermission), keeping {w} requests in flight per allocation and \
-         sending a request again after 250 ms without an answer. Bindings/s = success responses \
+         sending a request again after 250 ms without an answer (given up after 10 \
+         transmissions, and counted). Many allocations of a few hundred channels rather than \
+         a few of thousands: coturn 4.6 stops answering ChannelBind on an allocation after \
+         about 1,000 channels. Bindings/s = success responses \
          / time from the first request to the last success. turn-control with xdp-agent sends a \
          ChannelBind success only after the agent acknowledged the AddChannelBinding RPC (or \
          after its offload timeout, when the binding would be missing from the agent: the run \
@@ -1082,7 +1092,10 @@ fn render(
          a datagram relayed by XDP. The IP TTL tells which path relayed a datagram: the client \
          sends with TTL 200, the XDP program relays with the TTL less one (199), turn-control in \
          user space sends with its socket's default (64); datagrams relayed in user space first \
-         would be counted. The figure is the peer's receive time less the request's send time \
+         would be counted. During these samples the server's and the agent's threads and the \
+         measuring thread run at nice -10, so that the figure is about the relay's path rather \
+         than waiting behind other work on a shared machine. The figure is the peer's receive \
+         time less the request's send time \
          (one clock); the ChannelBind's own request -> success time in those samples is given \
          beside it, and that of as many more fresh channels bound one at a time with no channel \
          data (a blocking receive, as a client waits).\n",
@@ -1104,10 +1117,14 @@ fn render(
                 let bindings = match &f.bindings {
                     Ok(b) if b.bound == b.requested => format!("{:.0}", b.per_second()),
                     Ok(b) => format!(
-                        "{:.0} ({} of {} succeeded)",
+                        "{:.0} ({} of {} succeeded: {} errors, {} unanswered after {} tries; first: {})",
                         b.per_second(),
                         b.bound,
-                        b.requested
+                        b.requested,
+                        b.errors,
+                        b.unanswered,
+                        lab::bench::raw::MAX_TRIES,
+                        b.first_error.as_deref().unwrap_or("-")
                     ),
                     Err(e) => format!("failed: {e}"),
                 };
