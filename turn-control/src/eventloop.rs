@@ -560,18 +560,20 @@ impl Eventloop {
             }
             Err(error) => {
                 metrics::counter!(name::RELAY_BIND_FAILURES).increment(1);
-                tracing::warn!(%relay, %error, "relay port bind failed; allocation deleted");
-                self.server.relay_bind_failed(relay);
+                tracing::info!(%relay, %error, "relay port bind failed; the allocation moves to another port");
+                self.server.relay_bind_failed(Instant::now(), relay);
             }
         }
     }
 
     fn free_relay(&mut self, relay: RelayAddr) {
         let port = relay.0.port();
-        if let Some(slot) = self.relays.remove(&(relay.family(), port)) {
-            self.remove(slot);
-            tracing::debug!(%relay, "relay socket closed");
-        }
+        let Some(slot) = self.relays.remove(&(relay.family(), port)) else {
+            // Never bound (its bind failed): nothing was counted for it either.
+            return;
+        };
+        self.remove(slot);
+        tracing::debug!(%relay, "relay socket closed");
         if let Some(entry) = self.allocations.get_mut(&port) {
             entry.1 = entry.1.saturating_sub(1);
             if entry.1 == 0 {

@@ -123,7 +123,7 @@ fn describe() {
     describe_counter!(name::AGENT_RPC_ERRORS, "Failed gRPC calls to the xdp-agent");
     describe_counter!(
         name::RELAY_BIND_FAILURES,
-        "Relay sockets that could not be bound (allocation deleted)"
+        "Relay sockets that could not be bound (the allocation moves to another port; 508 after 4 tries)"
     );
     describe_counter!(name::UDP_SEND_DROPS, "Datagrams not sent, by reason");
     describe_counter!(

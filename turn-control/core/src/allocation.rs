@@ -24,6 +24,13 @@ pub(crate) struct Allocation {
     pub(crate) expires: Instant,
     /// The Allocate transaction, so a retransmission gets the same success (RFC 8656 §7.2).
     pub(crate) allocate_txid: TransactionId,
+    /// The key the Allocate was authenticated with, to sign a success re-issued for another
+    /// port when the daemon could not bind the first one.
+    pub(crate) key: crate::auth::LongTermKey,
+    /// The Allocate asked for an even port (EVEN-PORT, RFC 8656 §7.2).
+    pub(crate) even_port: bool,
+    /// Ports tried for this allocation so far.
+    pub(crate) bind_attempts: u8,
     /// Permission expiry by peer IP address (RFC 8656 §9: ports do not matter).
     pub(crate) permissions: HashMap<IpAddr, Instant>,
     pub(crate) channels: HashMap<ChannelNumber, Channel>,

@@ -36,9 +36,11 @@
 //!   the nonce key and Data indication transaction ids. Tests use constant seeds; the daemon
 //!   seeds from the OS.
 //! - **Relay sockets.** The core picks a random free port in [`Config::port_range`] and emits
-//!   [`Command::BindRelayPort`] before the Allocate success; it assumes success. If binding
-//!   fails the daemon calls [`Server::relay_bind_failed`] and the allocation is deleted. A
-//!   dual-stack allocation uses the same port on both relay addresses.
+//!   [`Command::BindRelayPort`] before the Allocate success. If binding fails (the port may
+//!   be another socket's ephemeral port) the daemon calls [`Server::relay_bind_failed`] and
+//!   the core moves the allocation to another port, replacing the queued success; after
+//!   [`RELAY_BIND_ATTEMPTS`] ports the client gets 508. A dual-stack allocation uses the
+//!   same port on both relay addresses.
 //! - **Offload.** A new UDP channel binding emits [`Command::InstallChannel`] and holds the
 //!   ChannelBind success until [`Server::channel_installed`] or [`Config::offload_timeout`]
 //!   (50 ms). Refreshes neither re-install nor wait. TCP clients are never offloaded. When a
@@ -86,7 +88,7 @@ pub use config::{Config, ConfigError};
 pub use framing::{ChannelData, FrameError, frame_len};
 pub use policy::{PeerDenied, PeerPolicy};
 pub use quota::QuotaLedger;
-pub use server::{Command, OffloadError, Server, Transmit};
+pub use server::{Command, OffloadError, RELAY_BIND_ATTEMPTS, Server, Transmit};
 pub use stats::{RequestMethod, Stats, Traffic};
 pub use types::{
     AllocationPort, ChannelBinding, ChannelNumber, ClientAddr, Family, FiveTuple,

@@ -89,8 +89,10 @@ impl Transmit {
 /// A side effect for the daemon to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Open a UDP socket bound to `relay`. The core assumes this succeeds; if it does not,
-    /// report it with [`Server::relay_bind_failed`] and the allocation is deleted.
+    /// Open a UDP socket bound to `relay`, before taking the transmits (the Allocate success
+    /// announcing it is among them). If that fails, report it with
+    /// [`Server::relay_bind_failed`]: the allocation moves to another port and the success
+    /// is re-issued, or after [`RELAY_BIND_ATTEMPTS`] ports the client gets 508.
     BindRelayPort {
         /// The relayed transport address.
         relay: RelayAddr,
@@ -214,6 +216,27 @@ impl std::fmt::Debug for NonceKeyDebug {
 struct Auth {
     username: String,
     key: LongTermKey,
+}
+
+/// Ports tried for one allocation before the Allocate is refused with 508.
+pub const RELAY_BIND_ATTEMPTS: u8 = 4;
+
+/// Whether `transmit` is the response to transaction `txid` of the client of `tuple`.
+fn is_response_to(transmit: &Transmit, tuple: &FiveTuple, txid: [u8; 12]) -> bool {
+    match transmit {
+        Transmit::ToClient {
+            transport,
+            server,
+            client,
+            payload,
+        } => {
+            *transport == tuple.transport
+                && *server == tuple.server
+                && *client == tuple.client
+                && payload.get(8..20) == Some(&txid[..])
+        }
+        Transmit::ToPeer { .. } => false,
+    }
 }
 
 /// How a request handler answers.
@@ -493,13 +516,73 @@ impl Server {
         self.delete_allocation(&tuple);
     }
 
-    /// The daemon could not bind `relay`: the allocation owning it is deleted (the client
-    /// learns on its next request, which gets 437).
-    pub fn relay_bind_failed(&mut self, relay: RelayAddr) {
-        if let Some(tuple) = self.by_port.get(&relay.port()).copied() {
-            tracing::debug!(%relay, "relay port unavailable, deleting allocation");
+    /// The daemon could not bind `relay` (another socket on the host holds the port: the
+    /// allocation range may overlap the ephemeral ports). The daemon binds while draining
+    /// commands, before it takes transmits, so the Allocate success announcing `relay` is
+    /// still queued: it is taken back, and the allocation moves to another port with a new
+    /// success (RFC 8656 §7.2 leaves the port to the server), or after
+    /// [`RELAY_BIND_ATTEMPTS`] ports it is deleted and the client gets 508 (Insufficient
+    /// Capacity).
+    pub fn relay_bind_failed(&mut self, now: Instant, relay: RelayAddr) {
+        let Some(tuple) = self.by_port.get(&relay.port()).copied() else {
+            return;
+        };
+        let Some(alloc) = self.allocations.get(&tuple) else {
+            return;
+        };
+        let (txid, key, even, attempts) = (
+            alloc.allocate_txid,
+            alloc.key,
+            alloc.even_port,
+            alloc.bind_attempts.saturating_add(1),
+        );
+        let old_port = alloc.port;
+        let old_relays: Vec<RelayAddr> = alloc.relays().collect();
+        self.transmits
+            .retain(|t| !is_response_to(t, &tuple, txid.0));
+        // Binds of the old port still queued (the other family of a dual-stack allocation)
+        // are dropped; sockets already bound are freed.
+        self.commands
+            .retain(|c| !matches!(c, Command::BindRelayPort { relay } if relay.port() == old_port));
+        let new_port = if attempts < RELAY_BIND_ATTEMPTS {
+            self.pick_port(even).filter(|p| *p != old_port)
+        } else {
+            None
+        };
+        let Some(port) = new_port else {
+            tracing::debug!(%relay, attempts, "no relay port could be bound; allocation refused");
             self.delete_allocation(&tuple);
+            self.stats.response(RequestMethod::Allocate, 508);
+            let mut b = Builder::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE, txid);
+            b.error(508, reason(508));
+            let payload = b.finish(self.config.software.as_deref(), Some(&key), true);
+            self.reply(&tuple, payload);
+            return;
+        };
+        tracing::debug!(%relay, new_port = %port, "relay port unavailable, moving the allocation");
+        for relay in old_relays {
+            self.commands.push_back(Command::FreeRelayPort { relay });
         }
+        self.by_port.remove(&old_port);
+        self.by_port.insert(port, tuple);
+        let Some(alloc) = self.allocations.get_mut(&tuple) else {
+            return;
+        };
+        alloc.port = port;
+        alloc.bind_attempts = attempts;
+        for relay in [&mut alloc.relay_v4, &mut alloc.relay_v6]
+            .into_iter()
+            .flatten()
+        {
+            relay.0.set_port(port.0);
+        }
+        let relays: Vec<RelayAddr> = alloc.relays().collect();
+        for relay in relays {
+            self.commands.push_back(Command::BindRelayPort { relay });
+        }
+        let success = self.allocate_success(now, &tuple, txid);
+        let payload = success.finish(self.config.software.as_deref(), Some(&key), true);
+        self.reply(&tuple, payload);
     }
 
     /// The data plane's answer to [`Command::InstallChannel`]. Releases a held ChannelBind
@@ -838,7 +921,11 @@ impl Server {
             // A retransmitted Allocate gets the original success; anything else is a
             // mismatch.
             if alloc.allocate_txid == req.transaction_id() && *alloc.username == *auth.username {
-                return Ok(Reply::Now(self.allocate_success(now, tuple, req)));
+                return Ok(Reply::Now(self.allocate_success(
+                    now,
+                    tuple,
+                    req.transaction_id(),
+                )));
             }
             return Err(437);
         }
@@ -895,6 +982,9 @@ impl Server {
             username: username.clone(),
             expires: now + lifetime,
             allocate_txid: req.transaction_id(),
+            key: auth.key,
+            even_port,
+            bind_attempts: 0,
             permissions: HashMap::new(),
             channels: HashMap::new(),
             peers: HashMap::new(),
@@ -916,15 +1006,15 @@ impl Server {
         self.allocations.insert(*tuple, alloc);
         self.stats.allocations_created += 1;
         self.stats.allocations_active += 1;
-        Ok(Reply::Now(self.allocate_success(now, tuple, req)))
+        Ok(Reply::Now(self.allocate_success(
+            now,
+            tuple,
+            req.transaction_id(),
+        )))
     }
 
-    fn allocate_success(&self, now: Instant, tuple: &FiveTuple, req: &Parsed<'_>) -> Builder {
-        let mut b = Builder::new(
-            METHOD_ALLOCATE,
-            CLASS_SUCCESS_RESPONSE,
-            req.transaction_id(),
-        );
+    fn allocate_success(&self, now: Instant, tuple: &FiveTuple, txid: TransactionId) -> Builder {
+        let mut b = Builder::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE, txid);
         if let Some(alloc) = self.allocations.get(tuple) {
             for relay in alloc.relays() {
                 b.xor_address(ATTR_XOR_RELAYED_ADDRESS, relay.0);

@@ -1332,17 +1332,111 @@ fn channel_expires_after_600_seconds_then_cools_down_for_300() {
     assert!(h.bind_acked(&mut c, 0x4001, PEER).is_success());
 }
 
+/// Sends an Allocate and carries out its commands as the daemon does, failing the first
+/// `failures` relay binds. Returns every command seen and the transmits.
+fn allocate_with_bind_failures(
+    h: &mut Harness,
+    c: &mut Client,
+    extra: impl FnOnce(&mut Builder),
+    failures: usize,
+) -> (Vec<Command>, Vec<Transmit>) {
+    h.login(c);
+    let req = c.request(METHOD_ALLOCATE, |b| {
+        udp_transport(b);
+        extra(b);
+    });
+    h.server
+        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+    let mut seen = Vec::new();
+    let mut failed = 0;
+    while let Some(command) = h.server.poll_command() {
+        if let Command::BindRelayPort { relay } = command
+            && failed < failures
+        {
+            failed += 1;
+            h.server.relay_bind_failed(h.now, relay);
+        }
+        seen.push(command);
+    }
+    (
+        seen,
+        std::iter::from_fn(|| h.server.poll_transmit()).collect(),
+    )
+}
+
+fn binds(commands: &[Command]) -> Vec<RelayAddr> {
+    commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::BindRelayPort { relay } => Some(*relay),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn relay_bind_failure_deletes_the_allocation() {
+fn a_relay_port_that_cannot_be_bound_is_replaced_before_the_success_goes_out() {
     let mut h = Harness::new();
     let mut c = Client::alice();
-    let relay = h.allocate(&mut c);
-    h.take_commands();
-    h.server.relay_bind_failed(relay);
+    let (commands, out) = allocate_with_bind_failures(&mut h, &mut c, |_| {}, 1);
+    let tried = binds(&commands);
+    assert_eq!(tried.len(), 2, "{commands:?}");
+    let (first, second) = (tried[0], tried[1]);
+    assert_ne!(first.port(), second.port());
+    assert_eq!(first.0.ip(), second.0.ip());
+    // Nothing was bound for the first port; freeing it is harmless for the daemon.
+    assert!(commands.contains(&Command::FreeRelayPort { relay: first }));
+    // One answer only: the success for the port that was bound, signed.
+    assert_eq!(out.len(), 1, "{out:?}");
+    let resp = Resp(out[0].payload().to_vec());
+    assert!(resp.is_success());
+    assert!(resp.integrity_ok(&c.key));
+    assert_eq!(resp.addresses(ATTR_XOR_RELAYED_ADDRESS), vec![second.0]);
+    // The allocation lives on the new port.
+    assert!(h.permit(&mut c, PEER).is_success());
+    let out = h.peer_send(second, PEER, b"hello");
+    assert_eq!(out.len(), 1, "peer data relayed on the new port");
+    assert!(h.peer_send(first, PEER, b"hello").is_empty());
+}
+
+#[test]
+fn a_dual_stack_allocation_moves_both_families() {
+    let mut h = Harness::with(|c| c.relay_ipv6 = Some(RELAY6.parse().unwrap()));
+    let mut c = Client::new("192.0.2.2:1", "alice", "alice-pw");
+    let dual = |b: &mut Builder| {
+        b.raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    };
+    let (commands, out) = allocate_with_bind_failures(&mut h, &mut c, dual, 1);
+    // The first (IPv4) bind failed: the queued IPv6 bind of the old port never runs.
+    let tried = binds(&commands);
+    assert_eq!(tried.len(), 3, "{commands:?}");
+    let resp = Resp(out[0].payload().to_vec());
+    assert_eq!(out.len(), 1);
+    assert!(resp.is_success());
+    let announced = resp.addresses(ATTR_XOR_RELAYED_ADDRESS);
+    assert_eq!(announced.len(), 2);
+    assert_eq!(announced, vec![tried[1].0, tried[2].0]);
+    assert_eq!(announced[0].port(), announced[1].port());
+    assert_ne!(announced[0].port(), tried[0].0.port());
+}
+
+#[test]
+fn an_allocate_whose_ports_all_fail_gets_508() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let attempts = usize::from(RELAY_BIND_ATTEMPTS);
+    let (commands, out) = allocate_with_bind_failures(&mut h, &mut c, |_| {}, attempts);
+    assert_eq!(binds(&commands).len(), attempts);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let resp = Resp(out[0].payload().to_vec());
+    assert_eq!(resp.code(), Some(508));
+    assert!(resp.integrity_ok(&c.key));
     assert_eq!(h.server.allocation_count(), 0);
-    assert_eq!(h.take_commands(), vec![Command::FreeRelayPort { relay }]);
+    assert_eq!(h.server.stats().allocations_active, 0);
     let req = c.request(METHOD_REFRESH, |_| {});
     assert_eq!(h.call(&c, &req).code(), Some(437));
+    // The quota was released with the allocation.
+    assert!(h.allocate_with(&mut c, |_| {}).is_success());
 }
 
 #[test]
