@@ -254,6 +254,11 @@ pub enum MapKey {
 }
 
 impl MapKey {
+    /// Whether this is the client-side entry (one per binding).
+    pub fn is_client(&self) -> bool {
+        matches!(self, MapKey::ClientV4(_) | MapKey::ClientV6(_))
+    }
+
     /// The key's bytes.
     pub fn bytes(&self) -> &[u8] {
         match self {

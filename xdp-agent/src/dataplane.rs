@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, bail};
 use bpf_common::{Counter, DataPlaneConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict};
@@ -60,6 +61,10 @@ pub struct DataPlane {
     events: MapHandle,
     /// Serialises multi-entry writes so that a batch is all-or-nothing.
     write_lock: Mutex<()>,
+    /// Entries of the client-side maps (one per binding), kept in step by
+    /// every write under `write_lock`: counting them by walking the maps
+    /// would make each AddChannelBinding cost as much as the maps are full.
+    installed: AtomicU64,
 }
 
 impl DataPlane {
@@ -133,7 +138,7 @@ impl DataPlane {
             .as_fd()
             .try_clone_to_owned()
             .context("cannot duplicate the program descriptor")?;
-        Ok(Self {
+        let this = Self {
             program_fd,
             config: handle(&skel.maps.CONFIG, "CONFIG")?,
             client_v4: handle(&skel.maps.CLIENT_V4, "CLIENT_V4")?,
@@ -143,7 +148,12 @@ impl DataPlane {
             stats: handle(&skel.maps.STATS, "STATS")?,
             events: handle(&skel.maps.EVENTS, "EVENTS")?,
             write_lock: Mutex::new(()),
-        })
+            installed: AtomicU64::new(0),
+        };
+        // Adopted maps come with their entries.
+        this.installed
+            .store(this.count_installed(), Ordering::Relaxed);
+        Ok(this)
     }
 
     /// The loaded program's descriptor, for attaching.
@@ -219,6 +229,7 @@ impl DataPlane {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut undo: Vec<(&MapHandle, MapKey, Option<Vec<u8>>)> = Vec::new();
+        let mut new_clients = 0u64;
         let mut write = |key: MapKey, value: &[u8]| -> Result<(), MapError> {
             let map = self.map(&key);
             let previous = map.lookup(key.bytes(), MapFlags::ANY)?;
@@ -229,6 +240,9 @@ impl DataPlane {
                     },
                     _ => MapError::Kernel(error),
                 })?;
+            if previous.is_none() && key.is_client() {
+                new_clients += 1;
+            }
             undo.push((map, key, previous));
             Ok(())
         };
@@ -249,7 +263,7 @@ impl DataPlane {
             }
             return Err(error);
         }
-        Ok(self.installed())
+        Ok(self.installed.fetch_add(new_clients, Ordering::Relaxed) + new_clients)
     }
 
     /// Removes bindings, both directions; returns how many were present.
@@ -265,7 +279,12 @@ impl DataPlane {
             let mut present = false;
             for key in [client_key, peer_key] {
                 match self.map(&key).delete(key.bytes()) {
-                    Ok(()) => present = true,
+                    Ok(()) => {
+                        present = true;
+                        if key.is_client() {
+                            self.installed.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
                     Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => {}
                     Err(error) => return Err(MapError::Kernel(error)),
                 }
@@ -300,6 +319,11 @@ impl DataPlane {
 
     /// How many bindings the client-side maps hold.
     pub fn installed(&self) -> u64 {
+        self.installed.load(Ordering::Relaxed)
+    }
+
+    /// The same, counted by walking the maps.
+    fn count_installed(&self) -> u64 {
         (self.client_v4.keys().count() + self.client_v6.keys().count()) as u64
     }
 
