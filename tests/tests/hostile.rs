@@ -355,8 +355,7 @@ fn oversized_and_truncated_messages_are_dropped() {
 fn tcp_garbage_closes_the_connection() {
     let mut daemon = Daemon::start(&[]);
     // What a TLS, HTTP/2 or random client sends first. (ASCII text such as "GET / HTTP/1.1"
-    // starts with the bits 01 and a valid channel number: it frames as ChannelData, and the
-    // connection waits for the length it claims.)
+    // frames as ChannelData, which cannot come first on a connection: tcp_hygiene.rs.)
     let garbage: [&[u8]; 4] = [
         // TLS ClientHello: a STUN-looking header whose length (0x0102) is not a multiple of 4.
         &[
