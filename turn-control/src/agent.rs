@@ -83,10 +83,23 @@ struct PendingSync {
 }
 
 impl PendingSync {
-    fn new(shards: usize) -> Self {
+    /// A new round of `shards` parts; requests held for an unfinished earlier round stay
+    /// held (the new parts reflect them, and they are answered after the new Sync).
+    fn start(earlier: Option<PendingSync>, shards: usize) -> Self {
         Self {
             parts: (0..shards).map(|_| None).collect(),
-            held: Vec::new(),
+            held: earlier.map(|p| p.held).unwrap_or_default(),
+        }
+    }
+
+    /// The connection is gone: what was held is abandoned (see [`Ops::abandon`]).
+    async fn abandon(pending: &mut Option<PendingSync>, events: &[mpsc::Sender<FromAgent>]) {
+        if let Some(p) = pending.take() {
+            let mut ops = Ops::default();
+            for request in p.held {
+                ops.request(request);
+            }
+            ops.abandon(events, &OffloadError::Unavailable).await;
         }
     }
 
@@ -143,7 +156,7 @@ pub async fn run(
                     synced = None;
                     backoff = BACKOFF.0;
                     metrics::gauge!(crate::metrics::name::AGENT_CONNECTED).set(1.0);
-                    pending = Some(PendingSync::new(events.len()));
+                    pending = Some(PendingSync::start(pending.take(), events.len()));
                     broadcast(&events, || FromAgent::Connected).await;
                 }
                 Ok(Err(error)) => {
@@ -173,7 +186,7 @@ pub async fn run(
                     match probe(c).await {
                         Err(error) => {
                             lost(&mut client, &events, &path, &error).await;
-                            pending = None;
+                            PendingSync::abandon(&mut pending, &events).await;
                             next_attempt = tokio::time::Instant::now();
                         }
                         // The gRPC channel reconnects by itself, so an agent restart
@@ -182,7 +195,7 @@ pub async fn run(
                         Ok(Some(agent_generation)) if synced.is_some_and(|g| g != agent_generation) => {
                             tracing::info!(agent_generation, ours = ?synced, "xdp-agent lost our state (restarted?); resyncing");
                             synced = None;
-                            pending = Some(PendingSync::new(events.len()));
+                            pending = Some(PendingSync::start(pending.take(), events.len()));
                             broadcast(&events, || FromAgent::Connected).await;
                         }
                         Ok(_) => {}
@@ -191,8 +204,7 @@ pub async fn run(
                 continue;
             }
         }
-        let mut syncs = None;
-        let mut ready = Vec::with_capacity(buf.len());
+        let mut ops = Ops::default();
         for request in buf.drain(..) {
             match (request, pending.as_mut()) {
                 (ToAgent::Sync { shard, bindings }, Some(p)) => {
@@ -200,96 +212,155 @@ pub async fn run(
                         *part = Some(bindings);
                     }
                     if let Some(all) = p.take_union() {
-                        syncs = Some(all);
-                        ready.append(&mut p.held);
+                        ops.push(Op::Sync(all));
+                        for held in std::mem::take(&mut p.held) {
+                            ops.request(held);
+                        }
                         pending = None;
                     }
                 }
                 // A part of a sync that a lost connection abandoned.
                 (ToAgent::Sync { .. }, None) => {}
                 (request, Some(p)) if p.parts.iter().any(Option::is_some) => p.held.push(request),
-                (request, _) => ready.push(request),
-            }
-        }
-        let (mut installs, mut removes) = (Vec::new(), Vec::new());
-        for request in ready {
-            match request {
-                ToAgent::Install { shard, binding } => installs.push((shard, binding)),
-                ToAgent::Remove(b) => removes.push(b),
-                ToAgent::Sync { .. } => {}
+                (request, _) => ops.request(request),
             }
         }
         let Some(c) = &mut client else {
             // RFC 8656 §12 leaves relaying to the server; without an agent it is ours.
-            for (shard, b) in installs {
-                answer(&events, shard, b, Err(OffloadError::Unavailable)).await;
-            }
-            if !removes.is_empty() {
-                tracing::debug!(
-                    count = removes.len(),
-                    "xdp-agent unreachable; removals dropped (the full sync on reconnect replaces its state)"
-                );
-            }
+            ops.abandon(&events, &OffloadError::Unavailable).await;
             continue;
         };
         let mut failure = None;
-        if !removes.is_empty()
-            && let Err(error) = call(c, Call::Remove, &removes).await
-        {
-            failure = Some(error);
-        }
-        if failure.is_none()
-            && let Some(all) = syncs
-        {
-            generation += 1;
-            match sync(c, generation, &all).await {
-                Ok(SyncKind::Generation) => {
-                    synced = Some(generation);
-                    tracing::info!(
-                        bindings = all.len(),
-                        generation,
-                        "full sync sent to xdp-agent"
-                    );
+        let mut ops = ops.0.into_iter();
+        // In arrival order: an Install followed by the Remove of the same binding (a
+        // ChannelBind, then at once a Refresh with lifetime 0) must not leave it installed.
+        for op in ops.by_ref() {
+            let result = match op {
+                Op::Remove(bindings) => call(c, Call::Remove, &bindings).await,
+                Op::Sync(all) => {
+                    generation += 1;
+                    match sync(c, generation, &all).await {
+                        Ok(SyncKind::Generation) => {
+                            synced = Some(generation);
+                            tracing::info!(
+                                bindings = all.len(),
+                                generation,
+                                "full sync sent to xdp-agent"
+                            );
+                            Ok(())
+                        }
+                        Ok(SyncKind::AddOnly) => {
+                            tracing::info!(
+                                bindings = all.len(),
+                                "full state added to xdp-agent (no Sync RPC)"
+                            );
+                            Ok(())
+                        }
+                        Err(error) => Err(error),
+                    }
                 }
-                Ok(SyncKind::AddOnly) => {
-                    tracing::info!(
-                        bindings = all.len(),
-                        "full state added to xdp-agent (no Sync RPC)"
-                    );
+                Op::Add(installs) => {
+                    let bindings: Vec<ChannelBinding> = installs.iter().map(|(_, b)| *b).collect();
+                    let result = call(c, Call::Add, &bindings).await;
+                    let answer_with = match &result {
+                        Ok(()) => Ok(()),
+                        Err(RpcError::Rejected(reason)) => {
+                            Err(OffloadError::Rejected(reason.clone()))
+                        }
+                        Err(RpcError::Gone(_)) => Err(OffloadError::Unavailable),
+                    };
+                    for (shard, b) in installs {
+                        answer(&events, shard, b, answer_with.clone()).await;
+                    }
+                    result
                 }
-                Err(error) => failure = Some(error),
-            }
-        }
-        let install_result = if let Some(error) = &failure {
-            Err(error.clone())
-        } else if installs.is_empty() {
-            Ok(())
-        } else {
-            let bindings: Vec<ChannelBinding> = installs.iter().map(|(_, b)| *b).collect();
-            call(c, Call::Add, &bindings).await
-        };
-        for (shard, b) in installs {
-            let result = match &install_result {
-                Ok(()) => Ok(()),
-                Err(RpcError::Rejected(reason)) => Err(OffloadError::Rejected(reason.clone())),
-                Err(RpcError::Gone(_)) => Err(OffloadError::Unavailable),
             };
-            answer(&events, shard, b, result).await;
-        }
-        if let Err(error) = install_result {
-            failure.get_or_insert(error);
-        }
-        match failure {
-            Some(error @ RpcError::Gone(_)) => {
-                lost(&mut client, &events, &path, &error).await;
-                pending = None;
-                next_attempt = tokio::time::Instant::now();
+            match result {
+                Ok(()) => {}
+                Err(error @ RpcError::Gone(_)) => {
+                    failure = Some(error);
+                    break;
+                }
+                // A refused request (a full map, say) fails alone.
+                Err(RpcError::Rejected(reason)) => {
+                    metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
+                    tracing::warn!(%reason, "xdp-agent refused a request");
+                }
             }
-            Some(RpcError::Rejected(reason)) => {
-                metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
-                tracing::warn!(%reason, "xdp-agent refused a request");
+        }
+        if failure.is_some() {
+            Ops(ops.collect())
+                .abandon(&events, &OffloadError::Unavailable)
+                .await;
+        }
+        if let Some(error) = failure {
+            lost(&mut client, &events, &path, &error).await;
+            PendingSync::abandon(&mut pending, &events).await;
+            next_attempt = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// One RPC's worth of requests.
+#[derive(Debug)]
+enum Op {
+    /// AddChannelBinding, answered to each binding's thread.
+    Add(Vec<(usize, ChannelBinding)>),
+    /// RemoveChannelBinding.
+    Remove(Vec<ChannelBinding>),
+    /// Sync with every thread's bindings.
+    Sync(Vec<ChannelBinding>),
+}
+
+/// The RPCs a batch of requests comes to, in arrival order: consecutive installs share one
+/// AddChannelBinding, consecutive removals one RemoveChannelBinding.
+#[derive(Debug, Default)]
+struct Ops(Vec<Op>);
+
+impl Ops {
+    fn push(&mut self, op: Op) {
+        self.0.push(op);
+    }
+
+    fn request(&mut self, request: ToAgent) {
+        match (request, self.0.last_mut()) {
+            (ToAgent::Install { shard, binding }, Some(Op::Add(installs)))
+                if installs.len() < MAX_BATCH =>
+            {
+                installs.push((shard, binding));
             }
-            None => {}
+            (ToAgent::Install { shard, binding }, _) => {
+                self.0.push(Op::Add(vec![(shard, binding)]))
+            }
+            (ToAgent::Remove(binding), Some(Op::Remove(removes))) if removes.len() < MAX_BATCH => {
+                removes.push(binding);
+            }
+            (ToAgent::Remove(binding), _) => self.0.push(Op::Remove(vec![binding])),
+            (ToAgent::Sync { .. }, _) => {}
+        }
+    }
+
+    /// Nothing more goes to the agent: installs are answered with `error` (user space
+    /// relays those channels); removals are dropped, since the full sync on reconnect
+    /// replaces the agent's state.
+    async fn abandon(self, events: &[mpsc::Sender<FromAgent>], error: &OffloadError) {
+        let mut dropped = 0;
+        for op in self.0 {
+            match op {
+                Op::Add(installs) => {
+                    for (shard, b) in installs {
+                        answer(events, shard, b, Err(error.clone())).await;
+                    }
+                }
+                Op::Remove(removes) => dropped += removes.len(),
+                Op::Sync(_) => {}
+            }
+        }
+        if dropped > 0 {
+            tracing::debug!(
+                count = dropped,
+                "xdp-agent unreachable; removals dropped (the full sync on reconnect replaces its state)"
+            );
         }
     }
 }
@@ -459,4 +530,98 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use turn_core::{ChannelNumber, ClientAddr, PeerAddr, RelayAddr, Transport};
+
+    use super::*;
+
+    fn binding(channel: u16) -> ChannelBinding {
+        ChannelBinding {
+            client: ClientAddr("192.0.2.1:5000".parse().unwrap()),
+            server: "203.0.113.1:3478".parse().unwrap(),
+            transport: Transport::Udp,
+            relay: RelayAddr("203.0.113.1:50000".parse().unwrap()),
+            peer: PeerAddr("198.51.100.1:9000".parse().unwrap()),
+            channel: ChannelNumber::new(channel).unwrap(),
+        }
+    }
+
+    /// The ops as (kind, channels) for comparison.
+    fn shape(ops: &Ops) -> Vec<(&'static str, Vec<u16>)> {
+        ops.0
+            .iter()
+            .map(|op| match op {
+                Op::Add(v) => ("add", v.iter().map(|(_, b)| b.channel.value()).collect()),
+                Op::Remove(v) => ("remove", v.iter().map(|b| b.channel.value()).collect()),
+                Op::Sync(v) => ("sync", v.iter().map(|b| b.channel.value()).collect()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn requests_keep_their_order_across_kinds() {
+        let mut ops = Ops::default();
+        for request in [
+            ToAgent::Install {
+                shard: 0,
+                binding: binding(0x4000),
+            },
+            ToAgent::Install {
+                shard: 1,
+                binding: binding(0x4001),
+            },
+            ToAgent::Remove(binding(0x4000)),
+            ToAgent::Remove(binding(0x4001)),
+            ToAgent::Install {
+                shard: 0,
+                binding: binding(0x4000),
+            },
+        ] {
+            ops.request(request);
+        }
+        assert_eq!(
+            shape(&ops),
+            vec![
+                ("add", vec![0x4000, 0x4001]),
+                ("remove", vec![0x4000, 0x4001]),
+                ("add", vec![0x4000]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_never_exceeds_the_rpc_size() {
+        let mut ops = Ops::default();
+        for i in 0..(MAX_BATCH as u16 + 1) {
+            ops.request(ToAgent::Install {
+                shard: 0,
+                binding: binding(0x4000 + i),
+            });
+        }
+        let sizes: Vec<usize> = shape(&ops).iter().map(|(_, v)| v.len()).collect();
+        assert_eq!(sizes, vec![MAX_BATCH, 1]);
+    }
+
+    #[test]
+    fn a_sync_waits_for_every_thread_and_held_requests_survive_a_new_round() {
+        let mut pending = PendingSync::start(None, 2);
+        pending.parts[1] = Some(vec![binding(0x4001)]);
+        assert!(pending.take_union().is_none(), "thread 0 has not answered");
+        pending.held.push(ToAgent::Remove(binding(0x4001)));
+        // The agent restarts before thread 0 answers: a new round keeps the held removal.
+        let mut pending = PendingSync::start(Some(pending), 2);
+        assert_eq!(pending.held.len(), 1);
+        pending.parts[0] = Some(vec![binding(0x4000)]);
+        pending.parts[1] = Some(vec![binding(0x4002), binding(0x4003)]);
+        let union: Vec<u16> = pending
+            .take_union()
+            .unwrap()
+            .iter()
+            .map(|b| b.channel.value())
+            .collect();
+        assert_eq!(union, vec![0x4000, 0x4002, 0x4003]);
+    }
 }
