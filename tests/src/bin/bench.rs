@@ -1020,6 +1020,10 @@ fn render(
             )?,
         }
     }
+    writeln!(
+        md,
+        "\nWhy a target is not met, and what would meet it: README.md, section Benchmarks."
+    )?;
     writeln!(md)?;
 
     writeln!(md, "## Micro-benchmark (BPF_PROG_TEST_RUN, per path)\n")?;
