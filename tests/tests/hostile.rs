@@ -14,11 +14,11 @@
     reason = "test code: a failure is a test failure"
 )]
 
-use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
+
+use lab::daemon::Daemon;
 
 use lab::stun::{
     ADDITIONAL_ADDRESS_FAMILY, ALLOCATE, Answer, BINDING, CHANNEL_BIND, CHANNEL_NUMBER,
@@ -31,142 +31,20 @@ const USER: &str = "mallory";
 const PASSWORD: &str = "mallory-pw";
 const DEADLINE: Duration = Duration::from_secs(20);
 
-// ---- the daemon ---------------------------------------------------------------------------
-
-/// The real daemon on loopback, killed on drop (also when a test panics).
-struct Daemon {
-    child: Child,
-    listen: SocketAddr,
-    metrics: SocketAddr,
-    log: Arc<Mutex<String>>,
+/// The daemon relaying on 127.0.0.1 and ::1, with the tests' realm and user.
+fn start(args: &[&str]) -> Daemon {
+    Daemon::start_dual_stack(REALM, &format!("{USER}:{PASSWORD}"), args)
 }
 
-/// A port free for UDP and TCP on 127.0.0.1 right now.
-fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("::1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let base = free_port().min(65535 - 64);
-        let mut child = Command::new(lab::workspace_binary("turn-control").unwrap())
-            .args(["--listen", &listen.to_string()])
-            .args(["--metrics", &metrics.to_string()])
-            .args(["--relay-ip", "127.0.0.1", "--relay-ip", "::1"])
-            .args(["--ports", &format!("{base}-{}", base + 64)])
-            .args(["--realm", REALM, "--user", &format!("{USER}:{PASSWORD}")])
-            .args(["--log-level", "info"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning turn-control");
-        let log = Arc::new(Mutex::new(String::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        let mut daemon = Daemon {
-            child,
-            listen,
-            metrics,
-            log,
-        };
-        daemon.wait("relay ready", |d| {
-            Ok(d.log.lock().unwrap().contains("relay ready").then_some(()))
-        });
-        daemon
-    }
-
-    /// Waits for `condition` with a deadline, failing with the daemon's log.
-    fn wait<T>(
-        &mut self,
-        what: &str,
-        mut condition: impl FnMut(&mut Daemon) -> anyhow::Result<Option<T>>,
-    ) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("turn-control exited ({status}):\n{}", self.log());
-            }
-            match condition(self) {
-                Ok(Some(value)) => return value,
-                Ok(None) => {}
-                Err(error) => eprintln!("waiting for {what}: {error:#}"),
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "timed out waiting for {what}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("turn-control exited ({status}):\n{}", self.log());
-        }
-    }
-
-    /// The value of a metric series (name with labels as printed), 0 when absent.
-    fn metric(&self, series: &str) -> anyhow::Result<f64> {
-        let mut stream = TcpStream::connect(self.metrics)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n",
-            self.metrics
-        )?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body)?;
-        Ok(body
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                (name == series).then(|| value.parse().ok()).flatten()
-            })
-            .unwrap_or(0.0))
-    }
-
-    /// Waits until a metric satisfies `check` (published about once a second).
-    fn wait_metric(&mut self, series: &str, check: impl Fn(f64) -> bool) -> f64 {
-        self.wait(&format!("metric {series}"), |d| {
-            let value = d.metric(series)?;
-            Ok(check(value).then_some(value))
-        })
-    }
-
-    fn vm_rss_kib(&self) -> u64 {
-        vm_rss_kib(self.child.id()).unwrap()
-    }
-
+/// Checks on the daemon beyond [`Daemon`]'s.
+trait Checks {
     /// A UDP Binding request still gets its success response.
+    fn answers_binding(&mut self);
+    /// The daemon's resident memory.
+    fn vm_rss_kib(&self) -> u64;
+}
+
+impl Checks for Daemon {
     fn answers_binding(&mut self) {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut client = new_client(socket, self.listen);
@@ -178,12 +56,9 @@ impl Daemon {
         assert_eq!((answer.method, answer.class), (BINDING, SUCCESS));
         self.alive();
     }
-}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn vm_rss_kib(&self) -> u64 {
+        vm_rss_kib(self.pid()).unwrap()
     }
 }
 
@@ -229,7 +104,7 @@ fn ok(answer: &Answer) {
 /// allocation and no per-source state (memory stays flat), and the 401 answers are capped.
 #[test]
 fn allocate_flood_from_many_sources_creates_no_state() {
-    let mut daemon = Daemon::start(&[]);
+    let mut daemon = start(&[]);
     let sockets: Vec<UdpSocket> = (0..1000u32)
         .map(|i| {
             let ip = format!(
@@ -298,7 +173,7 @@ fn allocate_flood_from_many_sources_creates_no_state() {
 /// Truncated, oversized and inconsistent messages are dropped; the daemon lives on.
 #[test]
 fn oversized_and_truncated_messages_are_dropped() {
-    let mut daemon = Daemon::start(&[]);
+    let mut daemon = start(&[]);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     let binding = Msg::new(BINDING, REQUEST, [7; 12]).finish(None);
     let mut cases: Vec<Vec<u8>> = vec![
@@ -353,7 +228,7 @@ fn oversized_and_truncated_messages_are_dropped() {
 /// Garbage on a TCP connection closes that connection; the daemon still answers others.
 #[test]
 fn tcp_garbage_closes_the_connection() {
-    let mut daemon = Daemon::start(&[]);
+    let mut daemon = start(&[]);
     // What a TLS, HTTP/2 or random client sends first. (ASCII text such as "GET / HTTP/1.1"
     // frames as ChannelData, which cannot come first on a connection: tcp_hygiene.rs.)
     let garbage: [&[u8]; 4] = [
@@ -405,7 +280,7 @@ fn tcp_garbage_closes_the_connection() {
 /// ChannelBind with a number outside 0x4000-0x7FFF gets 400 (RFC 8656 §12.2).
 #[test]
 fn channel_numbers_outside_the_range_are_refused() {
-    let daemon = Daemon::start(&[]);
+    let daemon = start(&[]);
     let mut c = client(&daemon);
     ok(&c.allocate_dual());
     let peer: SocketAddr = "8.8.8.8:5000".parse().unwrap();
@@ -434,7 +309,7 @@ fn channel_numbers_outside_the_range_are_refused() {
 /// after the first is deleted, a new one succeeds.
 #[test]
 fn allocations_beyond_the_quota_get_486() {
-    let mut daemon = Daemon::start(&["--user-quota", "1"]);
+    let mut daemon = start(&["--user-quota", "1"]);
     let mut first = client(&daemon);
     ok(&first.allocate_dual());
     for _ in 0..3 {
@@ -452,7 +327,7 @@ fn allocations_beyond_the_quota_get_486() {
 /// (RFC 8656 §21.2.2; coturn CVE-2020-26262); public peers of both families are allowed.
 #[test]
 fn denied_peers_get_403_in_every_form() {
-    let mut daemon = Daemon::start(&[]);
+    let mut daemon = start(&[]);
     let mut c = client(&daemon);
     ok(&c.allocate_dual());
     let denied = [

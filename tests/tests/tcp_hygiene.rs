@@ -16,11 +16,11 @@
     reason = "test code: a failure is a test failure"
 )]
 
-use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
+
+use lab::daemon::Daemon;
 
 /// `FIRST_FRAME_TIMEOUT` in turn-control/src/tcp.rs.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,136 +38,19 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// The counter of closes.
 const CLOSED: &str = "tcp_connections_closed_total";
 
-// ---- the daemon ---------------------------------------------------------------------------
-
-/// The real daemon on loopback, killed on drop (also when a test panics).
-struct Daemon {
-    child: Child,
-    listen: SocketAddr,
-    metrics: SocketAddr,
-    log: Arc<Mutex<String>>,
+/// Waits until `tcp_connections_closed_total{reason}` is `expected`, and returns the scraped
+/// body.
+fn wait_closed_count(daemon: &mut Daemon, reason: &str, expected: f64) -> String {
+    let labels = format!("reason=\"{reason}\"");
+    daemon.wait(&format!("{CLOSED}{{{labels}}} = {expected}"), |d| {
+        let body = d.scrape()?;
+        Ok((lab::sample(&body, CLOSED, &labels) == Some(expected)).then_some(body))
+    })
 }
 
-/// A TCP port free on 127.0.0.1 right now (UDP too, for the TURN listener).
-fn free_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = Command::new(lab::workspace_binary("turn-control").unwrap())
-            .args(["--listen", &listen.to_string()])
-            .args(["--metrics", &metrics.to_string()])
-            .args(["--realm", "tcp.example", "--user", "alice:alice-pw"])
-            .args(["--log-level", "info"])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning turn-control");
-        let log = Arc::new(Mutex::new(String::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        let mut daemon = Daemon {
-            child,
-            listen,
-            metrics,
-            log,
-        };
-        daemon.wait("relay ready", |d| {
-            Ok(d.log.lock().unwrap().contains("relay ready").then_some(()))
-        });
-        daemon
-    }
-
-    /// Waits for `condition` with a deadline, failing with the daemon's log.
-    fn wait<T>(
-        &mut self,
-        what: &str,
-        mut condition: impl FnMut(&mut Daemon) -> anyhow::Result<Option<T>>,
-    ) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("turn-control exited ({status}):\n{}", self.log());
-            }
-            match condition(self) {
-                Ok(Some(value)) => return value,
-                Ok(None) => {}
-                Err(error) => eprintln!("waiting for {what}: {error:#}"),
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "timed out waiting for {what}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// The body of `/metrics`.
-    fn scrape(&self) -> anyhow::Result<String> {
-        let mut stream = TcpStream::connect(self.metrics)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n",
-            self.metrics
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (_headers, body) = response
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow::anyhow!("no HTTP body in {response:?}"))?;
-        Ok(body.to_owned())
-    }
-
-    /// Waits until `tcp_connections_closed_total{reason}` is `expected`, and returns the
-    /// scraped body.
-    fn wait_closed_count(&mut self, reason: &str, expected: f64) -> String {
-        let labels = format!("reason=\"{reason}\"");
-        self.wait(&format!("{CLOSED}{{{labels}}} = {expected}"), |d| {
-            let body = d.scrape()?;
-            Ok((lab::sample(&body, CLOSED, &labels) == Some(expected)).then_some(body))
-        })
-    }
-
-    fn connect(&self) -> TcpStream {
-        let tcp = TcpStream::connect(self.listen).unwrap();
-        tcp.set_nodelay(true).unwrap();
-        tcp
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The daemon with the tests' realm and user.
+fn start() -> Daemon {
+    Daemon::start("tcp.example", "alice:alice-pw", &[])
 }
 
 // ---- the client side ----------------------------------------------------------------------
@@ -226,7 +109,7 @@ fn wait_for_close(tcp: &mut TcpStream, since: Instant, limit: Duration, what: &s
 /// for the bytes. Other garbage is counted under the same reason.
 #[test]
 fn http_request_is_closed_at_once() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
     let mut tcp = daemon.connect();
     let start = Instant::now();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: relay.example\r\nUser-Agent: curl/8\r\n\r\n")
@@ -240,7 +123,7 @@ fn http_request_is_closed_at_once() {
         .unwrap();
     wait_for_close(&mut tcp, start, PROMPT, "ChannelData first");
 
-    let body = daemon.wait_closed_count("not_turn", 2.0);
+    let body = wait_closed_count(&mut daemon, "not_turn", 2.0);
     assert!(
         body.contains(&format!("# TYPE {CLOSED} counter"))
             && body.contains(&format!("# HELP {CLOSED} ")),
@@ -257,7 +140,7 @@ fn http_request_is_closed_at_once() {
 /// Two requests in one write are both answered.
 #[test]
 fn split_and_coalesced_requests_are_answered() {
-    let daemon = Daemon::start();
+    let daemon = start();
     let mut tcp = daemon.connect();
     let request = binding_request([1; 12]);
     tcp.write_all(&request[..7]).unwrap();
@@ -280,7 +163,7 @@ fn split_and_coalesced_requests_are_answered() {
 /// connection idle after a complete frame for longer than both stays open.
 #[test]
 fn slow_connections_are_closed_after_the_deadlines() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
     let limit = FIRST_FRAME_TIMEOUT.max(FRAME_TIMEOUT) + LATE;
 
     let mut silent = daemon.connect();
@@ -355,8 +238,8 @@ fn slow_connections_are_closed_after_the_deadlines() {
     );
     idle.join().unwrap();
 
-    daemon.wait_closed_count("first_frame_timeout", 1.0);
-    let body = daemon.wait_closed_count("frame_timeout", 1.0);
+    wait_closed_count(&mut daemon, "first_frame_timeout", 1.0);
+    let body = wait_closed_count(&mut daemon, "frame_timeout", 1.0);
     assert_eq!(
         lab::sample(&body, CLOSED, "reason=\"not_turn\""),
         None,

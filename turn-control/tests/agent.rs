@@ -15,7 +15,6 @@ use proto::v1::data_plane_server::{DataPlane, DataPlaneServer};
 use proto::v1::*;
 use tokio::net::{UdpSocket, UnixListener};
 use tonic::{Request, Response, Status};
-use turn::client::{Client, ClientConfig};
 use webrtc_util::Conn as _;
 
 const T: Duration = Duration::from_secs(15);
@@ -200,30 +199,13 @@ async fn installs_sync_on_reconnect_and_removes_on_shutdown() {
     // A client binds a channel: the binding reaches the agent before the success.
     let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let client_addr = conn.local_addr().unwrap();
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: daemon.listen.to_string(),
-        turn_serv_addr: daemon.listen.to_string(),
-        username: "test".to_owned(),
-        password: "testpass".to_owned(),
-        realm: "turn-control".to_owned(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
+    let client = common::turn_client_on(conn, daemon.listen, "test", "testpass").await;
     let relay = client.allocate().await.unwrap();
     let relayed = relay.local_addr().unwrap();
     let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let mut buf = [0u8; 64];
     relay.send_to(b"hi", peer_addr).await.unwrap();
-    tokio::time::timeout(T, peer.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    common::recv(&peer, T).await;
     let add = fake.wait_for("add ").await;
     let expected_tail = format!("{peer_addr} {}", relayed.port());
     assert!(add.starts_with(&format!("add {client_addr} 0x4")), "{add}");
@@ -246,6 +228,7 @@ async fn installs_sync_on_reconnect_and_removes_on_shutdown() {
 
     // Relaying keeps working throughout (user space relays whatever reaches it).
     peer.send_to(b"back", relayed).await.unwrap();
+    let mut buf = [0u8; 64];
     let (n, _) = tokio::time::timeout(T, relay.recv_from(&mut buf))
         .await
         .unwrap()
@@ -279,33 +262,15 @@ async fn absent_agent_is_a_metric_not_an_error() {
             path.to_str().unwrap(),
         ],
     );
-    let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: daemon.listen.to_string(),
-        turn_serv_addr: daemon.listen.to_string(),
-        username: "test".to_owned(),
-        password: "testpass".to_owned(),
-        realm: "turn-control".to_owned(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
+    let client = common::turn_client(daemon.listen, "test", "testpass").await;
     let relay = client.allocate().await.unwrap();
     let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut buf = [0u8; 64];
     for _ in 0..20 {
         relay
             .send_to(b"hi", peer.local_addr().unwrap())
             .await
             .unwrap();
-        tokio::time::timeout(T, peer.recv_from(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
+        common::recv(&peer, T).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     daemon.wait_metric(
@@ -351,37 +316,18 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
 
     // Clients on whichever threads the kernel picks, each binding a channel to its own
     // peer (the first send to a peer binds one in the background).
-    let server_addr = daemon.listen.to_string();
+    let listen = daemon.listen;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..CLIENTS {
-        let server_addr = server_addr.clone();
         tasks.spawn(async move {
-            let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-            let client = Client::new(ClientConfig {
-                stun_serv_addr: server_addr.clone(),
-                turn_serv_addr: server_addr,
-                username: "test".to_owned(),
-                password: "testpass".to_owned(),
-                realm: "turn-control".to_owned(),
-                software: String::new(),
-                rto_in_ms: 0,
-                conn,
-                vnet: None,
-            })
-            .await
-            .unwrap();
-            client.listen().await.unwrap();
+            let client = common::turn_client(listen, "test", "testpass").await;
             let relay = client.allocate().await.unwrap();
             let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let mut buf = [0u8; 64];
             relay
                 .send_to(b"hi", peer.local_addr().unwrap())
                 .await
                 .unwrap();
-            tokio::time::timeout(T, peer.recv_from(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
+            common::recv(&peer, T).await;
             (client, relay, peer)
         });
     }
@@ -430,20 +376,11 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
         "peer and relay port of each client"
     );
     // They come from more than one thread (all 12 on one of 4 has a chance of 4^-11).
-    let ports = daemon.ports.clone();
-    let shard_of = |port: u16| {
-        let low = usize::from(*ports.start());
-        let len = usize::from(*ports.end()) - low + 1;
-        (0..THREADS)
-            .find(|&i| {
-                (low + i * len / THREADS..=low + (i + 1) * len / THREADS - 1)
-                    .contains(&usize::from(port))
-            })
-            .unwrap()
-    };
     let threads: std::collections::BTreeSet<usize> = clients
         .iter()
-        .map(|(_, relay, _)| shard_of(relay.local_addr().unwrap().port()))
+        .map(|(_, relay, _)| {
+            common::shard_of(&daemon.ports, THREADS, relay.local_addr().unwrap().port()).unwrap()
+        })
         .collect();
     assert!(threads.len() > 1, "every allocation on thread {threads:?}");
 

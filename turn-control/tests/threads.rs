@@ -3,24 +3,18 @@
 //! each thread relays from its own slice of `--ports`, quotas hold across threads, and data
 //! flows both ways whichever thread a client landed on.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests: a failure is a test failure"
-)]
+#![expect(clippy::unwrap_used, reason = "tests: a failure is a test failure")]
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Daemon;
-use tokio::net::UdpSocket;
+use common::{Daemon, shard_of};
 use tokio::task::JoinSet;
-use turn::client::{Client, ClientConfig};
+use turn::client::Client;
 use webrtc_util::Conn;
 
 const T: Duration = Duration::from_secs(15);
@@ -28,26 +22,6 @@ const T: Duration = Duration::from_secs(15);
 /// The daemon on 127.0.0.1 with relay ports that no other socket takes meanwhile.
 fn start(args: &[&str]) -> Daemon {
     Daemon::start_with_ports("127.0.0.1", common::quiet_port_range(200), args)
-}
-
-/// A listening webrtc-rs client on its own local port.
-async fn client(server: SocketAddr, user: &str, password: &str) -> Client {
-    let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: server.to_string(),
-        turn_serv_addr: server.to_string(),
-        username: user.to_owned(),
-        password: password.to_owned(),
-        realm: "turn-control".to_owned(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
-    client
 }
 
 type Relay = Box<dyn Conn + Send + Sync>;
@@ -64,7 +38,7 @@ async fn allocate_many(
         let (user, password) = users[i % users.len()];
         let (user, password) = (user.to_owned(), password.to_owned());
         tasks.spawn(async move {
-            let client = client(server, &user, &password).await;
+            let client = common::turn_client(server, &user, &password).await;
             let relay = match client.allocate().await {
                 Ok(relay) => Ok(Box::new(relay) as Relay),
                 Err(error) => Err(error.to_string()),
@@ -77,18 +51,6 @@ async fn allocate_many(
         out.push(done.unwrap());
     }
     out
-}
-
-/// The thread whose slice of `ports` holds `port`: the daemon's `shards::port_slice`
-/// (contiguous, disjoint slices in index order).
-fn shard_of(ports: &RangeInclusive<u16>, shards: usize, port: u16) -> Option<usize> {
-    let low = usize::from(*ports.start());
-    let len = usize::from(*ports.end()) - low + 1;
-    (0..shards).find(|&i| {
-        let start = low + i * len / shards;
-        let end = low + (i + 1) * len / shards - 1;
-        (start..=end).contains(&usize::from(port))
-    })
 }
 
 async fn close_all(clients: Vec<(Client, Result<Relay, String>)>) {
@@ -220,44 +182,6 @@ async fn total_quota_holds_across_threads() {
     daemon.wait_metric("turn_allocations_active", |v| v == 0.0, T);
 }
 
-/// Receives one datagram on `sock` within [`T`].
-async fn recv(sock: &UdpSocket) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 2048];
-    let (n, from) = tokio::time::timeout(T, sock.recv_from(&mut buf))
-        .await
-        .expect("peer got nothing in time")
-        .unwrap();
-    buf.truncate(n);
-    (buf, from)
-}
-
-/// One client's exchange with its own peer: `rounds` messages each way, every one checked.
-async fn echo(client_index: usize, relay: &Relay, rounds: u32) {
-    let relayed = relay.local_addr().unwrap();
-    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let peer_addr = peer.local_addr().unwrap();
-    let mut buf = vec![0u8; 2048];
-    // The first send creates the permission (as a Send indication while the client binds
-    // a channel in the background); later sends go as ChannelData.
-    for i in 0..rounds {
-        let msg = format!("client {client_index} to peer {i}");
-        relay.send_to(msg.as_bytes(), peer_addr).await.unwrap();
-        let (got, from) = recv(&peer).await;
-        assert_eq!(got, msg.as_bytes());
-        assert_eq!(from, relayed, "the peer sees the relayed address");
-
-        let reply = format!("peer to client {client_index} {i}");
-        peer.send_to(reply.as_bytes(), relayed).await.unwrap();
-        let (n, from) = tokio::time::timeout(T, relay.recv_from(&mut buf))
-            .await
-            .expect("client got nothing in time")
-            .unwrap();
-        assert_eq!(&buf[..n], reply.as_bytes(), "client {client_index}");
-        assert_eq!(from, peer_addr);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn data_flows_on_every_thread() {
     const CLIENTS: usize = 16;
@@ -287,7 +211,9 @@ async fn data_flows_on_every_thread() {
     let mut tasks = JoinSet::new();
     for (index, relay) in relays.iter().enumerate() {
         let relay = Arc::clone(relay);
-        tasks.spawn(async move { echo(index, &relay, ROUNDS).await });
+        tasks.spawn(
+            async move { common::echo(&**relay, &format!("client {index}"), ROUNDS, T).await },
+        );
     }
     while let Some(done) = tasks.join_next().await {
         done.unwrap();

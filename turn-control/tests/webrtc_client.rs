@@ -11,44 +11,16 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::Daemon;
-use tokio::net::UdpSocket;
-use turn::client::{Client, ClientConfig};
+use turn::client::Client;
 use webrtc_util::Conn as _;
 
 const T: Duration = Duration::from_secs(10);
 
 async fn client(daemon: &Daemon, user: &str, password: &str) -> Client {
-    let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let server = daemon.listen.to_string();
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: server.clone(),
-        turn_serv_addr: server,
-        username: user.to_owned(),
-        password: password.to_owned(),
-        realm: "turn-control".to_owned(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
-    client
-}
-
-async fn recv(sock: &UdpSocket) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 2048];
-    let (n, from) = tokio::time::timeout(T, sock.recv_from(&mut buf))
-        .await
-        .expect("peer got nothing in time")
-        .unwrap();
-    buf.truncate(n);
-    (buf, from)
+    common::turn_client(daemon.listen, user, password).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,29 +31,8 @@ async fn allocate_permission_channel_data_refresh() {
     let relayed = relay.local_addr().unwrap();
     assert_eq!(relayed.ip().to_string(), "127.0.0.1");
 
-    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let peer_addr = peer.local_addr().unwrap();
-
-    // The first send creates the permission and goes as a Send indication while the
-    // client binds a channel in the background; later sends use ChannelData.
-    let mut buf = vec![0u8; 2048];
-    for i in 0..50u32 {
-        let msg = format!("to peer {i}");
-        relay.send_to(msg.as_bytes(), peer_addr).await.unwrap();
-        let (got, from) = recv(&peer).await;
-        assert_eq!(got, msg.as_bytes());
-        assert_eq!(from, relayed, "the peer sees the relayed address");
-
-        let reply = format!("to client {i}");
-        peer.send_to(reply.as_bytes(), relayed).await.unwrap();
-        let (n, from) = tokio::time::timeout(T, relay.recv_from(&mut buf))
-            .await
-            .expect("client got nothing in time")
-            .unwrap();
-        assert_eq!(&buf[..n], reply.as_bytes());
-        assert_eq!(from, peer_addr);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // 50 messages each way: a permission, then a channel.
+    common::echo(&relay, "client", 50, T).await;
     daemon.wait_metric(
         "turn_requests_total{method=\"create_permission\",code=\"200\"}",
         |v| v >= 1.0,

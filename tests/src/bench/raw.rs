@@ -138,6 +138,37 @@ fn channel_bind(
         .finish_with(Some(&key), true))
 }
 
+/// The ChannelBind of sample `j` in [`first_offload`]: its channel (0x4000 + `first_index` +
+/// `j`), transaction id and request, binding `peer_ip`:(`first_port` + `j`).
+fn offload_bind(
+    alloc: &RawAllocation,
+    peer_ip: Ipv4Addr,
+    first_port: u16,
+    first_index: u16,
+    j: usize,
+) -> anyhow::Result<(u16, [u8; 12], Vec<u8>)> {
+    let index = u32::from(first_index) + j as u32;
+    let channel = 0x4000 + index as u16;
+    let peer = SocketAddr::V4(SocketAddrV4::new(peer_ip, first_port + j as u16));
+    let t = txid(0xFF, index);
+    Ok((channel, t, channel_bind(alloc, t, channel, peer)?))
+}
+
+/// Whether `datagram` is the success answer to the ChannelBind `txid` (of `channel`); an
+/// error for any other answer to it.
+fn bind_succeeded(datagram: &[u8], txid: [u8; 12], channel: u16) -> anyhow::Result<bool> {
+    let Some(answer) = Answer::parse(datagram).filter(|answer| answer.txid == txid) else {
+        return Ok(false);
+    };
+    ensure!(
+        answer.class == SUCCESS,
+        "ChannelBind {channel:#06x}: class {} code {:?}",
+        answer.class,
+        answer.code()
+    );
+    Ok(true)
+}
+
 /// Waits until one of `sockets` is readable or `timeout` passes.
 fn wait_readable(sockets: &[&UdpSocket], timeout: Duration) {
     let mut fds: Vec<libc::pollfd> = sockets
@@ -468,11 +499,7 @@ pub fn first_offload(
     let mut sent_counts = Vec::with_capacity(samples);
     let mut buf = [0u8; 2048];
     for (j, peer_socket) in peers.iter().enumerate() {
-        let index = u32::from(first_index) + j as u32;
-        let channel = 0x4000 + index as u16;
-        let peer = SocketAddr::V4(SocketAddrV4::new(peer_ip, first_port + j as u16));
-        let t = txid(0xFF, index);
-        let request = channel_bind(alloc, t, channel, peer)?;
+        let (channel, t, request) = offload_bind(alloc, peer_ip, first_port, first_index, j)?;
         let mut data = [0u8; 64];
         let started = Instant::now();
         socket.send_to(&request, server)?;
@@ -508,15 +535,7 @@ pub fn first_offload(
             }
             match socket.recv(&mut buf) {
                 Ok(len) => {
-                    if let Some(answer) = Answer::parse(&buf[..len])
-                        && answer.txid == t
-                    {
-                        ensure!(
-                            answer.class == SUCCESS,
-                            "ChannelBind {channel:#06x}: class {} code {:?}",
-                            answer.class,
-                            answer.code()
-                        );
+                    if bind_succeeded(&buf[..len], t, channel)? {
                         success.get_or_insert(now);
                         success_seq = sent;
                     }
@@ -554,11 +573,7 @@ pub fn first_offload(
     socket.set_nonblocking(false)?;
     socket.set_read_timeout(Some(Duration::from_millis(100)))?;
     for j in samples..2 * samples {
-        let index = u32::from(first_index) + j as u32;
-        let channel = 0x4000 + index as u16;
-        let peer = SocketAddr::V4(SocketAddrV4::new(peer_ip, first_port + j as u16));
-        let t = txid(0xFF, index);
-        let request = channel_bind(alloc, t, channel, peer)?;
+        let (channel, t, request) = offload_bind(alloc, peer_ip, first_port, first_index, j)?;
         let started = Instant::now();
         socket.send_to(&request, server)?;
         let mut retransmitted = started;
@@ -576,15 +591,7 @@ pub fn first_offload(
             match socket.recv(&mut buf) {
                 Ok(len) => {
                     let now = Instant::now();
-                    if let Some(answer) = Answer::parse(&buf[..len])
-                        && answer.txid == t
-                    {
-                        ensure!(
-                            answer.class == SUCCESS,
-                            "ChannelBind {channel:#06x}: class {} code {:?}",
-                            answer.class,
-                            answer.code()
-                        );
+                    if bind_succeeded(&buf[..len], t, channel)? {
                         break now;
                     }
                 }

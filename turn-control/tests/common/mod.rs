@@ -13,9 +13,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use turn::client::{Client, ClientConfig};
+use webrtc_util::Conn;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_turn-control");
 pub const READY: Duration = Duration::from_secs(20);
@@ -317,5 +321,90 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The thread whose slice of `ports` holds `port`: the daemon's `shards::port_slice`
+/// (contiguous, disjoint slices in index order).
+pub fn shard_of(ports: &RangeInclusive<u16>, shards: usize, port: u16) -> Option<usize> {
+    let low = usize::from(*ports.start());
+    let len = usize::from(*ports.end()) - low + 1;
+    (0..shards).find(|&i| {
+        let start = low + i * len / shards;
+        let end = low + (i + 1) * len / shards - 1;
+        (start..=end).contains(&usize::from(port))
+    })
+}
+
+// ---- the webrtc-rs TURN client ----------------------------------------------------------
+
+/// A listening webrtc-rs TURN client of `server` (in the daemon's default realm) on its
+/// own local port on 127.0.0.1.
+pub async fn turn_client(server: SocketAddr, user: &str, password: &str) -> Client {
+    let conn = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    turn_client_on(Arc::new(conn), server, user, password).await
+}
+
+/// [`turn_client`] on the socket `conn`.
+pub async fn turn_client_on(
+    conn: Arc<tokio::net::UdpSocket>,
+    server: SocketAddr,
+    user: &str,
+    password: &str,
+) -> Client {
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: user.to_owned(),
+        password: password.to_owned(),
+        realm: "turn-control".to_owned(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    client.listen().await.unwrap();
+    client
+}
+
+/// Receives one datagram on `sock` within `timeout`.
+pub async fn recv(sock: &tokio::net::UdpSocket, timeout: Duration) -> (Vec<u8>, SocketAddr) {
+    let mut buf = vec![0u8; 2048];
+    let (n, from) = tokio::time::timeout(timeout, sock.recv_from(&mut buf))
+        .await
+        .expect("peer got nothing in time")
+        .unwrap();
+    buf.truncate(n);
+    (buf, from)
+}
+
+/// `rounds` messages each way between `relay` (an allocation of the client `label`) and a
+/// peer of its own on 127.0.0.1, each awaited within `timeout` and checked: content, the
+/// relayed address the peer sees and the peer's address the client sees. The first send
+/// creates the permission (as a Send indication while the client binds a channel in the
+/// background); later sends go as ChannelData.
+pub async fn echo(relay: &(dyn Conn + Send + Sync), label: &str, rounds: u32, timeout: Duration) {
+    let relayed = relay.local_addr().unwrap();
+    let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut buf = vec![0u8; 2048];
+    for i in 0..rounds {
+        let msg = format!("{label} to peer {i}");
+        relay.send_to(msg.as_bytes(), peer_addr).await.unwrap();
+        let (got, from) = recv(&peer, timeout).await;
+        assert_eq!(got, msg.as_bytes());
+        assert_eq!(from, relayed, "the peer sees the relayed address");
+
+        let reply = format!("peer to {label} {i}");
+        peer.send_to(reply.as_bytes(), relayed).await.unwrap();
+        let (n, from) = tokio::time::timeout(timeout, relay.recv_from(&mut buf))
+            .await
+            .expect("client got nothing in time")
+            .unwrap();
+        assert_eq!(&buf[..n], reply.as_bytes(), "{label}");
+        assert_eq!(from, peer_addr);
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
