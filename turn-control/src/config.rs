@@ -931,6 +931,32 @@ mod tests {
     }
 
     #[test]
+    fn threads_are_checked_against_the_port_range() {
+        let merge = |args: &[&str], text: &str| Settings::merge(&cli(args), file(text).unwrap());
+        assert_eq!(
+            merge(&["--dev", "--threads", "0"], "")
+                .unwrap_err()
+                .to_string(),
+            "threads: must be at least 1"
+        );
+        assert_eq!(
+            merge(&["--dev", "--threads", "4", "--ports", "50000-50002"], "")
+                .unwrap_err()
+                .to_string(),
+            "ports: 3 port(s) cannot be shared by 4 threads (see --threads)"
+        );
+        assert_eq!(
+            merge(&["--dev"], "threads = 257").unwrap_err().to_string(),
+            "threads: 257 is more than 256"
+        );
+        let from_file = merge(&["--dev"], "threads = 3").unwrap();
+        assert_eq!(from_file.threads, 3);
+        let flag_wins = merge(&["--dev", "--threads", "2"], "threads = 3").unwrap();
+        assert_eq!(flag_wins.threads, 2);
+        assert!(merge(&["--dev"], "").unwrap().threads >= 1);
+    }
+
+    #[test]
     fn family_rules() {
         let e = Settings::merge(
             &cli(&[
