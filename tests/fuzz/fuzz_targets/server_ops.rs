@@ -74,6 +74,10 @@ enum Op {
     BindFailed {
         relay: u8,
     },
+    /// The next `count` relay binds fail, as when other sockets hold the ports.
+    FailNextBinds {
+        count: u8,
+    },
     Closed {
         client: u8,
     },
@@ -123,6 +127,8 @@ struct Harness {
     pending: Vec<ChannelBinding>,
     installs: u64,
     removes: u64,
+    /// Relay binds still to fail (`Op::FailNextBinds`).
+    failing_binds: u8,
     /// `FUZZ_TRACE=1`: print operations and commands (to read a reproducer).
     trace: bool,
 }
@@ -149,6 +155,7 @@ impl Harness {
             pending: Vec::new(),
             installs: 0,
             removes: 0,
+            failing_binds: 0,
             trace: std::env::var_os("FUZZ_TRACE").is_some(),
         }
     }
@@ -161,7 +168,14 @@ impl Harness {
             }
             match command {
                 Command::BindRelayPort { relay } => {
-                    assert!(self.relays.insert(relay), "{relay:?} bound twice");
+                    // As the daemon does: report the failure while draining, before
+                    // taking transmits.
+                    if self.failing_binds > 0 {
+                        self.failing_binds -= 1;
+                        self.server.relay_bind_failed(self.now, relay);
+                    } else {
+                        assert!(self.relays.insert(relay), "{relay:?} bound twice");
+                    }
                 }
                 Command::FreeRelayPort { relay } => {
                     assert!(self.relays.remove(&relay), "{relay:?} freed but not bound");
@@ -245,6 +259,27 @@ impl Harness {
                 return None;
             };
             assert_eq!(answer.method, m);
+            assert_eq!(
+                answers
+                    .iter()
+                    .filter_map(|a| Decoded::parse(a))
+                    .filter(|d| d.txid == txid)
+                    .count(),
+                1,
+                "one answer per request"
+            );
+            if m == method::ALLOCATE
+                && answer.class == class::SUCCESS
+                && let Some([_, _, hi, lo, ..]) = answer.attr(attr::XOR_RELAYED_ADDRESS)
+            {
+                // The announced port is one the daemon bound (RFC 8656 §7.2: the relayed
+                // address is in use once the success is sent).
+                let port = u16::from_be_bytes([*hi, *lo]) ^ 0x2112;
+                assert!(
+                    self.relays.iter().any(|r| r.0.port() == port),
+                    "announced relay port {port} is not bound"
+                );
+            }
             let code = answer.error_code();
             if answer.class == class::ERROR {
                 assert!(code.is_some(), "error response without ERROR-CODE");
@@ -417,13 +452,14 @@ impl Harness {
                 self.server.channel_installed(self.now, &binding, result);
                 self.drain(None);
             }
+            Op::FailNextBinds { count } => self.failing_binds = count % 8,
             Op::BindFailed { relay } => {
                 let mut relays: Vec<RelayAddr> = self.relays.iter().copied().collect();
                 relays.sort();
                 let Some(&relay) = relays.get(usize::from(relay) % relays.len().max(1)) else {
                     return;
                 };
-                self.server.relay_bind_failed(relay);
+                self.server.relay_bind_failed(self.now, relay);
                 self.drain(None);
                 assert!(
                     !self.relays.contains(&relay),

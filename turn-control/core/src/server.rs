@@ -519,10 +519,11 @@ impl Server {
     /// The daemon could not bind `relay` (another socket on the host holds the port: the
     /// allocation range may overlap the ephemeral ports). The daemon binds while draining
     /// commands, before it takes transmits, so the Allocate success announcing `relay` is
-    /// still queued: it is taken back, and the allocation moves to another port with a new
-    /// success (RFC 8656 §7.2 leaves the port to the server), or after
+    /// normally still queued: it is taken back, and the allocation moves to another port
+    /// with a new success (RFC 8656 §7.2 leaves the port to the server), or after
     /// [`RELAY_BIND_ATTEMPTS`] ports it is deleted and the client gets 508 (Insufficient
-    /// Capacity).
+    /// Capacity). If the success already went out, the allocation is deleted and the client
+    /// learns on its next request (437).
     pub fn relay_bind_failed(&mut self, now: Instant, relay: RelayAddr) {
         let Some(tuple) = self.by_port.get(&relay.port()).copied() else {
             return;
@@ -538,12 +539,24 @@ impl Server {
         );
         let old_port = alloc.port;
         let old_relays: Vec<RelayAddr> = alloc.relays().collect();
+        let queued = self.transmits.len();
         self.transmits
             .retain(|t| !is_response_to(t, &tuple, txid.0));
-        // Binds of the old port still queued (the other family of a dual-stack allocation)
-        // are dropped; sockets already bound are freed.
-        self.commands
-            .retain(|c| !matches!(c, Command::BindRelayPort { relay } if relay.port() == old_port));
+        if self.transmits.len() == queued {
+            tracing::debug!(%relay, "relay port lost after the allocation was announced; deleting it");
+            self.delete_allocation(&tuple);
+            return;
+        }
+        // Never bound: the failed relay, and the other family's relay whose bind was still
+        // queued (it is dropped). Only what was bound is freed.
+        let mut unbound = vec![relay];
+        self.commands.retain(|c| match c {
+            Command::BindRelayPort { relay } if relay.port() == old_port => {
+                unbound.push(*relay);
+                false
+            }
+            _ => true,
+        });
         let new_port = if attempts < RELAY_BIND_ATTEMPTS {
             self.pick_port(even).filter(|p| *p != old_port)
         } else {
@@ -551,6 +564,13 @@ impl Server {
         };
         let Some(port) = new_port else {
             tracing::debug!(%relay, attempts, "no relay port could be bound; allocation refused");
+            if let Some(alloc) = self.allocations.get_mut(&tuple) {
+                for slot in [&mut alloc.relay_v4, &mut alloc.relay_v6] {
+                    if slot.is_some_and(|r| unbound.contains(&r)) {
+                        *slot = None;
+                    }
+                }
+            }
             self.delete_allocation(&tuple);
             self.stats.response(RequestMethod::Allocate, 508);
             let mut b = Builder::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE, txid);
@@ -560,7 +580,7 @@ impl Server {
             return;
         };
         tracing::debug!(%relay, new_port = %port, "relay port unavailable, moving the allocation");
-        for relay in old_relays {
+        for relay in old_relays.into_iter().filter(|r| !unbound.contains(r)) {
             self.commands.push_back(Command::FreeRelayPort { relay });
         }
         self.by_port.remove(&old_port);

@@ -1384,8 +1384,13 @@ fn a_relay_port_that_cannot_be_bound_is_replaced_before_the_success_goes_out() {
     let (first, second) = (tried[0], tried[1]);
     assert_ne!(first.port(), second.port());
     assert_eq!(first.0.ip(), second.0.ip());
-    // Nothing was bound for the first port; freeing it is harmless for the daemon.
-    assert!(commands.contains(&Command::FreeRelayPort { relay: first }));
+    // Nothing was bound for the first port, so nothing is freed.
+    assert!(
+        !commands
+            .iter()
+            .any(|c| matches!(c, Command::FreeRelayPort { .. })),
+        "{commands:?}"
+    );
     // One answer only: the success for the port that was bound, signed.
     assert_eq!(out.len(), 1, "{out:?}");
     let resp = Resp(out[0].payload().to_vec());
@@ -1421,12 +1426,68 @@ fn a_dual_stack_allocation_moves_both_families() {
 }
 
 #[test]
+fn a_relay_lost_after_the_success_went_out_deletes_the_allocation() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let relay = h.allocate(&mut c);
+    h.take_commands();
+    h.server.relay_bind_failed(h.now, relay);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.take_commands(), vec![Command::FreeRelayPort { relay }]);
+    assert!(h.drain().is_empty(), "no second answer to the Allocate");
+    let req = c.request(METHOD_REFRESH, |_| {});
+    assert_eq!(h.call(&c, &req).code(), Some(437));
+}
+
+#[test]
+fn a_dual_stack_allocation_whose_second_bind_fails_frees_the_first() {
+    let mut h = Harness::with(|c| c.relay_ipv6 = Some(RELAY6.parse().unwrap()));
+    let mut c = Client::new("192.0.2.2:1", "alice", "alice-pw");
+    h.login(&mut c);
+    let req = c.request(METHOD_ALLOCATE, |b| {
+        udp_transport(b);
+        b.raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    h.server
+        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+    let mut seen = Vec::new();
+    let mut bound = 0;
+    while let Some(command) = h.server.poll_command() {
+        if let Command::BindRelayPort { relay } = command {
+            bound += 1;
+            // The IPv4 socket binds; the IPv6 one on the same port does not.
+            if bound == 2 {
+                h.server.relay_bind_failed(h.now, relay);
+            }
+        }
+        seen.push(command);
+    }
+    let tried = binds(&seen);
+    assert_eq!(tried.len(), 4, "{seen:?}");
+    assert!(seen.contains(&Command::FreeRelayPort { relay: tried[0] }));
+    assert!(!seen.contains(&Command::FreeRelayPort { relay: tried[1] }));
+    let out: Vec<Transmit> = std::iter::from_fn(|| h.server.poll_transmit()).collect();
+    assert_eq!(out.len(), 1);
+    let resp = Resp(out[0].payload().to_vec());
+    assert_eq!(
+        resp.addresses(ATTR_XOR_RELAYED_ADDRESS),
+        vec![tried[2].0, tried[3].0]
+    );
+}
+
+#[test]
 fn an_allocate_whose_ports_all_fail_gets_508() {
     let mut h = Harness::new();
     let mut c = Client::alice();
     let attempts = usize::from(RELAY_BIND_ATTEMPTS);
     let (commands, out) = allocate_with_bind_failures(&mut h, &mut c, |_| {}, attempts);
     assert_eq!(binds(&commands).len(), attempts);
+    assert!(
+        !commands
+            .iter()
+            .any(|c| matches!(c, Command::FreeRelayPort { .. })),
+        "nothing was bound, nothing is freed: {commands:?}"
+    );
     assert_eq!(out.len(), 1, "{out:?}");
     let resp = Resp(out[0].payload().to_vec());
     assert_eq!(resp.code(), Some(508));
