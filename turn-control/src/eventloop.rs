@@ -160,6 +160,7 @@ impl Eventloop {
             control,
             report,
         } = shard;
+        tracing::debug!(shard = index, ports = ?core.port_range, "event loop starting");
         let server = Server::new(core, Instant::now(), SystemTime::now())
             .context("protocol core configuration")?;
         let poll = mio::Poll::new().context("creating epoll instance")?;
@@ -219,7 +220,6 @@ impl Eventloop {
         // Sockets may have become readable before tokio watched the epoll descriptor.
         let mut first = true;
 
-        tracing::debug!(shard = self.index, ports = ?self.settings.ports, "event loop running");
         loop {
             self.flush();
             let deadline = self.server.poll_timeout();
