@@ -31,6 +31,9 @@ pub enum ToAgent {
     Sync {
         /// The sending thread.
         shard: usize,
+        /// The round of [`FromAgent::Connected`] this answers; parts of an earlier round
+        /// (the link was lost and regained meanwhile) are ignored.
+        round: u64,
         /// Every binding it holds.
         bindings: Vec<ChannelBinding>,
     },
@@ -42,8 +45,11 @@ pub enum FromAgent {
     /// The outcome of an [`ToAgent::Install`].
     Installed(ChannelBinding, Result<(), OffloadError>),
     /// The agent is reachable (again), or lost our state: the thread answers with
-    /// [`ToAgent::Sync`].
-    Connected,
+    /// [`ToAgent::Sync`] of this round.
+    Connected {
+        /// Which sync round this starts.
+        round: u64,
+    },
     /// The agent went away.
     Disconnected,
 }
@@ -76,6 +82,7 @@ pub struct DataPlane {
 /// threads asked for meanwhile.
 #[derive(Debug)]
 struct PendingSync {
+    round: u64,
     parts: Vec<Option<Vec<ChannelBinding>>>,
     /// Installs and removals that arrived after some thread's part: sending them before the
     /// Sync would let the Sync undo them, so they follow it.
@@ -85,8 +92,9 @@ struct PendingSync {
 impl PendingSync {
     /// A new round of `shards` parts; requests held for an unfinished earlier round stay
     /// held (the new parts reflect them, and they are answered after the new Sync).
-    fn start(earlier: Option<PendingSync>, shards: usize) -> Self {
+    fn start(earlier: Option<PendingSync>, round: u64, shards: usize) -> Self {
         Self {
+            round,
             parts: (0..shards).map(|_| None).collect(),
             held: earlier.map(|p| p.held).unwrap_or_default(),
         }
@@ -143,6 +151,7 @@ pub async fn run(
     let mut next_attempt = tokio::time::Instant::now();
     let mut buf = Vec::with_capacity(MAX_BATCH);
     let mut pending: Option<PendingSync> = None;
+    let mut round: u64 = 0;
     loop {
         if client.is_none() && tokio::time::Instant::now() >= next_attempt {
             match tokio::time::timeout(RPC_TIMEOUT, proto::connect(path.clone())).await {
@@ -156,8 +165,9 @@ pub async fn run(
                     synced = None;
                     backoff = BACKOFF.0;
                     metrics::gauge!(crate::metrics::name::AGENT_CONNECTED).set(1.0);
-                    pending = Some(PendingSync::start(pending.take(), events.len()));
-                    broadcast(&events, || FromAgent::Connected).await;
+                    round += 1;
+                    pending = Some(PendingSync::start(pending.take(), round, events.len()));
+                    broadcast(&events, || FromAgent::Connected { round }).await;
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(agent = %path.display(), error = %error_chain(&error), "xdp-agent unreachable");
@@ -195,8 +205,9 @@ pub async fn run(
                         Ok(Some(agent_generation)) if synced.is_some_and(|g| g != agent_generation) => {
                             tracing::info!(agent_generation, ours = ?synced, "xdp-agent lost our state (restarted?); resyncing");
                             synced = None;
-                            pending = Some(PendingSync::start(pending.take(), events.len()));
-                            broadcast(&events, || FromAgent::Connected).await;
+                            round += 1;
+                            pending = Some(PendingSync::start(pending.take(), round, events.len()));
+                            broadcast(&events, || FromAgent::Connected { round }).await;
                         }
                         Ok(_) => {}
                     }
@@ -204,27 +215,7 @@ pub async fn run(
                 continue;
             }
         }
-        let mut ops = Ops::default();
-        for request in buf.drain(..) {
-            match (request, pending.as_mut()) {
-                (ToAgent::Sync { shard, bindings }, Some(p)) => {
-                    if let Some(part) = p.parts.get_mut(shard) {
-                        *part = Some(bindings);
-                    }
-                    if let Some(all) = p.take_union() {
-                        ops.push(Op::Sync(all));
-                        for held in std::mem::take(&mut p.held) {
-                            ops.request(held);
-                        }
-                        pending = None;
-                    }
-                }
-                // A part of a sync that a lost connection abandoned.
-                (ToAgent::Sync { .. }, None) => {}
-                (request, Some(p)) if p.parts.iter().any(Option::is_some) => p.held.push(request),
-                (request, _) => ops.request(request),
-            }
-        }
+        let ops = plan(buf.drain(..), &mut pending);
         let Some(c) = &mut client else {
             // RFC 8656 §12 leaves relaying to the server; without an agent it is ours.
             ops.abandon(&events, &OffloadError::Unavailable).await;
@@ -299,6 +290,41 @@ pub async fn run(
             next_attempt = tokio::time::Instant::now();
         }
     }
+}
+
+/// The RPCs for a batch of requests, in arrival order, with a sync round's parts gathered
+/// into `pending` and, once every thread's part of the current round is in, one Sync
+/// followed by what was held back for it.
+fn plan(requests: impl Iterator<Item = ToAgent>, pending: &mut Option<PendingSync>) -> Ops {
+    let mut ops = Ops::default();
+    for request in requests {
+        match (request, pending.as_mut()) {
+            (
+                ToAgent::Sync {
+                    shard,
+                    round,
+                    bindings,
+                },
+                Some(p),
+            ) if round == p.round => {
+                if let Some(part) = p.parts.get_mut(shard) {
+                    *part = Some(bindings);
+                }
+                if let Some(all) = p.take_union() {
+                    ops.push(Op::Sync(all));
+                    for held in std::mem::take(&mut p.held) {
+                        ops.request(held);
+                    }
+                    *pending = None;
+                }
+            }
+            // A part of a round that a lost connection abandoned or a later round replaced.
+            (ToAgent::Sync { .. }, _) => {}
+            (request, Some(p)) if p.parts.iter().any(Option::is_some) => p.held.push(request),
+            (request, _) => ops.request(request),
+        }
+    }
+    ops
 }
 
 /// One RPC's worth of requests.
@@ -605,14 +631,64 @@ mod tests {
         assert_eq!(sizes, vec![MAX_BATCH, 1]);
     }
 
+    fn install(shard: usize, channel: u16) -> ToAgent {
+        ToAgent::Install {
+            shard,
+            binding: binding(channel),
+        }
+    }
+
+    fn part(shard: usize, round: u64, channels: &[u16]) -> ToAgent {
+        ToAgent::Sync {
+            shard,
+            round,
+            bindings: channels.iter().map(|&c| binding(c)).collect(),
+        }
+    }
+
+    #[test]
+    fn requests_after_a_first_part_follow_the_sync_and_stale_parts_are_ignored() {
+        let mut pending = Some(PendingSync::start(None, 2, 2));
+        let ops = plan(
+            [
+                // Before any part: already reflected in the parts to come.
+                install(0, 0x4000),
+                // A late part of round 1: ignored.
+                part(1, 1, &[0x4abc]),
+                part(0, 2, &[0x4000]),
+                // After thread 0's part: must not be undone by the Sync.
+                install(0, 0x4001),
+                ToAgent::Remove(binding(0x4000)),
+            ]
+            .into_iter(),
+            &mut pending,
+        );
+        assert_eq!(shape(&ops), vec![("add", vec![0x4000])]);
+        assert!(pending.as_ref().is_some_and(|p| p.held.len() == 2));
+        let ops = plan(
+            [part(1, 2, &[0x4002]), install(1, 0x4003)].into_iter(),
+            &mut pending,
+        );
+        assert!(pending.is_none());
+        assert_eq!(
+            shape(&ops),
+            vec![
+                ("sync", vec![0x4000, 0x4002]),
+                ("add", vec![0x4001]),
+                ("remove", vec![0x4000]),
+                ("add", vec![0x4003]),
+            ]
+        );
+    }
+
     #[test]
     fn a_sync_waits_for_every_thread_and_held_requests_survive_a_new_round() {
-        let mut pending = PendingSync::start(None, 2);
+        let mut pending = PendingSync::start(None, 1, 2);
         pending.parts[1] = Some(vec![binding(0x4001)]);
         assert!(pending.take_union().is_none(), "thread 0 has not answered");
         pending.held.push(ToAgent::Remove(binding(0x4001)));
         // The agent restarts before thread 0 answers: a new round keeps the held removal.
-        let mut pending = PendingSync::start(Some(pending), 2);
+        let mut pending = PendingSync::start(Some(pending), 2, 2);
         assert_eq!(pending.held.len(), 1);
         pending.parts[0] = Some(vec![binding(0x4000)]);
         pending.parts[1] = Some(vec![binding(0x4002), binding(0x4003)]);

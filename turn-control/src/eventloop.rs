@@ -616,7 +616,7 @@ impl Eventloop {
                 self.server
                     .channel_installed(Instant::now(), &binding, result);
             }
-            FromAgent::Connected => {
+            FromAgent::Connected { round } => {
                 self.agent_connected = true;
                 let bindings: Vec<_> = self
                     .server
@@ -625,6 +625,7 @@ impl Eventloop {
                     .collect();
                 let part = ToAgent::Sync {
                     shard: self.index,
+                    round,
                     bindings,
                 };
                 if let Some(tx) = &self.agent
