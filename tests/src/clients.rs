@@ -41,3 +41,39 @@ pub async fn webrtc_client(
         .context("the TURN client cannot listen")?;
     Ok(client)
 }
+
+/// `count` round trips through a relayed connection: a numbered message from the
+/// client to the peer's socket, which must arrive from the relayed address, and an
+/// echo back, each within `timeout`.
+pub async fn round_trips(
+    relayed: &impl webrtc_util::Conn,
+    peer: &tokio::net::UdpSocket,
+    count: usize,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let relayed_addr = relayed.local_addr().context("relayed address")?;
+    let peer_addr = peer.local_addr().context("peer address")?;
+    let mut buffer = vec![0u8; 2048];
+    for i in 0..count {
+        let message = format!("message {i}");
+        relayed
+            .send_to(message.as_bytes(), peer_addr)
+            .await
+            .context("send to the peer")?;
+        let (n, from) = tokio::time::timeout(timeout, peer.recv_from(&mut buffer))
+            .await
+            .with_context(|| format!("the peer got nothing ({message})"))??;
+        anyhow::ensure!(
+            (&buffer[..n], from) == (message.as_bytes(), relayed_addr),
+            "the peer got {:?} from {from}, not {message:?} from {relayed_addr}",
+            String::from_utf8_lossy(&buffer[..n])
+        );
+        peer.send_to(b"echo", relayed_addr).await?;
+        let (n, _) = tokio::time::timeout(timeout, relayed.recv_from(&mut buffer))
+            .await
+            .with_context(|| format!("the client got no echo ({message})"))?
+            .context("client receive")?;
+        anyhow::ensure!(&buffer[..n] == b"echo", "the client got {:?}", &buffer[..n]);
+    }
+    Ok(())
+}

@@ -110,6 +110,29 @@ pub fn sample_sum(body: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Whether this is a CI run (`CI=true`), where nothing may be skipped.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+/// The path of the tool `name` on `PATH`, or `None` after a loud SKIPPED line
+/// naming `test`; under `CI=true` a missing tool fails the test instead.
+pub fn required_tool(name: &str, test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !in_ci(),
+            "{test}: `{name}` is not installed, and CI=true requires it (make setup)"
+        );
+        eprintln!("\n*** SKIPPED {test}: `{name}` is not installed (CI=true would fail) ***\n");
+    }
+    found
+}
+
 /// Prefix of every namespace this crate creates.
 const NETNS_PREFIX: &str = "xtlab";
 

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{Context, ensure};
+use lab::required_tool;
 
 /// The repository's root.
 fn repo() -> PathBuf {
@@ -39,27 +40,6 @@ fn read(path: &Path) -> String {
     fs::read_to_string(path)
         .with_context(|| format!("cannot read {}", path.display()))
         .unwrap()
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| value == "true")
-}
-
-/// The tool's path, or `None` after a loud SKIPPED line (a failure under CI=true).
-fn tool(name: &str, test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|path| path.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            !in_ci(),
-            "{test}: `{name}` is not installed, and CI=true requires it"
-        );
-        eprintln!("\n*** SKIPPED {test}: `{name}` is not installed (CI=true would fail) ***\n");
-    }
-    found
 }
 
 /// Runs `command`, failing with its output unless it exits 0.
@@ -142,7 +122,7 @@ fn verify_units(analyze: &Path, dir: &Path, units: &[&str]) -> anyhow::Result<Ve
 
 #[test]
 fn systemd_units_pass_verify() -> anyhow::Result<()> {
-    let Some(analyze) = tool("systemd-analyze", "systemd_units_pass_verify") else {
+    let Some(analyze) = required_tool("systemd-analyze", "systemd_units_pass_verify") else {
         return Ok(());
     };
     let dir = TempDir::new("units");
@@ -281,7 +261,7 @@ fn binary(name: &str, test: &str) -> Option<PathBuf> {
     match lab::workspace_binary(name) {
         Ok(path) => Some(path),
         Err(error) => {
-            assert!(!in_ci(), "{test}: {error:#}");
+            assert!(!lab::in_ci(), "{test}: {error:#}");
             eprintln!("\n*** SKIPPED {test}: {error:#} ***\n");
             None
         }
@@ -341,7 +321,7 @@ fn units_pass_flags_the_binaries_accept() -> anyhow::Result<()> {
 
 #[test]
 fn prometheus_files_pass_promtool() -> anyhow::Result<()> {
-    let Some(promtool) = tool("promtool", "prometheus_files_pass_promtool") else {
+    let Some(promtool) = required_tool("promtool", "prometheus_files_pass_promtool") else {
         return Ok(());
     };
     let dir = deploy("prometheus");
@@ -389,7 +369,7 @@ for panel in dashboard["panels"]:
 #[test]
 fn grafana_dashboard_is_valid() -> anyhow::Result<()> {
     let test = "grafana_dashboard_is_valid";
-    let Some(python) = tool("python3", test) else {
+    let Some(python) = required_tool("python3", test) else {
         return Ok(());
     };
     let dashboard = deploy("grafana/xdp-turn.json");
@@ -412,7 +392,7 @@ fn grafana_dashboard_is_valid() -> anyhow::Result<()> {
     ] {
         assert!(text.contains(expr), "the dashboard does not show {expr}");
     }
-    let Some(promtool) = tool("promtool", test) else {
+    let Some(promtool) = required_tool("promtool", test) else {
         return Ok(());
     };
     let dir = TempDir::new("dashboard");
@@ -481,7 +461,7 @@ fn rules_and_dashboard_query_exported_metrics() {
 #[test]
 fn make_install_files_lands_everything() -> anyhow::Result<()> {
     let test = "make_install_files_lands_everything";
-    let Some(make) = tool("make", test) else {
+    let Some(make) = required_tool("make", test) else {
         return Ok(());
     };
     let dir = TempDir::new("install");
@@ -555,7 +535,7 @@ fn make_install_files_lands_everything() -> anyhow::Result<()> {
     );
 
     // The sysusers entries create the users into the tree...
-    let Some(sysusers) = tool("systemd-sysusers", test) else {
+    let Some(sysusers) = required_tool("systemd-sysusers", test) else {
         return Ok(());
     };
     run(Command::new(&sysusers).arg(format!("--root={}", root.display())))?;
@@ -582,7 +562,7 @@ fn make_install_files_lands_everything() -> anyhow::Result<()> {
         eprintln!("\n*** SKIPPED {test}: systemd-tmpfiles --root needs root to chown ***\n");
         return Ok(());
     }
-    let Some(tmpfiles) = tool("systemd-tmpfiles", test) else {
+    let Some(tmpfiles) = required_tool("systemd-tmpfiles", test) else {
         return Ok(());
     };
     run(Command::new(&tmpfiles)

@@ -27,7 +27,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use lab::{AGENT_METRICS, CLIENT_V4, Lab, Netns, PEER_V4, RELAY_IFACE, Site, TURN_CONTROL_METRICS};
+use lab::{
+    AGENT_METRICS, CLIENT_V4, Lab, Netns, PEER_V4, RELAY_IFACE, Site, TURN_CONTROL_METRICS,
+    required_tool,
+};
 use serde_json::Value;
 
 const TEST: &str = "prometheus_scrape";
@@ -43,27 +46,6 @@ fn shipped_dir() -> PathBuf {
         .parent()
         .unwrap()
         .join("deploy/prometheus")
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| value == "true")
-}
-
-/// The tool's path, or `None` after a loud SKIPPED line (a failure under CI=true).
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|path| path.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            !in_ci(),
-            "{TEST}: `{name}` is not installed, and CI=true requires it (make setup)"
-        );
-        eprintln!("\n*** SKIPPED {TEST}: `{name}` is not installed (CI=true would fail) ***\n");
-    }
-    found
 }
 
 /// The shipped configuration made to run in the lab: every `scrape_interval`,
@@ -365,30 +347,6 @@ impl Drop for Prometheus<'_> {
     }
 }
 
-/// `count` round trips between a relayed connection and the peer's socket.
-async fn round_trips(relayed: &impl webrtc_util::Conn, peer: &tokio::net::UdpSocket, count: usize) {
-    let (relayed_addr, peer_addr) = (relayed.local_addr().unwrap(), peer.local_addr().unwrap());
-    let mut buffer = vec![0u8; 2048];
-    for i in 0..count {
-        let message = format!("message {i}");
-        relayed
-            .send_to(message.as_bytes(), peer_addr)
-            .await
-            .unwrap();
-        let (n, from) = tokio::time::timeout(T, peer.recv_from(&mut buffer))
-            .await
-            .unwrap_or_else(|_| panic!("the peer got nothing ({message})"))
-            .unwrap();
-        assert_eq!((&buffer[..n], from), (message.as_bytes(), relayed_addr));
-        peer.send_to(b"echo", relayed_addr).await.unwrap();
-        let (n, _) = tokio::time::timeout(T, relayed.recv_from(&mut buffer))
-            .await
-            .unwrap_or_else(|_| panic!("the client got no echo ({message})"))
-            .unwrap();
-        assert_eq!(&buffer[..n], b"echo");
-    }
-}
-
 /// The rules Prometheus loaded: every group of alerts.yml with every rule,
 /// each evaluated at least once with health "ok". An evaluation error fails
 /// at once, with Prometheus' message.
@@ -446,7 +404,10 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
     if !lab::privileged() {
         return;
     }
-    let (Some(prometheus_binary), Some(promtool)) = (tool("prometheus"), tool("promtool")) else {
+    let (Some(prometheus_binary), Some(promtool)) = (
+        required_tool("prometheus", TEST),
+        required_tool("promtool", TEST),
+    ) else {
         return;
     };
     let started = Instant::now();
@@ -602,7 +563,9 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
         ))
         .unwrap();
     let relayed = runtime.block_on(client.allocate()).unwrap();
-    runtime.block_on(round_trips(&relayed, &peer, 3));
+    runtime
+        .block_on(lab::clients::round_trips(&relayed, &peer, 3, T))
+        .unwrap();
     prometheus
         .wait_one("turn_channel_bindings_active", |v| v == 1.0)
         .unwrap();
@@ -615,7 +578,9 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
             |v| v >= 1.0,
         )
         .unwrap();
-    runtime.block_on(round_trips(&relayed, &peer, 20));
+    runtime
+        .block_on(lab::clients::round_trips(&relayed, &peer, 20, T))
+        .unwrap();
     // 20 round trips of at least 13 bytes, over the channel in place.
     let relayed_bytes = prometheus
         .wait_one("data_relayed_ebpf_bytes_total", |v| v >= 260.0)

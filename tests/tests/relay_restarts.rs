@@ -1,11 +1,7 @@
 //! Restarts of either daemon under traffic, and expiry: afterwards the
 //! agent's bindings equal turn-control's, nothing stale remains, and channel
 //! data is relayed in the kernel again.
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "a test: failures should panic"
-)]
+#![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -22,30 +18,6 @@ async fn client(lab: &Lab) -> Client {
     lab::clients::webrtc_client(&lab.client, IpAddr::V4(CLIENT_V4), server)
         .await
         .unwrap()
-}
-
-/// `count` round trips between a relayed connection and the peer socket.
-async fn round_trips(relayed: &impl webrtc_util::Conn, peer: &tokio::net::UdpSocket, count: usize) {
-    let (relayed_addr, peer_addr) = (relayed.local_addr().unwrap(), peer.local_addr().unwrap());
-    let mut buffer = vec![0u8; 2048];
-    for i in 0..count {
-        let message = format!("message {i}");
-        relayed
-            .send_to(message.as_bytes(), peer_addr)
-            .await
-            .unwrap();
-        let (n, from) = tokio::time::timeout(T, peer.recv_from(&mut buffer))
-            .await
-            .expect("the peer got nothing")
-            .unwrap();
-        assert_eq!((&buffer[..n], from), (message.as_bytes(), relayed_addr));
-        peer.send_to(b"echo", relayed_addr).await.unwrap();
-        let (n, _) = tokio::time::timeout(T, relayed.recv_from(&mut buffer))
-            .await
-            .expect("the client got nothing")
-            .unwrap();
-        assert_eq!(&buffer[..n], b"echo");
-    }
 }
 
 fn turn_control_bindings(lab: &Lab) -> f64 {
@@ -91,7 +63,9 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     // A client with a channel to the peer, relayed in the kernel.
     let first = runtime.block_on(client(&lab));
     let relayed = runtime.block_on(first.allocate()).unwrap();
-    runtime.block_on(round_trips(&relayed, &peer, 20));
+    runtime
+        .block_on(lab::clients::round_trips(&relayed, &peer, 20, T))
+        .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     wait_for("the binding in both daemons", T, || {
         Ok((agent.list()?.len() == 1 && turn_control_bindings(&lab) == 1.0).then_some(()))
@@ -108,7 +82,9 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
-    runtime.block_on(round_trips(&relayed, &peer, 20));
+    runtime
+        .block_on(lab::clients::round_trips(&relayed, &peer, 20, T))
+        .unwrap();
     assert_eq!(
         agent.counter("relay_client_to_peer_v4_v4").unwrap().0,
         before + 20,
@@ -141,7 +117,9 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     let relayed_again = runtime.block_on(second.allocate()).unwrap();
     let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
     let started = std::time::Instant::now();
-    runtime.block_on(round_trips(&relayed_again, &peer, 20));
+    runtime
+        .block_on(lab::clients::round_trips(&relayed_again, &peer, 20, T))
+        .unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "traffic took {:?} to flow",
