@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::net::UdpSocket;
-use turn::client::{Client, ClientConfig};
 use webrtc_util::Conn;
 
 use super::raw::{self, BindFigures, OffloadLatency};
@@ -129,23 +127,9 @@ pub fn run(
                     let semaphore = semaphore.clone();
                     tasks.spawn(async move {
                         let _permit = semaphore.acquire_owned().await?;
-                        let conn = Arc::new(
-                            UdpSocket::bind(SocketAddr::from((Ipv4Addr::new(192, 0, 2, 2), 0)))
-                                .await?,
-                        );
-                        let client = Client::new(ClientConfig {
-                            stun_serv_addr: RELAY.to_string(),
-                            turn_serv_addr: RELAY.to_string(),
-                            username: "test".to_owned(),
-                            password: "testpass".to_owned(),
-                            realm: String::new(),
-                            software: String::new(),
-                            rto_in_ms: 0,
-                            conn,
-                            vnet: None,
-                        })
-                        .await?;
-                        client.listen().await?;
+                        let client =
+                            super::turn::client(SocketAddr::from((Ipv4Addr::new(192, 0, 2, 2), 0)))
+                                .await?;
                         let relay = client.allocate().await?;
                         anyhow::Ok((client, relay))
                     });

@@ -14,6 +14,27 @@ use webrtc_util::Conn;
 
 use super::{CLIENT, Ns, PEER, RELAY};
 
+/// A listening webrtc-rs TURN client for the relay, as the bench's user, on a socket
+/// bound to `local` (the realm is taken from the server's 401). Call from within a tokio
+/// runtime in the generator's namespace.
+pub async fn client(local: SocketAddr) -> anyhow::Result<Client> {
+    let conn = Arc::new(UdpSocket::bind(local).await?);
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: RELAY.to_string(),
+        turn_serv_addr: RELAY.to_string(),
+        username: "test".to_owned(),
+        password: "testpass".to_owned(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await?;
+    client.listen().await?;
+    Ok(client)
+}
+
 /// The channel webrtc-rs binds first (it counts up from 0x4000).
 pub const FIRST_CHANNEL: u16 = 0x4000;
 
@@ -70,20 +91,7 @@ fn open_once(ns: &Ns) -> anyhow::Result<Session> {
                 .build()?;
             runtime.block_on(async move {
                 let exchange = async {
-                    let conn = Arc::new(UdpSocket::bind(SocketAddr::V4(CLIENT)).await?);
-                    let client = Client::new(ClientConfig {
-                        stun_serv_addr: RELAY.to_string(),
-                        turn_serv_addr: RELAY.to_string(),
-                        username: "test".to_owned(),
-                        password: "testpass".to_owned(),
-                        realm: String::new(),
-                        software: String::new(),
-                        rto_in_ms: 0,
-                        conn,
-                        vnet: None,
-                    })
-                    .await?;
-                    client.listen().await?;
+                    let client = client(SocketAddr::V4(CLIENT)).await?;
                     let started = Instant::now();
                     let relay = client.allocate().await?;
                     let allocate_time = started.elapsed();

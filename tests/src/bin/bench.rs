@@ -34,6 +34,24 @@ struct Options {
     png: PathBuf,
 }
 
+/// coturn as every run here starts it: the relay's address and ports, the bench's user,
+/// plain UDP/TCP only.
+const COTURN_ARGS: &[&str] = &[
+    "-n",
+    "--listening-ip=203.0.113.10",
+    "--relay-ip=203.0.113.10",
+    "--listening-port=3478",
+    "--min-port=50000",
+    "--max-port=59999",
+    "--lt-cred-mech",
+    "--user=test:testpass",
+    "--realm=example.org",
+    "--no-tls",
+    "--no-dtls",
+    "--no-cli",
+    "--allow-loopback-peers",
+];
+
 fn options() -> anyhow::Result<Options> {
     let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
     let env_num = |name: &str, default: f64| -> anyhow::Result<f64> {
@@ -202,23 +220,9 @@ fn start_system(net: &mut BenchNet, system: System) -> anyhow::Result<Sut> {
             std::mem::forget(pass);
             let name = if system == System::Coturn {
                 let mut command = net.relay_ns.command("turnserver");
-                command.args([
-                    "-n",
-                    "--listening-ip=203.0.113.10",
-                    "--relay-ip=203.0.113.10",
-                    "--listening-port=3478",
-                    "--min-port=50000",
-                    "--max-port=59999",
-                    "--lt-cred-mech",
-                    "--user=test:testpass",
-                    "--realm=example.org",
-                    "--no-tls",
-                    "--no-dtls",
-                    "--no-cli",
-                    "--allow-loopback-peers",
-                    "--no-stun-backward-compatibility",
-                    "--simple-log",
-                ]);
+                command
+                    .args(COTURN_ARGS)
+                    .args(["--no-stun-backward-compatibility", "--simple-log"]);
                 command.arg(format!(
                     "--pidfile={}",
                     dir.join("turnserver.pid").display()
@@ -546,22 +550,7 @@ fn end_to_end(server: System, options: &Options) -> anyhow::Result<String> {
     match server {
         System::Coturn => {
             let mut command = lab.relay.command("turnserver");
-            command.args([
-                "-n",
-                "--listening-ip=203.0.113.10",
-                "--relay-ip=203.0.113.10",
-                "--listening-port=3478",
-                "--min-port=50000",
-                "--max-port=59999",
-                "--lt-cred-mech",
-                "--user=test:testpass",
-                "--realm=example.org",
-                "--no-tls",
-                "--no-dtls",
-                "--no-cli",
-                "--allow-loopback-peers",
-                "--simple-log",
-            ]);
+            command.args(COTURN_ARGS).arg("--simple-log");
             command.arg(format!(
                 "--pidfile={}",
                 lab.dir().join("turnserver.pid").display()
