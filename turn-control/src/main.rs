@@ -89,6 +89,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
+        // The handlers go in before anything announces the relay: a SIGHUP or SIGTERM sent
+        // as soon as "relay ready" appears must reach them, not the default action.
+        let signals = Signals::install()?;
         if let Some(addr) = settings.metrics {
             metrics::install(addr)?;
         }
@@ -118,8 +121,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads = shard_count,
             "relay ready"
         );
-        supervisor.run().await
+        supervisor.run(signals).await
     })
+}
+
+/// The signals the main thread answers: SIGTERM and SIGINT drain, SIGHUP reloads.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
 }
 
 /// The main thread's side of the shards: their control channels, reports and threads, and
@@ -228,17 +248,14 @@ impl Supervisor {
 
     /// Until SIGTERM/SIGINT (or a shard's end), then the drain: the shards delete their
     /// allocations, the agent link sends the last removals.
-    async fn run(&mut self) -> anyhow::Result<()> {
-        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    async fn run(&mut self, mut signals: Signals) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let failure = loop {
             tokio::select! {
-                _ = sigterm.recv() => break None,
-                _ = sigint.recv() => break None,
-                _ = sighup.recv() => self.reload(),
+                _ = signals.terminate.recv() => break None,
+                _ = signals.interrupt.recv() => break None,
+                _ = signals.hangup.recv() => self.reload(),
                 _ = tick.tick() => self.publish(),
                 ended = self.ended.recv() => {
                     let (index, panicked) = ended.unwrap_or((0, true));

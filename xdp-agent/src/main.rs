@@ -209,6 +209,9 @@ fn detach(pin_dir: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Installed first, so that a SIGTERM sent at any point after start (systemd's stop
+    // right after READY, say) runs the orderly shutdown instead of the default action.
+    let shutdown = shutdown_signal()?;
     let overrides = relay_overrides(&args.relay_ips)?;
     let mut settings = Settings::new(args.listen_port, args.ports, overrides, args.tail_adjust)
         .map_err(|error| anyhow::anyhow!("{error}"))?;
@@ -288,7 +291,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("cannot build the reflection service")?;
     let (stopping, mut stop_requested) = tokio::sync::watch::channel(false);
     let signal = async move {
-        shutdown_signal().await;
+        shutdown.await;
         let _ = stopping.send(true);
     };
     let server = tonic::transport::Server::builder()
@@ -381,20 +384,17 @@ fn relay_overrides(given: &[IpAddr]) -> anyhow::Result<(Option<Ipv4Addr>, Option
     Ok((v4, v6))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers at once; the future resolves on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        error!("cannot install signal handlers; stop the agent with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => info!("SIGINT received, shutting down"),
-        _ = terminate.recv() => info!("SIGTERM received, shutting down"),
-    }
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT received, shutting down"),
+            _ = terminate.recv() => info!("SIGTERM received, shutting down"),
+        }
+    })
 }
 
 /// Binds the gRPC socket with mode 0660, replacing a stale socket left by a
