@@ -34,12 +34,26 @@ impl std::fmt::Debug for LoadedRelay {
 impl LoadedRelay {
     /// Loads a fresh instance (the verifier runs).
     pub fn load() -> anyhow::Result<Self> {
+        Self::load_with_flags(0)
+    }
+
+    /// Loads a fresh instance that the verifier checks with
+    /// `BPF_F_STRICT_ALIGNMENT`: every packet, stack and map access must be
+    /// aligned to its size, frames taken to start `NET_IP_ALIGN` (2) past an
+    /// aligned address, as on architectures without misaligned access.
+    pub fn load_with_strict_alignment() -> anyhow::Result<Self> {
+        Self::load_with_flags(libbpf_rs::libbpf_sys::BPF_F_STRICT_ALIGNMENT)
+    }
+
+    fn load_with_flags(flags: u32) -> anyhow::Result<Self> {
         // Each instance lives for the rest of the test process.
         let storage: &'static mut MaybeUninit<OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let skel = relay_skel::RelaySkelBuilder::default()
+        let mut open = relay_skel::RelaySkelBuilder::default()
             .open(storage)
-            .context("open")?
+            .context("open")?;
+        open.progs.xdp_relay.set_flags(flags);
+        let skel = open
             .load()
             .context("load: the verifier refused the program")?;
         Ok(Self { skel })

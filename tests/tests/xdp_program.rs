@@ -83,6 +83,38 @@ fn data(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 13 + 7) as u8).collect()
 }
 
+/// The header types are 2-byte aligned so that the compiler moves words; the
+/// verifier's strict mode proves that every access the program makes is
+/// aligned to its size, and the relaying still works in that mode.
+#[test]
+fn every_access_is_aligned_under_the_verifiers_strict_check() {
+    if !lab::privileged() {
+        return;
+    }
+    let relay = LoadedRelay::load_with_strict_alignment()
+        .expect("the verifier found a misaligned access in strict mode");
+    relay.configure(&config()).unwrap();
+    let payload = data(97);
+    for (client, peer) in [
+        ("192.0.2.2:40000", "198.51.100.2:9000"),
+        ("[2001:db8:1::2]:40000", "[2001:db8:2::2]:9000"),
+    ] {
+        let (client, peer) = (addr(client), addr(peer));
+        let listener = SocketAddr::new(relay_ip(client), LISTEN);
+        let relayed = SocketAddr::new(relay_ip(peer), 50000);
+        relay.bind(client, 0x4001, peer, relayed.port()).unwrap();
+        let input = incoming(client, listener, &channel_data(0x4001, &payload));
+        let (verdict, out) = relay.run(&input.build()).unwrap();
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out, expected(&input, relayed, peer, &payload));
+        let input = incoming(peer, relayed, &payload);
+        let (verdict, out) = relay.run(&input.build()).unwrap();
+        assert_eq!(verdict, XDP_TX);
+        let message = channel_data(0x4001, &payload);
+        assert_eq!(out, expected(&input, listener, client, &message));
+    }
+}
+
 /// Every client/peer family pair, both directions, in both header-room modes.
 #[test]
 fn every_family_pair_is_relayed_both_ways_byte_for_byte() {

@@ -1,4 +1,9 @@
 //! Incremental Internet checksum updates (RFC 1624).
+//!
+//! Words are summed in the machine's byte order, not the wire's: the
+//! one's-complement sum is independent of byte order (RFC 1071 section 2(B)),
+//! so loading a wire word as it lies in memory and storing the result the same
+//! way gives the same checksum bytes without a byte swap per word.
 
 /// An Internet checksum being updated word by word, per RFC 1624 eqn. 3:
 /// `HC' = ~(~HC + ~m + m')`, summed in 32 bits and folded once at the end.
@@ -12,14 +17,14 @@ impl Incremental {
     #[inline(always)]
     pub fn new(check: [u8; 2]) -> Self {
         Self {
-            sum: u32::from(!u16::from_be_bytes(check)),
+            sum: u32::from(!u16::from_ne_bytes(check)),
         }
     }
 
     /// A 16-bit word changed from `old` to `new`.
     #[inline(always)]
     pub fn replace16(&mut self, old: [u8; 2], new: [u8; 2]) {
-        self.sum += u32::from(!u16::from_be_bytes(old)) + u32::from(u16::from_be_bytes(new));
+        self.sum += u32::from(!u16::from_ne_bytes(old)) + u32::from(u16::from_ne_bytes(new));
     }
 
     /// A 32-bit field (two words) changed from `old` to `new`.
@@ -32,19 +37,19 @@ impl Incremental {
     /// A 16-bit word left the checksummed data.
     #[inline(always)]
     pub fn remove16(&mut self, old: [u8; 2]) {
-        self.sum += u32::from(!u16::from_be_bytes(old));
+        self.sum += u32::from(!u16::from_ne_bytes(old));
     }
 
     /// A 16-bit word joined the checksummed data.
     #[inline(always)]
     pub fn add16(&mut self, new: [u8; 2]) {
-        self.sum += u32::from(u16::from_be_bytes(new));
+        self.sum += u32::from(u16::from_ne_bytes(new));
     }
 
     /// The updated checksum, big-endian.
     #[inline(always)]
     pub fn finish(self) -> [u8; 2] {
-        (!fold(self.sum)).to_be_bytes()
+        (!fold(self.sum)).to_ne_bytes()
     }
 
     /// The updated UDP checksum: a computed zero is sent as all ones, since

@@ -37,11 +37,15 @@ pub const FAMILY_V4: u8 = 4;
 /// Address family tag in map values (`AF_INET6`).
 pub const FAMILY_V6: u8 = 6;
 
-/// Plain old data: a `#[repr(C)]` type of byte arrays with alignment 1.
+/// Plain old data: a `#[repr(C)]` type of byte arrays. Its alignment may be
+/// raised (`align(N)`) where its size and fields allow it without padding, so
+/// that the BPF backend, which has no misaligned access, moves whole words
+/// instead of single bytes; `from_bytes` reads at any alignment.
 ///
 /// # Safety
-/// Implementors must be `#[repr(C)]`, contain only `u8` and arrays of `u8`
-/// (so any bit pattern is valid and there is no padding), and have alignment 1.
+/// Implementors must be `#[repr(C)]` and contain only `u8`, arrays of `u8` and
+/// other `Pod` types, with no padding (so any bit pattern is valid and every
+/// byte is initialised).
 pub unsafe trait Pod: Copy + Sized {
     /// The type's bytes, as stored in a BPF map.
     fn as_bytes(&self) -> &[u8] {
@@ -55,14 +59,14 @@ pub unsafe trait Pod: Copy + Sized {
         if bytes.len() != size_of::<Self>() {
             return None;
         }
-        // SAFETY: the length matches, alignment is 1 and every bit pattern is valid.
+        // SAFETY: the length matches, the read is unaligned and every bit pattern is valid.
         Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) })
     }
 }
 
 /// Data-plane configuration, written by the agent into the one-entry `CONFIG`
 /// array. All zero means "relay nothing".
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataPlaneConfig {
     /// Bit set of `CONFIG_*` flags.
@@ -143,12 +147,12 @@ impl DataPlaneConfig {
     }
 }
 
-// SAFETY: repr(C), u8 fields only.
+// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for DataPlaneConfig {}
 
 /// Key of `CLIENT_V4`: an IPv4 client's transport address and the channel it
 /// sends on, as they appear in its channel-data packet.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKeyV4 {
     /// Client IPv4 address (the packet's source).
@@ -160,7 +164,7 @@ pub struct ClientKeyV4 {
 }
 
 /// Key of `CLIENT_V6`: as [`ClientKeyV4`] for an IPv6 client.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKeyV6 {
     /// Client IPv6 address (the packet's source).
@@ -173,7 +177,7 @@ pub struct ClientKeyV6 {
 
 /// Key of `PEER_V4`: an IPv4 peer's transport address and the allocation
 /// port it sends to, as they appear in its datagram.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PeerKeyV4 {
     /// Peer IPv4 address (the packet's source).
@@ -185,7 +189,7 @@ pub struct PeerKeyV4 {
 }
 
 /// Key of `PEER_V6`: as [`PeerKeyV4`] for an IPv6 peer.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PeerKeyV6 {
     /// Peer IPv6 address (the packet's source).
@@ -197,7 +201,7 @@ pub struct PeerKeyV6 {
 }
 
 /// Value of the client-side maps: where the channel's data goes.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerTarget {
     /// Peer address; an IPv4 peer uses the first four bytes, the rest zero.
@@ -233,7 +237,7 @@ impl PeerTarget {
 
 /// Value of the peer-side maps: which client, on which channel, a peer's
 /// datagrams go to.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientTarget {
     /// Client address; an IPv4 client uses the first four bytes, the rest zero.
@@ -289,17 +293,17 @@ fn bytes_ip(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-// SAFETY: repr(C), u8 fields only.
+// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for ClientKeyV4 {}
-// SAFETY: repr(C), u8 fields only.
+// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for ClientKeyV6 {}
-// SAFETY: repr(C), u8 fields only.
+// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for PeerKeyV4 {}
-// SAFETY: repr(C), u8 fields only.
+// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for PeerKeyV6 {}
-// SAFETY: repr(C), u8 fields only.
+// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for PeerTarget {}
-// SAFETY: repr(C), u8 fields only.
+// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for ClientTarget {}
 
 macro_rules! reasons {
@@ -511,6 +515,8 @@ mod tests {
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<RelayEvent>(), 24);
         assert_eq!(offset_of!(RelayEvent, total), 8);
+        // Word-aligned for the program's loads, with the sizes above: the
+        // alignment added no padding.
         for align in [
             align_of::<DataPlaneConfig>(),
             align_of::<ClientKeyV4>(),
@@ -520,7 +526,7 @@ mod tests {
             align_of::<PeerTarget>(),
             align_of::<ClientTarget>(),
         ] {
-            assert_eq!(align, 1);
+            assert_eq!(align, 4);
         }
     }
 

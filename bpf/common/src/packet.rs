@@ -1,8 +1,11 @@
 //! Wire layouts of the headers the data plane reads and writes, and the pure
 //! header rewrites, shared by the XDP program and host tests.
 //!
-//! Every struct is `#[repr(C)]` over byte arrays (alignment 1), so a pointer
-//! into a frame at any offset may be read as one of them.
+//! Every struct is `#[repr(C, align(2))]` over byte arrays. Every header of an
+//! untagged frame starts at an even offset (all their lengths are even), so a
+//! pointer into a frame that starts at an even address may be read as one of
+//! them; and the alignment lets the BPF backend, which has no misaligned
+//! access, move 16-bit words instead of single bytes.
 
 use crate::csum::Incremental;
 use crate::{Pod, Reason};
@@ -30,7 +33,7 @@ pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
 
 /// Ethernet II header.
-#[repr(C)]
+#[repr(C, align(2))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EthHdr {
     /// Destination MAC.
@@ -42,7 +45,7 @@ pub struct EthHdr {
 }
 
 /// IPv4 header without options.
-#[repr(C)]
+#[repr(C, align(2))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ipv4Hdr {
     /// Version (high nibble) and header length in 32-bit words (low nibble).
@@ -68,7 +71,7 @@ pub struct Ipv4Hdr {
 }
 
 /// UDP header.
-#[repr(C)]
+#[repr(C, align(2))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpHdr {
     /// Source port.
@@ -82,7 +85,7 @@ pub struct UdpHdr {
 }
 
 /// ChannelData header (RFC 8656 section 12.4).
-#[repr(C)]
+#[repr(C, align(2))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ChannelHdr {
     /// Channel number, 0x4000-0x7FFF.
@@ -103,7 +106,7 @@ impl ChannelHdr {
 }
 
 /// IPv6 header (RFC 8200 section 3).
-#[repr(C)]
+#[repr(C, align(2))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ipv6Hdr {
     /// Version (4 bits), traffic class (8), flow label (20).
@@ -142,7 +145,7 @@ pub struct ChannelFrame<Ip> {
     pub channel: ChannelHdr,
 }
 
-// SAFETY: repr(C) over u8 fields and Pod structs of u8 fields.
+// SAFETY: repr(C) over u8 fields; every size is even, so align(2) adds no padding.
 unsafe impl Pod for EthHdr {}
 // SAFETY: as above.
 unsafe impl Pod for Ipv4Hdr {}
@@ -152,7 +155,7 @@ unsafe impl Pod for Ipv6Hdr {}
 unsafe impl Pod for UdpHdr {}
 // SAFETY: as above.
 unsafe impl Pod for ChannelHdr {}
-// SAFETY: repr(C) over Pod fields of alignment 1: no padding.
+// SAFETY: repr(C) over Pod fields of even sizes and alignment 2: no padding.
 unsafe impl<Ip: Pod> Pod for UdpFrame<Ip> {}
 // SAFETY: as above.
 unsafe impl<Ip: Pod> Pod for ChannelFrame<Ip> {}
@@ -616,6 +619,31 @@ mod tests {
         match checksum(&[&pseudo[..], header.as_bytes(), payload].concat()) {
             0 => 0xffff,
             check => check,
+        }
+    }
+
+    #[test]
+    fn headers_are_their_wire_lengths_at_alignment_two() {
+        use core::mem::{align_of, size_of};
+        assert_eq!(size_of::<EthHdr>(), ETH_LEN);
+        assert_eq!(size_of::<Ipv4Hdr>(), IPV4_LEN);
+        assert_eq!(size_of::<Ipv6Hdr>(), IPV6_LEN);
+        assert_eq!(size_of::<UdpHdr>(), UDP_LEN);
+        assert_eq!(size_of::<ChannelHdr>(), CHANNEL_HEADER_LEN);
+        assert_eq!(size_of::<UdpFrame<Ipv4Hdr>>(), ETH_LEN + IPV4_LEN + UDP_LEN);
+        assert_eq!(
+            size_of::<ChannelFrame<Ipv6Hdr>>(),
+            ETH_LEN + IPV6_LEN + UDP_LEN + CHANNEL_HEADER_LEN
+        );
+        for align in [
+            align_of::<EthHdr>(),
+            align_of::<Ipv4Hdr>(),
+            align_of::<Ipv6Hdr>(),
+            align_of::<UdpHdr>(),
+            align_of::<ChannelHdr>(),
+            align_of::<ChannelFrame<Ipv4Hdr>>(),
+        ] {
+            assert_eq!(align, 2);
         }
     }
 

@@ -9,8 +9,9 @@
 //! one per-CPU counter. The header arithmetic lives in `bpf_common::packet`,
 //! where it is unit-tested on the host; this file parses, looks up and moves
 //! bytes. Everything is `#[inline(always)]`: one function, no BPF-to-BPF
-//! calls, and a stack well under the 512-byte limit (the largest locals are
-//! two copies of at most 70 bytes of headers and a 128-byte copy buffer).
+//! calls, and a stack well under the 512-byte limit: the incoming headers
+//! are read where they lie, and the largest local is the outgoing headers
+//! (at most 70 bytes).
 #![no_std]
 #![no_main]
 
@@ -27,8 +28,8 @@ use bpf_common::{
     ClientKeyV4, ClientKeyV6, ClientTarget, Counter, DataPlaneConfig, FAMILY_V4, FAMILY_V6,
     MAX_BINDINGS, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason, RelayEvent, Verdict,
     packet::{
-        CHANNEL_HEADER_LEN, ChannelFrame, ChannelHdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr,
-        IpBytes, IpHeader, Ipv4Hdr, Ipv6Hdr, Padding, Relay, Translate, UDP_LEN, UdpFrame, relay,
+        CHANNEL_HEADER_LEN, ChannelFrame, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IpBytes,
+        IpHeader, Ipv4Hdr, Ipv6Hdr, Padding, Relay, Translate, UDP_LEN, UdpFrame, relay,
     },
 };
 
@@ -112,9 +113,10 @@ fn try_relay(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reas
 /// client to the listen port, or a peer's datagram to an allocation port.
 #[inline(always)]
 fn from_family<In: Family>(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reason> {
-    // SAFETY: `header` checked the bounds; the headers are plain bytes,
-    // copied out because moving the frame's head invalidates frame pointers.
-    let frame = unsafe { *header::<UdpFrame<In>>(ctx, 0)? };
+    // SAFETY: `header` checked the bounds (and says why the frame is aligned); the headers are
+    // plain bytes. The reference is last used to compute the outgoing headers,
+    // before `emit` moves the frame's head and writes them.
+    let frame = unsafe { &*header::<UdpFrame<In>>(ctx, 0)? };
     let udp_len = frame.ip.check(&frame.udp)?;
     let relay_addr = In::relay_addr(config);
     if relay_addr.is_unset() || frame.ip.daddr() != relay_addr {
@@ -125,9 +127,9 @@ fn from_family<In: Family>(ctx: &XdpContext, config: &DataPlaneConfig) -> Result
         return Err(Reason::PassTruncated);
     }
     if frame.udp.dest == config.listen_port {
-        from_client(ctx, config, &frame, udp_len)
+        from_client(ctx, config, frame, udp_len)
     } else if config.is_allocation_port(u16::from_be_bytes(frame.udp.dest)) {
-        from_peer(ctx, config, &frame, udp_len)
+        from_peer(ctx, config, frame, udp_len)
     } else {
         Err(Reason::PassNotForRelay)
     }
@@ -145,8 +147,10 @@ fn from_client<In: Family>(
     if payload_len < CHANNEL_HEADER_LEN {
         return Err(Reason::PassNotChannelData);
     }
-    // SAFETY: `header` checked the bounds; `payload_len` says the bytes are UDP payload.
-    let channel = unsafe { *header::<ChannelHdr>(ctx, ETH_LEN + In::LEN + UDP_LEN)? };
+    // SAFETY: as for `frame` in `from_family`; `payload_len` says the
+    // ChannelData header's bytes are UDP payload.
+    let input = unsafe { &*header::<ChannelFrame<In>>(ctx, 0)? };
+    let channel = input.channel;
     if !channel.is_channel_data() {
         return Err(Reason::PassNotChannelData);
     }
@@ -161,13 +165,9 @@ fn from_client<In: Family>(
     )?;
     let target = In::peer_of(frame.ip.saddr(), frame.udp.source, channel.channel)
         .ok_or(Reason::PassUnknownBinding)?;
-    let input = ChannelFrame {
-        udp: *frame,
-        channel,
-    };
     match target.peer_family {
-        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, &input, udp_len, &target, padding),
-        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, &input, udp_len, &target, padding),
+        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, input, udp_len, &target, padding),
+        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, input, udp_len, &target, padding),
         _ => Err(Reason::PassUnknownBinding),
     }
 }
@@ -498,8 +498,13 @@ fn count(ctx: &XdpContext, config: Option<&DataPlaneConfig>, reason: Reason, byt
 
 /// A pointer to a `T` at `offset` in the frame, after checking that the
 /// whole `T` lies inside it. Dereferencing it is sound for the `#[repr(C)]`
-/// byte-array types of `bpf_common::packet` (alignment 1, any bit pattern
-/// valid) until the frame's bounds change (`bpf_xdp_adjust_*`).
+/// byte-array types of `bpf_common::packet` (any bit pattern valid, alignment
+/// 2) at an even `offset`, until the frame's bounds change
+/// (`bpf_xdp_adjust_*`). A program cannot see a frame's address (the verifier
+/// refuses arithmetic on packet pointers); the kernel's BPF model has frames
+/// start at `NET_IP_ALIGN` (0 or 2) past an aligned address, which is what its
+/// strict alignment check assumes, and this program only moves the head by even
+/// amounts.
 #[inline(always)]
 fn header<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
     let start = ctx.data() + offset;
