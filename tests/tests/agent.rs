@@ -410,6 +410,64 @@ fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
+/// An upgrade that adds a verdict reason: the pinned per-reason counters of
+/// the older version are one entry short. The agent replaces that map alone
+/// and keeps the installed bindings, which go on relaying in the kernel.
+#[test]
+fn a_pinned_stats_map_of_another_length_is_replaced_and_the_bindings_kept() {
+    if !lab::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let mut agent = start(&mut lab);
+    let client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
+    let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
+    let bound = binding(
+        client.local_addr().unwrap(),
+        0x4001,
+        peer.local_addr().unwrap(),
+        50000,
+    );
+    agent.add(vec![bound.clone()]).unwrap();
+    drop(agent);
+    lab.take_process("xdp-agent")
+        .unwrap()
+        .stop(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+
+    // What an older version left pinned: the same map, one reason shorter.
+    let stats = lab.pin_dir().join("STATS");
+    std::fs::remove_file(&stats).unwrap();
+    let mut older = libbpf_rs::MapHandle::create(
+        libbpf_rs::MapType::PercpuArray,
+        Some("STATS"),
+        4,
+        size_of::<bpf_common::Counter>() as u32,
+        bpf_common::REASON_COUNT - 1,
+        &libbpf_rs::libbpf_sys::bpf_map_create_opts {
+            sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as u64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    older.pin(&stats).unwrap();
+    drop(older);
+
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let mut agent = Agent::connect(&socket).unwrap();
+    assert_eq!(agent.list().unwrap(), vec![bound]);
+    let log = lab.log("xdp-agent");
+    assert!(log.contains("adopted"), "{log}");
+    assert!(log.contains("start again from zero"), "{log}");
+    let mut buffer = [0u8; 64];
+    client
+        .send_to(&channel_data(0x4001, b"after upgrade"), (RELAY_V4, 3478))
+        .unwrap();
+    let (len, _) = peer.recv_from(&mut buffer).expect("not relayed");
+    assert_eq!(&buffer[..len], b"after upgrade");
+    assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, 1);
+}
+
 /// The relay's interface gets a new address and loses the old: the agent
 /// follows through netlink and the data plane relays on the new one.
 #[test]

@@ -79,6 +79,7 @@ impl DataPlane {
     pub fn load(pin_dir: &Path, replace_incompatible: bool) -> anyhow::Result<(Self, bool)> {
         route_libbpf_output_to_tracing();
         prepare_pin_dir(pin_dir)?;
+        replace_resized_stats(pin_dir)?;
         let pinned = pin_dir.join("CONFIG").exists();
         match Self::load_pinned(pin_dir) {
             Ok(dataplane) => Ok((dataplane, pinned)),
@@ -374,6 +375,31 @@ fn sum_per_cpu(map: &MapHandle, index: u32) -> Result<Counter, MapError> {
 }
 
 /// Creates `pin_dir` on a BPF filesystem, or explains why it cannot.
+/// A version that adds a verdict reason has a longer per-reason `STATS`
+/// array. A pinned one of another length (and the same kind and value) is
+/// unpinned, so that the agent creates its own and the counters start again
+/// from zero, instead of refusing every pinned map: an upgrade keeps the
+/// installed bindings.
+fn replace_resized_stats(pin_dir: &Path) -> anyhow::Result<()> {
+    let path = pin_dir.join("STATS");
+    let Ok(pinned) = MapHandle::from_pinned_path(&path) else {
+        return Ok(());
+    };
+    let same_kind = pinned.map_type() == libbpf_rs::MapType::PercpuArray
+        && pinned.key_size() == 4
+        && pinned.value_size() as usize == size_of::<Counter>();
+    if !same_kind || pinned.max_entries() == REASON_COUNT {
+        return Ok(());
+    }
+    warn!(
+        pinned = pinned.max_entries(),
+        reasons = REASON_COUNT,
+        "the pinned per-reason counters are of a version with another set of reasons; \
+         they start again from zero"
+    );
+    std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))
+}
+
 fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
