@@ -18,7 +18,15 @@ const METRICS: &str = "127.0.0.1:9642";
 
 fn start(lab: &mut Lab) -> Agent {
     let socket = lab
-        .start_xdp_agent(&["--xdp-mode", "native", "--metrics", METRICS])
+        .start_xdp_agent(&[
+            "--xdp-mode",
+            "native",
+            "--metrics",
+            METRICS,
+            // 200 packets in the metrics test make three reports.
+            "--event-interval",
+            "64",
+        ])
         .unwrap();
     Agent::connect(&socket).unwrap()
 }

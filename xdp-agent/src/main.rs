@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bpf_common::DEFAULT_EVENT_INTERVAL_LOG2;
 use clap::{Parser, Subcommand};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -109,6 +110,14 @@ struct RunArgs {
     #[arg(long)]
     tail_adjust: bool,
 
+    /// Each CPU reports its cumulative traffic of a relay reason through the
+    /// perf-event array every PACKETS packets of it (a power of two, at most
+    /// 2^30). A report can wake the reader, which costs microseconds (more in
+    /// a VM), so a small interval slows the data plane; the exact per-CPU
+    /// counters are read at every refresh regardless.
+    #[arg(long, value_name = "PACKETS", default_value_t = 1 << DEFAULT_EVENT_INTERVAL_LOG2, value_parser = parse_event_interval)]
+    event_interval: u32,
+
     /// bpffs directory for the pinned maps and links.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -141,6 +150,20 @@ struct RunArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+/// A packet count that is a power of two from 1 to 2^30.
+fn parse_event_interval(value: &str) -> Result<u32, String> {
+    let packets: u32 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a packet count"))?;
+    if !packets.is_power_of_two() || packets > 1 << 30 {
+        return Err(format!(
+            "{packets} is not a power of two from 1 to 1073741824"
+        ));
+    }
+    Ok(packets)
 }
 
 fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
@@ -215,6 +238,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let overrides = relay_overrides(&args.relay_ips)?;
     let mut settings = Settings::new(args.listen_port, args.ports, overrides, args.tail_adjust)
         .map_err(|error| anyhow::anyhow!("{error}"))?;
+    settings.event_interval_log2 = args.event_interval.trailing_zeros() as u8;
     // Bind the metrics port and resolve every interface before touching the
     // kernel, so that a busy port or a typo fails with one line and nothing
     // attached.
@@ -434,6 +458,21 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn event_intervals_are_powers_of_two() {
+        assert_eq!(parse_event_interval("4096"), Ok(4096));
+        assert_eq!(parse_event_interval("1"), Ok(1));
+        assert_eq!(parse_event_interval("1073741824"), Ok(1 << 30));
+        assert!(
+            parse_event_interval("100")
+                .unwrap_err()
+                .contains("power of two")
+        );
+        assert!(parse_event_interval("0").is_err());
+        assert!(parse_event_interval("2147483648").is_err());
+        assert!(parse_event_interval("many").is_err());
     }
 
     #[test]
