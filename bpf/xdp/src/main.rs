@@ -78,6 +78,7 @@ struct Relayed {
 }
 
 #[xdp]
+#[inline(always)]
 pub fn xdp_relay(ctx: XdpContext) -> u32 {
     let Some(config) = CONFIG.get(0) else {
         count(&ctx, None, Reason::PassNotConfigured, 0);
