@@ -43,28 +43,47 @@ pub struct RawAllocation {
 }
 
 /// Makes `count` UDP allocations on `server` (401, then Allocate), each from its own socket
-/// on `local_ip` (an ephemeral port), created in `ns` when given.
+/// on `local_ip` (an ephemeral port), created in `ns` when given. An Allocate answered with
+/// 437 (Allocation Mismatch: the server still holds an allocation on that 5-tuple, from an
+/// earlier client of the run) is made again from another port, as RFC 8656 section 7.3 has
+/// a client do; the refused port stays bound until the end, so it is not drawn again.
 pub fn allocate(
     ns: Option<&Ns>,
     local_ip: Ipv4Addr,
     server: SocketAddr,
     count: usize,
 ) -> anyhow::Result<Vec<RawAllocation>> {
-    let bind = move || -> anyhow::Result<Vec<UdpSocket>> {
-        (0..count)
-            .map(|_| Ok(UdpSocket::bind(SocketAddrV4::new(local_ip, 0))?))
-            .collect()
+    /// Other ports tried for one allocation after 437.
+    const MISMATCH_RETRIES: usize = 8;
+    /// STUN error code 437, Allocation Mismatch (RFC 8656 section 19).
+    const ALLOCATION_MISMATCH: u16 = 437;
+    let bind = || -> anyhow::Result<UdpSocket> {
+        let bind = move || Ok(UdpSocket::bind(SocketAddrV4::new(local_ip, 0))?);
+        match ns {
+            Some(ns) => ns.enter(bind),
+            None => bind(),
+        }
     };
-    let sockets = match ns {
-        Some(ns) => ns.enter(bind)?,
-        None => bind()?,
-    };
+    let mut refused_ports = Vec::new();
     let mut out = Vec::with_capacity(count);
-    for (index, socket) in sockets.into_iter().enumerate() {
-        let local = socket.local_addr()?;
-        let mut client = stun::Client::new(socket, server, USER, PASSWORD, None)?;
-        client.txid_tag = 0xA0 | (index as u8 & 0x0F);
-        let answer = client.allocate()?;
+    for index in 0..count {
+        let mut attempt = 0;
+        let (client, local, answer) = loop {
+            let socket = bind()?;
+            let local = socket.local_addr()?;
+            let mut client = stun::Client::new(socket, server, USER, PASSWORD, None)?;
+            client.txid_tag = 0xA0 | (index as u8 & 0x0F);
+            let answer = client.allocate()?;
+            if answer.class != SUCCESS
+                && answer.code() == Some(ALLOCATION_MISMATCH)
+                && attempt < MISMATCH_RETRIES
+            {
+                attempt += 1;
+                refused_ports.push(client);
+                continue;
+            }
+            break (client, local, answer);
+        };
         ensure!(
             answer.class == SUCCESS,
             "Allocate from {local}: class {} code {:?}",
