@@ -37,6 +37,22 @@ fn udp(netns: &lab::Netns, ip: IpAddr) -> UdpSocket {
     socket
 }
 
+/// Starts the agent and installs one IPv4 channel from a client socket to a
+/// peer socket on allocation port 50000: the sockets and the binding.
+fn one_channel_installed(lab: &mut Lab) -> (UdpSocket, UdpSocket, ChannelBinding) {
+    let mut agent = start(lab);
+    let client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
+    let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
+    let bound = binding(
+        client.local_addr().unwrap(),
+        0x4001,
+        peer.local_addr().unwrap(),
+        50000,
+    );
+    agent.add(vec![bound.clone()]).unwrap();
+    (client, peer, bound)
+}
+
 fn sorted(mut bindings: Vec<ChannelBinding>) -> Vec<ChannelBinding> {
     bindings.sort_by(|a, b| (&a.client, a.channel).cmp(&(&b.client, b.channel)));
     bindings
@@ -350,17 +366,7 @@ fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    let mut agent = start(&mut lab);
-    let client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
-    let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
-    let bound = binding(
-        client.local_addr().unwrap(),
-        0x4001,
-        peer.local_addr().unwrap(),
-        50000,
-    );
-    agent.add(vec![bound.clone()]).unwrap();
-    drop(agent);
+    let (client, peer, bound) = one_channel_installed(&mut lab);
 
     let mut sent = 0u64;
     let mut buffer = [0u8; 2048];
@@ -427,17 +433,7 @@ fn a_pinned_stats_map_of_another_length_is_replaced_and_the_bindings_kept() {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    let mut agent = start(&mut lab);
-    let client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
-    let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
-    let bound = binding(
-        client.local_addr().unwrap(),
-        0x4001,
-        peer.local_addr().unwrap(),
-        50000,
-    );
-    agent.add(vec![bound.clone()]).unwrap();
-    drop(agent);
+    let (client, peer, bound) = one_channel_installed(&mut lab);
     lab.take_process("xdp-agent")
         .unwrap()
         .stop(nix::sys::signal::Signal::SIGKILL)
