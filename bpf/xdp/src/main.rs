@@ -114,9 +114,10 @@ fn try_relay(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reas
 /// client to the listen port, or a peer's datagram to an allocation port.
 #[inline(always)]
 fn from_family<In: Family>(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reason> {
-    // SAFETY: `header` checked the bounds (and says why the frame is aligned); the headers are
-    // plain bytes. The reference is last used to compute the outgoing headers,
-    // before `emit` moves the frame's head and writes them.
+    // SAFETY: `header` checked the bounds (and says why the frame is
+    // aligned); the headers are plain bytes. The reference is last used to
+    // compute the outgoing headers, before `emit` moves the frame's head and
+    // writes them.
     let frame = unsafe { &*header::<UdpFrame<In>>(ctx, 0)? };
     let udp_len = frame.ip.check(&frame.udp)?;
     let relay_addr = In::relay_addr(config);
