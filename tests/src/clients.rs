@@ -17,11 +17,7 @@ pub async fn webrtc_client(
     local: IpAddr,
     server: SocketAddr,
 ) -> anyhow::Result<Client> {
-    let socket = netns.enter(move || {
-        let socket = std::net::UdpSocket::bind((local, 0))?;
-        socket.set_nonblocking(true)?;
-        Ok(socket)
-    })?;
+    let socket = udp_socket(netns, local)?;
     let client = Client::new(ClientConfig {
         stun_serv_addr: server.to_string(),
         turn_serv_addr: server.to_string(),
@@ -30,7 +26,7 @@ pub async fn webrtc_client(
         realm: "lab.example".into(),
         software: String::new(),
         rto_in_ms: 0,
-        conn: Arc::new(tokio::net::UdpSocket::from_std(socket)?),
+        conn: Arc::new(socket),
         vnet: None,
     })
     .await
@@ -40,6 +36,17 @@ pub async fn webrtc_client(
         .await
         .context("the TURN client cannot listen")?;
     Ok(client)
+}
+
+/// A tokio UDP socket bound in `netns` to `local` on an ephemeral port. Call
+/// from within a tokio runtime.
+pub fn udp_socket(netns: &Netns, local: IpAddr) -> anyhow::Result<tokio::net::UdpSocket> {
+    let socket = netns.enter(move || {
+        let socket = std::net::UdpSocket::bind((local, 0))?;
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    })?;
+    Ok(tokio::net::UdpSocket::from_std(socket)?)
 }
 
 /// `count` round trips through a relayed connection: a numbered message from the

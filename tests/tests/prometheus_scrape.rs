@@ -545,15 +545,7 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
         .build()
         .unwrap();
     let _guard = runtime.enter();
-    let peer_socket = lab
-        .peer
-        .enter(|| {
-            let socket = std::net::UdpSocket::bind((PEER_V4, 0))?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })
-        .unwrap();
-    let peer = tokio::net::UdpSocket::from_std(peer_socket).unwrap();
+    let peer = lab::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
     let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478);
     let client = runtime
         .block_on(lab::clients::webrtc_client(

@@ -49,16 +49,8 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
         .enable_all()
         .build()
         .unwrap();
-    let peer_socket = lab
-        .peer
-        .enter(|| {
-            let socket = std::net::UdpSocket::bind((PEER_V4, 0))?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })
-        .unwrap();
     let _guard = runtime.enter();
-    let peer = tokio::net::UdpSocket::from_std(peer_socket).unwrap();
+    let peer = lab::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
 
     // A client with a channel to the peer, relayed in the kernel.
     let first = runtime.block_on(client(&lab));
