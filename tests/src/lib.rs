@@ -235,6 +235,47 @@ impl Netns {
         run("ip", all)
     }
 
+    /// The hardware address of `iface`.
+    pub fn mac(&self, iface: &str) -> anyhow::Result<[u8; 6]> {
+        let text = self.ip(["-br", "link", "show", iface])?;
+        let mac = text
+            .split_whitespace()
+            .find(|word| word.len() == 17 && word.matches(':').count() == 5)
+            .with_context(|| format!("no MAC in {text:?}"))?;
+        let mut out = [0u8; 6];
+        for (byte, part) in out.iter_mut().zip(mac.split(':')) {
+            *byte = u8::from_str_radix(part, 16)?;
+        }
+        Ok(out)
+    }
+
+    /// Makes `ip` resolve to `mac` on `iface` for good: no ARP or neighbour
+    /// discovery, and so no packets queued or dropped while it runs.
+    pub fn add_static_neighbour(
+        &self,
+        ip: IpAddr,
+        mac: [u8; 6],
+        iface: &str,
+    ) -> anyhow::Result<()> {
+        let mac = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        self.ip([
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            iface,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
     /// Runs a command inside the namespace to completion.
     pub fn exec<I, S>(&self, program: &str, args: I) -> anyhow::Result<String>
     where
@@ -572,35 +613,14 @@ impl Lab {
     /// running XDP_PASS like `rx`.
     pub fn add_second_relay(&mut self) -> anyhow::Result<()> {
         let relay_b = Netns::create(format!("{}-relayb", self.id))?;
-        self.router.ip([
-            "link",
-            "add",
-            "ry",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            RELAY_IFACE,
-            "netns",
-            relay_b.name(),
-        ])?;
-        self.router
-            .ip(["addr", "add", "198.18.0.1/24", "dev", "ry"])?;
-        self.router
-            .ip(["addr", "add", "2001:db8:4::1/64", "dev", "ry", "nodad"])?;
-        self.router.ip(["link", "set", "ry", "up"])?;
-        relay_b.ip(["addr", "add", "198.18.0.10/24", "dev", RELAY_IFACE])?;
-        relay_b.ip([
-            "addr",
-            "add",
-            "2001:db8:4::a/64",
-            "dev",
-            RELAY_IFACE,
-            "nodad",
-        ])?;
-        relay_b.ip(["link", "set", RELAY_IFACE, "up"])?;
-        relay_b.ip(["route", "add", "default", "via", "198.18.0.1"])?;
-        relay_b.ip(["-6", "route", "add", "default", "via", "2001:db8:4::1"])?;
+        self.link_to_router(&HostLink {
+            host: &relay_b,
+            host_iface: RELAY_IFACE,
+            router_iface: "ry",
+            v4_net: "198.18.0",
+            v6_net: "2001:db8:4::",
+            host_id: 10,
+        })?;
         self.relay_b = Some(relay_b);
         let object = self
             ._pass_object
@@ -675,7 +695,11 @@ impl Lab {
     }
 
     fn wire(&self) -> anyhow::Result<()> {
-        let links = [
+        self.router
+            .exec("sysctl", ["-qw", "net.ipv4.ip_forward=1"])?;
+        self.router
+            .exec("sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        let hosts = [
             (&self.client, "c0", "rc", "192.0.2", "2001:db8:1::", 2),
             (
                 &self.relay,
@@ -687,51 +711,83 @@ impl Lab {
             ),
             (&self.peer, "p0", "rp", "198.51.100", "2001:db8:3::", 2),
         ];
-        self.router
-            .exec("sysctl", ["-qw", "net.ipv4.ip_forward=1"])?;
-        self.router
-            .exec("sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])?;
-        for (host, host_if, router_if, v4, v6, host_id) in links {
-            self.router.ip([
-                "link",
-                "add",
-                router_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                host_if,
-                "netns",
-                host.name(),
-            ])?;
-            self.router
-                .ip(["addr", "add", &format!("{v4}.1/24"), "dev", router_if])?;
-            self.router.ip([
-                "addr",
-                "add",
-                &format!("{v6}1/64"),
-                "dev",
-                router_if,
-                "nodad",
-            ])?;
-            self.router.ip(["link", "set", router_if, "up"])?;
-            host.ip(["addr", "add", &format!("{v4}.{host_id}/24"), "dev", host_if])?;
-            host.ip([
-                "addr",
-                "add",
-                &format!("{v6}{host_id:x}/64"),
-                "dev",
-                host_if,
-                "nodad",
-            ])?;
-            host.ip(["link", "set", host_if, "up"])?;
-            host.ip(["route", "add", "default", "via", &format!("{v4}.1")])?;
-            host.ip(["-6", "route", "add", "default", "via", &format!("{v6}1")])?;
+        for (host, host_iface, router_iface, v4_net, v6_net, host_id) in hosts {
+            self.link_to_router(&HostLink {
+                host,
+                host_iface,
+                router_iface,
+                v4_net,
+                v6_net,
+                host_id,
+            })?;
         }
         // Packets the client sends carry complete checksums, so what the relay
         // computes incrementally can be checked against them.
         self.client.exec("ethtool", ["-K", "c0", "tx", "off"])?;
         self.peer.exec("ethtool", ["-K", "p0", "tx", "off"])?;
+        Ok(())
+    }
+
+    /// Wires `link.host` to the router: a veth pair, the router at `.1` and
+    /// `::1` of the host's networks, the host at `host_id`, a default route
+    /// each way.
+    ///
+    /// Neighbours are static on both ends. While the router resolves an
+    /// address it queues at most 101 packets (`unres_qlen`) and drops the
+    /// rest, and a client that catches up on its schedule (turnutils_uclient
+    /// does) sends that many at once; the lab measures the relay, not
+    /// neighbour discovery.
+    fn link_to_router(&self, link: &HostLink<'_>) -> anyhow::Result<()> {
+        let HostLink {
+            host,
+            host_iface,
+            router_iface,
+            v4_net,
+            v6_net,
+            host_id,
+        } = *link;
+        self.router.ip([
+            "link",
+            "add",
+            router_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            host_iface,
+            "netns",
+            host.name(),
+        ])?;
+        let router_v4: IpAddr = format!("{v4_net}.1").parse()?;
+        let router_v6: IpAddr = format!("{v6_net}1").parse()?;
+        let host_v4: IpAddr = format!("{v4_net}.{host_id}").parse()?;
+        let host_v6: IpAddr = format!("{v6_net}{host_id:x}").parse()?;
+        for (netns, iface, v4, v6) in [
+            (&self.router, router_iface, router_v4, router_v6),
+            (host, host_iface, host_v4, host_v6),
+        ] {
+            netns.ip(["addr", "add", &format!("{v4}/24"), "dev", iface])?;
+            netns.ip(["addr", "add", &format!("{v6}/64"), "dev", iface, "nodad"])?;
+            netns.ip(["link", "set", iface, "up"])?;
+        }
+        let router_mac = self.router.mac(router_iface)?;
+        let host_mac = host.mac(host_iface)?;
+        for address in [host_v4, host_v6] {
+            self.router
+                .add_static_neighbour(address, host_mac, router_iface)?;
+        }
+        for address in [router_v4, router_v6] {
+            host.add_static_neighbour(address, router_mac, host_iface)?;
+        }
+        host.ip(["route", "add", "default", "via", &router_v4.to_string()])?;
+        host.ip([
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &router_v6.to_string(),
+        ])?;
         Ok(())
     }
 
@@ -755,6 +811,20 @@ impl Lab {
         self._pass_object = Some(object);
         Ok(())
     }
+}
+
+/// One host's link to the lab's router.
+#[derive(Clone, Copy)]
+struct HostLink<'a> {
+    host: &'a Netns,
+    host_iface: &'a str,
+    router_iface: &'a str,
+    /// The first three octets of the host's IPv4 /24.
+    v4_net: &'a str,
+    /// The host's IPv6 /64, up to and including `::`.
+    v6_net: &'a str,
+    /// The host's last octet (IPv4) and last group (IPv6, in hex).
+    host_id: u8,
 }
 
 impl Drop for Lab {

@@ -256,19 +256,6 @@ pub struct BenchNet {
     id: String,
 }
 
-fn mac_of(ns: &Ns, iface: &str) -> anyhow::Result<[u8; 6]> {
-    let text = ns.ip(["-br", "link", "show", iface])?;
-    let mac = text
-        .split_whitespace()
-        .find(|word| word.len() == 17 && word.matches(':').count() == 5)
-        .with_context(|| format!("no MAC in {text:?}"))?;
-    let mut out = [0u8; 6];
-    for (byte, part) in out.iter_mut().zip(mac.split(':')) {
-        *byte = u8::from_str_radix(part, 16)?;
-    }
-    Ok(out)
-}
-
 fn load_object(path: &str) -> anyhow::Result<libbpf_rs::Object> {
     libbpf_rs::ObjectBuilder::default()
         .open_file(path)
@@ -337,37 +324,15 @@ impl BenchNet {
         relay_ns.ip(["addr", "add", "203.0.113.10/24", "dev", RELAY_IFACE])?;
         relay_ns.ip(["link", "set", RELAY_IFACE, "up"])?;
         relay_ns.ip(["route", "add", "default", "via", "203.0.113.1"])?;
-        let gen_mac = mac_of(&gen_ns, GEN_IFACE)?;
-        let relay_mac = mac_of(&relay_ns, RELAY_IFACE)?;
-        let fmt = |mac: [u8; 6]| {
-            mac.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
+        let gen_mac = gen_ns.mac(GEN_IFACE)?;
+        let relay_mac = relay_ns.mac(RELAY_IFACE)?;
         // Static neighbours: no ARP in the middle of a measurement.
-        relay_ns.ip([
-            "neigh",
-            "replace",
-            "203.0.113.1",
-            "lladdr",
-            &fmt(gen_mac),
-            "dev",
+        relay_ns.add_static_neighbour(
+            Ipv4Addr::new(203, 0, 113, 1).into(),
+            gen_mac,
             RELAY_IFACE,
-            "nud",
-            "permanent",
-        ])?;
-        gen_ns.ip([
-            "neigh",
-            "replace",
-            "203.0.113.10",
-            "lladdr",
-            &fmt(relay_mac),
-            "dev",
-            GEN_IFACE,
-            "nud",
-            "permanent",
-        ])?;
+        )?;
+        gen_ns.add_static_neighbour(Ipv4Addr::new(203, 0, 113, 10).into(), relay_mac, GEN_IFACE)?;
         let generator = load_object(env!("LAB_TRAFFICGEN_OBJECT"))?;
         let sink = load_object(env!("LAB_SINK_OBJECT"))?;
         let mut net = Self {
