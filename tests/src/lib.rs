@@ -700,26 +700,33 @@ impl Lab {
         self.router
             .exec("sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])?;
         let hosts = [
-            (&self.client, "c0", "rc", "192.0.2", "2001:db8:1::", 2),
-            (
-                &self.relay,
-                RELAY_IFACE,
-                "rx",
-                "203.0.113",
-                "2001:db8:2::",
-                10,
-            ),
-            (&self.peer, "p0", "rp", "198.51.100", "2001:db8:3::", 2),
+            HostLink {
+                host: &self.client,
+                host_iface: "c0",
+                router_iface: "rc",
+                v4_net: "192.0.2",
+                v6_net: "2001:db8:1::",
+                host_id: 2,
+            },
+            HostLink {
+                host: &self.relay,
+                host_iface: RELAY_IFACE,
+                router_iface: "rx",
+                v4_net: "203.0.113",
+                v6_net: "2001:db8:2::",
+                host_id: 10,
+            },
+            HostLink {
+                host: &self.peer,
+                host_iface: "p0",
+                router_iface: "rp",
+                v4_net: "198.51.100",
+                v6_net: "2001:db8:3::",
+                host_id: 2,
+            },
         ];
-        for (host, host_iface, router_iface, v4_net, v6_net, host_id) in hosts {
-            self.link_to_router(&HostLink {
-                host,
-                host_iface,
-                router_iface,
-                v4_net,
-                v6_net,
-                host_id,
-            })?;
+        for link in &hosts {
+            self.link_to_router(link)?;
         }
         // Packets the client sends carry complete checksums, so what the relay
         // computes incrementally can be checked against them.
