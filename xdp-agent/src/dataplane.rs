@@ -374,7 +374,6 @@ fn sum_per_cpu(map: &MapHandle, index: u32) -> Result<Counter, MapError> {
         }))
 }
 
-/// Creates `pin_dir` on a BPF filesystem, or explains why it cannot.
 /// A version that adds a verdict reason has a longer per-reason `STATS`
 /// array. A pinned one of another length (and the same kind and value) is
 /// unpinned, so that the agent creates its own and the counters start again
@@ -400,6 +399,7 @@ fn replace_resized_stats(pin_dir: &Path) -> anyhow::Result<()> {
     std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))
 }
 
+/// Creates `pin_dir` on a BPF filesystem, or explains why it cannot.
 fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;

@@ -46,7 +46,7 @@ impl Incremental {
         self.sum += u32::from(u16::from_ne_bytes(new));
     }
 
-    /// The updated checksum, big-endian.
+    /// The updated checksum, as its bytes lie on the wire.
     #[inline(always)]
     pub fn finish(self) -> [u8; 2] {
         (!fold(self.sum)).to_ne_bytes()
