@@ -51,14 +51,14 @@ fuzz: setup
 .PHONY: soak
 soak: setup
 	$(CARGO) build --workspace --bins
-	SOAK_SECONDS=$${SOAK_SECONDS:-600} $(CARGO) test -p lab --test soak -- --nocapture
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} $(CARGO) test -p tests --test soak -- --nocapture
 
 ## bench: the relays measured in isolation (in-kernel XDP generator and sink, coturn beside
 ## turn-control, XDP and the floor); writes BENCHMARKS.md and tests/bench/bench.png. Needs
 ## root (sudo is used otherwise). BENCH_QUICK=1: a smoke run; BENCH_RUNS, BENCH_SECONDS.
 .PHONY: bench
 bench: setup
-	$(CARGO) build --release -p xdp-agent -p turn-control -p lab --bins
+	$(CARGO) build --release -p xdp-agent -p turn-control -p tests --bins
 	$(if $(filter 0,$(shell id -u)),,sudo -E) $(or $(CARGO_TARGET_DIR),target)/release/bench \
 		--out BENCHMARKS.md --png tests/bench/bench.png
 

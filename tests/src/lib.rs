@@ -31,10 +31,11 @@ use anyhow::{Context, bail, ensure};
 pub mod agent;
 pub mod bench;
 pub mod clients;
-pub mod daemon;
 pub mod packet;
 pub mod stun;
 pub mod xdp;
+
+pub use tests_harness::{in_ci, required_tool, workspace_binary};
 
 /// The client's address.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -110,29 +111,6 @@ pub fn sample_sum(body: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Whether this is a CI run (`CI=true`), where nothing may be skipped.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| value == "true")
-}
-
-/// The path of the tool `name` on `PATH`, or `None` after a loud SKIPPED line
-/// naming `test`; under `CI=true` a missing tool fails the test instead.
-pub fn required_tool(name: &str, test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|path| path.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            !in_ci(),
-            "{test}: `{name}` is not installed, and CI=true requires it (make setup)"
-        );
-        eprintln!("\n*** SKIPPED {test}: `{name}` is not installed (CI=true would fail) ***\n");
-    }
-    found
-}
-
 /// Prefix of every namespace this crate creates.
 const NETNS_PREFIX: &str = "xtlab";
 
@@ -203,6 +181,15 @@ where
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// VmRSS of a process in KiB (/proc/PID/status).
+pub fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")
 }
 
 /// A named network namespace, deleted on drop.
@@ -897,30 +884,6 @@ fn stale_lab_pid(name: &str) -> Option<i32> {
     let pid = rest.split('x').next()?.parse::<i32>().ok()?;
     let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
     (!alive).then_some(pid)
-}
-
-/// Path of a binary built by this workspace, next to the test executable's
-/// directory (`target/<profile>/NAME`); `make test` builds them first.
-pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let variable = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
-    if let Some(path) = std::env::var_os(&variable) {
-        return Ok(PathBuf::from(path));
-    }
-    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
-    let exe = std::env::current_exe()?;
-    let exe_dir = exe.parent().context("the executable has no directory")?;
-    let candidates = [Some(exe_dir), exe_dir.parent()];
-    candidates
-        .into_iter()
-        .flatten()
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file())
-        .with_context(|| {
-            format!(
-                "{name} is missing next to {}: build the workspace first (`cargo build --workspace`, as `make test` does) or set {variable}",
-                exe.display()
-            )
-        })
 }
 
 /// The address family of an IP, as a short label for messages.

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
 use bpf_common::{
-    ClientKeyV4, ClientKeyV6, ClientTarget, Counter, DataPlaneConfig, PeerKeyV4, PeerKeyV6,
+    ClientKeyV4, ClientKeyV6, ClientTarget, Counter, KernelConfig, PeerKeyV4, PeerKeyV6,
     PeerTarget, Pod, Reason,
 };
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -22,7 +22,7 @@ pub const XDP_TX: u32 = 3;
 
 /// A loaded, unattached instance of the relay program with its own maps.
 pub struct LoadedRelay {
-    skel: relay_skel::RelaySkel<'static>,
+    skel: xdp_agent_skel::RelaySkel<'static>,
 }
 
 impl std::fmt::Debug for LoadedRelay {
@@ -49,7 +49,7 @@ impl LoadedRelay {
         // Each instance lives for the rest of the test process.
         let storage: &'static mut MaybeUninit<OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = relay_skel::RelaySkelBuilder::default()
+        let mut open = xdp_agent_skel::RelaySkelBuilder::default()
             .open(storage)
             .context("open")?;
         open.progs.xdp_relay.set_flags(flags);
@@ -60,7 +60,7 @@ impl LoadedRelay {
     }
 
     /// Writes the configuration.
-    pub fn configure(&self, config: &DataPlaneConfig) -> anyhow::Result<()> {
+    pub fn configure(&self, config: &KernelConfig) -> anyhow::Result<()> {
         self.skel
             .maps
             .CONFIG

@@ -7,10 +7,10 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use lab::agent::{Agent, binding};
-use lab::packet::channel_data;
-use lab::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, wait_for};
 use proto::v1::{ChannelBinding, ListChannelBindingsRequest, SetConfigRequest, SyncRequest};
+use tests::agent::{Agent, binding};
+use tests::packet::channel_data;
+use tests::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, sample, wait_for};
 use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -31,7 +31,7 @@ fn start(lab: &mut Lab) -> Agent {
     Agent::connect(&socket).unwrap()
 }
 
-fn udp(netns: &lab::Netns, ip: IpAddr) -> UdpSocket {
+fn udp(netns: &tests::Netns, ip: IpAddr) -> UdpSocket {
     let socket = netns.enter(move || Ok(UdpSocket::bind((ip, 0))?)).unwrap();
     socket.set_read_timeout(Some(DEADLINE)).unwrap();
     socket
@@ -60,7 +60,7 @@ fn sorted(mut bindings: Vec<ChannelBinding>) -> Vec<ChannelBinding> {
 
 #[test]
 fn every_rpc_answers_and_refuses_what_it_must() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -262,21 +262,9 @@ fn scrape(lab: &Lab) -> String {
         .unwrap()
 }
 
-/// The value of an unlabelled sample (or one whose labels contain `labels`).
-fn sample(body: &str, name: &str, labels: &str) -> Option<f64> {
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find(|line| {
-            line.starts_with(name)
-                && line[name.len()..].starts_with([' ', '{'])
-                && line.contains(labels)
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
 #[test]
 fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -354,7 +342,7 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
     }
     let counters = agent.counter("relay_client_to_peer_v4_v4").unwrap();
     assert_eq!(counters, (200, 20_000));
-    lab::promtool_check_metrics(&body).unwrap();
+    tests::promtool_check_metrics(&body).unwrap();
 }
 
 /// SIGKILL the agent while channel data flows, start it again: every
@@ -362,7 +350,7 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
 /// maps with their bindings.
 #[test]
 fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -429,7 +417,7 @@ fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
 /// and keeps the installed bindings, which go on relaying in the kernel.
 #[test]
 fn a_pinned_stats_map_of_another_length_is_replaced_and_the_bindings_kept() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -476,12 +464,12 @@ fn a_pinned_stats_map_of_another_length_is_replaced_and_the_bindings_kept() {
 /// follows through netlink and the data plane relays on the new one.
 #[test]
 fn the_data_plane_follows_the_interface_address() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
     let socket = lab
-        .start_xdp_agent(&["--xdp-mode", "native", "--log", "xdp_agent=debug"])
+        .start_xdp_agent(&["--xdp-mode", "native", "--log-level", "xdp_agent=debug"])
         .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()

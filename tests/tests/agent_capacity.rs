@@ -5,8 +5,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use lab::Lab;
-use lab::agent::{Agent, binding};
+use tests::Lab;
+use tests::agent::{Agent, binding};
 use tonic::Code;
 
 const CAPACITY: u32 = 65_536;
@@ -51,7 +51,7 @@ fn memlock(pin: &std::path::Path) -> u64 {
 
 #[test]
 fn full_maps_refuse_new_bindings_and_keep_the_installed_ones() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();

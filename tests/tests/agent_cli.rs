@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use lab::Lab;
-use lab::agent::{Agent, binding};
+use tests::Lab;
+use tests::agent::{Agent, binding};
 
 /// Runs the CLI against the agent at `socket`.
 fn ctl(socket: &Path, args: &[&str]) -> Output {
-    let binary = lab::workspace_binary("xdp-agent-ctl").unwrap();
+    let binary = tests::workspace_binary("xdp-agent-ctl").unwrap();
     Command::new(&binary)
         .arg("--socket")
         .arg(socket)
@@ -41,7 +41,7 @@ fn json(socket: &Path, args: &[&str]) -> Json {
 
 #[test]
 fn cli_shows_what_the_agent_holds() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -189,7 +189,7 @@ fn cli_shows_what_the_agent_holds() {
     assert!(!health.field("version").string().is_empty());
     let attachments = health.field("attachments").array();
     assert_eq!(attachments.len(), 1);
-    assert_eq!(attachments[0].field("interface").string(), lab::RELAY_IFACE);
+    assert_eq!(attachments[0].field("interface").string(), tests::RELAY_IFACE);
     assert_eq!(attachments[0].field("mode").string(), "native");
     assert_eq!(health.field("installed").number(), 2.0);
     assert!(health.field("capacity").number() >= 2.0);

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use lab::Lab;
+use tests::Lab;
 
 /// System users and a group made for one test, removed on drop (also when the test fails).
 struct Accounts {
@@ -28,7 +28,7 @@ impl Accounts {
         };
         // Left over by a killed run: remove first.
         accounts.remove();
-        lab::run("groupadd", ["-r", &group]).unwrap();
+        tests::run("groupadd", ["-r", &group]).unwrap();
         accounts
     }
 
@@ -38,7 +38,7 @@ impl Accounts {
             args.extend(["-G", self.group.as_str()]);
         }
         args.push(name);
-        lab::run("useradd", args).unwrap();
+        tests::run("useradd", args).unwrap();
         self.users.push(name.to_owned());
     }
 
@@ -73,7 +73,7 @@ fn health_as(ctl: &Path, socket: &Path, user: &str, groups: &[&str]) -> Output {
 
 #[test]
 fn socket_refuses_users_outside_its_group() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     for tool in ["setpriv", "useradd", "groupadd"] {
@@ -105,7 +105,7 @@ fn socket_refuses_users_outside_its_group() {
     // socket's own mode and group decide.
     std::fs::set_permissions(lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let ctl = lab.dir().join("xdp-agent-ctl");
-    std::fs::copy(lab::workspace_binary("xdp-agent-ctl").unwrap(), &ctl).unwrap();
+    std::fs::copy(tests::workspace_binary("xdp-agent-ctl").unwrap(), &ctl).unwrap();
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let refused = health_as(&ctl, &socket, &outsider, &["--clear-groups"]);

@@ -9,13 +9,13 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bpf_common::DataPlaneConfig;
-use lab::bench::{BenchNet, CLIENT, Direction, PEER, RELAY, case_frames, floor_key, raw};
-use lab::xdp::{LoadedRelay, Reference};
+use bpf_common::KernelConfig;
+use tests::bench::{BenchNet, CLIENT, Direction, PEER, RELAY, case_frames, floor_key, raw};
+use tests::xdp::{LoadedRelay, Reference};
 
 /// Root is needed for namespaces and XDP; under CI it must be there.
 fn privileged() -> bool {
-    let ok = lab::privileged();
+    let ok = tests::privileged();
     if !ok {
         assert!(
             std::env::var("CI").is_err(),
@@ -77,7 +77,7 @@ fn generator_and_sink_through_the_relay_program() {
     let mut net = BenchNet::new().unwrap();
     let relay = LoadedRelay::load().unwrap();
     relay
-        .configure(&DataPlaneConfig::new(
+        .configure(&KernelConfig::new(
             RELAY.port(),
             (49152, 65535),
             Some(*RELAY.ip()),
@@ -123,7 +123,7 @@ fn raw_client_binds_channels_on_turn_control() {
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let base = free_port().min(65535 - 32);
     let _daemon = Killed(
-        Command::new(lab::workspace_binary("turn-control").unwrap())
+        Command::new(tests::workspace_binary("turn-control").unwrap())
             .args(["--listen", &listen.to_string()])
             .args(["--metrics", &format!("127.0.0.1:{}", free_port())])
             .args(["--relay-ip", "127.0.0.1"])

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{Context, ensure};
-use lab::required_tool;
+use tests::required_tool;
 
 /// The repository's root.
 fn repo() -> PathBuf {
@@ -258,10 +258,10 @@ fn exec_start_args(unit: &str) -> Vec<String> {
 /// The binary, or `None` after a SKIPPED line (a failure under CI=true, where
 /// `make test` builds the workspace first).
 fn binary(name: &str, test: &str) -> Option<PathBuf> {
-    match lab::workspace_binary(name) {
+    match tests::workspace_binary(name) {
         Ok(path) => Some(path),
         Err(error) => {
-            assert!(!lab::in_ci(), "{test}: {error:#}");
+            assert!(!tests::in_ci(), "{test}: {error:#}");
             eprintln!("\n*** SKIPPED {test}: {error:#} ***\n");
             None
         }
@@ -385,7 +385,7 @@ fn grafana_dashboard_is_valid() -> anyhow::Result<()> {
         "rate(data_relayed_userspace_bytes_total",
         "xdp_packets_total",
         "turn_offload_installs_total",
-        "agent_connected",
+        "turn_agent_connected",
         "xdp_perf_events_lost_total",
         "xdp_agent_grpc_requests_total",
         "xdp_binding_map_capacity",

@@ -18,13 +18,15 @@ use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use lab::daemon::Daemon;
-
-use lab::stun::{
-    ADDITIONAL_ADDRESS_FAMILY, ALLOCATE, Answer, BINDING, CHANNEL_BIND, CHANNEL_NUMBER,
-    CREATE_PERMISSION, Client, ERROR, LIFETIME, Msg, NONCE, REALM as REALM_ATTR, REFRESH, REQUEST,
-    REQUESTED_TRANSPORT, SUCCESS, USERNAME, XOR_PEER_ADDRESS, vm_rss_kib,
+use tests::stun::attr::{
+    ADDITIONAL_ADDRESS_FAMILY, CHANNEL_NUMBER, LIFETIME, NONCE, REALM as REALM_ATTR,
+    REQUESTED_TRANSPORT, USERNAME, XOR_PEER_ADDRESS,
 };
+use tests::stun::class::{ERROR, REQUEST, SUCCESS};
+use tests::stun::method::{ALLOCATE, BINDING, CHANNEL_BIND, CREATE_PERMISSION, REFRESH};
+use tests::stun::{Answer, Client, Msg};
+use tests::vm_rss_kib;
+use tests_harness::daemon::{Daemon, port_range};
 
 const REALM: &str = "hostile.example";
 const USER: &str = "mallory";
@@ -33,7 +35,11 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// The daemon relaying on 127.0.0.1 and ::1, with the tests' realm and user.
 fn start(args: &[&str]) -> Daemon {
-    Daemon::start_dual_stack(REALM, &format!("{USER}:{PASSWORD}"), args)
+    let user = format!("{USER}:{PASSWORD}");
+    let ports = port_range(64, &["127.0.0.1", "::1"]);
+    let relay = ["--relay-ip", "127.0.0.1", "--relay-ip", "::1"];
+    let args = [&relay, &["--realm", REALM, "--user", &user][..], args].concat();
+    Daemon::spawn("127.0.0.1", ports, "info", &args)
 }
 
 /// Checks on the daemon beyond [`Daemon`]'s.
@@ -48,7 +54,7 @@ impl Checks for Daemon {
     fn answers_binding(&mut self) {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut client = new_client(socket, self.listen);
-        let request = Msg::new(BINDING, REQUEST, client.next_txid()).finish(None);
+        let request = Msg::new(BINDING, REQUEST, client.next_txid()).finish(None, false);
         let answer = client
             .exchange(&request)
             .unwrap()
@@ -62,7 +68,7 @@ impl Checks for Daemon {
     }
 }
 
-// ---- a minimal STUN client (lab::stun) ---------------------------------------------------
+// ---- a minimal STUN client (tests::stun) ---------------------------------------------------
 
 /// A UDP client of the daemon with the test's long-term credentials.
 fn new_client(socket: UdpSocket, server: SocketAddr) -> Client {
@@ -72,13 +78,13 @@ fn new_client(socket: UdpSocket, server: SocketAddr) -> Client {
 /// Request helpers of the tests.
 trait Requests {
     /// An authenticated request that must be answered; follows 401 and 438 for the nonce.
-    fn req(&mut self, method: u16, build: impl Fn(Msg) -> Msg) -> Answer;
+    fn req(&mut self, method: u16, build: impl Fn(&mut Msg) -> &mut Msg) -> Answer;
     /// A dual-stack UDP allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY).
     fn allocate_dual(&mut self) -> Answer;
 }
 
 impl Requests for Client {
-    fn req(&mut self, method: u16, build: impl Fn(Msg) -> Msg) -> Answer {
+    fn req(&mut self, method: u16, build: impl Fn(&mut Msg) -> &mut Msg) -> Answer {
         self.request(method, build).expect("request answered")
     }
 
@@ -126,16 +132,15 @@ fn allocate_flood_from_many_sources_creates_no_state() {
                 let mut txid = [n; 12];
                 txid[..4].copy_from_slice(&(i as u32).to_be_bytes());
                 txid[4] = j;
-                let mut msg =
-                    Msg::new(ALLOCATE, REQUEST, txid).attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+                let mut msg = Msg::new(ALLOCATE, REQUEST, txid);
+                msg.attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
                 if j % 2 == 1 {
                     // Claims a user, a stale nonce and a wrong MESSAGE-INTEGRITY.
-                    msg = msg
-                        .attr(USERNAME, USER.as_bytes())
+                    msg.attr(USERNAME, USER.as_bytes())
                         .attr(REALM_ATTR, REALM.as_bytes())
                         .attr(NONCE, b"bogus-nonce");
                 }
-                let request = msg.finish((j % 2 == 1).then_some(&[0u8; 16][..]));
+                let request = msg.finish((j % 2 == 1).then_some(&[0u8; 16][..]), false);
                 // A full socket buffer drops the datagram, like a real flood would.
                 if socket.send_to(&request, listen).is_ok() {
                     sent += 1;
@@ -162,12 +167,13 @@ fn allocate_flood_from_many_sources_creates_no_state() {
         rss_after <= rss_before + 2048,
         "memory grew under an unauthenticated flood: {rss_before} -> {rss_after} KiB"
     );
-    daemon.wait_metric("turn_unauthorized_rate_limited_total", |v| v > 0.0);
-    assert_eq!(daemon.metric("turn_allocations_active").unwrap(), 0.0);
-    assert_eq!(
-        daemon.metric("turn_allocations_created_total").unwrap(),
-        0.0
+    daemon.wait_metric(
+        "turn_unauthorized_rate_limited_total",
+        |v| v > 0.0,
+        DEADLINE,
     );
+    assert_eq!(daemon.metric("turn_allocations_active"), 0.0);
+    assert_eq!(daemon.metric("turn_allocations_created_total"), 0.0);
 }
 
 /// Truncated, oversized and inconsistent messages are dropped; the daemon lives on.
@@ -175,7 +181,7 @@ fn allocate_flood_from_many_sources_creates_no_state() {
 fn oversized_and_truncated_messages_are_dropped() {
     let mut daemon = start(&[]);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let binding = Msg::new(BINDING, REQUEST, [7; 12]).finish(None);
+    let binding = Msg::new(BINDING, REQUEST, [7; 12]).finish(None, false);
     let mut cases: Vec<Vec<u8>> = vec![
         Vec::new(),
         vec![0],
@@ -191,22 +197,22 @@ fn oversized_and_truncated_messages_are_dropped() {
     // An attribute whose length runs past the end.
     let mut m = Msg::new(ALLOCATE, REQUEST, [8; 12])
         .attr(REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-        .finish(None);
+        .finish(None, false);
     m[22..24].copy_from_slice(&0x0400u16.to_be_bytes());
     cases.push(m);
     // The largest UDP datagram: a valid header and 65,000 bytes of attributes.
     let mut big = Msg::new(ALLOCATE, REQUEST, [9; 12]);
     for _ in 0..(65_000 / 1004) {
-        big = big.attr(0x7FFF, &[0xAA; 1000]);
+        big.attr(0x7FFF, &[0xAA; 1000]);
     }
-    cases.push(big.finish(None));
+    cases.push(big.finish(None, false));
     cases.push(vec![0xFF; 65_507]);
     // Thousands of tiny attributes.
     let mut many = Msg::new(BINDING, REQUEST, [10; 12]);
     for _ in 0..8000 {
-        many = many.attr(0x8022, &[]);
+        many.attr(0x8022, &[]);
     }
-    cases.push(many.finish(None));
+    cases.push(many.finish(None, false));
     // ChannelData without an allocation, truncated and oversized.
     cases.push(vec![0x40, 0x00, 0x00, 0x10, 1, 2]);
     cases.push([&[0x40u8, 0x00, 0xFF, 0xFF][..], &[0; 60_000]].concat());
@@ -221,7 +227,7 @@ fn oversized_and_truncated_messages_are_dropped() {
     tcp.write_all(&[0; 30_000]).unwrap();
     drop(tcp);
     daemon.answers_binding();
-    daemon.wait_metric("turn_packets_dropped_total", |v| v > 0.0);
+    daemon.wait_metric("turn_packets_dropped_total", |v| v > 0.0, DEADLINE);
     daemon.answers_binding();
 }
 
@@ -266,7 +272,7 @@ fn tcp_garbage_closes_the_connection() {
     // A well-behaved TCP client still gets its Binding success.
     let mut tcp = TcpStream::connect(daemon.listen).unwrap();
     tcp.set_read_timeout(Some(DEADLINE)).unwrap();
-    tcp.write_all(&Msg::new(BINDING, REQUEST, [3; 12]).finish(None))
+    tcp.write_all(&Msg::new(BINDING, REQUEST, [3; 12]).finish(None, false))
         .unwrap();
     let mut head = [0u8; 20];
     tcp.read_exact(&mut head).unwrap();
@@ -290,7 +296,7 @@ fn channel_numbers_outside_the_range_are_refused() {
                 .xor_addr(XOR_PEER_ADDRESS, peer)
         });
         assert_eq!(
-            (answer.class, answer.code()),
+            (answer.class, answer.error_code()),
             (ERROR, Some(400)),
             "channel {number:#06x}"
         );
@@ -309,25 +315,25 @@ fn channel_numbers_outside_the_range_are_refused() {
 /// after the first is deleted, a new one succeeds.
 #[test]
 fn allocations_beyond_the_quota_get_486() {
-    let mut daemon = start(&["--user-quota", "1"]);
+    let daemon = start(&["--user-quota", "1"]);
     let mut first = client(&daemon);
     ok(&first.allocate_dual());
     for _ in 0..3 {
         let mut other = client(&daemon);
         let answer = other.allocate_dual();
-        assert_eq!((answer.class, answer.code()), (ERROR, Some(486)));
+        assert_eq!((answer.class, answer.error_code()), (ERROR, Some(486)));
     }
     ok(&first.req(REFRESH, |m| m.attr(LIFETIME, &0u32.to_be_bytes())));
     let mut later = client(&daemon);
     ok(&later.allocate_dual());
-    daemon.wait_metric("turn_allocations_active", |v| v == 1.0);
+    daemon.wait_metric("turn_allocations_active", |v| v == 1.0, DEADLINE);
 }
 
 /// CreatePermission for a peer in any denied range, in any IPv4-in-IPv6 form, gets 403
 /// (RFC 8656 §21.2.2; coturn CVE-2020-26262); public peers of both families are allowed.
 #[test]
 fn denied_peers_get_403_in_every_form() {
-    let mut daemon = start(&[]);
+    let daemon = start(&[]);
     let mut c = client(&daemon);
     ok(&c.allocate_dual());
     let denied = [
@@ -386,11 +392,11 @@ fn denied_peers_get_403_in_every_form() {
     for ip in denied {
         let peer = SocketAddr::new(ip.parse().unwrap(), 5000);
         let answer = c.req(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer));
-        if (answer.class, answer.code()) != (ERROR, Some(403)) {
+        if (answer.class, answer.error_code()) != (ERROR, Some(403)) {
             wrong.push(format!(
                 "{ip}: class {} code {:?}",
                 answer.class,
-                answer.code()
+                answer.error_code()
             ));
         }
     }
@@ -399,5 +405,9 @@ fn denied_peers_get_403_in_every_form() {
         let peer = SocketAddr::new(ip.parse().unwrap(), 5000);
         ok(&c.req(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer)));
     }
-    daemon.wait_metric("turn_peers_denied_total", |v| v >= denied.len() as f64);
+    daemon.wait_metric(
+        "turn_peers_denied_total",
+        |v| v >= denied.len() as f64,
+        DEADLINE,
+    );
 }

@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use lab::{
+use tests::{
     AGENT_METRICS, CLIENT_V4, Lab, Netns, PEER_V4, RELAY_IFACE, Site, TURN_CONTROL_METRICS,
     required_tool,
 };
@@ -401,7 +401,7 @@ fn active_alerts(api: Api<'_>) -> anyhow::Result<Vec<String>> {
 
 #[test]
 fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_configuration() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let (Some(prometheus_binary), Some(promtool)) = (
@@ -468,7 +468,7 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
 
     // turn-control's series.
     prometheus
-        .wait_one("agent_connected{job=\"turn-control\"}", |v| v == 1.0)
+        .wait_one("turn_agent_connected{job=\"turn-control\"}", |v| v == 1.0)
         .unwrap();
     let threads = prometheus.wait_one("turn_threads", |v| v >= 1.0).unwrap();
     assert_eq!(threads.label("job"), "turn-control");
@@ -522,7 +522,7 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
         1,
         "{attached_up}"
     );
-    // Nothing fires, or waits to, on a healthy relay (an agent_connected of 0
+    // Nothing fires, or waits to, on a healthy relay (a turn_agent_connected of 0
     // scraped before the link came up may leave a pending alert for a moment).
     prometheus
         .poll("no pending or firing alert", |api| {
@@ -545,10 +545,10 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
         .build()
         .unwrap();
     let _guard = runtime.enter();
-    let peer = lab::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
+    let peer = tests::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
     let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478);
     let client = runtime
-        .block_on(lab::clients::webrtc_client(
+        .block_on(tests::clients::webrtc_client(
             &lab.client,
             IpAddr::V4(CLIENT_V4),
             server,
@@ -556,7 +556,7 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
         .unwrap();
     let relayed = runtime.block_on(client.allocate()).unwrap();
     runtime
-        .block_on(lab::clients::round_trips(&relayed, &peer, 3, T))
+        .block_on(tests::clients::round_trips(&relayed, &peer, 3, T))
         .unwrap();
     prometheus
         .wait_one("turn_channel_bindings_active", |v| v == 1.0)
@@ -571,7 +571,7 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
         )
         .unwrap();
     runtime
-        .block_on(lab::clients::round_trips(&relayed, &peer, 20, T))
+        .block_on(tests::clients::round_trips(&relayed, &peer, 20, T))
         .unwrap();
     // 20 round trips of at least 13 bytes, over the channel in place.
     let relayed_bytes = prometheus

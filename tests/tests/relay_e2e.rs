@@ -5,41 +5,11 @@
 //! bytes stay flat, and no message is lost to the offload handshake.
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
-use std::process::Command;
 use std::time::Duration;
 
-use lab::agent::Agent;
-use lab::{AGENT_METRICS, Lab, TURN_CONTROL_METRICS, sample, sample_sum, wait_for};
-
-/// Whether coturn's tools are here; under CI they must be.
-fn coturn_tools() -> bool {
-    let present = Command::new("turnutils_uclient").output().is_ok()
-        && Command::new("turnutils_peer").arg("-h").output().is_ok();
-    if !present {
-        assert!(
-            std::env::var("CI").is_err(),
-            "coturn's tools are missing (make setup installs them)"
-        );
-        eprintln!("SKIPPED: turnutils_uclient/turnutils_peer not installed");
-    }
-    present
-}
-
-/// (sent, received) from `turnutils_uclient`'s summary line.
-fn totals(output: &str) -> Option<(u64, u64)> {
-    let line = output
-        .lines()
-        .rev()
-        .find(|l| l.contains("tot_send_msgs="))?;
-    let number = |key: &str| -> Option<u64> {
-        let rest = &line[line.find(key)? + key.len()..];
-        rest.split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    Some((number("tot_send_msgs=")?, number("tot_recv_msgs=")?))
-}
+use tests::agent::Agent;
+use tests::{AGENT_METRICS, Lab, TURN_CONTROL_METRICS, sample, sample_sum, wait_for};
+use tests_harness::coturn::{Totals, tools_present};
 
 struct Case {
     name: &'static str,
@@ -62,7 +32,7 @@ fn run_case(case: &Case) {
         Duration::from_secs(15),
         || {
             let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
-            Ok((sample(&body, "agent_connected", "") == Some(1.0)).then_some(()))
+            Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
         },
     )
     .unwrap();
@@ -93,7 +63,7 @@ fn run_case(case: &Case) {
     uclient.args(["-p", "3478", case.server]);
     let output = uclient.output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let (sent, received) = totals(&stdout).unwrap_or_else(|| {
+    let Totals { sent, received } = Totals::parse(&stdout).unwrap_or_else(|| {
         panic!(
             "{}: no totals from uclient:\n{stdout}\n{}",
             case.name,
@@ -152,13 +122,15 @@ fn run_case(case: &Case) {
         Ok((relayed >= (sent * 100) as f64).then_some(body))
     })
     .unwrap();
-    lab::promtool_check_metrics(&control).unwrap();
-    lab::promtool_check_metrics(&agent_metrics).unwrap();
+    tests::promtool_check_metrics(&control).unwrap();
+    tests::promtool_check_metrics(&agent_metrics).unwrap();
 }
 
 #[test]
 fn uclient_channel_data_is_relayed_by_xdp_in_every_family_pair() {
-    if !lab::privileged() || !coturn_tools() {
+    if !tests::privileged()
+        || !tools_present("uclient_channel_data_is_relayed_by_xdp_in_every_family_pair")
+    {
         return;
     }
     let cases = [

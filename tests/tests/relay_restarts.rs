@@ -6,8 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use lab::agent::Agent;
-use lab::{CLIENT_V4, Lab, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
+use tests::agent::Agent;
+use tests::{CLIENT_V4, Lab, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
 use nix::sys::signal::Signal;
 use turn::client::Client;
 
@@ -15,7 +15,7 @@ const T: Duration = Duration::from_secs(5);
 
 async fn client(lab: &Lab) -> Client {
     let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478);
-    lab::clients::webrtc_client(&lab.client, IpAddr::V4(CLIENT_V4), server)
+    tests::clients::webrtc_client(&lab.client, IpAddr::V4(CLIENT_V4), server)
         .await
         .unwrap()
 }
@@ -27,12 +27,12 @@ fn turn_control_bindings(lab: &Lab) -> f64 {
 
 fn connected(lab: &Lab) -> anyhow::Result<Option<()>> {
     let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
-    Ok((sample(&body, "agent_connected", "") == Some(1.0)).then_some(()))
+    Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
 }
 
 #[test]
 fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -50,13 +50,13 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
         .build()
         .unwrap();
     let _guard = runtime.enter();
-    let peer = lab::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
+    let peer = tests::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
 
     // A client with a channel to the peer, relayed in the kernel.
     let first = runtime.block_on(client(&lab));
     let relayed = runtime.block_on(first.allocate()).unwrap();
     runtime
-        .block_on(lab::clients::round_trips(&relayed, &peer, 20, T))
+        .block_on(tests::clients::round_trips(&relayed, &peer, 20, T))
         .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     wait_for("the binding in both daemons", T, || {
@@ -75,7 +75,7 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     let mut agent = Agent::connect(&socket).unwrap();
     let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
     runtime
-        .block_on(lab::clients::round_trips(&relayed, &peer, 20, T))
+        .block_on(tests::clients::round_trips(&relayed, &peer, 20, T))
         .unwrap();
     assert_eq!(
         agent.counter("relay_client_to_peer_v4_v4").unwrap().0,
@@ -110,7 +110,7 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
     let started = std::time::Instant::now();
     runtime
-        .block_on(lab::clients::round_trips(&relayed_again, &peer, 20, T))
+        .block_on(tests::clients::round_trips(&relayed_again, &peer, 20, T))
         .unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(2),

@@ -13,8 +13,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lab::agent::Agent;
-use lab::{CLIENT_V4, Lab, Netns, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
+use tests::agent::Agent;
+use tests::{CLIENT_V4, Lab, Netns, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
 use turn::client::Client;
 
 const T: Duration = Duration::from_secs(5);
@@ -22,7 +22,7 @@ const T: Duration = Duration::from_secs(5);
 /// A TURN client whose socket lives in `netns`, for the relay at `site`.
 async fn client(netns: &Netns, local: IpAddr, site: Site) -> Client {
     let server = SocketAddr::new(IpAddr::V4(site.v4()), 3478);
-    lab::clients::webrtc_client(netns, local, server)
+    tests::clients::webrtc_client(netns, local, server)
         .await
         .unwrap()
 }
@@ -40,7 +40,7 @@ fn start_relay(lab: &mut Lab, site: Site, allow: &str) -> std::path::PathBuf {
         Duration::from_secs(15),
         || {
             let body = Lab::scrape(lab.relay_at(site)?, TURN_CONTROL_METRICS)?;
-            Ok((sample(&body, "agent_connected", "") == Some(1.0)).then_some(()))
+            Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
         },
     )
     .unwrap();
@@ -105,7 +105,7 @@ async fn exchange(
 
 #[test]
 fn clients_on_two_relays_talk_through_both_kernels() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -150,7 +150,7 @@ fn clients_on_two_relays_talk_through_both_kernels() {
 
 #[test]
 fn two_allocations_on_one_relay_talk_through_the_kernel_hairpin() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();

@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use lab::agent::Agent;
-use lab::stun::{
-    self, ALLOCATE, CHANNEL_BIND, CHANNEL_NUMBER, LIFETIME, Msg, REFRESH, REQUESTED_TRANSPORT,
-    SUCCESS, XOR_PEER_ADDRESS, vm_rss_kib,
-};
-use lab::{CLIENT_V4, Lab, Netns, PEER_V4, RELAY_V4, TURN_CONTROL_METRICS, wait_for};
+use tests::agent::Agent;
+use tests::stun::attr::{CHANNEL_NUMBER, LIFETIME, REQUESTED_TRANSPORT, XOR_PEER_ADDRESS};
+use tests::stun::class::SUCCESS;
+use tests::stun::method::{ALLOCATE, CHANNEL_BIND, REFRESH};
+use tests::stun::{self, Msg};
+use tests::{CLIENT_V4, Lab, Netns, PEER_V4, RELAY_V4, TURN_CONTROL_METRICS, vm_rss_kib, wait_for};
 
 const WORKERS: usize = 4;
 const CHANNELS: u16 = 2;
@@ -44,7 +44,7 @@ struct Counters {
 
 #[test]
 fn churn_keeps_agent_and_control_in_step() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let seconds: u64 = std::env::var("SOAK_SECONDS")
@@ -118,7 +118,7 @@ fn churn_keeps_agent_and_control_in_step() {
         Duration::from_secs(10),
         || {
             let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
-            let active = lab::sample(&body, "turn_channel_bindings_active", "").unwrap_or(-1.0);
+            let active = tests::sample(&body, "turn_channel_bindings_active", "").unwrap_or(-1.0);
             let listed = agent.list()?.len();
             Ok((active == expected as f64 && listed == expected).then_some(body))
         },
@@ -132,7 +132,7 @@ fn churn_keeps_agent_and_control_in_step() {
         .collect();
     assert_eq!(in_agent.len(), expected, "{in_agent:?}");
     assert_eq!(
-        lab::sample(&body, "turn_allocations_active", ""),
+        tests::sample(&body, "turn_allocations_active", ""),
         Some(WORKERS as f64)
     );
     release.wait();
@@ -148,8 +148,8 @@ fn churn_keeps_agent_and_control_in_step() {
     // Everything deleted: nothing left on either side.
     wait_for("all state gone", Duration::from_secs(10), || {
         let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
-        let active = lab::sample(&body, "turn_channel_bindings_active", "").unwrap_or(-1.0);
-        let allocations = lab::sample(&body, "turn_allocations_active", "").unwrap_or(-1.0);
+        let active = tests::sample(&body, "turn_channel_bindings_active", "").unwrap_or(-1.0);
+        let allocations = tests::sample(&body, "turn_allocations_active", "").unwrap_or(-1.0);
         let listed = agent.list()?.len();
         Ok((active == 0.0 && allocations == 0.0 && listed == 0).then_some(()))
     })
@@ -194,7 +194,7 @@ fn churn_keeps_agent_and_control_in_step() {
 
 /// The pid of the process running `binary` in `netns` (the lab starts each daemon once).
 fn pid_in(netns: &Netns, binary: &str) -> u32 {
-    let exe = lab::workspace_binary(binary)
+    let exe = tests::workspace_binary(binary)
         .unwrap()
         .canonicalize()
         .unwrap();
@@ -248,7 +248,7 @@ fn start_echo(peer: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()
     })
 }
 
-// ---- the STUN client (lab::stun) with long-term credentials ---------------------------------
+// ---- the STUN client (tests::stun) with long-term credentials ---------------------------------
 
 struct Client(stun::Client);
 
@@ -264,7 +264,7 @@ impl Client {
 
     /// An authenticated request that must succeed; follows 401/438 for the nonce and
     /// retransmits on silence.
-    fn request(&mut self, method: u16, build: impl Fn(Msg) -> Msg, counters: &Counters) {
+    fn request(&mut self, method: u16, build: impl Fn(&mut Msg) -> &mut Msg, counters: &Counters) {
         let sent = self.0.sent;
         let answer = self.0.request(method, build);
         counters
@@ -276,7 +276,7 @@ impl Client {
             SUCCESS,
             "method {method:#x}: class {} code {:?}",
             answer.class,
-            answer.code()
+            answer.error_code()
         );
     }
 

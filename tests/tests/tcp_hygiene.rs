@@ -4,7 +4,7 @@
 //! first-frame deadline, a frame trickled slower than the frame deadline closes its
 //! connection, while a request split across writes is answered and a connection idle
 //! between complete frames stays open. Every close is counted in
-//! `tcp_connections_closed_total{reason}`.
+//! `turn_tcp_connections_closed_total{reason}`.
 //!
 //! No root and no namespace: the daemon listens on 127.0.0.1. The deadlines are the
 //! daemon's constants (not configurable), so the slow cases really wait for them, in
@@ -20,7 +20,7 @@ use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use lab::daemon::Daemon;
+use tests_harness::daemon::{Daemon, port_range};
 
 /// `FIRST_FRAME_TIMEOUT` in turn-control/src/tcp.rs.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,21 +36,23 @@ const PROMPT: Duration = Duration::from_secs(3);
 /// Every other wait (start-up, answers, metrics).
 const DEADLINE: Duration = Duration::from_secs(20);
 /// The counter of closes.
-const CLOSED: &str = "tcp_connections_closed_total";
+const CLOSED: &str = "turn_tcp_connections_closed_total";
 
-/// Waits until `tcp_connections_closed_total{reason}` is `expected`, and returns the scraped
+/// Waits until `turn_tcp_connections_closed_total{reason}` is `expected`, and returns the scraped
 /// body.
 fn wait_closed_count(daemon: &mut Daemon, reason: &str, expected: f64) -> String {
     let labels = format!("reason=\"{reason}\"");
     daemon.wait(&format!("{CLOSED}{{{labels}}} = {expected}"), |d| {
         let body = d.scrape()?;
-        Ok((lab::sample(&body, CLOSED, &labels) == Some(expected)).then_some(body))
+        Ok((tests::sample(&body, CLOSED, &labels) == Some(expected)).then_some(body))
     })
 }
 
 /// The daemon with the tests' realm and user.
 fn start() -> Daemon {
-    Daemon::start("tcp.example", "alice:alice-pw", &[])
+    let ports = port_range(200, &["127.0.0.1"]);
+    let args = ["--realm", "tcp.example", "--user", "alice:alice-pw"];
+    Daemon::spawn("127.0.0.1", ports, "info", &args)
 }
 
 // ---- the client side ----------------------------------------------------------------------
@@ -241,10 +243,10 @@ fn slow_connections_are_closed_after_the_deadlines() {
     wait_closed_count(&mut daemon, "first_frame_timeout", 1.0);
     let body = wait_closed_count(&mut daemon, "frame_timeout", 1.0);
     assert_eq!(
-        lab::sample(&body, CLOSED, "reason=\"not_turn\""),
+        tests::sample(&body, CLOSED, "reason=\"not_turn\""),
         None,
         "nothing here was garbage:\n{body}"
     );
-    let log = daemon.log();
+    let log = daemon.output();
     assert!(!log.contains("panicked"), "turn-control log:\n{log}");
 }

@@ -11,9 +11,9 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use lab::agent::{Agent, binding};
-use lab::packet::channel_data;
-use lab::{CLIENT_V4, CLIENT_V6, Lab, PEER_V4, PEER_V6, RELAY_V4, RELAY_V6};
+use tests::agent::{Agent, binding};
+use tests::packet::channel_data;
+use tests::{CLIENT_V4, CLIENT_V6, Lab, PEER_V4, PEER_V6, RELAY_V4, RELAY_V6};
 
 const DEADLINE: Duration = Duration::from_secs(5);
 const LISTEN: u16 = 3478;
@@ -27,7 +27,7 @@ fn relay_ip(v4: bool) -> IpAddr {
 }
 
 /// Binds a UDP socket inside `netns` on `ip`, port chosen by the kernel.
-fn socket(netns: &lab::Netns, ip: IpAddr) -> UdpSocket {
+fn socket(netns: &tests::Netns, ip: IpAddr) -> UdpSocket {
     let socket = netns.enter(move || Ok(UdpSocket::bind((ip, 0))?)).unwrap();
     socket.set_read_timeout(Some(DEADLINE)).unwrap();
     socket
@@ -131,7 +131,7 @@ fn exchange(lab: &Lab, agent: &mut Agent, client_v4: bool, peer_v4: bool, channe
 
 #[test]
 fn all_eight_paths_are_relayed_by_xdp_with_real_sockets() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -149,7 +149,7 @@ fn all_eight_paths_are_relayed_by_xdp_with_real_sockets() {
 
 #[test]
 fn tail_adjust_mode_relays_both_ways() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();
@@ -162,7 +162,7 @@ fn tail_adjust_mode_relays_both_ways() {
 /// other's relayed address: their channel data crosses in the kernel.
 #[test]
 fn two_allocations_on_one_relay_talk_through_the_hairpin() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();

@@ -1,13 +1,13 @@
 //! The relay program under `BPF_PROG_TEST_RUN`: every path and every verdict,
 //! each output frame compared byte for byte with one built independently by
-//! `lab::packet::FrameSpec` (checksums computed from scratch).
+//! `tests::packet::FrameSpec` (checksums computed from scratch).
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::net::{IpAddr, SocketAddr};
 
-use bpf_common::{DataPlaneConfig, Reason};
-use lab::packet::{FrameSpec, channel_data};
-use lab::xdp::{LoadedRelay, XDP_DROP, XDP_PASS, XDP_TX};
+use bpf_common::{KernelConfig, Reason};
+use tests::packet::{FrameSpec, channel_data};
+use tests::xdp::{LoadedRelay, XDP_DROP, XDP_PASS, XDP_TX};
 
 const RELAY4: &str = "203.0.113.10";
 const RELAY6: &str = "2001:db8:2::10";
@@ -25,8 +25,8 @@ fn relay_ip(family_of: SocketAddr) -> IpAddr {
     }
 }
 
-fn config() -> DataPlaneConfig {
-    DataPlaneConfig::new(
+fn config() -> KernelConfig {
+    KernelConfig::new(
         LISTEN,
         (49152, 65535),
         Some(RELAY4.parse().unwrap()),
@@ -88,7 +88,7 @@ fn data(len: usize) -> Vec<u8> {
 /// aligned to its size, and the relaying still works in that mode.
 #[test]
 fn every_access_is_aligned_under_the_verifiers_strict_check() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let relay = LoadedRelay::load_with_strict_alignment()
@@ -118,7 +118,7 @@ fn every_access_is_aligned_under_the_verifiers_strict_check() {
 /// Every client/peer family pair, both directions, in both header-room modes.
 #[test]
 fn every_family_pair_is_relayed_both_ways_byte_for_byte() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let pairs = [
@@ -216,7 +216,7 @@ fn every_family_pair_is_relayed_both_ways_byte_for_byte() {
 /// which is B's relayed address, goes straight to client B on B's channel.
 #[test]
 fn hairpin_goes_straight_to_the_other_allocations_client() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let cases = [
@@ -276,7 +276,7 @@ fn hairpin_goes_straight_to_the_other_allocations_client() {
 /// pass the frame untouched.
 #[test]
 fn every_verdict_reason_is_taken_and_counted() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let client4 = addr("192.0.2.2:40000");
@@ -445,7 +445,7 @@ fn every_verdict_reason_is_taken_and_counted() {
 fn relay_without_v6() -> LoadedRelay {
     let relay = LoadedRelay::load().unwrap();
     relay
-        .configure(&DataPlaneConfig::new(
+        .configure(&KernelConfig::new(
             LISTEN,
             (49152, 65535),
             Some(RELAY4.parse().unwrap()),

@@ -8,9 +8,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
-use bpf_common::DataPlaneConfig;
-use lab::packet::{FrameSpec, channel_data, parse_udp_v4, parse_udp_v6};
-use lab::xdp::{LoadedRelay, XDP_DROP, XDP_PASS, XDP_TX};
+use bpf_common::KernelConfig;
+use tests::packet::{FrameSpec, channel_data, parse_udp_v4, parse_udp_v6};
+use tests::xdp::{LoadedRelay, XDP_DROP, XDP_PASS, XDP_TX};
 use proptest::prelude::*;
 
 /// (client, channel, peer, allocation port)
@@ -31,7 +31,7 @@ fn relay() -> &'static LoadedRelay {
     RELAY.get_or_init(|| {
         let relay = LoadedRelay::load().unwrap();
         relay
-            .configure(&DataPlaneConfig::new(
+            .configure(&KernelConfig::new(
                 3478,
                 (49152, 65535),
                 Some("203.0.113.10".parse().unwrap()),
@@ -154,7 +154,7 @@ proptest! {
 
     #[test]
     fn random_bytes_are_never_relayed(frame in proptest::collection::vec(any::<u8>(), 14..200)) {
-        if !lab::privileged() { return Ok(()); }
+        if !tests::privileged() { return Ok(()); }
         check(&frame)?;
     }
 
@@ -166,7 +166,7 @@ proptest! {
         cut in proptest::option::of(14usize..200),
         extra in proptest::collection::vec(any::<u8>(), 0..8),
     ) {
-        if !lab::privileged() { return Ok(()); }
+        if !tests::privileged() { return Ok(()); }
         let mut frame = seed_frames()[seed].clone();
         for (index, value) in flips {
             if let Some(byte) = frame.get_mut(index) {

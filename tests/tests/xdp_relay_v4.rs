@@ -6,9 +6,9 @@ use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use lab::agent::{Agent, binding};
-use lab::packet::{Capture, channel_data};
-use lab::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, wait_for};
+use tests::agent::{Agent, binding};
+use tests::packet::{Capture, channel_data};
+use tests::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, wait_for};
 
 const LISTEN_PORT: u16 = 3478;
 const ALLOCATION_PORT: u16 = 50_000;
@@ -17,7 +17,7 @@ const DEADLINE: Duration = Duration::from_secs(5);
 
 #[test]
 fn channel_data_is_relayed_in_the_kernel_until_the_binding_is_removed() {
-    if !lab::privileged() {
+    if !tests::privileged() {
         return;
     }
     let mut lab = Lab::new().unwrap();

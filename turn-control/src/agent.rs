@@ -8,19 +8,23 @@
 //! Sync RPC, holding back installs and removals until it has gone out so that none of them is
 //! undone by it.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use turn_core::{ChannelBinding, OffloadError};
+use tokio::time::Instant;
+use turn_control_core::{ChannelBinding, OffloadError};
 
-/// Requests from the event-loop threads; `shard` is the sender's index, where answers go.
+use crate::metrics::name;
+
+/// Requests from the event-loop threads; `thread` is the sender's index, where answers go.
 #[derive(Debug)]
 pub enum ToAgent {
     /// Add one binding; answer with [`FromAgent::Installed`].
     Install {
         /// The sending thread.
-        shard: usize,
+        thread: usize,
         /// The binding.
         binding: ChannelBinding,
     },
@@ -30,7 +34,7 @@ pub enum ToAgent {
     /// thread answered, their union goes out as one Sync RPC; failures are logged.
     Sync {
         /// The sending thread.
-        shard: usize,
+        thread: usize,
         /// The round of [`FromAgent::Connected`] this answers; parts of an earlier round
         /// (the link was lost and regained meanwhile) are ignored.
         round: u64,
@@ -54,6 +58,45 @@ pub enum FromAgent {
     Disconnected,
 }
 
+/// What the data plane must know besides the bindings, sent with SetConfig on every
+/// connect (explicit relay addresses override the agent's interface discovery). The domain
+/// twin of the wire message `DataPlaneConfig`.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// The TURN port clients send ChannelData to.
+    pub listen_port: u16,
+    /// The allocation port range.
+    pub ports: std::ops::RangeInclusive<u16>,
+    /// The local IPv4 relay address.
+    pub relay_ipv4: Option<std::net::Ipv4Addr>,
+    /// The local IPv6 relay address.
+    pub relay_ipv6: Option<std::net::Ipv6Addr>,
+}
+
+/// Runs the link until `requests` closes (after every thread's shutdown drain), then
+/// returns once what was queued has been sent or dropped. `events[i]` reaches thread `i`.
+pub async fn run(
+    path: PathBuf,
+    config: DataPlaneConfig,
+    mut requests: mpsc::Receiver<ToAgent>,
+    events: Vec<mpsc::Sender<FromAgent>>,
+) {
+    let mut link = Link::new(path, config, events);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        link.connect_when_due().await;
+        tokio::select! {
+            n = requests.recv_many(&mut batch, MAX_BATCH) => {
+                if n == 0 {
+                    return;
+                }
+                link.handle_requests(batch.drain(..)).await;
+            }
+            () = tokio::time::sleep_until(link.wake()) => link.probe().await,
+        }
+    }
+}
+
 /// First and longest wait between connection attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// How often an idle connection is probed, so that an agent restart is noticed (and the
@@ -64,18 +107,223 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bindings per RPC.
 const MAX_BATCH: usize = 256;
 
-/// What the data plane must know besides the bindings, sent with SetConfig on every
-/// connect (explicit relay addresses override the agent's interface discovery).
-#[derive(Debug, Clone)]
-pub struct DataPlane {
-    /// The TURN port clients send ChannelData to.
-    pub listen_port: u16,
-    /// The allocation port range.
-    pub ports: std::ops::RangeInclusive<u16>,
-    /// The local IPv4 relay address.
-    pub relay_v4: Option<std::net::Ipv4Addr>,
-    /// The local IPv6 relay address.
-    pub relay_v6: Option<std::net::Ipv6Addr>,
+/// The link's state between steps of [`run`].
+struct Link {
+    path: PathBuf,
+    config: DataPlaneConfig,
+    /// `events[i]` reaches thread `i`.
+    events: Vec<mpsc::Sender<FromAgent>>,
+    client: Option<proto::DataPlaneClient>,
+    /// When to try connecting again, while there is no client.
+    next_attempt: Instant,
+    backoff: Duration,
+    /// The generation of the next Sync.
+    generation: u64,
+    /// The generation of our last successful Sync, compared with the agent's Health.
+    synced: Option<u64>,
+    /// The latest sync round announced to the threads.
+    round: u64,
+    pending: Option<PendingSync>,
+}
+
+impl Link {
+    fn new(path: PathBuf, config: DataPlaneConfig, events: Vec<mpsc::Sender<FromAgent>>) -> Self {
+        // Sync generations grow across restarts of this daemon too.
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs());
+        Self {
+            path,
+            config,
+            events,
+            client: None,
+            next_attempt: Instant::now(),
+            backoff: BACKOFF.0,
+            generation,
+            synced: None,
+            round: 0,
+            pending: None,
+        }
+    }
+
+    /// When [`run`] wakes without requests: to probe the agent, or to connect again.
+    fn wake(&self) -> Instant {
+        if self.client.is_some() {
+            Instant::now() + PROBE_INTERVAL
+        } else {
+            self.next_attempt
+        }
+    }
+
+    /// Without a connection and once the backoff has passed, one connection attempt: on
+    /// success the agent gets our configuration and the threads are asked for a sync round,
+    /// otherwise the next attempt backs off.
+    async fn connect_when_due(&mut self) {
+        if self.client.is_some() || Instant::now() < self.next_attempt {
+            return;
+        }
+        let mut client = match tokio::time::timeout(RPC_TIMEOUT, proto::connect(&self.path)).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(error)) => {
+                let error = anyhow::Error::new(error);
+                tracing::debug!(
+                    agent = %self.path.display(),
+                    error = format!("{error:#}"),
+                    "xdp-agent unreachable"
+                );
+                return self.retry_later();
+            }
+            Err(_) => {
+                tracing::debug!(agent = %self.path.display(), "xdp-agent connect timed out");
+                return self.retry_later();
+            }
+        };
+        tracing::info!(agent = %self.path.display(), "connected to xdp-agent");
+        let request = proto::v1::SetConfigRequest::from(&self.config);
+        if let Err(error) = rpc(client.set_config(request)).await {
+            metrics::counter!(name::AGENT_RPC_ERRORS).increment(1);
+            tracing::warn!(%error, "xdp-agent SetConfig failed");
+        }
+        self.client = Some(client);
+        self.synced = None;
+        self.backoff = BACKOFF.0;
+        metrics::gauge!(name::AGENT_CONNECTED).set(1.0);
+        self.start_round().await;
+    }
+
+    fn retry_later(&mut self) {
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF.1);
+    }
+
+    /// Asks every thread for its part of a new full sync.
+    async fn start_round(&mut self) {
+        self.round += 1;
+        let round = self.round;
+        self.pending = Some(PendingSync::start(
+            self.pending.take(),
+            round,
+            self.events.len(),
+        ));
+        broadcast(&self.events, || FromAgent::Connected { round }).await;
+    }
+
+    /// Health, when connected. The gRPC channel reconnects by itself, so an agent restart
+    /// between two probes shows only as a generation that is not ours: push the full state
+    /// again.
+    async fn probe(&mut self) {
+        let Some(client) = &mut self.client else {
+            return;
+        };
+        let health = rpc(client.health(proto::v1::HealthRequest {})).await;
+        match health {
+            Ok(health) if self.synced.is_some_and(|g| g != health.generation) => {
+                tracing::info!(
+                    agent_generation = health.generation,
+                    ours = ?self.synced,
+                    "xdp-agent lost our state (restarted?); resyncing"
+                );
+                self.synced = None;
+                self.start_round().await;
+            }
+            // Any answer, even an error status, shows the agent is there.
+            Ok(_) | Err(RpcError::Rejected(_)) => {}
+            Err(error @ RpcError::Gone(_)) => self.lost(&error).await,
+        }
+    }
+
+    /// One batch of requests from the threads, as few RPCs as keep their order; without an
+    /// agent, or once it is lost midway, what is left is abandoned.
+    async fn handle_requests(&mut self, batch: impl Iterator<Item = ToAgent>) {
+        let ops = plan(batch, &mut self.pending);
+        if self.client.is_none() {
+            // RFC 8656 §12 leaves relaying to the server; without an agent it is ours.
+            return ops.abandon(&self.events).await;
+        }
+        let mut ops = ops.0.into_iter();
+        // In arrival order: an Install followed by the Remove of the same binding (a
+        // ChannelBind, then at once a Refresh with lifetime 0) must not leave it installed.
+        for op in ops.by_ref() {
+            match self.send(op).await {
+                Ok(()) => {}
+                Err(error @ RpcError::Gone(_)) => {
+                    Ops(ops.collect()).abandon(&self.events).await;
+                    return self.lost(&error).await;
+                }
+                // A refused request (a full map, say) fails alone.
+                Err(RpcError::Rejected(reason)) => {
+                    metrics::counter!(name::AGENT_RPC_ERRORS).increment(1);
+                    tracing::warn!(%reason, "xdp-agent refused a request");
+                }
+            }
+        }
+    }
+
+    /// One RPC; installs are answered to their threads.
+    async fn send(&mut self, op: Op) -> Result<(), RpcError> {
+        let Some(client) = &mut self.client else {
+            return Err(RpcError::Gone("not connected".to_owned()));
+        };
+        match op {
+            Op::Remove(bindings) => {
+                let request = proto::v1::RemoveChannelBindingRequest {
+                    bindings: wire(bindings.iter()),
+                };
+                rpc(client.remove_channel_binding(request)).await.map(drop)
+            }
+            Op::Add(installs) => {
+                let request = proto::v1::AddChannelBindingRequest {
+                    bindings: wire(installs.iter().map(|(_, b)| b)),
+                };
+                let result = rpc(client.add_channel_binding(request)).await.map(drop);
+                let answer_with = result.clone().map_err(OffloadError::from);
+                for (thread, b) in installs {
+                    answer(&self.events, thread, b, answer_with.clone()).await;
+                }
+                result
+            }
+            // Sync replaces everything under a new generation, so entries of a previous run
+            // of either daemon do not linger.
+            Op::Sync(all) => {
+                self.generation += 1;
+                let generation = self.generation;
+                let request = proto::v1::SyncRequest {
+                    generation,
+                    bindings: wire(all.iter()),
+                };
+                rpc(client.sync(request)).await?;
+                self.synced = Some(generation);
+                tracing::info!(
+                    bindings = all.len(),
+                    generation,
+                    "full sync sent to xdp-agent"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// The agent is gone: the threads relay in user space, what was held for a sync round
+    /// is abandoned, and the next connection attempt starts at once.
+    async fn lost(&mut self, error: &RpcError) {
+        metrics::counter!(name::AGENT_RPC_ERRORS).increment(1);
+        metrics::gauge!(name::AGENT_CONNECTED).set(0.0);
+        tracing::warn!(
+            agent = %self.path.display(),
+            %error,
+            "lost the xdp-agent; relaying in user space until it is back"
+        );
+        self.client = None;
+        broadcast(&self.events, || FromAgent::Disconnected).await;
+        if let Some(p) = self.pending.take() {
+            let mut ops = Ops::default();
+            for request in p.held {
+                ops.request(request);
+            }
+            ops.abandon(&self.events).await;
+        }
+        self.next_attempt = Instant::now();
+    }
 }
 
 /// The [`ToAgent::Sync`] parts collected after a (re)connect, one per thread, and what the
@@ -90,24 +338,13 @@ struct PendingSync {
 }
 
 impl PendingSync {
-    /// A new round of `shards` parts; requests held for an unfinished earlier round stay
+    /// A new round of `threads` parts; requests held for an unfinished earlier round stay
     /// held (the new parts reflect them, and they are answered after the new Sync).
-    fn start(earlier: Option<PendingSync>, round: u64, shards: usize) -> Self {
+    fn start(earlier: Option<PendingSync>, round: u64, threads: usize) -> Self {
         Self {
             round,
-            parts: (0..shards).map(|_| None).collect(),
+            parts: (0..threads).map(|_| None).collect(),
             held: earlier.map(|p| p.held).unwrap_or_default(),
-        }
-    }
-
-    /// The connection is gone: what was held is abandoned (see [`Ops::abandon`]).
-    async fn abandon(pending: &mut Option<PendingSync>, events: &[mpsc::Sender<FromAgent>]) {
-        if let Some(p) = pending.take() {
-            let mut ops = Ops::default();
-            for request in p.held {
-                ops.request(request);
-            }
-            ops.abandon(events, &OffloadError::Unavailable).await;
         }
     }
 
@@ -125,173 +362,6 @@ impl PendingSync {
     }
 }
 
-/// Sends `event` to every event-loop thread.
-async fn broadcast(events: &[mpsc::Sender<FromAgent>], event: impl Fn() -> FromAgent) {
-    for tx in events {
-        let _ = tx.send(event()).await;
-    }
-}
-
-/// Runs the link until `requests` closes (after every thread's shutdown drain), then
-/// returns once what was queued has been sent or dropped. `events[i]` reaches thread `i`.
-pub async fn run(
-    path: PathBuf,
-    data_plane: DataPlane,
-    mut requests: mpsc::Receiver<ToAgent>,
-    events: Vec<mpsc::Sender<FromAgent>>,
-) {
-    // Sync generations grow across restarts of this daemon too.
-    let mut generation = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs());
-    // The generation of our last successful Sync, compared with the agent's Health.
-    let mut synced: Option<u64> = None;
-    let mut backoff = BACKOFF.0;
-    let mut client: Option<proto::DataPlaneClient> = None;
-    let mut next_attempt = tokio::time::Instant::now();
-    let mut buf = Vec::with_capacity(MAX_BATCH);
-    let mut pending: Option<PendingSync> = None;
-    let mut round: u64 = 0;
-    loop {
-        if client.is_none() && tokio::time::Instant::now() >= next_attempt {
-            match tokio::time::timeout(RPC_TIMEOUT, proto::connect(path.clone())).await {
-                Ok(Ok(mut c)) => {
-                    tracing::info!(agent = %path.display(), "connected to xdp-agent");
-                    if let Err(error) = set_config(&mut c, &data_plane).await {
-                        metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
-                        tracing::warn!(%error, "xdp-agent SetConfig failed");
-                    }
-                    client = Some(c);
-                    synced = None;
-                    backoff = BACKOFF.0;
-                    metrics::gauge!(crate::metrics::name::AGENT_CONNECTED).set(1.0);
-                    round += 1;
-                    pending = Some(PendingSync::start(pending.take(), round, events.len()));
-                    broadcast(&events, || FromAgent::Connected { round }).await;
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(agent = %path.display(), error = %error_chain(&error), "xdp-agent unreachable");
-                }
-                Err(_) => tracing::debug!(agent = %path.display(), "xdp-agent connect timed out"),
-            }
-            if client.is_none() {
-                next_attempt = tokio::time::Instant::now() + backoff;
-                backoff = (backoff * 2).min(BACKOFF.1);
-            }
-        }
-        let wake = if client.is_some() {
-            tokio::time::Instant::now() + PROBE_INTERVAL
-        } else {
-            next_attempt
-        };
-        buf.clear();
-        tokio::select! {
-            n = requests.recv_many(&mut buf, MAX_BATCH) => {
-                if n == 0 {
-                    return;
-                }
-            }
-            () = tokio::time::sleep_until(wake) => {
-                if let Some(c) = &mut client {
-                    match probe(c).await {
-                        Err(error) => {
-                            lost(&mut client, &events, &path, &error).await;
-                            PendingSync::abandon(&mut pending, &events).await;
-                            next_attempt = tokio::time::Instant::now();
-                        }
-                        // The gRPC channel reconnects by itself, so an agent restart
-                        // between two probes shows only as a generation that is not ours:
-                        // push the full state again.
-                        Ok(Some(agent_generation)) if synced.is_some_and(|g| g != agent_generation) => {
-                            tracing::info!(agent_generation, ours = ?synced, "xdp-agent lost our state (restarted?); resyncing");
-                            synced = None;
-                            round += 1;
-                            pending = Some(PendingSync::start(pending.take(), round, events.len()));
-                            broadcast(&events, || FromAgent::Connected { round }).await;
-                        }
-                        Ok(_) => {}
-                    }
-                }
-                continue;
-            }
-        }
-        let ops = plan(buf.drain(..), &mut pending);
-        let Some(c) = &mut client else {
-            // RFC 8656 §12 leaves relaying to the server; without an agent it is ours.
-            ops.abandon(&events, &OffloadError::Unavailable).await;
-            continue;
-        };
-        let mut failure = None;
-        let mut ops = ops.0.into_iter();
-        // In arrival order: an Install followed by the Remove of the same binding (a
-        // ChannelBind, then at once a Refresh with lifetime 0) must not leave it installed.
-        for op in ops.by_ref() {
-            let result = match op {
-                Op::Remove(bindings) => call(c, Call::Remove, &bindings).await,
-                Op::Sync(all) => {
-                    generation += 1;
-                    match sync(c, generation, &all).await {
-                        Ok(SyncKind::Generation) => {
-                            synced = Some(generation);
-                            tracing::info!(
-                                bindings = all.len(),
-                                generation,
-                                "full sync sent to xdp-agent"
-                            );
-                            Ok(())
-                        }
-                        Ok(SyncKind::AddOnly) => {
-                            tracing::info!(
-                                bindings = all.len(),
-                                "full state added to xdp-agent (no Sync RPC)"
-                            );
-                            Ok(())
-                        }
-                        Err(error) => Err(error),
-                    }
-                }
-                Op::Add(installs) => {
-                    let bindings: Vec<ChannelBinding> = installs.iter().map(|(_, b)| *b).collect();
-                    let result = call(c, Call::Add, &bindings).await;
-                    let answer_with = match &result {
-                        Ok(()) => Ok(()),
-                        Err(RpcError::Rejected(reason)) => {
-                            Err(OffloadError::Rejected(reason.clone()))
-                        }
-                        Err(RpcError::Gone(_)) => Err(OffloadError::Unavailable),
-                    };
-                    for (shard, b) in installs {
-                        answer(&events, shard, b, answer_with.clone()).await;
-                    }
-                    result
-                }
-            };
-            match result {
-                Ok(()) => {}
-                Err(error @ RpcError::Gone(_)) => {
-                    failure = Some(error);
-                    break;
-                }
-                // A refused request (a full map, say) fails alone.
-                Err(RpcError::Rejected(reason)) => {
-                    metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
-                    tracing::warn!(%reason, "xdp-agent refused a request");
-                }
-            }
-        }
-        if failure.is_some() {
-            Ops(ops.collect())
-                .abandon(&events, &OffloadError::Unavailable)
-                .await;
-        }
-        if let Some(error) = failure {
-            lost(&mut client, &events, &path, &error).await;
-            PendingSync::abandon(&mut pending, &events).await;
-            next_attempt = tokio::time::Instant::now();
-        }
-    }
-}
-
 /// The RPCs for a batch of requests, in arrival order, with a sync round's parts gathered
 /// into `pending` and, once every thread's part of the current round is in, one Sync
 /// followed by what was held back for it.
@@ -301,13 +371,13 @@ fn plan(requests: impl Iterator<Item = ToAgent>, pending: &mut Option<PendingSyn
         match (request, pending.as_mut()) {
             (
                 ToAgent::Sync {
-                    shard,
+                    thread,
                     round,
                     bindings,
                 },
                 Some(p),
             ) if round == p.round => {
-                if let Some(part) = p.parts.get_mut(shard) {
+                if let Some(part) = p.parts.get_mut(thread) {
                     *part = Some(bindings);
                 }
                 if let Some(all) = p.take_union() {
@@ -350,13 +420,13 @@ impl Ops {
 
     fn request(&mut self, request: ToAgent) {
         match (request, self.0.last_mut()) {
-            (ToAgent::Install { shard, binding }, Some(Op::Add(installs)))
+            (ToAgent::Install { thread, binding }, Some(Op::Add(installs)))
                 if installs.len() < MAX_BATCH =>
             {
-                installs.push((shard, binding));
+                installs.push((thread, binding));
             }
-            (ToAgent::Install { shard, binding }, _) => {
-                self.0.push(Op::Add(vec![(shard, binding)]))
+            (ToAgent::Install { thread, binding }, _) => {
+                self.0.push(Op::Add(vec![(thread, binding)]))
             }
             (ToAgent::Remove(binding), Some(Op::Remove(removes))) if removes.len() < MAX_BATCH => {
                 removes.push(binding);
@@ -366,16 +436,16 @@ impl Ops {
         }
     }
 
-    /// Nothing more goes to the agent: installs are answered with `error` (user space
+    /// Nothing more goes to the agent: installs are answered as unavailable (user space
     /// relays those channels); removals are dropped, since the full sync on reconnect
     /// replaces the agent's state.
-    async fn abandon(self, events: &[mpsc::Sender<FromAgent>], error: &OffloadError) {
+    async fn abandon(self, events: &[mpsc::Sender<FromAgent>]) {
         let mut dropped = 0;
         for op in self.0 {
             match op {
                 Op::Add(installs) => {
-                    for (shard, b) in installs {
-                        answer(events, shard, b, Err(error.clone())).await;
+                    for (thread, b) in installs {
+                        answer(events, thread, b, Err(OffloadError::Unavailable)).await;
                     }
                 }
                 Op::Remove(removes) => dropped += removes.len(),
@@ -389,12 +459,6 @@ impl Ops {
             );
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Call {
-    Add,
-    Remove,
 }
 
 #[derive(Debug, Clone)]
@@ -414,153 +478,85 @@ impl std::fmt::Display for RpcError {
     }
 }
 
-async fn call(
-    client: &mut proto::DataPlaneClient,
-    call: Call,
-    bindings: &[ChannelBinding],
-) -> Result<(), RpcError> {
-    let bindings: Vec<proto::v1::ChannelBinding> = bindings.iter().map(to_proto).collect();
-    let result = match call {
-        Call::Add => {
-            let request = proto::v1::AddChannelBindingRequest { bindings };
-            tokio::time::timeout(RPC_TIMEOUT, client.add_channel_binding(request))
-                .await
-                .map(|r| r.map(drop))
-        }
-        Call::Remove => {
-            let request = proto::v1::RemoveChannelBindingRequest { bindings };
-            tokio::time::timeout(RPC_TIMEOUT, client.remove_channel_binding(request))
-                .await
-                .map(|r| r.map(drop))
-        }
-    };
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(status)) => Err(classify(&status)),
-        Err(_) => Err(RpcError::Gone("timed out".to_owned())),
-    }
-}
-
-/// Health: `Some(generation)` the agent holds, `None` when it cannot say.
-async fn probe(client: &mut proto::DataPlaneClient) -> Result<Option<u64>, RpcError> {
-    match tokio::time::timeout(RPC_TIMEOUT, client.health(proto::v1::HealthRequest {})).await {
-        Ok(Ok(health)) => Ok(Some(health.into_inner().generation)),
-        // Any answer, even an error status, shows the agent is there.
-        Ok(Err(status)) => match classify(&status) {
-            RpcError::Rejected(_) => Ok(None),
-            gone => Err(gone),
-        },
-        Err(_) => Err(RpcError::Gone("timed out".to_owned())),
-    }
-}
-
-/// How the full state went over.
-#[derive(Debug, Clone, Copy)]
-enum SyncKind {
-    /// Sync: the agent holds exactly this state under our generation.
-    Generation,
-    /// AddChannelBinding: an agent without Sync; stale entries may remain.
-    AddOnly,
-}
-
-/// The full state (Sync replaces everything under a new generation, so entries of a previous
-/// run of either daemon do not linger); AddChannelBinding when the agent predates Sync.
-async fn sync(
-    client: &mut proto::DataPlaneClient,
-    generation: u64,
-    bindings: &[ChannelBinding],
-) -> Result<SyncKind, RpcError> {
-    let request = proto::v1::SyncRequest {
-        generation,
-        bindings: bindings.iter().map(to_proto).collect(),
-    };
-    match tokio::time::timeout(RPC_TIMEOUT, client.sync(request)).await {
-        Ok(Ok(_)) => Ok(SyncKind::Generation),
-        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-            if !bindings.is_empty() {
-                call(client, Call::Add, bindings).await?;
+impl From<tonic::Status> for RpcError {
+    fn from(status: tonic::Status) -> Self {
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+                RpcError::Gone(status.message().to_owned())
             }
-            Ok(SyncKind::AddOnly)
+            _ => RpcError::Rejected(format!("{}: {}", status.code(), status.message())),
         }
-        Ok(Err(status)) => Err(classify(&status)),
+    }
+}
+
+/// What a thread hears of an install that failed.
+impl From<RpcError> for OffloadError {
+    fn from(error: RpcError) -> Self {
+        match error {
+            RpcError::Rejected(reason) => OffloadError::Rejected(reason),
+            RpcError::Gone(_) => OffloadError::Unavailable,
+        }
+    }
+}
+
+/// One RPC under [`RPC_TIMEOUT`]; a timeout counts as the agent gone.
+async fn rpc<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, RpcError> {
+    match tokio::time::timeout(RPC_TIMEOUT, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(status.into()),
         Err(_) => Err(RpcError::Gone("timed out".to_owned())),
     }
 }
 
-async fn set_config(client: &mut proto::DataPlaneClient, dp: &DataPlane) -> Result<(), RpcError> {
-    let request = proto::v1::SetConfigRequest {
-        listen_port: Some(u32::from(dp.listen_port)),
-        port_min: Some(u32::from(*dp.ports.start())),
-        port_max: Some(u32::from(*dp.ports.end())),
-        relay_ipv4: dp.relay_v4.map(|ip| ip.to_string()),
-        relay_ipv6: dp.relay_v6.map(|ip| ip.to_string()),
-        tail_adjust: None,
-    };
-    match tokio::time::timeout(RPC_TIMEOUT, client.set_config(request)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) => Err(classify(&status)),
-        Err(_) => Err(RpcError::Gone("timed out".to_owned())),
-    }
-}
-
-fn classify(status: &tonic::Status) -> RpcError {
-    match status.code() {
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
-            RpcError::Gone(status.message().to_owned())
+impl From<&DataPlaneConfig> for proto::v1::SetConfigRequest {
+    fn from(config: &DataPlaneConfig) -> Self {
+        Self {
+            listen_port: Some(u32::from(config.listen_port)),
+            port_min: Some(u32::from(*config.ports.start())),
+            port_max: Some(u32::from(*config.ports.end())),
+            relay_ipv4: config.relay_ipv4.map(|ip| ip.to_string()),
+            relay_ipv6: config.relay_ipv6.map(|ip| ip.to_string()),
+            tail_adjust: None,
         }
-        _ => RpcError::Rejected(format!("{}: {}", status.code(), status.message())),
     }
 }
 
-async fn lost(
-    client: &mut Option<proto::DataPlaneClient>,
-    events: &[mpsc::Sender<FromAgent>],
-    path: &std::path::Path,
-    error: &RpcError,
-) {
-    metrics::counter!(crate::metrics::name::AGENT_RPC_ERRORS).increment(1);
-    metrics::gauge!(crate::metrics::name::AGENT_CONNECTED).set(0.0);
-    tracing::warn!(agent = %path.display(), %error, "lost the xdp-agent; relaying in user space until it is back");
-    *client = None;
-    broadcast(events, || FromAgent::Disconnected).await;
+/// The wire form of bindings (proto/xdp_agent.proto).
+fn wire<'a>(bindings: impl Iterator<Item = &'a ChannelBinding>) -> Vec<proto::v1::ChannelBinding> {
+    bindings
+        .map(|b| proto::v1::ChannelBinding {
+            client: b.client.0.to_string(),
+            channel: u32::from(b.channel.value()),
+            peer: b.peer.0.to_string(),
+            allocation_port: u32::from(b.relay.port().0),
+        })
+        .collect()
+}
+
+/// Sends `event` to every event-loop thread.
+async fn broadcast(events: &[mpsc::Sender<FromAgent>], event: impl Fn() -> FromAgent) {
+    for tx in events {
+        let _ = tx.send(event()).await;
+    }
 }
 
 /// The outcome of an install, to the thread that asked.
 async fn answer(
     events: &[mpsc::Sender<FromAgent>],
-    shard: usize,
+    thread: usize,
     binding: ChannelBinding,
     result: Result<(), OffloadError>,
 ) {
-    if let Some(tx) = events.get(shard) {
+    if let Some(tx) = events.get(thread) {
         let _ = tx.send(FromAgent::Installed(binding, result)).await;
     }
 }
 
-/// The wire form of a binding (proto/xdp_agent.proto).
-pub fn to_proto(b: &ChannelBinding) -> proto::v1::ChannelBinding {
-    proto::v1::ChannelBinding {
-        client: b.client.0.to_string(),
-        channel: u32::from(b.channel.value()),
-        peer: b.peer.0.to_string(),
-        allocation_port: u32::from(b.relay.port().0),
-    }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use turn_core::{ChannelNumber, ClientAddr, PeerAddr, RelayAddr, Transport};
+    use turn_control_core::{ChannelNumber, ClientAddr, PeerAddr, RelayAddr, Transport};
 
     use super::*;
 
@@ -592,17 +588,17 @@ mod tests {
         let mut ops = Ops::default();
         for request in [
             ToAgent::Install {
-                shard: 0,
+                thread: 0,
                 binding: binding(0x4000),
             },
             ToAgent::Install {
-                shard: 1,
+                thread: 1,
                 binding: binding(0x4001),
             },
             ToAgent::Remove(binding(0x4000)),
             ToAgent::Remove(binding(0x4001)),
             ToAgent::Install {
-                shard: 0,
+                thread: 0,
                 binding: binding(0x4000),
             },
         ] {
@@ -623,7 +619,7 @@ mod tests {
         let mut ops = Ops::default();
         for i in 0..(MAX_BATCH as u16 + 1) {
             ops.request(ToAgent::Install {
-                shard: 0,
+                thread: 0,
                 binding: binding(0x4000 + i),
             });
         }
@@ -631,16 +627,16 @@ mod tests {
         assert_eq!(sizes, vec![MAX_BATCH, 1]);
     }
 
-    fn install(shard: usize, channel: u16) -> ToAgent {
+    fn install(thread: usize, channel: u16) -> ToAgent {
         ToAgent::Install {
-            shard,
+            thread,
             binding: binding(channel),
         }
     }
 
-    fn part(shard: usize, round: u64, channels: &[u16]) -> ToAgent {
+    fn part(thread: usize, round: u64, channels: &[u16]) -> ToAgent {
         ToAgent::Sync {
-            shard,
+            thread,
             round,
             bindings: channels.iter().map(|&c| binding(c)).collect(),
         }

@@ -1,6 +1,6 @@
-//! One shard's event loop (see [`crate::shards`]), on a thread of its own with a
-//! current-thread runtime, so a packet is read, decided and sent without leaving the thread:
-//! it owns a [`Server`], the shard's UDP sockets (its listener of each SO_REUSEPORT group and
+//! The event loop of one event-loop thread (see [`crate::threads`]), with a current-thread
+//! runtime of its own, so a packet is read, decided and sent without leaving the thread:
+//! it owns a [`Server`], the thread's UDP sockets (its listener of each SO_REUSEPORT group and
 //! one relay socket per allocation port), the single timer re-armed from
 //! [`Server::poll_timeout`], its TCP connection tasks, and its ends of the channels to the
 //! agent link and the main thread.
@@ -12,7 +12,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -23,46 +22,17 @@ use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use turn_core::{
-    ClientAddr, Command, Config, Credentials, Family, FiveTuple, OffloadError, PeerAddr,
-    QuotaLedger, RelayAddr, Server, Transmit, Transport,
+use turn_control_core::{
+    ClientAddr, Command, Config, Credentials, Family, OffloadError, PeerAddr, RelayAddr, Server,
+    Transmit, Transport,
 };
 
 use crate::agent::{FromAgent, ToAgent};
-use crate::config::{Settings, User};
+use crate::config::Settings;
 use crate::metrics::name;
-use crate::shards::{Control, Listeners, Report, ReportSlot};
+use crate::tcp::TcpEvent;
+use crate::threads::{Control, Listeners, Report, ReportSlot};
 use crate::udp::{self, RecvBatch};
-
-/// Messages from the TCP connection tasks.
-#[derive(Debug)]
-pub enum TcpEvent {
-    /// A client connected; frames for it go to `tx`.
-    Opened {
-        /// The listener.
-        local: SocketAddr,
-        /// The client.
-        client: SocketAddr,
-        /// Frames to write to the client.
-        tx: mpsc::Sender<Vec<u8>>,
-    },
-    /// One STUN or ChannelData frame from a client.
-    Frame {
-        /// The listener.
-        local: SocketAddr,
-        /// The client.
-        client: SocketAddr,
-        /// The frame.
-        frame: Vec<u8>,
-    },
-    /// A client's connection ended.
-    Closed {
-        /// The listener.
-        local: SocketAddr,
-        /// The client.
-        client: SocketAddr,
-    },
-}
 
 /// Sockets whose batches are read per round before the loop looks at timers and channels
 /// again.
@@ -95,10 +65,10 @@ enum Event {
     Udp { poll: bool },
 }
 
-/// What a shard starts with.
+/// What an event-loop thread starts with.
 #[derive(Debug)]
-pub struct Shard {
-    /// Its index among the shards.
+pub struct ThreadSetup {
+    /// Its index among the threads.
     pub index: usize,
     /// The daemon's settings.
     pub settings: Settings,
@@ -116,7 +86,7 @@ pub struct Shard {
     pub report: ReportSlot,
 }
 
-/// The event loop. Build with [`Eventloop::new`] inside the shard's runtime, then
+/// The event loop. Build with [`Eventloop::new`] inside the thread's runtime, then
 /// [`Eventloop::run`].
 #[derive(Debug)]
 pub struct Eventloop {
@@ -135,9 +105,6 @@ pub struct Eventloop {
     out: Vec<(usize, SocketAddr, Vec<u8>)>,
     tcp_conns: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>>,
     tcp_accept: Vec<JoinHandle<()>>,
-    /// The 5-tuple of each allocation port and how many relay sockets it holds (two for a
-    /// dual-stack allocation), for the shutdown drain.
-    allocations: HashMap<u16, (FiveTuple, u8)>,
     inbox_rx: mpsc::Receiver<TcpEvent>,
     inbox_tx: mpsc::Sender<TcpEvent>,
     agent: Option<mpsc::Sender<ToAgent>>,
@@ -148,9 +115,9 @@ pub struct Eventloop {
 }
 
 impl Eventloop {
-    /// Registers the shard's sockets and builds its core.
-    pub fn new(shard: Shard) -> anyhow::Result<Self> {
-        let Shard {
+    /// Registers the thread's sockets and builds its core.
+    pub fn new(setup: ThreadSetup) -> anyhow::Result<Self> {
+        let ThreadSetup {
             index,
             settings,
             core,
@@ -159,8 +126,8 @@ impl Eventloop {
             agent_events,
             control,
             report,
-        } = shard;
-        tracing::debug!(shard = index, ports = ?core.port_range, "event loop starting");
+        } = setup;
+        tracing::debug!(thread = index, ports = ?core.port_range, "event loop starting");
         let server = Server::new(core, Instant::now(), SystemTime::now())
             .context("protocol core configuration")?;
         let poll = mio::Poll::new().context("creating epoll instance")?;
@@ -182,7 +149,6 @@ impl Eventloop {
             out: Vec::new(),
             tcp_conns: HashMap::new(),
             tcp_accept: Vec::new(),
-            allocations: HashMap::new(),
             inbox_rx,
             inbox_tx,
             agent,
@@ -394,13 +360,6 @@ impl Eventloop {
                     };
                     self.server
                         .handle_client(now, Transport::Udp, local, ClientAddr(from), data);
-                    // Drained per input: a BindRelayPort belongs to this client's 5-tuple.
-                    let tuple = FiveTuple {
-                        client: ClientAddr(from),
-                        server: local,
-                        transport: Transport::Udp,
-                    };
-                    self.commands(Some(tuple));
                 }
             }
             Role::Relay(relay) => {
@@ -415,10 +374,10 @@ impl Eventloop {
         }
     }
 
-    /// Carries out the core's commands, then sends its transmits (the poll order of
-    /// [`Server`]).
+    /// Carries out the core's commands and sends its transmits (the core holds back any
+    /// response whose side effect is not confirmed, so the order does not matter).
     fn flush(&mut self) {
-        self.commands(None);
+        self.commands();
         while let Some(transmit) = self.server.poll_transmit() {
             match transmit {
                 Transmit::ToClient {
@@ -488,14 +447,14 @@ impl Eventloop {
         self.out.clear();
     }
 
-    fn commands(&mut self, tuple: Option<FiveTuple>) {
+    fn commands(&mut self) {
         while let Some(command) = self.server.poll_command() {
             match command {
-                Command::BindRelayPort { relay } => self.bind_relay(relay, tuple),
+                Command::BindRelayPort { relay } => self.bind_relay(relay),
                 Command::FreeRelayPort { relay } => self.free_relay(relay),
                 Command::InstallChannel { binding } => {
                     let request = ToAgent::Install {
-                        shard: self.index,
+                        thread: self.index,
                         binding,
                     };
                     let sent = self.agent_connected
@@ -527,14 +486,15 @@ impl Eventloop {
 
     fn bind_ip(&self, family: Family) -> Option<IpAddr> {
         match family {
-            Family::V4 => self.settings.relay_v4.map(IpAddr::V4),
-            Family::V6 => self.settings.relay_v6.map(IpAddr::V6),
+            Family::V4 => self.settings.relay_ipv4.map(IpAddr::V4),
+            Family::V6 => self.settings.relay_ipv6.map(IpAddr::V6),
         }
     }
 
     /// Opens the relay socket of `relay` on the relay address of its family (which differs
     /// from `relay` behind a 1:1 NAT, where `relay` carries the external address).
-    fn bind_relay(&mut self, relay: RelayAddr, tuple: Option<FiveTuple>) {
+    /// Answers the core either way: [`Server::relay_bound`] releases the Allocate success.
+    fn bind_relay(&mut self, relay: RelayAddr) {
         let family = relay.family();
         let port = relay.0.port();
         let result = self
@@ -553,15 +513,13 @@ impl Eventloop {
                 if let Some(old) = self.relays.insert((family, port), slot) {
                     self.remove(old);
                 }
-                if let Some(tuple) = tuple {
-                    self.allocations.entry(port).or_insert((tuple, 0)).1 += 1;
-                }
                 tracing::debug!(%relay, "relay socket bound");
+                self.server.relay_bound(Instant::now(), relay);
             }
             Err(error) => {
                 metrics::counter!(name::RELAY_BIND_FAILURES).increment(1);
                 tracing::info!(%relay, %error, "relay port bind failed; the allocation moves to another port");
-                self.server.relay_bind_failed(Instant::now(), relay);
+                self.server.relay_bind_failed(relay);
             }
         }
     }
@@ -574,12 +532,6 @@ impl Eventloop {
         };
         self.remove(slot);
         tracing::debug!(%relay, "relay socket closed");
-        if let Some(entry) = self.allocations.get_mut(&port) {
-            entry.1 = entry.1.saturating_sub(1);
-            if entry.1 == 0 {
-                self.allocations.remove(&port);
-            }
-        }
     }
 
     fn tcp_event(&mut self, msg: TcpEvent) {
@@ -595,11 +547,6 @@ impl Eventloop {
                 let now = Instant::now();
                 self.server
                     .handle_client(now, Transport::Tcp, local, ClientAddr(client), &frame);
-                self.commands(Some(FiveTuple {
-                    client: ClientAddr(client),
-                    server: local,
-                    transport: Transport::Tcp,
-                }));
             }
             TcpEvent::Closed { local, client } => {
                 self.tcp_conns.remove(&(local, client));
@@ -624,7 +571,7 @@ impl Eventloop {
                     .filter(|b| b.transport == Transport::Udp)
                     .collect();
                 let part = ToAgent::Sync {
-                    shard: self.index,
+                    thread: self.index,
                     round,
                     bindings,
                 };
@@ -641,16 +588,13 @@ impl Eventloop {
     /// SIGHUP (validated by the main thread): users, REST secrets and peer lists.
     fn reload(&mut self, credentials: Credentials, allow_peer: Vec<IpNet>, deny_peer: Vec<IpNet>) {
         if let Err(error) = self.server.set_credentials(credentials) {
-            tracing::error!(shard = self.index, %error, "reload refused; keeping the running credentials");
+            tracing::error!(thread = self.index, %error, "reload refused; keeping the running credentials");
         }
         self.server.set_peer_lists(allow_peer, deny_peer);
     }
 
     fn publish(&self) {
-        let mut report = self
-            .report
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut report = daemon::lock(&self.report);
         *report = Report {
             stats: self.server.stats().clone(),
             tcp_connections: self.tcp_conns.len(),
@@ -660,7 +604,7 @@ impl Eventloop {
 
     fn drain(&mut self) {
         tracing::debug!(
-            shard = self.index,
+            thread = self.index,
             allocations = self.server.allocation_count(),
             "draining"
         );
@@ -671,66 +615,12 @@ impl Eventloop {
         for slot in listeners {
             self.remove(slot);
         }
-        let tuples: Vec<FiveTuple> = self.allocations.values().map(|(t, _)| *t).collect();
-        for tuple in tuples {
-            self.server
-                .handle_client_closed(tuple.transport, tuple.server, tuple.client);
-            self.commands(None);
-        }
+        // Every allocation ends: its channels leave the kernel, its sockets close.
+        self.server.shutdown();
         self.flush();
         self.tcp_conns.clear();
         self.publish();
-        // The agent link ends once every shard dropped its sender.
+        // The agent link ends once every thread dropped its sender.
         self.agent = None;
     }
-}
-
-/// Shard `index` of `shards`' core configuration from the daemon's settings: the shared
-/// `seed` (one nonce key for all) and `quotas`, its own slice of the port range.
-pub fn core_config(
-    settings: &Settings,
-    dev_user: Option<&User>,
-    seed: [u8; 32],
-    (index, shards): (usize, usize),
-    quotas: &Arc<QuotaLedger>,
-) -> Config {
-    let mut config = Config::new(settings.realm.clone(), seed);
-    config.software = Some(concat!("turn-control ", env!("CARGO_PKG_VERSION")).to_owned());
-    config.credentials = credentials(settings, dev_user);
-    // Behind a 1:1 NAT the core announces the external address (XOR-RELAYED-ADDRESS); the
-    // daemon maps it back to the relay address when binding and reading sockets.
-    config.relay_ipv4 = settings.external_v4.or(settings.relay_v4);
-    config.relay_ipv6 = settings.external_v6.or(settings.relay_v6);
-    config.listeners = settings.listen.clone();
-    config.own_addresses = settings
-        .relay_v4
-        .map(IpAddr::V4)
-        .into_iter()
-        .chain(settings.relay_v6.map(IpAddr::V6))
-        .collect();
-    config.port_range = crate::shards::port_slice(&settings.ports, index, shards);
-    config.user_quota = settings.user_quota;
-    config.total_quota = settings.total_quota;
-    config.quotas = Arc::clone(quotas);
-    config.core_index = index as u32;
-    // The 401 cap is per core; split it so that the host-wide cap stays as documented.
-    config.unauthorized_rate = config
-        .unauthorized_rate
-        .map(|rate| rate.div_ceil(shards as u32).max(1));
-    config.allow_peers = settings.allow_peer.clone();
-    config.deny_peers = settings.deny_peer.clone();
-    config.allow_loopback_peers = settings.dev;
-    config
-}
-
-/// Static users (and the development user) and REST secrets of `settings`.
-pub fn credentials(settings: &Settings, dev_user: Option<&User>) -> Credentials {
-    let mut credentials = Credentials::new(settings.realm.clone());
-    for user in settings.users.iter().chain(dev_user) {
-        credentials = credentials.with_user(user.name.clone(), &user.password);
-    }
-    if let Some(secret) = &settings.auth_secret {
-        credentials = credentials.with_rest_secret(secret.as_bytes().to_vec());
-    }
-    credentials
 }

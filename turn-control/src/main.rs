@@ -1,27 +1,25 @@
-//! `turn-control`: the TURN relay daemon (RFC 8656). It runs the sans-IO `turn-core` in one
-//! event loop per core ([`shards`]) with batched UDP I/O and TURN over TCP; the main thread
+//! `turn-control`: the TURN relay daemon (RFC 8656). It runs the sans-IO `turn-control-core` in one
+//! event loop per thread ([`threads`]) with batched UDP I/O and TURN over TCP; the main thread
 //! handles signals, Prometheus metrics and the gRPC link to the xdp-agent.
 
 mod agent;
 mod config;
 mod eventloop;
 mod metrics;
-mod shards;
 mod tcp;
+mod threads;
 mod udp;
 
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tracing_subscriber::EnvFilter;
 
-use crate::config::{Cli, LogFormat, Settings, User};
-use crate::shards::{Control, ReportSlot};
+use crate::config::{Cli, Settings, User};
+use crate::threads::{Control, ReportSlot};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -55,13 +53,18 @@ const AGENT_DRAIN: Duration = Duration::from_secs(3);
 fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(&cli)?;
     if cli.print_config {
-        print!("{}", settings.to_toml());
+        print!("{}", settings.to_toml()?);
         return Ok(());
     }
     init_tracing(&settings)?;
-    let shard_count = settings.threads;
+    let threads = settings.threads;
     // Everything that can fail on bad input fails here, before any thread starts.
-    let listeners = shards::bind_listeners(&settings, shard_count)?;
+    let listeners = threads::bind_listeners(
+        &settings.listen,
+        settings.tcp,
+        settings.listener_buffer_bytes,
+        threads,
+    )?;
     let dev_user = settings.dev.then(dev_credential).transpose()?;
     let mut seed = [0u8; 32];
     {
@@ -70,20 +73,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .try_fill_bytes(&mut seed)
             .context("seeding the random number generator from the OS")?;
     }
-    let quotas = turn_core::QuotaLedger::shared();
-    for index in 0..shard_count {
-        let config = eventloop::core_config(
-            &settings,
-            dev_user.as_ref(),
-            seed,
-            (index, shard_count),
-            &quotas,
-        );
-        turn_core::Server::new(config, Instant::now(), SystemTime::now())
+    let quotas = turn_control_core::QuotaLedger::shared();
+    for index in 0..threads {
+        settings
+            .core_config(dev_user.as_ref(), seed, (index, threads), &quotas)
+            .validate()
             .context("protocol core configuration")?;
     }
-    // The main thread: signals, metrics, the agent link. The shards have threads of their
-    // own.
+    // The main thread: signals, metrics, the agent link. The event loops have threads
+    // of their own.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -110,15 +108,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(
             listen = ?settings.listen,
             tcp = settings.tcp,
-            relay_v4 = ?settings.relay_v4,
-            relay_v6 = ?settings.relay_v6,
-            external_v4 = ?settings.external_v4,
-            external_v6 = ?settings.external_v6,
-            ports = ?settings.ports,
+            relay_ipv4 = ?settings.relay_ipv4,
+            relay_ipv6 = ?settings.relay_ipv6,
+            external_ipv4 = ?settings.external_ipv4,
+            external_ipv6 = ?settings.external_ipv6,
+            ports = %settings.ports,
             realm = %settings.realm,
             metrics = ?settings.metrics,
             agent = ?settings.agent,
-            threads = shard_count,
+            threads,
             "relay ready"
         );
         supervisor.run(signals).await
@@ -142,19 +140,19 @@ impl Signals {
     }
 }
 
-/// The main thread's side of the shards: their control channels, reports and threads, and
-/// the agent link they share.
+/// The main thread's side of the event-loop threads: their control channels, reports and
+/// join handles, and the agent link they share.
 struct Supervisor {
     cli: Cli,
     settings: Settings,
     dev_user: Option<User>,
     controls: Vec<mpsc::UnboundedSender<Control>>,
     reports: Vec<ReportSlot>,
-    /// One message per shard thread when it ends: its index and whether it panicked.
+    /// One message per event-loop thread when it ends: its index and whether it panicked.
     ended: mpsc::UnboundedReceiver<(usize, bool)>,
     threads: Vec<std::thread::JoinHandle<()>>,
     agent_task: Option<tokio::task::JoinHandle<()>>,
-    /// Without an agent: keeps the shards' agent channels open (and silent).
+    /// Without an agent: keeps the threads' agent channels open (and silent).
     _no_agent_events: Vec<mpsc::Sender<agent::FromAgent>>,
 }
 
@@ -163,14 +161,14 @@ impl Supervisor {
         cli: Cli,
         settings: Settings,
         dev_user: Option<User>,
-        listeners: Vec<shards::Listeners>,
+        listeners: Vec<threads::Listeners>,
         seed: [u8; 32],
-        quotas: &std::sync::Arc<turn_core::QuotaLedger>,
+        quotas: &std::sync::Arc<turn_control_core::QuotaLedger>,
     ) -> anyhow::Result<Self> {
-        let shard_count = listeners.len();
-        let mut agent_events = Vec::with_capacity(shard_count);
-        let mut agent_receivers = Vec::with_capacity(shard_count);
-        for _ in 0..shard_count {
+        let thread_count = listeners.len();
+        let mut agent_events = Vec::with_capacity(thread_count);
+        let mut agent_receivers = Vec::with_capacity(thread_count);
+        for _ in 0..thread_count {
             let (tx, rx) = mpsc::channel(4096);
             agent_events.push(tx);
             agent_receivers.push(rx);
@@ -179,14 +177,14 @@ impl Supervisor {
         let (agent_tx, agent_task) = match settings.agent.clone() {
             Some(path) => {
                 let (tx, rx) = mpsc::channel(65536);
-                let data_plane = agent::DataPlane {
+                let data_plane = agent::DataPlaneConfig {
                     listen_port: settings
                         .listen
                         .first()
                         .map_or(config::DEFAULT_PORT, |a| a.port()),
-                    ports: settings.ports.clone(),
-                    relay_v4: settings.relay_v4,
-                    relay_v6: settings.relay_v6,
+                    ports: settings.ports.range(),
+                    relay_ipv4: settings.relay_ipv4,
+                    relay_ipv6: settings.relay_ipv6,
                 };
                 let task = tokio::spawn(agent::run(path, data_plane, rx, agent_events));
                 (Some(tx), Some(task))
@@ -201,10 +199,10 @@ impl Supervisor {
             cli,
             settings: settings.clone(),
             dev_user: dev_user.clone(),
-            controls: Vec::with_capacity(shard_count),
-            reports: Vec::with_capacity(shard_count),
+            controls: Vec::with_capacity(thread_count),
+            reports: Vec::with_capacity(thread_count),
             ended,
-            threads: Vec::with_capacity(shard_count),
+            threads: Vec::with_capacity(thread_count),
             agent_task,
             _no_agent_events: no_agent_events,
         };
@@ -213,15 +211,9 @@ impl Supervisor {
         {
             let (control_tx, control) = mpsc::unbounded_channel();
             let report = ReportSlot::default();
-            let shard = eventloop::Shard {
+            let setup = eventloop::ThreadSetup {
                 index,
-                core: eventloop::core_config(
-                    &settings,
-                    dev_user.as_ref(),
-                    seed,
-                    (index, shard_count),
-                    quotas,
-                ),
+                core: settings.core_config(dev_user.as_ref(), seed, (index, thread_count), quotas),
                 settings: settings.clone(),
                 listeners,
                 agent: agent_tx.clone(),
@@ -231,10 +223,10 @@ impl Supervisor {
             };
             let ended_tx = ended_tx.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("turn-shard-{index}"))
+                .name(format!("turn-thread-{index}"))
                 .spawn(move || {
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_shard(shard);
+                        run_thread(setup);
                     }));
                     let _ = ended_tx.send((index, outcome.is_err()));
                 })
@@ -246,7 +238,7 @@ impl Supervisor {
         Ok(this)
     }
 
-    /// Until SIGTERM/SIGINT (or a shard's end), then the drain: the shards delete their
+    /// Until SIGTERM/SIGINT (or a thread's end), then the drain: the threads delete their
     /// allocations, the agent link sends the last removals.
     async fn run(&mut self, mut signals: Signals) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -288,15 +280,11 @@ impl Supervisor {
         use metrics::name;
         ::metrics::gauge!(name::THREADS).set(self.reports.len() as f64);
         for (thread, slot) in self.reports.iter().enumerate() {
-            let allocations = slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .stats
-                .allocations_active;
+            let allocations = daemon::lock(slot).stats.allocations_active;
             ::metrics::gauge!(name::THREAD_ALLOCATIONS, "thread" => thread.to_string())
                 .set(allocations as f64);
         }
-        let total = shards::total(&self.reports);
+        let total = threads::total(&self.reports);
         metrics::publish(&total.stats);
         ::metrics::gauge!(metrics::name::TCP_CONNECTIONS).set(total.tcp_connections as f64);
         ::metrics::gauge!(metrics::name::RELAY_SOCKETS).set(total.relay_sockets as f64);
@@ -334,7 +322,7 @@ impl Supervisor {
         self.settings.auth_secret = new.auth_secret;
         self.settings.allow_peer = new.allow_peer;
         self.settings.deny_peer = new.deny_peer;
-        let credentials = eventloop::credentials(&self.settings, self.dev_user.as_ref());
+        let credentials = self.settings.credentials(self.dev_user.as_ref());
         for control in &self.controls {
             let _ = control.send(Control::Reload {
                 credentials: credentials.clone(),
@@ -353,38 +341,29 @@ impl Supervisor {
     }
 }
 
-/// A shard's thread: its own current-thread runtime running its event loop.
-fn run_shard(shard: eventloop::Shard) {
-    let index = shard.index;
+/// An event-loop thread: its own current-thread runtime running its event loop.
+fn run_thread(setup: eventloop::ThreadSetup) {
+    let index = setup.index;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            tracing::error!(shard = index, %error, "starting the event loop's runtime");
+            tracing::error!(thread = index, %error, "starting the event loop's runtime");
             return;
         }
     };
     runtime.block_on(async move {
-        match eventloop::Eventloop::new(shard) {
+        match eventloop::Eventloop::new(setup) {
             Ok(eventloop) => eventloop.run().await,
-            Err(error) => tracing::error!(shard = index, error = %format!("{error:#}"), "event loop failed to start"),
+            Err(error) => tracing::error!(thread = index, error = %format!("{error:#}"), "event loop failed to start"),
         }
     });
 }
 
 fn init_tracing(settings: &Settings) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&settings.log_level)
-        .map_err(|e| anyhow::anyhow!("log_level: \"{}\": {e}", settings.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match settings.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+    daemon::init_logging(&settings.log_level, settings.log_format).context("log_level")
 }
 
 /// A random password for the development user.

@@ -1,5 +1,5 @@
 //! TURN over TCP (RFC 8656 §3.1, §12.5): accept connections and split their streams into
-//! STUN and ChannelData frames with [`turn_core::frame_len`]. Connection tasks only frame
+//! STUN and ChannelData frames with [`turn_control_core::frame_len`]. Connection tasks only frame
 //! bytes and enforce stream hygiene (what a connection must send, and how fast); every
 //! TURN decision is the event loop's.
 //!
@@ -31,11 +31,40 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use turn_core::frame_len;
-use turn_core::framing::{FrameKind, frame_kind};
+use turn_control_core::frame_len;
+use turn_control_core::framing::{FrameKind, frame_kind};
 
-use crate::eventloop::TcpEvent;
 use crate::metrics::name;
+
+/// What the connection tasks report to their event loop.
+#[derive(Debug)]
+pub enum TcpEvent {
+    /// A client connected; frames for it go to `tx`.
+    Opened {
+        /// The listener.
+        local: SocketAddr,
+        /// The client.
+        client: SocketAddr,
+        /// Frames to write to the client.
+        tx: mpsc::Sender<Vec<u8>>,
+    },
+    /// One STUN or ChannelData frame from a client.
+    Frame {
+        /// The listener.
+        local: SocketAddr,
+        /// The client.
+        client: SocketAddr,
+        /// The frame.
+        frame: Vec<u8>,
+    },
+    /// A client's connection ended.
+    Closed {
+        /// The listener.
+        local: SocketAddr,
+        /// The client.
+        client: SocketAddr,
+    },
+}
 
 /// Frames queued towards one client before further ones are dropped (a client that does
 /// not read its stream loses relayed data, as it would over UDP).
@@ -144,6 +173,8 @@ impl Deadlines {
     }
 }
 
+/// One connection: frames from the client go to the event loop, frames from the event loop
+/// to the client, until either side ends it or a deadline of [`Deadlines`] passes.
 async fn connection(
     stream: TcpStream,
     local: SocketAddr,
@@ -168,53 +199,21 @@ async fn connection(
     let mut armed = deadlines.next();
     let timer = tokio::time::sleep_until(armed.map_or(accepted, |(at, _)| at));
     tokio::pin!(timer);
-    let (reason, detail): (Close, String) = 'conn: loop {
+    let (reason, detail): (Close, String) = loop {
         tokio::select! {
             () = &mut timer, if armed.is_some() => {
                 let close = armed.map_or(Close::FrameTimeout, |(_, close)| close);
-                break 'conn (close, format!("{} bytes buffered", buf.len()));
+                break (close, format!("{} bytes buffered", buf.len()));
             }
             read = reader.read_buf(&mut buf) => {
                 match read {
-                    Ok(0) => break 'conn (Close::Client, String::new()),
+                    Ok(0) => break (Close::Client, String::new()),
                     Ok(_) => {}
-                    Err(error) => break 'conn (Close::Error, error.to_string()),
+                    Err(error) => break (Close::Error, error.to_string()),
                 }
-                loop {
-                    let len = match frame_len(&buf) {
-                        Ok(Some(len)) => len,
-                        Ok(None) => break,
-                        Err(error) => break 'conn (Close::NotTurn, error.to_string()),
-                    };
-                    if deadlines.first_frame.is_some()
-                        && frame_kind(buf[0]) == Ok(FrameKind::ChannelData)
-                    {
-                        break 'conn (Close::NotTurn, "ChannelData before any request".to_owned());
-                    }
-                    if len > MAX_FRAME {
-                        break 'conn (Close::FrameTooLong, format!("{len} bytes"));
-                    }
-                    if buf.len() < len {
-                        buf.reserve(len - buf.len());
-                        break;
-                    }
-                    let frame = buf[..len].to_vec();
-                    buf.drain(..len);
-                    deadlines.first_frame = None;
-                    // The bytes left, if any, start the next frame: they arrived with this
-                    // read, so its clock starts now.
-                    deadlines.partial_since = None;
-                    if inbox.send(TcpEvent::Frame { local, client, frame }).await.is_err() {
-                        break 'conn (Close::Shutdown, String::new());
-                    }
-                }
-                if buf.is_empty() {
-                    deadlines.partial_since = None;
-                    if buf.capacity() > READ_BUF {
-                        buf = Vec::with_capacity(READ_BUF);
-                    }
-                } else if deadlines.partial_since.is_none() {
-                    deadlines.partial_since = Some(Instant::now());
+                let forwarded = forward_frames(&mut buf, &mut deadlines, &inbox, local, client);
+                if let Err(close) = forwarded.await {
+                    break close;
                 }
                 let next = deadlines.next();
                 if next != armed {
@@ -226,12 +225,12 @@ async fn connection(
             }
             out = rx.recv() => {
                 let Some(frame) = out else {
-                    break 'conn (Close::Server, String::new());
+                    break (Close::Server, String::new());
                 };
                 match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&frame)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(error)) => break 'conn (Close::Error, error.to_string()),
-                    Err(_) => break 'conn (Close::WriteTimeout, String::new()),
+                    Ok(Err(error)) => break (Close::Error, error.to_string()),
+                    Err(_) => break (Close::WriteTimeout, String::new()),
                 }
             }
         }
@@ -239,6 +238,60 @@ async fn connection(
     metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
     tracing::debug!(%client, %local, reason = reason.label(), %detail, "TCP connection ended");
     let _ = inbox.send(TcpEvent::Closed { local, client }).await;
+}
+
+/// Sends every complete frame in `buf` to the event loop and starts the clock of a partial
+/// one; the close and its detail when the stream breaks a rule of the module doc.
+async fn forward_frames(
+    buf: &mut Vec<u8>,
+    deadlines: &mut Deadlines,
+    inbox: &mpsc::Sender<TcpEvent>,
+    local: SocketAddr,
+    client: SocketAddr,
+) -> Result<(), (Close, String)> {
+    loop {
+        let len = match frame_len(buf) {
+            Ok(Some(len)) => len,
+            Ok(None) => break,
+            Err(error) => return Err((Close::NotTurn, error.to_string())),
+        };
+        if deadlines.first_frame.is_some() && frame_kind(buf[0]) == Ok(FrameKind::ChannelData) {
+            return Err((Close::NotTurn, "ChannelData before any request".to_owned()));
+        }
+        if len > MAX_FRAME {
+            return Err((Close::FrameTooLong, format!("{len} bytes")));
+        }
+        if buf.len() < len {
+            buf.reserve(len - buf.len());
+            break;
+        }
+        let frame = buf[..len].to_vec();
+        buf.drain(..len);
+        deadlines.first_frame = None;
+        // The bytes left, if any, start the next frame: they arrived with this read, so
+        // its clock starts now.
+        deadlines.partial_since = None;
+        if inbox
+            .send(TcpEvent::Frame {
+                local,
+                client,
+                frame,
+            })
+            .await
+            .is_err()
+        {
+            return Err((Close::Shutdown, String::new()));
+        }
+    }
+    if buf.is_empty() {
+        deadlines.partial_since = None;
+        if buf.capacity() > READ_BUF {
+            *buf = Vec::with_capacity(READ_BUF);
+        }
+    } else if deadlines.partial_since.is_none() {
+        deadlines.partial_since = Some(Instant::now());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

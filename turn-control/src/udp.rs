@@ -6,7 +6,7 @@ use std::mem;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
@@ -134,24 +134,24 @@ pub fn send_batch<'a>(
     messages: impl ExactSizeIterator<Item = (SocketAddr, &'a [u8])>,
 ) -> SendOutcome {
     let mut outcome = SendOutcome::default();
-    let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
-        Vec::with_capacity(messages.len());
+    let mut addrs: Vec<SockAddr> = Vec::with_capacity(messages.len());
     let mut iovs: Vec<libc::iovec> = Vec::with_capacity(messages.len());
     for (dst, payload) in messages {
-        addrs.push(to_sockaddr(dst));
+        addrs.push(SockAddr::from(dst));
         iovs.push(libc::iovec {
             iov_base: payload.as_ptr().cast_mut().cast(),
             iov_len: payload.len(),
         });
     }
     let mut hdrs: Vec<libc::mmsghdr> = addrs
-        .iter_mut()
+        .iter()
         .zip(iovs.iter_mut())
-        .map(|((addr, len), iov)| {
+        .map(|(addr, iov)| {
             // SAFETY: mmsghdr is plain old data; zeroes are valid.
             let mut hdr: libc::mmsghdr = unsafe { mem::zeroed() };
-            hdr.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
-            hdr.msg_hdr.msg_namelen = *len;
+            // sendmmsg only reads the address.
+            hdr.msg_hdr.msg_name = addr.as_ptr().cast_mut().cast();
+            hdr.msg_hdr.msg_namelen = addr.len();
             hdr.msg_hdr.msg_iov = iov;
             hdr.msg_hdr.msg_iovlen = 1;
             hdr
@@ -221,37 +221,6 @@ fn from_sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Opti
     }
 }
 
-fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: plain old data; zeroes are valid.
-    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_in fits in sockaddr_storage, whose alignment is larger.
-            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            (
-                storage,
-                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_flowinfo = a.flowinfo();
-            sin6.sin6_scope_id = a.scope_id();
-            (
-                storage,
-                mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,8 +234,10 @@ mod tests {
             "[::ffff:1.2.3.4]:1",
         ] {
             let a: SocketAddr = a.parse().unwrap();
-            let (s, len) = to_sockaddr(a);
-            assert_eq!(from_sockaddr(&s, len), Some(a));
+            let s = SockAddr::from(a);
+            // SAFETY: a SockAddr holds a whole sockaddr_storage.
+            let storage = unsafe { s.as_ptr().cast::<libc::sockaddr_storage>().read() };
+            assert_eq!(from_sockaddr(&storage, s.len()), Some(a));
         }
     }
 

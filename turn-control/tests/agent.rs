@@ -187,7 +187,7 @@ async fn installs_sync_on_reconnect_and_removes_on_shutdown() {
             path.to_str().unwrap(),
         ],
     );
-    daemon.wait_metric("agent_connected", |v| v == 1.0, T);
+    daemon.wait_metric("turn_agent_connected", |v| v == 1.0, T);
     let config = fake.wait_for("config ").await;
     assert!(
         config.starts_with(&format!("config {} ", daemon.listen.port())),
@@ -224,7 +224,7 @@ async fn installs_sync_on_reconnect_and_removes_on_shutdown() {
     let fake2 = Fake::default();
     let _server2 = fake2.serve(&path);
     assert_eq!(fake2.wait_for("sync").await, format!("sync [{binding}]"));
-    daemon.wait_metric("agent_connected", |v| v == 1.0, T);
+    daemon.wait_metric("turn_agent_connected", |v| v == 1.0, T);
 
     // Relaying keeps working throughout (user space relays whatever reaches it).
     peer.send_to(b"back", relayed).await.unwrap();
@@ -278,7 +278,7 @@ async fn absent_agent_is_a_metric_not_an_error() {
         |v| v >= 1.0,
         T,
     );
-    assert_eq!(daemon.metric("agent_connected"), 0.0);
+    assert_eq!(daemon.metric("turn_agent_connected"), 0.0);
     assert!(daemon.metric("turn_offload_installs_total{result=\"failed\"}") >= 1.0);
     assert_eq!(
         daemon.metric("turn_offload_installs_total{result=\"timed_out\"}"),
@@ -311,7 +311,7 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
             path.to_str().unwrap(),
         ],
     );
-    daemon.wait_metric("agent_connected", |v| v == 1.0, T);
+    daemon.wait_metric("turn_agent_connected", |v| v == 1.0, T);
     assert_eq!(fake.wait_for("sync").await, "sync []");
 
     // Clients on whichever threads the kernel picks, each binding a channel to its own
@@ -398,7 +398,7 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
     assert_eq!(synced.len(), CLIENTS, "{sync}");
     let synced: std::collections::BTreeSet<String> = synced.into_iter().collect();
     assert_eq!(synced, installed, "{sync}");
-    daemon.wait_metric("agent_connected", |v| v == 1.0, T);
+    daemon.wait_metric("turn_agent_connected", |v| v == 1.0, T);
     for (client, relay, _) in clients {
         relay.close().await.unwrap();
         client.close().await.unwrap();

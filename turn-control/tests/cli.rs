@@ -149,6 +149,29 @@ fn precedence_flags_env_file_defaults() {
         "flag over env: {out}"
     );
 
+    // SOFTWARE is an option like any other: default, file key, flag.
+    assert!(out.contains("software = \"turn-control "), "default: {out}");
+    let with_software = TempFile::new("users = [\"a:b\"]\nsoftware = \"file relay\"\n");
+    let (status, out, stderr) = run_to_exit(
+        &["--print-config", "--dev", "--config", with_software.path()],
+        &[],
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(out.contains("software = \"file relay\""), "{out}");
+    let (status, out, stderr) = run_to_exit(
+        &[
+            "--print-config",
+            "--dev",
+            "--config",
+            with_software.path(),
+            "--software",
+            "flag relay",
+        ],
+        &[],
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(out.contains("software = \"flag relay\""), "{out}");
+
     // The config file itself may come from the environment.
     let (status, out, stderr) =
         run_to_exit(&["--print-config"], &[("TURN_CONTROL_CONFIG", file.path())]);
@@ -185,7 +208,7 @@ fn sighup_reloads_users() {
     daemon.signal("HUP");
     daemon.wait_for_log("configuration reloaded", Duration::from_secs(10));
     daemon.wait_metric(
-        "config_reloads_total{result=\"ok\"}",
+        "turn_config_reloads_total{result=\"ok\"}",
         |v| v == 1.0,
         Duration::from_secs(5),
     );
@@ -195,4 +218,35 @@ fn sighup_reloads_users() {
     daemon.wait_for_log("reload failed", Duration::from_secs(10));
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// The SOFTWARE attribute (RFC 8489 §14.14) of a Binding response carries `--software`.
+#[test]
+fn binding_response_carries_the_configured_software() {
+    const SOFTWARE: u16 = 0x8022;
+    let daemon = Daemon::start("127.0.0.1", &["--dev", "--software", "cli-test relay"]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // A Binding request: type 0x0001, no attributes, the magic cookie, a transaction id.
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    request.extend_from_slice(b"software-id!");
+    socket.send_to(&request, daemon.listen).unwrap();
+    let mut buf = [0u8; 1500];
+    let (len, _) = socket.recv_from(&mut buf).unwrap();
+    let response = &buf[..len];
+    assert_eq!(&response[..2], [0x01, 0x01], "not a Binding success");
+    let mut attributes = &response[20..];
+    let mut software = None;
+    while attributes.len() >= 4 {
+        let kind = u16::from_be_bytes([attributes[0], attributes[1]]);
+        let length = usize::from(u16::from_be_bytes([attributes[2], attributes[3]]));
+        let value = &attributes[4..4 + length];
+        if kind == SOFTWARE {
+            software = Some(String::from_utf8_lossy(value).into_owned());
+        }
+        attributes = &attributes[(4 + length).next_multiple_of(4).min(attributes.len())..];
+    }
+    assert_eq!(software.as_deref(), Some("cli-test relay"));
 }

@@ -91,7 +91,7 @@ async fn clients_spread_over_every_thread() {
         daemon.ports
     );
     daemon.wait_metric("turn_allocations_active", |v| v == 32.0, T);
-    daemon.wait_metric("relay_sockets_open", |v| v == 32.0, T);
+    daemon.wait_metric("turn_relay_sockets_open", |v| v == 32.0, T);
     close_all(clients).await;
     daemon.wait_metric("turn_allocations_active", |v| v == 0.0, T);
 }

@@ -11,30 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, free_port};
-
-fn tools_present(test: &str) -> bool {
-    let present = ["turnutils_uclient", "turnutils_peer"].iter().all(|tool| {
-        Command::new(tool)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map(|mut c| {
-                let _ = c.kill();
-                let _ = c.wait();
-            })
-            .is_ok()
-    });
-    if !present {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: turnutils_uclient/turnutils_peer (Debian package coturn) are required in CI"
-        );
-        eprintln!(
-            "\n*** SKIPPED {test}: turnutils_uclient/turnutils_peer not installed (apt-get install coturn) ***\n"
-        );
-    }
-    present
-}
+use tests_harness::coturn::{Totals, tools_present};
 
 /// `turnutils_peer`, killed on drop.
 struct Peer(Child);
@@ -73,31 +50,6 @@ impl Drop for Peer {
     }
 }
 
-/// Totals from `turnutils_uclient`'s summary.
-#[derive(Debug)]
-struct Totals {
-    sent: u64,
-    received: u64,
-}
-
-fn parse_totals(output: &str) -> Option<Totals> {
-    let line = output
-        .lines()
-        .rev()
-        .find(|l| l.contains("tot_send_msgs="))?;
-    let number = |key: &str| -> Option<u64> {
-        let rest = &line[line.find(key)? + key.len()..];
-        rest.split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    Some(Totals {
-        sent: number("tot_send_msgs=")?,
-        received: number("tot_recv_msgs=")?,
-    })
-}
-
 /// Runs the uclient against a fresh daemon listening on `ip` and asserts (nearly) every
 /// message came back.
 fn echo(test: &str, ip: &str, extra: &[&str]) {
@@ -134,7 +86,7 @@ fn echo(test: &str, ip: &str, extra: &[&str]) {
     .stdin(Stdio::null());
     let started = Instant::now();
     let output = run_with_deadline(cmd, Duration::from_secs(60));
-    let totals = parse_totals(&output)
+    let totals = Totals::parse(&output)
         .unwrap_or_else(|| panic!("{test}: no totals in uclient output:\n{output}"));
     eprintln!("{test}: {totals:?} in {:?}", started.elapsed());
     assert_eq!(totals.sent, clients * messages, "{test}: {output}");
@@ -182,7 +134,7 @@ fn run_with_deadline(mut cmd: Command, timeout: Duration) -> String {
 }
 
 // `-s`: Send and Data indications. coturn's uclient draws channel numbers from the RFC 5766
-// range 0x4000-0x7FFF, and turn-core accepts only RFC 8656's 0x4000-0x4FFF (§12), so three
+// range 0x4000-0x7FFF, and turn-control-core accepts only RFC 8656's 0x4000-0x4FFF (§12), so three
 // of four of its ChannelBinds get 400 and it stops; see `channel_data_ipv4_udp` below.
 
 #[test]
@@ -217,11 +169,4 @@ fn channel_data_ipv4_udp() {
 #[test]
 fn channel_data_ipv4_tcp() {
     echo("channel_data_ipv4_tcp", "127.0.0.1", &["-X", "-t"]);
-}
-
-#[test]
-fn totals_parse() {
-    let out = "2: : start_mclient: msz=10, tot_send_msgs=35, tot_recv_msgs=34\n8: : start_mclient: tot_send_msgs=20000, tot_recv_msgs=19990\n";
-    let t = parse_totals(out).unwrap();
-    assert_eq!((t.sent, t.received), (20000, 19990));
 }

@@ -57,7 +57,7 @@ async fn allocate_permission_channel_data_refresh() {
     );
     // Without an agent every channel is relayed in user space at once.
     assert!(daemon.metric("turn_offload_installs_total{result=\"failed\"}") >= 1.0);
-    assert_eq!(daemon.metric("agent_connected"), 0.0);
+    assert_eq!(daemon.metric("turn_agent_connected"), 0.0);
 
     // Closing the relayed connection sends Refresh with LIFETIME 0 (RFC 8656 §8).
     relay.close().await.unwrap();
@@ -67,7 +67,7 @@ async fn allocate_permission_channel_data_refresh() {
         T,
     );
     daemon.wait_metric("turn_allocations_active", |v| v == 0.0, T);
-    daemon.wait_metric("relay_sockets_open", |v| v == 0.0, T);
+    daemon.wait_metric("turn_relay_sockets_open", |v| v == 0.0, T);
     client.close().await.unwrap();
 }
 

@@ -26,8 +26,10 @@ use tracing::{debug, warn};
 /// The addresses the relay answers on, one per family at most.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayAddresses {
-    pub v4: Option<Ipv4Addr>,
-    pub v6: Option<Ipv6Addr>,
+    /// The relay's IPv4 address, if it relays IPv4.
+    pub relay_ipv4: Option<Ipv4Addr>,
+    /// The relay's IPv6 address, if it relays IPv6.
+    pub relay_ipv6: Option<Ipv6Addr>,
 }
 
 /// An address assigned to an interface, as rtnetlink reports it.
@@ -101,8 +103,8 @@ pub fn choose(interfaces: &[u32], addresses: &[InterfaceAddress]) -> RelayAddres
         };
         for address in usable(false).chain(usable(true)) {
             match address.ip {
-                IpAddr::V4(ip) if chosen.v4.is_none() => chosen.v4 = Some(ip),
-                IpAddr::V6(ip) if chosen.v6.is_none() => chosen.v6 = Some(ip),
+                IpAddr::V4(ip) if chosen.relay_ipv4.is_none() => chosen.relay_ipv4 = Some(ip),
+                IpAddr::V6(ip) if chosen.relay_ipv6.is_none() => chosen.relay_ipv6 = Some(ip),
                 _ => {}
             }
         }
@@ -174,23 +176,8 @@ async fn follow(
         }
         for message in messages(&bytes) {
             let message = message.context("malformed netlink message")?;
-            let ours = message.header.sequence_number == dump.sequence && dump.running;
-            if ours && message.header.flags & NLM_F_DUMP_INTR != 0 {
-                dump.interrupted = true;
-            }
-            match message.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(address)) => {
-                    table.apply(&address, true);
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(address)) => {
-                    table.apply(&address, false);
-                }
-                NetlinkPayload::Done(_) if ours => dump.running = false,
-                NetlinkPayload::Error(error) if ours && error.code.is_some() => {
-                    return Err(error.to_io()).context("the kernel refused the address dump");
-                }
-                NetlinkPayload::Overrun(_) => return Ok(Ended::Overrun),
-                _ => {}
+            if let Some(ended) = dump.apply(message, &mut table)? {
+                return Ok(ended);
             }
         }
         if dump.running {
@@ -207,7 +194,7 @@ async fn follow(
         }
         let choice = choose(interfaces, &table.snapshot());
         if *sent != Some(choice) {
-            debug!(v4 = ?choice.v4, v6 = ?choice.v6, "relay addresses");
+            debug!(relay_ipv4 = ?choice.relay_ipv4, relay_ipv6 = ?choice.relay_ipv6, "relay addresses");
             if updates.send(choice).is_err() {
                 return Ok(Ended::Closed);
             }
@@ -225,6 +212,34 @@ struct Dump {
 }
 
 impl Dump {
+    /// Applies a dump reply or a notification to `table`, keeping track of
+    /// this dump; `Some` when the socket's life ends.
+    fn apply(
+        &mut self,
+        message: NetlinkMessage<RouteNetlinkMessage>,
+        table: &mut AddressTable,
+    ) -> anyhow::Result<Option<Ended>> {
+        let ours = message.header.sequence_number == self.sequence && self.running;
+        if ours && message.header.flags & NLM_F_DUMP_INTR != 0 {
+            self.interrupted = true;
+        }
+        match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(address)) => {
+                table.apply(&address, true);
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(address)) => {
+                table.apply(&address, false);
+            }
+            NetlinkPayload::Done(_) if ours => self.running = false,
+            NetlinkPayload::Error(error) if ours && error.code.is_some() => {
+                return Err(error.to_io()).context("the kernel refused the address dump");
+            }
+            NetlinkPayload::Overrun(_) => return Ok(Some(Ended::Overrun)),
+            _ => {}
+        }
+        Ok(None)
+    }
+
     /// Asks the kernel for every address of every family.
     async fn request(socket: &TokioSocket, sequence: u32) -> anyhow::Result<Self> {
         let mut header = NetlinkHeader::default();
@@ -360,8 +375,8 @@ mod tests {
 
     fn relay(v4: Option<&str>, v6: Option<&str>) -> RelayAddresses {
         RelayAddresses {
-            v4: v4.map(|ip| ip.parse().unwrap()),
-            v6: v6.map(|ip| ip.parse().unwrap()),
+            relay_ipv4: v4.map(|ip| ip.parse().unwrap()),
+            relay_ipv6: v6.map(|ip| ip.parse().unwrap()),
         }
     }
 

@@ -33,24 +33,24 @@ pub struct Limits {
     /// The allocation port range, inclusive.
     pub ports: (u16, u16),
     /// The relay's IPv4 address, if it relays IPv4.
-    pub relay_v4: Option<Ipv4Addr>,
+    pub relay_ipv4: Option<Ipv4Addr>,
     /// The relay's IPv6 address, if it relays IPv6.
-    pub relay_v6: Option<Ipv6Addr>,
+    pub relay_ipv6: Option<Ipv6Addr>,
 }
 
 impl Limits {
     fn is_listener(&self, address: SocketAddr) -> bool {
         let ours = match address.ip() {
-            IpAddr::V4(ip) => self.relay_v4 == Some(ip),
-            IpAddr::V6(ip) => self.relay_v6 == Some(ip),
+            IpAddr::V4(ip) => self.relay_ipv4 == Some(ip),
+            IpAddr::V6(ip) => self.relay_ipv6 == Some(ip),
         };
         ours && address.port() == self.listen_port
     }
 
     fn has_family(&self, ip: IpAddr) -> bool {
         match ip {
-            IpAddr::V4(_) => self.relay_v4.is_some(),
-            IpAddr::V6(_) => self.relay_v6.is_some(),
+            IpAddr::V4(_) => self.relay_ipv4.is_some(),
+            IpAddr::V6(_) => self.relay_ipv6.is_some(),
         }
     }
 }
@@ -339,8 +339,8 @@ mod tests {
     const LIMITS: Limits = Limits {
         listen_port: 3478,
         ports: (49152, 65535),
-        relay_v4: Some(Ipv4Addr::new(203, 0, 113, 1)),
-        relay_v6: Some(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1)),
+        relay_ipv4: Some(Ipv4Addr::new(203, 0, 113, 1)),
+        relay_ipv6: Some(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1)),
     };
 
     fn request(client: &str, channel: u32, peer: &str, port: u32) -> proto::v1::ChannelBinding {
@@ -450,7 +450,7 @@ mod tests {
             BindingError::PeerIsListener(_)
         ));
         let v4_only = Limits {
-            relay_v6: None,
+            relay_ipv6: None,
             ..LIMITS
         };
         assert!(matches!(

@@ -14,7 +14,8 @@ use bpf_common::{Counter, Reason, RelayEvent, Verdict};
 use libbpf_rs::PerfBufferBuilder;
 use tracing::{trace, warn};
 
-use crate::dataplane::DataPlane;
+use crate::maps::Maps;
+use daemon::lock;
 
 /// What the program reported, shared between the reader thread and readers.
 #[derive(Debug, Default)]
@@ -32,10 +33,7 @@ struct ReportsInner {
 
 impl Reports {
     fn record(&self, cpu: u32, event: RelayEvent) {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = lock(&self.inner);
         inner.events += 1;
         let slot = inner.latest.entry((cpu, event.reason)).or_default();
         // Events of one CPU arrive in order, but keep the larger total anyway.
@@ -45,48 +43,30 @@ impl Reports {
     }
 
     fn lose(&self, count: u64) {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = lock(&self.inner);
         inner.lost += count;
     }
 
     /// Relayed traffic as reported through events, summed over CPUs and reasons.
     pub fn reported(&self) -> Counter {
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        inner
-            .latest
-            .values()
-            .fold(Counter::default(), |sum, c| Counter {
-                packets: sum.packets + c.packets,
-                bytes: sum.bytes + c.bytes,
-            })
+        let inner = lock(&self.inner);
+        inner.latest.values().copied().sum()
     }
 
     /// Events received and events the kernel could not deliver.
     pub fn events_and_lost(&self) -> (u64, u64) {
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let inner = lock(&self.inner);
         (inner.events, inner.lost)
     }
 
     /// The relayed total brought up to date: per CPU and reason, the larger of
     /// the last reported total and the exact per-CPU counter read now (the
     /// program reports every few packets, so the counter may be ahead).
-    pub fn relayed_total(&self, dataplane: &DataPlane) -> Counter {
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub fn relayed_total(&self, maps: &Maps) -> Counter {
+        let inner = lock(&self.inner);
         let mut total = Counter::default();
         for &reason in Reason::ALL.iter().filter(|r| r.verdict() == Verdict::Tx) {
-            let exact = dataplane.per_cpu(reason).unwrap_or_default();
+            let exact = maps.per_cpu(reason).unwrap_or_default();
             let cpus = exact.len().max(
                 inner
                     .latest
@@ -107,8 +87,7 @@ impl Reports {
                 } else {
                     reported
                 };
-                total.packets += best.packets;
-                total.bytes += best.bytes;
+                total = total + best;
             }
         }
         total
@@ -117,12 +96,12 @@ impl Reports {
 
 /// Reads the program's events on a thread until `stop` is set.
 pub fn spawn_reader(
-    dataplane: &DataPlane,
+    maps: &Maps,
     reports: Arc<Reports>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let samples = Arc::clone(&reports);
-    let perf = PerfBufferBuilder::new(dataplane.events())
+    let perf = PerfBufferBuilder::new(maps.events())
         .sample_cb(
             move |cpu: i32, data: &[u8]| match RelayEvent::from_ne_bytes(data) {
                 Some(event) => {

@@ -3,8 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bpf_common::Verdict;
-use proto::v1::data_plane_server::DataPlane as DataPlaneService;
+use proto::v1::data_plane_server::DataPlane;
 use proto::v1::{
     AddChannelBindingRequest, AddChannelBindingResponse, Attachment, ChannelBinding,
     CountersRequest, CountersResponse, DataPlaneConfig, GetChannelBindingRequest, GetConfigRequest,
@@ -16,7 +15,8 @@ use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
 use crate::binding::{Binding, parse_address};
-use crate::dataplane::MapError;
+use crate::maps::MapError;
+use crate::metrics::name;
 use crate::state::AgentState;
 
 /// Serves the data-plane API over the agent's state.
@@ -34,16 +34,24 @@ impl Service {
     /// Validates bindings to install against the configuration in force.
     fn validate(&self, bindings: &[ChannelBinding]) -> Result<Vec<Binding>, Status> {
         let limits = self.state.settings().limits();
-        bindings
-            .iter()
-            .enumerate()
-            .map(|(index, binding)| {
-                Binding::from_proto(binding, &limits).map_err(|error| {
-                    Status::invalid_argument(format!("bindings[{index}]: {error}"))
-                })
-            })
-            .collect()
+        parse_each(bindings, |binding| Binding::from_proto(binding, &limits))
     }
+}
+
+/// Every binding of a request, parsed; the first that does not parse is
+/// refused with its index.
+fn parse_each<E: std::fmt::Display>(
+    bindings: &[ChannelBinding],
+    parse: impl Fn(&ChannelBinding) -> Result<Binding, E>,
+) -> Result<Vec<Binding>, Status> {
+    bindings
+        .iter()
+        .enumerate()
+        .map(|(index, binding)| {
+            parse(binding)
+                .map_err(|error| Status::invalid_argument(format!("bindings[{index}]: {error}")))
+        })
+        .collect()
 }
 
 fn map_status(error: MapError) -> Status {
@@ -59,7 +67,7 @@ fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Stat
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
-    metrics::counter!("xdp_agent_grpc_requests_total", "method" => method, "code" => format!("{code:?}"))
+    metrics::counter!(name::GRPC_REQUESTS, "method" => method, "code" => format!("{code:?}"))
         .increment(1);
     result
 }
@@ -78,7 +86,7 @@ fn matches(filter: &str, address: SocketAddr) -> Result<bool, Status> {
 }
 
 #[tonic::async_trait]
-impl DataPlaneService for Service {
+impl DataPlane for Service {
     async fn add_channel_binding(
         &self,
         request: Request<AddChannelBindingRequest>,
@@ -87,7 +95,7 @@ impl DataPlaneService for Service {
             "AddChannelBinding",
             (|| {
                 let bindings = self.validate(&request.get_ref().bindings)?;
-                let installed = self.state.dataplane.add(&bindings).map_err(map_status)?;
+                let installed = self.state.maps.add(&bindings).map_err(map_status)?;
                 info!(count = bindings.len(), installed, "bindings added");
                 Ok(Response::new(AddChannelBindingResponse { installed }))
             })(),
@@ -101,18 +109,8 @@ impl DataPlaneService for Service {
         observe(
             "RemoveChannelBinding",
             (|| {
-                let bindings = request
-                    .get_ref()
-                    .bindings
-                    .iter()
-                    .enumerate()
-                    .map(|(index, binding)| {
-                        Binding::parse(binding).map_err(|error| {
-                            Status::invalid_argument(format!("bindings[{index}]: {error}"))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let removed = self.state.dataplane.remove(&bindings).map_err(map_status)?;
+                let bindings = parse_each(&request.get_ref().bindings, Binding::parse)?;
+                let removed = self.state.maps.remove(&bindings).map_err(map_status)?;
                 info!(count = bindings.len(), removed, "bindings removed");
                 Ok(Response::new(RemoveChannelBindingResponse { removed }))
             })(),
@@ -125,9 +123,9 @@ impl DataPlaneService for Service {
             (|| {
                 let request = request.get_ref();
                 let bindings = self.validate(&request.bindings)?;
-                let (added, removed) = self.state.dataplane.sync(&bindings).map_err(map_status)?;
+                let (added, removed) = self.state.maps.sync(&bindings).map_err(map_status)?;
                 self.state.set_generation(request.generation);
-                let installed = self.state.dataplane.installed();
+                let installed = self.state.maps.installed();
                 info!(
                     generation = request.generation,
                     added, removed, installed, "bindings synced"
@@ -151,7 +149,7 @@ impl DataPlaneService for Service {
             (|| {
                 let filter = request.get_ref();
                 let mut bindings = Vec::new();
-                for binding in self.state.dataplane.bindings().map_err(map_status)? {
+                for binding in self.state.maps.bindings().map_err(map_status)? {
                     if matches(&filter.client, binding.client)?
                         && matches(&filter.peer, binding.peer)?
                         && (filter.allocation_port == 0
@@ -177,7 +175,7 @@ impl DataPlaneService for Service {
                     .map_err(|error| Status::invalid_argument(error.to_string()))?;
                 let found = self
                     .state
-                    .dataplane
+                    .maps
                     .bindings()
                     .map_err(map_status)?
                     .into_iter()
@@ -236,9 +234,9 @@ impl DataPlaneService for Service {
         observe(
             "Counters",
             (|| {
-                let dataplane = &self.state.dataplane;
-                let counters = dataplane.counters().map_err(map_status)?;
-                let relayed = dataplane.relayed().map_err(map_status)?;
+                let maps = &self.state.maps;
+                let counters = maps.counters().map_err(map_status)?;
+                let relayed = maps.relayed().map_err(map_status)?;
                 let (_, lost_events) = self.state.reports.events_and_lost();
                 Ok(Response::new(CountersResponse {
                     relayed_packets: relayed.packets,
@@ -249,12 +247,7 @@ impl DataPlaneService for Service {
                         .into_iter()
                         .map(|(reason, counter)| proto::v1::Counter {
                             reason: reason.name().to_owned(),
-                            verdict: match reason.verdict() {
-                                Verdict::Tx => "tx",
-                                Verdict::Pass => "pass",
-                                Verdict::Drop => "drop",
-                            }
-                            .to_owned(),
+                            verdict: reason.verdict().name().to_owned(),
                             packets: counter.packets,
                             bytes: counter.bytes,
                         })
@@ -282,8 +275,8 @@ impl DataPlaneService for Service {
                     })
                     .collect(),
                 generation: state.generation(),
-                installed: state.dataplane.installed(),
-                capacity: u64::from(state.dataplane.capacity()),
+                installed: state.maps.installed(),
+                capacity: u64::from(state.maps.capacity()),
                 uptime_seconds: state.started.elapsed().as_secs(),
                 adopted: state.adopted,
             })),

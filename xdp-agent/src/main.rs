@@ -10,193 +10,65 @@
 mod addresses;
 mod attach;
 mod binding;
-mod dataplane;
+mod config;
 mod events;
 mod grpc;
+mod maps;
 mod metrics;
 mod settings;
 mod state;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bpf_common::DEFAULT_EVENT_INTERVAL_LOG2;
-use clap::{Parser, Subcommand};
+use proto::v1::data_plane_server::DataPlaneServer;
 use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tracing::{error, info, warn};
 
 use crate::addresses::RelayAddresses;
-use crate::attach::{Attachment, XdpMode};
-use crate::binding::is_relay_candidate;
-use crate::dataplane::DataPlane;
+use crate::attach::Attachment;
+use crate::config::{Action, Cli, Config};
 use crate::events::Reports;
+use crate::maps::Maps;
 use crate::settings::Settings;
 use crate::state::AgentState;
-
-/// Loads the relay's XDP program, attaches it to the given interfaces and
-/// serves the channel-binding API on a unix socket.
-#[derive(Debug, Parser)]
-#[command(version, about, long_about = None, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-struct Cli {
-    #[command(flatten)]
-    run: RunArgs,
-
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Detaches the program and removes its pinned links and maps (what a
-    /// stop with --persist leaves behind), then exits.
-    Detach {
-        /// The bpffs directory the agent pinned into.
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
-}
-
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdp-turn";
 
 /// How long a stop waits for gRPC clients to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// Interface to attach the XDP program to (repeatable).
-    #[arg(long = "iface", value_name = "NAME", required = true)]
-    interfaces: Vec<String>,
-
-    /// How to attach: native (driver) mode with a logged fallback to generic
-    /// mode, native only, or generic only.
-    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
-    xdp_mode: XdpMode,
-
-    /// Path of the gRPC unix socket (created with mode 0660).
-    #[arg(
-        long = "grpc",
-        value_name = "PATH",
-        default_value = "/run/xdp-turn/agent.sock"
-    )]
-    grpc_socket: PathBuf,
-
-    /// Group that owns the gRPC socket (turn-control's); default: the agent's.
-    #[arg(long, value_name = "GROUP")]
-    grpc_group: Option<String>,
-
-    /// The UDP port turn-control listens on for clients (turn-control may change it).
-    #[arg(long, default_value_t = 3478, value_name = "PORT")]
-    listen_port: u16,
-
-    /// The allocation (relay) port range, inclusive (turn-control may change it).
-    #[arg(long, default_value = "49152-65535", value_name = "LOW-HIGH", value_parser = parse_port_range)]
-    ports: (u16, u16),
-
-    /// The relay's address in a family, repeatable (one IPv4, one IPv6); it
-    /// overrides what the agent learns from the interfaces. Traffic to other
-    /// addresses is left to the stack.
-    #[arg(long = "relay-ip", value_name = "IP")]
-    relay_ips: Vec<IpAddr>,
-
-    /// Make header room by moving the payload and the frame's tail instead of
-    /// the head, for drivers without headroom in front of frames (e.g. gVNIC).
-    #[arg(long)]
-    tail_adjust: bool,
-
-    /// Each CPU reports its cumulative traffic of a relay reason through the
-    /// perf-event array every PACKETS packets of it (a power of two, at most
-    /// 2^30). A report can wake the reader, which costs microseconds (more in
-    /// a VM), so a small interval slows the data plane; the exact per-CPU
-    /// counters are read at every refresh regardless.
-    #[arg(long, value_name = "PACKETS", default_value_t = 1 << DEFAULT_EVENT_INTERVAL_LOG2, value_parser = parse_event_interval)]
-    event_interval: u32,
-
-    /// bpffs directory for the pinned maps and links.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
-
-    /// On SIGTERM/SIGINT leave the program attached and the maps pinned, so
-    /// that the next agent adopts them without interrupting traffic
-    /// (upgrades). Without it a stop detaches and unpins everything.
-    #[arg(long)]
-    persist: bool,
-
-    /// Replace pinned maps whose layout does not fit this version (their
-    /// bindings are dropped until turn-control syncs) instead of refusing to start.
-    #[arg(long)]
-    replace_incompatible: bool,
-
-    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9642.
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-
-    /// Log filter, e.g. "info" or "xdp_agent=debug,libbpf=debug".
-    #[arg(long, env = "RUST_LOG", default_value = "info", value_name = "FILTER")]
-    log: String,
-
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
-    log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// A packet count that is a power of two from 1 to 2^30.
-fn parse_event_interval(value: &str) -> Result<u32, String> {
-    let packets: u32 = value
-        .trim()
-        .parse()
-        .map_err(|_| format!("{value:?} is not a packet count"))?;
-    if !packets.is_power_of_two() || packets > 1 << 30 {
-        return Err(format!(
-            "{packets} is not a power of two from 1 to 1073741824"
-        ));
-    }
-    Ok(packets)
-}
-
-fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
-    let (low, high) = value
-        .split_once('-')
-        .ok_or("expected LOW-HIGH, e.g. 49152-65535")?;
-    let low: u16 = low
-        .trim()
-        .parse()
-        .map_err(|_| format!("{low:?} is not a port"))?;
-    let high: u16 = high
-        .trim()
-        .parse()
-        .map_err(|_| format!("{high:?} is not a port"))?;
-    if low == 0 || low > high {
-        return Err(format!("{low}-{high} is not a range of non-zero ports"));
-    }
-    Ok((low, high))
-}
+/// How long start-up waits for the interfaces' first addresses.
+const FIRST_ADDRESSES: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Err(error) = init_logging(&cli.run) {
-        eprintln!("xdp-agent: cannot set up logging: {error}");
-        return ExitCode::FAILURE;
-    }
-    let result = match cli.command {
-        Some(Command::Detach { pin_dir }) => detach(&pin_dir),
-        None => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the runtime")
-            .and_then(|runtime| runtime.block_on(run(cli.run))),
+    let (cli, matches) = match daemon::parse::<Cli>() {
+        Ok(parsed) => parsed,
+        Err(error) => error.exit(),
+    };
+    let result = match cli.action {
+        Some(Action::Detach { ref pin_dir }) => {
+            init_logging(&cli.run).and_then(|()| detach(pin_dir))
+        }
+        None => cli.load(&matches).and_then(|config| {
+            if cli.print_config {
+                print!("{}", config.to_toml()?);
+                return Ok(());
+            }
+            init_logging(&config)?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")
+                .and_then(|runtime| runtime.block_on(run(config)))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -207,22 +79,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .with_context(|| format!("bad log filter {:?}", args.log))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = match args.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|error| anyhow::anyhow!(error))
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    daemon::init_logging(&config.log_level, config.log_format).context("cannot set up logging")
 }
 
 fn detach(pin_dir: &Path) -> anyhow::Result<()> {
     let links = attach::unpin_links(pin_dir)?;
-    DataPlane::unpin(pin_dir);
+    Maps::unpin(pin_dir);
     let _ = std::fs::remove_dir(pin_dir);
     println!(
         "removed {links} pinned link(s) and the maps in {}",
@@ -231,181 +94,256 @@ fn detach(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM/SIGINT: start-up, serving, teardown.
+async fn run(config: Config) -> anyhow::Result<()> {
     // Installed first, so that a SIGTERM sent at any point after start (systemd's stop
     // right after READY, say) runs the orderly shutdown instead of the default action.
     let shutdown = shutdown_signal()?;
-    let overrides = relay_overrides(&args.relay_ips)?;
-    let mut settings = Settings::new(args.listen_port, args.ports, overrides, args.tail_adjust)
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
-    settings.event_interval_log2 = args.event_interval.trailing_zeros() as u8;
+    let settings = settings(&config)?;
     // Bind the metrics port and resolve every interface before touching the
     // kernel, so that a busy port or a typo fails with one line and nothing
     // attached.
-    if let Some(address) = args.metrics {
+    if let Some(address) = config.metrics {
         metrics::install(address)?;
     }
-    let ifindexes = args
-        .interfaces
+    let ifindexes = interface_indexes(&config.iface)?;
+    let mut agent = Agent::start(&config, settings, ifindexes).await?;
+    let listener = bind_socket(&config.grpc, config.grpc_group.as_deref())?;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let served = agent.serve(&config, listener, reflection, shutdown).await;
+    agent.stop(&config);
+    served.context("the gRPC server failed")
+}
+
+/// The data-plane settings the flags and the configuration file give.
+fn settings(config: &Config) -> anyhow::Result<Settings> {
+    let (relay_ipv4, relay_ipv6) = config.relay_overrides()?;
+    let configured = RelayAddresses {
+        relay_ipv4,
+        relay_ipv6,
+    };
+    let ports = (config.ports.low(), config.ports.high());
+    let mut settings = Settings::new(config.listen_port, ports, configured, config.tail_adjust)
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    settings.event_interval_log2 = config.event_interval.trailing_zeros() as u8;
+    Ok(settings)
+}
+
+/// The index of each interface, in order.
+fn interface_indexes(interfaces: &[String]) -> anyhow::Result<Vec<u32>> {
+    interfaces
         .iter()
         .map(|name| {
             nix::net::if_::if_nametoindex(name.as_str())
                 .with_context(|| format!("no interface named {name}"))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect()
+}
 
-    let (dataplane, adopted) = DataPlane::load(&args.pin_dir, args.replace_incompatible)?;
-    let dataplane = Arc::new(dataplane);
-    if adopted {
-        info!(pin_dir = %args.pin_dir.display(), installed = dataplane.installed(), "adopted the pinned maps of an earlier run");
-    }
+/// A started agent: the program loaded and attached, and what runs beside
+/// the gRPC server until it stops.
+struct Agent {
+    state: Arc<AgentState>,
+    attachments: Vec<Attachment>,
+    /// The relay addresses `watcher` learns from the interfaces.
+    addresses: watch::Receiver<RelayAddresses>,
+    watcher: JoinHandle<()>,
+    /// The perf-event reader thread, and its stop flag.
+    reader: std::thread::JoinHandle<()>,
+    stop_reader: Arc<AtomicBool>,
+    metrics_task: Option<JoinHandle<()>>,
+}
 
-    let (address_updates, mut addresses) = tokio::sync::watch::channel(RelayAddresses::default());
-    let watcher = tokio::spawn(async move {
-        if let Err(error) = addresses::watch(ifindexes, address_updates).await {
-            error!(error = %format!("{error:#}"), "cannot follow the interfaces' addresses");
+impl Agent {
+    /// Loads (or adopts) the maps, learns the relay addresses, writes the
+    /// configuration, attaches the program and starts the perf-event reader
+    /// and the metrics refresh.
+    async fn start(
+        config: &Config,
+        mut settings: Settings,
+        ifindexes: Vec<u32>,
+    ) -> anyhow::Result<Self> {
+        let (maps, adopted) = Maps::load(&config.pin_dir, config.replace_incompatible)?;
+        let maps = Arc::new(maps);
+        if adopted {
+            info!(pin_dir = %config.pin_dir.display(), installed = maps.installed(), "adopted the pinned maps of an earlier run");
         }
-    });
-    match tokio::time::timeout(Duration::from_secs(5), addresses.changed()).await {
-        Ok(Ok(())) => settings.learned = *addresses.borrow_and_update(),
-        _ => warn!("no interface addresses learned yet; relying on --relay-ip"),
+        let (mut addresses, watcher) = follow_addresses(ifindexes);
+        match tokio::time::timeout(FIRST_ADDRESSES, addresses.changed()).await {
+            Ok(Ok(())) => settings.learned = *addresses.borrow_and_update(),
+            _ => warn!("no interface addresses learned yet; relying on --relay-ip"),
+        }
+        if settings.relay() == RelayAddresses::default() {
+            bail!(
+                "{} has no usable address; pass --relay-ip",
+                config.iface.join(", ")
+            );
+        }
+        maps.set_config(&settings.to_map())?;
+        let attachments = attach_all(&maps, config)?;
+        let reports = Arc::new(Reports::default());
+        let stop_reader = Arc::new(AtomicBool::new(false));
+        let reader = events::spawn_reader(&maps, Arc::clone(&reports), Arc::clone(&stop_reader))?;
+        let state = Arc::new(AgentState::new(
+            maps,
+            settings,
+            attachments
+                .iter()
+                .map(|a| (a.interface.clone(), a.mode))
+                .collect(),
+            adopted || attachments.iter().any(|a| a.adopted),
+            reports,
+        ));
+        let metrics_task = config
+            .metrics
+            .map(|_| tokio::spawn(metrics::refresh_forever(Arc::clone(&state))));
+        Ok(Self {
+            state,
+            attachments,
+            addresses,
+            watcher,
+            reader,
+            stop_reader,
+            metrics_task,
+        })
     }
-    if settings.relay() == (None, None) {
-        bail!(
-            "{} has no usable address; pass --relay-ip",
-            args.interfaces.join(", ")
-        );
-    }
-    dataplane.set_config(&settings.to_map())?;
 
-    let attachments = args
-        .interfaces
+    /// Serves gRPC on `listener` until `shutdown` (and the grace period for
+    /// clients that keep their connection), applying address changes.
+    async fn serve(
+        &mut self,
+        config: &Config,
+        listener: UnixListener,
+        reflection: ServerReflectionServer<impl ServerReflection>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        let (stopping, stop_requested) = watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            let _ = stopping.send(true);
+        };
+        let server = tonic::transport::Server::builder()
+            .add_service(DataPlaneServer::new(grpc::Service::new(Arc::clone(
+                &self.state,
+            ))))
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        tokio::pin!(server);
+        self.report_ready(config);
+        let grace = grace_after(stop_requested);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                served = &mut server => return served,
+                () = &mut grace => {
+                    warn!("gRPC clients still connected after {SHUTDOWN_GRACE:?}; stopping anyway");
+                    return Ok(());
+                }
+                changed = self.addresses.changed() => {
+                    if changed.is_err() {
+                        // The watcher ended (its error is logged by the task):
+                        // keep the last addresses and serve on.
+                        warn!("interface address watcher stopped; relay addresses are frozen");
+                        return tokio::select! {
+                            served = &mut server => served,
+                            () = &mut grace => Ok(()),
+                        };
+                    }
+                    self.apply_learned_addresses();
+                }
+            }
+        }
+    }
+
+    /// Logs the configuration in force and tells systemd the agent is ready.
+    fn report_ready(&self, config: &Config) {
+        let settings = self.state.settings();
+        let relay = settings.relay();
+        info!(
+            socket = %config.grpc.display(),
+            relay_ipv4 = %relay.relay_ipv4.map_or("none".into(), |ip| ip.to_string()),
+            relay_ipv6 = %relay.relay_ipv6.map_or("none".into(), |ip| ip.to_string()),
+            listen_port = settings.listen_port,
+            ports = %format!("{}-{}", settings.ports.0, settings.ports.1),
+            tail_adjust = settings.tail_adjust,
+            "ready"
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
+
+    /// Writes the addresses the watcher learned last to the kernel.
+    fn apply_learned_addresses(&mut self) {
+        let learned = *self.addresses.borrow_and_update();
+        match self.state.update_settings(|current| {
+            Ok(Settings {
+                learned,
+                ..*current
+            })
+        }) {
+            Ok(settings) => info!(relay = ?settings.relay(), "relay addresses changed"),
+            Err(error) => {
+                error!(error = %format!("{error:#}"), "cannot apply the new relay addresses");
+            }
+        }
+    }
+
+    /// Stops the helpers, then detaches and unpins everything, or with
+    /// `--persist` leaves the program attached and the maps pinned.
+    fn stop(self, config: &Config) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.watcher.abort();
+        if let Some(task) = self.metrics_task {
+            task.abort();
+        }
+        self.stop_reader.store(true, Ordering::Relaxed);
+        let _ = self.reader.join();
+        if config.persist {
+            self.attachments.into_iter().for_each(Attachment::keep);
+            info!(pin_dir = %config.pin_dir.display(), "maps and links left pinned for the next agent");
+        } else {
+            self.attachments.into_iter().for_each(Attachment::detach);
+            Maps::unpin(&config.pin_dir);
+            let _ = std::fs::remove_dir(&config.pin_dir);
+        }
+        let _ = std::fs::remove_file(&config.grpc);
+    }
+}
+
+/// Attaches the program to every interface, in order.
+fn attach_all(maps: &Maps, config: &Config) -> anyhow::Result<Vec<Attachment>> {
+    config
+        .iface
         .iter()
         .map(|interface| {
             Attachment::attach(
-                dataplane.program_fd(),
+                maps.program_fd(),
                 interface,
-                args.xdp_mode,
-                &args.pin_dir,
+                config.xdp_mode,
+                &config.pin_dir,
             )
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-
-    let reports = Arc::new(Reports::default());
-    let stop_reader = Arc::new(AtomicBool::new(false));
-    let reader = events::spawn_reader(&dataplane, Arc::clone(&reports), Arc::clone(&stop_reader))?;
-    let state = Arc::new(AgentState::new(
-        Arc::clone(&dataplane),
-        settings,
-        attachments
-            .iter()
-            .map(|a| (a.interface.clone(), a.mode))
-            .collect(),
-        adopted || attachments.iter().any(|a| a.adopted),
-        reports,
-    ));
-    let metrics_task = args
-        .metrics
-        .map(|_| tokio::spawn(metrics::refresh_forever(Arc::clone(&state))));
-
-    let listener = bind_socket(&args.grpc_socket, args.grpc_group.as_deref())?;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::v1::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("cannot build the reflection service")?;
-    let (stopping, mut stop_requested) = tokio::sync::watch::channel(false);
-    let signal = async move {
-        shutdown.await;
-        let _ = stopping.send(true);
-    };
-    let server = tonic::transport::Server::builder()
-        .add_service(proto::v1::data_plane_server::DataPlaneServer::new(
-            grpc::Service::new(Arc::clone(&state)),
-        ))
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
-    tokio::pin!(server);
-
-    let (relay_v4, relay_v6) = settings.relay();
-    info!(
-        socket = %args.grpc_socket.display(),
-        relay_v4 = %relay_v4.map_or("none".into(), |ip| ip.to_string()),
-        relay_v6 = %relay_v6.map_or("none".into(), |ip| ip.to_string()),
-        listen_port = settings.listen_port,
-        ports = %format!("{}-{}", settings.ports.0, settings.ports.1),
-        tail_adjust = settings.tail_adjust,
-        "ready"
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-
-    // A client that keeps its connection open must not hold the stop up.
-    let grace = async move {
-        let _ = stop_requested.wait_for(|stop| *stop).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::pin!(grace);
-    let served = loop {
-        tokio::select! {
-            served = &mut server => break served,
-            () = &mut grace => {
-                warn!("gRPC clients still connected after {SHUTDOWN_GRACE:?}; stopping anyway");
-                break Ok(());
-            }
-            changed = addresses.changed() => {
-                if changed.is_err() {
-                    // The watcher ended (its error is logged by the task):
-                    // keep the last addresses and serve on.
-                    warn!("interface address watcher stopped; relay addresses are frozen");
-                    break tokio::select! {
-                        served = &mut server => served,
-                        () = &mut grace => Ok(()),
-                    };
-                }
-                let learned = *addresses.borrow_and_update();
-                match state.update_settings(|current| Ok(Settings { learned, ..*current })) {
-                    Ok(settings) => info!(relay = ?settings.relay(), "relay addresses changed"),
-                    Err(error) => error!(error = %format!("{error:#}"), "cannot apply the new relay addresses"),
-                }
-            }
-        }
-    };
-
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    watcher.abort();
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    stop_reader.store(true, Ordering::Relaxed);
-    let _ = reader.join();
-    if args.persist {
-        attachments.into_iter().for_each(Attachment::keep);
-        info!(pin_dir = %args.pin_dir.display(), "maps and links left pinned for the next agent");
-    } else {
-        attachments.into_iter().for_each(Attachment::detach);
-        DataPlane::unpin(&args.pin_dir);
-        let _ = std::fs::remove_dir(&args.pin_dir);
-    }
-    let _ = std::fs::remove_file(&args.grpc_socket);
-    served.context("the gRPC server failed")
+        .collect()
 }
 
-/// At most one `--relay-ip` per family, each a usable unicast address.
-fn relay_overrides(given: &[IpAddr]) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
-    let (mut v4, mut v6) = (None, None);
-    for ip in given {
-        let ip = ip.to_canonical();
-        if !is_relay_candidate(ip) {
-            bail!("--relay-ip {ip} is not a usable unicast address");
+/// Follows the interfaces' addresses in a task (its error is logged).
+fn follow_addresses(ifindexes: Vec<u32>) -> (watch::Receiver<RelayAddresses>, JoinHandle<()>) {
+    let (updates, addresses) = watch::channel(RelayAddresses::default());
+    let watcher = tokio::spawn(async move {
+        if let Err(error) = addresses::watch(ifindexes, updates).await {
+            error!(error = %format!("{error:#}"), "cannot follow the interfaces' addresses");
         }
-        let duplicate = match ip {
-            IpAddr::V4(ip) => v4.replace(ip).is_some(),
-            IpAddr::V6(ip) => v6.replace(ip).is_some(),
-        };
-        if duplicate {
-            bail!("--relay-ip is given twice for the family of {ip}");
-        }
-    }
-    Ok((v4, v6))
+    });
+    (addresses, watcher)
+}
+
+/// Resolves [`SHUTDOWN_GRACE`] after a stop is requested: a client that
+/// keeps its connection open must not hold the stop up.
+async fn grace_after(mut stop_requested: watch::Receiver<bool>) {
+    let _ = stop_requested.wait_for(|stop| *stop).await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
 }
 
 /// Installs the SIGINT and SIGTERM handlers at once; the future resolves on either.
@@ -448,59 +386,4 @@ fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener>
             .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
     }
     Ok(listener)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    #[test]
-    fn flags_are_consistent() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn event_intervals_are_powers_of_two() {
-        assert_eq!(parse_event_interval("4096"), Ok(4096));
-        assert_eq!(parse_event_interval("1"), Ok(1));
-        assert_eq!(parse_event_interval("1073741824"), Ok(1 << 30));
-        assert!(
-            parse_event_interval("100")
-                .unwrap_err()
-                .contains("power of two")
-        );
-        assert!(parse_event_interval("0").is_err());
-        assert!(parse_event_interval("2147483648").is_err());
-        assert!(parse_event_interval("many").is_err());
-    }
-
-    #[test]
-    fn port_ranges_parse_or_explain() {
-        assert_eq!(parse_port_range("49152-65535"), Ok((49152, 65535)));
-        assert!(parse_port_range("65535-49152").is_err());
-        assert!(parse_port_range("0-10").is_err());
-        assert!(parse_port_range("49152").unwrap_err().contains("LOW-HIGH"));
-    }
-
-    #[test]
-    fn relay_overrides_take_one_usable_address_per_family() {
-        let v4: IpAddr = "203.0.113.10".parse().unwrap();
-        let v6: IpAddr = "2001:db8::10".parse().unwrap();
-        assert_eq!(
-            relay_overrides(&[v4, v6]).unwrap(),
-            (
-                Some(Ipv4Addr::new(203, 0, 113, 10)),
-                Some("2001:db8::10".parse().unwrap())
-            )
-        );
-        assert!(
-            relay_overrides(&[v4, v4])
-                .unwrap_err()
-                .to_string()
-                .contains("twice")
-        );
-        assert!(relay_overrides(&["127.0.0.1".parse().unwrap()]).is_err());
-        assert!(relay_overrides(&["ff02::1".parse().unwrap()]).is_err());
-    }
 }

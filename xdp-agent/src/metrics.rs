@@ -6,11 +6,44 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bpf_common::Verdict;
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use crate::state::AgentState;
+
+/// The agent's metric names, each defined once: dashboards and alerts in
+/// `deploy/` use them, so they do not change.
+pub mod name {
+    /// Counter: application bytes the XDP program relayed (perf reports,
+    /// brought up to date from the per-CPU counters).
+    pub const RELAYED_BYTES: &str = "data_relayed_ebpf_bytes_total";
+    /// Counter: packets the XDP program relayed.
+    pub const RELAYED_PACKETS: &str = "data_relayed_ebpf_packets_total";
+    /// Counter: frames the XDP program saw, by `verdict` and `reason`.
+    pub const PACKETS: &str = "xdp_packets_total";
+    /// Counter: bytes by `verdict` and `reason` (application bytes when relayed).
+    pub const BYTES: &str = "xdp_bytes_total";
+    /// Counter: relay reports received through the perf-event array.
+    pub const PERF_EVENTS: &str = "xdp_perf_events_total";
+    /// Counter: relay reports the kernel could not deliver.
+    pub const PERF_EVENTS_LOST: &str = "xdp_perf_events_lost_total";
+    /// Gauge: channel bindings installed in the kernel.
+    pub const BINDINGS_INSTALLED: &str = "xdp_bindings_installed";
+    /// Gauge: entries in each binding `map`.
+    pub const BINDING_MAP_ENTRIES: &str = "xdp_binding_map_entries";
+    /// Gauge: the most entries each binding map holds.
+    pub const BINDING_MAP_CAPACITY: &str = "xdp_binding_map_capacity";
+    /// Gauge: 1 per `interface` the program is attached to, by `mode`.
+    pub const ATTACHED: &str = "xdp_attached";
+    /// Gauge: generation of turn-control's last full Sync.
+    pub const SYNC_GENERATION: &str = "xdp_agent_sync_generation";
+    /// Gauge: 1 if the maps were adopted from an earlier run.
+    pub const ADOPTED: &str = "xdp_agent_adopted";
+    /// Gauge: seconds since the agent started.
+    pub const UPTIME: &str = "xdp_agent_uptime_seconds";
+    /// Counter: gRPC requests by `method` and status `code`.
+    pub const GRPC_REQUESTS: &str = "xdp_agent_grpc_requests_total";
+}
 
 /// How often gauges and counters are refreshed from the maps.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -36,91 +69,80 @@ pub async fn refresh_forever(state: Arc<AgentState>) {
 
 fn describe() {
     describe_counter!(
-        "data_relayed_ebpf_bytes_total",
+        name::RELAYED_BYTES,
         "Application bytes relayed by the XDP program, as it reports them through perf events (brought up to date from its per-CPU counters)."
     );
+    describe_counter!(name::RELAYED_PACKETS, "Packets relayed by the XDP program.");
     describe_counter!(
-        "data_relayed_ebpf_packets_total",
-        "Packets relayed by the XDP program."
-    );
-    describe_counter!(
-        "xdp_packets_total",
+        name::PACKETS,
         "Frames seen by the XDP program, by verdict and reason."
     );
     describe_counter!(
-        "xdp_bytes_total",
+        name::BYTES,
         "Bytes by verdict and reason: application bytes for relayed frames, frame bytes otherwise."
     );
     describe_counter!(
-        "xdp_perf_events_total",
+        name::PERF_EVENTS,
         "Relay reports received through the perf-event array."
     );
     describe_counter!(
-        "xdp_perf_events_lost_total",
+        name::PERF_EVENTS_LOST,
         "Relay reports the kernel could not deliver."
     );
     describe_gauge!(
-        "xdp_bindings_installed",
+        name::BINDINGS_INSTALLED,
         "Channel bindings installed in the kernel."
     );
-    describe_gauge!("xdp_binding_map_entries", "Entries in each binding map.");
+    describe_gauge!(name::BINDING_MAP_ENTRIES, "Entries in each binding map.");
     describe_gauge!(
-        "xdp_binding_map_capacity",
+        name::BINDING_MAP_CAPACITY,
         "The most entries each binding map holds."
     );
     describe_gauge!(
-        "xdp_attached",
+        name::ATTACHED,
         "1 for each interface the program is attached to, by mode."
     );
     describe_gauge!(
-        "xdp_agent_sync_generation",
+        name::SYNC_GENERATION,
         "Generation of turn-control's last full Sync."
     );
     describe_gauge!(
-        "xdp_agent_adopted",
+        name::ADOPTED,
         "1 if the program's maps were adopted from an earlier run."
     );
-    describe_gauge!(
-        "xdp_agent_uptime_seconds",
-        "Seconds since the agent started."
-    );
+    describe_gauge!(name::UPTIME, "Seconds since the agent started.");
     describe_counter!(
-        "xdp_agent_grpc_requests_total",
+        name::GRPC_REQUESTS,
         "gRPC requests by method and status code."
     );
 }
 
 fn refresh(state: &AgentState) {
-    let dataplane = &state.dataplane;
-    if let Ok(counters) = dataplane.counters() {
+    let maps = &state.maps;
+    if let Ok(counters) = maps.counters() {
         for (reason, value) in counters {
-            let verdict = match reason.verdict() {
-                Verdict::Tx => "tx",
-                Verdict::Pass => "pass",
-                Verdict::Drop => "drop",
-            };
-            counter!("xdp_packets_total", "verdict" => verdict, "reason" => reason.name())
+            let (verdict, reason) = (reason.verdict().name(), reason.name());
+            counter!(name::PACKETS, "verdict" => verdict, "reason" => reason)
                 .absolute(value.packets);
-            counter!("xdp_bytes_total", "verdict" => verdict, "reason" => reason.name())
-                .absolute(value.bytes);
+            counter!(name::BYTES, "verdict" => verdict, "reason" => reason).absolute(value.bytes);
         }
     }
-    let relayed = state.reports.relayed_total(dataplane);
-    counter!("data_relayed_ebpf_bytes_total").absolute(relayed.bytes);
-    counter!("data_relayed_ebpf_packets_total").absolute(relayed.packets);
+    let relayed = state.reports.relayed_total(maps);
+    counter!(name::RELAYED_BYTES).absolute(relayed.bytes);
+    counter!(name::RELAYED_PACKETS).absolute(relayed.packets);
     let (events, lost) = state.reports.events_and_lost();
-    counter!("xdp_perf_events_total").absolute(events);
-    counter!("xdp_perf_events_lost_total").absolute(lost);
-    gauge!("xdp_bindings_installed").set(dataplane.installed() as f64);
-    for (map, entries) in dataplane.map_entries() {
-        gauge!("xdp_binding_map_entries", "map" => map).set(entries as f64);
+    counter!(name::PERF_EVENTS).absolute(events);
+    counter!(name::PERF_EVENTS_LOST).absolute(lost);
+    gauge!(name::BINDINGS_INSTALLED).set(maps.installed() as f64);
+    for (map, entries) in maps.map_entries() {
+        gauge!(name::BINDING_MAP_ENTRIES, "map" => map).set(entries as f64);
     }
-    gauge!("xdp_binding_map_capacity").set(f64::from(dataplane.capacity()));
+    gauge!(name::BINDING_MAP_CAPACITY).set(f64::from(maps.capacity()));
     for (interface, mode) in &state.attachments {
-        gauge!("xdp_attached", "interface" => interface.clone(), "mode" => mode.to_string())
+        gauge!(name::ATTACHED, "interface" => interface.clone(), "mode" => mode.to_string())
             .set(1.0);
     }
-    gauge!("xdp_agent_sync_generation").set(state.generation() as f64);
-    gauge!("xdp_agent_adopted").set(if state.adopted { 1.0 } else { 0.0 });
-    gauge!("xdp_agent_uptime_seconds").set(state.started.elapsed().as_secs_f64());
+    gauge!(name::SYNC_GENERATION).set(state.generation() as f64);
+    gauge!(name::ADOPTED).set(if state.adopted { 1.0 } else { 0.0 });
+    gauge!(name::UPTIME).set(state.started.elapsed().as_secs_f64());
 }

@@ -2,9 +2,9 @@
 //! turn-control set, what the interfaces' addresses say, and the map image
 //! written to the kernel whenever any of them changes.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use bpf_common::{DEFAULT_EVENT_INTERVAL_LOG2, DataPlaneConfig};
+use bpf_common::{DEFAULT_EVENT_INTERVAL_LOG2, KernelConfig};
 
 use crate::addresses::RelayAddresses;
 use crate::binding::{Limits, is_relay_candidate};
@@ -56,9 +56,7 @@ pub struct Settings {
     /// The allocation port range.
     pub ports: (u16, u16),
     /// Relay addresses given by flag or by turn-control: they win over learned ones.
-    pub override_v4: Option<Ipv4Addr>,
-    /// As `override_v4` for IPv6.
-    pub override_v6: Option<Ipv6Addr>,
+    pub configured: RelayAddresses,
     /// The addresses learned from the attached interfaces.
     pub learned: RelayAddresses,
     /// Header room from the tail.
@@ -72,14 +70,13 @@ impl Settings {
     pub fn new(
         listen_port: u16,
         ports: (u16, u16),
-        overrides: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+        configured: RelayAddresses,
         tail_adjust: bool,
     ) -> Result<Self, SettingsError> {
         let settings = Self {
             listen_port,
             ports,
-            override_v4: overrides.0,
-            override_v6: overrides.1,
+            configured,
             learned: RelayAddresses::default(),
             tail_adjust,
             event_interval_log2: DEFAULT_EVENT_INTERVAL_LOG2,
@@ -88,49 +85,64 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The relay addresses in force.
-    pub fn relay(&self) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
-        (
-            self.override_v4.or(self.learned.v4),
-            self.override_v6.or(self.learned.v6),
-        )
+    /// The relay addresses in force: per family, the configured one, else
+    /// the learned one.
+    pub fn relay(&self) -> RelayAddresses {
+        RelayAddresses {
+            relay_ipv4: self.configured.relay_ipv4.or(self.learned.relay_ipv4),
+            relay_ipv6: self.configured.relay_ipv6.or(self.learned.relay_ipv6),
+        }
     }
 
     /// What bindings are validated against.
     pub fn limits(&self) -> Limits {
-        let (relay_v4, relay_v6) = self.relay();
+        let RelayAddresses {
+            relay_ipv4,
+            relay_ipv6,
+        } = self.relay();
         Limits {
             listen_port: self.listen_port,
             ports: self.ports,
-            relay_v4,
-            relay_v6,
+            relay_ipv4,
+            relay_ipv6,
         }
     }
 
     /// The image written to the `CONFIG` map.
-    pub fn to_map(self) -> DataPlaneConfig {
-        let (relay_v4, relay_v6) = self.relay();
-        let mut config = DataPlaneConfig::new(self.listen_port, self.ports, relay_v4, relay_v6)
-            .with_tail_adjust(self.tail_adjust);
+    pub fn to_map(self) -> KernelConfig {
+        let relay = self.relay();
+        let mut config = KernelConfig::new(
+            self.listen_port,
+            self.ports,
+            relay.relay_ipv4,
+            relay.relay_ipv6,
+        )
+        .with_tail_adjust(self.tail_adjust);
         config.event_interval_log2 = self.event_interval_log2;
         config
     }
 
     /// The configuration as gRPC reports it.
     pub fn to_proto(self) -> proto::v1::DataPlaneConfig {
-        let (relay_v4, relay_v6) = self.relay();
+        let relay = self.relay();
         proto::v1::DataPlaneConfig {
             listen_port: u32::from(self.listen_port),
             port_min: u32::from(self.ports.0),
             port_max: u32::from(self.ports.1),
-            relay_ipv4: relay_v4.map(|ip| ip.to_string()).unwrap_or_default(),
-            relay_ipv6: relay_v6.map(|ip| ip.to_string()).unwrap_or_default(),
+            relay_ipv4: relay
+                .relay_ipv4
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+            relay_ipv6: relay
+                .relay_ipv6
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
             tail_adjust: self.tail_adjust,
         }
     }
 
     /// These settings with a SetConfig request applied; unset fields keep
-    /// their value, an empty address string removes the override.
+    /// their value, an empty address string removes the configured address.
     pub fn with_request(
         &self,
         request: &proto::v1::SetConfigRequest,
@@ -146,28 +158,16 @@ impl Settings {
             next.ports.1 = port_field("port_max", port)?;
         }
         if let Some(text) = &request.relay_ipv4 {
-            next.override_v4 = match address_field("relay_ipv4", text)? {
-                None => None,
-                Some(IpAddr::V4(ip)) => Some(ip),
-                Some(IpAddr::V6(_)) => {
-                    return Err(SettingsError::BadAddress {
-                        field: "relay_ipv4",
-                        value: text.clone(),
-                    });
-                }
-            };
+            next.configured.relay_ipv4 = address_field("relay_ipv4", text, |ip| match ip {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            })?;
         }
         if let Some(text) = &request.relay_ipv6 {
-            next.override_v6 = match address_field("relay_ipv6", text)? {
-                None => None,
-                Some(IpAddr::V6(ip)) => Some(ip),
-                Some(IpAddr::V4(_)) => {
-                    return Err(SettingsError::BadAddress {
-                        field: "relay_ipv6",
-                        value: text.clone(),
-                    });
-                }
-            };
+            next.configured.relay_ipv6 = address_field("relay_ipv6", text, |ip| match ip {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            })?;
         }
         if let Some(tail_adjust) = request.tail_adjust {
             next.tail_adjust = tail_adjust;
@@ -204,7 +204,13 @@ fn port_field(field: &'static str, value: u32) -> Result<u16, SettingsError> {
         .ok_or(SettingsError::BadPort { field, value })
 }
 
-fn address_field(field: &'static str, text: &str) -> Result<Option<IpAddr>, SettingsError> {
+/// A relay address field of a request: empty is none; otherwise a usable
+/// unicast address that `of_family` takes (it refuses the other family).
+fn address_field<T>(
+    field: &'static str,
+    text: &str,
+    of_family: impl FnOnce(IpAddr) -> Option<T>,
+) -> Result<Option<T>, SettingsError> {
     if text.is_empty() {
         return Ok(None);
     }
@@ -216,26 +222,34 @@ fn address_field(field: &'static str, text: &str) -> Result<Option<IpAddr>, Sett
     if !is_relay_candidate(ip) {
         return Err(bad());
     }
-    Ok(Some(ip))
+    of_family(ip).map(Some).ok_or_else(bad)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use proto::v1::SetConfigRequest;
 
     fn settings() -> Settings {
-        Settings::new(3478, (49152, 65535), (None, None), false).unwrap()
+        Settings::new(3478, (49152, 65535), RelayAddresses::default(), false).unwrap()
     }
 
     #[test]
-    fn overrides_win_over_learned_addresses() {
+    fn configured_addresses_win_over_learned_ones() {
         let mut s = settings();
         s.learned = RelayAddresses {
-            v4: Some(Ipv4Addr::new(203, 0, 113, 10)),
-            v6: None,
+            relay_ipv4: Some(Ipv4Addr::new(203, 0, 113, 10)),
+            relay_ipv6: None,
         };
-        assert_eq!(s.relay(), (Some(Ipv4Addr::new(203, 0, 113, 10)), None));
+        assert_eq!(
+            s.relay(),
+            RelayAddresses {
+                relay_ipv4: Some(Ipv4Addr::new(203, 0, 113, 10)),
+                relay_ipv6: None
+            }
+        );
         let s = s
             .with_request(&SetConfigRequest {
                 relay_ipv4: Some("198.51.100.1".into()),
@@ -245,22 +259,22 @@ mod tests {
             .unwrap();
         assert_eq!(
             s.relay(),
-            (
-                Some(Ipv4Addr::new(198, 51, 100, 1)),
-                Some("2001:db8::1".parse().unwrap())
-            )
+            RelayAddresses {
+                relay_ipv4: Some(Ipv4Addr::new(198, 51, 100, 1)),
+                relay_ipv6: Some("2001:db8::1".parse().unwrap())
+            }
         );
         let map = s.to_map();
-        assert_eq!(map.relay_v4, [198, 51, 100, 1]);
+        assert_eq!(map.relay_ipv4, [198, 51, 100, 1]);
         assert!(map.enabled());
-        // An empty string drops the override: the learned address is back.
+        // An empty string drops the configured address: the learned one is back.
         let s = s
             .with_request(&SetConfigRequest {
                 relay_ipv4: Some(String::new()),
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(s.relay().0, Some(Ipv4Addr::new(203, 0, 113, 10)));
+        assert_eq!(s.relay().relay_ipv4, Some(Ipv4Addr::new(203, 0, 113, 10)));
     }
 
     #[test]
@@ -331,7 +345,7 @@ mod tests {
     #[test]
     fn flags_are_validated_like_requests() {
         assert_eq!(
-            Settings::new(50000, (49152, 65535), (None, None), false).unwrap_err(),
+            Settings::new(50000, (49152, 65535), RelayAddresses::default(), false).unwrap_err(),
             SettingsError::ListenInRange {
                 listen: 50000,
                 low: 49152,

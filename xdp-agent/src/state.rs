@@ -4,16 +4,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use daemon::lock;
+
 use crate::attach::AttachedMode;
-use crate::dataplane::DataPlane;
 use crate::events::Reports;
+use crate::maps::Maps;
 use crate::settings::Settings;
 
 /// The agent's shared state.
 #[derive(Debug)]
 pub struct AgentState {
     /// The loaded program and its maps.
-    pub dataplane: Arc<DataPlane>,
+    pub maps: Arc<Maps>,
     /// The interfaces the program is attached to, and how.
     pub attachments: Vec<(String, AttachedMode)>,
     /// Whether maps were adopted from an earlier run.
@@ -29,14 +31,14 @@ pub struct AgentState {
 impl AgentState {
     /// Shared state around a loaded data plane whose `CONFIG` map holds `settings`.
     pub fn new(
-        dataplane: Arc<DataPlane>,
+        maps: Arc<Maps>,
         settings: Settings,
         attachments: Vec<(String, AttachedMode)>,
         adopted: bool,
         reports: Arc<Reports>,
     ) -> Self {
         Self {
-            dataplane,
+            maps,
             attachments,
             adopted,
             started: Instant::now(),
@@ -48,10 +50,7 @@ impl AgentState {
 
     /// The settings in force.
     pub fn settings(&self) -> Settings {
-        *self
-            .settings
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *lock(&self.settings)
     }
 
     /// Writes `change(settings)` to the kernel and keeps it; a failed write
@@ -60,13 +59,10 @@ impl AgentState {
         &self,
         change: impl FnOnce(&Settings) -> anyhow::Result<Settings>,
     ) -> anyhow::Result<Settings> {
-        let mut settings = self
-            .settings
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut settings = lock(&self.settings);
         let next = change(&settings)?;
         if next != *settings {
-            self.dataplane.set_config(&next.to_map())?;
+            self.maps.set_config(&next.to_map())?;
             *settings = next;
         }
         Ok(next)
@@ -82,3 +78,4 @@ impl AgentState {
         self.generation.store(generation, Ordering::Relaxed);
     }
 }
+

@@ -20,11 +20,11 @@ pub mod packet;
 /// `ClientKeyV4 -> PeerTarget` cost about 6.5 MiB of preallocated kernel memory.
 pub const MAX_BINDINGS: u32 = 65_536;
 
-/// `DataPlaneConfig::flags`: nothing is relayed unless this bit is set, so a
+/// `KernelConfig::flags`: nothing is relayed unless this bit is set, so a
 /// zeroed configuration passes every packet to user space.
 pub const CONFIG_ENABLED: u8 = 1 << 0;
 
-/// `DataPlaneConfig::flags`: make header room by growing or shrinking the
+/// `KernelConfig::flags`: make header room by growing or shrinking the
 /// frame's tail and moving the payload, for drivers that leave no headroom in
 /// front of the frame (`bpf_xdp_adjust_head` fails there).
 pub const CONFIG_TAIL_ADJUST: u8 = 1 << 1;
@@ -68,11 +68,12 @@ pub unsafe trait Pod: Copy + Sized {
     }
 }
 
-/// Data-plane configuration, written by the agent into the one-entry `CONFIG`
-/// array. All zero means "relay nothing".
+/// The kernel's configuration: the image of the program's one-entry `CONFIG`
+/// array, written by the agent (not the gRPC `DataPlaneConfig`, which the
+/// agent turns into this). All zero means "relay nothing".
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DataPlaneConfig {
+pub struct KernelConfig {
     /// Bit set of `CONFIG_*` flags.
     pub flags: u8,
     /// Each CPU reports its relayed traffic through the perf-event array
@@ -86,19 +87,19 @@ pub struct DataPlaneConfig {
     pub port_max: [u8; 2],
     /// The relay's IPv4 address: traffic to any other address is passed, and
     /// relayed IPv4 datagrams leave from it.
-    pub relay_v4: [u8; 4],
+    pub relay_ipv4: [u8; 4],
     /// The relay's IPv6 address (all zero when it has none).
-    pub relay_v6: [u8; 16],
+    pub relay_ipv6: [u8; 16],
 }
 
-impl DataPlaneConfig {
+impl KernelConfig {
     /// An enabled configuration; a family without a relay address is not
     /// relayed in the kernel.
     pub fn new(
         listen_port: u16,
         ports: (u16, u16),
-        relay_v4: Option<Ipv4Addr>,
-        relay_v6: Option<Ipv6Addr>,
+        relay_ipv4: Option<Ipv4Addr>,
+        relay_ipv6: Option<Ipv6Addr>,
     ) -> Self {
         Self {
             flags: CONFIG_ENABLED,
@@ -106,8 +107,8 @@ impl DataPlaneConfig {
             listen_port: listen_port.to_be_bytes(),
             port_min: ports.0.to_be_bytes(),
             port_max: ports.1.to_be_bytes(),
-            relay_v4: relay_v4.map_or([0; 4], |ip| ip.octets()),
-            relay_v6: relay_v6.map_or([0; 16], |ip| ip.octets()),
+            relay_ipv4: relay_ipv4.map_or([0; 4], |ip| ip.octets()),
+            relay_ipv6: relay_ipv6.map_or([0; 16], |ip| ip.octets()),
         }
     }
 
@@ -152,7 +153,7 @@ impl DataPlaneConfig {
 }
 
 // SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
-unsafe impl Pod for DataPlaneConfig {}
+unsafe impl Pod for KernelConfig {}
 
 /// Key of `CLIENT_V4`: an IPv4 client's transport address and the channel it
 /// sends on, as they appear in its channel-data packet.
@@ -460,6 +461,17 @@ pub enum Verdict {
     Drop,
 }
 
+impl Verdict {
+    /// A stable lower-case name for metrics and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Tx => "tx",
+            Verdict::Pass => "pass",
+            Verdict::Drop => "drop",
+        }
+    }
+}
+
 /// One per-CPU slot of `STATS`: packets and bytes for one [`Reason`]; also
 /// the cumulative relayed traffic of one CPU, in `RELAYED` and in the events
 /// of the `EVENTS` perf-event array.
@@ -474,6 +486,23 @@ pub struct Counter {
     pub packets: u64,
     /// Bytes, see the type's documentation.
     pub bytes: u64,
+}
+
+impl core::ops::Add for Counter {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
+impl core::iter::Sum for Counter {
+    fn sum<I: Iterator<Item = Self>>(counters: I) -> Self {
+        counters.fold(Self::default(), core::ops::Add::add)
+    }
 }
 
 impl Counter {
@@ -496,10 +525,10 @@ mod tests {
 
     #[test]
     fn layouts_match_the_kernel_view() {
-        assert_eq!(size_of::<DataPlaneConfig>(), 28);
-        assert_eq!(offset_of!(DataPlaneConfig, listen_port), 2);
-        assert_eq!(offset_of!(DataPlaneConfig, relay_v4), 8);
-        assert_eq!(offset_of!(DataPlaneConfig, relay_v6), 12);
+        assert_eq!(size_of::<KernelConfig>(), 28);
+        assert_eq!(offset_of!(KernelConfig, listen_port), 2);
+        assert_eq!(offset_of!(KernelConfig, relay_ipv4), 8);
+        assert_eq!(offset_of!(KernelConfig, relay_ipv6), 12);
         assert_eq!(size_of::<ClientKeyV4>(), 8);
         assert_eq!(offset_of!(ClientKeyV4, channel), 6);
         assert_eq!(size_of::<ClientKeyV6>(), 20);
@@ -522,7 +551,7 @@ mod tests {
         // Word-aligned for the program's loads, with the sizes above: the
         // alignment added no padding.
         for align in [
-            align_of::<DataPlaneConfig>(),
+            align_of::<KernelConfig>(),
             align_of::<ClientKeyV4>(),
             align_of::<ClientKeyV6>(),
             align_of::<PeerKeyV4>(),
@@ -536,7 +565,7 @@ mod tests {
 
     #[test]
     fn fields_are_big_endian_wire_bytes() {
-        let config = DataPlaneConfig::new(
+        let config = KernelConfig::new(
             3478,
             (49152, 65535),
             Some(Ipv4Addr::new(203, 0, 113, 1)),
@@ -568,7 +597,7 @@ mod tests {
 
     #[test]
     fn zeroed_configuration_relays_nothing() {
-        assert!(!DataPlaneConfig::default().enabled());
+        assert!(!KernelConfig::default().enabled());
     }
 
     #[test]

@@ -525,39 +525,7 @@ where
         check: [0, 0],
     };
     if !zero_checksum {
-        let mut check = Incremental::new(input.udp.check);
-        // Pseudo-header (RFC 768, RFC 8200 section 8.1): addresses and length.
-        input.ip.saddr().remove_from(&mut check);
-        input.ip.daddr().remove_from(&mut check);
-        relay.saddr.add_to(&mut check);
-        relay.daddr.add_to(&mut check);
-        check.replace16(input.udp.len, new_udp_len_bytes);
-        // UDP header: ports and the length again.
-        check.replace16(input.udp.source, relay.source);
-        check.replace16(input.udp.dest, relay.dest);
-        check.replace16(input.udp.len, new_udp_len_bytes);
-        // The payload's ChannelData header.
-        if let Some(removed) = relay.removed {
-            check.remove16(removed.channel);
-            check.remove16(removed.len);
-            // The data starts at an even offset, so a padding byte's place in
-            // its 16-bit word follows from the data length.
-            let mut i = 0;
-            while i < relay.padding.len as usize && i < 3 {
-                let byte = relay.padding.bytes[i];
-                check.remove16(if (data_len + i).is_multiple_of(2) {
-                    [byte, 0]
-                } else {
-                    [0, byte]
-                });
-                i += 1;
-            }
-        }
-        if let Some(added) = added {
-            check.add16(added.channel);
-            check.add16(added.len);
-        }
-        udp.check = check.finish_udp();
+        udp.check = relayed_udp_checksum(input, relay, data_len, new_udp_len_bytes, added);
     }
 
     let frame = UdpFrame {
@@ -572,6 +540,57 @@ where
         udp,
     };
     Ok((frame, added))
+}
+
+/// The UDP checksum of the datagram [`relay`] builds, updated incrementally
+/// (RFC 1624) from the incoming one: pseudo-header addresses and length,
+/// ports, length, and the ChannelData header removed (with its padding) or
+/// added. The application data is not read: it stays where it is.
+#[inline(always)]
+fn relayed_udp_checksum<In, Out>(
+    input: &UdpFrame<In>,
+    relay: &Relay<Out::Addr>,
+    data_len: usize,
+    new_udp_len_bytes: [u8; 2],
+    added: Option<ChannelHdr>,
+) -> [u8; 2]
+where
+    In: Translate<Out>,
+    Out: IpHeader,
+{
+    let mut check = Incremental::new(input.udp.check);
+    // Pseudo-header (RFC 768, RFC 8200 section 8.1): addresses and length.
+    input.ip.saddr().remove_from(&mut check);
+    input.ip.daddr().remove_from(&mut check);
+    relay.saddr.add_to(&mut check);
+    relay.daddr.add_to(&mut check);
+    check.replace16(input.udp.len, new_udp_len_bytes);
+    // UDP header: ports and the length again.
+    check.replace16(input.udp.source, relay.source);
+    check.replace16(input.udp.dest, relay.dest);
+    check.replace16(input.udp.len, new_udp_len_bytes);
+    // The payload's ChannelData header.
+    if let Some(removed) = relay.removed {
+        check.remove16(removed.channel);
+        check.remove16(removed.len);
+        // The data starts at an even offset, so a padding byte's place in
+        // its 16-bit word follows from the data length.
+        let mut i = 0;
+        while i < relay.padding.len as usize && i < 3 {
+            let byte = relay.padding.bytes[i];
+            check.remove16(if (data_len + i).is_multiple_of(2) {
+                [byte, 0]
+            } else {
+                [0, byte]
+            });
+            i += 1;
+        }
+    }
+    if let Some(added) = added {
+        check.add16(added.channel);
+        check.add16(added.len);
+    }
+    check.finish_udp()
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use bpf_common::{
-    ClientKeyV4, ClientKeyV6, ClientTarget, Counter, DataPlaneConfig, FAMILY_V4, FAMILY_V6,
+    ClientKeyV4, ClientKeyV6, ClientTarget, Counter, FAMILY_V4, FAMILY_V6, KernelConfig,
     MAX_BINDINGS, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason, RelayEvent, Verdict,
     packet::{
         CHANNEL_HEADER_LEN, ChannelFrame, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IpBytes,
@@ -37,7 +37,7 @@ const BINDINGS: usize = MAX_BINDINGS as usize;
 
 /// The data-plane configuration: one entry, written by the agent.
 #[btf_map]
-static CONFIG: Array<DataPlaneConfig, 1> = Array::new();
+static CONFIG: Array<KernelConfig, 1> = Array::new();
 
 /// IPv4 client (address, port, channel) -> where its channel data goes.
 #[btf_map]
@@ -97,7 +97,7 @@ pub fn xdp_relay(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn try_relay(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reason> {
+fn try_relay(ctx: &XdpContext, config: &KernelConfig) -> Result<Relayed, Reason> {
     if !config.enabled() {
         return Err(Reason::PassNotConfigured);
     }
@@ -113,7 +113,7 @@ fn try_relay(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reas
 /// A UDP datagram to one of the relay's addresses: channel data from a
 /// client to the listen port, or a peer's datagram to an allocation port.
 #[inline(always)]
-fn from_family<In: Family>(ctx: &XdpContext, config: &DataPlaneConfig) -> Result<Relayed, Reason> {
+fn from_family<In: IpVersion>(ctx: &XdpContext, config: &KernelConfig) -> Result<Relayed, Reason> {
     // SAFETY: `header` checked the bounds (and says why the frame is
     // aligned); the headers are plain bytes. The reference is last used to
     // compute the outgoing headers, before `emit` moves the frame's head and
@@ -139,9 +139,9 @@ fn from_family<In: Family>(ctx: &XdpContext, config: &DataPlaneConfig) -> Result
 
 /// Channel data from a client (RFC 8656 section 12.6).
 #[inline(always)]
-fn from_client<In: Family>(
+fn from_client<In: IpVersion>(
     ctx: &XdpContext,
-    config: &DataPlaneConfig,
+    config: &KernelConfig,
     frame: &UdpFrame<In>,
     udp_len: usize,
 ) -> Result<Relayed, Reason> {
@@ -179,15 +179,15 @@ fn from_client<In: Family>(
 #[inline(always)]
 fn to_peer<In, Out>(
     ctx: &XdpContext,
-    config: &DataPlaneConfig,
+    config: &KernelConfig,
     input: &ChannelFrame<In>,
     udp_len: usize,
     target: &PeerTarget,
     padding: Padding,
 ) -> Result<Relayed, Reason>
 where
-    In: Family + Translate<Out>,
-    Out: Family,
+    In: IpVersion + Translate<Out>,
+    Out: IpVersion,
 {
     let relay_addr = Out::relay_addr(config);
     if relay_addr.is_unset() {
@@ -234,15 +234,15 @@ where
 #[inline(always)]
 fn hairpin<In, Out>(
     ctx: &XdpContext,
-    config: &DataPlaneConfig,
+    config: &KernelConfig,
     input: &ChannelFrame<In>,
     udp_len: usize,
     other: &ClientTarget,
     padding: Padding,
 ) -> Result<Relayed, Reason>
 where
-    In: Family + Translate<Out>,
-    Out: Family,
+    In: IpVersion + Translate<Out>,
+    Out: IpVersion,
 {
     let relay_addr = Out::relay_addr(config);
     if relay_addr.is_unset() {
@@ -317,9 +317,9 @@ fn padding(ctx: &XdpContext, payload_end: usize, pad: usize) -> Result<Padding, 
 
 /// A peer's datagram to an allocation port (RFC 8656 section 12.7).
 #[inline(always)]
-fn from_peer<In: Family>(
+fn from_peer<In: IpVersion>(
     ctx: &XdpContext,
-    config: &DataPlaneConfig,
+    config: &KernelConfig,
     frame: &UdpFrame<In>,
     udp_len: usize,
 ) -> Result<Relayed, Reason> {
@@ -336,14 +336,14 @@ fn from_peer<In: Family>(
 #[inline(always)]
 fn to_client<In, Out>(
     ctx: &XdpContext,
-    config: &DataPlaneConfig,
+    config: &KernelConfig,
     frame: &UdpFrame<In>,
     udp_len: usize,
     target: &ClientTarget,
 ) -> Result<Relayed, Reason>
 where
-    In: Family + Translate<Out>,
-    Out: Family,
+    In: IpVersion + Translate<Out>,
+    Out: IpVersion,
 {
     let relay_addr = Out::relay_addr(config);
     if relay_addr.is_unset() {
@@ -379,7 +379,7 @@ where
 #[inline(always)]
 fn emit<T: Pod>(
     ctx: &XdpContext,
-    config: &DataPlaneConfig,
+    config: &KernelConfig,
     in_len: usize,
     out: &T,
     data_len: usize,
@@ -471,7 +471,7 @@ fn move_data(ctx: &XdpContext, from: usize, to: usize, data_len: usize) -> bool 
 /// Counts a verdict; a relayed packet's cumulative counter is also reported
 /// through `EVENTS` when due.
 #[inline(always)]
-fn count(ctx: &XdpContext, config: Option<&DataPlaneConfig>, reason: Reason, bytes: u64) {
+fn count(ctx: &XdpContext, config: Option<&KernelConfig>, reason: Reason, bytes: u64) {
     let Some(counter) = STATS.get_ptr_mut(reason as u32) else {
         return;
     };
@@ -518,9 +518,10 @@ fn header<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
     Ok(start as *mut T)
 }
 
-/// What differs between IPv4 and IPv6 beyond the header: the family's maps,
-/// its relay address and its counters.
-trait Family: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
+/// What differs between IPv4 and IPv6 beyond the header: the version's maps,
+/// its relay address and its counters. A trait over header types, resolved at
+/// compile time, so that each path is inlined once per version.
+trait IpVersion: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     /// Index of this family in the `*_V4`, `*_V6` reason pairs.
     const INDEX: usize;
     /// Client-to-peer reasons, by the peer's family.
@@ -531,7 +532,7 @@ trait Family: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     const HAIRPIN: [Reason; 2];
 
     /// The relay's address in this family (all zero: none).
-    fn relay_addr(config: &DataPlaneConfig) -> Self::Addr;
+    fn relay_addr(config: &KernelConfig) -> Self::Addr;
     /// This family's address in a map value's 16 bytes.
     fn addr(bytes: &[u8; 16]) -> Self::Addr;
     /// Where a client's channel goes.
@@ -541,15 +542,15 @@ trait Family: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     -> Option<ClientTarget>;
 }
 
-impl Family for Ipv4Hdr {
+impl IpVersion for Ipv4Hdr {
     const INDEX: usize = 0;
     const TO_PEER: [Reason; 2] = [Reason::RelayClientToPeerV4V4, Reason::RelayClientToPeerV4V6];
     const TO_CLIENT: [Reason; 2] = [Reason::RelayPeerToClientV4V4, Reason::RelayPeerToClientV4V6];
     const HAIRPIN: [Reason; 2] = [Reason::RelayHairpinV4V4, Reason::RelayHairpinV4V6];
 
     #[inline(always)]
-    fn relay_addr(config: &DataPlaneConfig) -> [u8; 4] {
-        config.relay_v4
+    fn relay_addr(config: &KernelConfig) -> [u8; 4] {
+        config.relay_ipv4
     }
 
     #[inline(always)]
@@ -585,15 +586,15 @@ impl Family for Ipv4Hdr {
     }
 }
 
-impl Family for Ipv6Hdr {
+impl IpVersion for Ipv6Hdr {
     const INDEX: usize = 1;
     const TO_PEER: [Reason; 2] = [Reason::RelayClientToPeerV6V4, Reason::RelayClientToPeerV6V6];
     const TO_CLIENT: [Reason; 2] = [Reason::RelayPeerToClientV6V4, Reason::RelayPeerToClientV6V6];
     const HAIRPIN: [Reason; 2] = [Reason::RelayHairpinV6V4, Reason::RelayHairpinV6V6];
 
     #[inline(always)]
-    fn relay_addr(config: &DataPlaneConfig) -> [u8; 16] {
-        config.relay_v6
+    fn relay_addr(config: &KernelConfig) -> [u8; 16] {
+        config.relay_ipv6
     }
 
     #[inline(always)]

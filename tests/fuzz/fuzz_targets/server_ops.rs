@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use turn_core::{
+use tests_fuzz::{
+    LISTEN, LISTEN6, PASSWORD, REST_USER, USER, rest_key, sa, server, sign, user_key,
+};
+use tests_stun::{Answer, Msg, attr, class, method};
+use turn_control_core::{
     ChannelBinding, ClientAddr, Command, OffloadError, PeerAddr, RelayAddr, Server, Transmit,
     Transport,
-};
-use turn_fuzz::{
-    Decoded, LISTEN, LISTEN6, Msg, PASSWORD, REST_USER, USER, attr, class, method, rest_key, sa,
-    server, sign, user_key,
 };
 
 #[derive(Debug, Arbitrary)]
@@ -168,13 +168,13 @@ impl Harness {
             }
             match command {
                 Command::BindRelayPort { relay } => {
-                    // As the daemon does: report the failure while draining, before
-                    // taking transmits.
+                    // As the daemon does: answer every bind while draining.
                     if self.failing_binds > 0 {
                         self.failing_binds -= 1;
-                        self.server.relay_bind_failed(self.now, relay);
+                        self.server.relay_bind_failed(relay);
                     } else {
                         assert!(self.relays.insert(relay), "{relay:?} bound twice");
+                        self.server.relay_bound(self.now, relay);
                     }
                 }
                 Command::FreeRelayPort { relay } => {
@@ -252,7 +252,7 @@ impl Harness {
             let answers = self.client_input(index, &bytes);
             let Some(answer) = answers
                 .iter()
-                .filter_map(|a| Decoded::parse(a))
+                .filter_map(|a| Answer::parse_exact(a))
                 .find(|d| d.txid == txid)
             else {
                 // Rate-limited 401s and held ChannelBind successes give no answer (yet).
@@ -262,7 +262,7 @@ impl Harness {
             assert_eq!(
                 answers
                     .iter()
-                    .filter_map(|a| Decoded::parse(a))
+                    .filter_map(|a| Answer::parse_exact(a))
                     .filter(|d| d.txid == txid)
                     .count(),
                 1,
@@ -459,7 +459,7 @@ impl Harness {
                 let Some(&relay) = relays.get(usize::from(relay) % relays.len().max(1)) else {
                     return;
                 };
-                self.server.relay_bind_failed(self.now, relay);
+                self.server.relay_bind_failed(relay);
                 self.drain(None);
                 assert!(
                     !self.relays.contains(&relay),

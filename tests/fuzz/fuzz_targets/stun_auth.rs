@@ -19,11 +19,12 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use turn_core::{ClientAddr, Command, Transmit, Transport, frame_len};
-use turn_fuzz::{
-    Decoded, LISTEN, LISTEN6, Msg, PASSWORD, REST_USER, USER, attr, class, exchange, fetch_nonce,
-    method, rest_key, sa, server, sign, user_key,
+use tests_fuzz::{
+    LISTEN, LISTEN6, PASSWORD, REST_USER, USER, exchange, fetch_nonce, rest_key, sa, server, sign,
+    user_key,
 };
+use tests_stun::{Answer, Msg, attr, class, method};
+use turn_control_core::{ClientAddr, Command, Transmit, Transport, frame_len};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, message)) = data.split_first() else {
@@ -61,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         let answers = exchange(&mut server, now, transport, local, client, &request);
         let success = answers
             .iter()
-            .filter_map(|a| Decoded::parse(a))
+            .filter_map(|a| Answer::parse_exact(a))
             .any(|d| d.class == class::SUCCESS && d.method == method::ALLOCATE);
         assert!(success, "a valid Allocate succeeds");
     }
@@ -88,9 +89,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     while let Some(command) = server.poll_command() {
-        if let Command::InstallChannel { binding } = command {
-            assert_eq!(binding.client, client);
-            assert_eq!(binding.transport, Transport::Udp);
+        match command {
+            Command::InstallChannel { binding } => {
+                assert_eq!(binding.client, client);
+                assert_eq!(binding.transport, Transport::Udp);
+            }
+            Command::BindRelayPort { relay } => server.relay_bound(later, relay),
+            _ => {}
         }
     }
     while let Some(transmit) = server.poll_transmit() {
@@ -106,7 +111,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(to, client);
         assert_eq!(t, transport);
         if payload[0] & 0xC0 == 0 {
-            assert!(Decoded::parse(&payload).is_some(), "malformed STUN answer");
+            assert!(
+                Answer::parse_exact(&payload).is_some(),
+                "malformed STUN answer"
+            );
         }
         if transport == Transport::Tcp {
             assert_eq!(frame_len(&payload), Ok(Some(payload.len())));

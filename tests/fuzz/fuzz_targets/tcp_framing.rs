@@ -4,7 +4,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use turn_core::{ChannelData, ChannelNumber, Transport, frame_len};
+use turn_control_core::{ChannelData, ChannelNumber, Transport, frame_len};
 
 #[derive(Debug, Arbitrary)]
 enum Frame {

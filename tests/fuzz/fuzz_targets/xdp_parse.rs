@@ -20,7 +20,7 @@ use bpf_common::packet::{
     UDP_LEN, UdpFrame, relay,
 };
 use libfuzzer_sys::fuzz_target;
-use turn_fuzz::{fold, sum16, udp_check};
+use tests_fuzz::{fold, sum16, udp_check};
 
 const RELAY_V4: [u8; 4] = [198, 51, 100, 7];
 const RELAY_V6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
@@ -44,12 +44,12 @@ fuzz_target!(|data: &[u8]| {
 });
 
 /// Addresses of a family as bytes.
-trait Family: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
+trait IpVersion: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     fn addr_bytes(a: &Self::Addr) -> &[u8];
     fn udp_len_field(&self) -> usize;
 }
 
-impl Family for Ipv4Hdr {
+impl IpVersion for Ipv4Hdr {
     fn addr_bytes(a: &[u8; 4]) -> &[u8] {
         a
     }
@@ -58,7 +58,7 @@ impl Family for Ipv4Hdr {
     }
 }
 
-impl Family for Ipv6Hdr {
+impl IpVersion for Ipv6Hdr {
     fn addr_bytes(a: &[u8; 16]) -> &[u8] {
         a
     }
@@ -111,7 +111,7 @@ fn fix_up<Ip: IpHeader>(frame: &mut [u8], flags: u8) {
 }
 
 /// The XDP program's `from_family` for `In`, without the map lookups: every route is tried.
-fn from_family<In: Family>(frame: &[u8]) {
+fn from_family<In: IpVersion>(frame: &[u8]) {
     let size = core::mem::size_of::<UdpFrame<In>>();
     let Some(headers) = frame.get(..size).and_then(UdpFrame::<In>::from_bytes) else {
         return;
@@ -212,7 +212,7 @@ fn from_family<In: Family>(frame: &[u8]) {
     clippy::too_many_arguments,
     reason = "one route of the program, spelled out"
 )]
-fn route<In: Family, Out: Family>(
+fn route<In: IpVersion, Out: IpVersion>(
     input: &UdpFrame<In>,
     udp_len: usize,
     udp_bytes: &[u8],

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -43,133 +44,220 @@ fn register_font() -> bool {
     false
 }
 
+/// The canvas, in pixels.
+const WIDTH: i32 = 1100;
+const HEIGHT: i32 = 600;
+/// The margins around the plot area, in pixels.
+const LEFT: i32 = 80;
+const RIGHT: i32 = 20;
+const TOP: i32 = 70;
+const BOTTOM: i32 = 70;
+/// The plot area, in pixels.
+const PLOT_W: i32 = WIDTH - LEFT - RIGHT;
+const PLOT_H: i32 = HEIGHT - TOP - BOTTOM;
+
 /// Draws the chart to `path` (PNG).
 pub fn draw(path: &Path, title: &str, series: &[&str], groups: &[Group]) -> anyhow::Result<()> {
     let text = register_font();
-    let (width, height) = (1100i32, 600i32);
-    let root = BitMapBackend::new(path, (width as u32, height as u32)).into_drawing_area();
+    let root = BitMapBackend::new(path, (WIDTH as u32, HEIGHT as u32)).into_drawing_area();
     root.fill(&WHITE).context("fill")?;
-    let (left, right, top, bottom) = (80i32, 20i32, 70i32, 70i32);
-    let plot_w = width - left - right;
-    let plot_h = height - top - bottom;
-    let max = groups
-        .iter()
-        .flat_map(|g| g.values.iter().flatten())
-        .fold(0.0f64, |a, &b| a.max(b))
-        .max(1.0);
-    // A round axis maximum in Mpps.
-    let step = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
-        .into_iter()
-        .find(|s| max / 1e6 / s <= 8.0)
-        .unwrap_or(10.0);
-    let axis_max = ((max / 1e6 / step).ceil() * step).max(step);
-    let y_of = |v: f64| top + plot_h - ((v / 1e6 / axis_max) * plot_h as f64) as i32;
-    let draw_err = |e| anyhow::anyhow!("plot: {e:?}");
-    // Grid and axis.
-    let ticks = (axis_max / step).round() as i32;
-    for i in 0..=ticks {
-        let v = f64::from(i) * step;
-        let y = y_of(v * 1e6);
-        root.draw(&PathElement::new(
-            vec![(left, y), (width - right, y)],
-            RGBColor(225, 225, 225),
-        ))
-        .map_err(draw_err)?;
-        if text {
-            root.draw(&Text::new(
-                format!("{v:.1}"),
-                (left - 45, y - 8),
-                ("sans-serif", 16).into_font(),
-            ))
-            .map_err(draw_err)?;
+    let chart = Chart::new(root, text, groups);
+    chart.grid()?;
+    chart.bars(series.len(), groups)?;
+    if text {
+        chart.titles(title)?;
+        chart.legend(series)?;
+    } else {
+        chart.swatches(series.len())?;
+    }
+    chart.root.present().context("write the PNG")?;
+    Ok(())
+}
+
+/// A drawing error of plotters as an [`anyhow::Error`].
+fn plot_error(e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("plot: {e:?}")
+}
+
+/// The chart being drawn: its canvas and the vertical scale every step shares.
+struct Chart<'a> {
+    root: DrawingArea<BitMapBackend<'a>, Shift>,
+    /// Whether a font was found: without one, no text is drawn.
+    text: bool,
+    /// The spacing of the axis ticks, in Mpps.
+    step: f64,
+    /// The top of the axis, in Mpps: a whole number of steps.
+    axis_max: f64,
+}
+
+impl<'a> Chart<'a> {
+    /// A chart on `root` whose axis holds the largest value of `groups`.
+    fn new(root: DrawingArea<BitMapBackend<'a>, Shift>, text: bool, groups: &[Group]) -> Self {
+        let max = groups
+            .iter()
+            .flat_map(|g| g.values.iter().flatten())
+            .fold(0.0f64, |a, &b| a.max(b))
+            .max(1.0);
+        // A round axis maximum in Mpps.
+        let step = [0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+            .into_iter()
+            .find(|s| max / 1e6 / s <= 8.0)
+            .unwrap_or(10.0);
+        let axis_max = ((max / 1e6 / step).ceil() * step).max(step);
+        Self {
+            root,
+            text,
+            step,
+            axis_max,
         }
     }
-    root.draw(&PathElement::new(
-        vec![
-            (left, top),
-            (left, top + plot_h),
-            (width - right, top + plot_h),
-        ],
-        BLACK,
-    ))
-    .map_err(draw_err)?;
-    // Bars.
-    let group_w = plot_w / groups.len().max(1) as i32;
-    let bar_w = (group_w - 40) / series.len().max(1) as i32;
-    for (g, group) in groups.iter().enumerate() {
-        let x0 = left + g as i32 * group_w + 20;
-        for (s, value) in group.values.iter().enumerate() {
-            let Some(value) = value else { continue };
-            let x = x0 + s as i32 * bar_w;
-            let color = COLORS[s % COLORS.len()];
-            root.draw(&Rectangle::new(
-                [(x + 2, y_of(*value)), (x + bar_w - 2, top + plot_h)],
-                color.filled(),
-            ))
-            .map_err(draw_err)?;
-            if text {
-                let label = if *value >= 1e6 {
-                    format!("{:.2}M", value / 1e6)
-                } else {
-                    format!("{:.0}k", value / 1e3)
-                };
-                root.draw(&Text::new(
-                    label,
-                    (x + 4, y_of(*value) - 18),
-                    ("sans-serif", 14).into_font(),
+
+    /// The pixel row of `v` packets per second.
+    fn y_of(&self, v: f64) -> i32 {
+        TOP + PLOT_H - ((v / 1e6 / self.axis_max) * PLOT_H as f64) as i32
+    }
+
+    /// The horizontal grid lines with their values, and the axes.
+    fn grid(&self) -> anyhow::Result<()> {
+        let ticks = (self.axis_max / self.step).round() as i32;
+        for i in 0..=ticks {
+            let v = f64::from(i) * self.step;
+            let y = self.y_of(v * 1e6);
+            self.root
+                .draw(&PathElement::new(
+                    vec![(LEFT, y), (WIDTH - RIGHT, y)],
+                    RGBColor(225, 225, 225),
                 ))
-                .map_err(draw_err)?;
+                .map_err(plot_error)?;
+            if self.text {
+                self.root
+                    .draw(&Text::new(
+                        format!("{v:.1}"),
+                        (LEFT - 45, y - 8),
+                        ("sans-serif", 16).into_font(),
+                    ))
+                    .map_err(plot_error)?;
             }
         }
-        if text {
-            root.draw(&Text::new(
-                group.label.clone(),
-                (x0 + 10, top + plot_h + 12),
-                ("sans-serif", 17).into_font(),
+        self.root
+            .draw(&PathElement::new(
+                vec![
+                    (LEFT, TOP),
+                    (LEFT, TOP + PLOT_H),
+                    (WIDTH - RIGHT, TOP + PLOT_H),
+                ],
+                BLACK,
             ))
-            .map_err(draw_err)?;
-        }
+            .map_err(plot_error)?;
+        Ok(())
     }
-    if text {
-        root.draw(&Text::new(
-            title.to_owned(),
-            (left, 12),
-            ("sans-serif", 20).into_font(),
-        ))
-        .map_err(draw_err)?;
-        root.draw(&Text::new(
-            "Mpps".to_owned(),
-            (10, top - 30),
-            ("sans-serif", 16).into_font(),
-        ))
-        .map_err(draw_err)?;
-        let mut x = left;
-        for (s, name) in series.iter().enumerate() {
-            let y = height - 28;
-            root.draw(&Rectangle::new(
-                [(x, y), (x + 16, y + 16)],
-                COLORS[s % COLORS.len()].filled(),
+
+    /// The bars of every group, `series` to a group, with the group labels.
+    fn bars(&self, series: usize, groups: &[Group]) -> anyhow::Result<()> {
+        let group_w = PLOT_W / groups.len().max(1) as i32;
+        let bar_w = (group_w - 40) / series.max(1) as i32;
+        for (g, group) in groups.iter().enumerate() {
+            let x0 = LEFT + g as i32 * group_w + 20;
+            for (s, value) in group.values.iter().enumerate() {
+                let Some(value) = value else { continue };
+                self.bar(
+                    x0 + s as i32 * bar_w,
+                    bar_w,
+                    COLORS[s % COLORS.len()],
+                    *value,
+                )?;
+            }
+            if self.text {
+                self.root
+                    .draw(&Text::new(
+                        group.label.clone(),
+                        (x0 + 10, TOP + PLOT_H + 12),
+                        ("sans-serif", 17).into_font(),
+                    ))
+                    .map_err(plot_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One bar of `value` packets per second, `bar_w` wide from `x`, with its value.
+    fn bar(&self, x: i32, bar_w: i32, color: RGBColor, value: f64) -> anyhow::Result<()> {
+        self.root
+            .draw(&Rectangle::new(
+                [(x + 2, self.y_of(value)), (x + bar_w - 2, TOP + PLOT_H)],
+                color.filled(),
             ))
-            .map_err(draw_err)?;
-            root.draw(&Text::new(
-                (*name).to_owned(),
-                (x + 22, y),
+            .map_err(plot_error)?;
+        if self.text {
+            let label = if value >= 1e6 {
+                format!("{:.2}M", value / 1e6)
+            } else {
+                format!("{:.0}k", value / 1e3)
+            };
+            self.root
+                .draw(&Text::new(
+                    label,
+                    (x + 4, self.y_of(value) - 18),
+                    ("sans-serif", 14).into_font(),
+                ))
+                .map_err(plot_error)?;
+        }
+        Ok(())
+    }
+
+    /// The chart's title and the axis unit.
+    fn titles(&self, title: &str) -> anyhow::Result<()> {
+        self.root
+            .draw(&Text::new(
+                title.to_owned(),
+                (LEFT, 12),
+                ("sans-serif", 20).into_font(),
+            ))
+            .map_err(plot_error)?;
+        self.root
+            .draw(&Text::new(
+                "Mpps".to_owned(),
+                (10, TOP - 30),
                 ("sans-serif", 16).into_font(),
             ))
-            .map_err(draw_err)?;
+            .map_err(plot_error)?;
+        Ok(())
+    }
+
+    /// The legend: a swatch and the name of every series.
+    fn legend(&self, series: &[&str]) -> anyhow::Result<()> {
+        let mut x = LEFT;
+        for (s, name) in series.iter().enumerate() {
+            let y = HEIGHT - 28;
+            self.root
+                .draw(&Rectangle::new(
+                    [(x, y), (x + 16, y + 16)],
+                    COLORS[s % COLORS.len()].filled(),
+                ))
+                .map_err(plot_error)?;
+            self.root
+                .draw(&Text::new(
+                    (*name).to_owned(),
+                    (x + 22, y),
+                    ("sans-serif", 16).into_font(),
+                ))
+                .map_err(plot_error)?;
             x += 30 + 10 * name.len() as i32;
         }
-    } else {
-        // Legend swatches only.
-        for s in 0..series.len() {
-            let x = left + s as i32 * 40;
-            root.draw(&Rectangle::new(
-                [(x, height - 28), (x + 16, height - 12)],
-                COLORS[s % COLORS.len()].filled(),
-            ))
-            .map_err(draw_err)?;
-        }
+        Ok(())
     }
-    root.present().context("write the PNG")?;
-    Ok(())
+
+    /// The legend without a font: the swatches of `series` series only.
+    fn swatches(&self, series: usize) -> anyhow::Result<()> {
+        for s in 0..series {
+            let x = LEFT + s as i32 * 40;
+            self.root
+                .draw(&Rectangle::new(
+                    [(x, HEIGHT - 28), (x + 16, HEIGHT - 12)],
+                    COLORS[s % COLORS.len()].filled(),
+                ))
+                .map_err(plot_error)?;
+        }
+        Ok(())
+    }
 }

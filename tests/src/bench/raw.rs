@@ -1,5 +1,5 @@
 //! A lightweight raw-UDP TURN client for control-plane figures: K allocations from distinct
-//! source ports (so that a server with several `SO_REUSEPORT` shards spreads them), each
+//! source ports (so that a server with several `SO_REUSEPORT` threads spreads them), each
 //! binding many channels with a window of requests in flight; and the time from a
 //! ChannelBind request to the first channel-data datagram relayed by XDP.
 //!
@@ -17,10 +17,10 @@ use nix::libc;
 use nix::sys::socket::{setsockopt, sockopt};
 
 use super::Ns;
-use crate::stun::{
-    self, Answer, CHANNEL_BIND, CHANNEL_NUMBER, Msg, NONCE, REQUEST, SUCCESS, XOR_PEER_ADDRESS,
-    XOR_RELAYED_ADDRESS,
-};
+use crate::stun::attr::{CHANNEL_NUMBER, NONCE, XOR_PEER_ADDRESS, XOR_RELAYED_ADDRESS};
+use crate::stun::class::{REQUEST, SUCCESS};
+use crate::stun::method::CHANNEL_BIND;
+use crate::stun::{self, Answer, Msg};
 
 /// The bench's TURN user.
 pub const USER: &str = "test";
@@ -75,7 +75,7 @@ pub fn allocate(
             client.txid_tag = 0xA0 | (index as u8 & 0x0F);
             let answer = client.allocate()?;
             if answer.class != SUCCESS
-                && answer.code() == Some(ALLOCATION_MISMATCH)
+                && answer.error_code() == Some(ALLOCATION_MISMATCH)
                 && attempt < MISMATCH_RETRIES
             {
                 attempt += 1;
@@ -88,7 +88,7 @@ pub fn allocate(
             answer.class == SUCCESS,
             "Allocate from {local}: class {} code {:?}",
             answer.class,
-            answer.code()
+            answer.error_code()
         );
         let relayed = answer
             .xor_addr(XOR_RELAYED_ADDRESS)
@@ -154,7 +154,7 @@ fn channel_bind(
         .attr(CHANNEL_NUMBER, &stun::channel_number(channel))
         .xor_addr(XOR_PEER_ADDRESS, peer)
         .credentials(USER, realm, nonce)
-        .finish_with(Some(&key), true))
+        .finish(Some(&key), true))
 }
 
 /// The ChannelBind of sample `j` in [`first_offload`]: its channel (0x4000 + `first_index` +
@@ -183,7 +183,7 @@ fn bind_succeeded(datagram: &[u8], txid: [u8; 12], channel: u16) -> anyhow::Resu
         answer.class == SUCCESS,
         "ChannelBind {channel:#06x}: class {} code {:?}",
         answer.class,
-        answer.code()
+        answer.error_code()
     );
     Ok(true)
 }
@@ -232,62 +232,164 @@ pub fn bind_channels(
     for alloc in allocs.iter() {
         alloc.client.socket.set_nonblocking(true)?;
     }
-    let peer = |i: u32| SocketAddr::V4(SocketAddrV4::new(peer_ip, first_port + i as u16));
-    /// Per request: when last sent (None: not in flight) and how often.
-    #[derive(Clone, Copy)]
-    struct Slot {
-        sent: Option<Instant>,
-        tries: u32,
-        done: bool,
+    let peers = PeerPorts {
+        ip: peer_ip,
+        first_port,
+    };
+    let mut binder = Binder::new(allocs, peers, channels, window, rto);
+    while binder.pending() {
+        binder.check_deadline(deadline)?;
+        binder.fill_windows()?;
+        let got = binder.take_answers()?;
+        binder.retransmit_timed_out()?;
+        if !got {
+            binder.wait();
+        }
     }
-    struct State {
-        slots: Vec<Slot>,
-        next: u32,
-        in_flight: usize,
+    Ok(binder.finish())
+}
+
+/// The peers [`bind_channels`] binds to: request i binds `ip`:(`first_port` + i).
+#[derive(Clone, Copy)]
+struct PeerPorts {
+    ip: Ipv4Addr,
+    first_port: u16,
+}
+
+impl PeerPorts {
+    /// The peer of request `i`.
+    fn peer(self, i: u32) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.ip, self.first_port + i as u16))
     }
-    let n = u32::from(channels);
-    let mut states: Vec<State> = allocs
-        .iter()
-        .map(|_| State {
-            slots: vec![
-                Slot {
-                    sent: None,
-                    tries: 0,
-                    done: false,
-                };
-                usize::from(channels)
-            ],
-            next: 0,
-            in_flight: 0,
-        })
-        .collect();
-    let requested = allocs.len() * usize::from(channels);
-    let (mut bound, mut errors, mut retransmits, mut unanswered) = (0usize, 0u64, 0u64, 0u64);
-    let mut first_error: Option<String> = None;
-    let started = Instant::now();
-    let mut last_success = started;
-    let mut last_scan = started;
-    let mut buf = [0u8; 2048];
-    let send = |alloc: &RawAllocation, a: usize, i: u32| -> anyhow::Result<bool> {
-        let request = channel_bind(alloc, txid(a, i), 0x4000 + i as u16, peer(i))?;
+
+    /// Sends request `i` of allocation `a` (channel 0x4000 + `i`); false when the socket
+    /// would block.
+    fn send(self, alloc: &RawAllocation, a: usize, i: u32) -> anyhow::Result<bool> {
+        let request = channel_bind(alloc, txid(a, i), 0x4000 + i as u16, self.peer(i))?;
         match alloc.client.socket.send_to(&request, alloc.client.server) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
             Err(e) => Err(e).context("send"),
         }
-    };
-    while bound + ((errors + unanswered) as usize) < requested {
-        if started.elapsed() > deadline {
-            bail!(
-                "{bound} of {requested} bindings in {deadline:?} ({retransmits} retransmits, {errors} errors, {unanswered} unanswered{})",
-                first_error.map_or(String::new(), |e| format!(", first: {e}"))
-            );
+    }
+}
+
+/// Per request: when last sent (None: not in flight) and how often.
+#[derive(Clone, Copy)]
+struct Slot {
+    sent: Option<Instant>,
+    tries: u32,
+    done: bool,
+}
+
+/// The requests of one allocation.
+struct Requests {
+    slots: Vec<Slot>,
+    /// The next request to send for the first time.
+    next: u32,
+    in_flight: usize,
+}
+
+/// The state of [`bind_channels`], shared by its steps.
+struct Binder<'a> {
+    allocs: &'a mut [RawAllocation],
+    /// One per allocation.
+    requests: Vec<Requests>,
+    peers: PeerPorts,
+    /// Requests per allocation.
+    channels: u32,
+    window: usize,
+    rto: Duration,
+    /// The counts so far; `elapsed` is set by [`Binder::finish`].
+    figures: BindFigures,
+    started: Instant,
+    last_success: Instant,
+    last_scan: Instant,
+    buf: [u8; 2048],
+}
+
+impl<'a> Binder<'a> {
+    fn new(
+        allocs: &'a mut [RawAllocation],
+        peers: PeerPorts,
+        channels: u16,
+        window: usize,
+        rto: Duration,
+    ) -> Self {
+        let requests = allocs
+            .iter()
+            .map(|_| Requests {
+                slots: vec![
+                    Slot {
+                        sent: None,
+                        tries: 0,
+                        done: false,
+                    };
+                    usize::from(channels)
+                ],
+                next: 0,
+                in_flight: 0,
+            })
+            .collect();
+        let figures = BindFigures {
+            bound: 0,
+            requested: allocs.len() * usize::from(channels),
+            elapsed: Duration::ZERO,
+            retransmits: 0,
+            errors: 0,
+            unanswered: 0,
+            first_error: None,
+        };
+        let started = Instant::now();
+        Self {
+            allocs,
+            requests,
+            peers,
+            channels: u32::from(channels),
+            window,
+            rto,
+            figures,
+            started,
+            last_success: started,
+            last_scan: started,
+            buf: [0u8; 2048],
         }
-        // Fill the windows.
-        for (a, (alloc, state)) in allocs.iter().zip(states.iter_mut()).enumerate() {
-            while state.in_flight < window && state.next < n {
+    }
+
+    /// Whether some request is neither bound, refused nor given up.
+    fn pending(&self) -> bool {
+        let f = &self.figures;
+        f.bound + ((f.errors + f.unanswered) as usize) < f.requested
+    }
+
+    /// An error once `deadline` has passed since the first request.
+    fn check_deadline(&self, deadline: Duration) -> anyhow::Result<()> {
+        if self.started.elapsed() <= deadline {
+            return Ok(());
+        }
+        let BindFigures {
+            bound,
+            requested,
+            retransmits,
+            errors,
+            unanswered,
+            first_error,
+            ..
+        } = &self.figures;
+        bail!(
+            "{bound} of {requested} bindings in {deadline:?} ({retransmits} retransmits, {errors} errors, {unanswered} unanswered{})",
+            first_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(", first: {e}"))
+        );
+    }
+
+    /// Sends new requests until every allocation has `window` in flight.
+    fn fill_windows(&mut self) -> anyhow::Result<()> {
+        for (a, (alloc, state)) in self.allocs.iter().zip(&mut self.requests).enumerate() {
+            while state.in_flight < self.window && state.next < self.channels {
                 let i = state.next;
-                if !send(alloc, a, i)? {
+                if !self.peers.send(alloc, a, i)? {
                     break;
                 }
                 let slot = &mut state.slots[i as usize];
@@ -297,104 +399,125 @@ pub fn bind_channels(
                 state.in_flight += 1;
             }
         }
-        // Take the answers.
+        Ok(())
+    }
+
+    /// Takes every answer queued on the sockets; whether there was any datagram.
+    fn take_answers(&mut self) -> anyhow::Result<bool> {
         let mut got = false;
-        for (a, alloc) in allocs.iter_mut().enumerate() {
+        for a in 0..self.allocs.len() {
             loop {
-                let len = match alloc.client.socket.recv(&mut buf) {
+                let len = match self.allocs[a].client.socket.recv(&mut self.buf) {
                     Ok(len) => len,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e).context("recv"),
                 };
                 got = true;
-                let Some(answer) = Answer::parse(&buf[..len]) else {
+                let Some(answer) = Answer::parse(&self.buf[..len]) else {
                     continue;
                 };
-                let t = answer.txid;
-                if t[0] != 0xB1 || usize::from(t[1]) != a || answer.method != CHANNEL_BIND {
-                    continue;
-                }
-                let i = u32::from_be_bytes([t[2], t[3], t[4], t[5]]);
-                let state = &mut states[a];
-                let Some(slot) = state.slots.get_mut(i as usize) else {
-                    continue;
-                };
-                if slot.done || slot.sent.is_none() {
-                    continue;
-                }
-                match (answer.class, answer.code(), answer.attr(NONCE)) {
-                    (SUCCESS, _, _) => {
-                        slot.done = true;
-                        slot.sent = None;
-                        state.in_flight -= 1;
-                        bound += 1;
-                        last_success = Instant::now();
-                    }
-                    (_, Some(401 | 438), Some(nonce)) => {
-                        // A new nonce: send again with it (a new transmission).
-                        alloc.client.nonce = Some(nonce.to_vec());
-                        slot.sent = Some(Instant::now());
-                        send(alloc, a, i)?;
-                    }
-                    (class, code, _) => {
-                        slot.done = true;
-                        slot.sent = None;
-                        state.in_flight -= 1;
-                        errors += 1;
-                        first_error.get_or_insert_with(|| {
-                            format!("channel {:#06x}: class {class} code {code:?}", 0x4000 + i)
-                        });
-                    }
-                }
+                self.on_answer(a, &answer)?;
             }
         }
-        // Retransmit what timed out (scanned every few milliseconds).
+        Ok(got)
+    }
+
+    /// Counts `answer` on allocation `a`, or follows a new nonce (401/438) by sending the
+    /// request again.
+    fn on_answer(&mut self, a: usize, answer: &Answer) -> anyhow::Result<()> {
+        let t = answer.txid;
+        if t[0] != 0xB1 || usize::from(t[1]) != a || answer.method != CHANNEL_BIND {
+            return Ok(());
+        }
+        let i = u32::from_be_bytes([t[2], t[3], t[4], t[5]]);
+        let alloc = &mut self.allocs[a];
+        let state = &mut self.requests[a];
+        let Some(slot) = state.slots.get_mut(i as usize) else {
+            return Ok(());
+        };
+        if slot.done || slot.sent.is_none() {
+            return Ok(());
+        }
+        match (answer.class, answer.error_code(), answer.attr(NONCE)) {
+            (SUCCESS, _, _) => {
+                slot.done = true;
+                slot.sent = None;
+                state.in_flight -= 1;
+                self.figures.bound += 1;
+                self.last_success = Instant::now();
+            }
+            (_, Some(401 | 438), Some(nonce)) => {
+                // A new nonce: send again with it (a new transmission).
+                alloc.client.nonce = Some(nonce.to_vec());
+                slot.sent = Some(Instant::now());
+                self.peers.send(alloc, a, i)?;
+            }
+            (class, code, _) => {
+                slot.done = true;
+                slot.sent = None;
+                state.in_flight -= 1;
+                self.figures.errors += 1;
+                self.figures.first_error.get_or_insert_with(|| {
+                    format!("channel {:#06x}: class {class} code {code:?}", 0x4000 + i)
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Retransmits what timed out, or gives it up after [`MAX_TRIES`] (scanned every few
+    /// milliseconds).
+    fn retransmit_timed_out(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
-        if now.duration_since(last_scan) >= Duration::from_millis(5) {
-            last_scan = now;
-            for (a, (alloc, state)) in allocs.iter().zip(states.iter_mut()).enumerate() {
-                for i in 0..state.next {
-                    let slot = &mut state.slots[i as usize];
-                    if let Some(sent) = slot.sent
-                        && now.duration_since(sent) >= rto
-                    {
-                        if slot.tries >= MAX_TRIES {
-                            // Given up: counted, and the window moves on.
-                            slot.done = true;
-                            slot.sent = None;
-                            state.in_flight -= 1;
-                            unanswered += 1;
-                            first_error.get_or_insert_with(|| {
-                                format!(
-                                    "channel {:#06x} of allocation {a}: no answer after {MAX_TRIES} tries",
-                                    0x4000 + i
-                                )
-                            });
-                            continue;
-                        }
-                        if send(alloc, a, i)? {
-                            slot.sent = Some(now);
-                            slot.tries += 1;
-                            retransmits += 1;
-                        }
-                    }
+        if now.duration_since(self.last_scan) < Duration::from_millis(5) {
+            return Ok(());
+        }
+        self.last_scan = now;
+        let figures = &mut self.figures;
+        for (a, (alloc, state)) in self.allocs.iter().zip(&mut self.requests).enumerate() {
+            for i in 0..state.next {
+                let slot = &mut state.slots[i as usize];
+                let Some(sent) = slot.sent else { continue };
+                if now.duration_since(sent) < self.rto {
+                    continue;
+                }
+                if slot.tries >= MAX_TRIES {
+                    // Given up: counted, and the window moves on.
+                    slot.done = true;
+                    slot.sent = None;
+                    state.in_flight -= 1;
+                    figures.unanswered += 1;
+                    figures.first_error.get_or_insert_with(|| {
+                        format!(
+                            "channel {:#06x} of allocation {a}: no answer after {MAX_TRIES} tries",
+                            0x4000 + i
+                        )
+                    });
+                    continue;
+                }
+                if self.peers.send(alloc, a, i)? {
+                    slot.sent = Some(now);
+                    slot.tries += 1;
+                    figures.retransmits += 1;
                 }
             }
         }
-        if !got {
-            let sockets: Vec<&UdpSocket> = allocs.iter().map(|a| &a.client.socket).collect();
-            wait_readable(&sockets, Duration::from_millis(1));
+        Ok(())
+    }
+
+    /// Waits briefly for an answer on any socket.
+    fn wait(&self) {
+        let sockets: Vec<&UdpSocket> = self.allocs.iter().map(|a| &a.client.socket).collect();
+        wait_readable(&sockets, Duration::from_millis(1));
+    }
+
+    /// The figures, timed from the first request to the last success.
+    fn finish(self) -> BindFigures {
+        BindFigures {
+            elapsed: self.last_success.duration_since(self.started),
+            ..self.figures
         }
     }
-    Ok(BindFigures {
-        bound,
-        requested,
-        elapsed: last_success.duration_since(started),
-        retransmits,
-        errors,
-        unanswered,
-        first_error,
-    })
 }
 
 /// What [`first_offload`] measured, in microseconds.
@@ -492,7 +615,33 @@ pub fn first_offload(
         usize::from(first_index) + 2 * samples <= 0x4000,
         "channel numbers out of range"
     );
-    let peers: Vec<UdpSocket> = ns.enter(|| {
+    let peers = offload_peers(ns, peer_ip, first_port, samples)?;
+    let socket = &alloc.client.socket;
+    socket.set_nonblocking(true)?;
+    socket.set_ttl(CLIENT_TTL)?;
+    let mut run = OffloadRun::new(alloc, peer_ip, first_port, first_index, samples, interval);
+    for (j, peer_socket) in peers.iter().enumerate() {
+        run.sample_with_data(j, peer_socket)?;
+    }
+    run.out.sent_median = percentile(&run.sent_counts, 0.5);
+    // The same ChannelBind with no channel data: only the request and its answer.
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    for j in samples..2 * samples {
+        run.sample_bind_only(j)?;
+    }
+    Ok(run.out)
+}
+
+/// The peer sockets of [`first_offload`], one per sample: `peer_ip`:(`first_port` + j) in
+/// `ns`, non-blocking, with IP_RECVTTL.
+fn offload_peers(
+    ns: &Ns,
+    peer_ip: Ipv4Addr,
+    first_port: u16,
+    samples: usize,
+) -> anyhow::Result<Vec<UdpSocket>> {
+    ns.enter(|| {
         (0..samples)
             .map(|j| {
                 let socket = UdpSocket::bind(SocketAddrV4::new(peer_ip, first_port + j as u16))?;
@@ -501,100 +650,209 @@ pub fn first_offload(
                 Ok(socket)
             })
             .collect()
-    })?;
-    let socket = &alloc.client.socket;
-    socket.set_nonblocking(true)?;
-    socket.set_ttl(CLIENT_TTL)?;
-    let server = alloc.client.server;
-    let mut out = OffloadLatency {
-        samples: 0,
-        first_xdp_us: Vec::with_capacity(samples),
-        bind_success_us: Vec::with_capacity(samples),
-        bind_only_us: Vec::with_capacity(samples),
-        userspace_before: 0,
-        sent_median: 0.0,
-        before_success: 0,
-    };
-    let mut sent_counts = Vec::with_capacity(samples);
-    let mut buf = [0u8; 2048];
-    for (j, peer_socket) in peers.iter().enumerate() {
-        let (channel, t, request) = offload_bind(alloc, peer_ip, first_port, first_index, j)?;
-        let mut data = [0u8; 64];
+    })
+}
+
+/// The state of [`first_offload`], shared by its samples.
+struct OffloadRun<'a> {
+    alloc: &'a RawAllocation,
+    peer_ip: Ipv4Addr,
+    first_port: u16,
+    first_index: u16,
+    /// Between two channel-data datagrams of a sample.
+    interval: Duration,
+    /// The figures so far.
+    out: OffloadLatency,
+    /// Channel-data datagrams sent, per sample.
+    sent_counts: Vec<f64>,
+    buf: [u8; 2048],
+}
+
+/// One sample of [`first_offload`] with channel data flowing, while it runs.
+struct DataSample {
+    channel: u16,
+    txid: [u8; 12],
+    request: Vec<u8>,
+    started: Instant,
+    /// Channel-data datagrams sent so far (the next one's sequence number).
+    sent: u32,
+    next_send: Instant,
+    retransmitted: Instant,
+    /// When the success response arrived.
+    success: Option<Instant>,
+    /// `sent` when the success response arrived.
+    success_seq: u32,
+    /// When the first datagram relayed by XDP arrived at the peer, and its sequence number.
+    first: Option<(Instant, u32)>,
+}
+
+impl<'a> OffloadRun<'a> {
+    fn new(
+        alloc: &'a RawAllocation,
+        peer_ip: Ipv4Addr,
+        first_port: u16,
+        first_index: u16,
+        samples: usize,
+        interval: Duration,
+    ) -> Self {
+        Self {
+            alloc,
+            peer_ip,
+            first_port,
+            first_index,
+            interval,
+            out: OffloadLatency {
+                samples: 0,
+                first_xdp_us: Vec::with_capacity(samples),
+                bind_success_us: Vec::with_capacity(samples),
+                bind_only_us: Vec::with_capacity(samples),
+                userspace_before: 0,
+                sent_median: 0.0,
+                before_success: 0,
+            },
+            sent_counts: Vec::with_capacity(samples),
+            buf: [0u8; 2048],
+        }
+    }
+
+    fn socket(&self) -> &'a UdpSocket {
+        &self.alloc.client.socket
+    }
+
+    fn server(&self) -> SocketAddr {
+        self.alloc.client.server
+    }
+
+    /// Sample `j` with channel data: ChannelBind, then channel data every `interval` until
+    /// the peer socket `peer` receives a datagram relayed by XDP and the success response
+    /// has arrived.
+    fn sample_with_data(&mut self, j: usize, peer: &UdpSocket) -> anyhow::Result<()> {
+        let (channel, txid, request) = offload_bind(
+            self.alloc,
+            self.peer_ip,
+            self.first_port,
+            self.first_index,
+            j,
+        )?;
         let started = Instant::now();
-        socket.send_to(&request, server)?;
-        let mut sent: u32 = 0;
-        let mut next_send = started;
-        let mut success: Option<Instant> = None;
-        let mut success_seq = u32::MAX;
-        let mut first: Option<(Instant, u32)> = None;
-        let mut retransmitted = started;
-        while first.is_none() || success.is_none() {
+        self.socket().send_to(&request, self.server())?;
+        let mut sample = DataSample {
+            channel,
+            txid,
+            request,
+            started,
+            sent: 0,
+            next_send: started,
+            retransmitted: started,
+            success: None,
+            success_seq: u32::MAX,
+            first: None,
+        };
+        while sample.first.is_none() || sample.success.is_none() {
             let now = Instant::now();
             ensure!(
                 now.duration_since(started) < Duration::from_secs(5),
-                "channel {channel:#06x}: no datagram relayed by XDP within 5 s ({sent} sent, success {})",
-                success.is_some()
+                "channel {channel:#06x}: no datagram relayed by XDP within 5 s ({} sent, success {})",
+                sample.sent,
+                sample.success.is_some()
             );
-            if first.is_none() && now >= next_send {
-                data[..4].copy_from_slice(&sent.to_be_bytes());
-                let frame = stun::channel_data(channel, &data);
-                match socket.send_to(&frame, server) {
-                    Ok(_) => sent += 1,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e).context("send channel data"),
-                }
-                next_send += interval;
-                if next_send < now {
-                    next_send = now + interval;
-                }
+            if sample.first.is_none() && now >= sample.next_send {
+                self.send_data(&mut sample, now)?;
             }
-            if success.is_none() && now.duration_since(retransmitted) > Duration::from_millis(500) {
-                retransmitted = now;
-                socket.send_to(&request, server)?;
+            if sample.success.is_none()
+                && now.duration_since(sample.retransmitted) > Duration::from_millis(500)
+            {
+                sample.retransmitted = now;
+                self.socket().send_to(&sample.request, self.server())?;
             }
-            match socket.recv(&mut buf) {
-                Ok(len) => {
-                    if bind_succeeded(&buf[..len], t, channel)? {
-                        success.get_or_insert(now);
-                        success_seq = sent;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e).context("recv"),
-            }
-            if first.is_none() {
-                while let Some((seq, ttl)) = recv_ttl(peer_socket)? {
-                    if ttl > XDP_TTL_ABOVE {
-                        first = Some((Instant::now(), seq));
-                        break;
-                    }
-                    out.userspace_before += 1;
-                }
+            self.take_bind_answer(&mut sample, now)?;
+            if sample.first.is_none() {
+                self.watch_peer(&mut sample, peer)?;
             }
         }
-        let (Some(success), Some((first_at, seq))) = (success, first) else {
+        self.record(&sample);
+        // Drain what else arrives, so that the next sample starts clean.
+        while recv_ttl(peer)?.is_some() {}
+        Ok(())
+    }
+
+    /// Sends the next channel-data datagram of `sample` (its sequence number in the first 4
+    /// bytes) and schedules the one after.
+    fn send_data(&self, sample: &mut DataSample, now: Instant) -> anyhow::Result<()> {
+        let mut data = [0u8; 64];
+        data[..4].copy_from_slice(&sample.sent.to_be_bytes());
+        let frame = stun::channel_data(sample.channel, &data);
+        match self.socket().send_to(&frame, self.server()) {
+            Ok(_) => sample.sent += 1,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("send channel data"),
+        }
+        sample.next_send += self.interval;
+        if sample.next_send < now {
+            sample.next_send = now + self.interval;
+        }
+        Ok(())
+    }
+
+    /// Takes one datagram from the client socket, if one is queued: the success response
+    /// of `sample`'s ChannelBind is noted at `now`.
+    fn take_bind_answer(&mut self, sample: &mut DataSample, now: Instant) -> anyhow::Result<()> {
+        match self.socket().recv(&mut self.buf) {
+            Ok(len) => {
+                if bind_succeeded(&self.buf[..len], sample.txid, sample.channel)? {
+                    sample.success.get_or_insert(now);
+                    sample.success_seq = sample.sent;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("recv"),
+        }
+        Ok(())
+    }
+
+    /// Reads what the peer socket `peer` received, up to the first datagram relayed by XDP;
+    /// those relayed in user space are counted.
+    fn watch_peer(&mut self, sample: &mut DataSample, peer: &UdpSocket) -> anyhow::Result<()> {
+        while let Some((seq, ttl)) = recv_ttl(peer)? {
+            if ttl > XDP_TTL_ABOVE {
+                sample.first = Some((Instant::now(), seq));
+                break;
+            }
+            self.out.userspace_before += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds the figures of the finished `sample`.
+    fn record(&mut self, sample: &DataSample) {
+        let (Some(success), Some((first_at, seq))) = (sample.success, sample.first) else {
             unreachable!("the loop ends with both")
         };
-        if seq < success_seq {
-            out.before_success += 1;
+        if seq < sample.success_seq {
+            self.out.before_success += 1;
         }
-        out.first_xdp_us
-            .push(first_at.duration_since(started).as_secs_f64() * 1e6);
-        out.bind_success_us
-            .push(success.duration_since(started).as_secs_f64() * 1e6);
-        sent_counts.push(f64::from(sent));
-        out.samples += 1;
-        // Drain what else arrives, so that the next sample starts clean.
-        while recv_ttl(peer_socket)?.is_some() {}
+        self.out
+            .first_xdp_us
+            .push(first_at.duration_since(sample.started).as_secs_f64() * 1e6);
+        self.out
+            .bind_success_us
+            .push(success.duration_since(sample.started).as_secs_f64() * 1e6);
+        self.sent_counts.push(f64::from(sample.sent));
+        self.out.samples += 1;
     }
-    out.sent_median = percentile(&sent_counts, 0.5);
-    // The same ChannelBind with no channel data: only the request and its answer.
-    socket.set_nonblocking(false)?;
-    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-    for j in samples..2 * samples {
-        let (channel, t, request) = offload_bind(alloc, peer_ip, first_port, first_index, j)?;
+
+    /// Sample `j` without channel data: ChannelBind and its success response, waited for
+    /// with a blocking receive.
+    fn sample_bind_only(&mut self, j: usize) -> anyhow::Result<()> {
+        let (channel, t, request) = offload_bind(
+            self.alloc,
+            self.peer_ip,
+            self.first_port,
+            self.first_index,
+            j,
+        )?;
         let started = Instant::now();
-        socket.send_to(&request, server)?;
+        self.socket().send_to(&request, self.server())?;
         let mut retransmitted = started;
         let success = loop {
             let now = Instant::now();
@@ -604,13 +862,13 @@ pub fn first_offload(
             );
             if now.duration_since(retransmitted) > Duration::from_millis(500) {
                 retransmitted = now;
-                socket.send_to(&request, server)?;
+                self.socket().send_to(&request, self.server())?;
             }
             // A blocking receive, as a real client waits: the CPU stays with the server.
-            match socket.recv(&mut buf) {
+            match self.socket().recv(&mut self.buf) {
                 Ok(len) => {
                     let now = Instant::now();
-                    if bind_succeeded(&buf[..len], t, channel)? {
+                    if bind_succeeded(&self.buf[..len], t, channel)? {
                         break now;
                     }
                 }
@@ -618,10 +876,11 @@ pub fn first_offload(
                 Err(e) => return Err(e).context("recv"),
             }
         };
-        out.bind_only_us
+        self.out
+            .bind_only_us
             .push(success.duration_since(started).as_secs_f64() * 1e6);
+        Ok(())
     }
-    Ok(out)
 }
 
 /// Raised scheduling priority (a lower nice value) for some threads, restored on drop: the

@@ -1,7 +1,7 @@
 //! `make bench`: relays measured in isolation, written to BENCHMARKS.md and a chart.
 //!
 //! Every system under test runs alone in a relay namespace joined by one veth
-//! to a generator namespace (see `lab::bench`). A real TURN client sets up an
+//! to a generator namespace (see `tests::bench`). A real TURN client sets up an
 //! allocation and a channel binding first; then an XDP program driven by
 //! `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES` sends frames that
 //! match the binding, and an XDP sink on the same veth counts, checks and
@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use lab::bench::control::{ControlFigures, RawOptions};
-use lab::bench::raw::percentile;
-use lab::bench::{
+use tests::bench::control::{ControlFigures, RawOptions};
+use tests::bench::raw::percentile;
+use tests::bench::{
     BenchNet, BpfStats, Direction, Offered, case_frames, floor_key, plot, prog_stats, turn,
 };
-use lab::workspace_binary;
+use tests::workspace_binary;
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -144,7 +144,7 @@ impl CpuSource {
     /// (cumulative ns, cumulative runs; 0 for a process).
     fn read(self) -> anyhow::Result<(u64, u64)> {
         match self {
-            CpuSource::Process(pid) => Ok((lab::bench::process_cpu_ns(pid)?, 0)),
+            CpuSource::Process(pid) => Ok((tests::bench::process_cpu_ns(pid)?, 0)),
             CpuSource::Program(id) => prog_stats(id),
         }
     }
@@ -197,7 +197,7 @@ struct Sut {
     allocation_port: u16,
     mirror: bool,
     _session: Option<turn::Session>,
-    _floor: Option<lab::xdp::Reference>,
+    _floor: Option<tests::xdp::Reference>,
     notes: Vec<String>,
 }
 
@@ -270,7 +270,7 @@ fn start_system(net: &mut BenchNet, system: System) -> anyhow::Result<Sut> {
                 .arg("--pin-dir")
                 .arg(net.pin_dir());
             net.spawn("xdp-agent", command)?;
-            lab::wait_for("xdp-agent's socket", Duration::from_secs(20), || {
+            tests::wait_for("xdp-agent's socket", Duration::from_secs(20), || {
                 Ok(std::os::unix::net::UnixStream::connect(&socket)
                     .ok()
                     .map(|_| ()))
@@ -284,8 +284,8 @@ fn start_system(net: &mut BenchNet, system: System) -> anyhow::Result<Sut> {
             net.spawn("turn-control", command)?;
             let session = turn::open(&net.gen_ns, Duration::from_secs(20))
                 .with_context(|| format!("TURN exchange: {}", net.log("turn-control")))?;
-            let mut agent = lab::agent::Agent::connect(&socket)?;
-            let bindings = lab::wait_for(
+            let mut agent = tests::agent::Agent::connect(&socket)?;
+            let bindings = tests::wait_for(
                 "the binding to reach the agent",
                 Duration::from_secs(10),
                 || {
@@ -322,7 +322,7 @@ fn start_system(net: &mut BenchNet, system: System) -> anyhow::Result<Sut> {
                 floor_key(&case_frames(net, Direction::ClientToPeer, 100, channel, port, true).0)?,
                 floor_key(&case_frames(net, Direction::PeerToClient, 100, channel, port, true).0)?,
             ];
-            let floor = lab::xdp::Reference::floor(&keys)?;
+            let floor = tests::xdp::Reference::floor(&keys)?;
             net.attach_relay(&floor.program()?)?;
             notes.push("no control plane: FLOWS holds the two generated flows".to_owned());
             Ok(Sut {
@@ -501,7 +501,7 @@ fn machine() -> String {
         .nth(1)
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb / 1024 / 1024);
-    let coturn = lab::run("turnserver", ["--version"])
+    let coturn = tests::run("turnserver", ["--version"])
         .ok()
         .and_then(|v| v.lines().next().map(str::to_owned))
         .unwrap_or_default();
@@ -525,7 +525,7 @@ fn microbench(options: &Options) -> anyhow::Result<Vec<(String, f64, f64)>> {
     } else {
         ("5", "200000")
     };
-    let output = lab::run(
+    let output = tests::run(
         binary.to_str().context("path")?,
         ["--runs", runs, "--calls", calls, "--json"],
     )?;
@@ -546,7 +546,7 @@ fn microbench(options: &Options) -> anyhow::Result<Vec<(String, f64, f64)>> {
 
 /// turnutils_uclient through a real relay in the four-namespace lab; the summary lines.
 fn end_to_end(server: System, options: &Options) -> anyhow::Result<String> {
-    let mut lab = lab::Lab::new()?;
+    let mut lab = tests::Lab::new()?;
     match server {
         System::Coturn => {
             let mut command = lab.relay.command("turnserver");
@@ -625,7 +625,10 @@ fn end_to_end(server: System, options: &Options) -> anyhow::Result<String> {
 
 fn run() -> anyhow::Result<()> {
     let options = options()?;
-    ensure!(lab::privileged(), "the bench needs root (namespaces, XDP)");
+    ensure!(
+        tests::privileged(),
+        "the bench needs root (namespaces, XDP)"
+    );
     let started = Instant::now();
     let _stats = BpfStats::enable()?;
     let sizes = [100usize, 1200];
@@ -656,7 +659,7 @@ fn run() -> anyhow::Result<()> {
                 .into_iter()
                 .flatten()
                 .collect();
-            let figures = lab::bench::control::run(
+            let figures = tests::bench::control::run(
                 &net.gen_ns,
                 count,
                 pid,
@@ -664,45 +667,7 @@ fn run() -> anyhow::Result<()> {
                 RawOptions::bench(options.quick),
                 boost,
             );
-            match &figures {
-                Ok(f) => eprintln!(
-                    "bench: {:<18} control plane: {:.0} allocations/s, {:.0} B RSS per allocation, bindings {}, first offload {}",
-                    system.short(),
-                    f.allocations_per_second,
-                    f.rss_bytes_per_allocation,
-                    match &f.bindings {
-                        Ok(b) => format!(
-                            "{:.0}/s ({} of {} in {:.3} s, {} retransmits, {} errors, {} unanswered; {})",
-                            b.per_second(),
-                            b.bound,
-                            b.requested,
-                            b.elapsed.as_secs_f64(),
-                            b.retransmits,
-                            b.errors,
-                            b.unanswered,
-                            b.first_error.as_deref().unwrap_or("-")
-                        ),
-                        Err(e) => format!("failed: {e}"),
-                    },
-                    match &f.first_offload {
-                        Some(Ok(l)) => format!(
-                            "median {:.0} us, p99 {:.0} us (success median {:.0} us, alone {:.0} us, {} samples, {} user-space datagrams first, {} sent before the success)",
-                            percentile(&l.first_xdp_us, 0.5),
-                            percentile(&l.first_xdp_us, 0.99),
-                            percentile(&l.bind_success_us, 0.5),
-                            percentile(&l.bind_only_us, 0.5),
-                            l.samples,
-                            l.userspace_before,
-                            l.before_success
-                        ),
-                        Some(Err(e)) => format!("failed: {e}"),
-                        None => "-".to_owned(),
-                    }
-                ),
-                Err(error) => {
-                    eprintln!("bench: {} control plane failed: {error:#}", system.short())
-                }
-            }
+            log_control(system, &figures);
             control.push((system, figures));
         }
         drop(sut);
@@ -742,6 +707,49 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a system's control-plane figures as they come (the report has them in full).
+fn log_control(system: System, figures: &anyhow::Result<ControlFigures>) {
+    match &figures {
+        Ok(f) => eprintln!(
+            "bench: {:<18} control plane: {:.0} allocations/s, {:.0} B RSS per allocation, bindings {}, first offload {}",
+            system.short(),
+            f.allocations_per_second,
+            f.rss_bytes_per_allocation,
+            match &f.bindings {
+                Ok(b) => format!(
+                    "{:.0}/s ({} of {} in {:.3} s, {} retransmits, {} errors, {} unanswered; {})",
+                    b.per_second(),
+                    b.bound,
+                    b.requested,
+                    b.elapsed.as_secs_f64(),
+                    b.retransmits,
+                    b.errors,
+                    b.unanswered,
+                    b.first_error.as_deref().unwrap_or("-")
+                ),
+                Err(e) => format!("failed: {e}"),
+            },
+            match &f.first_offload {
+                Some(Ok(l)) => format!(
+                    "median {:.0} us, p99 {:.0} us (success median {:.0} us, alone {:.0} us, {} samples, {} user-space datagrams first, {} sent before the success)",
+                    percentile(&l.first_xdp_us, 0.5),
+                    percentile(&l.first_xdp_us, 0.99),
+                    percentile(&l.bind_success_us, 0.5),
+                    percentile(&l.bind_only_us, 0.5),
+                    l.samples,
+                    l.userspace_before,
+                    l.before_success
+                ),
+                Some(Err(e)) => format!("failed: {e}"),
+                None => "-".to_owned(),
+            }
+        ),
+        Err(error) => {
+            eprintln!("bench: {} control plane failed: {error:#}", system.short())
+        }
+    }
+}
+
 fn find(
     results: &[CaseResult],
     system: System,
@@ -778,6 +786,10 @@ fn draw(path: &Path, results: &[CaseResult]) -> anyhow::Result<()> {
     )
 }
 
+/// The report's fixed text, with `{{name}}` where [`render`] puts the results.
+const TEMPLATE: &str = include_str!("../../bench/BENCHMARKS.md.in");
+
+/// BENCHMARKS.md: [`TEMPLATE`] filled with the results.
 fn render(
     options: &Options,
     results: &[CaseResult],
@@ -787,99 +799,83 @@ fn render(
     e2e: &[(System, anyhow::Result<String>)],
     took: Duration,
 ) -> anyhow::Result<String> {
-    let mut md = String::new();
-    let png = options.png.display();
-    writeln!(md, "# Benchmarks\n")?;
-    writeln!(
-        md,
-        "Generated by `make bench` (`tests/src/bin/bench.rs`); do not edit by hand. \
-         This run: {} run(s) of {:.1} s per system, direction and size{}; it took {:.0} s.\n",
-        options.runs,
-        options.seconds,
-        if options.quick {
-            " (BENCH_QUICK=1: a smoke run, not figures to quote)"
-        } else {
-            ""
-        },
-        took.as_secs_f64()
-    )?;
-    writeln!(md, "![relayed packet rate per system]({png})\n")?;
-    writeln!(md, "## Machine\n\n{}", machine())?;
-    writeln!(md, "## Method\n")?;
-    writeln!(
-        md,
-        "The relay is measured, not the load generator. Each system runs alone in a relay \
-         namespace (`x0`, 203.0.113.10) joined by one veth to a generator namespace (`rx`, \
-         203.0.113.1; the client 192.0.2.2 and the peer 198.51.100.2 are local addresses \
-         there). No routing namespace, no user-space generator and no receiving socket sit \
-         on the data path:\n\n\
-         1. Control plane first: a real TURN client (webrtc-rs `turn` 0.17) allocates from \
-         192.0.2.2:40000 with user test:testpass, sends to the peer 198.51.100.2:9000 (which \
-         makes it CreatePermission and ChannelBind) and checks data both ways. The bench uses \
-         the allocation port the server chose and the channel it bound (for the XDP system, as \
-         the agent lists it).\n\
-         2. Load: the `trafficgen` XDP program run by `BPF_PROG_TEST_RUN` with \
-         `BPF_F_TEST_XDP_LIVE_FRAMES` (ingress `rx`, batch 64) returns `XDP_TX` for each frame, \
-         so frames leave `rx` for `x0` at millions per second from the kernel. It rewrites the \
-         frame's first 64 bytes from a template each run, because live frames come back to its \
-         page pool rewritten by the relay. Client->peer frames are channel data from \
-         192.0.2.2:40000 to 203.0.113.10:3478, peer->client frames UDP from 198.51.100.2:9000 \
-         to the allocation port. Payload 100 or 1200 bytes (channel data adds 4).\n\
-         3. Sink: the `sink` XDP program on `rx` counts (per-CPU) what the relay sends back to \
-         the peer or the client, checks each frame's source address and port, UDP length and \
-         channel number, and drops it. Everything else (ARP, STUN) passes.\n\
-         4. Rate: each case runs {} time(s) for {:.1} s at full generator speed; when the \
-         median loss there is 1% or more, the offered rate is stepped down from 97% of what \
-         was delivered by 15% until a {:.1} s trial loses under 1%, two bisection trials move it \
-         up towards the last rate that lost, and the case runs again at that rate. The \
-         generator program paces itself: with a pace set, a run that comes before its time \
-         returns XDP_DROP (nothing is sent), so frames go out evenly spaced (a late frame does \
-         not pull the next ones forward by more than 100 us); it counts what it sends, which is \
-         the offered rate reported. Each `BPF_PROG_TEST_RUN` call runs about a quarter of the \
-         duration (a call has a fixed cost of about 17 ms here, during which nothing is sent, so \
-         paced runs offer somewhat less than the pace). \"Relayed pps\" is the median delivered \
-         rate of the final runs (their loss is in the table); \"full load\" the median \
-         delivered rate when offered all the generator can.\n\
-         5. CPU per relayed packet: XDP programs: `kernel.bpf_stats_enabled=1`, run_time_ns / \
-         run_cnt of the program attached to `x0`. User space: utime+stime of the server process \
-         (/proc/PID/stat) / packets delivered; the kernel's receive and send path that runs in \
-         softirq on the generator's CPU is not in this figure.\n\
-         6. Systems: coturn (`turnserver -n --listening-ip=203.0.113.10 --relay-ip=203.0.113.10 \
-         --listening-port=3478 --min-port=50000 --max-port=59999 --lt-cred-mech \
-         --user=test:testpass --realm=example.org --no-tls --no-dtls --no-cli \
-         --allow-loopback-peers --no-stun-backward-compatibility`, default threads), \
-         turn-control relaying in user space (no agent; `x0` runs XDP_PASS, which veth needs \
-         to deliver XDP_TX frames, for coturn too), turn-control with xdp-agent (native XDP), \
-         and the `floor` program (one 12-byte-key hash lookup, MAC swap, XDP_TX: the least an \
-         XDP relay must do) on `x0`.\n\
-         7. Control plane (after each system's data-plane cases): allocations/s and RSS per \
-         allocation with webrtc-rs clients; channel bindings/s with a pipelined raw-UDP STUN \
-         client; for turn-control + xdp-agent the time from a ChannelBind request to the first \
-         packet relayed by XDP, told apart from user-space relaying by the IP TTL (the client \
-         sends with 200, XDP relays with 199, turn-control sends with 64). Details in Control \
-         plane below.\n",
-        options.runs, options.seconds, options.trial_seconds
-    )?;
-    writeln!(md, "Commands:\n")?;
-    writeln!(
-        md,
-        "```\nmake bench                      # setup, release build, then as root:\n\
-         target/release/bench --out BENCHMARKS.md --png tests/bench/bench.png\n\
-         BENCH_QUICK=1 make bench        # a smoke run (1 run of 0.3 s per case)\n\
-         BENCH_RUNS=9 BENCH_SECONDS=3 make bench\n```\n"
-    )?;
-    writeln!(md, "Setup:\n")?;
-    for note in notes {
-        writeln!(md, "- {note}")?;
-    }
-    writeln!(md)?;
+    let raw = RawOptions::bench(options.quick);
+    let quick = if options.quick {
+        " (BENCH_QUICK=1: a smoke run, not figures to quote)"
+    } else {
+        ""
+    };
+    let (micro_runs, micro_calls) = if options.quick {
+        (3, 20000)
+    } else {
+        (5, 200000)
+    };
+    let end_to_end = e2e.iter().map(|(system, result)| match result {
+        Ok(summary) => format!("- {}: {summary}\n", system.name()),
+        Err(error) => format!("- {}: failed: {error:#}\n", system.name()),
+    });
+    fill(
+        TEMPLATE,
+        &[
+            ("runs", options.runs.to_string()),
+            ("seconds", format!("{:.1}", options.seconds)),
+            ("trial_seconds", format!("{:.1}", options.trial_seconds)),
+            ("quick", quick.to_owned()),
+            ("took", format!("{:.0}", took.as_secs_f64())),
+            ("png", options.png.display().to_string()),
+            ("machine", machine()),
+            ("notes", notes.iter().map(|n| format!("- {n}\n")).collect()),
+            ("data_plane_rows", data_plane_rows(results)?),
+            ("targets", targets(results, control, micro)?),
+            ("micro_runs", micro_runs.to_string()),
+            ("micro_calls", micro_calls.to_string()),
+            ("micro", micro_table(micro)?),
+            ("end_to_end", end_to_end.collect()),
+            ("allocations", raw.allocations.to_string()),
+            ("channels", raw.channels.to_string()),
+            ("window", raw.window.to_string()),
+            (
+                "bindings",
+                (raw.allocations * usize::from(raw.channels)).to_string(),
+            ),
+            ("samples", raw.samples.to_string()),
+            ("interval_us", raw.interval.as_micros().to_string()),
+            ("control_rows", control_rows(control)?),
+            ("first_offload", first_offload(control)?),
+        ],
+    )
+}
 
-    writeln!(md, "## Data plane: relayed packet rate\n")?;
-    writeln!(
-        md,
-        "| direction | payload | system | relayed pps (<1% loss) | x coturn | offered pps | loss | full-load delivered pps (loss) | CPU ns/packet | bad frames |"
-    )?;
-    writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
+/// `template` with every `{{name}}` replaced by its value in `values`; fails on a name
+/// without a value and on a value whose name does not occur.
+fn fill(template: &str, values: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(template.len() * 2);
+    let mut used = vec![false; values.len()];
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let end = rest[start..]
+            .find("}}")
+            .context("a placeholder is not closed")?;
+        let name = &rest[start + 2..start + end];
+        let index = values
+            .iter()
+            .position(|(n, _)| *n == name)
+            .with_context(|| format!("no value for {{{{{name}}}}}"))?;
+        used[index] = true;
+        out.push_str(&rest[..start]);
+        out.push_str(&values[index].1);
+        rest = &rest[start + end + 2..];
+    }
+    out.push_str(rest);
+    if let Some(unused) = used.iter().position(|u| !u) {
+        bail!("{{{{{}}}}} is not in the template", values[unused].0);
+    }
+    Ok(out)
+}
+
+/// The rows of the data-plane table.
+fn data_plane_rows(results: &[CaseResult]) -> anyhow::Result<String> {
+    let mut md = String::new();
     for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
         for payload in [100usize, 1200] {
             let coturn = find(results, System::Coturn, direction, payload)
@@ -911,51 +907,63 @@ fn render(
             }
         }
     }
-    writeln!(
-        md,
-        "\nCPU ns/packet is BPF program time per run for the XDP rows and process CPU time per \
-         delivered packet for the user-space rows: the two are not the same measure (see Method).\n"
-    )?;
+    Ok(md)
+}
 
-    writeln!(md, "## Targets\n")?;
-    let ratio_min = |system: System| -> Option<f64> {
-        let mut min: Option<f64> = None;
-        for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
-            for payload in [100usize, 1200] {
-                let c = find(results, System::Coturn, direction, payload)?
-                    .med(|s| s.delivered_pps, true);
-                let x = find(results, system, direction, payload)?.med(|s| s.delivered_pps, true);
-                let ratio = x / c;
-                min = Some(min.map_or(ratio, |m: f64| m.min(ratio)));
-            }
+/// The worst ratio over every direction and size of `figure(system's case, other's case)`
+/// (the smallest when `smallest`, else the largest); `None` when a case is missing for
+/// `require_all`, or when no case has both.
+fn worst_ratio(
+    results: &[CaseResult],
+    (system, other): (System, System),
+    figure: impl Fn(&Sample) -> f64,
+    smallest: bool,
+    require_all: bool,
+) -> Option<f64> {
+    let mut worst: Option<f64> = None;
+    for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
+        for payload in [100usize, 1200] {
+            let pair = (
+                find(results, system, direction, payload),
+                find(results, other, direction, payload),
+            );
+            let (Some(x), Some(o)) = pair else {
+                if require_all {
+                    return None;
+                }
+                continue;
+            };
+            let ratio = x.med(&figure, true) / o.med(&figure, true);
+            worst = Some(worst.map_or(
+                ratio,
+                |w: f64| {
+                    if smallest { w.min(ratio) } else { w.max(ratio) }
+                },
+            ));
         }
-        min
-    };
+    }
+    worst
+}
+
+/// The list of targets and whether they were met.
+fn targets(
+    results: &[CaseResult],
+    control: &[(System, anyhow::Result<ControlFigures>)],
+    micro: &anyhow::Result<Vec<(String, f64, f64)>>,
+) -> anyhow::Result<String> {
+    let mut md = String::new();
     let status = |ok: bool| if ok { "met" } else { "NOT met" };
-    if let Some(r) = ratio_min(System::TurnControlXdp) {
+    let pps = |s: &Sample| s.delivered_pps;
+    let vs_coturn = |system| worst_ratio(results, (system, System::Coturn), pps, true, true);
+    if let Some(r) = vs_coturn(System::TurnControlXdp) {
         writeln!(
             md,
             "- XDP relay >= 10x coturn's packet rate: worst case {r:.1}x, {}.",
             status(r >= 10.0)
         )?;
     }
-    let bpf_vs_floor = {
-        let mut worst: Option<f64> = None;
-        for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
-            for payload in [100usize, 1200] {
-                if let (Some(x), Some(f)) = (
-                    find(results, System::TurnControlXdp, direction, payload),
-                    find(results, System::Floor, direction, payload),
-                ) {
-                    let ratio =
-                        x.med(|s| s.cpu_ns_per_packet, true) / f.med(|s| s.cpu_ns_per_packet, true);
-                    worst = Some(worst.map_or(ratio, |w: f64| w.max(ratio)));
-                }
-            }
-        }
-        worst
-    };
-    if let Some(w) = bpf_vs_floor {
+    let pair = (System::TurnControlXdp, System::Floor);
+    if let Some(w) = worst_ratio(results, pair, |s| s.cpu_ns_per_packet, false, false) {
         writeln!(
             md,
             "- Per-packet BPF cost <= 1.3x the floor program (live traffic, bpf_stats): worst case {w:.2}x, {}.",
@@ -981,7 +989,7 @@ fn render(
             )?;
         }
     }
-    if let Some(r) = ratio_min(System::TurnControl) {
+    if let Some(r) = vs_coturn(System::TurnControl) {
         writeln!(
             md,
             "- turn-control in user space >= coturn: worst case {r:.2}x, {}.",
@@ -1009,20 +1017,12 @@ fn render(
             )?,
         }
     }
-    writeln!(
-        md,
-        "\nWhy a target is not met, and what would meet it: README.md, section Benchmarks."
-    )?;
-    writeln!(md)?;
+    Ok(md)
+}
 
-    writeln!(md, "## Micro-benchmark (BPF_PROG_TEST_RUN, per path)\n")?;
-    writeln!(
-        md,
-        "`target/release/xdp-microbench --runs {} --calls {} --json`: one run per call, kernel \
-         bpf_stats, 96-byte payload, median of runs.\n",
-        if options.quick { 3 } else { 5 },
-        if options.quick { 20000 } else { 200000 }
-    )?;
+/// The micro-benchmark's table, or why it did not run.
+fn micro_table(micro: &anyhow::Result<Vec<(String, f64, f64)>>) -> anyhow::Result<String> {
+    let mut md = String::new();
     match micro {
         Ok(rows) => {
             writeln!(md, "| program / path | ns/packet | x floor |")?;
@@ -1033,111 +1033,53 @@ fn render(
         }
         Err(error) => writeln!(md, "Not run: {error:#}")?,
     }
-    writeln!(md)?;
+    Ok(md)
+}
 
-    writeln!(md, "## End to end with real sockets (for the record)\n")?;
-    writeln!(
-        md,
-        "`turnutils_uclient -u test -w testpass -e 198.51.100.2 -r 3480 -m M -n N -l 100 -z 1 -c -p 3478 203.0.113.10` \
-         in the four-namespace lab (client, router, relay, peer) against `turnutils_peer -L 198.51.100.2 -p 3480`; \
-         each echoed message crosses the relay twice each way. These figures include the routing \
-         namespace and coturn's own client and peer, so they measure the whole chain, not the relay.\n"
-    )?;
-    for (system, result) in e2e {
-        match result {
-            Ok(summary) => writeln!(md, "- {}: {summary}", system.name())?,
-            Err(error) => writeln!(md, "- {}: failed: {error:#}", system.name())?,
-        }
-    }
-    writeln!(md)?;
-    writeln!(md, "## Control plane\n")?;
-    let raw = RawOptions::bench(options.quick);
-    writeln!(
-        md,
-        "After the data-plane cases, with the system still running. Every client runs in the \
-         generator's namespace and shares the two cores with the server, so these are lower \
-         bounds.\n\n\
-         - Allocations: N webrtc-rs `turn` clients (16 in flight) allocate from 192.0.2.2 \
-         (Allocate with its 401 round trip); the server's RSS growth (/proc/PID/status VmRSS) \
-         over N is the memory per allocation. Then they close.\n\
-         - Channel bindings: a raw-UDP STUN client (`tests/src/bench/raw.rs`: one thread, std \
-         sockets, HMAC-SHA1 MESSAGE-INTEGRITY and FINGERPRINT on every request) makes {k} \
-         allocations from {k} source ports of 192.0.2.2 (401, then Allocate; distinct 5-tuples, \
-         so a server with several SO_REUSEPORT shards spreads them), then binds on each of them \
-         channels 0x4000+i to 198.51.100.2:(10000+i) for i < {c} (ChannelBind installs the \
-         permission, no CreatePermission), keeping {w} requests in flight per allocation and \
-         sending a request again after 250 ms without an answer (given up after 10 \
-         transmissions, and counted). Many allocations of a few hundred channels rather than \
-         a few of thousands: coturn 4.6 stops answering ChannelBind on an allocation after \
-         about 1,000 channels. Bindings/s = success responses \
-         / time from the first request to the last success. turn-control with xdp-agent sends a \
-         ChannelBind success only after the agent acknowledged the AddChannelBinding RPC (or \
-         after its offload timeout, when the binding would be missing from the agent: the run \
-         then checks that the agent's ListChannelBindings holds every one of the {kc} bindings), \
-         so its figure includes the agent's acknowledgement; coturn and turn-control alone \
-         answer at once, with no agent in the path.\n\
-         - ChannelBind request -> first packet relayed by XDP (turn-control + xdp-agent): {s} \
-         samples, each a fresh channel of the first allocation to its own peer port, where a UDP \
-         socket of the generator's namespace listens (the sink's rules are cleared, so the \
-         relay's datagrams reach the stack). The client sends the ChannelBind and, without \
-         waiting for its answer, channel data on that channel every {iv} us (a busy loop; each \
-         datagram numbered), until the peer socket (busy-polled on the same thread) receives \
-         a datagram relayed by XDP. The IP TTL tells which path relayed a datagram: the client \
-         sends with TTL 200, the XDP program relays with the TTL less one (199), turn-control in \
-         user space sends with its socket's default (64); datagrams relayed in user space first \
-         would be counted. During these samples the server's and the agent's threads and the \
-         measuring thread run at nice -10, so that the figure is about the relay's path rather \
-         than waiting behind other work on a shared machine. The figure is the peer's receive \
-         time less the request's send time \
-         (one clock); the ChannelBind's own request -> success time in those samples is given \
-         beside it, and that of as many more fresh channels bound one at a time with no channel \
-         data (a blocking receive, as a client waits).\n",
-        k = raw.allocations,
-        c = raw.channels,
-        w = raw.window,
-        kc = raw.allocations * usize::from(raw.channels),
-        s = raw.samples,
-        iv = raw.interval.as_micros(),
-    )?;
-    writeln!(
-        md,
-        "| system | allocations | allocations/s | RSS per allocation | channel bindings/s (raw client) | agent acknowledgement in the path |"
-    )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---|")?;
+/// The rows of the control-plane table.
+fn control_rows(control: &[(System, anyhow::Result<ControlFigures>)]) -> anyhow::Result<String> {
+    let mut md = String::new();
     for (system, figures) in control {
-        match figures {
-            Ok(f) => {
-                let bindings = match &f.bindings {
-                    Ok(b) if b.bound == b.requested => format!("{:.0}", b.per_second()),
-                    Ok(b) => format!(
-                        "{:.0} ({} of {} succeeded: {} errors, {} unanswered after {} tries; first: {})",
-                        b.per_second(),
-                        b.bound,
-                        b.requested,
-                        b.errors,
-                        b.unanswered,
-                        lab::bench::raw::MAX_TRIES,
-                        b.first_error.as_deref().unwrap_or("-")
-                    ),
-                    Err(e) => format!("failed: {e}"),
-                };
-                let ack = match f.agent_listed {
-                    Some(n) => format!("yes (the agent listed all {n} afterwards)"),
-                    None => "no (no agent: answered at once)".to_owned(),
-                };
-                writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {:.0} B | {bindings} | {ack} |",
-                    system.name(),
-                    f.allocations,
-                    f.allocations_per_second,
-                    f.rss_bytes_per_allocation,
-                )?;
+        let f = match figures {
+            Ok(f) => f,
+            Err(error) => {
+                writeln!(md, "| {} | failed: {error:#} | | | | |", system.name())?;
+                continue;
             }
-            Err(error) => writeln!(md, "| {} | failed: {error:#} | | | | |", system.name())?,
-        }
+        };
+        let bindings = match &f.bindings {
+            Ok(b) if b.bound == b.requested => format!("{:.0}", b.per_second()),
+            Ok(b) => format!(
+                "{:.0} ({} of {} succeeded: {} errors, {} unanswered after {} tries; first: {})",
+                b.per_second(),
+                b.bound,
+                b.requested,
+                b.errors,
+                b.unanswered,
+                tests::bench::raw::MAX_TRIES,
+                b.first_error.as_deref().unwrap_or("-")
+            ),
+            Err(e) => format!("failed: {e}"),
+        };
+        let ack = match f.agent_listed {
+            Some(n) => format!("yes (the agent listed all {n} afterwards)"),
+            None => "no (no agent: answered at once)".to_owned(),
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} B | {bindings} | {ack} |",
+            system.name(),
+            f.allocations,
+            f.allocations_per_second,
+            f.rss_bytes_per_allocation,
+        )?;
     }
-    writeln!(md)?;
+    Ok(md)
+}
+
+/// A paragraph per system with the ChannelBind -> first XDP packet figures.
+fn first_offload(control: &[(System, anyhow::Result<ControlFigures>)]) -> anyhow::Result<String> {
+    let mut md = String::new();
     for (system, figures) in control {
         let Ok(f) = figures else { continue };
         match &f.first_offload {
@@ -1172,11 +1114,160 @@ fn render(
             None => {}
         }
     }
-    writeln!(md, "## Not measured here\n")?;
-    writeln!(
-        md,
-        "- IPv6 and hairpin paths under load (the micro-benchmark covers them per packet).\n\
-         - Multi-queue / multi-core scaling: the veth pair has one queue and the machine 2 cores.\n"
-    )?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::*;
+    use tests::bench::raw::{BindFigures, OffloadLatency};
+
+    fn sample(scale: f64) -> Sample {
+        Sample {
+            offered_pps: 1_000_000.0 * scale,
+            delivered_pps: 990_000.0 * scale,
+            loss: 0.01 / scale,
+            cpu_ns_per_packet: 50.0 / scale,
+            bad: 0,
+        }
+    }
+
+    fn results() -> Vec<CaseResult> {
+        let mut results = Vec::new();
+        for (i, system) in System::ALL.into_iter().enumerate() {
+            for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
+                for payload in [100usize, 1200] {
+                    let scale = (i + 1) as f64 * if payload == 100 { 1.0 } else { 0.5 };
+                    results.push(CaseResult {
+                        system,
+                        direction,
+                        payload,
+                        full: vec![sample(scale), sample(scale * 1.1)],
+                        paced_rate: (i % 2 == 0).then_some(500_000.0),
+                        sustained: vec![sample(scale * 0.9), sample(scale), sample(scale * 1.2)],
+                    });
+                }
+            }
+        }
+        results
+    }
+
+    fn control() -> Vec<(System, anyhow::Result<ControlFigures>)> {
+        let bindings = |bound| BindFigures {
+            bound,
+            requested: 2000,
+            elapsed: Duration::from_millis(80),
+            retransmits: 3,
+            errors: 1,
+            unanswered: 2,
+            first_error: Some("438 Stale Nonce".to_owned()),
+        };
+        let figures = |bindings, agent_listed, first_offload| ControlFigures {
+            allocations: 200,
+            allocations_per_second: 812.5,
+            rss_bytes_per_allocation: 3456.0,
+            bindings,
+            agent_listed,
+            first_offload,
+        };
+        let latency = OffloadLatency {
+            samples: 3,
+            first_xdp_us: vec![120.0, 150.0, 900.0],
+            bind_success_us: vec![80.0, 95.0, 400.0],
+            bind_only_us: vec![60.0, 70.0],
+            userspace_before: 0,
+            sent_median: 7.0,
+            before_success: 1,
+        };
+        vec![
+            (System::Coturn, Err(anyhow::anyhow!("coturn did not start"))),
+            (
+                System::TurnControl,
+                Ok(figures(Ok(bindings(2000)), None, None)),
+            ),
+            (
+                System::TurnControlXdp,
+                Ok(figures(Ok(bindings(1990)), Some(1990), Some(Ok(latency)))),
+            ),
+            (
+                System::Floor,
+                Ok(figures(
+                    Err("no answer".to_owned()),
+                    None,
+                    Some(Err("timed out".to_owned())),
+                )),
+            ),
+        ]
+    }
+
+    fn options(quick: bool) -> Options {
+        Options {
+            runs: 3,
+            seconds: 2.5,
+            trial_seconds: 1.0,
+            quick,
+            out: PathBuf::from("BENCHMARKS.md"),
+            png: PathBuf::from("tests/bench/bench.png"),
+        }
+    }
+
+    fn render_fixture(quick: bool) -> String {
+        let micro = if quick {
+            Err(anyhow::anyhow!("xdp-microbench is missing"))
+        } else {
+            Ok(vec![
+                ("trivial".to_owned(), 10.0, 0.5),
+                ("floor".to_owned(), 20.0, 1.0),
+                ("client_to_peer_v4_v4".to_owned(), 24.0, 1.2),
+                ("hairpin_v4_v4".to_owned(), 30.0, 1.5),
+            ])
+        };
+        let e2e = vec![
+            (
+                System::Coturn,
+                Ok("tot_send_msgs=1000; wall time 1.00 s".to_owned()),
+            ),
+            (
+                System::TurnControlXdp,
+                Err(anyhow::anyhow!("uclient failed")),
+            ),
+        ];
+        let notes = vec!["coturn: 4.6.1".to_owned(), "xdp: native".to_owned()];
+        render(
+            &options(quick),
+            &results(),
+            &notes,
+            &control(),
+            &micro,
+            &e2e,
+            Duration::from_secs(321),
+        )
+        .unwrap()
+    }
+
+    /// Renders synthetic results; with RENDER_OUT=DIR also writes them there (to compare
+    /// the report before and after a change of `render`).
+    #[test]
+    fn a_report_renders_from_synthetic_results() {
+        for quick in [false, true] {
+            let md = render_fixture(quick);
+            if let Some(dir) = std::env::var_os("RENDER_OUT") {
+                std::fs::write(Path::new(&dir).join(format!("quick-{quick}.md")), &md).unwrap();
+            }
+            for heading in [
+                "# Benchmarks",
+                "## Machine",
+                "## Method",
+                "## Data plane: relayed packet rate",
+                "## Targets",
+                "## Micro-benchmark (BPF_PROG_TEST_RUN, per path)",
+                "## End to end with real sockets (for the record)",
+                "## Control plane",
+                "## Not measured here",
+            ] {
+                assert!(md.lines().any(|l| l == heading), "{heading} missing:\n{md}");
+            }
+            assert!(!md.contains("{{"), "a placeholder is left:\n{md}");
+        }
+    }
 }

@@ -16,9 +16,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use bpf_common::DataPlaneConfig;
-use lab::packet::{FrameSpec, channel_data};
-use lab::xdp::{LoadedRelay, Reference, XDP_TX, run_once, run_stats};
+use bpf_common::KernelConfig;
+use tests::packet::{FrameSpec, channel_data};
+use tests::xdp::{LoadedRelay, Reference, XDP_TX, run_once, run_stats};
 
 const DATA_LEN: usize = 96;
 
@@ -151,17 +151,33 @@ fn addr(text: &str) -> SocketAddr {
 fn run() -> anyhow::Result<()> {
     let options = options()?;
     let _stats = BpfStats::enable()?;
-    let relay4 = addr("203.0.113.10:3478");
-    let relay6 = addr("[2001:db8:2::10]:3478");
     let relay = LoadedRelay::load()?;
-    relay.configure(&DataPlaneConfig::new(
+    relay.configure(&KernelConfig::new(
         3478,
         (49152, 65535),
         Some("203.0.113.10".parse()?),
         Some("2001:db8:2::10".parse()?),
     ))?;
+    let cases = cases(&relay)?;
+    let figures = measure(&relay, &cases, &options)?;
+    if options.json {
+        figures.print_json(&cases);
+    } else {
+        figures.print_table(&options);
+    }
+    Ok(())
+}
+
+/// A named benchmark frame.
+type Case = (String, Vec<u8>);
+
+/// Binds a channel on `relay` for every client and peer family, and for a hairpin, and
+/// returns a frame for each direction of each, sorted by name.
+fn cases(relay: &LoadedRelay) -> anyhow::Result<Vec<Case>> {
+    let relay4 = addr("203.0.113.10:3478");
+    let relay6 = addr("[2001:db8:2::10]:3478");
     let data = vec![0x5a; DATA_LEN];
-    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
     let clients = [
         ("v4", addr("192.0.2.2:40000"), relay4),
         ("v6", addr("[2001:db8:1::2]:40000"), relay6),
@@ -204,7 +220,24 @@ fn run() -> anyhow::Result<()> {
         FrameSpec::new(a, relay4, &channel_data(0x4100, &data)).build(),
     ));
     cases.sort();
+    Ok(cases)
+}
 
+/// What [`measure`] found, in ns per packet.
+struct Figures {
+    /// The frame the references run on (`client_to_peer_v4_v4`).
+    reference_frame: Vec<u8>,
+    /// The floor reference, one run per call: the unit of the "x floor" column.
+    floor_ns: f64,
+    /// The references in repeat mode.
+    trivial_repeat: f64,
+    floor_repeat: f64,
+    /// One run per call: the references, then every case.
+    rows: Vec<(String, f64)>,
+}
+
+/// Times the references on the `client_to_peer_v4_v4` frame, then the relay on every case.
+fn measure(relay: &LoadedRelay, cases: &[Case], options: &Options) -> anyhow::Result<Figures> {
     let reference_frame = cases
         .iter()
         .find(|(name, _)| name == "client_to_peer_v4_v4")
@@ -215,20 +248,37 @@ fn run() -> anyhow::Result<()> {
     let floor = Reference::floor(&[flow])?;
     let (trivial_program, floor_program) = (trivial.program()?, floor.program()?);
 
-    let trivial_ns = per_call(&trivial_program, &reference_frame, &options)?;
-    let floor_ns = per_call(&floor_program, &reference_frame, &options)?;
-    let trivial_repeat = per_repeat(&trivial_program, &reference_frame, &options)?;
-    let floor_repeat = per_repeat(&floor_program, &reference_frame, &options)?;
+    let trivial_ns = per_call(&trivial_program, &reference_frame, options)?;
+    let floor_ns = per_call(&floor_program, &reference_frame, options)?;
+    let trivial_repeat = per_repeat(&trivial_program, &reference_frame, options)?;
+    let floor_repeat = per_repeat(&floor_program, &reference_frame, options)?;
     let mut rows = vec![
         ("trivial".to_owned(), trivial_ns),
         ("floor".to_owned(), floor_ns),
     ];
-    for (name, frame) in &cases {
-        rows.push((name.clone(), per_call(relay.program(), frame, &options)?));
+    for (name, frame) in cases {
+        rows.push((name.clone(), per_call(relay.program(), frame, options)?));
     }
+    Ok(Figures {
+        reference_frame,
+        floor_ns,
+        trivial_repeat,
+        floor_repeat,
+        rows,
+    })
+}
 
-    if options.json {
-        for (name, ns) in &rows {
+impl Figures {
+    /// One JSON object a line: every row, then the references in repeat mode.
+    fn print_json(&self, cases: &[Case]) {
+        let Self {
+            reference_frame,
+            floor_ns,
+            trivial_repeat,
+            floor_repeat,
+            rows,
+        } = self;
+        for (name, ns) in rows {
             println!(
                 "{{\"program\":\"{name}\",\"ns_per_packet\":{ns:.1},\"vs_floor\":{:.2},\"frame_bytes\":{}}}",
                 ns / floor_ns,
@@ -244,7 +294,17 @@ fn run() -> anyhow::Result<()> {
         println!(
             "{{\"program\":\"floor\",\"mode\":\"repeat\",\"ns_per_packet\":{floor_repeat:.1}}}"
         );
-    } else {
+    }
+
+    /// A table for people.
+    fn print_table(&self, options: &Options) {
+        let Self {
+            floor_ns,
+            trivial_repeat,
+            floor_repeat,
+            rows,
+            ..
+        } = self;
         println!(
             "BPF_PROG_TEST_RUN, one run per call, kernel bpf_stats; median of {} runs of {} calls; {DATA_LEN}-byte payload",
             options.runs, options.calls
@@ -253,7 +313,7 @@ fn run() -> anyhow::Result<()> {
             "{:<28} {:>10} {:>9}",
             "program / path", "ns/packet", "x floor"
         );
-        for (name, ns) in &rows {
+        for (name, ns) in rows {
             println!("{name:<28} {ns:>10.1} {:>9.2}", ns / floor_ns);
         }
         println!(
@@ -261,5 +321,4 @@ fn run() -> anyhow::Result<()> {
             options.repeat
         );
     }
-    Ok(())
 }

@@ -27,7 +27,7 @@ use rtc_turn::proto::peeraddr::PeerAddress;
 use rtc_turn::proto::relayaddr::RelayedAddress;
 use rtc_turn::proto::reqtrans::RequestedTransport;
 use rtc_turn::proto::{PROTO_UDP, lifetime::Lifetime};
-use turn_core::{
+use turn_control_core::{
     ChannelData, ChannelNumber, ClientAddr, Command, Config, Credentials, PeerAddr, RelayAddr,
     Server, Transmit, Transport, long_term_key,
 };
@@ -85,7 +85,11 @@ struct Setup {
 
 fn exchange(s: &mut Server, now: Instant, listen: SocketAddr, c: &Client, req: &[u8]) -> Message {
     s.handle_client(now, Transport::Udp, listen, c.addr, req);
-    while s.poll_command().is_some() {}
+    while let Some(cmd) = s.poll_command() {
+        if let Command::BindRelayPort { relay } = cmd {
+            s.relay_bound(now, relay);
+        }
+    }
     let Some(Transmit::ToClient { payload, .. }) = s.poll_transmit() else {
         panic!("no response");
     };

@@ -31,6 +31,11 @@ pub(crate) struct Allocation {
     pub(crate) even_port: bool,
     /// Ports tried for this allocation so far.
     pub(crate) bind_attempts: u8,
+    /// Relayed addresses whose socket the daemon has not yet confirmed
+    /// ([`crate::Server::relay_bound`]). The Allocate success waits until this is empty, so
+    /// that it never announces a port nobody listens on; empty once it went out.
+    /// Indexed by [`Family::index`]; kept in two bytes so the table entry does not grow.
+    pub(crate) unbound: [bool; 2],
     /// Permission expiry by peer IP address (RFC 8656 §9: ports do not matter).
     pub(crate) permissions: HashMap<IpAddr, Instant>,
     pub(crate) channels: HashMap<ChannelNumber, Channel>,
@@ -66,6 +71,22 @@ impl Allocation {
             Family::V4 => self.relay_v4,
             Family::V6 => self.relay_v6,
         }
+    }
+
+    /// Whether the Allocate success has gone out (every relay socket is bound).
+    pub(crate) fn announced(&self) -> bool {
+        self.unbound == [false; 2]
+    }
+
+    /// Whether the socket of `relay` (one of this allocation's) awaits its bind.
+    pub(crate) fn is_unbound(&self, relay: RelayAddr) -> bool {
+        self.unbound[relay.family().index()]
+    }
+
+    /// Every relayed address now awaits its bind (a new allocation, or one moved to
+    /// another port).
+    pub(crate) fn await_binds(&mut self) {
+        self.unbound = [self.relay_v4.is_some(), self.relay_v6.is_some()];
     }
 
     /// Both relayed addresses, IPv4 first.

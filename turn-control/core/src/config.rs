@@ -89,7 +89,7 @@ impl Config {
         Self {
             credentials: Credentials::new(realm.clone()),
             realm,
-            software: Some(concat!("turn-core ", env!("CARGO_PKG_VERSION")).to_owned()),
+            software: Some(concat!("turn-control-core ", env!("CARGO_PKG_VERSION")).to_owned()),
             nonce_lifetime: Duration::from_secs(600),
             relay_ipv4: None,
             relay_ipv6: None,
@@ -111,7 +111,9 @@ impl Config {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+    /// Whether a [`crate::Server`] can run with this configuration, without building one
+    /// ([`crate::Server::new`] checks the same).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.relay_ipv4.is_none() && self.relay_ipv6.is_none() {
             return Err(ConfigError::NoRelayAddress);
         }

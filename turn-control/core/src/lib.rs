@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use std::time::{Instant, SystemTime};
-//! use turn_core::{Config, Credentials, Server, Transport, ClientAddr};
+//! use turn_control_core::{Config, Credentials, Server, Transport, ClientAddr};
 //!
 //! let mut config = Config::new("example.org", [0; 32]);
 //! config.credentials = Credentials::new("example.org").with_user("alice", "secret");
@@ -19,7 +19,7 @@
 //! let request = [0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 //! let client = ClientAddr("192.0.2.1:5000".parse().unwrap());
 //! server.handle_client(now, Transport::Udp, "198.51.100.7:3478".parse().unwrap(), client, &request);
-//! while let Some(_command) = server.poll_command() { /* bind sockets, call the agent */ }
+//! while let Some(_command) = server.poll_command() { /* bind sockets and answer, call the agent */ }
 //! while let Some(transmit) = server.poll_transmit() {
 //!     assert_eq!(transmit.destination(), client.0);
 //! }
@@ -36,11 +36,12 @@
 //!   the nonce key and Data indication transaction ids. Tests use constant seeds; the daemon
 //!   seeds from the OS.
 //! - **Relay sockets.** The core picks a random free port in [`Config::port_range`] and emits
-//!   [`Command::BindRelayPort`] before the Allocate success. If binding fails (the port may
-//!   be another socket's ephemeral port) the daemon calls [`Server::relay_bind_failed`] and
-//!   the core moves the allocation to another port, replacing the queued success; after
-//!   [`RELAY_BIND_ATTEMPTS`] ports the client gets 508. A dual-stack allocation uses the
-//!   same port on both relay addresses.
+//!   [`Command::BindRelayPort`]; the Allocate success waits until the daemon answers
+//!   [`Server::relay_bound`] for every relayed address. If binding fails (the port may be
+//!   another socket's ephemeral port) the daemon calls [`Server::relay_bind_failed`] and
+//!   the core moves the allocation to another port; after [`RELAY_BIND_ATTEMPTS`] ports the
+//!   client gets 508. A dual-stack allocation uses the same port on both relay addresses.
+//!   Outputs may therefore be drained in any order.
 //! - **Offload.** A new UDP channel binding emits [`Command::InstallChannel`] and holds the
 //!   ChannelBind success until [`Server::channel_installed`] or [`Config::offload_timeout`]
 //!   (50 ms). Refreshes neither re-install nor wait. TCP clients are never offloaded. When a
@@ -55,7 +56,7 @@
 //!
 //! # Cost
 //!
-//! Measured with `cargo bench -p turn-core` (criterion, 2-core VM, 160-byte payloads): the
+//! Measured with `cargo bench -p turn-control-core` (criterion, 2-core VM, 160-byte payloads): the
 //! client ChannelData to peer decision ~140 ns, peer to client ChannelData ~170 ns, peer to
 //! client Data indication ~320 ns, an authenticated CreatePermission or Refresh (nonce check,
 //! MD5 key lookup, two HMAC-SHA1, FINGERPRINT) ~1.7 us. Each per-packet path is three hash

@@ -89,10 +89,9 @@ impl Transmit {
 /// A side effect for the daemon to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Open a UDP socket bound to `relay`, before taking the transmits (the Allocate success
-    /// announcing it is among them). If that fails, report it with
-    /// [`Server::relay_bind_failed`]: the allocation moves to another port and the success
-    /// is re-issued, or after [`RELAY_BIND_ATTEMPTS`] ports the client gets 508.
+    /// Open a UDP socket bound to `relay`, then answer with [`Server::relay_bound`], or with
+    /// [`Server::relay_bind_failed`] if the port is taken: the allocation then moves to
+    /// another port, or after [`RELAY_BIND_ATTEMPTS`] ports the client gets 508.
     BindRelayPort {
         /// The relayed transport address.
         relay: RelayAddr,
@@ -132,22 +131,26 @@ pub enum OffloadError {
 ///
 /// Feed it with [`handle_client`](Self::handle_client) (bytes from a listener),
 /// [`handle_peer`](Self::handle_peer) (bytes arriving at a relay socket),
-/// [`handle_timeout`](Self::handle_timeout) and the data plane's answers
-/// ([`channel_installed`](Self::channel_installed),
-/// [`relay_bind_failed`](Self::relay_bind_failed)). Time is always passed in: `now` is a
-/// monotonic [`Instant`]; wall-clock time (REST usernames, nonces) is derived from the
-/// (`Instant`, [`SystemTime`]) anchor given to [`Server::new`], which the daemon may re-anchor
-/// with [`set_wall_clock`](Self::set_wall_clock) (e.g. once a minute).
+/// [`handle_timeout`](Self::handle_timeout) and the answers to its commands
+/// ([`relay_bound`](Self::relay_bound) or [`relay_bind_failed`](Self::relay_bind_failed) for
+/// [`Command::BindRelayPort`], [`channel_installed`](Self::channel_installed) for
+/// [`Command::InstallChannel`]); end with [`shutdown`](Self::shutdown). Time is always passed
+/// in: `now` is a monotonic [`Instant`]; wall-clock time (REST usernames, nonces) is derived
+/// from the (`Instant`, [`SystemTime`]) anchor given to [`Server::new`], which the daemon may
+/// re-anchor with [`set_wall_clock`](Self::set_wall_clock) (e.g. once a minute).
 ///
-/// # Poll order
+/// # Outputs, in any order
 ///
-/// After every input, drain the outputs in this order:
-///
-/// 1. [`poll_command`](Self::poll_command) until `None`: sockets must be bound (and channel
-///    installs sent to the agent) before the responses that announce them go out.
-/// 2. [`poll_transmit`](Self::poll_transmit) until `None`.
-/// 3. [`poll_timeout`](Self::poll_timeout), and re-arm the single timer with it; when it
-///    fires, call [`handle_timeout`](Self::handle_timeout) and go to 1.
+/// After every input, drain [`poll_command`](Self::poll_command),
+/// [`poll_transmit`](Self::poll_transmit) and [`poll_timeout`](Self::poll_timeout) (re-arm
+/// the single timer with it; when it fires, call [`handle_timeout`](Self::handle_timeout)),
+/// in whatever order suits the caller: a response that depends on a side effect is held
+/// until the side effect is confirmed. An Allocate success waits for
+/// [`relay_bound`](Self::relay_bound) of every relayed address it announces; a ChannelBind
+/// success waits for [`channel_installed`](Self::channel_installed) (or the offload
+/// timeout), so the client's first ChannelData already meets the kernel's entry. Answers to
+/// commands may come at once or later; an answer for an allocation that has gone since is
+/// harmless.
 ///
 /// Nothing here blocks, allocates per packet beyond the output payload, or panics on input.
 #[derive(Debug)]
@@ -221,30 +224,16 @@ struct Auth {
 /// Ports tried for one allocation before the Allocate is refused with 508.
 pub const RELAY_BIND_ATTEMPTS: u8 = 4;
 
-/// Whether `transmit` is the response to transaction `txid` of the client of `tuple`.
-fn is_response_to(transmit: &Transmit, tuple: &FiveTuple, txid: [u8; 12]) -> bool {
-    match transmit {
-        Transmit::ToClient {
-            transport,
-            server,
-            client,
-            payload,
-        } => {
-            *transport == tuple.transport
-                && *server == tuple.server
-                && *client == tuple.client
-                && payload.get(8..20) == Some(&txid[..])
-        }
-        Transmit::ToPeer { .. } => false,
-    }
-}
-
 /// How a request handler answers.
 enum Reply {
     /// Send this success now.
     Now(Builder),
     /// Send this success when the data plane acknowledges the binding (or on timeout).
     Hold(Builder, (FiveTuple, ChannelNumber)),
+    /// The answer is not known yet: an Allocate waits for its relay sockets
+    /// ([`Server::relay_bound`] sends the success, [`Server::relay_bind_failed`] moves the
+    /// allocation or answers 508), or it is a retransmission of such an Allocate.
+    AwaitBind,
 }
 
 /// Attributes this server understands in requests; other comprehension-required ones get
@@ -516,47 +505,59 @@ impl Server {
         self.delete_allocation(&tuple);
     }
 
+    /// The daemon's answer to [`Command::BindRelayPort`]: the socket of `relay` is bound.
+    /// Once every relayed address of an allocation is bound, its Allocate success goes out
+    /// (RFC 8656 §7.2: the success announces XOR-RELAYED-ADDRESS, which must then receive).
+    /// A socket nobody needs any more (its allocation was deleted or moved to another port
+    /// meanwhile) is handed back with [`Command::FreeRelayPort`].
+    pub fn relay_bound(&mut self, now: Instant, relay: RelayAddr) {
+        let Some(tuple) = self.holder(relay) else {
+            self.commands.push_back(Command::FreeRelayPort { relay });
+            return;
+        };
+        let Some(alloc) = self.allocations.get_mut(&tuple) else {
+            return;
+        };
+        if !alloc.is_unbound(relay) {
+            return;
+        }
+        alloc.unbound[relay.family().index()] = false;
+        if alloc.announced() {
+            self.announce_allocation(now, &tuple);
+        }
+    }
+
     /// The daemon could not bind `relay` (another socket on the host holds the port: the
-    /// allocation range may overlap the ephemeral ports). The daemon binds while draining
-    /// commands, before it takes transmits, so the Allocate success announcing `relay` is
-    /// normally still queued: it is taken back, and the allocation moves to another port
-    /// with a new success (RFC 8656 §7.2 leaves the port to the server), or after
-    /// [`RELAY_BIND_ATTEMPTS`] ports it is deleted and the client gets 508 (Insufficient
-    /// Capacity). If the success already went out, the allocation is deleted and the client
-    /// learns on its next request (437).
-    pub fn relay_bind_failed(&mut self, now: Instant, relay: RelayAddr) {
-        let Some(tuple) = self.by_port.get(&relay.port()).copied() else {
+    /// allocation range may overlap the ephemeral ports). The allocation moves to another
+    /// port and its success waits for the new sockets (RFC 8656 §7.2 leaves the port to the
+    /// server); after [`RELAY_BIND_ATTEMPTS`] ports it is deleted and the client gets 508
+    /// (Insufficient Capacity). If its success already went out (a daemon that lost a bound
+    /// socket), the allocation is deleted and the client learns on its next request (437).
+    pub fn relay_bind_failed(&mut self, relay: RelayAddr) {
+        let Some(tuple) = self.holder(relay) else {
             return;
         };
-        let Some(alloc) = self.allocations.get(&tuple) else {
+        let Some(alloc) = self.allocations.get_mut(&tuple) else {
             return;
         };
-        let (txid, key, even, attempts) = (
-            alloc.allocate_txid,
-            alloc.key,
-            alloc.even_port,
-            alloc.bind_attempts.saturating_add(1),
-        );
-        let old_port = alloc.port;
-        let old_relays: Vec<RelayAddr> = alloc.relays().collect();
-        let queued = self.transmits.len();
-        self.transmits
-            .retain(|t| !is_response_to(t, &tuple, txid.0));
-        if self.transmits.len() == queued {
+        if alloc.announced() {
             tracing::debug!(%relay, "relay port lost after the allocation was announced; deleting it");
             self.delete_allocation(&tuple);
             return;
         }
-        // Never bound: the failed relay, and the other family's relay whose bind was still
-        // queued (it is dropped). Only what was bound is freed.
-        let mut unbound = vec![relay];
-        self.commands.retain(|c| match c {
-            Command::BindRelayPort { relay } if relay.port() == old_port => {
-                unbound.push(*relay);
-                false
-            }
-            _ => true,
-        });
+        let (txid, key, even) = (alloc.allocate_txid, alloc.key, alloc.even_port);
+        alloc.bind_attempts = alloc.bind_attempts.saturating_add(1);
+        let attempts = alloc.bind_attempts;
+        let old_port = alloc.port;
+        // What was bound is freed; what was not is never bound (a queued bind is dropped, an
+        // answer still under way finds no allocation on the old port and frees its socket).
+        for bound in alloc.relays().filter(|r| !alloc.is_unbound(*r) && *r != relay) {
+            self.commands.push_back(Command::FreeRelayPort { relay: bound });
+        }
+        alloc.unbound = [false; 2];
+        self.commands.retain(
+            |c| !matches!(c, Command::BindRelayPort { relay } if relay.port() == old_port),
+        );
         let new_port = if attempts < RELAY_BIND_ATTEMPTS {
             self.pick_port(even).filter(|p| *p != old_port)
         } else {
@@ -565,11 +566,9 @@ impl Server {
         let Some(port) = new_port else {
             tracing::debug!(%relay, attempts, "no relay port could be bound; allocation refused");
             if let Some(alloc) = self.allocations.get_mut(&tuple) {
-                for slot in [&mut alloc.relay_v4, &mut alloc.relay_v6] {
-                    if slot.is_some_and(|r| unbound.contains(&r)) {
-                        *slot = None;
-                    }
-                }
+                // Freed above or never bound: nothing is left for the deletion to free.
+                alloc.relay_v4 = None;
+                alloc.relay_v6 = None;
             }
             self.delete_allocation(&tuple);
             self.stats.response(RequestMethod::Allocate, 508);
@@ -580,29 +579,41 @@ impl Server {
             return;
         };
         tracing::debug!(%relay, new_port = %port, "relay port unavailable, moving the allocation");
-        for relay in old_relays.into_iter().filter(|r| !unbound.contains(r)) {
-            self.commands.push_back(Command::FreeRelayPort { relay });
-        }
         self.by_port.remove(&old_port);
         self.by_port.insert(port, tuple);
         let Some(alloc) = self.allocations.get_mut(&tuple) else {
             return;
         };
         alloc.port = port;
-        alloc.bind_attempts = attempts;
         for relay in [&mut alloc.relay_v4, &mut alloc.relay_v6]
             .into_iter()
             .flatten()
         {
             relay.0.set_port(port.0);
         }
-        let relays: Vec<RelayAddr> = alloc.relays().collect();
-        for relay in relays {
+        alloc.await_binds();
+        for relay in alloc.relays() {
             self.commands.push_back(Command::BindRelayPort { relay });
         }
-        let success = self.allocate_success(now, &tuple, txid);
-        let payload = success.finish(self.config.software.as_deref(), Some(&key), true);
-        self.reply(&tuple, payload);
+    }
+
+    /// The allocation that holds relayed address `relay`, if any.
+    fn holder(&self, relay: RelayAddr) -> Option<FiveTuple> {
+        let tuple = *self.by_port.get(&relay.port())?;
+        let alloc = self.allocations.get(&tuple)?;
+        alloc.relays().any(|r| r == relay).then_some(tuple)
+    }
+
+    /// Ends every allocation, as a stop of the daemon does: each channel in the data plane
+    /// gets a [`Command::RemoveChannel`], each relay socket a [`Command::FreeRelayPort`];
+    /// held responses are dropped and no timer is left. The server stays usable.
+    pub fn shutdown(&mut self) {
+        let tuples: Vec<FiveTuple> = self.allocations.keys().copied().collect();
+        for tuple in tuples {
+            self.delete_allocation(&tuple);
+        }
+        self.pending.clear();
+        self.timers.clear();
     }
 
     /// The data plane's answer to [`Command::InstallChannel`]. Releases a held ChannelBind
@@ -815,12 +826,14 @@ impl Server {
             RequestMethod::Binding => return,
         };
         match result {
+            Ok(Reply::AwaitBind) => {}
             Ok(reply) => {
                 self.stats.response(method, 200);
                 let software = self.config.software.as_deref();
                 let (builder, hold) = match reply {
                     Reply::Now(b) => (b, None),
                     Reply::Hold(b, key) => (b, Some(key)),
+                    Reply::AwaitBind => return,
                 };
                 let transmit = Transmit::ToClient {
                     transport: tuple.transport,
@@ -941,6 +954,10 @@ impl Server {
             // A retransmitted Allocate gets the original success; anything else is a
             // mismatch.
             if alloc.allocate_txid == req.transaction_id() && *alloc.username == *auth.username {
+                if !alloc.announced() {
+                    // The success follows once the relay sockets are bound.
+                    return Ok(Reply::AwaitBind);
+                }
                 return Ok(Reply::Now(self.allocate_success(
                     now,
                     tuple,
@@ -960,18 +977,7 @@ impl Server {
             Some([_]) => true,
             Some(_) => return Err(400),
         };
-        let requested = req.attr(ATTR_REQUESTED_ADDRESS_FAMILY);
-        let additional = req.attr(ATTR_ADDITIONAL_ADDRESS_FAMILY);
-        let (primary, extra) = match (requested, additional) {
-            (Some(_), Some(_)) => return Err(400),
-            (Some(v), None) => (family_attr(v).ok_or(440u16)?, None),
-            // ADDITIONAL-ADDRESS-FAMILY may only ask for IPv6, on top of IPv4.
-            (None, Some(v)) => match family_attr(v) {
-                Some(Family::V6) => (Family::V4, Some(Family::V6)),
-                _ => return Err(400),
-            },
-            (None, None) => (Family::V4, None),
-        };
+        let (primary, extra) = requested_families(req)?;
         let relay_ip = |f: Family| match f {
             Family::V4 => self.config.relay_ipv4.map(IpAddr::V4),
             Family::V6 => self.config.relay_ipv6.map(IpAddr::V6),
@@ -1005,6 +1011,7 @@ impl Server {
             key: auth.key,
             even_port,
             bind_attempts: 0,
+            unbound: [false; 2],
             permissions: HashMap::new(),
             channels: HashMap::new(),
             peers: HashMap::new(),
@@ -1016,6 +1023,7 @@ impl Server {
                 IpAddr::V6(_) => alloc.relay_v6 = Some(relay_for(ip)),
             }
         }
+        alloc.await_binds();
         for relay in alloc.relays() {
             self.commands.push_back(Command::BindRelayPort { relay });
         }
@@ -1026,11 +1034,22 @@ impl Server {
         self.allocations.insert(*tuple, alloc);
         self.stats.allocations_created += 1;
         self.stats.allocations_active += 1;
-        Ok(Reply::Now(self.allocate_success(
-            now,
-            tuple,
-            req.transaction_id(),
-        )))
+        Ok(Reply::AwaitBind)
+    }
+
+    /// Sends the success of an allocation whose relay sockets are all bound.
+    fn announce_allocation(&mut self, now: Instant, tuple: &FiveTuple) {
+        let Some(alloc) = self.allocations.get(tuple) else {
+            return;
+        };
+        let (txid, key) = (alloc.allocate_txid, alloc.key);
+        self.stats.response(RequestMethod::Allocate, 200);
+        let payload = self.allocate_success(now, tuple, txid).finish(
+            self.config.software.as_deref(),
+            Some(&key),
+            true,
+        );
+        self.reply(tuple, payload);
     }
 
     fn allocate_success(&self, now: Instant, tuple: &FiveTuple, txid: TransactionId) -> Builder {
@@ -1318,23 +1337,18 @@ impl Server {
         if tuple.transport != Transport::Udp {
             return;
         }
-        for (number, ch) in alloc.channels.iter_mut() {
-            if ch.peer.0.ip() == ip && ch.confirmed && !ch.in_kernel {
+        let back: Vec<(ChannelNumber, PeerAddr)> = alloc
+            .channels
+            .iter_mut()
+            .filter(|(_, ch)| ch.peer.0.ip() == ip && ch.confirmed && !ch.in_kernel)
+            .map(|(number, ch)| {
                 ch.in_kernel = true;
-                if let Some(relay) = match Family::of(ip) {
-                    Family::V4 => alloc.relay_v4,
-                    Family::V6 => alloc.relay_v6,
-                } {
-                    let binding = ChannelBinding {
-                        client: tuple.client,
-                        server: tuple.server,
-                        transport: tuple.transport,
-                        relay,
-                        peer: ch.peer,
-                        channel: *number,
-                    };
-                    self.commands.push_back(Command::InstallChannel { binding });
-                }
+                (*number, ch.peer)
+            })
+            .collect();
+        for (number, peer) in back {
+            if let Some(binding) = alloc.binding(tuple, number, peer) {
+                self.commands.push_back(Command::InstallChannel { binding });
             }
         }
     }
@@ -1396,25 +1410,18 @@ impl Server {
         };
         alloc.permissions.remove(&ip);
         self.stats.permissions_active = self.stats.permissions_active.saturating_sub(1);
-        let (v4, v6) = (alloc.relay_v4, alloc.relay_v6);
-        for (number, ch) in alloc.channels.iter_mut() {
-            if ch.peer.0.ip() == ip && ch.in_kernel {
+        let gone: Vec<(ChannelNumber, PeerAddr)> = alloc
+            .channels
+            .iter_mut()
+            .filter(|(_, ch)| ch.peer.0.ip() == ip && ch.in_kernel)
+            .map(|(number, ch)| {
                 ch.in_kernel = false;
-                let relay = match Family::of(ip) {
-                    Family::V4 => v4,
-                    Family::V6 => v6,
-                };
-                if let Some(relay) = relay {
-                    let binding = ChannelBinding {
-                        client: tuple.client,
-                        server: tuple.server,
-                        transport: tuple.transport,
-                        relay,
-                        peer: ch.peer,
-                        channel: *number,
-                    };
-                    self.commands.push_back(Command::RemoveChannel { binding });
-                }
+                (*number, ch.peer)
+            })
+            .collect();
+        for (number, peer) in gone {
+            if let Some(binding) = alloc.binding(tuple, number, peer) {
+                self.commands.push_back(Command::RemoveChannel { binding });
             }
         }
     }
@@ -1468,11 +1475,7 @@ impl Server {
         let Some(alloc) = self.allocations.get_mut(tuple) else {
             return;
         };
-        let relay = match family {
-            Family::V4 => alloc.relay_v4.take(),
-            Family::V6 => alloc.relay_v6.take(),
-        };
-        let Some(relay) = relay else {
+        let Some(relay) = alloc.relay(family) else {
             return;
         };
         let gone: Vec<ChannelNumber> = alloc
@@ -1482,22 +1485,22 @@ impl Server {
             .map(|(n, _)| *n)
             .collect();
         for number in gone {
+            // The binding is taken while the relay of its family is still there.
+            if let Some(ch) = alloc.channels.get(&number).copied()
+                && ch.in_kernel
+                && let Some(binding) = alloc.binding(tuple, number, ch.peer)
+            {
+                self.commands.push_back(Command::RemoveChannel { binding });
+            }
             if let Some(ch) = alloc.channels.remove(&number) {
                 alloc.peers.remove(&ch.peer);
                 self.stats.channels_active = self.stats.channels_active.saturating_sub(1);
                 self.pending.remove(&(*tuple, number));
-                if ch.in_kernel {
-                    let binding = ChannelBinding {
-                        client: tuple.client,
-                        server: tuple.server,
-                        transport: tuple.transport,
-                        relay,
-                        peer: ch.peer,
-                        channel: number,
-                    };
-                    self.commands.push_back(Command::RemoveChannel { binding });
-                }
             }
+        }
+        match family {
+            Family::V4 => alloc.relay_v4 = None,
+            Family::V6 => alloc.relay_v6 = None,
         }
         let before = alloc.permissions.len();
         alloc.permissions.retain(|ip, _| Family::of(*ip) != family);
@@ -1563,6 +1566,23 @@ impl Server {
         b.error(420, reason(420)).attr(&UnknownAttributes(unknown));
         let payload = b.finish(self.config.software.as_deref(), key, true);
         self.reply(tuple, payload);
+    }
+}
+
+/// The families an Allocate asks for (RFC 8656 §7.2, RFC 6156): REQUESTED-ADDRESS-FAMILY
+/// alone, or IPv4 plus the IPv6 of ADDITIONAL-ADDRESS-FAMILY; IPv4 when neither is there.
+fn requested_families(req: &Parsed<'_>) -> Result<(Family, Option<Family>), u16> {
+    let requested = req.attr(ATTR_REQUESTED_ADDRESS_FAMILY);
+    let additional = req.attr(ATTR_ADDITIONAL_ADDRESS_FAMILY);
+    match (requested, additional) {
+        (Some(_), Some(_)) => Err(400),
+        (Some(v), None) => Ok((family_attr(v).ok_or(440u16)?, None)),
+        // ADDITIONAL-ADDRESS-FAMILY may only ask for IPv6, on top of IPv4.
+        (None, Some(v)) => match family_attr(v) {
+            Some(Family::V6) => Ok((Family::V4, Some(Family::V6))),
+            _ => Err(400),
+        },
+        (None, None) => Ok((Family::V4, None)),
     }
 }
 

@@ -181,8 +181,13 @@ impl Harness {
         self.drain()
     }
 
+    /// Carries out the commands as the daemon does (every relay port binds) and collects
+    /// them, then returns the transmits.
     fn drain(&mut self) -> Vec<Transmit> {
         while let Some(c) = self.server.poll_command() {
+            if let Command::BindRelayPort { relay } = c {
+                self.server.relay_bound(self.now, relay);
+            }
             self.commands.push(c);
         }
         std::iter::from_fn(|| self.server.poll_transmit()).collect()
@@ -1350,11 +1355,13 @@ fn allocate_with_bind_failures(
     let mut seen = Vec::new();
     let mut failed = 0;
     while let Some(command) = h.server.poll_command() {
-        if let Command::BindRelayPort { relay } = command
-            && failed < failures
-        {
-            failed += 1;
-            h.server.relay_bind_failed(h.now, relay);
+        if let Command::BindRelayPort { relay } = command {
+            if failed < failures {
+                failed += 1;
+                h.server.relay_bind_failed(relay);
+            } else {
+                h.server.relay_bound(h.now, relay);
+            }
         }
         seen.push(command);
     }
@@ -1431,7 +1438,7 @@ fn a_relay_lost_after_the_success_went_out_deletes_the_allocation() {
     let mut c = Client::alice();
     let relay = h.allocate(&mut c);
     h.take_commands();
-    h.server.relay_bind_failed(h.now, relay);
+    h.server.relay_bind_failed(relay);
     assert_eq!(h.server.allocation_count(), 0);
     assert_eq!(h.take_commands(), vec![Command::FreeRelayPort { relay }]);
     assert!(h.drain().is_empty(), "no second answer to the Allocate");
@@ -1457,7 +1464,9 @@ fn a_dual_stack_allocation_whose_second_bind_fails_frees_the_first() {
             bound += 1;
             // The IPv4 socket binds; the IPv6 one on the same port does not.
             if bound == 2 {
-                h.server.relay_bind_failed(h.now, relay);
+                h.server.relay_bind_failed(relay);
+            } else {
+                h.server.relay_bound(h.now, relay);
             }
         }
         seen.push(command);
@@ -1786,4 +1795,82 @@ fn new_deny_list_revokes_permissions_and_kernel_entries() {
     assert!(h.peer_send(relay, PEER, b"x").is_empty());
     assert_eq!(h.peer_send(relay, PEER2, b"x").len(), 1);
     assert_eq!(h.server.stats().permissions_active, 1);
+}
+
+#[test]
+fn an_allocate_success_waits_for_its_relay_socket_whatever_the_drain_order() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.login(&mut c);
+    let req = c.request(METHOD_ALLOCATE, udp_transport);
+    h.server
+        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+    // Transmits first: nothing announces a port that is not bound yet.
+    assert!(h.server.poll_transmit().is_none());
+    let Some(Command::BindRelayPort { relay }) = h.server.poll_command() else {
+        panic!("no bind command");
+    };
+    // A retransmission meanwhile gets no second answer.
+    h.server
+        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+    assert!(h.server.poll_transmit().is_none());
+    h.server.relay_bound(h.now, relay);
+    let out: Vec<Transmit> = std::iter::from_fn(|| h.server.poll_transmit()).collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    let resp = Resp(out[0].payload().to_vec());
+    assert!(resp.is_success());
+    assert_eq!(resp.addresses(ATTR_XOR_RELAYED_ADDRESS), vec![relay.0]);
+    // Once announced, a retransmission is answered again.
+    assert!(h.call(&c, &req).is_success());
+}
+
+#[test]
+fn a_socket_bound_for_a_moved_allocation_is_handed_back() {
+    let mut h = Harness::with(|c| c.relay_ipv6 = Some(RELAY6.parse().unwrap()));
+    let mut c = Client::new("192.0.2.2:1", "alice", "alice-pw");
+    h.login(&mut c);
+    let req = c.request(METHOD_ALLOCATE, |b| {
+        udp_transport(b);
+        b.raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    h.server
+        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+    // A daemon that takes both commands before answering either.
+    let first: Vec<Command> = std::iter::from_fn(|| h.server.poll_command()).collect();
+    let tried = binds(&first);
+    assert_eq!(tried.len(), 2);
+    h.server.relay_bind_failed(tried[0]);
+    h.server.relay_bound(h.now, tried[1]);
+    let out = h.drain();
+    let next = h.take_commands();
+    assert!(
+        next.contains(&Command::FreeRelayPort { relay: tried[1] }),
+        "{next:?}"
+    );
+    assert_eq!(out.len(), 1, "{out:?}");
+    let announced = Resp(out[0].payload().to_vec()).addresses(ATTR_XOR_RELAYED_ADDRESS);
+    assert_eq!(announced.len(), 2);
+    assert_ne!(announced[0].port(), tried[0].0.port());
+}
+
+#[test]
+fn shutdown_removes_every_binding_and_frees_every_socket() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let relay = h.allocate(&mut c);
+    assert!(h.permit(&mut c, PEER).is_success());
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    h.take_commands();
+    h.server.shutdown();
+    assert_eq!(h.server.allocation_count(), 0);
+    let commands = h.take_commands();
+    assert!(
+        commands
+            .iter()
+            .any(|c| matches!(c, Command::RemoveChannel { binding } if binding.relay == relay)),
+        "{commands:?}"
+    );
+    assert!(commands.contains(&Command::FreeRelayPort { relay }), "{commands:?}");
+    assert_eq!(h.server.poll_timeout(), None);
+    assert!(h.drain().is_empty());
 }

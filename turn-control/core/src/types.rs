@@ -76,6 +76,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// 0 for IPv4, 1 for IPv6: an index into per-family arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+
     /// The family of `ip`, as written (an IPv4-mapped IPv6 address is IPv6).
     pub fn of(ip: IpAddr) -> Self {
         match ip {

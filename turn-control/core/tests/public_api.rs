@@ -32,7 +32,7 @@ use rtc_turn::proto::lifetime::Lifetime;
 use rtc_turn::proto::peeraddr::PeerAddress;
 use rtc_turn::proto::relayaddr::RelayedAddress;
 use rtc_turn::proto::reqtrans::RequestedTransport;
-use turn_core::{
+use turn_control_core::{
     ChannelData, ChannelNumber, ClientAddr, Command, Config, Credentials, PeerAddr, RelayAddr,
     Server, Transmit, Transport, frame_len, rest_password,
 };
@@ -204,6 +204,9 @@ impl Relay {
         self.server
             .handle_client(self.now, c.transport, self.listen, c.addr, bytes);
         while let Some(cmd) = self.server.poll_command() {
+            if let Command::BindRelayPort { relay } = cmd {
+                self.server.relay_bound(self.now, relay);
+            }
             self.commands.push(cmd);
         }
         std::iter::from_fn(|| self.server.poll_transmit()).collect()

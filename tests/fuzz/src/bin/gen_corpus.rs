@@ -6,11 +6,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use turn_core::{ClientAddr, Transport};
-use turn_fuzz::{
-    LISTEN, Msg, PASSWORD, REST_USER, USER, attr, class, fetch_nonce, fold, method, rest_key, sa,
-    server, sign, sum16, udp_check, user_key,
+use tests_fuzz::{
+    LISTEN, PASSWORD, REST_USER, USER, fetch_nonce, fold, rest_key, sa, server, sign, sum16,
+    udp_check, user_key,
 };
+use tests_stun::{Msg, attr, class, method};
+use turn_control_core::{ClientAddr, Transport};
 
 fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
     let dir = dir.join(target);
@@ -156,7 +157,7 @@ fn stun_auth(dir: &Path) {
     // REST user over IPv6.
     let mut s6 = server(now);
     let c6 = ClientAddr(sa("[2001:db8:1::5]:40000"));
-    let n6 = fetch_nonce(&mut s6, now, Transport::Udp, sa(turn_fuzz::LISTEN6), c6).expect("nonce");
+    let n6 = fetch_nonce(&mut s6, now, Transport::Udp, sa(tests_fuzz::LISTEN6), c6).expect("nonce");
     let signed = sign(&allocate, REST_USER, &rest_key(), &n6, false);
     write(
         dir,

@@ -55,11 +55,12 @@ struct Cli {
     timeout: u64,
 
     #[command(subcommand)]
-    command: Command,
+    action: Action,
 }
 
+/// What to ask the agent for (the subcommand).
 #[derive(Debug, Subcommand)]
-enum Command {
+enum Action {
     /// Lists the channel bindings the kernel's maps hold.
     Bindings {
         /// Only bindings of this client (an IP alone matches every port).
@@ -174,10 +175,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the command; what it prints.
+/// Performs the action within the deadline; what it prints.
 async fn run(cli: &Cli) -> anyhow::Result<String> {
     let deadline = Duration::from_secs(cli.timeout);
-    tokio::time::timeout(deadline, command(cli))
+    tokio::time::timeout(deadline, perform(cli))
         .await
         .unwrap_or_else(|_| {
             Err(Failure::Unreachable {
@@ -188,92 +189,126 @@ async fn run(cli: &Cli) -> anyhow::Result<String> {
         })
 }
 
-async fn command(cli: &Cli) -> anyhow::Result<String> {
+/// Asks the agent for what `cli.action` wants; the output to print.
+async fn perform(cli: &Cli) -> anyhow::Result<String> {
     let mut agent = connect(&cli.socket).await?;
     let socket = cli.socket.as_path();
-    let output = match cli.command {
-        Command::Bindings {
+    match cli.action {
+        Action::Bindings {
             client,
             peer,
             port,
             json,
-        } => {
-            let request = ListChannelBindingsRequest {
-                client: client.map(|f| f.to_string()).unwrap_or_default(),
-                peer: peer.map(|f| f.to_string()).unwrap_or_default(),
-                allocation_port: port.map_or(0, u32::from),
-            };
-            let answer = agent.list_channel_bindings(request).await;
-            let mut bindings = answer_of(socket, "ListChannelBindings", answer)?.bindings;
-            // The agent filters too; filtering here as well keeps the output
-            // right with agents that ignore a filter.
-            bindings.retain(|b| {
-                client.is_none_or(|f| f.matches(&b.client))
-                    && peer.is_none_or(|f| f.matches(&b.peer))
-                    && port.is_none_or(|p| b.allocation_port == u32::from(p))
-            });
-            render::sort_bindings(&mut bindings);
-            if json {
-                render::json_text(&render::bindings_json(&bindings))
-            } else {
-                render::bindings_table(&bindings)
-            }
-        }
-        Command::Binding {
+        } => list_bindings(&mut agent, socket, client, peer, port, json).await,
+        Action::Binding {
             client,
             channel,
             json,
-        } => {
-            let request = GetChannelBindingRequest {
-                client: client.to_string(),
-                channel: u32::from(channel),
-            };
-            let answer = agent.get_channel_binding(request).await;
-            let binding: ChannelBinding = match answer {
-                Err(status) if status.code() == Code::NotFound => {
-                    return Err(Failure::NotFound(format!(
-                        "no binding for {client} on channel {}",
-                        render::channel_hex(u32::from(channel))
-                    ))
-                    .into());
-                }
-                answer => answer_of(socket, "GetChannelBinding", answer)?,
-            };
-            if json {
-                render::json_text(&render::binding_json(&binding))
-            } else {
-                render::binding_text(&binding)
-            }
-        }
-        Command::Counters { json, all } => {
+        } => show_binding(&mut agent, socket, client, channel, json).await,
+        Action::Counters { json, all } => {
             let answer = agent.counters(CountersRequest {}).await;
             let counters = answer_of(socket, "Counters", answer)?;
-            if json {
-                render::json_text(&render::counters_json(&counters))
-            } else {
-                render::counters_text(&counters, all)
-            }
+            Ok(render_as(json, &counters, render::counters_json, |c| {
+                render::counters_text(c, all)
+            }))
         }
-        Command::Config { json } => {
+        Action::Config { json } => {
             let answer = agent.get_config(GetConfigRequest {}).await;
             let config = answer_of(socket, "GetConfig", answer)?;
-            if json {
-                render::json_text(&render::config_json(&config))
-            } else {
-                render::config_text(&config)
-            }
+            Ok(render_as(
+                json,
+                &config,
+                render::config_json,
+                render::config_text,
+            ))
         }
-        Command::Health { json } => {
+        Action::Health { json } => {
             let answer = agent.health(HealthRequest {}).await;
             let health = answer_of(socket, "Health", answer)?;
-            if json {
-                render::json_text(&render::health_json(&health))
-            } else {
-                render::health_text(&health)
-            }
+            Ok(render_as(
+                json,
+                &health,
+                render::health_json,
+                render::health_text,
+            ))
         }
+    }
+}
+
+/// `bindings`: the bindings that pass the (client, peer, allocation port) filters.
+async fn list_bindings(
+    agent: &mut proto::DataPlaneClient,
+    socket: &Path,
+    client: Option<AddressFilter>,
+    peer: Option<AddressFilter>,
+    port: Option<u16>,
+    json: bool,
+) -> anyhow::Result<String> {
+    let request = ListChannelBindingsRequest {
+        client: client.map(|f| f.to_string()).unwrap_or_default(),
+        peer: peer.map(|f| f.to_string()).unwrap_or_default(),
+        allocation_port: port.map_or(0, u32::from),
     };
-    Ok(output)
+    let answer = agent.list_channel_bindings(request).await;
+    let mut bindings = answer_of(socket, "ListChannelBindings", answer)?.bindings;
+    // The agent filters too; filtering here as well keeps the output
+    // right with agents that ignore a filter.
+    bindings.retain(|b| {
+        client.is_none_or(|f| f.matches(&b.client))
+            && peer.is_none_or(|f| f.matches(&b.peer))
+            && port.is_none_or(|p| b.allocation_port == u32::from(p))
+    });
+    render::sort_bindings(&mut bindings);
+    Ok(render_as(
+        json,
+        bindings.as_slice(),
+        render::bindings_json,
+        render::bindings_table,
+    ))
+}
+
+/// `binding`: the binding of a client's channel; [`Failure::NotFound`] if none.
+async fn show_binding(
+    agent: &mut proto::DataPlaneClient,
+    socket: &Path,
+    client: SocketAddr,
+    channel: u16,
+    json: bool,
+) -> anyhow::Result<String> {
+    let request = GetChannelBindingRequest {
+        client: client.to_string(),
+        channel: u32::from(channel),
+    };
+    let binding: ChannelBinding = match agent.get_channel_binding(request).await {
+        Err(status) if status.code() == Code::NotFound => {
+            return Err(Failure::NotFound(format!(
+                "no binding for {client} on channel {}",
+                render::channel_hex(u32::from(channel))
+            ))
+            .into());
+        }
+        answer => answer_of(socket, "GetChannelBinding", answer)?,
+    };
+    Ok(render_as(
+        json,
+        &binding,
+        render::binding_json,
+        render::binding_text,
+    ))
+}
+
+/// `value` as pretty JSON when `json` is set, else as text.
+fn render_as<T: ?Sized>(
+    json: bool,
+    value: &T,
+    as_json: impl FnOnce(&T) -> serde_json::Value,
+    as_text: impl FnOnce(&T) -> String,
+) -> String {
+    if json {
+        render::json_text(&as_json(value))
+    } else {
+        as_text(value)
+    }
 }
 
 /// Connects to the agent; a missing or refusing socket is [`Failure::Unreachable`].
@@ -380,13 +415,13 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.socket, Path::new("/tmp/a.sock"));
-        let Command::Binding {
+        let Action::Binding {
             client,
             channel,
             json,
-        } = cli.command
+        } = cli.action
         else {
-            panic!("not binding: {:?}", cli.command);
+            panic!("not binding: {:?}", cli.action);
         };
         assert_eq!(client, "[2001:db8::2]:40000".parse().unwrap());
         assert_eq!((channel, json), (0x4001, true));
@@ -402,11 +437,11 @@ mod tests {
             "49160",
         ])
         .unwrap();
-        let Command::Bindings {
+        let Action::Bindings {
             client, peer, port, ..
-        } = cli.command
+        } = cli.action
         else {
-            panic!("not bindings: {:?}", cli.command);
+            panic!("not bindings: {:?}", cli.action);
         };
         assert_eq!(client.map(|f| f.to_string()).as_deref(), Some("192.0.2.2"));
         assert_eq!(

@@ -1,6 +1,6 @@
 //! The kernel seam: loading the XDP object through its skeleton, attaching it
 //! to interfaces, and reading and writing its maps. Everything else in the
-//! agent talks to the kernel through [`DataPlane`].
+//! agent talks to the kernel through [`Maps`].
 
 use std::collections::HashSet;
 use std::mem::MaybeUninit;
@@ -10,14 +10,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, bail};
-use bpf_common::{Counter, DataPlaneConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict};
+use bpf_common::{Counter, KernelConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, PrintLevel};
 use tracing::{debug, info, warn};
 
 use crate::binding::{Binding, MapKey};
+use daemon::lock;
 
-use relay_skel as skel;
+use xdp_agent_skel as skel;
 
 /// Why a map operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +51,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// The loaded program and handles on its maps.
 #[derive(Debug)]
-pub struct DataPlane {
+pub struct Maps {
     program_fd: OwnedFd,
     config: MapHandle,
     client_v4: MapHandle,
@@ -67,7 +68,7 @@ pub struct DataPlane {
     installed: AtomicU64,
 }
 
-impl DataPlane {
+impl Maps {
     /// Loads the embedded object with its maps pinned under `pin_dir`. Maps
     /// already pinned there by an earlier run are adopted with their
     /// contents, so installed bindings survive an agent restart; maps of an
@@ -82,7 +83,7 @@ impl DataPlane {
         replace_resized_stats(pin_dir)?;
         let pinned = pin_dir.join("CONFIG").exists();
         match Self::load_pinned(pin_dir) {
-            Ok(dataplane) => Ok((dataplane, pinned)),
+            Ok(maps) => Ok((maps, pinned)),
             Err(error) if pinned && replace_incompatible => {
                 warn!(
                     pin_dir = %pin_dir.display(),
@@ -90,9 +91,7 @@ impl DataPlane {
                     "replacing the pinned maps of an incompatible version: installed bindings \
                      are dropped until turn-control syncs"
                 );
-                for name in PINNED_MAPS {
-                    let _ = std::fs::remove_file(pin_dir.join(name));
-                }
+                Self::unpin(pin_dir);
                 Ok((Self::load_pinned(pin_dir)?, false))
             }
             Err(error) if pinned => Err(error.context(format!(
@@ -114,24 +113,27 @@ impl DataPlane {
             .open(storage)
             .context("cannot open the embedded XDP object")?;
         let maps = &mut open.maps;
-        for (map, name) in [
-            (&mut maps.CONFIG, "CONFIG"),
-            (&mut maps.CLIENT_V4, "CLIENT_V4"),
-            (&mut maps.CLIENT_V6, "CLIENT_V6"),
-            (&mut maps.PEER_V4, "PEER_V4"),
-            (&mut maps.PEER_V6, "PEER_V6"),
-            (&mut maps.STATS, "STATS"),
-            (&mut maps.EVENTS, "EVENTS"),
-            (&mut maps.SCRATCH, "SCRATCH"),
+        for map in [
+            &mut maps.CONFIG,
+            &mut maps.CLIENT_V4,
+            &mut maps.CLIENT_V6,
+            &mut maps.PEER_V4,
+            &mut maps.PEER_V6,
+            &mut maps.STATS,
+            &mut maps.EVENTS,
+            &mut maps.SCRATCH,
         ] {
+            let name = map.name();
+            debug_assert!(PINNED_MAPS.iter().any(|pinned| name == *pinned));
             map.set_pin_path(pin_dir.join(name))
-                .with_context(|| format!("cannot set the pin path of {name}"))?;
+                .with_context(|| format!("cannot set the pin path of {}", name.display()))?;
         }
         let skel = open.load().context(
             "cannot load the XDP program and its maps (the verifier's log, if any, is above)",
         )?;
-        let handle = |map: &libbpf_rs::MapMut<'_>, name: &str| {
-            MapHandle::try_from(map).with_context(|| format!("cannot duplicate the {name} map"))
+        let handle = |map: &libbpf_rs::MapMut<'_>| {
+            MapHandle::try_from(map)
+                .with_context(|| format!("cannot duplicate the {} map", map.name().display()))
         };
         let program_fd = skel
             .progs
@@ -141,13 +143,13 @@ impl DataPlane {
             .context("cannot duplicate the program descriptor")?;
         let this = Self {
             program_fd,
-            config: handle(&skel.maps.CONFIG, "CONFIG")?,
-            client_v4: handle(&skel.maps.CLIENT_V4, "CLIENT_V4")?,
-            client_v6: handle(&skel.maps.CLIENT_V6, "CLIENT_V6")?,
-            peer_v4: handle(&skel.maps.PEER_V4, "PEER_V4")?,
-            peer_v6: handle(&skel.maps.PEER_V6, "PEER_V6")?,
-            stats: handle(&skel.maps.STATS, "STATS")?,
-            events: handle(&skel.maps.EVENTS, "EVENTS")?,
+            config: handle(&skel.maps.CONFIG)?,
+            client_v4: handle(&skel.maps.CLIENT_V4)?,
+            client_v6: handle(&skel.maps.CLIENT_V6)?,
+            peer_v4: handle(&skel.maps.PEER_V4)?,
+            peer_v6: handle(&skel.maps.PEER_V6)?,
+            stats: handle(&skel.maps.STATS)?,
+            events: handle(&skel.maps.EVENTS)?,
             write_lock: Mutex::new(()),
             installed: AtomicU64::new(0),
         };
@@ -175,7 +177,7 @@ impl DataPlane {
     }
 
     /// Writes the data-plane configuration.
-    pub fn set_config(&self, config: &DataPlaneConfig) -> anyhow::Result<()> {
+    pub fn set_config(&self, config: &KernelConfig) -> anyhow::Result<()> {
         self.config
             .update(&0u32.to_ne_bytes(), config.as_bytes(), MapFlags::ANY)
             .context("cannot write the data-plane configuration")
@@ -225,10 +227,7 @@ impl DataPlane {
     /// every entry already written is restored to what it was. Returns how
     /// many bindings the maps hold after.
     pub fn add(&self, bindings: &[Binding]) -> Result<u64, MapError> {
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = lock(&self.write_lock);
         let mut undo: Vec<(&MapHandle, MapKey, Option<Vec<u8>>)> = Vec::new();
         let mut new_clients = 0u64;
         let mut write = |key: MapKey, value: &[u8]| -> Result<(), MapError> {
@@ -269,10 +268,7 @@ impl DataPlane {
 
     /// Removes bindings, both directions; returns how many were present.
     pub fn remove(&self, bindings: &[Binding]) -> Result<u64, MapError> {
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = lock(&self.write_lock);
         let mut removed = 0;
         for binding in bindings {
             let (client_key, _) = binding.client_entry();
@@ -341,11 +337,7 @@ impl DataPlane {
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, MapError> {
         Reason::ALL
             .iter()
-            .map(|&reason| {
-                let index = reason as u32;
-                debug_assert!(index < REASON_COUNT);
-                Ok((reason, sum_per_cpu(&self.stats, index)?))
-            })
+            .map(|&reason| Ok((reason, self.per_cpu(reason)?.into_iter().sum())))
             .collect()
     }
 
@@ -355,23 +347,9 @@ impl DataPlane {
             .counters()?
             .into_iter()
             .filter(|(reason, _)| reason.verdict() == Verdict::Tx)
-            .fold(Counter::default(), |sum, (_, counter)| Counter {
-                packets: sum.packets + counter.packets,
-                bytes: sum.bytes + counter.bytes,
-            }))
+            .map(|(_, counter)| counter)
+            .sum())
     }
-}
-
-fn sum_per_cpu(map: &MapHandle, index: u32) -> Result<Counter, MapError> {
-    let per_cpu = map.lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)?;
-    Ok(per_cpu
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|raw| Counter::from_ne_bytes(raw))
-        .fold(Counter::default(), |sum, cpu| Counter {
-            packets: sum.packets + cpu.packets,
-            bytes: sum.bytes + cpu.bytes,
-        }))
 }
 
 /// A version that adds a verdict reason has a longer per-reason `STATS`

@@ -1,32 +1,31 @@
-//! The daemon runs one event loop per thread ("shard"), each a complete TURN server for the
-//! clients the kernel steers to it, so that user-space relaying uses every core with no
-//! locks on the packet path:
+//! The daemon runs one event loop per thread, each a complete TURN server for the clients
+//! the kernel steers to it, so that user-space relaying uses every core with no locks on the
+//! packet path:
 //!
 //! - every listener address is a SO_REUSEPORT group of one UDP (and one TCP) socket per
-//!   shard; the kernel picks the socket by a hash of the 4-tuple, so all of a client's
-//!   requests and ChannelData reach the same shard (its allocation's home);
-//! - each shard owns its allocations' relay sockets, drawn from its own slice of the port
-//!   range, so peer traffic lands on the shard that holds the allocation;
-//! - the shards share one nonce key (a nonce from one is good at all), one quota ledger
+//!   thread; the kernel picks the socket by a hash of the 4-tuple, so all of a client's
+//!   requests and ChannelData reach the same thread (its allocation's home);
+//! - each thread owns its allocations' relay sockets, drawn from its own slice of the port
+//!   range, so peer traffic lands on the thread that holds the allocation;
+//! - the threads share one nonce key (a nonce from one is good at all), one quota ledger
 //!   (`user_quota`/`total_quota` hold across them) and one link to the xdp-agent.
 //!
 //! This module binds the sockets before any thread starts (so a busy port is reported at
 //! once), carves the port range, and carries the messages between the main thread and the
-//! shards.
+//! event-loop threads.
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
 use socket2::{Domain, Protocol, Socket, Type};
-use turn_core::{Credentials, Stats};
+use turn_control_core::{Credentials, Stats};
 
-use crate::config::Settings;
 use crate::udp;
 
-/// What the main thread tells a shard.
+/// What the main thread tells an event-loop thread.
 #[derive(Debug)]
 pub enum Control {
     /// SIGHUP: new credentials and peer lists.
@@ -42,7 +41,7 @@ pub enum Control {
     Terminate,
 }
 
-/// What a shard shows the metrics, refreshed once a second.
+/// What an event-loop thread shows the metrics, refreshed once a second.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     /// The core's counters.
@@ -53,14 +52,14 @@ pub struct Report {
     pub relay_sockets: usize,
 }
 
-/// Where a shard writes its [`Report`] and the main thread reads it.
+/// Where an event-loop thread writes its [`Report`] and the main thread reads it.
 pub type ReportSlot = Arc<Mutex<Report>>;
 
-/// The sum of every shard's report.
+/// The sum of every thread's report.
 pub fn total(slots: &[ReportSlot]) -> Report {
     let mut sum = Report::default();
     for slot in slots {
-        let report = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let report = daemon::lock(slot);
         sum.stats.accumulate(&report.stats);
         sum.tcp_connections += report.tcp_connections;
         sum.relay_sockets += report.relay_sockets;
@@ -68,7 +67,7 @@ pub fn total(slots: &[ReportSlot]) -> Report {
     sum
 }
 
-/// One shard's listener sockets.
+/// One thread's listener sockets.
 #[derive(Debug, Default)]
 pub struct Listeners {
     /// UDP listeners by address.
@@ -77,20 +76,26 @@ pub struct Listeners {
     pub tcp: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
-/// Binds every listener address as a SO_REUSEPORT group of `shards` sockets per transport;
-/// `result[i]` belongs to shard `i`. Errors name the address.
-pub fn bind_listeners(settings: &Settings, shards: usize) -> anyhow::Result<Vec<Listeners>> {
-    let mut out: Vec<Listeners> = (0..shards).map(|_| Listeners::default()).collect();
-    for &addr in &settings.listen {
+/// Binds every address of `listen` as a SO_REUSEPORT group of `threads` UDP sockets (of
+/// `buffer_bytes` each) and, with `tcp`, `threads` TCP listeners; `result[i]` belongs to
+/// thread `i`. Errors name the address.
+pub fn bind_listeners(
+    listen: &[SocketAddr],
+    tcp: bool,
+    buffer_bytes: usize,
+    threads: usize,
+) -> anyhow::Result<Vec<Listeners>> {
+    let mut out: Vec<Listeners> = (0..threads).map(|_| Listeners::default()).collect();
+    for &addr in listen {
         // SO_REUSEPORT would let this daemon join a group that another process of the same
         // user holds, silently splitting its clients; a plain bind first finds it busy.
         exclusive_probe(addr, Type::DGRAM).with_context(|| format!("listen udp {addr}"))?;
         for listeners in &mut out {
-            let socket = udp::bind(addr, settings.listener_buffer_bytes, true)
+            let socket = udp::bind(addr, buffer_bytes, true)
                 .with_context(|| format!("listen udp {addr}"))?;
             listeners.udp.push((addr, socket));
         }
-        if settings.tcp {
+        if tcp {
             exclusive_probe(addr, Type::STREAM).with_context(|| format!("listen tcp {addr}"))?;
             for listeners in &mut out {
                 let listener = tcp_listener(addr).with_context(|| format!("listen tcp {addr}"))?;
@@ -132,14 +137,18 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Shard `index` of `shards`' slice of `ports`: contiguous, disjoint, together the whole
-/// range, sizes differing by at most one. Needs `shards` <= the range's length (the
+/// Thread `index` of `threads`' slice of `ports`: contiguous, disjoint, together the whole
+/// range, sizes differing by at most one. Needs `threads` <= the range's length (the
 /// configuration checks it).
-pub fn port_slice(ports: &RangeInclusive<u16>, index: usize, shards: usize) -> RangeInclusive<u16> {
+pub fn port_slice(
+    ports: &RangeInclusive<u16>,
+    index: usize,
+    threads: usize,
+) -> RangeInclusive<u16> {
     let low = usize::from(*ports.start());
     let len = usize::from(*ports.end()) - low + 1;
-    let start = low + index * len / shards;
-    let end = low + (index + 1) * len / shards - 1;
+    let start = low + index * len / threads;
+    let end = low + (index + 1) * len / threads - 1;
     // Both lie within `ports`, so they fit in a u16.
     (start as u16)..=(end as u16)
 }
@@ -150,7 +159,7 @@ mod tests {
 
     #[test]
     fn port_slices_cover_the_range_once() {
-        for (range, shards) in [
+        for (range, threads) in [
             (49152..=65535u16, 2),
             (49152..=65535, 3),
             (1000..=1006, 7),
@@ -159,12 +168,12 @@ mod tests {
             (1..=65535, 256),
         ] {
             let mut next = *range.start();
-            for i in 0..shards {
-                let slice = port_slice(&range, i, shards);
-                assert_eq!(*slice.start(), next, "{range:?}/{shards} slice {i}");
+            for i in 0..threads {
+                let slice = port_slice(&range, i, threads);
+                assert_eq!(*slice.start(), next, "{range:?}/{threads} slice {i}");
                 assert!(!slice.is_empty());
                 next = slice.end().wrapping_add(1);
-                if i == shards - 1 {
+                if i == threads - 1 {
                     assert_eq!(slice.end(), range.end());
                 }
             }
