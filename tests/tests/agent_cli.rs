@@ -189,7 +189,10 @@ fn cli_shows_what_the_agent_holds() {
     assert!(!health.field("version").string().is_empty());
     let attachments = health.field("attachments").array();
     assert_eq!(attachments.len(), 1);
-    assert_eq!(attachments[0].field("interface").string(), tests::RELAY_IFACE);
+    assert_eq!(
+        attachments[0].field("interface").string(),
+        tests::RELAY_IFACE
+    );
     assert_eq!(attachments[0].field("mode").string(), "native");
     assert_eq!(health.field("installed").number(), 2.0);
     assert!(health.field("capacity").number() >= 2.0);

@@ -27,11 +27,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use serde_json::Value;
 use tests::{
     AGENT_METRICS, CLIENT_V4, Lab, Netns, PEER_V4, RELAY_IFACE, Site, TURN_CONTROL_METRICS,
     required_tool,
 };
-use serde_json::Value;
 
 const TEST: &str = "prometheus_scrape";
 /// How long anything Prometheus has to see may take (scrapes and rule

@@ -6,9 +6,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use tests::agent::Agent;
 use tests::{CLIENT_V4, Lab, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
-use nix::sys::signal::Signal;
 use turn::client::Client;
 
 const T: Duration = Duration::from_secs(5);

@@ -9,9 +9,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
 use bpf_common::KernelConfig;
+use proptest::prelude::*;
 use tests::packet::{FrameSpec, channel_data, parse_udp_v4, parse_udp_v6};
 use tests::xdp::{LoadedRelay, XDP_DROP, XDP_PASS, XDP_TX};
-use proptest::prelude::*;
 
 /// (client, channel, peer, allocation port)
 const BINDINGS: [(&str, u16, &str, u16); 4] = [

@@ -343,7 +343,8 @@ impl Settings {
                 "must be a specific address, not 0.0.0.0 or ::",
             ));
         }
-        (self.external_ipv4, self.external_ipv6) = one_per_family("external_ip", &self.external_ip)?;
+        (self.external_ipv4, self.external_ipv6) =
+            one_per_family("external_ip", &self.external_ip)?;
         if (self.external_ipv4.is_some() && self.relay_ipv4.is_none())
             || (self.external_ipv6.is_some() && self.relay_ipv6.is_none())
         {

@@ -379,7 +379,7 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
     let threads: std::collections::BTreeSet<usize> = clients
         .iter()
         .map(|(_, relay, _)| {
-            common::shard_of(&daemon.ports, THREADS, relay.local_addr().unwrap().port()).unwrap()
+            common::thread_of(&daemon.ports, THREADS, relay.local_addr().unwrap().port()).unwrap()
         })
         .collect();
     assert!(threads.len() > 1, "every allocation on thread {threads:?}");

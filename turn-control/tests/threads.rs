@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Daemon, shard_of};
+use common::{Daemon, thread_of};
 use tokio::task::JoinSet;
 use turn::client::Client;
 use webrtc_util::Conn;
@@ -66,7 +66,7 @@ async fn close_all(clients: Vec<(Client, Result<Relay, String>)>) {
 async fn clients_spread_over_every_thread() {
     let daemon = start(&["--dev", "--user", "test:testpass", "--threads", "2"]);
     let clients = allocate_many(daemon.listen, &[("test", "testpass")], 32).await;
-    let mut per_shard = [0usize; 2];
+    let mut per_thread = [0usize; 2];
     let mut relayed_ports = BTreeSet::new();
     for (_, relay) in &clients {
         let relay = relay.as_ref().expect("allocate");
@@ -78,7 +78,7 @@ async fn clients_spread_over_every_thread() {
             "relayed port {port} outside --ports {:?}",
             daemon.ports
         );
-        per_shard[shard_of(&daemon.ports, 2, port).unwrap()] += 1;
+        per_thread[thread_of(&daemon.ports, 2, port).unwrap()] += 1;
         assert!(
             relayed_ports.insert(port),
             "relayed port {port} given twice"
@@ -86,8 +86,8 @@ async fn clients_spread_over_every_thread() {
     }
     // All 32 on one of the two threads has a chance of 2^-31.
     assert!(
-        per_shard.iter().all(|&n| n > 0),
-        "32 allocations per thread (by port slice of {:?}): {per_shard:?}",
+        per_thread.iter().all(|&n| n > 0),
+        "32 allocations per thread (by port slice of {:?}): {per_thread:?}",
         daemon.ports
     );
     daemon.wait_metric("turn_allocations_active", |v| v == 32.0, T);
@@ -187,7 +187,7 @@ async fn data_flows_on_every_thread() {
     const CLIENTS: usize = 16;
     const ROUNDS: u32 = 20;
     let daemon = start(&["--dev", "--user", "test:testpass", "--threads", "2"]);
-    let mut per_shard = [0usize; 2];
+    let mut per_thread = [0usize; 2];
     let mut relays = Vec::new();
     let mut keep = Vec::new();
     let mut batch = CLIENTS;
@@ -197,16 +197,16 @@ async fn data_flows_on_every_thread() {
         for (client, relay) in allocate_many(daemon.listen, &[("test", "testpass")], batch).await {
             let relay = Arc::new(relay.expect("allocate"));
             let port = relay.local_addr().unwrap().port();
-            per_shard[shard_of(&daemon.ports, 2, port).unwrap()] += 1;
+            per_thread[thread_of(&daemon.ports, 2, port).unwrap()] += 1;
             relays.push(relay);
             keep.push(client);
         }
-        if !per_shard.contains(&0) || relays.len() >= 4 * CLIENTS {
+        if !per_thread.contains(&0) || relays.len() >= 4 * CLIENTS {
             break;
         }
         batch = 1;
     }
-    assert!(!per_shard.contains(&0), "{per_shard:?}");
+    assert!(!per_thread.contains(&0), "{per_thread:?}");
     let clients = relays.len() as f64;
     let mut tasks = JoinSet::new();
     for (index, relay) in relays.iter().enumerate() {

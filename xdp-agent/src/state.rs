@@ -78,4 +78,3 @@ impl AgentState {
         self.generation.store(generation, Ordering::Relaxed);
     }
 }
-

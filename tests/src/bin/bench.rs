@@ -201,143 +201,188 @@ struct Sut {
     notes: Vec<String>,
 }
 
+/// What the steps of starting one system share: the bench's network and its
+/// directory (pid file, logs, the agent's socket).
+struct Startup<'a> {
+    net: &'a mut BenchNet,
+    dir: PathBuf,
+}
+
 fn start_system(net: &mut BenchNet, system: System) -> anyhow::Result<Sut> {
-    let dir = net.dir().to_owned();
-    let mut notes = Vec::new();
-    let attach_pass = |net: &mut BenchNet| -> anyhow::Result<libbpf_rs::Object> {
+    let mut startup = Startup {
+        dir: net.dir().to_owned(),
+        net,
+    };
+    match system {
+        System::Coturn | System::TurnControl => startup.user_space(system),
+        System::TurnControlXdp => startup.with_agent(),
+        System::Floor => startup.floor(),
+    }
+}
+
+impl Startup<'_> {
+    /// coturn or turn-control alone: XDP_PASS on x0, the relay, one TURN session.
+    fn user_space(&mut self, system: System) -> anyhow::Result<Sut> {
+        // veth delivers XDP_TX frames only to a peer that runs XDP: x0
+        // gets XDP_PASS, a few ns per packet, as in any XDP deployment.
+        let pass = self.attach_pass()?;
+        std::mem::forget(pass);
+        let name = if system == System::Coturn {
+            self.spawn_coturn()?
+        } else {
+            self.spawn_turn_control(None)?
+        };
+        let session = turn::open(&self.net.gen_ns, Duration::from_secs(20))
+            .with_context(|| format!("TURN exchange with {name}: {}", self.net.log(name)))?;
+        self.net.process(name)?.ensure_running()?;
+        let pid = self.net.process(name)?.pid();
+        let note = format!(
+            "allocation port {}, channel {:#06x}, Allocate took {:.1} ms",
+            session.allocation_port,
+            session.channel,
+            session.allocate_time.as_secs_f64() * 1e3
+        );
+        Ok(Sut {
+            cpu: CpuSource::Process(pid),
+            server_pid: Some(pid),
+            agent_socket: None,
+            channel: session.channel,
+            allocation_port: session.allocation_port,
+            mirror: false,
+            _session: Some(session),
+            _floor: None,
+            notes: vec![note],
+        })
+    }
+
+    /// turn-control driving xdp-agent: the agent, the control plane, one TURN
+    /// session, and the binding as the agent lists it.
+    fn with_agent(&mut self) -> anyhow::Result<Sut> {
+        let socket = self.dir.join("agent.sock");
+        self.start_agent(&socket)?;
+        self.spawn_turn_control(Some(&socket))?;
+        let session = turn::open(&self.net.gen_ns, Duration::from_secs(20))
+            .with_context(|| format!("TURN exchange: {}", self.net.log("turn-control")))?;
+        let channel = agent_channel(&socket, &session)?;
+        let note = format!(
+            "allocation port {}, channel {channel:#06x} (as the agent lists it), Allocate took {:.1} ms",
+            session.allocation_port,
+            session.allocate_time.as_secs_f64() * 1e3
+        );
+        Ok(Sut {
+            cpu: CpuSource::Program(self.net.relay_prog_id()?),
+            server_pid: Some(self.net.process("turn-control")?.pid()),
+            agent_socket: Some(socket),
+            channel,
+            allocation_port: session.allocation_port,
+            mirror: false,
+            _session: Some(session),
+            _floor: None,
+            notes: vec![note],
+        })
+    }
+
+    /// The floor program on x0, its FLOWS holding the two generated flows.
+    fn floor(&mut self) -> anyhow::Result<Sut> {
+        let net = &mut *self.net;
+        let (port, channel) = (50000, turn::FIRST_CHANNEL);
+        let keys = [
+            floor_key(&case_frames(net, Direction::ClientToPeer, 100, channel, port, true).0)?,
+            floor_key(&case_frames(net, Direction::PeerToClient, 100, channel, port, true).0)?,
+        ];
+        let floor = tests::xdp::Reference::floor(&keys)?;
+        net.attach_relay(&floor.program()?)?;
+        let note = "no control plane: FLOWS holds the two generated flows".to_owned();
+        Ok(Sut {
+            cpu: CpuSource::Program(net.relay_prog_id()?),
+            server_pid: None,
+            agent_socket: None,
+            channel,
+            allocation_port: port,
+            mirror: true,
+            _session: None,
+            _floor: Some(floor),
+            notes: vec![note],
+        })
+    }
+
+    /// The lab's XDP_PASS program, attached to x0.
+    fn attach_pass(&mut self) -> anyhow::Result<libbpf_rs::Object> {
         let object = libbpf_rs::ObjectBuilder::default()
             .open_file(env!("LAB_PASS_OBJECT"))?
             .load()?;
         let program = object.progs_mut().next().context("no program")?;
-        net.attach_relay(&program)?;
+        self.net.attach_relay(&program)?;
         Ok(object)
-    };
-    match system {
-        System::Coturn | System::TurnControl => {
-            // veth delivers XDP_TX frames only to a peer that runs XDP: x0
-            // gets XDP_PASS, a few ns per packet, as in any XDP deployment.
-            let pass = attach_pass(net)?;
-            std::mem::forget(pass);
-            let name = if system == System::Coturn {
-                let mut command = net.relay_ns.command("turnserver");
-                command
-                    .args(COTURN_ARGS)
-                    .args(["--no-stun-backward-compatibility", "--simple-log"]);
-                command.arg(format!(
-                    "--pidfile={}",
-                    dir.join("turnserver.pid").display()
-                ));
-                command.arg(format!(
-                    "--log-file={}",
-                    dir.join("turnserver-file.log").display()
-                ));
-                net.spawn("turnserver", command)?;
-                "turnserver"
-            } else {
-                let mut command = net.relay_ns.command(workspace_binary("turn-control")?);
-                command.args(turn_control_args());
-                net.spawn("turn-control", command)?;
-                "turn-control"
-            };
-            let session = turn::open(&net.gen_ns, Duration::from_secs(20))
-                .with_context(|| format!("TURN exchange with {name}: {}", net.log(name)))?;
-            net.process(name)?.ensure_running()?;
-            let pid = net.process(name)?.pid();
-            notes.push(format!(
-                "allocation port {}, channel {:#06x}, Allocate took {:.1} ms",
-                session.allocation_port,
-                session.channel,
-                session.allocate_time.as_secs_f64() * 1e3
-            ));
-            Ok(Sut {
-                cpu: CpuSource::Process(pid),
-                server_pid: Some(pid),
-                agent_socket: None,
-                channel: session.channel,
-                allocation_port: session.allocation_port,
-                mirror: false,
-                _session: Some(session),
-                _floor: None,
-                notes,
-            })
-        }
-        System::TurnControlXdp => {
-            let socket = dir.join("agent.sock");
-            let mut command = net.relay_ns.command(workspace_binary("xdp-agent")?);
-            command
-                .args(["--iface", "x0", "--xdp-mode", "native", "--grpc"])
-                .arg(&socket)
-                .arg("--pin-dir")
-                .arg(net.pin_dir());
-            net.spawn("xdp-agent", command)?;
-            tests::wait_for("xdp-agent's socket", Duration::from_secs(20), || {
-                Ok(std::os::unix::net::UnixStream::connect(&socket)
-                    .ok()
-                    .map(|_| ()))
-            })
-            .with_context(|| net.log("xdp-agent"))?;
-            let mut command = net.relay_ns.command(workspace_binary("turn-control")?);
-            command
-                .args(turn_control_args())
-                .arg("--agent")
-                .arg(&socket);
-            net.spawn("turn-control", command)?;
-            let session = turn::open(&net.gen_ns, Duration::from_secs(20))
-                .with_context(|| format!("TURN exchange: {}", net.log("turn-control")))?;
-            let mut agent = tests::agent::Agent::connect(&socket)?;
-            let bindings = tests::wait_for(
-                "the binding to reach the agent",
-                Duration::from_secs(10),
-                || {
-                    let list = agent.list()?;
-                    Ok((!list.is_empty()).then_some(list))
-                },
-            )?;
-            let binding = bindings.first().context("no binding")?;
-            ensure!(
-                binding.allocation_port == u32::from(session.allocation_port),
-                "the agent's binding {binding:?} is not the allocation's"
-            );
-            let channel = binding.channel as u16;
-            notes.push(format!(
-                "allocation port {}, channel {channel:#06x} (as the agent lists it), Allocate took {:.1} ms",
-                session.allocation_port,
-                session.allocate_time.as_secs_f64() * 1e3
-            ));
-            Ok(Sut {
-                cpu: CpuSource::Program(net.relay_prog_id()?),
-                server_pid: Some(net.process("turn-control")?.pid()),
-                agent_socket: Some(socket),
-                channel,
-                allocation_port: session.allocation_port,
-                mirror: false,
-                _session: Some(session),
-                _floor: None,
-                notes,
-            })
-        }
-        System::Floor => {
-            let (port, channel) = (50000, turn::FIRST_CHANNEL);
-            let keys = [
-                floor_key(&case_frames(net, Direction::ClientToPeer, 100, channel, port, true).0)?,
-                floor_key(&case_frames(net, Direction::PeerToClient, 100, channel, port, true).0)?,
-            ];
-            let floor = tests::xdp::Reference::floor(&keys)?;
-            net.attach_relay(&floor.program()?)?;
-            notes.push("no control plane: FLOWS holds the two generated flows".to_owned());
-            Ok(Sut {
-                cpu: CpuSource::Program(net.relay_prog_id()?),
-                server_pid: None,
-                agent_socket: None,
-                channel,
-                allocation_port: port,
-                mirror: true,
-                _session: None,
-                _floor: Some(floor),
-                notes,
-            })
-        }
     }
+
+    /// Spawns coturn in the relay namespace; returns its process name.
+    fn spawn_coturn(&mut self) -> anyhow::Result<&'static str> {
+        let mut command = self.net.relay_ns.command("turnserver");
+        command
+            .args(COTURN_ARGS)
+            .args(["--no-stun-backward-compatibility", "--simple-log"]);
+        command.arg(format!(
+            "--pidfile={}",
+            self.dir.join("turnserver.pid").display()
+        ));
+        command.arg(format!(
+            "--log-file={}",
+            self.dir.join("turnserver-file.log").display()
+        ));
+        self.net.spawn("turnserver", command)?;
+        Ok("turnserver")
+    }
+
+    /// Spawns turn-control in the relay namespace, driving the agent at `agent`
+    /// if given; returns its process name.
+    fn spawn_turn_control(&mut self, agent: Option<&Path>) -> anyhow::Result<&'static str> {
+        let mut command = self.net.relay_ns.command(workspace_binary("turn-control")?);
+        command.args(turn_control_args());
+        if let Some(socket) = agent {
+            command.arg("--agent").arg(socket);
+        }
+        self.net.spawn("turn-control", command)?;
+        Ok("turn-control")
+    }
+
+    /// Spawns xdp-agent on x0 in native mode and waits until its socket accepts.
+    fn start_agent(&mut self, socket: &Path) -> anyhow::Result<()> {
+        let mut command = self.net.relay_ns.command(workspace_binary("xdp-agent")?);
+        command
+            .args(["--iface", "x0", "--xdp-mode", "native", "--grpc"])
+            .arg(socket)
+            .arg("--pin-dir")
+            .arg(self.net.pin_dir());
+        self.net.spawn("xdp-agent", command)?;
+        tests::wait_for("xdp-agent's socket", Duration::from_secs(20), || {
+            Ok(std::os::unix::net::UnixStream::connect(socket)
+                .ok()
+                .map(|_| ()))
+        })
+        .with_context(|| self.net.log("xdp-agent"))?;
+        Ok(())
+    }
+}
+
+/// Waits for the session's binding to reach the agent at `socket`, checks it is
+/// the allocation's, and returns its channel as the agent lists it.
+fn agent_channel(socket: &Path, session: &turn::Session) -> anyhow::Result<u16> {
+    let mut agent = tests::agent::Agent::connect(socket)?;
+    let bindings = tests::wait_for(
+        "the binding to reach the agent",
+        Duration::from_secs(10),
+        || {
+            let list = agent.list()?;
+            Ok((!list.is_empty()).then_some(list))
+        },
+    )?;
+    let binding = bindings.first().context("no binding")?;
+    ensure!(
+        binding.allocation_port == u32::from(session.allocation_port),
+        "the agent's binding {binding:?} is not the allocation's"
+    );
+    Ok(binding.channel as u16)
 }
 
 fn turn_control_args() -> Vec<&'static str> {

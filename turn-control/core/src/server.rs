@@ -551,13 +551,16 @@ impl Server {
         let old_port = alloc.port;
         // What was bound is freed; what was not is never bound (a queued bind is dropped, an
         // answer still under way finds no allocation on the old port and frees its socket).
-        for bound in alloc.relays().filter(|r| !alloc.is_unbound(*r) && *r != relay) {
-            self.commands.push_back(Command::FreeRelayPort { relay: bound });
+        for bound in alloc
+            .relays()
+            .filter(|r| !alloc.is_unbound(*r) && *r != relay)
+        {
+            self.commands
+                .push_back(Command::FreeRelayPort { relay: bound });
         }
         alloc.unbound = [false; 2];
-        self.commands.retain(
-            |c| !matches!(c, Command::BindRelayPort { relay } if relay.port() == old_port),
-        );
+        self.commands
+            .retain(|c| !matches!(c, Command::BindRelayPort { relay } if relay.port() == old_port));
         let new_port = if attempts < RELAY_BIND_ATTEMPTS {
             self.pick_port(even).filter(|p| *p != old_port)
         } else {

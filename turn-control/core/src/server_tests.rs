@@ -1870,7 +1870,10 @@ fn shutdown_removes_every_binding_and_frees_every_socket() {
             .any(|c| matches!(c, Command::RemoveChannel { binding } if binding.relay == relay)),
         "{commands:?}"
     );
-    assert!(commands.contains(&Command::FreeRelayPort { relay }), "{commands:?}");
+    assert!(
+        commands.contains(&Command::FreeRelayPort { relay }),
+        "{commands:?}"
+    );
     assert_eq!(h.server.poll_timeout(), None);
     assert!(h.drain().is_empty());
 }

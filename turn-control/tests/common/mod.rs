@@ -1,6 +1,6 @@
 //! What turn-control's integration tests share beyond the loopback daemon harness (which is
 //! `tests-harness`'s, shared with the lab tests): running the binary to exit, temporary
-//! configuration files, the daemon's port sharding and the webrtc-rs TURN client.
+//! configuration files, the daemon's port slices per thread and the webrtc-rs TURN client.
 
 #![expect(
     clippy::unwrap_used,
@@ -89,14 +89,14 @@ impl Drop for TempFile {
     }
 }
 
-/// The thread whose slice of `ports` holds `port`: the daemon's `shards::port_slice`
+/// The thread whose slice of `ports` holds `port`: the daemon's `threads::port_slice`
 /// (contiguous, disjoint slices in index order).
-pub fn shard_of(ports: &RangeInclusive<u16>, shards: usize, port: u16) -> Option<usize> {
+pub fn thread_of(ports: &RangeInclusive<u16>, threads: usize, port: u16) -> Option<usize> {
     let low = usize::from(*ports.start());
     let len = usize::from(*ports.end()) - low + 1;
-    (0..shards).find(|&i| {
-        let start = low + i * len / shards;
-        let end = low + (i + 1) * len / shards - 1;
+    (0..threads).find(|&i| {
+        let start = low + i * len / threads;
+        let end = low + (i + 1) * len / threads - 1;
         (start..=end).contains(&usize::from(port))
     })
 }
