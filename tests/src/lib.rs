@@ -595,6 +595,18 @@ impl Lab {
         result.with_context(|| format!("{name}'s log:\n{}", self.log(&name)))
     }
 
+    /// Waits until turn-control at `site` reports `turn_agent_connected 1`.
+    pub fn wait_agent_connected(&self, site: Site) -> anyhow::Result<()> {
+        wait_for(
+            "turn-control to connect to its agent",
+            Duration::from_secs(15),
+            || {
+                let body = Lab::scrape(self.relay_at(site)?, TURN_CONTROL_METRICS)?;
+                Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
+            },
+        )
+    }
+
     /// Adds a second relay namespace (`Site::B`) behind the router: its `x0`
     /// at 198.18.0.10/24 and 2001:db8:4::a/64, the router's side `ry`
     /// running XDP_PASS like `rx`.

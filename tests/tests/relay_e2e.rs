@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use tests::agent::Agent;
-use tests::{AGENT_METRICS, Lab, TURN_CONTROL_METRICS, sample, sample_sum, wait_for};
+use tests::{AGENT_METRICS, Lab, Site, TURN_CONTROL_METRICS, sample, sample_sum, wait_for};
 use tests_harness::coturn::{Totals, tools_present};
 
 struct Case {
@@ -27,15 +27,7 @@ fn run_case(case: &Case) {
         .start_xdp_agent(&["--xdp-mode", "native", "--metrics", AGENT_METRICS])
         .unwrap();
     lab.start_turn_control(Some(&socket), &[]).unwrap();
-    wait_for(
-        "turn-control to connect to the agent",
-        Duration::from_secs(15),
-        || {
-            let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
-            Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
-        },
-    )
-    .unwrap();
+    lab.wait_agent_connected(Site::A).unwrap();
 
     let mut peer = lab.peer.command("turnutils_peer");
     peer.args(["-L", case.peer, "-p", "3480"]);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tests::agent::Agent;
-use tests::{CLIENT_V4, Lab, Netns, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
+use tests::{CLIENT_V4, Lab, Netns, PEER_V4, Site};
 use turn::client::Client;
 
 const T: Duration = Duration::from_secs(5);
@@ -35,15 +35,7 @@ fn start_relay(lab: &mut Lab, site: Site, allow: &str) -> std::path::PathBuf {
         .unwrap();
     lab.start_turn_control_at(site, Some(&socket), &["--allow-peer", allow])
         .unwrap();
-    wait_for(
-        "turn-control to connect to its agent",
-        Duration::from_secs(15),
-        || {
-            let body = Lab::scrape(lab.relay_at(site)?, TURN_CONTROL_METRICS)?;
-            Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
-        },
-    )
-    .unwrap();
+    lab.wait_agent_connected(site).unwrap();
     socket
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tests::agent::Agent;
-use tests::{AGENT_METRICS, Lab, TURN_CONTROL_METRICS, sample, sample_sum, wait_for};
+use tests::{AGENT_METRICS, Lab, Site, TURN_CONTROL_METRICS, sample, sample_sum};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -82,14 +82,7 @@ impl Live {
         let mut lab = Lab::new()?;
         let socket = lab.start_xdp_agent(&["--xdp-mode", "native", "--metrics", AGENT_METRICS])?;
         lab.start_turn_control(Some(&socket), &[])?;
-        wait_for(
-            "turn-control to connect to the agent",
-            Duration::from_secs(15),
-            || {
-                let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
-                Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
-            },
-        )?;
+        lab.wait_agent_connected(Site::A)?;
         let mut peer = lab.peer.command("turnutils_peer");
         peer.args(["-L", "198.51.100.2", "-p", "3480"]);
         lab.spawn("turnutils_peer", peer)

@@ -1371,6 +1371,19 @@ fn allocate_with_bind_failures(
     )
 }
 
+/// Sends a dual-stack Allocate (ADDITIONAL-ADDRESS-FAMILY IPv6) and leaves its outputs
+/// queued.
+fn send_dual_stack_allocate(h: &mut Harness) {
+    let mut c = Client::new("192.0.2.2:1", "alice", "alice-pw");
+    h.login(&mut c);
+    let req = c.request(METHOD_ALLOCATE, |b| {
+        udp_transport(b);
+        b.raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    h.server
+        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+}
+
 fn binds(commands: &[Command]) -> Vec<RelayAddr> {
     commands
         .iter()
@@ -1449,14 +1462,7 @@ fn a_relay_lost_after_the_success_went_out_deletes_the_allocation() {
 #[test]
 fn a_dual_stack_allocation_whose_second_bind_fails_frees_the_first() {
     let mut h = Harness::with(|c| c.relay_ipv6 = Some(RELAY6.parse().unwrap()));
-    let mut c = Client::new("192.0.2.2:1", "alice", "alice-pw");
-    h.login(&mut c);
-    let req = c.request(METHOD_ALLOCATE, |b| {
-        udp_transport(b);
-        b.raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
-    });
-    h.server
-        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+    send_dual_stack_allocate(&mut h);
     let mut seen = Vec::new();
     let mut bound = 0;
     while let Some(command) = h.server.poll_command() {
@@ -1827,14 +1833,7 @@ fn an_allocate_success_waits_for_its_relay_socket_whatever_the_drain_order() {
 #[test]
 fn a_socket_bound_for_a_moved_allocation_is_handed_back() {
     let mut h = Harness::with(|c| c.relay_ipv6 = Some(RELAY6.parse().unwrap()));
-    let mut c = Client::new("192.0.2.2:1", "alice", "alice-pw");
-    h.login(&mut c);
-    let req = c.request(METHOD_ALLOCATE, |b| {
-        udp_transport(b);
-        b.raw(ATTR_ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
-    });
-    h.server
-        .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
+    send_dual_stack_allocate(&mut h);
     // A daemon that takes both commands before answering either.
     let first: Vec<Command> = std::iter::from_fn(|| h.server.poll_command()).collect();
     let tried = binds(&first);
