@@ -595,6 +595,15 @@ impl Lab {
         result.with_context(|| format!("{name}'s log:\n{}", self.log(&name)))
     }
 
+    /// coturn's `turnutils_uclient` in the client namespace, logged in as the lab's user
+    /// `test:testpass`, echoing through `turnutils_peer` at `peer` port 3480; the caller adds
+    /// the load, the transport and the server.
+    pub fn uclient(&self, peer: &str) -> Command {
+        let mut command = self.client.command("turnutils_uclient");
+        command.args(["-u", "test", "-w", "testpass", "-e", peer, "-r", "3480"]);
+        command
+    }
+
     /// Waits until turn-control at `site` reports `turn_agent_connected 1`.
     pub fn wait_agent_connected(&self, site: Site) -> anyhow::Result<()> {
         wait_for(

@@ -34,10 +34,7 @@ fn run_case(case: &Case) {
     lab.spawn("turnutils_peer", peer).unwrap();
 
     let (clients, messages) = (5u64, 200u64);
-    let mut uclient = lab.client.command("turnutils_uclient");
-    uclient.args([
-        "-u", "test", "-w", "testpass", "-e", case.peer, "-r", "3480",
-    ]);
+    let mut uclient = lab.uclient(case.peer);
     uclient.args([
         "-m",
         &clients.to_string(),

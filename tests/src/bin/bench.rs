@@ -618,16 +618,8 @@ fn end_to_end(server: System, options: &Options) -> anyhow::Result<String> {
     } else {
         ("20", "2000")
     };
-    let mut uclient = lab.client.command("turnutils_uclient");
+    let mut uclient = lab.uclient("198.51.100.2");
     uclient.args([
-        "-u",
-        "test",
-        "-w",
-        "testpass",
-        "-e",
-        "198.51.100.2",
-        "-r",
-        "3480",
         "-m",
         clients,
         "-n",

@@ -124,18 +124,8 @@ impl Live {
         {
             return Ok(());
         }
-        let mut command = self.lab.client.command("turnutils_uclient");
+        let mut command = self.lab.uclient("198.51.100.2");
         command
-            .args([
-                "-u",
-                "test",
-                "-w",
-                "testpass",
-                "-e",
-                "198.51.100.2",
-                "-r",
-                "3480",
-            ])
             .args([
                 "-m",
                 "4",
