@@ -1,9 +1,14 @@
 //! The gRPC contract between turn-control and xdp-agent (`xdp_agent.proto`),
-//! and the client side of its unix-socket transport.
+//! the channel binding both hold ([`Binding`]) with its one conversion to and
+//! from the wire, and the client side of the unix-socket transport.
 
 #![expect(clippy::allow_attributes, reason = "generated code")]
 
 use std::path::PathBuf;
+
+mod binding;
+
+pub use binding::{Binding, BindingError, CHANNEL_RANGE, parse_address};
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};

@@ -1,11 +1,13 @@
 //! A blocking client of a running `xdp-agent`, for lab tests.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use anyhow::Context;
+
+use crate::{LISTEN_PORT, RELAY_V4, RELAY_V6};
 use proto::v1::{
-    AddChannelBindingRequest, ChannelBinding, CountersRequest, ListChannelBindingsRequest,
+    ChannelBinding, InstallChannelBindingRequest, CountersRequest, ListChannelBindingsRequest,
     RemoveChannelBindingRequest,
 };
 
@@ -16,14 +18,31 @@ pub struct Agent {
     client: proto::DataPlaneClient,
 }
 
-/// A channel binding as the tests name it.
+/// A channel binding as the tests name it, for a client of the lab's relay
+/// listener of its family ([`LISTEN_PORT`] on [`RELAY_V4`] or [`RELAY_V6`]).
 pub fn binding(client: SocketAddr, channel: u16, peer: SocketAddr, port: u16) -> ChannelBinding {
-    ChannelBinding {
-        client: client.to_string(),
-        channel: u32::from(channel),
-        peer: peer.to_string(),
-        allocation_port: u32::from(port),
-    }
+    let relay = match client.ip() {
+        IpAddr::V4(_) => IpAddr::V4(RELAY_V4),
+        IpAddr::V6(_) => IpAddr::V6(RELAY_V6),
+    };
+    binding_via(SocketAddr::new(relay, LISTEN_PORT), client, channel, peer, port)
+}
+
+/// A channel binding of a client that sends to `listener`.
+pub fn binding_via(
+    listener: SocketAddr,
+    client: SocketAddr,
+    channel: u16,
+    peer: SocketAddr,
+    port: u16,
+) -> ChannelBinding {
+    ChannelBinding::from(&proto::Binding {
+        client,
+        channel,
+        peer,
+        allocation_port: port,
+        listener,
+    })
 }
 
 impl Agent {
@@ -38,12 +57,12 @@ impl Agent {
         Ok(Self { runtime, client })
     }
 
-    /// AddChannelBinding; the number of bindings installed after.
-    pub fn add(&mut self, bindings: Vec<ChannelBinding>) -> Result<u64, tonic::Status> {
-        let request = AddChannelBindingRequest { bindings };
+    /// InstallChannelBinding; the number of bindings installed after.
+    pub fn install(&mut self, bindings: Vec<ChannelBinding>) -> Result<u64, tonic::Status> {
+        let request = InstallChannelBindingRequest { bindings };
         Ok(self
             .runtime
-            .block_on(self.client.add_channel_binding(request))?
+            .block_on(self.client.install_channel_binding(request))?
             .into_inner()
             .installed)
     }

@@ -49,6 +49,8 @@ pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
 pub const RELAY_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 10);
 /// The peer's IPv6 address.
 pub const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 2);
+/// The port turn-control listens on in the lab.
+pub const LISTEN_PORT: u16 = 3478;
 /// The relay's interface.
 pub const RELAY_IFACE: &str = "x0";
 /// turn-control's metrics endpoint inside the relay namespace.
@@ -629,6 +631,7 @@ impl Lab {
             v6_net: "2001:db8:4::",
             host_id: 10,
         })?;
+        enable_forwarding(&relay_b, RELAY_IFACE)?;
         self.relay_b = Some(relay_b);
         let object = self
             ._pass_object
@@ -736,6 +739,7 @@ impl Lab {
         for link in &hosts {
             self.link_to_router(link)?;
         }
+        enable_forwarding(&self.relay, RELAY_IFACE)?;
         // Packets the client sends carry complete checksums, so what the relay
         // computes incrementally can be checked against them.
         self.client.exec("ethtool", ["-K", "c0", "tx", "off"])?;
@@ -862,6 +866,21 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Sets up a relay's interface as the README tells operators to for the
+/// agent's default next-hop mode: the kernel's FIB lookup answers only for
+/// an ingress interface that forwards, in each family.
+pub fn enable_forwarding(netns: &Netns, iface: &str) -> anyhow::Result<()> {
+    netns.exec(
+        "sysctl",
+        [
+            "-qw",
+            &format!("net.ipv4.conf.{iface}.forwarding=1"),
+            &format!("net.ipv6.conf.{iface}.forwarding=1"),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Mounts bpffs on the host's /sys/fs/bpf unless it is there already.

@@ -6,10 +6,7 @@ use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
-use bpf_common::{
-    ClientKeyV4, ClientKeyV6, ClientTarget, Counter, KernelConfig, PeerKeyV4, PeerKeyV6,
-    PeerTarget, Pod, Reason,
-};
+use bpf_common::{BindingFields, Counter, KernelConfig, MapKey, Pod, Reason};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
@@ -19,6 +16,8 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 /// `XDP_TX`.
 pub const XDP_TX: u32 = 3;
+/// `XDP_REDIRECT`.
+pub const XDP_REDIRECT: u32 = 4;
 
 /// A loaded, unattached instance of the relay program with its own maps.
 pub struct LoadedRelay {
@@ -68,7 +67,9 @@ impl LoadedRelay {
         Ok(())
     }
 
-    /// Installs a channel binding, both directions.
+    /// Installs a channel binding, both directions, for a client of the
+    /// first listener port of the configuration written last, on the relay
+    /// address of the client's family.
     pub fn bind(
         &self,
         client: SocketAddr,
@@ -76,58 +77,99 @@ impl LoadedRelay {
         peer: SocketAddr,
         allocation_port: u16,
     ) -> anyhow::Result<()> {
-        let maps = &self.skel.maps;
-        let target = PeerTarget::new(peer.ip(), peer.port(), allocation_port);
-        let client_port = client.port().to_be_bytes();
-        let channel_bytes = channel.to_be_bytes();
-        match client.ip() {
-            IpAddr::V4(ip) => maps.CLIENT_V4.update(
-                ClientKeyV4 {
-                    client_ip: ip.octets(),
-                    client_port,
-                    channel: channel_bytes,
-                }
-                .as_bytes(),
-                target.as_bytes(),
-                MapFlags::ANY,
-            )?,
-            IpAddr::V6(ip) => maps.CLIENT_V6.update(
-                ClientKeyV6 {
-                    client_ip: ip.octets(),
-                    client_port,
-                    channel: channel_bytes,
-                }
-                .as_bytes(),
-                target.as_bytes(),
-                MapFlags::ANY,
-            )?,
-        }
-        let back = ClientTarget::new(client.ip(), client.port(), channel);
-        let peer_port = peer.port().to_be_bytes();
-        let allocation_port = allocation_port.to_be_bytes();
-        match peer.ip() {
-            IpAddr::V4(ip) => maps.PEER_V4.update(
-                PeerKeyV4 {
-                    peer_ip: ip.octets(),
-                    peer_port,
-                    allocation_port,
-                }
-                .as_bytes(),
-                back.as_bytes(),
-                MapFlags::ANY,
-            )?,
-            IpAddr::V6(ip) => maps.PEER_V6.update(
-                PeerKeyV6 {
-                    peer_ip: ip.octets(),
-                    peer_port,
-                    allocation_port,
-                }
-                .as_bytes(),
-                back.as_bytes(),
-                MapFlags::ANY,
-            )?,
-        }
+        let config = self.config()?;
+        let port = u16::from_be_bytes(config.listen_ports[0]);
+        let listener = match client.ip() {
+            IpAddr::V4(_) => SocketAddr::from((config.relay_ipv4, port)),
+            IpAddr::V6(_) => SocketAddr::from((config.relay_ipv6, port)),
+        };
+        self.install(&BindingFields {
+            client,
+            listener,
+            channel,
+            peer,
+            allocation_port,
+        })
+    }
+
+    /// Installs a channel binding, both directions, as the agent lays it out.
+    pub fn install(&self, binding: &BindingFields) -> anyhow::Result<()> {
+        let (client_key, peer_target) = binding.client_entry();
+        let (peer_key, client_target) = binding.peer_entry();
+        self.map(&client_key)
+            .update(client_key.bytes(), peer_target.as_bytes(), MapFlags::ANY)?;
+        self.map(&peer_key)
+            .update(peer_key.bytes(), client_target.as_bytes(), MapFlags::ANY)?;
         Ok(())
+    }
+
+    fn map(&self, key: &MapKey) -> &libbpf_rs::MapMut<'static> {
+        let maps = &self.skel.maps;
+        match key {
+            MapKey::ClientV4(_) => &maps.CLIENT_V4,
+            MapKey::ClientV6(_) => &maps.CLIENT_V6,
+            MapKey::PeerV4(_) => &maps.PEER_V4,
+            MapKey::PeerV6(_) => &maps.PEER_V6,
+        }
+    }
+
+    /// The configuration written last.
+    pub fn config(&self) -> anyhow::Result<KernelConfig> {
+        let bytes = self
+            .skel
+            .maps
+            .CONFIG
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .context("no configuration")?;
+        KernelConfig::from_bytes(&bytes).context("a configuration of another size")
+    }
+
+    /// Lets relayed frames leave through the interface `ifindex` (the
+    /// agent does this for each interface it attaches to).
+    pub fn allow_egress(&self, ifindex: u32) -> anyhow::Result<()> {
+        let value = [ifindex.to_ne_bytes(), 0u32.to_ne_bytes()].concat();
+        self.skel
+            .maps
+            .EGRESS
+            .update(&ifindex.to_ne_bytes(), &value, MapFlags::ANY)?;
+        Ok(())
+    }
+
+    /// Runs one frame through the program as if it arrived on the interface
+    /// `ifindex` (of the calling thread's network namespace): the verdict
+    /// and the frame after.
+    pub fn run_on(&self, ifindex: u32, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut context = libbpf_rs::libbpf_sys::xdp_md {
+            data_end: frame.len() as u32,
+            ingress_ifindex: ifindex,
+            ..Default::default()
+        };
+        let context_bytes = {
+            // SAFETY: `xdp_md` is plain old data.
+            unsafe {
+                std::slice::from_raw_parts_mut(
+                    (&raw mut context).cast::<u8>(),
+                    size_of::<libbpf_rs::libbpf_sys::xdp_md>(),
+                )
+            }
+        };
+        let input = libbpf_rs::ProgramInput {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            context_in: Some(context_bytes),
+            ..Default::default()
+        };
+        let output = self
+            .skel
+            .progs
+            .xdp_relay
+            .test_run(input)
+            .context("test_run")?;
+        let len = output.data.map_or(0, |data| data.len());
+        let verdict = output.return_value;
+        out.truncate(len);
+        Ok((verdict, out))
     }
 
     /// Runs one frame through the program: the verdict and the frame after.

@@ -49,7 +49,7 @@ fn one_channel_installed(lab: &mut Lab) -> (UdpSocket, UdpSocket, ChannelBinding
         peer.local_addr().unwrap(),
         50000,
     );
-    agent.add(vec![bound.clone()]).unwrap();
+    agent.install(vec![bound.clone()]).unwrap();
     (client, peer, bound)
 }
 
@@ -79,7 +79,7 @@ fn every_rpc_answers_and_refuses_what_it_must() {
         "198.51.100.3:9".parse().unwrap(),
         50002,
     );
-    assert_eq!(agent.add(vec![a.clone(), b.clone()]).unwrap(), 2);
+    assert_eq!(agent.install(vec![a.clone(), b.clone()]).unwrap(), 2);
 
     // Refusals: nothing of a refused batch is written.
     let refusals = [
@@ -118,7 +118,7 @@ fn every_rpc_answers_and_refuses_what_it_must() {
         ),
     ];
     for (bad, reason) in refusals {
-        let status = agent.add(vec![c.clone(), bad]).unwrap_err();
+        let status = agent.install(vec![c.clone(), bad]).unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{reason}");
         assert!(
             status.message().contains("bindings[1]") && status.message().contains(reason),
@@ -162,6 +162,7 @@ fn every_rpc_answers_and_refuses_what_it_must() {
             client.get_channel_binding(proto::v1::GetChannelBindingRequest {
                 client: a.client.clone(),
                 channel: a.channel,
+                listener: String::new(),
             }),
         )
         .unwrap()
@@ -172,6 +173,7 @@ fn every_rpc_answers_and_refuses_what_it_must() {
             client.get_channel_binding(proto::v1::GetChannelBindingRequest {
                 client: a.client.clone(),
                 channel: 0x4fff,
+                listener: String::new(),
             }),
         )
         .unwrap_err();
@@ -220,9 +222,10 @@ fn every_rpc_answers_and_refuses_what_it_must() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (config.port_min, config.port_max, config.listen_port),
-        (50000, 60000, 3478)
+        (config.port_min, config.port_max, config.listeners.clone()),
+        (50000, 60000, vec!["0.0.0.0:3478".into(), "[::]:3478".into()])
     );
+    assert_eq!(config.next_hop, "fib");
     assert_eq!(config.relay_ipv4, RELAY_V4.to_string());
     let read = runtime
         .block_on(client.get_config(proto::v1::GetConfigRequest {}))
@@ -231,7 +234,9 @@ fn every_rpc_answers_and_refuses_what_it_must() {
     assert_eq!(read, config);
     let refused = runtime
         .block_on(client.set_config(SetConfigRequest {
-            listen_port: Some(55000),
+            listeners: Some(proto::v1::Listeners {
+                addresses: vec!["203.0.113.10:55000".into()],
+            }),
             ..Default::default()
         }))
         .unwrap_err();
@@ -244,7 +249,7 @@ fn every_rpc_answers_and_refuses_what_it_must() {
     // The port range in force now refuses a binding it allowed before.
     let outside = binding("192.0.2.9:1".parse().unwrap(), 0x4000, peer, 49999);
     assert_eq!(
-        agent.add(vec![outside]).unwrap_err().code(),
+        agent.install(vec![outside]).unwrap_err().code(),
         Code::InvalidArgument
     );
 }
@@ -272,7 +277,7 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
     let client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
     let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
     agent
-        .add(vec![binding(
+        .install(vec![binding(
             client.local_addr().unwrap(),
             0x4001,
             peer.local_addr().unwrap(),
@@ -513,7 +518,7 @@ fn the_data_plane_follows_the_interface_address() {
     let user = udp(&lab.client, IpAddr::V4(CLIENT_V4));
     let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
     agent
-        .add(vec![binding(
+        .install(vec![binding(
             user.local_addr().unwrap(),
             0x4001,
             peer.local_addr().unwrap(),

@@ -1,13 +1,14 @@
 //! `xdp-agent-ctl` against the real agent: the bindings table and its
 //! filters, JSON output of every command, and the exit statuses for a
-//! missing binding (3) and an unreachable agent (2).
+//! missing binding (3), a binding on several listeners asked for without
+//! one (4) and an unreachable agent (2).
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::path::Path;
 use std::process::{Command, Output};
 
 use tests::Lab;
-use tests::agent::{Agent, binding};
+use tests::agent::{Agent, binding, binding_via};
 
 /// Runs the CLI against the agent at `socket`.
 fn ctl(socket: &Path, args: &[&str]) -> Output {
@@ -45,9 +46,20 @@ fn cli_shows_what_the_agent_holds() {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    // The default listeners, and a second one for IPv4 clients.
+    let socket = lab
+        .start_xdp_agent(&[
+            "--xdp-mode",
+            "native",
+            "--listen",
+            "0.0.0.0:3478,[::]:3478,203.0.113.10:443",
+        ])
+        .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
-    let v4 = binding(
+    // A wildcard listener stands for the relay address of its family; `binding`
+    // is on the relay's listener of the client's family, [2001:db8:2::a]:3478.
+    let v4 = binding_via(
+        "0.0.0.0:3478".parse().unwrap(),
         "192.0.2.2:40000".parse().unwrap(),
         0x4001,
         "198.51.100.2:50000".parse().unwrap(),
@@ -59,7 +71,7 @@ fn cli_shows_what_the_agent_holds() {
         "198.51.100.2:50001".parse().unwrap(),
         49161,
     );
-    agent.add(vec![v4.clone(), v6.clone()]).unwrap();
+    agent.install(vec![v4.clone(), v6.clone()]).unwrap();
 
     // The table: a header, one row per binding (IPv4 clients first), aligned
     // columns, and a count.
@@ -67,7 +79,11 @@ fn cli_shows_what_the_agent_holds() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(header, ["CLIENT", "CHANNEL", "PEER", "PORT"], "{table}");
+    assert_eq!(
+        header,
+        ["CLIENT", "LISTENER", "CHANNEL", "PEER", "PORT"],
+        "{table}"
+    );
     let rows: Vec<Vec<&str>> = lines[1..3]
         .iter()
         .map(|line| line.split_whitespace().collect())
@@ -75,9 +91,16 @@ fn cli_shows_what_the_agent_holds() {
     assert_eq!(
         rows,
         [
-            ["192.0.2.2:40000", "0x4001", "198.51.100.2:50000", "49160"],
+            [
+                "192.0.2.2:40000",
+                "203.0.113.10:3478",
+                "0x4001",
+                "198.51.100.2:50000",
+                "49160"
+            ],
             [
                 "[2001:db8:1::2]:40001",
+                "[2001:db8:2::a]:3478",
                 "0x4fff",
                 "198.51.100.2:50001",
                 "49161"
@@ -87,6 +110,7 @@ fn cli_shows_what_the_agent_holds() {
     );
     let column = |line: &str, cell: &str| line.find(cell).unwrap();
     for (title, cells) in [
+        ("LISTENER", ["203.0.113.10:3478", "[2001:db8:2::a]:3478"]),
         ("CHANNEL", ["0x4001", "0x4fff"]),
         ("PEER", ["198.51.100.2:50000", "198.51.100.2:50001"]),
     ] {
@@ -104,15 +128,17 @@ fn cli_shows_what_the_agent_holds() {
     }
     assert_eq!(lines[3], "2 bindings");
 
-    // JSON: an array of objects with the four fields.
+    // JSON: an array of objects with the five fields.
     let all = json(&socket, &["bindings", "--json"]);
     let all = all.array();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].field("client").string(), "192.0.2.2:40000");
+    assert_eq!(all[0].field("listener").string(), "203.0.113.10:3478");
     assert_eq!(all[0].field("channel").number(), 16385.0);
     assert_eq!(all[0].field("peer").string(), "198.51.100.2:50000");
     assert_eq!(all[0].field("allocation_port").number(), 49160.0);
     assert_eq!(all[1].field("client").string(), "[2001:db8:1::2]:40001");
+    assert_eq!(all[1].field("listener").string(), "[2001:db8:2::a]:3478");
     assert_eq!(all[1].field("channel").number(), 0x4fff as f64);
 
     // Filters.
@@ -146,6 +172,7 @@ fn cli_shows_what_the_agent_holds() {
     for channel in ["0x4001", "16385"] {
         let one = json(&socket, &["binding", "192.0.2.2:40000", channel, "--json"]);
         assert_eq!(one.field("client").string(), "192.0.2.2:40000");
+        assert_eq!(one.field("listener").string(), "203.0.113.10:3478");
         assert_eq!(one.field("channel").number(), 16385.0);
         assert_eq!(one.field("peer").string(), "198.51.100.2:50000");
         assert_eq!(one.field("allocation_port").number(), 49160.0);
@@ -153,6 +180,65 @@ fn cli_shows_what_the_agent_holds() {
     let text = success(&socket, &["binding", "[2001:db8:1::2]:40001", "0x4fff"]);
     assert!(text.contains("198.51.100.2:50001"), "{text}");
     assert!(text.contains("0x4fff"), "{text}");
+    assert!(text.contains("\nlistener "), "{text}");
+    assert!(text.contains("[2001:db8:2::a]:3478"), "{text}");
+
+    // The same client and channel on a second listener: listed before the
+    // first (port 443 < 3478), and `binding` wants --listener (exit 4,
+    // naming both).
+    let other = binding_via(
+        "203.0.113.10:443".parse().unwrap(),
+        "192.0.2.2:40000".parse().unwrap(),
+        0x4001,
+        "198.51.100.2:50002".parse().unwrap(),
+        49162,
+    );
+    agent.install(vec![other]).unwrap();
+    let listed: Vec<(String, String)> = json(&socket, &["bindings", "--json"])
+        .array()
+        .iter()
+        .map(|b| {
+            (
+                b.field("client").string().to_owned(),
+                b.field("listener").string().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("192.0.2.2:40000", "203.0.113.10:443"),
+            ("192.0.2.2:40000", "203.0.113.10:3478"),
+            ("[2001:db8:1::2]:40001", "[2001:db8:2::a]:3478"),
+        ]
+        .map(|(c, l)| (c.to_owned(), l.to_owned()))
+    );
+    let output = ctl(&socket, &["binding", "192.0.2.2:40000", "0x4001"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(stderr.starts_with("xdp-agent-ctl: "), "{stderr}");
+    assert!(stderr.contains("203.0.113.10:443"), "{stderr}");
+    assert!(stderr.contains("203.0.113.10:3478"), "{stderr}");
+    assert!(stderr.contains("--listener"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for (listener, peer) in [
+        ("203.0.113.10:443", "198.51.100.2:50002"),
+        ("203.0.113.10:3478", "198.51.100.2:50000"),
+        // A wildcard listener is resolved by the agent.
+        ("0.0.0.0:3478", "198.51.100.2:50000"),
+    ] {
+        let args = [
+            "binding",
+            "192.0.2.2:40000",
+            "0x4001",
+            "--listener",
+            listener,
+            "--json",
+        ];
+        let one = json(&socket, &args);
+        assert_eq!(one.field("peer").string(), peer, "{listener}");
+        assert_ne!(one.field("listener").string(), "0.0.0.0:3478");
+    }
 
     // Counters, configuration and health.
     let counters = json(&socket, &["counters", "--json"]);
@@ -171,6 +257,8 @@ fn cli_shows_what_the_agent_holds() {
     for total in [
         "relayed_packets",
         "relayed_bytes",
+        "redirected_packets",
+        "redirected_bytes",
         "reported_bytes",
         "lost_events",
     ] {
@@ -179,11 +267,30 @@ fn cli_shows_what_the_agent_holds() {
     let text = success(&socket, &["counters", "--all"]);
     assert!(text.contains("relay_client_to_peer_v4_v4"), "{text}");
     assert!(text.contains("lost events"), "{text}");
+    assert!(text.contains("redirected packets"), "{text}");
+    assert!(text.contains("redirected bytes"), "{text}");
 
     let config = json(&socket, &["config", "--json"]);
-    assert_eq!(config.field("listen_port").number(), 3478.0);
+    let listeners: Vec<&str> = config
+        .field("listeners")
+        .array()
+        .iter()
+        .map(Json::string)
+        .collect();
+    assert_eq!(
+        listeners,
+        ["0.0.0.0:3478", "[::]:3478", "203.0.113.10:443"],
+        "{config:?}"
+    );
+    assert_eq!(config.field("next_hop").string(), "fib");
     assert!(config.field("port_min").number() <= 49160.0);
-    assert!(config.field("port_max").number() >= 49161.0);
+    assert!(config.field("port_max").number() >= 49162.0);
+    let text = success(&socket, &["config"]);
+    assert!(
+        text.contains("listeners         0.0.0.0:3478, [::]:3478, 203.0.113.10:443\n"),
+        "{text}"
+    );
+    assert!(text.contains("next hop          fib\n"), "{text}");
 
     let health = json(&socket, &["health", "--json"]);
     assert!(!health.field("version").string().is_empty());
@@ -194,8 +301,8 @@ fn cli_shows_what_the_agent_holds() {
         tests::RELAY_IFACE
     );
     assert_eq!(attachments[0].field("mode").string(), "native");
-    assert_eq!(health.field("installed").number(), 2.0);
-    assert!(health.field("capacity").number() >= 2.0);
+    assert_eq!(health.field("installed").number(), 3.0);
+    assert!(health.field("capacity").number() >= 3.0);
     health.field("uptime_seconds").number();
     health.field("generation").number();
     assert!(matches!(health.field("adopted"), Json::Bool(_)));

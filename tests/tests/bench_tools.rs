@@ -78,11 +78,12 @@ fn generator_and_sink_through_the_relay_program() {
     let relay = LoadedRelay::load().unwrap();
     relay
         .configure(&KernelConfig::new(
-            RELAY.port(),
+            &[RELAY.port()],
             (49152, 65535),
             Some(*RELAY.ip()),
             None,
-        ))
+        )
+        .with_mac_swap(true))
         .unwrap();
     relay
         .bind(SocketAddr::V4(CLIENT), CHANNEL, SocketAddr::V4(PEER), PORT)

@@ -43,8 +43,8 @@ fn start(lab: &mut Lab, extra: &[&str]) -> Agent {
     let mut args = vec![
         "--xdp-mode",
         "native",
-        "--listen-port",
-        "3478",
+        "--listen",
+        "0.0.0.0:3478,[::]:3478",
         "--ports",
         "49152-65535",
     ];
@@ -73,7 +73,7 @@ fn exchange(lab: &Lab, agent: &mut Agent, client_v4: bool, peer_v4: bool, channe
     let relayed = SocketAddr::new(relay_ip(peer_v4), port);
     let (client_address, peer_address) = (client.local_addr().unwrap(), peer.local_addr().unwrap());
     agent
-        .add(vec![binding(client_address, channel, peer_address, port)])
+        .install(vec![binding(client_address, channel, peer_address, port)])
         .unwrap();
 
     let to_peer = format!(
@@ -196,7 +196,7 @@ fn two_allocations_on_one_relay_talk_through_the_hairpin() {
         let relayed_a = SocketAddr::new(IpAddr::V4(RELAY_V4), port_a);
         let relayed_b = SocketAddr::new(IpAddr::V4(RELAY_V4), port_b);
         agent
-            .add(vec![
+            .install(vec![
                 binding(a.local_addr().unwrap(), 0x4030, relayed_b, port_a),
                 binding(b.local_addr().unwrap(), 0x4031, relayed_a, port_b),
             ])

@@ -27,11 +27,12 @@ fn relay_ip(family_of: SocketAddr) -> IpAddr {
 
 fn config() -> KernelConfig {
     KernelConfig::new(
-        LISTEN,
+        &[LISTEN],
         (49152, 65535),
         Some(RELAY4.parse().unwrap()),
         Some(RELAY6.parse().unwrap()),
     )
+        .with_mac_swap(true)
 }
 
 /// The program loaded and configured; `tail_adjust` selects the header-room mode.
@@ -340,14 +341,20 @@ fn every_verdict_reason_is_taken_and_counted() {
             ),
         ),
         (Reason::PassTtlExpired, ttl_one.build()),
+        // A listener port on another of the host's addresses: the binding's
+        // key holds the listener it was made on.
         (
-            Reason::PassNotForRelay,
+            Reason::PassUnknownBinding,
             FrameSpec::new(
                 client4,
                 addr("203.0.113.11:3478"),
                 &channel_data(0x4001, b"x"),
             )
             .build(),
+        ),
+        (
+            Reason::PassNotForRelay,
+            FrameSpec::new(client4, addr("203.0.113.11:50000"), b"x").build(),
         ),
         (
             Reason::PassNotForRelay,
@@ -446,11 +453,12 @@ fn relay_without_v6() -> LoadedRelay {
     let relay = LoadedRelay::load().unwrap();
     relay
         .configure(&KernelConfig::new(
-            LISTEN,
+            &[LISTEN],
             (49152, 65535),
             Some(RELAY4.parse().unwrap()),
             None,
-        ))
+        )
+        .with_mac_swap(true))
         .unwrap();
     relay
 }

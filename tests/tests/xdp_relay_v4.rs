@@ -25,8 +25,8 @@ fn channel_data_is_relayed_in_the_kernel_until_the_binding_is_removed() {
         .start_xdp_agent(&[
             "--xdp-mode",
             "native",
-            "--listen-port",
-            "3478",
+            "--listen",
+            "203.0.113.10:3478",
             "--ports",
             "49152-65535",
         ])
@@ -51,7 +51,7 @@ fn channel_data_is_relayed_in_the_kernel_until_the_binding_is_removed() {
         peer_address,
         ALLOCATION_PORT,
     );
-    assert_eq!(agent.add(vec![bound.clone()]).unwrap(), 1);
+    assert_eq!(agent.install(vec![bound.clone()]).unwrap(), 1);
     assert_eq!(agent.list().unwrap(), vec![bound.clone()]);
 
     // Relayed: exactly the payload, from the relay's allocation port.

@@ -63,8 +63,8 @@ pub enum FromAgent {
 /// twin of the wire message `DataPlaneConfig`.
 #[derive(Debug, Clone)]
 pub struct DataPlaneConfig {
-    /// The TURN port clients send ChannelData to.
-    pub listen_port: u16,
+    /// The UDP listeners clients send ChannelData to, as bound (wildcards included).
+    pub listeners: Vec<std::net::SocketAddr>,
     /// The allocation port range.
     pub ports: std::ops::RangeInclusive<u16>,
     /// The local IPv4 relay address.
@@ -271,11 +271,13 @@ impl Link {
                 };
                 rpc(client.remove_channel_binding(request)).await.map(drop)
             }
-            Op::Add(installs) => {
-                let request = proto::v1::AddChannelBindingRequest {
+            Op::Install(installs) => {
+                let request = proto::v1::InstallChannelBindingRequest {
                     bindings: wire(installs.iter().map(|(_, b)| b)),
                 };
-                let result = rpc(client.add_channel_binding(request)).await.map(drop);
+                let result = rpc(client.install_channel_binding(request))
+                    .await
+                    .map(drop);
                 let answer_with = result.clone().map_err(OffloadError::from);
                 for (thread, b) in installs {
                     answer(&self.events, thread, b, answer_with.clone()).await;
@@ -400,8 +402,8 @@ fn plan(requests: impl Iterator<Item = ToAgent>, pending: &mut Option<PendingSyn
 /// One RPC's worth of requests.
 #[derive(Debug)]
 enum Op {
-    /// AddChannelBinding, answered to each binding's thread.
-    Add(Vec<(usize, ChannelBinding)>),
+    /// InstallChannelBinding, answered to each binding's thread.
+    Install(Vec<(usize, ChannelBinding)>),
     /// RemoveChannelBinding.
     Remove(Vec<ChannelBinding>),
     /// Sync with every thread's bindings.
@@ -409,7 +411,7 @@ enum Op {
 }
 
 /// The RPCs a batch of requests comes to, in arrival order: consecutive installs share one
-/// AddChannelBinding, consecutive removals one RemoveChannelBinding.
+/// InstallChannelBinding, consecutive removals one RemoveChannelBinding.
 #[derive(Debug, Default)]
 struct Ops(Vec<Op>);
 
@@ -420,13 +422,13 @@ impl Ops {
 
     fn request(&mut self, request: ToAgent) {
         match (request, self.0.last_mut()) {
-            (ToAgent::Install { thread, binding }, Some(Op::Add(installs)))
+            (ToAgent::Install { thread, binding }, Some(Op::Install(installs)))
                 if installs.len() < MAX_BATCH =>
             {
                 installs.push((thread, binding));
             }
             (ToAgent::Install { thread, binding }, _) => {
-                self.0.push(Op::Add(vec![(thread, binding)]))
+                self.0.push(Op::Install(vec![(thread, binding)]))
             }
             (ToAgent::Remove(binding), Some(Op::Remove(removes))) if removes.len() < MAX_BATCH => {
                 removes.push(binding);
@@ -443,7 +445,7 @@ impl Ops {
         let mut dropped = 0;
         for op in self.0 {
             match op {
-                Op::Add(installs) => {
+                Op::Install(installs) => {
                     for (thread, b) in installs {
                         answer(events, thread, b, Err(OffloadError::Unavailable)).await;
                     }
@@ -513,7 +515,9 @@ async fn rpc<T>(
 impl From<&DataPlaneConfig> for proto::v1::SetConfigRequest {
     fn from(config: &DataPlaneConfig) -> Self {
         Self {
-            listen_port: Some(u32::from(config.listen_port)),
+            listeners: Some(proto::v1::Listeners {
+                addresses: config.listeners.iter().map(ToString::to_string).collect(),
+            }),
             port_min: Some(u32::from(*config.ports.start())),
             port_max: Some(u32::from(*config.ports.end())),
             relay_ipv4: config.relay_ipv4.map(|ip| ip.to_string()),
@@ -523,15 +527,22 @@ impl From<&DataPlaneConfig> for proto::v1::SetConfigRequest {
     }
 }
 
+/// The data plane's form of a binding: the client's channel to its peer through the
+/// allocation's port, and the listener the client talks to (`server`, as bound).
+fn kernel_binding(binding: &ChannelBinding) -> proto::Binding {
+    proto::Binding {
+        client: binding.client.0,
+        channel: binding.channel.value(),
+        peer: binding.peer.0,
+        allocation_port: binding.relay.port().0,
+        listener: binding.server,
+    }
+}
+
 /// The wire form of bindings (proto/xdp_agent.proto).
 fn wire<'a>(bindings: impl Iterator<Item = &'a ChannelBinding>) -> Vec<proto::v1::ChannelBinding> {
     bindings
-        .map(|b| proto::v1::ChannelBinding {
-            client: b.client.0.to_string(),
-            channel: u32::from(b.channel.value()),
-            peer: b.peer.0.to_string(),
-            allocation_port: u32::from(b.relay.port().0),
-        })
+        .map(|b| proto::v1::ChannelBinding::from(&kernel_binding(b)))
         .collect()
 }
 
@@ -576,7 +587,7 @@ mod tests {
         ops.0
             .iter()
             .map(|op| match op {
-                Op::Add(v) => ("add", v.iter().map(|(_, b)| b.channel.value()).collect()),
+                Op::Install(v) => ("install", v.iter().map(|(_, b)| b.channel.value()).collect()),
                 Op::Remove(v) => ("remove", v.iter().map(|b| b.channel.value()).collect()),
                 Op::Sync(v) => ("sync", v.iter().map(|b| b.channel.value()).collect()),
             })
@@ -607,9 +618,9 @@ mod tests {
         assert_eq!(
             shape(&ops),
             vec![
-                ("add", vec![0x4000, 0x4001]),
+                ("install", vec![0x4000, 0x4001]),
                 ("remove", vec![0x4000, 0x4001]),
-                ("add", vec![0x4000]),
+                ("install", vec![0x4000]),
             ]
         );
     }
@@ -659,7 +670,7 @@ mod tests {
             .into_iter(),
             &mut pending,
         );
-        assert_eq!(shape(&ops), vec![("add", vec![0x4000])]);
+        assert_eq!(shape(&ops), vec![("install", vec![0x4000])]);
         assert!(pending.as_ref().is_some_and(|p| p.held.len() == 2));
         let ops = plan(
             [part(1, 2, &[0x4002]), install(1, 0x4003)].into_iter(),
@@ -670,9 +681,9 @@ mod tests {
             shape(&ops),
             vec![
                 ("sync", vec![0x4000, 0x4002]),
-                ("add", vec![0x4001]),
+                ("install", vec![0x4001]),
                 ("remove", vec![0x4000]),
-                ("add", vec![0x4003]),
+                ("install", vec![0x4003]),
             ]
         );
     }

@@ -178,10 +178,7 @@ impl Supervisor {
             Some(path) => {
                 let (tx, rx) = mpsc::channel(65536);
                 let data_plane = agent::DataPlaneConfig {
-                    listen_port: settings
-                        .listen
-                        .first()
-                        .map_or(config::DEFAULT_PORT, |a| a.port()),
+                    listeners: settings.listen.clone(),
                     ports: settings.ports.range(),
                     relay_ipv4: settings.relay_ipv4,
                     relay_ipv6: settings.relay_ipv6,

@@ -13,6 +13,7 @@ use daemon::{CommandLine, LogFormat, PortRange};
 use serde::{Deserialize, Serialize};
 
 use crate::attach::XdpMode;
+use crate::settings::NextHop;
 use crate::binding::is_relay_candidate;
 
 /// Where the agent pins its maps and links unless told otherwise.
@@ -97,14 +98,32 @@ pub struct Config {
     #[arg(long, env = "XDP_AGENT_GRPC_GROUP", value_name = "GROUP")]
     pub grpc_group: Option<String>,
 
-    /// The UDP port turn-control listens on for clients (turn-control may change it).
+    /// turn-control's UDP listeners, as it binds them (repeatable; turn-control replaces
+    /// the set when it connects). Channel data to any of them is relayed in the kernel; a
+    /// wildcard address stands for the relay address of its family.
     #[arg(
         long,
-        env = "XDP_AGENT_LISTEN_PORT",
-        default_value_t = 3478,
-        value_name = "PORT"
+        env = "XDP_AGENT_LISTEN",
+        value_name = "ADDR:PORT",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:3478,[::]:3478"
     )]
-    pub listen_port: u16,
+    pub listen: Vec<SocketAddr>,
+
+    /// How relayed frames find their next hop: fib looks up the route and neighbour of
+    /// each relayed datagram (a client or peer on the relay's own segment, several
+    /// interfaces; needs forwarding enabled on the attached interfaces); mac-swap sends
+    /// each frame back to the MAC address it came from, right only when every client and
+    /// peer is reached through the one gateway that delivers the relay's traffic.
+    #[arg(
+        long,
+        env = "XDP_AGENT_NEXT_HOP",
+        value_enum,
+        default_value = "fib",
+        value_name = "MODE"
+    )]
+    #[serde(with = "daemon::value_enum")]
+    pub next_hop: NextHop,
 
     /// The allocation (relay) port range, inclusive (turn-control may change it).
     #[arg(
@@ -281,7 +300,14 @@ mod tests {
         assert_eq!(config.iface, ["eth0"]);
         assert_eq!(config.xdp_mode, XdpMode::Auto);
         assert_eq!(config.grpc, Path::new("/run/xdp-turn/agent.sock"));
-        assert_eq!(config.listen_port, 3478);
+        assert_eq!(
+            config.listen,
+            [
+                "0.0.0.0:3478".parse::<SocketAddr>().unwrap(),
+                "[::]:3478".parse().unwrap()
+            ]
+        );
+        assert_eq!(config.next_hop, NextHop::Fib);
         assert_eq!(config.ports.range(), 49152..=65535);
         assert_eq!(config.event_interval, 1 << DEFAULT_EVENT_INTERVAL_LOG2);
         assert_eq!(config.pin_dir, Path::new(DEFAULT_PIN_DIR));
@@ -292,13 +318,15 @@ mod tests {
 
     #[test]
     fn the_file_sits_under_the_flags() {
-        let file = "iface = [\"eth1\", \"eth2\"]\nxdp_mode = \"generic\"\nports = \"40000-40100\"\npersist = true\nlog_format = \"json\"\n";
+        let file = "iface = [\"eth1\", \"eth2\"]\nxdp_mode = \"generic\"\nports = \"40000-40100\"\npersist = true\nlog_format = \"json\"\nnext_hop = \"mac-swap\"\nlisten = [\"203.0.113.1:443\"]\n";
         let config = load(&[], file).unwrap();
         assert_eq!(config.iface, ["eth1", "eth2"]);
         assert_eq!(config.xdp_mode, XdpMode::Generic);
         assert_eq!(config.ports.range(), 40000..=40100);
         assert!(config.persist);
         assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.next_hop, NextHop::MacSwap);
+        assert_eq!(config.listen, ["203.0.113.1:443".parse().unwrap()]);
 
         let config = load(&["--iface", "eth0", "--xdp-mode", "native"], file).unwrap();
         assert_eq!(config.iface, ["eth0"]);

@@ -5,16 +5,16 @@ use std::sync::Arc;
 
 use proto::v1::data_plane_server::DataPlane;
 use proto::v1::{
-    AddChannelBindingRequest, AddChannelBindingResponse, Attachment, ChannelBinding,
-    CountersRequest, CountersResponse, DataPlaneConfig, GetChannelBindingRequest, GetConfigRequest,
-    HealthRequest, HealthResponse, ListChannelBindingsRequest, ListChannelBindingsResponse,
-    RemoveChannelBindingRequest, RemoveChannelBindingResponse, SetConfigRequest, SyncRequest,
-    SyncResponse,
+    Attachment, ChannelBinding, CountersRequest, CountersResponse, DataPlaneConfig,
+    GetChannelBindingRequest, GetConfigRequest, HealthRequest, HealthResponse,
+    InstallChannelBindingRequest, InstallChannelBindingResponse, ListChannelBindingsRequest,
+    ListChannelBindingsResponse, RemoveChannelBindingRequest, RemoveChannelBindingResponse,
+    SetConfigRequest, SyncRequest, SyncResponse,
 };
+use proto::{Binding, BindingError, parse_address};
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
-use crate::binding::{Binding, parse_address};
 use crate::maps::MapError;
 use crate::metrics::name;
 use crate::state::AgentState;
@@ -31,18 +31,24 @@ impl Service {
         Self { state }
     }
 
-    /// Validates bindings to install against the configuration in force.
-    fn validate(&self, bindings: &[ChannelBinding]) -> Result<Vec<Binding>, Status> {
+    /// Checks bindings to install against the configuration in force.
+    fn check(&self, bindings: &[ChannelBinding]) -> Result<Vec<Binding>, Status> {
         let limits = self.state.settings().limits();
-        parse_each(bindings, |binding| Binding::from_proto(binding, &limits))
+        parse_each(bindings, |binding| limits.check(binding))
+    }
+
+    /// Reads bindings to remove, their listeners resolved as at install.
+    fn parse(&self, bindings: &[ChannelBinding]) -> Result<Vec<Binding>, Status> {
+        let limits = self.state.settings().limits();
+        parse_each(bindings, |binding| limits.parse(binding))
     }
 }
 
 /// Every binding of a request, parsed; the first that does not parse is
 /// refused with its index.
-fn parse_each<E: std::fmt::Display>(
+fn parse_each(
     bindings: &[ChannelBinding],
-    parse: impl Fn(&ChannelBinding) -> Result<Binding, E>,
+    parse: impl Fn(&ChannelBinding) -> Result<Binding, BindingError>,
 ) -> Result<Vec<Binding>, Status> {
     bindings
         .iter()
@@ -87,17 +93,17 @@ fn matches(filter: &str, address: SocketAddr) -> Result<bool, Status> {
 
 #[tonic::async_trait]
 impl DataPlane for Service {
-    async fn add_channel_binding(
+    async fn install_channel_binding(
         &self,
-        request: Request<AddChannelBindingRequest>,
-    ) -> Result<Response<AddChannelBindingResponse>, Status> {
+        request: Request<InstallChannelBindingRequest>,
+    ) -> Result<Response<InstallChannelBindingResponse>, Status> {
         observe(
-            "AddChannelBinding",
+            "InstallChannelBinding",
             (|| {
-                let bindings = self.validate(&request.get_ref().bindings)?;
-                let installed = self.state.maps.add(&bindings).map_err(map_status)?;
-                info!(count = bindings.len(), installed, "bindings added");
-                Ok(Response::new(AddChannelBindingResponse { installed }))
+                let bindings = self.check(&request.get_ref().bindings)?;
+                let installed = self.state.maps.install(&bindings).map_err(map_status)?;
+                info!(count = bindings.len(), installed, "bindings installed");
+                Ok(Response::new(InstallChannelBindingResponse { installed }))
             })(),
         )
     }
@@ -109,7 +115,7 @@ impl DataPlane for Service {
         observe(
             "RemoveChannelBinding",
             (|| {
-                let bindings = parse_each(&request.get_ref().bindings, Binding::parse)?;
+                let bindings = self.parse(&request.get_ref().bindings)?;
                 let removed = self.state.maps.remove(&bindings).map_err(map_status)?;
                 info!(count = bindings.len(), removed, "bindings removed");
                 Ok(Response::new(RemoveChannelBindingResponse { removed }))
@@ -122,7 +128,7 @@ impl DataPlane for Service {
             "Sync",
             (|| {
                 let request = request.get_ref();
-                let bindings = self.validate(&request.bindings)?;
+                let bindings = self.check(&request.bindings)?;
                 let (added, removed) = self.state.maps.sync(&bindings).map_err(map_status)?;
                 self.state.set_generation(request.generation);
                 let installed = self.state.maps.installed();
@@ -155,7 +161,7 @@ impl DataPlane for Service {
                         && (filter.allocation_port == 0
                             || filter.allocation_port == u32::from(binding.allocation_port))
                     {
-                        bindings.push(binding.to_proto());
+                        bindings.push(ChannelBinding::from(&binding));
                     }
                 }
                 Ok(Response::new(ListChannelBindingsResponse { bindings }))
@@ -171,22 +177,46 @@ impl DataPlane for Service {
             "GetChannelBinding",
             (|| {
                 let request = request.get_ref();
-                let client = parse_address("client", &request.client)
-                    .map_err(|error| Status::invalid_argument(error.to_string()))?;
-                let found = self
+                let invalid = |error: BindingError| Status::invalid_argument(error.to_string());
+                let client = parse_address("client", &request.client).map_err(invalid)?;
+                let listener = match request.listener.as_str() {
+                    "" => None,
+                    text => {
+                        let listener = parse_address("listener", text).map_err(invalid)?;
+                        let limits = self.state.settings().limits();
+                        Some(limits.resolve_listener(listener).map_err(invalid)?)
+                    }
+                };
+                let found: Vec<Binding> = self
                     .state
                     .maps
                     .bindings()
                     .map_err(map_status)?
                     .into_iter()
-                    .find(|b| b.client == client && u32::from(b.channel) == request.channel)
-                    .ok_or_else(|| {
-                        Status::not_found(format!(
-                            "no binding for {client} on channel {:#06x}",
-                            request.channel
-                        ))
-                    })?;
-                Ok(Response::new(found.to_proto()))
+                    .filter(|b| {
+                        b.client == client
+                            && u32::from(b.channel) == request.channel
+                            && listener.is_none_or(|listener| b.listener == listener)
+                    })
+                    .collect();
+                match found.as_slice() {
+                    [] => Err(Status::not_found(format!(
+                        "no binding for {client} on channel {:#06x}",
+                        request.channel
+                    ))),
+                    [binding] => Ok(Response::new(ChannelBinding::from(binding))),
+                    several => Err(Status::failed_precondition(format!(
+                        "{} bindings for {client} on channel {:#06x}, one per listener ({}); \
+                         give the listener",
+                        several.len(),
+                        request.channel,
+                        several
+                            .iter()
+                            .map(|b| b.listener.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))),
+                }
             })(),
         )
     }
@@ -237,12 +267,15 @@ impl DataPlane for Service {
                 let maps = &self.state.maps;
                 let counters = maps.counters().map_err(map_status)?;
                 let relayed = maps.relayed().map_err(map_status)?;
+                let redirected = maps.redirected().map_err(map_status)?;
                 let (_, lost_events) = self.state.reports.events_and_lost();
                 Ok(Response::new(CountersResponse {
                     relayed_packets: relayed.packets,
                     relayed_bytes: relayed.bytes,
                     reported_bytes: self.state.reports.reported().bytes,
                     lost_events,
+                    redirected_packets: redirected.packets,
+                    redirected_bytes: redirected.bytes,
                     counters: counters
                         .into_iter()
                         .map(|(reason, counter)| proto::v1::Counter {

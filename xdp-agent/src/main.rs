@@ -39,7 +39,7 @@ use crate::attach::Attachment;
 use crate::config::{Action, Cli, Config};
 use crate::events::Reports;
 use crate::maps::Maps;
-use crate::settings::Settings;
+use crate::settings::{NextHop, Settings};
 use crate::state::AgentState;
 
 /// How long a stop waits for gRPC clients to finish.
@@ -126,10 +126,40 @@ fn settings(config: &Config) -> anyhow::Result<Settings> {
         relay_ipv6,
     };
     let ports = (config.ports.low(), config.ports.high());
-    let mut settings = Settings::new(config.listen_port, ports, configured, config.tail_adjust)
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let mut settings = Settings::new(
+        config.listen.clone(),
+        ports,
+        configured,
+        config.tail_adjust,
+        config.next_hop,
+    )
+    .map_err(|error| anyhow::anyhow!("{error}"))?;
     settings.event_interval_log2 = config.event_interval.trailing_zeros() as u8;
     Ok(settings)
+}
+
+/// The kernel's FIB lookup answers only for an ingress interface that
+/// forwards; without it every relayed datagram goes to user space
+/// (`pass_forwarding_disabled`). Said once at start, in the operator's terms.
+fn warn_where_forwarding_is_off(interfaces: &[String], relay: &RelayAddresses) {
+    let families = [
+        ("ipv4", relay.relay_ipv4.is_some()),
+        ("ipv6", relay.relay_ipv6.is_some()),
+    ];
+    for interface in interfaces {
+        for (family, relayed) in families {
+            let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
+            let on = std::fs::read_to_string(&path).is_ok_and(|value| value.trim() != "0");
+            if relayed && !on {
+                warn!(
+                    interface,
+                    "forwarding is off (sysctl net.{family}.conf.{interface}.forwarding=0): the kernel's \
+                     FIB lookup refuses, so {family} datagrams are relayed in user space \
+                     (pass_forwarding_disabled) until it is set to 1, or run with --next-hop mac-swap"
+                );
+            }
+        }
+    }
 }
 
 /// The index of each interface, in order.
@@ -171,7 +201,7 @@ impl Agent {
         if adopted {
             info!(pin_dir = %config.pin_dir.display(), installed = maps.installed(), "adopted the pinned maps of an earlier run");
         }
-        let (mut addresses, watcher) = follow_addresses(ifindexes);
+        let (mut addresses, watcher) = follow_addresses(ifindexes.clone());
         match tokio::time::timeout(FIRST_ADDRESSES, addresses.changed()).await {
             Ok(Ok(())) => settings.learned = *addresses.borrow_and_update(),
             _ => warn!("no interface addresses learned yet; relying on --relay-ip"),
@@ -184,6 +214,10 @@ impl Agent {
         }
         maps.set_config(&settings.to_map())?;
         let attachments = attach_all(&maps, config)?;
+        maps.set_egress(&ifindexes)?;
+        if settings.next_hop == NextHop::Fib {
+            warn_where_forwarding_is_off(&config.iface, &settings.relay());
+        }
         let reports = Arc::new(Reports::default());
         let stop_reader = Arc::new(AtomicBool::new(false));
         let reader = events::spawn_reader(&maps, Arc::clone(&reports), Arc::clone(&stop_reader))?;
@@ -266,7 +300,8 @@ impl Agent {
             socket = %config.grpc.display(),
             relay_ipv4 = %relay.relay_ipv4.map_or("none".into(), |ip| ip.to_string()),
             relay_ipv6 = %relay.relay_ipv6.map_or("none".into(), |ip| ip.to_string()),
-            listen_port = settings.listen_port,
+            listeners = ?settings.listeners,
+            next_hop = settings.next_hop.name(),
             ports = %format!("{}-{}", settings.ports.0, settings.ports.1),
             tail_adjust = settings.tail_adjust,
             "ready"
@@ -280,7 +315,7 @@ impl Agent {
         match self.state.update_settings(|current| {
             Ok(Settings {
                 learned,
-                ..*current
+                ..current.clone()
             })
         }) {
             Ok(settings) => info!(relay = ?settings.relay(), "relay addresses changed"),

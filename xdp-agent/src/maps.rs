@@ -15,7 +15,9 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, PrintLevel};
 use tracing::{debug, info, warn};
 
-use crate::binding::{Binding, MapKey};
+use crate::binding::{fields, from_client_entry};
+use bpf_common::MapKey;
+use proto::Binding;
 use daemon::lock;
 
 use xdp_agent_skel as skel;
@@ -35,7 +37,7 @@ pub enum MapError {
 }
 
 /// The maps of the relay program, by the names they are pinned under.
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 11] = [
     "CONFIG",
     "CLIENT_V4",
     "CLIENT_V6",
@@ -43,6 +45,9 @@ const PINNED_MAPS: [&str; 8] = [
     "PEER_V6",
     "STATS",
     "EVENTS",
+    "EGRESS",
+    "REDIRECTED",
+    "NEXT_HOP",
     "SCRATCH",
 ];
 
@@ -60,6 +65,8 @@ pub struct Maps {
     peer_v6: MapHandle,
     stats: MapHandle,
     events: MapHandle,
+    egress: MapHandle,
+    redirected: MapHandle,
     /// Serialises multi-entry writes so that a batch is all-or-nothing.
     write_lock: Mutex<()>,
     /// Entries of the client-side maps (one per binding), kept in step by
@@ -121,6 +128,9 @@ impl Maps {
             &mut maps.PEER_V6,
             &mut maps.STATS,
             &mut maps.EVENTS,
+            &mut maps.EGRESS,
+            &mut maps.REDIRECTED,
+            &mut maps.NEXT_HOP,
             &mut maps.SCRATCH,
         ] {
             let name = map.name();
@@ -150,6 +160,8 @@ impl Maps {
             peer_v6: handle(&skel.maps.PEER_V6)?,
             stats: handle(&skel.maps.STATS)?,
             events: handle(&skel.maps.EVENTS)?,
+            egress: handle(&skel.maps.EGRESS)?,
+            redirected: handle(&skel.maps.REDIRECTED)?,
             write_lock: Mutex::new(()),
             installed: AtomicU64::new(0),
         };
@@ -183,6 +195,42 @@ impl Maps {
             .context("cannot write the data-plane configuration")
     }
 
+    /// Makes `interfaces` (the attached ones, by ifindex) the set a relayed
+    /// frame may be redirected to, and no other.
+    pub fn set_egress(&self, interfaces: &[u32]) -> anyhow::Result<()> {
+        let stale: Vec<Vec<u8>> = self
+            .egress
+            .keys()
+            .filter(|key| {
+                let index = key.as_slice().try_into().map(u32::from_ne_bytes);
+                index.is_ok_and(|index| !interfaces.contains(&index))
+            })
+            .collect();
+        for key in stale {
+            let _ = self.egress.delete(&key);
+        }
+        for ifindex in interfaces {
+            // `struct bpf_devmap_val`: the ifindex, and no program to run on it.
+            let value = [ifindex.to_ne_bytes(), 0u32.to_ne_bytes()].concat();
+            self.egress
+                .update(&ifindex.to_ne_bytes(), &value, MapFlags::ANY)
+                .with_context(|| format!("cannot add ifindex {ifindex} to the egress map"))?;
+        }
+        Ok(())
+    }
+
+    /// Relayed frames that left through another interface, summed over CPUs.
+    pub fn redirected(&self) -> Result<Counter, MapError> {
+        let per_cpu = self
+            .redirected
+            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)?;
+        Ok(per_cpu
+            .unwrap_or_default()
+            .iter()
+            .map(|raw| Counter::from_ne_bytes(raw).unwrap_or_default())
+            .sum())
+    }
+
     /// Replaces every binding with `wanted`: writes what is missing or
     /// different, removes what is not wanted. Returns (added, removed).
     pub fn sync(&self, wanted: &[Binding]) -> Result<(u64, u64), MapError> {
@@ -192,7 +240,7 @@ impl Maps {
         let stale: Vec<Binding> = current.difference(&wanted_set).copied().collect();
         // Remove first: a stale binding may hold the peer-side key a wanted one needs.
         let removed = self.remove(&stale)?;
-        self.add(&missing)?;
+        self.install(&missing)?;
         Ok((missing.len() as u64, removed))
     }
 
@@ -226,7 +274,7 @@ impl Maps {
     /// Installs bindings, both directions of each, all or none: on failure
     /// every entry already written is restored to what it was. Returns how
     /// many bindings the maps hold after.
-    pub fn add(&self, bindings: &[Binding]) -> Result<u64, MapError> {
+    pub fn install(&self, bindings: &[Binding]) -> Result<u64, MapError> {
         let _guard = lock(&self.write_lock);
         let mut undo: Vec<(&MapHandle, MapKey, Option<Vec<u8>>)> = Vec::new();
         let mut new_clients = 0u64;
@@ -247,8 +295,8 @@ impl Maps {
             Ok(())
         };
         let result = bindings.iter().try_for_each(|binding| {
-            let (client_key, peer_target) = binding.client_entry();
-            let (peer_key, client_target) = binding.peer_entry();
+            let (client_key, peer_target) = fields(binding).client_entry();
+            let (peer_key, client_target) = fields(binding).peer_entry();
             write(client_key, peer_target.as_bytes())?;
             write(peer_key, client_target.as_bytes())?;
             debug!(%binding, "binding installed");
@@ -271,8 +319,8 @@ impl Maps {
         let _guard = lock(&self.write_lock);
         let mut removed = 0;
         for binding in bindings {
-            let (client_key, _) = binding.client_entry();
-            let (peer_key, _) = binding.peer_entry();
+            let (client_key, _) = fields(binding).client_entry();
+            let (peer_key, _) = fields(binding).peer_entry();
             let mut present = false;
             for key in [client_key, peer_key] {
                 match self.map(&key).delete(key.bytes()) {
@@ -304,7 +352,7 @@ impl Maps {
                     continue;
                 };
                 if let Some(target) = PeerTarget::from_bytes(&value)
-                    && let Some(binding) = Binding::from_client_entry(&key, &target)
+                    && let Some(binding) = from_client_entry(&key, &target)
                 {
                     bindings.push(binding);
                 }

@@ -2,9 +2,10 @@
 //! turn-control set, what the interfaces' addresses say, and the map image
 //! written to the kernel whenever any of them changes.
 
-use std::net::IpAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 
-use bpf_common::{DEFAULT_EVENT_INTERVAL_LOG2, KernelConfig};
+use bpf_common::{DEFAULT_EVENT_INTERVAL_LOG2, KernelConfig, MAX_LISTEN_PORTS};
 
 use crate::addresses::RelayAddresses;
 use crate::binding::{Limits, is_relay_candidate};
@@ -28,7 +29,7 @@ pub enum SettingsError {
         /// High end.
         high: u16,
     },
-    /// The listen port lies inside the allocation range.
+    /// A listener's port lies inside the allocation range.
     #[error("listen port {listen} lies inside the allocation range {low}-{high}")]
     ListenInRange {
         /// The listen port.
@@ -37,6 +38,15 @@ pub enum SettingsError {
         low: u16,
         /// High end.
         high: u16,
+    },
+    /// No listener: no client channel data could be relayed.
+    #[error("no listener: give at least one (turn-control's listen addresses)")]
+    NoListener,
+    /// More distinct listener ports than the kernel tells apart.
+    #[error("{count} distinct listener ports; the data plane takes at most {MAX_LISTEN_PORTS}")]
+    TooManyListenPorts {
+        /// How many were given.
+        count: usize,
     },
     /// A relay address that is not a usable unicast address of its family.
     #[error("{field} {value:?} is not a usable unicast address of its family")]
@@ -48,11 +58,36 @@ pub enum SettingsError {
     },
 }
 
+/// How relayed frames find their next hop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NextHop {
+    /// The kernel's FIB: the route and neighbour of each relayed datagram's
+    /// destination, on the ingress interface (`XDP_TX`) or another attached
+    /// one (`XDP_REDIRECT`).
+    #[default]
+    Fib,
+    /// Back to the MAC address the frame came from, out of the interface it
+    /// came in on: right only when every client and peer is reached through
+    /// the one gateway that sends the relay its traffic.
+    MacSwap,
+}
+
+impl NextHop {
+    /// The name the flag, the configuration and gRPC use.
+    pub fn name(self) -> &'static str {
+        match self {
+            NextHop::Fib => "fib",
+            NextHop::MacSwap => "mac-swap",
+        }
+    }
+}
+
 /// The agent's data-plane settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// The TURN listen port.
-    pub listen_port: u16,
+    /// turn-control's UDP listeners, as it binds them (wildcards included).
+    pub listeners: Vec<SocketAddr>,
     /// The allocation port range.
     pub ports: (u16, u16),
     /// Relay addresses given by flag or by turn-control: they win over learned ones.
@@ -61,6 +96,8 @@ pub struct Settings {
     pub learned: RelayAddresses,
     /// Header room from the tail.
     pub tail_adjust: bool,
+    /// How relayed frames find their next hop.
+    pub next_hop: NextHop,
     /// log2 of the packets between perf-event reports.
     pub event_interval_log2: u8,
 }
@@ -68,17 +105,19 @@ pub struct Settings {
 impl Settings {
     /// Settings from the agent's flags.
     pub fn new(
-        listen_port: u16,
+        listeners: Vec<SocketAddr>,
         ports: (u16, u16),
         configured: RelayAddresses,
         tail_adjust: bool,
+        next_hop: NextHop,
     ) -> Result<Self, SettingsError> {
         let settings = Self {
-            listen_port,
+            listeners,
             ports,
             configured,
             learned: RelayAddresses::default(),
             tail_adjust,
+            next_hop,
             event_interval_log2: DEFAULT_EVENT_INTERVAL_LOG2,
         };
         settings.validate()?;
@@ -101,32 +140,40 @@ impl Settings {
             relay_ipv6,
         } = self.relay();
         Limits {
-            listen_port: self.listen_port,
+            listeners: self.listeners.clone(),
             ports: self.ports,
             relay_ipv4,
             relay_ipv6,
         }
     }
 
+    /// The listeners' distinct ports, in order.
+    pub fn listen_ports(&self) -> Vec<u16> {
+        let ports: BTreeSet<u16> = self.listeners.iter().map(SocketAddr::port).collect();
+        ports.into_iter().collect()
+    }
+
     /// The image written to the `CONFIG` map.
-    pub fn to_map(self) -> KernelConfig {
+    pub fn to_map(&self) -> KernelConfig {
         let relay = self.relay();
         let mut config = KernelConfig::new(
-            self.listen_port,
+            &self.listen_ports(),
             self.ports,
             relay.relay_ipv4,
             relay.relay_ipv6,
         )
-        .with_tail_adjust(self.tail_adjust);
+        .with_tail_adjust(self.tail_adjust)
+        .with_mac_swap(self.next_hop == NextHop::MacSwap);
         config.event_interval_log2 = self.event_interval_log2;
         config
     }
 
     /// The configuration as gRPC reports it.
-    pub fn to_proto(self) -> proto::v1::DataPlaneConfig {
+    pub fn to_proto(&self) -> proto::v1::DataPlaneConfig {
         let relay = self.relay();
         proto::v1::DataPlaneConfig {
-            listen_port: u32::from(self.listen_port),
+            listeners: self.listeners.iter().map(ToString::to_string).collect(),
+            next_hop: self.next_hop.name().to_owned(),
             port_min: u32::from(self.ports.0),
             port_max: u32::from(self.ports.1),
             relay_ipv4: relay
@@ -147,9 +194,20 @@ impl Settings {
         &self,
         request: &proto::v1::SetConfigRequest,
     ) -> Result<Self, SettingsError> {
-        let mut next = *self;
-        if let Some(port) = request.listen_port {
-            next.listen_port = port_field("listen_port", port)?;
+        let mut next = self.clone();
+        if let Some(listeners) = &request.listeners {
+            next.listeners = listeners
+                .addresses
+                .iter()
+                .map(|text| {
+                    text.parse::<SocketAddr>()
+                        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                        .map_err(|_| SettingsError::BadAddress {
+                            field: "listeners",
+                            value: text.clone(),
+                        })
+                })
+                .collect::<Result<_, _>>()?;
         }
         if let Some(port) = request.port_min {
             next.ports.0 = port_field("port_min", port)?;
@@ -181,14 +239,19 @@ impl Settings {
         if low > high {
             return Err(SettingsError::EmptyRange { low, high });
         }
-        if (low..=high).contains(&self.listen_port) {
-            return Err(SettingsError::ListenInRange {
-                listen: self.listen_port,
-                low,
-                high,
+        if self.listeners.is_empty() {
+            return Err(SettingsError::NoListener);
+        }
+        let listen_ports = self.listen_ports();
+        if listen_ports.len() > MAX_LISTEN_PORTS {
+            return Err(SettingsError::TooManyListenPorts {
+                count: listen_ports.len(),
             });
         }
-        for (field, port) in [("listen_port", self.listen_port), ("port_min", low)] {
+        if let Some(&listen) = listen_ports.iter().find(|p| (low..=high).contains(*p)) {
+            return Err(SettingsError::ListenInRange { listen, low, high });
+        }
+        for (field, port) in [("listeners", listen_ports[0]), ("port_min", low)] {
             if port == 0 {
                 return Err(SettingsError::BadPort { field, value: 0 });
             }
@@ -232,8 +295,19 @@ mod tests {
     use super::*;
     use proto::v1::SetConfigRequest;
 
+    fn wildcards() -> Vec<SocketAddr> {
+        vec!["0.0.0.0:3478".parse().unwrap(), "[::]:3478".parse().unwrap()]
+    }
+
     fn settings() -> Settings {
-        Settings::new(3478, (49152, 65535), RelayAddresses::default(), false).unwrap()
+        Settings::new(
+            wildcards(),
+            (49152, 65535),
+            RelayAddresses::default(),
+            false,
+            NextHop::Fib,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -281,19 +355,41 @@ mod tests {
     fn bad_requests_name_the_field() {
         let s = settings();
         let refuse = |r: SetConfigRequest| s.with_request(&r).unwrap_err();
-        assert_eq!(
+        let listeners = |addresses: &[&str]| {
+            Some(proto::v1::Listeners {
+                addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+            })
+        };
+        assert!(matches!(
             refuse(SetConfigRequest {
-                listen_port: Some(70000),
+                listeners: listeners(&["0.0.0.0:70000"]),
                 ..Default::default()
             }),
-            SettingsError::BadPort {
-                field: "listen_port",
-                value: 70000
+            SettingsError::BadAddress {
+                field: "listeners",
+                ..
             }
+        ));
+        assert_eq!(
+            refuse(SetConfigRequest {
+                listeners: listeners(&[]),
+                ..Default::default()
+            }),
+            SettingsError::NoListener
         );
         assert_eq!(
             refuse(SetConfigRequest {
-                listen_port: Some(50000),
+                listeners: listeners(&[
+                    "0.0.0.0:1", "0.0.0.0:2", "0.0.0.0:3", "0.0.0.0:4", "0.0.0.0:5",
+                    "0.0.0.0:6", "0.0.0.0:7", "0.0.0.0:8", "0.0.0.0:9"
+                ]),
+                ..Default::default()
+            }),
+            SettingsError::TooManyListenPorts { count: 9 }
+        );
+        assert_eq!(
+            refuse(SetConfigRequest {
+                listeners: listeners(&["0.0.0.0:3478", "203.0.113.1:50000"]),
                 ..Default::default()
             }),
             SettingsError::ListenInRange {
@@ -345,7 +441,14 @@ mod tests {
     #[test]
     fn flags_are_validated_like_requests() {
         assert_eq!(
-            Settings::new(50000, (49152, 65535), RelayAddresses::default(), false).unwrap_err(),
+            Settings::new(
+                vec!["0.0.0.0:50000".parse().unwrap()],
+                (49152, 65535),
+                RelayAddresses::default(),
+                false,
+                NextHop::Fib
+            )
+            .unwrap_err(),
             SettingsError::ListenInRange {
                 listen: 50000,
                 low: 49152,

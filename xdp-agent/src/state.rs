@@ -50,7 +50,7 @@ impl AgentState {
 
     /// The settings in force.
     pub fn settings(&self) -> Settings {
-        *lock(&self.settings)
+        lock(&self.settings).clone()
     }
 
     /// Writes `change(settings)` to the kernel and keeps it; a failed write
@@ -63,7 +63,7 @@ impl AgentState {
         let next = change(&settings)?;
         if next != *settings {
             self.maps.set_config(&next.to_map())?;
-            *settings = next;
+            *settings = next.clone();
         }
         Ok(next)
     }

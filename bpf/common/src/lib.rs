@@ -11,10 +11,13 @@
 //! exact image of a map key or value.
 #![cfg_attr(not(test), no_std)]
 
-use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub mod csum;
+mod entries;
 pub mod packet;
+
+pub use entries::{BindingFields, MapKey};
 
 /// Most channel bindings each direction map holds. 65 536 bindings of
 /// `ClientKeyV4 -> PeerTarget` cost about 6.5 MiB of preallocated kernel memory.
@@ -35,6 +38,18 @@ pub const CONFIG_TAIL_ADJUST: u8 = 1 << 1;
 /// packets, that nearly tripled the program's time per packet in the
 /// benchmark.
 pub const DEFAULT_EVENT_INTERVAL_LOG2: u8 = 12;
+
+/// `KernelConfig::flags`: send relayed frames back to the MAC address they
+/// came from instead of looking up the next hop in the kernel's FIB, for
+/// hosts whose every path goes through one gateway. Saves the lookup; wrong
+/// for a client or peer on the relay's own segment or behind another router.
+pub const CONFIG_MAC_SWAP: u8 = 1 << 2;
+
+/// Most distinct listener ports the kernel recognises client channel data on.
+pub const MAX_LISTEN_PORTS: usize = 8;
+
+/// Most interfaces a relayed frame may leave through (`EGRESS` device map).
+pub const MAX_INTERFACES: u32 = 64;
 
 /// Address family tag in map values (`AF_INET`).
 pub const FAMILY_V4: u8 = 4;
@@ -79,12 +94,16 @@ pub struct KernelConfig {
     /// Each CPU reports its relayed traffic through the perf-event array
     /// every `1 << event_interval_log2` relayed packets.
     pub event_interval_log2: u8,
-    /// The TURN listen port (big-endian) that clients send channel data to.
-    pub listen_port: [u8; 2],
     /// Lowest allocation (relay) port, big-endian, inclusive.
     pub port_min: [u8; 2],
     /// Highest allocation (relay) port, big-endian, inclusive.
     pub port_max: [u8; 2],
+    /// The ports of turn-control's listeners (big-endian; zero: unused
+    /// slot): channel data to one of them is looked up in the client maps,
+    /// whose keys hold the listener's address and port.
+    pub listen_ports: [[u8; 2]; MAX_LISTEN_PORTS],
+    /// Reserved, zero.
+    pub reserved: [u8; 2],
     /// The relay's IPv4 address: traffic to any other address is passed, and
     /// relayed IPv4 datagrams leave from it.
     pub relay_ipv4: [u8; 4],
@@ -95,21 +114,61 @@ pub struct KernelConfig {
 impl KernelConfig {
     /// An enabled configuration; a family without a relay address is not
     /// relayed in the kernel.
+    /// Listener ports beyond [`MAX_LISTEN_PORTS`] and port zero are ignored
+    /// (the agent refuses such a configuration before it gets here).
     pub fn new(
-        listen_port: u16,
+        listen_ports: &[u16],
         ports: (u16, u16),
         relay_ipv4: Option<Ipv4Addr>,
         relay_ipv6: Option<Ipv6Addr>,
     ) -> Self {
+        let mut slots = [[0; 2]; MAX_LISTEN_PORTS];
+        for (slot, port) in slots.iter_mut().zip(listen_ports) {
+            *slot = port.to_be_bytes();
+        }
         Self {
             flags: CONFIG_ENABLED,
             event_interval_log2: DEFAULT_EVENT_INTERVAL_LOG2,
-            listen_port: listen_port.to_be_bytes(),
             port_min: ports.0.to_be_bytes(),
             port_max: ports.1.to_be_bytes(),
+            listen_ports: slots,
+            reserved: [0; 2],
             relay_ipv4: relay_ipv4.map_or([0; 4], |ip| ip.octets()),
             relay_ipv6: relay_ipv6.map_or([0; 16], |ip| ip.octets()),
         }
+    }
+
+    /// The same configuration with next hops found by MAC swap (on) or by
+    /// FIB lookup (off, the default).
+    pub fn with_mac_swap(mut self, on: bool) -> Self {
+        if on {
+            self.flags |= CONFIG_MAC_SWAP;
+        } else {
+            self.flags &= !CONFIG_MAC_SWAP;
+        }
+        self
+    }
+
+    /// Whether next hops come from MAC swap (see [`CONFIG_MAC_SWAP`]).
+    #[inline(always)]
+    pub fn mac_swap(&self) -> bool {
+        self.flags & CONFIG_MAC_SWAP != 0
+    }
+
+    /// Whether `port` (big-endian, as in the packet) is a listener's port.
+    #[inline(always)]
+    pub fn is_listen_port(&self, port: [u8; 2]) -> bool {
+        if port == [0, 0] {
+            return false;
+        }
+        let mut i = 0;
+        while i < MAX_LISTEN_PORTS {
+            if self.listen_ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 
     /// The same configuration with the tail-adjust header-room mode on or off.
@@ -155,8 +214,11 @@ impl KernelConfig {
 // SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for KernelConfig {}
 
-/// Key of `CLIENT_V4`: an IPv4 client's transport address and the channel it
-/// sends on, as they appear in its channel-data packet.
+/// Key of `CLIENT_V4`: an IPv4 client's transport address, the channel it
+/// sends on and the listener (server transport address) it sends to, as they
+/// appear in its channel-data packet. With the listener in the key, one
+/// client socket's allocations on two listeners (a browser shares its UDP
+/// socket among TURN servers) are two entries.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKeyV4 {
@@ -164,8 +226,14 @@ pub struct ClientKeyV4 {
     pub client_ip: [u8; 4],
     /// Client UDP port (the packet's source port).
     pub client_port: [u8; 2],
-    /// Channel number, 0x4000-0x7FFF.(RFC 8656 section 12).
+    /// Channel number, 0x4000-0x7FFF (RFC 8656 section 12).
     pub channel: [u8; 2],
+    /// The listener's IPv4 address (the packet's destination).
+    pub listener_ip: [u8; 4],
+    /// The listener's port (the packet's destination port).
+    pub listener_port: [u8; 2],
+    /// Reserved, zero.
+    pub reserved: [u8; 2],
 }
 
 /// Key of `CLIENT_V6`: as [`ClientKeyV4`] for an IPv6 client.
@@ -178,6 +246,12 @@ pub struct ClientKeyV6 {
     pub client_port: [u8; 2],
     /// Channel number, 0x4000-0x7FFF.
     pub channel: [u8; 2],
+    /// The listener's IPv6 address (the packet's destination).
+    pub listener_ip: [u8; 16],
+    /// The listener's port (the packet's destination port).
+    pub listener_port: [u8; 2],
+    /// Reserved, zero.
+    pub reserved: [u8; 2],
 }
 
 /// Key of `PEER_V4`: an IPv4 peer's transport address and the allocation
@@ -241,38 +315,55 @@ impl PeerTarget {
 }
 
 /// Value of the peer-side maps: which client, on which channel, a peer's
-/// datagrams go to.
+/// datagrams go to, and the listener they leave from: the server transport
+/// address the client talks to (RFC 8656 section 12.7), which the client
+/// (or its NAT) checks.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientTarget {
     /// Client address; an IPv4 client uses the first four bytes, the rest zero.
     pub client_ip: [u8; 16],
+    /// Listener address, of the client's family, laid out as `client_ip`.
+    pub listener_ip: [u8; 16],
     /// Client UDP port, big-endian.
     pub client_port: [u8; 2],
+    /// Listener UDP port, big-endian.
+    pub listener_port: [u8; 2],
     /// Channel number, big-endian.
     pub channel: [u8; 2],
-    /// `FAMILY_V4` or `FAMILY_V6`: the client's address family.
+    /// `FAMILY_V4` or `FAMILY_V6`: the client's (and listener's) address family.
     pub client_family: u8,
     /// Reserved, zero.
-    pub reserved: [u8; 3],
+    pub reserved: u8,
 }
 
 impl ClientTarget {
-    /// A target for a client at `client`.
-    pub fn new(client: IpAddr, client_port: u16, channel: u16) -> Self {
-        let (client_ip, client_family) = ip_bytes(client);
+    /// A target for a client at `client` that talks to `listener` (of the
+    /// same family; the agent checks it).
+    pub fn new(client: SocketAddr, listener: SocketAddr, channel: u16) -> Self {
+        let (client_ip, client_family) = ip_bytes(client.ip());
+        let (listener_ip, _) = ip_bytes(listener.ip());
         Self {
             client_ip,
-            client_port: client_port.to_be_bytes(),
+            listener_ip,
+            client_port: client.port().to_be_bytes(),
+            listener_port: listener.port().to_be_bytes(),
             channel: channel.to_be_bytes(),
             client_family,
-            reserved: [0; 3],
+            reserved: 0,
         }
     }
 
-    /// The client's address.
-    pub fn client(&self) -> Option<IpAddr> {
-        bytes_ip(self.client_family, &self.client_ip)
+    /// The client's transport address.
+    pub fn client(&self) -> Option<SocketAddr> {
+        let ip = bytes_ip(self.client_family, &self.client_ip)?;
+        Some(SocketAddr::new(ip, u16::from_be_bytes(self.client_port)))
+    }
+
+    /// The listener's transport address.
+    pub fn listener(&self) -> Option<SocketAddr> {
+        let ip = bytes_ip(self.client_family, &self.listener_ip)?;
+        Some(SocketAddr::new(ip, u16::from_be_bytes(self.listener_port)))
     }
 }
 
@@ -414,6 +505,23 @@ reasons! {
     PassBadHeaderChecksum => "pass_bad_header_checksum", Pass;
     /// Passed: the relayed datagram would exceed the largest UDP length.
     PassTooLarge => "pass_too_large", Pass;
+    /// Passed: no route to the relayed datagram's destination, or one the
+    /// kernel does not forward along (blackhole, unreachable, prohibited,
+    /// local, tunnel encapsulation): the stack decides.
+    PassNoRoute => "pass_no_route", Pass;
+    /// Passed: the FIB lookup refused because forwarding is off on the
+    /// ingress interface (`net.ipv4.conf.IF.forwarding`,
+    /// `net.ipv6.conf.IF.forwarding`), which the kernel requires of it.
+    PassForwardingDisabled => "pass_forwarding_disabled", Pass;
+    /// Passed: the next hop's link-layer address is not resolved yet; the
+    /// stack resolves it while user space relays.
+    PassNoNeighbour => "pass_no_neighbour", Pass;
+    /// Passed: the route leaves through an interface the program is not
+    /// attached to, which XDP cannot transmit on.
+    PassEgressNotAttached => "pass_egress_not_attached", Pass;
+    /// Passed: the relayed frame would exceed the egress MTU; user space
+    /// relays it (fragmenting it, or honouring DONT-FRAGMENT).
+    PassMtuExceeded => "pass_mtu_exceeded", Pass;
     /// Passed: growing or shrinking the frame failed; it is untouched.
     PassAdjustFailed => "pass_adjust_failed", Pass;
     /// Dropped: channel data whose length field exceeds the datagram
@@ -453,7 +561,9 @@ impl RelayEvent {
 /// What the program did with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
-    /// Rewritten and sent back out of the interface (`XDP_TX`).
+    /// Rewritten and transmitted: back out of the interface it came in on
+    /// (`XDP_TX`), or out of another interface the program is attached to
+    /// (`XDP_REDIRECT`, counted apart in `REDIRECTED`).
     Tx,
     /// Handed to the kernel's stack (`XDP_PASS`).
     Pass,
@@ -525,14 +635,17 @@ mod tests {
 
     #[test]
     fn layouts_match_the_kernel_view() {
-        assert_eq!(size_of::<KernelConfig>(), 28);
-        assert_eq!(offset_of!(KernelConfig, listen_port), 2);
-        assert_eq!(offset_of!(KernelConfig, relay_ipv4), 8);
-        assert_eq!(offset_of!(KernelConfig, relay_ipv6), 12);
-        assert_eq!(size_of::<ClientKeyV4>(), 8);
+        assert_eq!(size_of::<KernelConfig>(), 44);
+        assert_eq!(offset_of!(KernelConfig, port_min), 2);
+        assert_eq!(offset_of!(KernelConfig, listen_ports), 6);
+        assert_eq!(offset_of!(KernelConfig, relay_ipv4), 24);
+        assert_eq!(offset_of!(KernelConfig, relay_ipv6), 28);
+        assert_eq!(size_of::<ClientKeyV4>(), 16);
         assert_eq!(offset_of!(ClientKeyV4, channel), 6);
-        assert_eq!(size_of::<ClientKeyV6>(), 20);
+        assert_eq!(offset_of!(ClientKeyV4, listener_ip), 8);
+        assert_eq!(size_of::<ClientKeyV6>(), 40);
         assert_eq!(offset_of!(ClientKeyV6, channel), 18);
+        assert_eq!(offset_of!(ClientKeyV6, listener_ip), 20);
         assert_eq!(size_of::<PeerKeyV4>(), 8);
         assert_eq!(offset_of!(PeerKeyV4, allocation_port), 6);
         assert_eq!(size_of::<PeerKeyV6>(), 20);
@@ -541,10 +654,12 @@ mod tests {
         assert_eq!(offset_of!(PeerTarget, peer_port), 16);
         assert_eq!(offset_of!(PeerTarget, allocation_port), 18);
         assert_eq!(offset_of!(PeerTarget, peer_family), 20);
-        assert_eq!(size_of::<ClientTarget>(), 24);
-        assert_eq!(offset_of!(ClientTarget, client_port), 16);
-        assert_eq!(offset_of!(ClientTarget, channel), 18);
-        assert_eq!(offset_of!(ClientTarget, client_family), 20);
+        assert_eq!(size_of::<ClientTarget>(), 40);
+        assert_eq!(offset_of!(ClientTarget, listener_ip), 16);
+        assert_eq!(offset_of!(ClientTarget, client_port), 32);
+        assert_eq!(offset_of!(ClientTarget, listener_port), 34);
+        assert_eq!(offset_of!(ClientTarget, channel), 36);
+        assert_eq!(offset_of!(ClientTarget, client_family), 38);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<RelayEvent>(), 24);
         assert_eq!(offset_of!(RelayEvent, total), 8);
@@ -566,19 +681,22 @@ mod tests {
     #[test]
     fn fields_are_big_endian_wire_bytes() {
         let config = KernelConfig::new(
-            3478,
+            &[3478, 443],
             (49152, 65535),
             Some(Ipv4Addr::new(203, 0, 113, 1)),
             Some("2001:db8::1".parse().unwrap()),
         );
-        assert_eq!(config.listen_port, [0x0d, 0x96]);
-        assert_eq!(config.as_bytes()[2..4], [0x0d, 0x96]);
-        assert_eq!(config.as_bytes()[8..12], [203, 0, 113, 1]);
+        assert_eq!(config.listen_ports[0], [0x0d, 0x96]);
+        assert_eq!(config.as_bytes()[6..10], [0x0d, 0x96, 0x01, 0xbb]);
+        assert_eq!(config.as_bytes()[24..28], [203, 0, 113, 1]);
         assert!(config.enabled());
+        assert!(config.is_listen_port([0x01, 0xbb]) && config.is_listen_port([0x0d, 0x96]));
+        assert!(!config.is_listen_port([0, 0]) && !config.is_listen_port([0x0d, 0x97]));
         assert!(config.is_allocation_port(49152) && config.is_allocation_port(65535));
         assert!(!config.is_allocation_port(3478));
-        assert_eq!(config.as_bytes()[12..14], [0x20, 0x01]);
+        assert_eq!(config.as_bytes()[28..30], [0x20, 0x01]);
         assert!(!config.tail_adjust() && config.with_tail_adjust(true).tail_adjust());
+        assert!(!config.mac_swap() && config.with_mac_swap(true).mac_swap());
 
         let target = PeerTarget::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 9000, 50001);
         assert_eq!(target.as_bytes()[..4], [198, 51, 100, 7]);
@@ -588,11 +706,13 @@ mod tests {
             target.peer(),
             Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)))
         );
-        let v6: IpAddr = "2001:db8:3::2".parse().unwrap();
-        let client = ClientTarget::new(v6, 40000, 0x4001);
+        let v6: SocketAddr = "[2001:db8:3::2]:40000".parse().unwrap();
+        let listener: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let client = ClientTarget::new(v6, listener, 0x4001);
         assert_eq!(client.client_family, FAMILY_V6);
         assert_eq!(client.channel, [0x40, 0x01]);
         assert_eq!(client.client(), Some(v6));
+        assert_eq!(client.listener(), Some(listener));
     }
 
     #[test]
@@ -606,9 +726,12 @@ mod tests {
             client_ip: [192, 0, 2, 10],
             client_port: [0x30, 0x39],
             channel: [0x40, 0x01],
+            listener_ip: [203, 0, 113, 1],
+            listener_port: [0x0d, 0x96],
+            reserved: [0; 2],
         };
         assert_eq!(ClientKeyV4::from_bytes(key.as_bytes()), Some(key));
-        assert_eq!(ClientKeyV4::from_bytes(&[0; 7]), None);
+        assert_eq!(ClientKeyV4::from_bytes(&[0; 15]), None);
     }
 
     #[test]

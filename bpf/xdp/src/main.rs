@@ -16,20 +16,23 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    btf_maps::{Array, HashMap, PerCpuArray, PerfEventArray},
+    bindings::{bpf_fib_lookup, xdp_action, xdp_md},
+    btf_maps::{Array, DevMapHash, HashMap, PerCpuArray, PerfEventArray},
     helpers::generated::{
-        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use bpf_common::{
     ClientKeyV4, ClientKeyV6, ClientTarget, Counter, FAMILY_V4, FAMILY_V6, KernelConfig,
-    MAX_BINDINGS, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason, RelayEvent, Verdict,
+    MAX_BINDINGS, MAX_INTERFACES, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason,
+    RelayEvent, Verdict,
     packet::{
-        CHANNEL_HEADER_LEN, ChannelFrame, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IpBytes,
-        IpHeader, Ipv4Hdr, Ipv6Hdr, Padding, Relay, Translate, UDP_LEN, UdpFrame, relay,
+        CHANNEL_HEADER_LEN, ChannelFrame, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_UDP,
+        IpBytes, IpHeader, Ipv4Hdr, Ipv6Hdr, Padding, Relay, Translate, UDP_LEN, UdpFrame, UdpHdr,
+        relay,
     },
 };
 
@@ -39,21 +42,30 @@ const BINDINGS: usize = MAX_BINDINGS as usize;
 #[btf_map]
 static CONFIG: Array<KernelConfig, 1> = Array::new();
 
-/// IPv4 client (address, port, channel) -> where its channel data goes.
-#[btf_map]
-static CLIENT_V4: HashMap<ClientKeyV4, PeerTarget, BINDINGS> = HashMap::new();
+/// The binding maps' flags: `BPF_F_NO_PREALLOC`. Their elements are then
+/// allocated on update and freed only after every program that may have
+/// looked them up has returned (RCU), so the program reads the bindings
+/// where they lie: a preallocated element is recycled at once when user
+/// space replaces or deletes it, and a reader could see another binding's
+/// fields appear in it. Lookups cost the same; the kernel holds memory for
+/// the bindings installed, not for all that fit.
+const BINDING_FLAGS: usize = 1;
 
-/// IPv6 client (address, port, channel) -> where its channel data goes.
+/// IPv4 client (address, port, channel, listener) -> where its channel data goes.
 #[btf_map]
-static CLIENT_V6: HashMap<ClientKeyV6, PeerTarget, BINDINGS> = HashMap::new();
+static CLIENT_V4: HashMap<ClientKeyV4, PeerTarget, BINDINGS, BINDING_FLAGS> = HashMap::new();
+
+/// IPv6 client (address, port, channel, listener) -> where its channel data goes.
+#[btf_map]
+static CLIENT_V6: HashMap<ClientKeyV6, PeerTarget, BINDINGS, BINDING_FLAGS> = HashMap::new();
 
 /// IPv4 peer (address, port) and allocation port -> the client and channel.
 #[btf_map]
-static PEER_V4: HashMap<PeerKeyV4, ClientTarget, BINDINGS> = HashMap::new();
+static PEER_V4: HashMap<PeerKeyV4, ClientTarget, BINDINGS, BINDING_FLAGS> = HashMap::new();
 
 /// IPv6 peer (address, port) and allocation port -> the client and channel.
 #[btf_map]
-static PEER_V6: HashMap<PeerKeyV6, ClientTarget, BINDINGS> = HashMap::new();
+static PEER_V6: HashMap<PeerKeyV6, ClientTarget, BINDINGS, BINDING_FLAGS> = HashMap::new();
 
 /// Per-CPU packet and byte counters, indexed by `Reason`.
 #[btf_map]
@@ -65,16 +77,55 @@ static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new
 #[btf_map]
 static EVENTS: PerfEventArray = PerfEventArray::new();
 
+/// The interfaces the program is attached to, by ifindex: where a frame
+/// whose route leaves through another interface than it came in on is
+/// redirected (`XDP_REDIRECT`). Written by the agent.
+#[btf_map]
+static EGRESS: DevMapHash<{ MAX_INTERFACES as usize }> = DevMapHash::new();
+
+/// Relayed frames (and their application bytes) that left through another
+/// interface than they came in on: a part of the relay reasons' counts.
+#[btf_map]
+static REDIRECTED: PerCpuArray<Counter, 1> = PerCpuArray::new();
+
+/// What `next_hop` hands its helpers by pointer, in map memory: on the
+/// stack, in each of the twelve inlined relay paths, it would not fit the
+/// program's 512 bytes. Only the current run uses a CPU's slot (XDP runs
+/// with preemption disabled).
+#[repr(C)]
+struct Scratch {
+    /// `next_hop`'s FIB lookup parameters and results.
+    params: bpf_fib_lookup,
+    /// The IP length `bpf_check_mtu` checks in MAC-swap mode.
+    mtu_len: u32,
+}
+
+/// This CPU's `Scratch`.
+#[btf_map]
+static NEXT_HOP: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
 /// Tail-adjust mode's copy buffer: a map slot rather than stack, which the
 /// inlined paths would each claim for themselves (and which could not hold
 /// `MOVE_CHUNK` bytes).
 #[btf_map]
 static SCRATCH: PerCpuArray<[u8; MOVE_CHUNK], 1> = PerCpuArray::new();
 
-/// A frame relayed: the reason to count and the application bytes it carried.
+/// A frame relayed: the reason to count, the application bytes it carried
+/// and where it leaves.
 struct Relayed {
     reason: Reason,
     bytes: u64,
+    egress: Egress,
+}
+
+/// The interface a relayed frame leaves through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Egress {
+    /// The one it came in on (`XDP_TX`).
+    Ingress,
+    /// Another attached interface, already chosen by `bpf_redirect_map`
+    /// (`XDP_REDIRECT`).
+    Redirect,
 }
 
 #[xdp]
@@ -84,12 +135,26 @@ pub fn xdp_relay(ctx: XdpContext) -> u32 {
         count(&ctx, None, Reason::PassNotConfigured, 0);
         return xdp_action::XDP_PASS;
     };
-    let (reason, bytes) = match try_relay(&ctx, config) {
-        Ok(relayed) => (relayed.reason, relayed.bytes),
-        Err(reason) => (reason, (ctx.data_end() - ctx.data()) as u64),
+    let (reason, bytes, egress) = match try_relay(&ctx, config) {
+        Ok(relayed) => (relayed.reason, relayed.bytes, relayed.egress),
+        Err(reason) => (
+            reason,
+            (ctx.data_end() - ctx.data()) as u64,
+            Egress::Ingress,
+        ),
     };
     count(&ctx, Some(config), reason, bytes);
     match reason.verdict() {
+        Verdict::Tx if egress == Egress::Redirect => {
+            if let Some(counter) = REDIRECTED.get_ptr_mut(0) {
+                // SAFETY: a per-CPU slot, as in `count`.
+                unsafe {
+                    (*counter).packets += 1;
+                    (*counter).bytes += bytes;
+                }
+            }
+            xdp_action::XDP_REDIRECT
+        }
         Verdict::Tx => xdp_action::XDP_TX,
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
@@ -110,8 +175,9 @@ fn try_relay(ctx: &XdpContext, config: &KernelConfig) -> Result<Relayed, Reason>
     }
 }
 
-/// A UDP datagram to one of the relay's addresses: channel data from a
-/// client to the listen port, or a peer's datagram to an allocation port.
+/// A UDP datagram to the relay: channel data from a client to a listener
+/// port (of any of the host's addresses: the client map's key holds the
+/// listener's), or a peer's datagram to an allocation port of the relay address.
 #[inline(always)]
 fn from_family<In: IpVersion>(ctx: &XdpContext, config: &KernelConfig) -> Result<Relayed, Reason> {
     // SAFETY: `header` checked the bounds (and says why the frame is
@@ -120,20 +186,24 @@ fn from_family<In: IpVersion>(ctx: &XdpContext, config: &KernelConfig) -> Result
     // writes them.
     let frame = unsafe { &*header::<UdpFrame<In>>(ctx, 0)? };
     let udp_len = frame.ip.check(&frame.udp)?;
-    let relay_addr = In::relay_addr(config);
-    if relay_addr.is_unset() || frame.ip.daddr() != relay_addr {
-        return Err(Reason::PassNotForRelay);
+    let to_listener = config.is_listen_port(frame.udp.dest);
+    if !to_listener {
+        let relay_addr = In::relay_addr(config);
+        if relay_addr.is_unset()
+            || frame.ip.daddr() != relay_addr
+            || !config.is_allocation_port(u16::from_be_bytes(frame.udp.dest))
+        {
+            return Err(Reason::PassNotForRelay);
+        }
     }
     // Lengths come from the headers, not the frame: Ethernet pads short frames.
     if ETH_LEN + In::LEN + udp_len > ctx.data_end() - ctx.data() {
         return Err(Reason::PassTruncated);
     }
-    if frame.udp.dest == config.listen_port {
+    if to_listener {
         from_client(ctx, config, frame, udp_len)
-    } else if config.is_allocation_port(u16::from_be_bytes(frame.udp.dest)) {
-        from_peer(ctx, config, frame, udp_len)
     } else {
-        Err(Reason::PassNotForRelay)
+        from_peer(ctx, config, frame, udp_len)
     }
 }
 
@@ -165,11 +235,11 @@ fn from_client<In: IpVersion>(
         ETH_LEN + In::LEN + udp_len,
         payload_len - CHANNEL_HEADER_LEN - data_len,
     )?;
-    let target = In::peer_of(frame.ip.saddr(), frame.udp.source, channel.channel)
-        .ok_or(Reason::PassUnknownBinding)?;
+    let target =
+        In::peer_of(&frame.ip, &frame.udp, channel.channel).ok_or(Reason::PassUnknownBinding)?;
     match target.peer_family {
-        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, input, udp_len, &target, padding),
-        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, input, udp_len, &target, padding),
+        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, input, udp_len, target, padding),
+        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, input, udp_len, target, padding),
         _ => Err(Reason::PassUnknownBinding),
     }
 }
@@ -201,8 +271,8 @@ where
         let other = Out::client_of(relay_addr, target.allocation_port, target.peer_port)
             .ok_or(Reason::PassHairpinUnbound)?;
         return match other.client_family {
-            FAMILY_V4 => hairpin::<In, Ipv4Hdr>(ctx, config, input, udp_len, &other, padding),
-            FAMILY_V6 => hairpin::<In, Ipv6Hdr>(ctx, config, input, udp_len, &other, padding),
+            FAMILY_V4 => hairpin::<In, Ipv4Hdr>(ctx, config, input, udp_len, other, padding),
+            FAMILY_V6 => hairpin::<In, Ipv6Hdr>(ctx, config, input, udp_len, other, padding),
             _ => Err(Reason::PassHairpinUnbound),
         };
     }
@@ -215,8 +285,9 @@ where
         added: None,
         padding,
     };
-    let (out, _) = relay::<In, Out>(&input.udp, udp_len, &route)?;
     let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
+    let egress = next_hop::<Out>(ctx, config, &route, UDP_LEN + data_len)?;
+    let (out, _) = relay::<In, Out>(&input.udp, udp_len, &route)?;
     emit(
         ctx,
         config,
@@ -227,6 +298,7 @@ where
     Ok(Relayed {
         reason: In::TO_PEER[Out::INDEX],
         bytes: data_len as u64,
+        egress,
     })
 }
 
@@ -244,25 +316,28 @@ where
     In: IpVersion + Translate<Out>,
     Out: IpVersion,
 {
-    let relay_addr = Out::relay_addr(config);
-    if relay_addr.is_unset() {
-        return Err(Reason::PassNoRelayAddress);
-    }
+    // From the listener the other client talks to, as its peer's data would be.
     let route = Relay {
-        saddr: relay_addr,
+        saddr: Out::addr(&other.listener_ip),
         daddr: Out::addr(&other.client_ip),
-        source: config.listen_port,
+        source: other.listener_port,
         dest: other.client_port,
         removed: Some(input.channel),
         added: Some(other.channel),
         padding,
     };
+    let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
+    let egress = next_hop::<Out>(
+        ctx,
+        config,
+        &route,
+        UDP_LEN + CHANNEL_HEADER_LEN + data_len,
+    )?;
     let (udp, added) = relay::<In, Out>(&input.udp, udp_len, &route)?;
     let out = ChannelFrame {
         udp,
         channel: added.unwrap_or_default(),
     };
-    let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
     emit(
         ctx,
         config,
@@ -273,6 +348,7 @@ where
     Ok(Relayed {
         reason: In::HAIRPIN[Out::INDEX],
         bytes: data_len as u64,
+        egress,
     })
 }
 
@@ -326,13 +402,14 @@ fn from_peer<In: IpVersion>(
     let target = In::client_of(frame.ip.saddr(), frame.udp.source, frame.udp.dest)
         .ok_or(Reason::PassUnknownPeer)?;
     match target.client_family {
-        FAMILY_V4 => to_client::<In, Ipv4Hdr>(ctx, config, frame, udp_len, &target),
-        FAMILY_V6 => to_client::<In, Ipv6Hdr>(ctx, config, frame, udp_len, &target),
+        FAMILY_V4 => to_client::<In, Ipv4Hdr>(ctx, config, frame, udp_len, target),
+        FAMILY_V6 => to_client::<In, Ipv6Hdr>(ctx, config, frame, udp_len, target),
         _ => Err(Reason::PassUnknownPeer),
     }
 }
 
-/// A peer's datagram to the client as channel data from the listen port.
+/// A peer's datagram to the client as channel data from the listener it
+/// talks to.
 #[inline(always)]
 fn to_client<In, Out>(
     ctx: &XdpContext,
@@ -345,30 +422,138 @@ where
     In: IpVersion + Translate<Out>,
     Out: IpVersion,
 {
-    let relay_addr = Out::relay_addr(config);
-    if relay_addr.is_unset() {
-        return Err(Reason::PassNoRelayAddress);
-    }
     let route = Relay {
-        saddr: relay_addr,
+        saddr: Out::addr(&target.listener_ip),
         daddr: Out::addr(&target.client_ip),
-        source: config.listen_port,
+        source: target.listener_port,
         dest: target.client_port,
         removed: None,
         added: Some(target.channel),
         padding: Padding::default(),
     };
+    let data_len = udp_len - UDP_LEN;
+    let egress = next_hop::<Out>(ctx, config, &route, udp_len + CHANNEL_HEADER_LEN)?;
     let (udp, added) = relay::<In, Out>(frame, udp_len, &route)?;
     let out = ChannelFrame {
         udp,
         channel: added.unwrap_or_default(),
     };
-    let data_len = udp_len - UDP_LEN;
     emit(ctx, config, size_of::<UdpFrame<In>>(), &out, data_len)?;
     Ok(Relayed {
         reason: In::TO_CLIENT[Out::INDEX],
         bytes: data_len as u64,
+        egress,
     })
+}
+
+/// `BPF_FIB_LKUP_RET_*` results the program tells apart.
+const FIB_SUCCESS: i64 = 0;
+const FIB_FORWARDING_DISABLED: i64 = 5;
+const FIB_NO_NEIGHBOUR: i64 = 7;
+const FIB_FRAGMENTATION_NEEDED: i64 = 8;
+
+/// Where the relayed frame `out` goes, checked before anything of the frame
+/// changes, so that every refusal leaves it to the stack as it came. The
+/// next hop's MAC addresses stay in `NEXT_HOP` until `emit` writes them.
+///
+/// By default the kernel's FIB says: the route for the relayed datagram
+/// gives the next hop's MAC address (a gateway, or the client or peer
+/// itself on the relay's segment), the egress interface and its MTU. The
+/// frame goes back out of its ingress interface (`XDP_TX`) or out of another
+/// interface the program is attached to (`XDP_REDIRECT` through `EGRESS`).
+/// With `CONFIG_MAC_SWAP`, the frame returns to the MAC address it came from
+/// (set by `relay`) and only the ingress interface's MTU is checked.
+#[inline(always)]
+fn next_hop<Out: IpVersion>(
+    ctx: &XdpContext,
+    config: &KernelConfig,
+    route: &Relay<Out::Addr>,
+    udp_len: usize,
+) -> Result<Egress, Reason> {
+    let scratch = NEXT_HOP.get_ptr_mut(0).ok_or(Reason::PassNoRoute)?;
+    let ip_len = Out::LEN + udp_len;
+    // SAFETY: a per-CPU slot that only this run uses until it returns (XDP
+    // runs with preemption disabled); all zero is "no flags, no VLAN".
+    unsafe {
+        if config.mac_swap() {
+            (*scratch).mtu_len = ip_len as u32;
+        } else {
+            let params = &mut (*scratch).params;
+            *params = core::mem::zeroed();
+            params.family = Out::AF;
+            params.l4_protocol = IPPROTO_UDP;
+            params.sport = u16::from_ne_bytes(route.source);
+            params.dport = u16::from_ne_bytes(route.dest);
+            // Host order: the kernel compares it with the route's MTU.
+            params.__bindgen_anon_1.tot_len = ip_len as u16;
+            params.ifindex = (*ctx.ctx).ingress_ifindex;
+            Out::fib_addresses(route.saddr, route.daddr, params);
+        }
+    }
+    match look_up_next_hop(ctx.ctx, config.mac_swap()) {
+        EGRESS_INGRESS => Ok(Egress::Ingress),
+        EGRESS_REDIRECT => Ok(Egress::Redirect),
+        reason => Err(reason_from(reason)),
+    }
+}
+
+/// `look_up_next_hop`'s answers besides a `Reason` index.
+const EGRESS_INGRESS: u32 = u32::MAX;
+const EGRESS_REDIRECT: u32 = u32::MAX - 1;
+
+/// The pass reasons `look_up_next_hop` returns, as the `Reason` they index.
+#[inline(always)]
+fn reason_from(index: u32) -> Reason {
+    match index {
+        i if i == Reason::PassForwardingDisabled as u32 => Reason::PassForwardingDisabled,
+        i if i == Reason::PassNoNeighbour as u32 => Reason::PassNoNeighbour,
+        i if i == Reason::PassMtuExceeded as u32 => Reason::PassMtuExceeded,
+        i if i == Reason::PassEgressNotAttached as u32 => Reason::PassEgressNotAttached,
+        _ => Reason::PassNoRoute,
+    }
+}
+
+/// `next_hop`'s helper calls on what it wrote to `NEXT_HOP`, in a function
+/// of its own: inlined into each of the twelve relay paths, their locals
+/// would not fit the program's stack. Returns a plain `u32` across the call:
+/// an `EGRESS_*` answer or the index of the `Reason` to pass the frame for.
+#[inline(never)]
+fn look_up_next_hop(ctx: *mut xdp_md, mac_swap: bool) -> u32 {
+    let Some(scratch) = NEXT_HOP.get_ptr_mut(0) else {
+        return Reason::PassNoRoute as u32;
+    };
+    if mac_swap {
+        // SAFETY: the helper reads the context and the slot's `mtu_len`
+        // (the IP length to check), and writes it; ifindex 0 is the
+        // ingress interface.
+        let too_big = unsafe { bpf_check_mtu(ctx.cast(), 0, &mut (*scratch).mtu_len, 0, 0) };
+        return if too_big != 0 {
+            Reason::PassMtuExceeded as u32
+        } else {
+            EGRESS_INGRESS
+        };
+    }
+    // SAFETY: as in `next_hop`; `ctx` is the program's `xdp_md`.
+    let (params, ingress) = unsafe { (&mut (*scratch).params, (*ctx).ingress_ifindex) };
+    // SAFETY: `params` is a valid, writable `bpf_fib_lookup` of the size given.
+    let result =
+        unsafe { fib_lookup(ctx.cast(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
+    match result {
+        FIB_SUCCESS => {}
+        FIB_FORWARDING_DISABLED => return Reason::PassForwardingDisabled as u32,
+        FIB_NO_NEIGHBOUR => return Reason::PassNoNeighbour as u32,
+        FIB_FRAGMENTATION_NEEDED => return Reason::PassMtuExceeded as u32,
+        _ => return Reason::PassNoRoute as u32,
+    }
+    if params.ifindex == ingress {
+        return EGRESS_INGRESS;
+    }
+    // The redirect is recorded now and carried out when the program
+    // returns `XDP_REDIRECT`; an interface not in `EGRESS` passes the frame.
+    match EGRESS.redirect(params.ifindex, u64::from(xdp_action::XDP_PASS)) {
+        Ok(_) => EGRESS_REDIRECT,
+        Err(_) => Reason::PassEgressNotAttached as u32,
+    }
 }
 
 /// Replaces the frame's first `in_len` bytes (headers) by `out`, keeping the
@@ -402,6 +587,18 @@ fn emit<T: Pod>(
     // SAFETY: bounds re-checked against the adjusted frame; no other pointer
     // into the frame is live.
     unsafe { *start = *out };
+    if !config.mac_swap()
+        && let Some(scratch) = NEXT_HOP.get_ptr(0)
+    {
+        // The next hop `next_hop` found. SAFETY: `T` starts with an
+        // Ethernet header, inside the bounds checked above; the per-CPU
+        // slot holds this run's lookup.
+        unsafe {
+            let eth = start.cast::<EthHdr>();
+            (*eth).dst = (*scratch).params.dmac;
+            (*eth).src = (*scratch).params.smac;
+        }
+    }
     Ok(())
 }
 
@@ -524,6 +721,8 @@ fn header<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
 trait IpVersion: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     /// Index of this family in the `*_V4`, `*_V6` reason pairs.
     const INDEX: usize;
+    /// `AF_INET` or `AF_INET6`, for the FIB lookup.
+    const AF: u8;
     /// Client-to-peer reasons, by the peer's family.
     const TO_PEER: [Reason; 2];
     /// Peer-to-client reasons, by the client's family.
@@ -535,15 +734,19 @@ trait IpVersion: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     fn relay_addr(config: &KernelConfig) -> Self::Addr;
     /// This family's address in a map value's 16 bytes.
     fn addr(bytes: &[u8; 16]) -> Self::Addr;
-    /// Where a client's channel goes.
-    fn peer_of(client: Self::Addr, port: [u8; 2], channel: [u8; 2]) -> Option<PeerTarget>;
+    /// Where a client's channel goes: the key is the datagram's source,
+    /// its destination (the listener) and the channel.
+    fn peer_of(ip: &Self, udp: &UdpHdr, channel: [u8; 2]) -> Option<&'static PeerTarget>;
+    /// Writes a datagram's addresses into FIB lookup parameters.
+    fn fib_addresses(saddr: Self::Addr, daddr: Self::Addr, params: &mut bpf_fib_lookup);
     /// Which client and channel a peer's datagrams to an allocation go to.
     fn client_of(peer: Self::Addr, port: [u8; 2], allocation_port: [u8; 2])
-    -> Option<ClientTarget>;
+    -> Option<&'static ClientTarget>;
 }
 
 impl IpVersion for Ipv4Hdr {
     const INDEX: usize = 0;
+    const AF: u8 = 2;
     const TO_PEER: [Reason; 2] = [Reason::RelayClientToPeerV4V4, Reason::RelayClientToPeerV4V6];
     const TO_CLIENT: [Reason; 2] = [Reason::RelayPeerToClientV4V4, Reason::RelayPeerToClientV4V6];
     const HAIRPIN: [Reason; 2] = [Reason::RelayHairpinV4V4, Reason::RelayHairpinV4V6];
@@ -559,15 +762,24 @@ impl IpVersion for Ipv4Hdr {
     }
 
     #[inline(always)]
-    fn peer_of(client_ip: [u8; 4], client_port: [u8; 2], channel: [u8; 2]) -> Option<PeerTarget> {
+    fn peer_of(ip: &Self, udp: &UdpHdr, channel: [u8; 2]) -> Option<&'static PeerTarget> {
         let key = ClientKeyV4 {
-            client_ip,
-            client_port,
+            client_ip: ip.saddr,
+            client_port: udp.source,
             channel,
+            listener_ip: ip.daddr,
+            listener_port: udp.dest,
+            reserved: [0; 2],
         };
-        // SAFETY: copied out at once; a concurrent update from user space
-        // replaces the element under RCU, leaving this read valid.
-        unsafe { CLIENT_V4.get(key).copied() }
+        // SAFETY: see `BINDING_FLAGS`: the element stays as it is until the
+        // program returns, whatever user space does to the map meanwhile.
+        unsafe { CLIENT_V4.get(key) }
+    }
+
+    #[inline(always)]
+    fn fib_addresses(saddr: [u8; 4], daddr: [u8; 4], params: &mut bpf_fib_lookup) {
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
     }
 
     #[inline(always)]
@@ -575,19 +787,20 @@ impl IpVersion for Ipv4Hdr {
         peer_ip: [u8; 4],
         peer_port: [u8; 2],
         allocation_port: [u8; 2],
-    ) -> Option<ClientTarget> {
+    ) -> Option<&'static ClientTarget> {
         let key = PeerKeyV4 {
             peer_ip,
             peer_port,
             allocation_port,
         };
         // SAFETY: as in `peer_of`.
-        unsafe { PEER_V4.get(key).copied() }
+        unsafe { PEER_V4.get(key) }
     }
 }
 
 impl IpVersion for Ipv6Hdr {
     const INDEX: usize = 1;
+    const AF: u8 = 10;
     const TO_PEER: [Reason; 2] = [Reason::RelayClientToPeerV6V4, Reason::RelayClientToPeerV6V6];
     const TO_CLIENT: [Reason; 2] = [Reason::RelayPeerToClientV6V4, Reason::RelayPeerToClientV6V6];
     const HAIRPIN: [Reason; 2] = [Reason::RelayHairpinV6V4, Reason::RelayHairpinV6V6];
@@ -603,14 +816,23 @@ impl IpVersion for Ipv6Hdr {
     }
 
     #[inline(always)]
-    fn peer_of(client_ip: [u8; 16], client_port: [u8; 2], channel: [u8; 2]) -> Option<PeerTarget> {
+    fn peer_of(ip: &Self, udp: &UdpHdr, channel: [u8; 2]) -> Option<&'static PeerTarget> {
         let key = ClientKeyV6 {
-            client_ip,
-            client_port,
+            client_ip: ip.saddr,
+            client_port: udp.source,
             channel,
+            listener_ip: ip.daddr,
+            listener_port: udp.dest,
+            reserved: [0; 2],
         };
         // SAFETY: as for IPv4.
-        unsafe { CLIENT_V6.get(key).copied() }
+        unsafe { CLIENT_V6.get(key) }
+    }
+
+    #[inline(always)]
+    fn fib_addresses(saddr: [u8; 16], daddr: [u8; 16], params: &mut bpf_fib_lookup) {
+        params.__bindgen_anon_3.ipv6_src = words(&saddr);
+        params.__bindgen_anon_4.ipv6_dst = words(&daddr);
     }
 
     #[inline(always)]
@@ -618,15 +840,26 @@ impl IpVersion for Ipv6Hdr {
         peer_ip: [u8; 16],
         peer_port: [u8; 2],
         allocation_port: [u8; 2],
-    ) -> Option<ClientTarget> {
+    ) -> Option<&'static ClientTarget> {
         let key = PeerKeyV6 {
             peer_ip,
             peer_port,
             allocation_port,
         };
         // SAFETY: as for IPv4.
-        unsafe { PEER_V6.get(key).copied() }
+        unsafe { PEER_V6.get(key) }
     }
+}
+
+/// An IPv6 address as the kernel's four network-order words.
+#[inline(always)]
+fn words(ip: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([ip[0], ip[1], ip[2], ip[3]]),
+        u32::from_ne_bytes([ip[4], ip[5], ip[6], ip[7]]),
+        u32::from_ne_bytes([ip[8], ip[9], ip[10], ip[11]]),
+        u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+    ]
 }
 
 #[cfg(not(test))]

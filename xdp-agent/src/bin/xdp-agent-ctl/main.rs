@@ -27,7 +27,9 @@ Exit status:
   1  usage or any other error
   2  the agent is unreachable (its socket is missing, refuses connections or
      does not answer in time)
-  3  not found (`binding` of a client and channel that have no binding)";
+  3  not found (`binding` of a client and channel that have no binding)
+  4  ambiguous (`binding` of a client and channel that have bindings on
+     several listeners: choose one with --listener)";
 
 /// Inspects a running xdp-agent: channel bindings, counters, configuration
 /// and health.
@@ -72,7 +74,7 @@ enum Action {
         /// Only bindings of this allocation port.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
-        /// Print a JSON array of {client, channel, peer, allocation_port}.
+        /// Print a JSON array of {client, listener, channel, peer, allocation_port}.
         #[arg(long)]
         json: bool,
     },
@@ -84,7 +86,11 @@ enum Action {
         /// The channel number, decimal or hexadecimal (0x4000-0x7FFF).
         #[arg(value_parser = args::parse_channel)]
         channel: u16,
-        /// Print a JSON object {client, channel, peer, allocation_port}.
+        /// The server transport address the client sends to, needed when the
+        /// client has bindings of the channel on several listeners.
+        #[arg(long, value_name = "IP:PORT", value_parser = args::parse_socket_addr)]
+        listener: Option<SocketAddr>,
+        /// Print a JSON object {client, listener, channel, peer, allocation_port}.
         #[arg(long)]
         json: bool,
     },
@@ -124,6 +130,9 @@ enum Failure {
     /// What was asked for does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// Several things match what was asked for; the message says how to choose.
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 impl Failure {
@@ -131,6 +140,7 @@ impl Failure {
         match self {
             Self::Unreachable { .. } => 2,
             Self::NotFound(_) => 3,
+            Self::Ambiguous(_) => 4,
         }
     }
 }
@@ -203,8 +213,9 @@ async fn perform(cli: &Cli) -> anyhow::Result<String> {
         Action::Binding {
             client,
             channel,
+            listener,
             json,
-        } => show_binding(&mut agent, socket, client, channel, json).await,
+        } => show_binding(&mut agent, socket, client, channel, listener, json).await,
         Action::Counters { json, all } => {
             let answer = agent.counters(CountersRequest {}).await;
             let counters = answer_of(socket, "Counters", answer)?;
@@ -267,25 +278,38 @@ async fn list_bindings(
     ))
 }
 
-/// `binding`: the binding of a client's channel; [`Failure::NotFound`] if none.
+/// `binding`: the binding of a client's channel (on `listener` if given);
+/// [`Failure::NotFound`] if none, [`Failure::Ambiguous`] if the client has
+/// bindings of the channel on several listeners and none was given.
 async fn show_binding(
     agent: &mut proto::DataPlaneClient,
     socket: &Path,
     client: SocketAddr,
     channel: u16,
+    listener: Option<SocketAddr>,
     json: bool,
 ) -> anyhow::Result<String> {
     let request = GetChannelBindingRequest {
         client: client.to_string(),
         channel: u32::from(channel),
+        listener: listener.map(|l| l.to_string()).unwrap_or_default(),
     };
     let binding: ChannelBinding = match agent.get_channel_binding(request).await {
         Err(status) if status.code() == Code::NotFound => {
+            let on = listener
+                .map(|l| format!(" (listener {l})"))
+                .unwrap_or_default();
             return Err(Failure::NotFound(format!(
-                "no binding for {client} on channel {}",
+                "no binding for {client} on channel {}{on}",
                 render::channel_hex(u32::from(channel))
             ))
             .into());
+        }
+        // The agent's message lists the listeners to choose from.
+        Err(status) if status.code() == Code::FailedPrecondition && listener.is_none() => {
+            return Err(
+                Failure::Ambiguous(format!("{} (--listener IP:PORT)", status.message())).into(),
+            );
         }
         answer => answer_of(socket, "GetChannelBinding", answer)?,
     };
@@ -397,6 +421,7 @@ mod tests {
             "1  usage",
             "2  the agent is unreachable",
             "3  not found",
+            "4  ambiguous",
         ] {
             assert!(help.contains(line), "{help}");
         }
@@ -418,13 +443,28 @@ mod tests {
         let Action::Binding {
             client,
             channel,
+            listener,
             json,
         } = cli.action
         else {
             panic!("not binding: {:?}", cli.action);
         };
         assert_eq!(client, "[2001:db8::2]:40000".parse().unwrap());
-        assert_eq!((channel, json), (0x4001, true));
+        assert_eq!((channel, listener, json), (0x4001, None, true));
+
+        let cli = Cli::try_parse_from([
+            "xdp-agent-ctl",
+            "binding",
+            "192.0.2.2:40000",
+            "16385",
+            "--listener",
+            "203.0.113.10:443",
+        ])
+        .unwrap();
+        let Action::Binding { listener, .. } = cli.action else {
+            panic!("not binding: {:?}", cli.action);
+        };
+        assert_eq!(listener, Some("203.0.113.10:443".parse().unwrap()));
 
         let cli = Cli::try_parse_from([
             "xdp-agent-ctl",
@@ -457,6 +497,14 @@ mod tests {
             &["xdp-agent-ctl", "binding", "192.0.2.2:1", "0x3fff"][..],
             &["xdp-agent-ctl", "binding", "192.0.2.2:1", "0x8000"],
             &["xdp-agent-ctl", "binding", "192.0.2.2", "0x4001"],
+            &[
+                "xdp-agent-ctl",
+                "binding",
+                "192.0.2.2:1",
+                "0x4001",
+                "--listener",
+                "203.0.113.10",
+            ],
             &["xdp-agent-ctl", "bindings", "--port", "0"],
             &["xdp-agent-ctl", "bindings", "--client", "nope"],
             &["xdp-agent-ctl"],

@@ -64,23 +64,25 @@ pub fn channel_hex(channel: u32) -> String {
     format!("0x{channel:04x}")
 }
 
-/// Bindings in a stable order: by client address, then channel. Addresses
-/// that do not parse sort after the others, by their text.
+/// Bindings in a stable order: by client address, then listener, then
+/// channel. Addresses that do not parse sort after the others, by their text.
 pub fn sort_bindings(bindings: &mut [ChannelBinding]) {
-    bindings.sort_by(|a, b| {
-        let key = |binding: &ChannelBinding| {
-            (
-                binding.client.parse::<SocketAddr>().ok().map_or(1, |_| 0),
-                binding.client.parse::<SocketAddr>().ok(),
-                binding.client.clone(),
-                binding.channel,
-            )
-        };
-        key(a).cmp(&key(b))
+    // Parsed addresses first (in address order), then the others by text.
+    let address = |text: &str| {
+        let parsed = text.parse::<SocketAddr>().ok();
+        (parsed.is_none(), parsed, text.to_owned())
+    };
+    bindings.sort_by_cached_key(|binding| {
+        (
+            address(&binding.client),
+            address(&binding.listener),
+            binding.channel,
+        )
     });
 }
 
-/// The `bindings` table: CLIENT, CHANNEL, PEER, PORT, then a count line.
+/// The `bindings` table: CLIENT, LISTENER, CHANNEL, PEER, PORT, then a
+/// count line.
 pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
     let count = match bindings.len() {
         1 => "1 binding\n".to_owned(),
@@ -94,6 +96,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
         .map(|b| {
             vec![
                 b.client.clone(),
+                b.listener.clone(),
                 channel_hex(b.channel),
                 b.peer.clone(),
                 b.allocation_port.to_string(),
@@ -102,6 +105,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
         .collect();
     let header = [
         ("CLIENT", Align::Left),
+        ("LISTENER", Align::Left),
         ("CHANNEL", Align::Left),
         ("PEER", Align::Left),
         ("PORT", Align::Right),
@@ -113,6 +117,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
 #[derive(Debug, Serialize)]
 pub struct BindingJson<'a> {
     client: &'a str,
+    listener: &'a str,
     channel: u32,
     peer: &'a str,
     allocation_port: u32,
@@ -122,6 +127,7 @@ impl<'a> From<&'a ChannelBinding> for BindingJson<'a> {
     fn from(binding: &'a ChannelBinding) -> Self {
         Self {
             client: &binding.client,
+            listener: &binding.listener,
             channel: binding.channel,
             peer: &binding.peer,
             allocation_port: binding.allocation_port,
@@ -144,6 +150,7 @@ pub fn binding_json(binding: &ChannelBinding) -> serde_json::Value {
 pub fn binding_text(binding: &ChannelBinding) -> String {
     fields(&[
         ("client", binding.client.clone()),
+        ("listener", binding.listener.clone()),
         ("channel", channel_hex(binding.channel)),
         ("peer", binding.peer.clone()),
         ("allocation port", binding.allocation_port.to_string()),
@@ -151,7 +158,7 @@ pub fn binding_text(binding: &ChannelBinding) -> String {
 }
 
 /// The `counters` table (REASON, VERDICT, PACKETS, BYTES; zero rows only
-/// with `all`) and the relayed, reported and lost totals.
+/// with `all`) and the relayed, redirected, reported and lost totals.
 pub fn counters_text(counters: &CountersResponse, all: bool) -> String {
     let rows: Vec<Vec<String>> = counters
         .counters
@@ -181,6 +188,11 @@ pub fn counters_text(counters: &CountersResponse, all: bool) -> String {
     out += &fields(&[
         ("relayed packets", counters.relayed_packets.to_string()),
         ("relayed bytes", counters.relayed_bytes.to_string()),
+        (
+            "redirected packets",
+            counters.redirected_packets.to_string(),
+        ),
+        ("redirected bytes", counters.redirected_bytes.to_string()),
         ("reported bytes", counters.reported_bytes.to_string()),
         ("lost events", counters.lost_events.to_string()),
     ]);
@@ -200,6 +212,8 @@ struct CountersJson<'a> {
     counters: Vec<CounterJson<'a>>,
     relayed_packets: u64,
     relayed_bytes: u64,
+    redirected_packets: u64,
+    redirected_bytes: u64,
     reported_bytes: u64,
     lost_events: u64,
 }
@@ -220,6 +234,8 @@ pub fn counters_json(counters: &CountersResponse) -> serde_json::Value {
             .collect(),
         relayed_packets: counters.relayed_packets,
         relayed_bytes: counters.relayed_bytes,
+        redirected_packets: counters.redirected_packets,
+        redirected_bytes: counters.redirected_bytes,
         reported_bytes: counters.reported_bytes,
         lost_events: counters.lost_events,
     };
@@ -233,8 +249,13 @@ fn optional(address: &str) -> Option<&str> {
 
 /// The data-plane configuration for people.
 pub fn config_text(config: &DataPlaneConfig) -> String {
+    let listeners = if config.listeners.is_empty() {
+        "none".to_owned()
+    } else {
+        config.listeners.join(", ")
+    };
     fields(&[
-        ("listen port", config.listen_port.to_string()),
+        ("listeners", listeners),
         (
             "allocation ports",
             format!("{}-{}", config.port_min, config.port_max),
@@ -251,28 +272,35 @@ pub fn config_text(config: &DataPlaneConfig) -> String {
             "tail adjust",
             if config.tail_adjust { "on" } else { "off" }.to_owned(),
         ),
+        (
+            "next hop",
+            optional(&config.next_hop).unwrap_or("unknown").to_owned(),
+        ),
     ])
 }
 
 #[derive(Debug, Serialize)]
 struct ConfigJson<'a> {
-    listen_port: u32,
+    listeners: &'a [String],
     port_min: u32,
     port_max: u32,
     relay_ipv4: Option<&'a str>,
     relay_ipv6: Option<&'a str>,
     tail_adjust: bool,
+    next_hop: Option<&'a str>,
 }
 
-/// The `config --json` object; a family without a relay address is null.
+/// The `config --json` object; a family without a relay address, and a next
+/// hop the agent does not name, are null.
 pub fn config_json(config: &DataPlaneConfig) -> serde_json::Value {
     let json = ConfigJson {
-        listen_port: config.listen_port,
+        listeners: &config.listeners,
         port_min: config.port_min,
         port_max: config.port_max,
         relay_ipv4: optional(&config.relay_ipv4),
         relay_ipv6: optional(&config.relay_ipv6),
         tail_adjust: config.tail_adjust,
+        next_hop: optional(&config.next_hop),
     };
     serde_json::to_value(json).unwrap_or_default()
 }
@@ -382,11 +410,16 @@ mod tests {
     use super::*;
 
     fn binding(client: &str, channel: u32, peer: &str, port: u32) -> ChannelBinding {
+        on("203.0.113.10:3478", client, channel, peer, port)
+    }
+
+    fn on(listener: &str, client: &str, channel: u32, peer: &str, port: u32) -> ChannelBinding {
         ChannelBinding {
             client: client.to_owned(),
             channel,
             peer: peer.to_owned(),
             allocation_port: port,
+            listener: listener.to_owned(),
         }
     }
 
@@ -394,12 +427,18 @@ mod tests {
     fn bindings_table_is_aligned_with_a_count() {
         let bindings = [
             binding("192.0.2.2:40000", 0x4001, "198.51.100.2:5000", 49160),
-            binding("[2001:db8:1::2]:40000", 0x4fff, "203.0.113.99:6", 65535),
+            on(
+                "[2001:db8:2::a]:3478",
+                "[2001:db8:1::2]:40000",
+                0x4fff,
+                "203.0.113.99:6",
+                65535,
+            ),
         ];
         let expected = "\
-CLIENT                 CHANNEL  PEER                PORT
-192.0.2.2:40000        0x4001   198.51.100.2:5000  49160
-[2001:db8:1::2]:40000  0x4fff   203.0.113.99:6     65535
+CLIENT                 LISTENER              CHANNEL  PEER                PORT
+192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160
+[2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535
 2 bindings
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -407,10 +446,16 @@ CLIENT                 CHANNEL  PEER                PORT
 
     #[test]
     fn bindings_table_right_aligns_ports_and_counts_one() {
-        let bindings = [binding("192.0.2.2:1", 0x4000, "198.51.100.2:2", 7)];
+        let bindings = [on(
+            "192.0.2.1:443",
+            "192.0.2.2:1",
+            0x4000,
+            "198.51.100.2:2",
+            7,
+        )];
         let expected = "\
-CLIENT       CHANNEL  PEER            PORT
-192.0.2.2:1  0x4000   198.51.100.2:2     7
+CLIENT       LISTENER       CHANNEL  PEER            PORT
+192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7
 1 binding
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -418,27 +463,33 @@ CLIENT       CHANNEL  PEER            PORT
     }
 
     #[test]
-    fn bindings_sort_by_client_address_then_channel() {
+    fn bindings_sort_by_client_address_then_listener_then_channel() {
         let mut bindings = vec![
             binding("192.0.2.10:1", 0x4000, "p", 1),
             binding("garbage", 0x4000, "p", 1),
+            on("203.0.113.10:443", "192.0.2.9:1", 0x4000, "p", 1),
             binding("192.0.2.9:1", 0x4002, "p", 1),
+            on("garbage", "192.0.2.9:1", 0x4000, "p", 1),
             binding("192.0.2.9:1", 0x4001, "p", 1),
+            on("203.0.113.9:3478", "192.0.2.9:1", 0x4003, "p", 1),
             binding("[2001:db8::1]:1", 0x4000, "p", 1),
         ];
         sort_bindings(&mut bindings);
         let order: Vec<_> = bindings
             .iter()
-            .map(|b| (b.client.as_str(), b.channel))
+            .map(|b| (b.client.as_str(), b.listener.as_str(), b.channel))
             .collect();
         assert_eq!(
             order,
             [
-                ("192.0.2.9:1", 0x4001),
-                ("192.0.2.9:1", 0x4002),
-                ("192.0.2.10:1", 0x4000),
-                ("[2001:db8::1]:1", 0x4000),
-                ("garbage", 0x4000),
+                ("192.0.2.9:1", "203.0.113.9:3478", 0x4003),
+                ("192.0.2.9:1", "203.0.113.10:443", 0x4000),
+                ("192.0.2.9:1", "203.0.113.10:3478", 0x4001),
+                ("192.0.2.9:1", "203.0.113.10:3478", 0x4002),
+                ("192.0.2.9:1", "garbage", 0x4000),
+                ("192.0.2.10:1", "203.0.113.10:3478", 0x4000),
+                ("[2001:db8::1]:1", "203.0.113.10:3478", 0x4000),
+                ("garbage", "203.0.113.10:3478", 0x4000),
             ]
         );
     }
@@ -455,6 +506,7 @@ CLIENT       CHANNEL  PEER            PORT
             bindings_json(&bindings),
             json!([{
                 "client": "192.0.2.2:40000",
+                "listener": "203.0.113.10:3478",
                 "channel": 16385,
                 "peer": "198.51.100.2:5000",
                 "allocation_port": 49160,
@@ -476,6 +528,7 @@ CLIENT       CHANNEL  PEER            PORT
             text,
             "\
 client           192.0.2.2:40000
+listener         203.0.113.10:3478
 channel          0x4001
 peer             198.51.100.2:5000
 allocation port  49160
@@ -500,6 +553,8 @@ allocation port  49160
             relayed_bytes: 3456,
             reported_bytes: 3400,
             lost_events: 2,
+            redirected_packets: 5,
+            redirected_bytes: 1234,
         }
     }
 
@@ -510,10 +565,12 @@ REASON                      VERDICT  PACKETS  BYTES
 relay_client_to_peer_v4_v4  tx            12   3456
 drop_bad_length             drop           1     60
 
-relayed packets  12
-relayed bytes    3456
-reported bytes   3400
-lost events      2
+relayed packets     12
+relayed bytes       3456
+redirected packets  5
+redirected bytes    1234
+reported bytes      3400
+lost events         2
 ";
         assert_eq!(counters_text(&counters(), false), expected);
         let all = counters_text(&counters(), true);
@@ -544,41 +601,54 @@ lost events      2
         );
         assert_eq!(json["relayed_packets"], 12);
         assert_eq!(json["relayed_bytes"], 3456);
+        assert_eq!(json["redirected_packets"], 5);
+        assert_eq!(json["redirected_bytes"], 1234);
         assert_eq!(json["reported_bytes"], 3400);
         assert_eq!(json["lost_events"], 2);
     }
 
     #[test]
     fn config_text_and_json() {
-        let config = DataPlaneConfig {
-            listen_port: 3478,
+        let mut config = DataPlaneConfig {
+            listeners: vec!["0.0.0.0:3478".to_owned(), "203.0.113.10:443".to_owned()],
             port_min: 49152,
             port_max: 65535,
             relay_ipv4: "203.0.113.10".to_owned(),
             relay_ipv6: String::new(),
             tail_adjust: false,
+            next_hop: "fib".to_owned(),
         };
         assert_eq!(
             config_text(&config),
             "\
-listen port       3478
+listeners         0.0.0.0:3478, 203.0.113.10:443
 allocation ports  49152-65535
 relay IPv4        203.0.113.10
 relay IPv6        none
 tail adjust       off
+next hop          fib
 "
         );
         assert_eq!(
             config_json(&config),
             json!({
-                "listen_port": 3478,
+                "listeners": ["0.0.0.0:3478", "203.0.113.10:443"],
                 "port_min": 49152,
                 "port_max": 65535,
                 "relay_ipv4": "203.0.113.10",
                 "relay_ipv6": null,
                 "tail_adjust": false,
+                "next_hop": "fib",
             })
         );
+        config.listeners.clear();
+        config.next_hop = "mac-swap".to_owned();
+        let text = config_text(&config);
+        assert!(text.starts_with("listeners         none\n"), "{text}");
+        assert!(text.ends_with("next hop          mac-swap\n"), "{text}");
+        let json = config_json(&config);
+        assert_eq!(json["listeners"], json!([]));
+        assert_eq!(json["next_hop"], "mac-swap");
     }
 
     #[test]
