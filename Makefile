@@ -78,6 +78,7 @@ UNITDIR ?= /lib/systemd/system
 SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 CONFDIR ?= /etc/xdp-turn
+SYSCTLDIR ?= /etc/sysctl.d
 # Where install-files takes the binaries from.
 BINDIR_BUILT ?= $(or $(CARGO_TARGET_DIR),target)/release
 
@@ -88,7 +89,8 @@ install: setup
 ## install-files: what install copies, without building (BINDIR_BUILT=dir of built binaries)
 install-files:
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
-		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(PREFIX)/share/xdp-turn/prometheus \
+		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(SYSCTLDIR) \
+		$(DESTDIR)$(PREFIX)/share/xdp-turn/prometheus \
 		$(DESTDIR)$(PREFIX)/share/xdp-turn/grafana
 	install -m 0755 $(BINDIR_BUILT)/turn-control $(BINDIR_BUILT)/xdp-agent \
 		$(BINDIR_BUILT)/xdp-agent-ctl $(DESTDIR)$(PREFIX)/bin/
@@ -98,6 +100,8 @@ install-files:
 	done
 	install -m 0644 deploy/sysusers.d/xdp-turn.conf $(DESTDIR)$(SYSUSERSDIR)/xdp-turn.conf
 	install -m 0644 deploy/tmpfiles.d/xdp-turn.conf $(DESTDIR)$(TMPFILESDIR)/xdp-turn.conf
+	test -e $(DESTDIR)$(SYSCTLDIR)/90-xdp-turn.conf || \
+		install -m 0644 deploy/sysctl.d/xdp-turn.conf $(DESTDIR)$(SYSCTLDIR)/90-xdp-turn.conf
 	test -e $(DESTDIR)$(CONFDIR)/xdp-agent.env || install -m 0644 deploy/xdp-agent.env $(DESTDIR)$(CONFDIR)/xdp-agent.env
 	test -e $(DESTDIR)$(CONFDIR)/turn-control.toml || \
 		install -m 0640 deploy/turn-control.example.toml $(DESTDIR)$(CONFDIR)/turn-control.toml
@@ -107,5 +111,6 @@ install-files:
 		deploy/prometheus/alerts_test.yml $(DESTDIR)$(PREFIX)/share/xdp-turn/prometheus/
 	install -m 0644 deploy/grafana/xdp-turn.json $(DESTDIR)$(PREFIX)/share/xdp-turn/grafana/
 	@echo "Installed. Then, as root: systemd-sysusers xdp-turn.conf; systemd-tmpfiles --create xdp-turn.conf;"
-	@echo "edit $(CONFDIR)/xdp-agent.env (--iface) and $(CONFDIR)/turn-control.toml;"
+	@echo "edit $(CONFDIR)/xdp-agent.env (--iface), $(SYSCTLDIR)/90-xdp-turn.conf (the same interfaces;"
+	@echo "then sysctl --system) and $(CONFDIR)/turn-control.toml;"
 	@echo "systemctl daemon-reload; systemctl enable --now xdp-agent turn-control"

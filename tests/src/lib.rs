@@ -116,6 +116,17 @@ pub fn sample_sum(body: &str, name: &str) -> f64 {
 /// Prefix of every namespace this crate creates.
 const NETNS_PREFIX: &str = "xtlab";
 
+/// A name for a namespace (or pin directory) no other test uses, which the
+/// next lab sweeps if this process dies without deleting it: `xtlab<pid>x<n>-<what>`.
+pub fn unique_name(what: &str) -> String {
+    sweep_stale_namespaces();
+    format!(
+        "{NETNS_PREFIX}{}x{}-{what}",
+        std::process::id(),
+        LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// Whether privileged lab tests can run here. Under `CI=true` they must: a
 /// machine that cannot run them fails the test instead of skipping it.
 pub fn privileged() -> bool {
@@ -201,7 +212,9 @@ pub struct Netns {
 }
 
 impl Netns {
-    pub(crate) fn create(name: String) -> anyhow::Result<Self> {
+    /// Creates the namespace `name` with its loopback up. Names that start
+    /// with [`unique_name`]'s prefix are swept when their test process is gone.
+    pub fn create(name: String) -> anyhow::Result<Self> {
         run("ip", ["netns", "add", &name])?;
         let netns = Self { name };
         netns.ip(["link", "set", "lo", "up"])?;

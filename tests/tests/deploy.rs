@@ -489,6 +489,7 @@ fn make_install_files_lands_everything() -> anyhow::Result<()> {
         ("usr/lib/tmpfiles.d/xdp-turn.conf", 0o644),
         ("etc/xdp-turn/xdp-agent.env", 0o644),
         ("etc/xdp-turn/turn-control.toml", 0o640),
+        ("etc/sysctl.d/90-xdp-turn.conf", 0o644),
         ("usr/share/xdp-turn/README.md", 0o644),
         ("usr/share/xdp-turn/turn-control.example.toml", 0o644),
         ("usr/share/xdp-turn/prometheus/prometheus.yml", 0o644),

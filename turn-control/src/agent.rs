@@ -275,9 +275,7 @@ impl Link {
                 let request = proto::v1::InstallChannelBindingRequest {
                     bindings: wire(installs.iter().map(|(_, b)| b)),
                 };
-                let result = rpc(client.install_channel_binding(request))
-                    .await
-                    .map(drop);
+                let result = rpc(client.install_channel_binding(request)).await.map(drop);
                 let answer_with = result.clone().map_err(OffloadError::from);
                 for (thread, b) in installs {
                     answer(&self.events, thread, b, answer_with.clone()).await;
@@ -587,7 +585,10 @@ mod tests {
         ops.0
             .iter()
             .map(|op| match op {
-                Op::Install(v) => ("install", v.iter().map(|(_, b)| b.channel.value()).collect()),
+                Op::Install(v) => (
+                    "install",
+                    v.iter().map(|(_, b)| b.channel.value()).collect(),
+                ),
                 Op::Remove(v) => ("remove", v.iter().map(|b| b.channel.value()).collect()),
                 Op::Sync(v) => ("sync", v.iter().map(|b| b.channel.value()).collect()),
             })

@@ -25,8 +25,8 @@ struct Fake(Arc<Mutex<Vec<String>>>, Arc<Mutex<u64>>);
 
 fn show(b: &ChannelBinding) -> String {
     format!(
-        "{} {:#06x} {} {}",
-        b.client, b.channel, b.peer, b.allocation_port
+        "{} {:#06x} {} {} {}",
+        b.client, b.channel, b.peer, b.allocation_port, b.listener
     )
 }
 
@@ -78,15 +78,15 @@ impl Fake {
 
 #[tonic::async_trait]
 impl DataPlane for Fake {
-    async fn add_channel_binding(
+    async fn install_channel_binding(
         &self,
-        request: Request<AddChannelBindingRequest>,
-    ) -> Result<Response<AddChannelBindingResponse>, Status> {
+        request: Request<InstallChannelBindingRequest>,
+    ) -> Result<Response<InstallChannelBindingResponse>, Status> {
         let bindings = request.into_inner().bindings;
         for b in &bindings {
             self.log(format!("add {}", show(b)));
         }
-        Ok(Response::new(AddChannelBindingResponse {
+        Ok(Response::new(InstallChannelBindingResponse {
             installed: bindings.len() as u64,
         }))
     }
@@ -138,7 +138,9 @@ impl DataPlane for Fake {
         let r = request.into_inner();
         self.log(format!(
             "config {} {}-{} {}",
-            r.listen_port.unwrap_or_default(),
+            r.listeners
+                .map(|l| l.addresses.join(","))
+                .unwrap_or_default(),
             r.port_min.unwrap_or_default(),
             r.port_max.unwrap_or_default(),
             r.relay_ipv4.clone().unwrap_or_default()
@@ -190,7 +192,7 @@ async fn installs_sync_on_reconnect_and_removes_on_shutdown() {
     daemon.wait_metric("turn_agent_connected", |v| v == 1.0, T);
     let config = fake.wait_for("config ").await;
     assert!(
-        config.starts_with(&format!("config {} ", daemon.listen.port())),
+        config.starts_with(&format!("config {} ", daemon.listen)),
         "{config}"
     );
     assert!(config.ends_with(" 127.0.0.1"), "{config}");
@@ -207,7 +209,8 @@ async fn installs_sync_on_reconnect_and_removes_on_shutdown() {
     relay.send_to(b"hi", peer_addr).await.unwrap();
     common::recv(&peer, T).await;
     let add = fake.wait_for("add ").await;
-    let expected_tail = format!("{peer_addr} {}", relayed.port());
+    // The listener is the server address the client sent to.
+    let expected_tail = format!("{peer_addr} {} {}", relayed.port(), daemon.listen);
     assert!(add.starts_with(&format!("add {client_addr} 0x4")), "{add}");
     assert!(add.ends_with(&expected_tail), "{add}");
     daemon.wait_metric(
@@ -361,9 +364,10 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
         .iter()
         .map(|(_, relay, peer)| {
             format!(
-                "{} {}",
+                "{} {} {}",
                 peer.local_addr().unwrap(),
-                relay.local_addr().unwrap().port()
+                relay.local_addr().unwrap().port(),
+                daemon.listen
             )
         })
         .collect();
@@ -373,7 +377,7 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
         .collect();
     assert_eq!(
         installed_tails, expected,
-        "peer and relay port of each client"
+        "peer, relay port and listener of each client"
     );
     // They come from more than one thread (all 12 on one of 4 has a chance of 4^-11).
     let threads: std::collections::BTreeSet<usize> = clients

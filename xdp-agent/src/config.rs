@@ -13,8 +13,8 @@ use daemon::{CommandLine, LogFormat, PortRange};
 use serde::{Deserialize, Serialize};
 
 use crate::attach::XdpMode;
-use crate::settings::NextHop;
 use crate::binding::is_relay_candidate;
+use crate::settings::NextHop;
 
 /// Where the agent pins its maps and links unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdp-turn";

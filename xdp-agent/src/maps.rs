@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use crate::binding::{fields, from_client_entry};
 use bpf_common::MapKey;
-use proto::Binding;
 use daemon::lock;
+use proto::Binding;
 
 use xdp_agent_skel as skel;
 

@@ -23,6 +23,10 @@ pub mod name {
     pub const PACKETS: &str = "xdp_packets_total";
     /// Counter: bytes by `verdict` and `reason` (application bytes when relayed).
     pub const BYTES: &str = "xdp_bytes_total";
+    /// Counter: relayed frames that left through another interface (`XDP_REDIRECT`).
+    pub const REDIRECTED_PACKETS: &str = "xdp_redirected_packets_total";
+    /// Counter: application bytes of those frames.
+    pub const REDIRECTED_BYTES: &str = "xdp_redirected_bytes_total";
     /// Counter: relay reports received through the perf-event array.
     pub const PERF_EVENTS: &str = "xdp_perf_events_total";
     /// Counter: relay reports the kernel could not deliver.
@@ -82,6 +86,14 @@ fn describe() {
         "Bytes by verdict and reason: application bytes for relayed frames, frame bytes otherwise."
     );
     describe_counter!(
+        name::REDIRECTED_PACKETS,
+        "Relayed frames that left through another attached interface than they came in on (XDP_REDIRECT); a part of the relay reasons' counts."
+    );
+    describe_counter!(
+        name::REDIRECTED_BYTES,
+        "Application bytes of the relayed frames that left through another attached interface."
+    );
+    describe_counter!(
         name::PERF_EVENTS,
         "Relay reports received through the perf-event array."
     );
@@ -126,6 +138,10 @@ fn refresh(state: &AgentState) {
                 .absolute(value.packets);
             counter!(name::BYTES, "verdict" => verdict, "reason" => reason).absolute(value.bytes);
         }
+    }
+    if let Ok(redirected) = maps.redirected() {
+        counter!(name::REDIRECTED_PACKETS).absolute(redirected.packets);
+        counter!(name::REDIRECTED_BYTES).absolute(redirected.bytes);
     }
     let relayed = state.reports.relayed_total(maps);
     counter!(name::RELAYED_BYTES).absolute(relayed.bytes);

@@ -59,7 +59,17 @@ pub enum SettingsError {
 }
 
 /// How relayed frames find their next hop.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum NextHop {
     /// The kernel's FIB: the route and neighbour of each relayed datagram's
@@ -296,7 +306,10 @@ mod tests {
     use proto::v1::SetConfigRequest;
 
     fn wildcards() -> Vec<SocketAddr> {
-        vec!["0.0.0.0:3478".parse().unwrap(), "[::]:3478".parse().unwrap()]
+        vec![
+            "0.0.0.0:3478".parse().unwrap(),
+            "[::]:3478".parse().unwrap(),
+        ]
     }
 
     fn settings() -> Settings {
@@ -380,8 +393,15 @@ mod tests {
         assert_eq!(
             refuse(SetConfigRequest {
                 listeners: listeners(&[
-                    "0.0.0.0:1", "0.0.0.0:2", "0.0.0.0:3", "0.0.0.0:4", "0.0.0.0:5",
-                    "0.0.0.0:6", "0.0.0.0:7", "0.0.0.0:8", "0.0.0.0:9"
+                    "0.0.0.0:1",
+                    "0.0.0.0:2",
+                    "0.0.0.0:3",
+                    "0.0.0.0:4",
+                    "0.0.0.0:5",
+                    "0.0.0.0:6",
+                    "0.0.0.0:7",
+                    "0.0.0.0:8",
+                    "0.0.0.0:9"
                 ]),
                 ..Default::default()
             }),
@@ -436,6 +456,24 @@ mod tests {
             }),
             SettingsError::BadAddress { .. }
         ));
+    }
+
+    #[test]
+    fn the_kernel_gets_each_listener_port_once_and_the_next_hop_mode() {
+        let mut s = settings();
+        s.listeners = vec![
+            "0.0.0.0:3478".parse().unwrap(),
+            "[::]:3478".parse().unwrap(),
+            "203.0.113.10:443".parse().unwrap(),
+        ];
+        assert_eq!(s.listen_ports(), [443, 3478]);
+        let map = s.to_map();
+        assert_eq!(map.listen_ports[..3], [[0x01, 0xbb], [0x0d, 0x96], [0, 0]]);
+        assert!(!map.mac_swap());
+        s.next_hop = NextHop::MacSwap;
+        assert!(s.to_map().mac_swap());
+        assert_eq!(s.to_proto().next_hop, "mac-swap");
+        assert_eq!(s.to_proto().listeners.len(), 3);
     }
 
     #[test]

@@ -105,7 +105,10 @@ impl BindingFields {
                 allocation_port,
             }),
         };
-        (key, ClientTarget::new(self.client, self.listener, self.channel))
+        (
+            key,
+            ClientTarget::new(self.client, self.listener, self.channel),
+        )
     }
 
     /// The binding a client-side entry describes (its key's bytes, its value).

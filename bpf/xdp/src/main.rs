@@ -327,12 +327,7 @@ where
         padding,
     };
     let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
-    let egress = next_hop::<Out>(
-        ctx,
-        config,
-        &route,
-        UDP_LEN + CHANNEL_HEADER_LEN + data_len,
-    )?;
+    let egress = next_hop::<Out>(ctx, config, &route, UDP_LEN + CHANNEL_HEADER_LEN + data_len)?;
     let (udp, added) = relay::<In, Out>(&input.udp, udp_len, &route)?;
     let out = ChannelFrame {
         udp,
@@ -536,8 +531,7 @@ fn look_up_next_hop(ctx: *mut xdp_md, mac_swap: bool) -> u32 {
     // SAFETY: as in `next_hop`; `ctx` is the program's `xdp_md`.
     let (params, ingress) = unsafe { (&mut (*scratch).params, (*ctx).ingress_ifindex) };
     // SAFETY: `params` is a valid, writable `bpf_fib_lookup` of the size given.
-    let result =
-        unsafe { fib_lookup(ctx.cast(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
+    let result = unsafe { fib_lookup(ctx.cast(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
     match result {
         FIB_SUCCESS => {}
         FIB_FORWARDING_DISABLED => return Reason::PassForwardingDisabled as u32,
@@ -740,8 +734,11 @@ trait IpVersion: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     /// Writes a datagram's addresses into FIB lookup parameters.
     fn fib_addresses(saddr: Self::Addr, daddr: Self::Addr, params: &mut bpf_fib_lookup);
     /// Which client and channel a peer's datagrams to an allocation go to.
-    fn client_of(peer: Self::Addr, port: [u8; 2], allocation_port: [u8; 2])
-    -> Option<&'static ClientTarget>;
+    fn client_of(
+        peer: Self::Addr,
+        port: [u8; 2],
+        allocation_port: [u8; 2],
+    ) -> Option<&'static ClientTarget>;
 }
 
 impl IpVersion for Ipv4Hdr {
