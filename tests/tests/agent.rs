@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use proto::v1::{ChannelBinding, ListChannelBindingsRequest, SetConfigRequest, SyncRequest};
-use tests::agent::{Agent, binding};
+use tests::agent::{Agent, binding, binding_via};
 use tests::packet::channel_data;
 use tests::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, sample, wait_for};
 use tonic::Code;
@@ -417,6 +417,53 @@ fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
+/// Two agents on one pin directory would share its maps, the second one's
+/// configuration silently changing the first one's data plane: the second
+/// is refused (and so is `detach`) while the first runs, and adopts the
+/// pinned state once it is gone.
+#[test]
+fn a_second_agent_on_the_same_pin_directory_is_refused_until_the_first_is_gone() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (_client, _peer, bound) = one_channel_installed(&mut lab);
+    let agent_binary = tests::workspace_binary("xdp-agent").unwrap();
+    let second = lab
+        .relay
+        .command(&agent_binary)
+        .args(["--iface", "x0", "--xdp-mode", "native", "--grpc"])
+        .arg(lab.dir().join("second.sock"))
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another xdp-agent is using the pin directory"),
+        "{stderr}"
+    );
+    let detach = lab
+        .relay
+        .command(&agent_binary)
+        .args(["detach", "--pin-dir"])
+        .arg(lab.pin_dir())
+        .output()
+        .unwrap();
+    assert_eq!(detach.status.code(), Some(1));
+    assert!(lab.pin_dir().join("CLIENT_V4").exists(), "detach refused");
+
+    // The first one dies without cleaning up: the lock goes with it.
+    lab.take_process("xdp-agent")
+        .unwrap()
+        .stop(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let mut agent = Agent::connect(&socket).unwrap();
+    assert_eq!(agent.list().unwrap(), vec![bound]);
+}
+
 /// An upgrade that adds a verdict reason: the pinned per-reason counters of
 /// the older version are one entry short. The agent replaces that map alone
 /// and keeps the installed bindings, which go on relaying in the kernel.
@@ -517,14 +564,21 @@ fn the_data_plane_follows_the_interface_address() {
 
     let user = udp(&lab.client, IpAddr::V4(CLIENT_V4));
     let peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
+    // turn-control listens on the wildcard, which now stands for the new address.
     agent
-        .install(vec![binding(
+        .install(vec![binding_via(
+            "0.0.0.0:3478".parse().unwrap(),
             user.local_addr().unwrap(),
             0x4001,
             peer.local_addr().unwrap(),
             50000,
         )])
         .unwrap();
+    assert_eq!(
+        agent.list().unwrap()[0].listener,
+        "203.0.113.20:3478",
+        "resolved to the new address"
+    );
     user.send_to(
         &channel_data(0x4001, b"new address"),
         ("203.0.113.20", 3478),

@@ -84,6 +84,11 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
 }
 
 fn detach(pin_dir: &Path) -> anyhow::Result<()> {
+    // Not under a running agent: it would go on using maps nothing pins.
+    let _lock = match std::fs::metadata(pin_dir) {
+        Ok(_) => Some(maps::PinDirLock::acquire(pin_dir)?),
+        Err(_) => None,
+    };
     let links = attach::unpin_links(pin_dir)?;
     Maps::unpin(pin_dir);
     let _ = std::fs::remove_dir(pin_dir);

@@ -69,6 +69,8 @@ pub struct Maps {
     redirected: MapHandle,
     /// Serialises multi-entry writes so that a batch is all-or-nothing.
     write_lock: Mutex<()>,
+    /// Held for as long as the maps are: no other agent uses this pin directory.
+    _lock: PinDirLock,
     /// Entries of the client-side maps (one per binding), kept in step by
     /// every write under `write_lock`: counting them by walking the maps
     /// would make each AddChannelBinding cost as much as the maps are full.
@@ -87,9 +89,10 @@ impl Maps {
     pub fn load(pin_dir: &Path, replace_incompatible: bool) -> anyhow::Result<(Self, bool)> {
         route_libbpf_output_to_tracing();
         prepare_pin_dir(pin_dir)?;
+        let lock = PinDirLock::acquire(pin_dir)?;
         replace_resized_stats(pin_dir)?;
         let pinned = pin_dir.join("CONFIG").exists();
-        match Self::load_pinned(pin_dir) {
+        match Self::load_pinned(pin_dir, lock) {
             Ok(maps) => Ok((maps, pinned)),
             Err(error) if pinned && replace_incompatible => {
                 warn!(
@@ -99,7 +102,8 @@ impl Maps {
                      are dropped until turn-control syncs"
                 );
                 Self::unpin(pin_dir);
-                Ok((Self::load_pinned(pin_dir)?, false))
+                let lock = PinDirLock::acquire(pin_dir)?;
+                Ok((Self::load_pinned(pin_dir, lock)?, false))
             }
             Err(error) if pinned => Err(error.context(format!(
                 "the maps pinned in {} do not fit this version; stop the old agent's data plane \
@@ -111,7 +115,7 @@ impl Maps {
         }
     }
 
-    fn load_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
+    fn load_pinned(pin_dir: &Path, lock: PinDirLock) -> anyhow::Result<Self> {
         // The skeleton borrows its object storage for as long as it lives;
         // the agent loads once per process, so the storage lives as long.
         let storage: &'static mut MaybeUninit<OpenObject> =
@@ -163,6 +167,7 @@ impl Maps {
             egress: handle(&skel.maps.EGRESS)?,
             redirected: handle(&skel.maps.REDIRECTED)?,
             write_lock: Mutex::new(()),
+            _lock: lock,
             installed: AtomicU64::new(0),
         };
         // Adopted maps come with their entries.
@@ -423,6 +428,33 @@ fn replace_resized_stats(pin_dir: &Path) -> anyhow::Result<()> {
          they start again from zero"
     );
     std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))
+}
+
+/// An exclusive `flock` on a pin directory, held by the agent that uses its
+/// maps and links: a second agent on the same directory would share the
+/// first one's maps, and its configuration would silently change the first
+/// one's data plane. Released when the process ends, however it ends, so
+/// the next agent adopts what the first one pinned.
+#[derive(Debug)]
+pub struct PinDirLock(#[expect(dead_code, reason = "held for its lock")] nix::fcntl::Flock<std::fs::File>);
+
+impl PinDirLock {
+    /// Takes the lock of `pin_dir`, or explains who holds it.
+    pub fn acquire(pin_dir: &Path) -> anyhow::Result<Self> {
+        let dir = std::fs::File::open(pin_dir)
+            .with_context(|| format!("cannot open the pin directory {}", pin_dir.display()))?;
+        match nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Self(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+                "another xdp-agent is using the pin directory {} (it holds its lock): stop it \
+                 first, or give this one its own --pin-dir",
+                pin_dir.display()
+            ),
+            Err((_, errno)) => {
+                Err(errno).with_context(|| format!("cannot lock {}", pin_dir.display()))
+            }
+        }
+    }
 }
 
 /// Creates `pin_dir` on a BPF filesystem, or explains why it cannot.
