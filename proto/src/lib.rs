@@ -25,6 +25,11 @@ pub mod v1 {
 /// A client of the agent's data-plane service.
 pub type DataPlaneClient = v1::data_plane_client::DataPlaneClient<Channel>;
 
+/// The largest gRPC message either side sends or accepts: a Sync or a list of every
+/// binding the maps hold (2 x 65 536, IPv6 addresses as text: about 160 bytes each)
+/// fits with room to spare, where gRPC's default of 4 MiB holds about 30 000.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Connects to the agent's gRPC service on the unix socket at `path`.
 pub async fn connect(path: impl Into<PathBuf>) -> Result<DataPlaneClient, tonic::transport::Error> {
     let path = path.into();
@@ -39,5 +44,7 @@ pub async fn connect(path: impl Into<PathBuf>) -> Result<DataPlaneClient, tonic:
             }
         }))
         .await?;
-    Ok(DataPlaneClient::new(channel))
+    Ok(DataPlaneClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

@@ -265,9 +265,11 @@ impl Agent {
             let _ = stopping.send(true);
         };
         let server = tonic::transport::Server::builder()
-            .add_service(DataPlaneServer::new(grpc::Service::new(Arc::clone(
-                &self.state,
-            ))))
+            .add_service(
+                DataPlaneServer::new(grpc::Service::new(Arc::clone(&self.state)))
+                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+            )
             .add_service(reflection)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
         tokio::pin!(server);
