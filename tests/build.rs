@@ -4,13 +4,21 @@ fn main() {
     let manifest_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     match bpf_build::build(
         &manifest_dir,
-        &["pass", "trivial", "floor", "trafficgen", "sink"],
+        &[
+            "pass",
+            "trivial",
+            "floor",
+            "floor_fib",
+            "trafficgen",
+            "sink",
+        ],
     ) {
         Ok(objects) => {
             for (name, object) in [
                 "LAB_PASS_OBJECT",
                 "LAB_TRIVIAL_OBJECT",
                 "LAB_FLOOR_OBJECT",
+                "LAB_FLOOR_FIB_OBJECT",
                 "LAB_TRAFFICGEN_OBJECT",
                 "LAB_SINK_OBJECT",
             ]

@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::{LISTEN_PORT, RELAY_V4, RELAY_V6};
 use proto::v1::{
-    ChannelBinding, InstallChannelBindingRequest, CountersRequest, ListChannelBindingsRequest,
+    ChannelBinding, CountersRequest, InstallChannelBindingRequest, ListChannelBindingsRequest,
     RemoveChannelBindingRequest,
 };
 
@@ -25,7 +25,13 @@ pub fn binding(client: SocketAddr, channel: u16, peer: SocketAddr, port: u16) ->
         IpAddr::V4(_) => IpAddr::V4(RELAY_V4),
         IpAddr::V6(_) => IpAddr::V6(RELAY_V6),
     };
-    binding_via(SocketAddr::new(relay, LISTEN_PORT), client, channel, peer, port)
+    binding_via(
+        SocketAddr::new(relay, LISTEN_PORT),
+        client,
+        channel,
+        peer,
+        port,
+    )
 }
 
 /// A channel binding of a client that sends to `listener`.

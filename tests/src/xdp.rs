@@ -139,25 +139,29 @@ impl LoadedRelay {
     /// `ifindex` (of the calling thread's network namespace): the verdict
     /// and the frame after.
     pub fn run_on(&self, ifindex: u32, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
         let mut context = libbpf_rs::libbpf_sys::xdp_md {
             data_end: frame.len() as u32,
             ingress_ifindex: ifindex,
             ..Default::default()
         };
-        let context_bytes = {
-            // SAFETY: `xdp_md` is plain old data.
-            unsafe {
-                std::slice::from_raw_parts_mut(
-                    (&raw mut context).cast::<u8>(),
-                    size_of::<libbpf_rs::libbpf_sys::xdp_md>(),
-                )
-            }
+        // SAFETY: `xdp_md` is plain old data.
+        let context_bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&raw mut context).cast::<u8>(),
+                size_of::<libbpf_rs::libbpf_sys::xdp_md>(),
+            )
         };
+        self.run_with(frame, Some(context_bytes))
+    }
+
+    /// One run of the program on `frame`, with the context `context` if given
+    /// (the kernel's default otherwise: ingress on the loopback interface).
+    fn run_with(&self, frame: &[u8], context: Option<&mut [u8]>) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
         let input = libbpf_rs::ProgramInput {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            context_in: Some(context_bytes),
+            context_in: context,
             ..Default::default()
         };
         let output = self
@@ -174,22 +178,7 @@ impl LoadedRelay {
 
     /// Runs one frame through the program: the verdict and the frame after.
     pub fn run(&self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let input = libbpf_rs::ProgramInput {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let output = self
-            .skel
-            .progs
-            .xdp_relay
-            .test_run(input)
-            .context("test_run")?;
-        let len = output.data.map_or(0, |data| data.len());
-        let verdict = output.return_value;
-        out.truncate(len);
-        Ok((verdict, out))
+        self.run_with(frame, None)
     }
 
     /// Runs `frame` `repeat` times in the kernel; the mean time per run.
@@ -254,6 +243,24 @@ impl Reference {
         Ok(reference)
     }
 
+    /// The floor of the FIB next hop: one 12-byte-key hash lookup, a
+    /// `bpf_fib_lookup` for the frame's destination (as if forwarding from
+    /// the ingress interface), the next hop's MACs written, `XDP_TX`. Frames
+    /// whose addresses and ports are in `flows` are "relayed" to their
+    /// destination; the others, and those the FIB has no next hop for, pass.
+    pub fn floor_fib(flows: &[[u8; 12]]) -> anyhow::Result<Self> {
+        let reference = Self::load(env!("LAB_FLOOR_FIB_OBJECT"))?;
+        let map = reference
+            .object
+            .maps()
+            .next()
+            .context("the floor-fib object has no map")?;
+        for flow in flows {
+            map.update(flow, &1u32.to_ne_bytes(), MapFlags::ANY)?;
+        }
+        Ok(reference)
+    }
+
     fn load(path: &str) -> anyhow::Result<Self> {
         let object = libbpf_rs::ObjectBuilder::default()
             .open_file(path)
@@ -299,4 +306,24 @@ pub fn run_stats(program: &libbpf_rs::ProgramMut<'_>) -> anyhow::Result<(u64, u6
     };
     anyhow::ensure!(ret == 0, "bpf_prog_get_info_by_fd failed: {ret}");
     Ok((info.run_time_ns, info.run_cnt))
+}
+
+impl LoadedRelay {
+    /// The `REDIRECTED` counter (relayed frames that left through another
+    /// interface than they came in on), summed over CPUs.
+    pub fn redirected(&self) -> anyhow::Result<Counter> {
+        let per_cpu = self
+            .skel
+            .maps
+            .REDIRECTED
+            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .unwrap_or_default();
+        Ok(per_cpu
+            .iter()
+            .filter_map(|raw| Counter::from_ne_bytes(raw))
+            .fold(Counter::default(), |sum, cpu| Counter {
+                packets: sum.packets + cpu.packets,
+                bytes: sum.bytes + cpu.bytes,
+            }))
+    }
 }

@@ -223,7 +223,11 @@ fn every_rpc_answers_and_refuses_what_it_must() {
         .into_inner();
     assert_eq!(
         (config.port_min, config.port_max, config.listeners.clone()),
-        (50000, 60000, vec!["0.0.0.0:3478".into(), "[::]:3478".into()])
+        (
+            50000,
+            60000,
+            vec!["0.0.0.0:3478".into(), "[::]:3478".into()]
+        )
     );
     assert_eq!(config.next_hop, "fib");
     assert_eq!(config.relay_ipv4, RELAY_V4.to_string());

@@ -60,7 +60,9 @@ fn full_maps_refuse_new_bindings_and_keep_the_installed_ones() {
 
     let mut total = 0;
     for batch in (0..CAPACITY).collect::<Vec<_>>().chunks(4096) {
-        total = agent.install(batch.iter().map(|&i| nth(i)).collect()).unwrap();
+        total = agent
+            .install(batch.iter().map(|&i| nth(i)).collect())
+            .unwrap();
     }
     assert_eq!(total, u64::from(CAPACITY));
 
@@ -81,7 +83,10 @@ fn full_maps_refuse_new_bindings_and_keep_the_installed_ones() {
     assert_eq!(agent.install(vec![nth(7)]).unwrap(), u64::from(CAPACITY));
     // Room again after a removal.
     assert_eq!(agent.remove(vec![nth(0)]).unwrap(), 1);
-    assert_eq!(agent.install(vec![nth(CAPACITY)]).unwrap(), u64::from(CAPACITY));
+    assert_eq!(
+        agent.install(vec![nth(CAPACITY)]).unwrap(),
+        u64::from(CAPACITY)
+    );
 
     let maps = ["CLIENT_V4", "CLIENT_V6", "PEER_V4", "PEER_V6"];
     let bytes: u64 = maps

@@ -1,7 +1,8 @@
 //! The bench's tools work: a very short run of the live-frames generator and
-//! the XDP sink through the floor program and through the relay program
-//! (loaded on its own with one binding) delivers frames and the sink counts
-//! them, with no frame failing its checks; the raw TURN client of the control-plane figures
+//! the XDP sink through the floor programs (MAC swap, FIB) and through the
+//! relay program (loaded on its own with one binding, in both next-hop modes)
+//! delivers frames and the sink counts them, with no frame failing its checks,
+//! and the next hop is `rx`'s MAC address; the raw TURN client of the control-plane figures
 //! binds channels on a real turn-control. No figure is asserted.
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
@@ -10,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bpf_common::KernelConfig;
-use tests::bench::{BenchNet, CLIENT, Direction, PEER, RELAY, case_frames, floor_key, raw};
+use tests::bench::{
+    BenchNet, CLIENT, Direction, Handling, PEER, RELAY, case_frames, floor_key, raw,
+};
 use tests::xdp::{LoadedRelay, Reference};
 
 /// Root is needed for namespaces and XDP; under CI it must be there.
@@ -30,10 +33,10 @@ const PORT: u16 = 50000;
 const CHANNEL: u16 = 0x4000;
 
 /// Runs both directions for a moment; (generated, counted, bad) per direction.
-fn exercise(net: &BenchNet, mirror: bool) -> Vec<(u64, u64, u64)> {
+fn exercise(net: &BenchNet, handling: Handling) -> Vec<(u64, u64, u64)> {
     let mut out = Vec::new();
     for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
-        let (frame, rule) = case_frames(net, direction, 100, CHANNEL, PORT, mirror);
+        let (frame, rule) = case_frames(net, direction, 100, CHANNEL, PORT, handling);
         net.set_rules(&[rule]).unwrap();
         let before = net.counts().unwrap()[0];
         let offered = net
@@ -57,11 +60,36 @@ fn generator_and_sink_through_the_floor_program() {
     }
     let mut net = BenchNet::new().unwrap();
     let keys = [Direction::ClientToPeer, Direction::PeerToClient].map(|direction| {
-        floor_key(&case_frames(&net, direction, 100, CHANNEL, PORT, true).0).unwrap()
+        floor_key(&case_frames(&net, direction, 100, CHANNEL, PORT, Handling::Mirror).0).unwrap()
     });
     let floor = Reference::floor(&keys).unwrap();
     net.attach_relay(&floor.program().unwrap()).unwrap();
-    for (generated, counted, bad) in exercise(&net, true) {
+    for (generated, counted, bad) in exercise(&net, Handling::Mirror) {
+        assert!(generated > 0);
+        assert!(counted > 0, "the sink counted nothing of {generated}");
+        assert!(counted <= generated, "{counted} counted of {generated}");
+        assert_eq!(bad, 0, "frames failed the sink's checks");
+    }
+}
+
+/// The FIB floor forwards the frames addressed past the relay to the gateway
+/// the relay namespace's routes and static neighbour give: `rx`.
+#[test]
+fn generator_and_sink_through_the_floor_fib_program() {
+    if !privileged() {
+        return;
+    }
+    let mut net = BenchNet::new().unwrap();
+    let frames = [Direction::ClientToPeer, Direction::PeerToClient]
+        .map(|direction| case_frames(&net, direction, 100, CHANNEL, PORT, Handling::Forward).0);
+    let keys = frames.each_ref().map(|frame| floor_key(frame).unwrap());
+    let floor = Reference::floor_fib(&keys).unwrap();
+    net.attach_relay(&floor.program().unwrap()).unwrap();
+    let id = net.relay_prog_id().unwrap();
+    for frame in &frames {
+        net.check_next_hop(id, frame).unwrap();
+    }
+    for (generated, counted, bad) in exercise(&net, Handling::Forward) {
         assert!(generated > 0);
         assert!(counted > 0, "the sink counted nothing of {generated}");
         assert!(counted <= generated, "{counted} counted of {generated}");
@@ -74,22 +102,31 @@ fn generator_and_sink_through_the_relay_program() {
     if !privileged() {
         return;
     }
+    for mac_swap in [false, true] {
+        through_the_relay_program(mac_swap);
+    }
+}
+
+fn through_the_relay_program(mac_swap: bool) {
     let mut net = BenchNet::new().unwrap();
     let relay = LoadedRelay::load().unwrap();
     relay
-        .configure(&KernelConfig::new(
-            &[RELAY.port()],
-            (49152, 65535),
-            Some(*RELAY.ip()),
-            None,
+        .configure(
+            &KernelConfig::new(&[RELAY.port()], (49152, 65535), Some(*RELAY.ip()), None)
+                .with_mac_swap(mac_swap),
         )
-        .with_mac_swap(true))
         .unwrap();
     relay
         .bind(SocketAddr::V4(CLIENT), CHANNEL, SocketAddr::V4(PEER), PORT)
         .unwrap();
     net.attach_relay(relay.program()).unwrap();
-    for (generated, counted, bad) in exercise(&net, false) {
+    let id = net.relay_prog_id().unwrap();
+    for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
+        let (frame, _) = case_frames(&net, direction, 100, CHANNEL, PORT, Handling::Relay);
+        net.check_next_hop(id, &frame)
+            .unwrap_or_else(|e| panic!("mac_swap {mac_swap}, {}: {e:#}", direction.label()));
+    }
+    for (generated, counted, bad) in exercise(&net, Handling::Relay) {
         assert!(generated > 0);
         assert!(counted > 0, "the sink counted nothing of {generated}");
         assert!(counted <= generated, "{counted} counted of {generated}");

@@ -32,7 +32,7 @@ fn config() -> KernelConfig {
         Some(RELAY4.parse().unwrap()),
         Some(RELAY6.parse().unwrap()),
     )
-        .with_mac_swap(true)
+    .with_mac_swap(true)
 }
 
 /// The program loaded and configured; `tail_adjust` selects the header-room mode.
@@ -452,13 +452,15 @@ fn every_verdict_reason_is_taken_and_counted() {
 fn relay_without_v6() -> LoadedRelay {
     let relay = LoadedRelay::load().unwrap();
     relay
-        .configure(&KernelConfig::new(
-            &[LISTEN],
-            (49152, 65535),
-            Some(RELAY4.parse().unwrap()),
-            None,
+        .configure(
+            &KernelConfig::new(
+                &[LISTEN],
+                (49152, 65535),
+                Some(RELAY4.parse().unwrap()),
+                None,
+            )
+            .with_mac_swap(true),
         )
-        .with_mac_swap(true))
         .unwrap();
     relay
 }

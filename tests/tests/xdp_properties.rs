@@ -31,13 +31,15 @@ fn relay() -> &'static LoadedRelay {
     RELAY.get_or_init(|| {
         let relay = LoadedRelay::load().unwrap();
         relay
-            .configure(&KernelConfig::new(
-                &[3478],
-                (49152, 65535),
-                Some("203.0.113.10".parse().unwrap()),
-                Some("2001:db8:2::10".parse().unwrap()),
+            .configure(
+                &KernelConfig::new(
+                    &[3478],
+                    (49152, 65535),
+                    Some("203.0.113.10".parse().unwrap()),
+                    Some("2001:db8:2::10".parse().unwrap()),
+                )
+                .with_mac_swap(true),
             )
-        .with_mac_swap(true))
             .unwrap();
         for (client, channel, peer, port) in BINDINGS {
             relay

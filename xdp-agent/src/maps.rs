@@ -436,7 +436,9 @@ fn replace_resized_stats(pin_dir: &Path) -> anyhow::Result<()> {
 /// one's data plane. Released when the process ends, however it ends, so
 /// the next agent adopts what the first one pinned.
 #[derive(Debug)]
-pub struct PinDirLock(#[expect(dead_code, reason = "held for its lock")] nix::fcntl::Flock<std::fs::File>);
+pub struct PinDirLock(
+    #[expect(dead_code, reason = "held for its lock")] nix::fcntl::Flock<std::fs::File>,
+);
 
 impl PinDirLock {
     /// Takes the lock of `pin_dir`, or explains who holds it.

@@ -4,9 +4,15 @@
 //! ```text
 //!  gen ns                                          relay ns
 //!  rx 203.0.113.1/24 [sink XDP]  ---- veth ----   x0 203.0.113.10/24 [relay XDP,
-//!  lo 192.0.2.2 (client), 198.51.100.2 (peer)                          floor or XDP_PASS]
+//!  lo 192.0.2.2 (client), 198.51.100.2 (peer)        floor, floor_fib or XDP_PASS]
 //!  trafficgen: BPF_PROG_TEST_RUN, LIVE_FRAMES, ingress rx, XDP_TX --> x0
 //! ```
+//!
+//! The relay namespace is set up as an operator sets up a relay for the
+//! XDP program's default next hop (the kernel's FIB): forwarding on `x0` in
+//! both families, routes to the client's and the peer's networks through the
+//! generator side's gateway 203.0.113.1, whose neighbour entry is static, so
+//! that the FIB resolves every relayed frame to `rx`'s MAC address.
 //!
 //! The generator is an XDP program run by `BPF_PROG_TEST_RUN` with
 //! `BPF_F_TEST_XDP_LIVE_FRAMES` on `rx`: it returns `XDP_TX`, so each frame
@@ -164,37 +170,49 @@ impl Direction {
     }
 }
 
+/// What the system under test does with the generator's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// Relays them as TURN: channel data to the peer, UDP to the client.
+    Relay,
+    /// Returns them as they are with the MACs swapped (the `floor` program).
+    Mirror,
+    /// Sends them on as they are to the next hop the FIB gives for their
+    /// destination (the `floor_fib` program): the generator addresses them
+    /// past the relay, to where the relay would send them (the peer, the
+    /// client), as a router receives them.
+    Forward,
+}
+
 /// The frame the generator sends for a binding and the rule the sink checks
-/// the relayed frames with. `mirror`: the system under test returns the frame
-/// as it is with MACs swapped (the floor program).
+/// the relayed frames with.
 pub fn case_frames(
     net: &BenchNet,
     direction: Direction,
     payload: usize,
     channel: u16,
     allocation_port: u16,
-    mirror: bool,
+    handling: Handling,
 ) -> (Vec<u8>, Rule) {
     let data = vec![0x5a; payload];
     let relayed = SocketAddrV4::new(*RELAY.ip(), allocation_port);
+    let forward = handling == Handling::Forward;
+    let (src, dst) = match direction {
+        Direction::ClientToPeer => (CLIENT, if forward { PEER } else { RELAY }),
+        Direction::PeerToClient => (PEER, if forward { CLIENT } else { relayed }),
+    };
     let mut spec = match direction {
         Direction::ClientToPeer => FrameSpec::new(
-            SocketAddr::V4(CLIENT),
-            SocketAddr::V4(RELAY),
+            SocketAddr::V4(src),
+            SocketAddr::V4(dst),
             &channel_data(channel, &data),
         ),
-        Direction::PeerToClient => {
-            FrameSpec::new(SocketAddr::V4(PEER), SocketAddr::V4(relayed), &data)
-        }
+        Direction::PeerToClient => FrameSpec::new(SocketAddr::V4(src), SocketAddr::V4(dst), &data),
     };
     spec.src_mac = net.gen_mac;
     spec.dst_mac = net.relay_mac;
     let frame = spec.build();
-    let rule = if mirror {
-        let (src, dst) = match direction {
-            Direction::ClientToPeer => (CLIENT, RELAY),
-            Direction::PeerToClient => (PEER, relayed),
-        };
+    let rule = if handling != Handling::Relay {
         Rule {
             dst,
             src,
@@ -324,14 +342,25 @@ impl BenchNet {
         relay_ns.ip(["addr", "add", "203.0.113.10/24", "dev", RELAY_IFACE])?;
         relay_ns.ip(["link", "set", RELAY_IFACE, "up"])?;
         relay_ns.ip(["route", "add", "default", "via", "203.0.113.1"])?;
+        // The relay's next hop by the FIB (its default): forwarding on x0,
+        // and the client's and the peer's networks behind the gateway.
+        crate::enable_forwarding(&relay_ns, RELAY_IFACE)?;
+        for network in ["192.0.2.0/24", "198.51.100.0/24"] {
+            relay_ns.ip([
+                "route",
+                "add",
+                network,
+                "via",
+                "203.0.113.1",
+                "dev",
+                RELAY_IFACE,
+            ])?;
+        }
         let gen_mac = gen_ns.mac(GEN_IFACE)?;
         let relay_mac = relay_ns.mac(RELAY_IFACE)?;
-        // Static neighbours: no ARP in the middle of a measurement.
-        relay_ns.add_static_neighbour(
-            Ipv4Addr::new(203, 0, 113, 1).into(),
-            gen_mac,
-            RELAY_IFACE,
-        )?;
+        // Static neighbours: no ARP in the middle of a measurement, and the
+        // FIB's next hop resolved (else the relay passes every frame).
+        relay_ns.add_static_neighbour(GATEWAY.into(), gen_mac, RELAY_IFACE)?;
         gen_ns.add_static_neighbour(Ipv4Addr::new(203, 0, 113, 10).into(), relay_mac, GEN_IFACE)?;
         let generator = load_object(env!("LAB_TRAFFICGEN_OBJECT"))?;
         let sink = load_object(env!("LAB_SINK_OBJECT"))?;
@@ -359,6 +388,64 @@ impl BenchNet {
         net.gen_ifindex = ifindex;
         net.sink_link = Some(link);
         Ok(net)
+    }
+
+    /// Runs `frame` once through the XDP program `prog_id` as if it arrived
+    /// on `x0` (`BPF_PROG_TEST_RUN` in the relay's namespace, so that a FIB
+    /// lookup sees its routes and neighbours): the verdict and the frame after.
+    pub fn run_on_relay(&self, prog_id: u32, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        // SAFETY: plain syscall wrapper; the fd is owned below.
+        let fd = unsafe { sys::bpf_prog_get_fd_by_id(prog_id) };
+        ensure!(fd >= 0, "bpf_prog_get_fd_by_id({prog_id}) failed: {fd}");
+        // SAFETY: a new fd that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        self.relay_ns.enter(|| {
+            let ifindex = nix::net::if_::if_nametoindex(RELAY_IFACE)?;
+            let ctx = sys::xdp_md {
+                data_end: frame.len() as u32,
+                ingress_ifindex: ifindex,
+                ..Default::default()
+            };
+            let mut out = vec![0u8; frame.len() + 256];
+            let mut opts = sys::bpf_test_run_opts {
+                sz: size_of::<sys::bpf_test_run_opts>() as _,
+                data_in: frame.as_ptr().cast(),
+                data_size_in: frame.len() as u32,
+                data_out: out.as_mut_ptr().cast(),
+                data_size_out: out.len() as u32,
+                ctx_in: (&raw const ctx).cast(),
+                ctx_size_in: size_of::<sys::xdp_md>() as u32,
+                repeat: 1,
+                ..Default::default()
+            };
+            // SAFETY: opts points at live buffers of the stated sizes.
+            let ret = unsafe { sys::bpf_prog_test_run_opts(raw, &mut opts) };
+            ensure!(ret == 0, "BPF_PROG_TEST_RUN failed: {ret}");
+            out.truncate(opts.data_size_out as usize);
+            Ok((opts.retval, out))
+        })
+    }
+
+    /// Checks that the program `prog_id` on `x0` sends `frame` back out of
+    /// `x0` (`XDP_TX`) to `rx`'s MAC address from `x0`'s, which the sink
+    /// needs to see it as `rx` would: with the FIB, the next hop the relay
+    /// namespace's routes and neighbours give.
+    pub fn check_next_hop(&self, prog_id: u32, frame: &[u8]) -> anyhow::Result<()> {
+        const XDP_TX: u32 = 3;
+        let (verdict, out) = self.run_on_relay(prog_id, frame)?;
+        ensure!(
+            verdict == XDP_TX,
+            "the program on x0 returned {verdict}, not XDP_TX, for the generator's frame"
+        );
+        let (dst, src) = (out.get(0..6), out.get(6..12));
+        ensure!(
+            dst == Some(&self.gen_mac[..]) && src == Some(&self.relay_mac[..]),
+            "the program on x0 sends to {dst:02x?} from {src:02x?}, not to rx {:02x?} from x0 {:02x?}",
+            self.gen_mac,
+            self.relay_mac
+        );
+        Ok(())
     }
 
     /// A directory for logs and sockets, removed with the topology.

@@ -19,11 +19,15 @@ pub struct Group {
     pub values: Vec<Option<f64>>,
 }
 
-const COLORS: [RGBColor; 4] = [
+/// One colour per series; the bench's XDP modes and their floors come in pairs
+/// of one hue (dark: the relay, light: its floor).
+const COLORS: [RGBColor; 6] = [
     RGBColor(150, 150, 150),
     RGBColor(60, 110, 200),
-    RGBColor(230, 120, 30),
-    RGBColor(60, 160, 80),
+    RGBColor(220, 110, 20),
+    RGBColor(245, 185, 120),
+    RGBColor(40, 140, 60),
+    RGBColor(140, 205, 140),
 ];
 
 const FONTS: [&str; 3] = [
@@ -197,8 +201,8 @@ impl<'a> Chart<'a> {
             self.root
                 .draw(&Text::new(
                     label,
-                    (x + 4, self.y_of(value) - 18),
-                    ("sans-serif", 14).into_font(),
+                    (x + 2, self.y_of(value) - 16),
+                    ("sans-serif", if bar_w < 40 { 12 } else { 14 }).into_font(),
                 ))
                 .map_err(plot_error)?;
         }

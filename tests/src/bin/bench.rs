@@ -6,8 +6,9 @@
 //! `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES` sends frames that
 //! match the binding, and an XDP sink on the same veth counts, checks and
 //! drops what the relay sends back. The same generator and sink serve every
-//! system: coturn, turn-control alone, turn-control with xdp-agent, and the
-//! floor program.
+//! system: coturn, turn-control alone, turn-control with xdp-agent in each
+//! next-hop mode (the kernel's FIB, the default, and MAC swap), and the floor
+//! program of each mode (`floor_fib`, `floor`).
 //!
 //! Usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png]
 //! Environment: BENCH_QUICK=1 for a tiny run; BENCH_RUNS, BENCH_SECONDS.
@@ -20,7 +21,8 @@ use anyhow::{Context, bail, ensure};
 use tests::bench::control::{ControlFigures, RawOptions};
 use tests::bench::raw::percentile;
 use tests::bench::{
-    BenchNet, BpfStats, Direction, Offered, case_frames, floor_key, plot, prog_stats, turn,
+    BenchNet, BpfStats, Direction, Handling, Offered, case_frames, floor_key, plot, prog_stats,
+    turn,
 };
 use tests::workspace_binary;
 
@@ -100,24 +102,41 @@ fn main() -> std::process::ExitCode {
 enum System {
     Coturn,
     TurnControl,
-    TurnControlXdp,
+    /// turn-control with xdp-agent, next hop by the kernel's FIB (the default).
+    XdpFib,
+    /// The floor of `XdpFib`.
+    FloorFib,
+    /// turn-control with xdp-agent `--next-hop mac-swap`.
+    XdpMacSwap,
+    /// The floor of `XdpMacSwap`.
     Floor,
 }
 
 impl System {
-    const ALL: [System; 4] = [
+    /// In the order of the report: each XDP mode beside its floor.
+    const ALL: [System; 6] = [
         System::Coturn,
         System::TurnControl,
-        System::TurnControlXdp,
+        System::XdpFib,
+        System::FloorFib,
+        System::XdpMacSwap,
         System::Floor,
+    ];
+
+    /// The XDP relay's modes, each with its floor.
+    const XDP_MODES: [(System, System); 2] = [
+        (System::XdpFib, System::FloorFib),
+        (System::XdpMacSwap, System::Floor),
     ];
 
     fn name(self) -> &'static str {
         match self {
             System::Coturn => "coturn 4.6",
             System::TurnControl => "turn-control (user space)",
-            System::TurnControlXdp => "turn-control + xdp-agent (XDP)",
-            System::Floor => "floor XDP program",
+            System::XdpFib => "turn-control + xdp-agent (XDP, FIB next hop)",
+            System::FloorFib => "floor-fib XDP program",
+            System::XdpMacSwap => "turn-control + xdp-agent (XDP, MAC swap)",
+            System::Floor => "floor XDP program (MAC swap)",
         }
     }
 
@@ -125,9 +144,17 @@ impl System {
         match self {
             System::Coturn => "coturn",
             System::TurnControl => "turn-control",
-            System::TurnControlXdp => "turn-control+XDP",
+            System::XdpFib => "xdp-fib",
+            System::FloorFib => "floor-fib",
+            System::XdpMacSwap => "xdp-mac-swap",
             System::Floor => "floor",
         }
+    }
+
+    /// The XDP relay's mode, or the floor, checked on the generator's frame
+    /// before the measurement: what the program on x0 returns and to which MAC.
+    fn is_xdp(self) -> bool {
+        !matches!(self, System::Coturn | System::TurnControl)
     }
 }
 
@@ -195,7 +222,7 @@ struct Sut {
     agent_socket: Option<PathBuf>,
     channel: u16,
     allocation_port: u16,
-    mirror: bool,
+    handling: Handling,
     _session: Option<turn::Session>,
     _floor: Option<tests::xdp::Reference>,
     notes: Vec<String>,
@@ -215,8 +242,10 @@ fn start_system(net: &mut BenchNet, system: System) -> anyhow::Result<Sut> {
     };
     match system {
         System::Coturn | System::TurnControl => startup.user_space(system),
-        System::TurnControlXdp => startup.with_agent(),
-        System::Floor => startup.floor(),
+        System::XdpFib => startup.with_agent(false),
+        System::XdpMacSwap => startup.with_agent(true),
+        System::Floor => startup.floor(Handling::Mirror),
+        System::FloorFib => startup.floor(Handling::Forward),
     }
 }
 
@@ -248,18 +277,19 @@ impl Startup<'_> {
             agent_socket: None,
             channel: session.channel,
             allocation_port: session.allocation_port,
-            mirror: false,
+            handling: Handling::Relay,
             _session: Some(session),
             _floor: None,
             notes: vec![note],
         })
     }
 
-    /// turn-control driving xdp-agent: the agent, the control plane, one TURN
-    /// session, and the binding as the agent lists it.
-    fn with_agent(&mut self) -> anyhow::Result<Sut> {
+    /// turn-control driving xdp-agent (next hop by the FIB, or by MAC swap):
+    /// the agent, the control plane, one TURN session, and the binding as the
+    /// agent lists it.
+    fn with_agent(&mut self, mac_swap: bool) -> anyhow::Result<Sut> {
         let socket = self.dir.join("agent.sock");
-        self.start_agent(&socket)?;
+        self.start_agent(&socket, mac_swap)?;
         self.spawn_turn_control(Some(&socket))?;
         let session = turn::open(&self.net.gen_ns, Duration::from_secs(20))
             .with_context(|| format!("TURN exchange: {}", self.net.log("turn-control")))?;
@@ -275,34 +305,47 @@ impl Startup<'_> {
             agent_socket: Some(socket),
             channel,
             allocation_port: session.allocation_port,
-            mirror: false,
+            handling: Handling::Relay,
             _session: Some(session),
             _floor: None,
             notes: vec![note],
         })
     }
 
-    /// The floor program on x0, its FLOWS holding the two generated flows.
-    fn floor(&mut self) -> anyhow::Result<Sut> {
+    /// A floor program on x0 (`floor` for `Handling::Mirror`, `floor_fib`
+    /// for `Handling::Forward`), its FLOWS holding the two generated flows.
+    fn floor(&mut self, handling: Handling) -> anyhow::Result<Sut> {
         let net = &mut *self.net;
         let (port, channel) = (50000, turn::FIRST_CHANNEL);
-        let keys = [
-            floor_key(&case_frames(net, Direction::ClientToPeer, 100, channel, port, true).0)?,
-            floor_key(&case_frames(net, Direction::PeerToClient, 100, channel, port, true).0)?,
-        ];
-        let floor = tests::xdp::Reference::floor(&keys)?;
+        let mut keys = Vec::new();
+        for direction in [Direction::ClientToPeer, Direction::PeerToClient] {
+            keys.push(floor_key(
+                &case_frames(net, direction, 100, channel, port, handling).0,
+            )?);
+        }
+        let floor = if handling == Handling::Forward {
+            tests::xdp::Reference::floor_fib(&keys)?
+        } else {
+            tests::xdp::Reference::floor(&keys)?
+        };
         net.attach_relay(&floor.program()?)?;
-        let note = "no control plane: FLOWS holds the two generated flows".to_owned();
+        let note = if handling == Handling::Forward {
+            "no control plane: FLOWS holds the two generated flows, addressed past the relay \
+             (client->peer 192.0.2.2:40000 -> 198.51.100.2:9000, peer->client the reverse), \
+             the FIB gives the next hop"
+        } else {
+            "no control plane: FLOWS holds the two generated flows"
+        };
         Ok(Sut {
             cpu: CpuSource::Program(net.relay_prog_id()?),
             server_pid: None,
             agent_socket: None,
             channel,
             allocation_port: port,
-            mirror: true,
+            handling,
             _session: None,
             _floor: Some(floor),
-            notes: vec![note],
+            notes: vec![note.to_owned()],
         })
     }
 
@@ -346,9 +389,13 @@ impl Startup<'_> {
         Ok("turn-control")
     }
 
-    /// Spawns xdp-agent on x0 in native mode and waits until its socket accepts.
-    fn start_agent(&mut self, socket: &Path) -> anyhow::Result<()> {
+    /// Spawns xdp-agent on x0 in native mode (next hop by the FIB, its
+    /// default, or `--next-hop mac-swap`) and waits until its socket accepts.
+    fn start_agent(&mut self, socket: &Path, mac_swap: bool) -> anyhow::Result<()> {
         let mut command = self.net.relay_ns.command(workspace_binary("xdp-agent")?);
+        if mac_swap {
+            command.args(["--next-hop", "mac-swap"]);
+        }
         command
             .args(["--iface", "x0", "--xdp-mode", "native", "--grpc"])
             .arg(socket)
@@ -449,8 +496,12 @@ fn measure(
         payload,
         sut.channel,
         sut.allocation_port,
-        sut.mirror,
+        sut.handling,
     );
+    if system.is_xdp() {
+        net.check_next_hop(net.relay_prog_id()?, &frame)
+            .with_context(|| format!("{} {} {payload} B", system.short(), direction.label()))?;
+    }
     net.set_rules(&[rule])?;
     let duration = Duration::from_secs_f64(options.seconds);
     let trial = Duration::from_secs_f64(options.trial_seconds);
@@ -689,7 +740,9 @@ fn run() -> anyhow::Result<()> {
                 results.push(measure(&net, &sut, system, direction, payload, &options)?);
             }
         }
-        if let Some(pid) = sut.server_pid {
+        // The control plane is the same in both next-hop modes: measured with
+        // the agent's default (FIB) only.
+        if let Some(pid) = sut.server_pid.filter(|_| system != System::XdpMacSwap) {
             net.set_rules(&[])?;
             let count = if options.quick { 20 } else { 200 };
             let boost: Vec<u32> = [Some(pid), net.process("xdp-agent").ok().map(|p| p.pid())]
@@ -715,7 +768,7 @@ fn run() -> anyhow::Result<()> {
     eprintln!("bench: xdp-microbench");
     let micro = microbench(&options);
     eprintln!("bench: end-to-end turnutils_uclient runs");
-    let e2e: Vec<(System, anyhow::Result<String>)> = [System::Coturn, System::TurnControlXdp]
+    let e2e: Vec<(System, anyhow::Result<String>)> = [System::Coturn, System::XdpFib]
         .into_iter()
         .map(|s| (s, end_to_end(s, &options)))
         .collect();
@@ -917,16 +970,25 @@ fn data_plane_rows(results: &[CaseResult]) -> anyhow::Result<String> {
         for payload in [100usize, 1200] {
             let coturn = find(results, System::Coturn, direction, payload)
                 .map(|r| r.med(|s| s.delivered_pps, true));
+            let ns = |system| {
+                find(results, system, direction, payload)
+                    .map(|r| r.med(|s| s.cpu_ns_per_packet, true))
+            };
             for system in System::ALL {
                 let Some(r) = find(results, system, direction, payload) else {
                     continue;
                 };
                 let pps = r.med(|s| s.delivered_pps, true);
                 let ratio = coturn.map_or("-".to_owned(), |c| format!("{:.1}x", pps / c));
+                let vs_floor = System::XDP_MODES
+                    .iter()
+                    .find(|(xdp, floor)| *xdp == system || *floor == system)
+                    .and_then(|&(_, floor)| Some(ns(system)? / ns(floor)?))
+                    .map_or("-".to_owned(), |x| format!("{x:.2}x"));
                 let bad: u64 = r.full.iter().chain(&r.sustained).map(|s| s.bad).sum();
                 writeln!(
                     md,
-                    "| {} | {payload} B | {} | {:.0} | {ratio} | {:.0}{} | {:.2}% | {:.0} ({:.1}%) | {:.1} | {bad} |",
+                    "| {} | {payload} B | {} | {:.0} | {ratio} | {:.0}{} | {:.2}% | {:.0} ({:.1}%) | {:.1} | {vs_floor} | {bad} |",
                     direction.label(),
                     system.name(),
                     pps,
@@ -992,20 +1054,26 @@ fn targets(
     let status = |ok: bool| if ok { "met" } else { "NOT met" };
     let pps = |s: &Sample| s.delivered_pps;
     let vs_coturn = |system| worst_ratio(results, (system, System::Coturn), pps, true, true);
-    if let Some(r) = vs_coturn(System::TurnControlXdp) {
-        writeln!(
-            md,
-            "- XDP relay >= 10x coturn's packet rate: worst case {r:.1}x, {}.",
-            status(r >= 10.0)
-        )?;
+    for (system, _) in System::XDP_MODES {
+        if let Some(r) = vs_coturn(system) {
+            writeln!(
+                md,
+                "- {} >= 10x coturn's packet rate: worst case {r:.1}x, {}.",
+                system.name(),
+                status(r >= 10.0)
+            )?;
+        }
     }
-    let pair = (System::TurnControlXdp, System::Floor);
-    if let Some(w) = worst_ratio(results, pair, |s| s.cpu_ns_per_packet, false, false) {
-        writeln!(
-            md,
-            "- Per-packet BPF cost <= 1.3x the floor program (live traffic, bpf_stats): worst case {w:.2}x, {}.",
-            status(w <= 1.3)
-        )?;
+    for pair @ (system, floor) in System::XDP_MODES {
+        if let Some(w) = worst_ratio(results, pair, |s| s.cpu_ns_per_packet, false, false) {
+            writeln!(
+                md,
+                "- {}: per-packet BPF cost <= 1.3x its floor, `{}` (live traffic, bpf_stats): worst case {w:.2}x, {}.",
+                system.name(),
+                floor.short(),
+                status(w <= 1.3)
+            )?;
+        }
     }
     if let Ok(rows) = micro {
         let paths: Vec<&(String, f64, f64)> = rows
@@ -1021,7 +1089,7 @@ fn targets(
         if !paths.is_empty() {
             writeln!(
                 md,
-                "- The same target in the micro-benchmark (BPF_PROG_TEST_RUN): IPv4 paths up to {v4:.2}x the floor, all paths (IPv6, hairpin) up to {worst:.2}x, {}.",
+                "- The same target in the micro-benchmark (BPF_PROG_TEST_RUN, the relay in MAC-swap mode against the floor): IPv4 paths up to {v4:.2}x the floor, all paths (IPv6, hairpin) up to {worst:.2}x, {}.",
                 status(worst <= 1.3)
             )?;
         }
@@ -1033,7 +1101,7 @@ fn targets(
             status(r >= 1.0)
         )?;
     }
-    if let Some((_, Ok(f))) = control.iter().find(|(s, _)| *s == System::TurnControlXdp) {
+    if let Some((_, Ok(f))) = control.iter().find(|(s, _)| *s == System::XdpFib) {
         match &f.bindings {
             Ok(b) => writeln!(
                 md,
@@ -1223,7 +1291,7 @@ mod render_tests {
                 Ok(figures(Ok(bindings(2000)), None, None)),
             ),
             (
-                System::TurnControlXdp,
+                System::XdpFib,
                 Ok(figures(Ok(bindings(1990)), Some(1990), Some(Ok(latency)))),
             ),
             (
@@ -1264,10 +1332,7 @@ mod render_tests {
                 System::Coturn,
                 Ok("tot_send_msgs=1000; wall time 1.00 s".to_owned()),
             ),
-            (
-                System::TurnControlXdp,
-                Err(anyhow::anyhow!("uclient failed")),
-            ),
+            (System::XdpFib, Err(anyhow::anyhow!("uclient failed"))),
         ];
         let notes = vec!["coturn: 4.6.1".to_owned(), "xdp: native".to_owned()];
         render(

@@ -152,13 +152,15 @@ fn run() -> anyhow::Result<()> {
     let options = options()?;
     let _stats = BpfStats::enable()?;
     let relay = LoadedRelay::load()?;
-    relay.configure(&KernelConfig::new(
-        &[3478],
-        (49152, 65535),
-        Some("203.0.113.10".parse()?),
-        Some("2001:db8:2::10".parse()?),
-    )
-        .with_mac_swap(true))?;
+    relay.configure(
+        &KernelConfig::new(
+            &[3478],
+            (49152, 65535),
+            Some("203.0.113.10".parse()?),
+            Some("2001:db8:2::10".parse()?),
+        )
+        .with_mac_swap(true),
+    )?;
     let cases = cases(&relay)?;
     let figures = measure(&relay, &cases, &options)?;
     if options.json {
