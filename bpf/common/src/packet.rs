@@ -513,10 +513,16 @@ where
         return Err(Reason::PassTooLarge);
     }
     let new_udp_len_bytes = (new_udp_len as u16).to_be_bytes();
-    let added = relay.added.map(|channel| ChannelHdr {
-        channel,
-        len: (data_len as u16).to_be_bytes(),
-    });
+    // A match, not `Option::map`: at the XDP program's opt-level the
+    // closure would be a call per packet.
+    #[expect(clippy::manual_map, reason = "a closure would be a call in the program")]
+    let added = match relay.added {
+        Some(channel) => Some(ChannelHdr {
+            channel,
+            len: (data_len as u16).to_be_bytes(),
+        }),
+        None => None,
+    };
 
     let mut udp = UdpHdr {
         source: relay.source,

@@ -473,16 +473,30 @@ fn next_hop<Out: IpVersion>(
         if config.mac_swap() {
             (*scratch).mtu_len = ip_len as u32;
         } else {
-            let params = &mut (*scratch).params;
-            *params = core::mem::zeroed();
-            params.family = Out::AF;
-            params.l4_protocol = IPPROTO_UDP;
-            params.sport = u16::from_ne_bytes(route.source);
-            params.dport = u16::from_ne_bytes(route.dest);
-            // Host order: the kernel compares it with the route's MTU.
-            params.__bindgen_anon_1.tot_len = ip_len as u16;
-            params.ifindex = (*ctx.ctx).ingress_ifindex;
-            Out::fib_addresses(route.saddr, route.daddr, params);
+            // `struct bpf_fib_lookup` as eight words, written whole: field
+            // by field from a zeroed struct costs a byte-wise `memset` call
+            // at this crate's opt-level. Word 0: family, protocol, ports
+            // and the IP length (host order: the kernel compares it with
+            // the route's MTU); 1: the ingress ifindex, no flow info; 2-3
+            // and 4-5: the addresses; 6-7: no VLAN, room for the MACs.
+            let head = u64::from(Out::AF)
+                | u64::from(IPPROTO_UDP) << 8
+                | u64::from(u16::from_ne_bytes(route.source)) << 16
+                | u64::from(u16::from_ne_bytes(route.dest)) << 32
+                | (ip_len as u64) << 48;
+            let [src_high, src_low] = Out::fib_words(route.saddr);
+            let [dst_high, dst_low] = Out::fib_words(route.daddr);
+            let words = (&raw mut (*scratch).params).cast::<u64>();
+            words.write_volatile(head);
+            words
+                .add(1)
+                .write_volatile(u64::from((*ctx.ctx).ingress_ifindex));
+            words.add(2).write_volatile(src_high);
+            words.add(3).write_volatile(src_low);
+            words.add(4).write_volatile(dst_high);
+            words.add(5).write_volatile(dst_low);
+            words.add(6).write_volatile(0);
+            words.add(7).write_volatile(0);
         }
     }
     match look_up_next_hop(ctx.ctx, config.mac_swap()) {
@@ -568,7 +582,7 @@ fn emit<T: Pod>(
         if data_len > MOVE_MAX {
             return Err(Reason::PassTooLarge);
         }
-        if in_len != out_len && !move_data(ctx, in_len, out_len, data_len) {
+        if in_len != out_len && !move_data(ctx.ctx, in_len, out_len, data_len) {
             return Err(Reason::PassAdjustFailed);
         }
     } else if in_len != out_len {
@@ -587,10 +601,17 @@ fn emit<T: Pod>(
         // The next hop `next_hop` found. SAFETY: `T` starts with an
         // Ethernet header, inside the bounds checked above; the per-CPU
         // slot holds this run's lookup.
+        // As 16-bit words: six-byte arrays copy byte by byte at this crate's
+        // opt-level. The MACs lie at even offsets of the slot, and the
+        // frame at an even address (see `header`).
         unsafe {
-            let eth = start.cast::<EthHdr>();
-            (*eth).dst = (*scratch).params.dmac;
-            (*eth).src = (*scratch).params.smac;
+            let dmac = (&raw const (*scratch).params.dmac)
+                .cast::<[u16; 3]>()
+                .read();
+            let smac = (&raw const (*scratch).params.smac)
+                .cast::<[u16; 3]>()
+                .read();
+            start.cast::<[[u16; 3]; 2]>().write([dmac, smac]);
         }
     }
     Ok(())
@@ -606,57 +627,44 @@ const MOVE_MAX: usize = 8 * MOVE_CHUNK;
 /// the frame's tail with them, leaving the head where it is; `false` if a
 /// helper refused (nothing has changed yet when the frame cannot grow). Not
 /// inlined, and returning a plain `bool` across the call: it is the bulk of
-/// the program's code and the default mode never runs it.
+/// the program's code and the default mode never runs it. One loop for both
+/// directions and no closure keep its stack frame small: the verifier counts
+/// it on top of the program's.
 #[inline(never)]
-fn move_data(ctx: &XdpContext, from: usize, to: usize, data_len: usize) -> bool {
+fn move_data(ctx: *mut xdp_md, from: usize, to: usize, data_len: usize) -> bool {
     let Some(buffer) = SCRATCH.get_ptr_mut(0) else {
         return false;
     };
     let buffer = buffer.cast();
-    let step = |offset: usize, len: usize| -> bool {
+    let grow = to > from;
+    // SAFETY: the helper checks the context and the delta itself.
+    if grow && unsafe { bpf_xdp_adjust_tail(ctx, (to - from) as i32) } != 0 {
+        return false;
+    }
+    let mut done = 0;
+    for _ in 0..MOVE_MAX / MOVE_CHUNK {
+        if done >= data_len {
+            break;
+        }
+        let len = (data_len - done).min(MOVE_CHUNK);
+        // Growing, copy from the end, so that nothing is overwritten unread.
+        let offset = if grow { data_len - done - len } else { done };
         // `len` is 1..=MOVE_CHUNK; the mask makes that range visible to the
         // verifier, which refuses a possibly zero-sized access.
-        let len = (((len - 1) & (MOVE_CHUNK - 1)) + 1) as u32;
+        let masked = (((len - 1) & (MOVE_CHUNK - 1)) + 1) as u32;
         // SAFETY: the helpers bound-check offsets against the frame and
-        // `len` (at most MOVE_CHUNK) against the buffer.
-        unsafe {
-            bpf_xdp_load_bytes(ctx.ctx, (from + offset) as u32, buffer, len) == 0
-                && bpf_xdp_store_bytes(ctx.ctx, (to + offset) as u32, buffer, len) == 0
-        }
-    };
-    if to > from {
-        // Grow first, then copy from the end so nothing is overwritten unread.
-        // SAFETY: the helper checks the context and the delta itself.
-        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, (to - from) as i32) } != 0 {
+        // `masked` (at most MOVE_CHUNK) against the buffer.
+        let moved = unsafe {
+            bpf_xdp_load_bytes(ctx, (from + offset) as u32, buffer, masked) == 0
+                && bpf_xdp_store_bytes(ctx, (to + offset) as u32, buffer, masked) == 0
+        };
+        if !moved {
             return false;
         }
-        let mut remaining = data_len;
-        for _ in 0..MOVE_MAX / MOVE_CHUNK {
-            if remaining == 0 {
-                break;
-            }
-            let len = remaining.min(MOVE_CHUNK);
-            remaining -= len;
-            if !step(remaining, len) {
-                return false;
-            }
-        }
-        true
-    } else {
-        let mut done = 0;
-        for _ in 0..MOVE_MAX / MOVE_CHUNK {
-            if done >= data_len {
-                break;
-            }
-            let len = (data_len - done).min(MOVE_CHUNK);
-            if !step(done, len) {
-                return false;
-            }
-            done += len;
-        }
-        // SAFETY: the helper checks the context and the delta itself.
-        unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((from - to) as i32)) == 0 }
+        done += len;
     }
+    // SAFETY: the helper checks the context and the delta itself.
+    grow || unsafe { bpf_xdp_adjust_tail(ctx, -((from - to) as i32)) == 0 }
 }
 
 /// Counts a verdict; a relayed packet's cumulative counter is also reported
@@ -731,8 +739,9 @@ trait IpVersion: IpHeader + Translate<Ipv4Hdr> + Translate<Ipv6Hdr> {
     /// Where a client's channel goes: the key is the datagram's source,
     /// its destination (the listener) and the channel.
     fn peer_of(ip: &Self, udp: &UdpHdr, channel: [u8; 2]) -> Option<&'static PeerTarget>;
-    /// Writes a datagram's addresses into FIB lookup parameters.
-    fn fib_addresses(saddr: Self::Addr, daddr: Self::Addr, params: &mut bpf_fib_lookup);
+    /// An address as the two native-order words of its place in FIB
+    /// lookup parameters (an IPv4 address in the first four bytes).
+    fn fib_words(addr: Self::Addr) -> [u64; 2];
     /// Which client and channel a peer's datagrams to an allocation go to.
     fn client_of(
         peer: Self::Addr,
@@ -774,9 +783,8 @@ impl IpVersion for Ipv4Hdr {
     }
 
     #[inline(always)]
-    fn fib_addresses(saddr: [u8; 4], daddr: [u8; 4], params: &mut bpf_fib_lookup) {
-        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    fn fib_words(addr: [u8; 4]) -> [u64; 2] {
+        [u64::from(u32::from_ne_bytes(addr)), 0]
     }
 
     #[inline(always)]
@@ -827,9 +835,12 @@ impl IpVersion for Ipv6Hdr {
     }
 
     #[inline(always)]
-    fn fib_addresses(saddr: [u8; 16], daddr: [u8; 16], params: &mut bpf_fib_lookup) {
-        params.__bindgen_anon_3.ipv6_src = words(&saddr);
-        params.__bindgen_anon_4.ipv6_dst = words(&daddr);
+    fn fib_words(addr: [u8; 16]) -> [u64; 2] {
+        let [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p] = addr;
+        [
+            u64::from_ne_bytes([a, b, c, d, e, f, g, h]),
+            u64::from_ne_bytes([i, j, k, l, m, n, o, p]),
+        ]
     }
 
     #[inline(always)]
@@ -846,17 +857,6 @@ impl IpVersion for Ipv6Hdr {
         // SAFETY: as for IPv4.
         unsafe { PEER_V6.get(key) }
     }
-}
-
-/// An IPv6 address as the kernel's four network-order words.
-#[inline(always)]
-fn words(ip: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([ip[0], ip[1], ip[2], ip[3]]),
-        u32::from_ne_bytes([ip[4], ip[5], ip[6], ip[7]]),
-        u32::from_ne_bytes([ip[8], ip[9], ip[10], ip[11]]),
-        u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-    ]
 }
 
 #[cfg(not(test))]
