@@ -515,7 +515,10 @@ where
     let new_udp_len_bytes = (new_udp_len as u16).to_be_bytes();
     // A match, not `Option::map`: at the XDP program's opt-level the
     // closure would be a call per packet.
-    #[expect(clippy::manual_map, reason = "a closure would be a call in the program")]
+    #[expect(
+        clippy::manual_map,
+        reason = "a closure would be a call in the program"
+    )]
     let added = match relay.added {
         Some(channel) => Some(ChannelHdr {
             channel,
