@@ -596,3 +596,262 @@ fn the_data_plane_follows_the_interface_address() {
     assert_eq!(from, "203.0.113.20:50000".parse().unwrap());
     assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, 1);
 }
+
+/// The entries of the pinned binding map `name`: key and value bytes, sorted.
+fn map_entries(lab: &Lab, name: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use libbpf_rs::MapCore as _;
+    let map = libbpf_rs::MapHandle::from_pinned_path(lab.pin_dir().join(name)).unwrap();
+    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = map
+        .keys()
+        .filter_map(|key| {
+            let value = map.lookup(&key, libbpf_rs::MapFlags::ANY).unwrap()?;
+            Some((key, value))
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// The two entries a binding the tests name is installed as: the
+/// client-side one and the peer-side one, as key and value bytes.
+fn entries_of(bound: &ChannelBinding) -> [(Vec<u8>, Vec<u8>); 2] {
+    use bpf_common::Pod as _;
+    let binding = proto::Binding::try_from(bound).unwrap();
+    let fields = bpf_common::BindingFields {
+        client: binding.client,
+        listener: binding.listener,
+        channel: binding.channel,
+        peer: binding.peer,
+        allocation_port: binding.allocation_port,
+    };
+    let (client_key, peer_target) = fields.client_entry();
+    let (peer_key, client_target) = fields.peer_entry();
+    [
+        (client_key.bytes().to_vec(), peer_target.as_bytes().to_vec()),
+        (peer_key.bytes().to_vec(), client_target.as_bytes().to_vec()),
+    ]
+}
+
+/// Waits until the agent's counter `reason` counts `packets`.
+fn wait_for_counter(agent: &mut Agent, reason: &str, packets: u64) {
+    wait_for(&format!("{reason} to count {packets}"), DEADLINE, || {
+        Ok((agent.counter(reason)?.0 == packets).then_some(()))
+    })
+    .unwrap();
+}
+
+/// A channel rebound to another peer (same client key, another peer and
+/// allocation port): the old peer's entry goes with the old binding, so its
+/// datagrams no longer reach the client through the kernel.
+#[test]
+fn a_rebound_channel_leaves_no_peer_entry_behind() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (client, old_peer, old) = one_channel_installed(&mut lab);
+    let mut agent = Agent::connect(&lab.dir().join("agent.sock")).unwrap();
+    let new_peer = udp(&lab.peer, IpAddr::V4(PEER_V4));
+    let new = binding(
+        client.local_addr().unwrap(),
+        0x4001,
+        new_peer.local_addr().unwrap(),
+        50001,
+    );
+    assert_eq!(agent.install(vec![new.clone()]).unwrap(), 1);
+    assert_eq!(agent.list().unwrap(), vec![new.clone()]);
+    let [client_entry, peer_entry] = entries_of(&new);
+    assert_eq!(map_entries(&lab, "CLIENT_V4"), vec![client_entry]);
+    assert_eq!(map_entries(&lab, "PEER_V4"), vec![peer_entry]);
+    assert_ne!(
+        entries_of(&old)[1].0,
+        entries_of(&new)[1].0,
+        "another peer key"
+    );
+
+    // The old peer's datagram is passed to the stack, not relayed to the client.
+    old_peer.send_to(b"stale path", (RELAY_V4, 50000)).unwrap();
+    wait_for_counter(&mut agent, "pass_unknown_peer", 1);
+    assert_eq!(agent.counter("relay_peer_to_client_v4_v4").unwrap().0, 0);
+    // The new one is relayed both ways.
+    client
+        .send_to(&channel_data(0x4001, b"to the new peer"), (RELAY_V4, 3478))
+        .unwrap();
+    let mut buffer = [0u8; 64];
+    let (len, from) = new_peer.recv_from(&mut buffer).expect("not relayed");
+    assert_eq!(&buffer[..len], b"to the new peer");
+    assert_eq!(from, SocketAddr::new(IpAddr::V4(RELAY_V4), 50001));
+    new_peer.send_to(b"back", (RELAY_V4, 50001)).unwrap();
+    let (len, _) = client.recv_from(&mut buffer).expect("not relayed back");
+    assert_eq!(&buffer[..len], &channel_data(0x4001, b"back")[..]);
+}
+
+/// Another client bound to the same peer key (same peer, same allocation
+/// port): the peer's datagrams now go to the new client, and the old
+/// client's entry, which would relay one way to that peer, goes.
+#[test]
+fn a_peer_key_taken_by_another_client_removes_the_old_clients_half() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (old_client, peer, _old) = one_channel_installed(&mut lab);
+    let mut agent = Agent::connect(&lab.dir().join("agent.sock")).unwrap();
+    let new_client = udp(&lab.client, IpAddr::V4(CLIENT_V4));
+    let new = binding(
+        new_client.local_addr().unwrap(),
+        0x4002,
+        peer.local_addr().unwrap(),
+        50000,
+    );
+    assert_eq!(agent.install(vec![new.clone()]).unwrap(), 1);
+    assert_eq!(agent.list().unwrap(), vec![new.clone()]);
+    let [client_entry, peer_entry] = entries_of(&new);
+    assert_eq!(map_entries(&lab, "CLIENT_V4"), vec![client_entry]);
+    assert_eq!(map_entries(&lab, "PEER_V4"), vec![peer_entry]);
+
+    // The old client's channel data is passed to the stack, not relayed.
+    old_client
+        .send_to(&channel_data(0x4001, b"one way"), (RELAY_V4, 3478))
+        .unwrap();
+    wait_for_counter(&mut agent, "pass_unknown_binding", 1);
+    assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, 0);
+    peer.send_to(b"to the new client", (RELAY_V4, 50000))
+        .unwrap();
+    let mut buffer = [0u8; 64];
+    let (len, _) = new_client.recv_from(&mut buffer).expect("not relayed");
+    assert_eq!(
+        &buffer[..len],
+        &channel_data(0x4002, b"to the new client")[..]
+    );
+}
+
+/// Half bindings in the maps, whatever left them (here written behind the
+/// agent's back): a peer-side entry no binding has, and a wanted binding's
+/// missing peer-side entry. Sync deletes the first and writes the second.
+#[test]
+fn sync_reconciles_the_peer_side_maps_too() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (_client, _peer, wanted) = one_channel_installed(&mut lab);
+    let orphan = binding(
+        "192.0.2.77:40000".parse().unwrap(),
+        0x4005,
+        "198.51.100.77:9000".parse().unwrap(),
+        50005,
+    );
+    let [wanted_client, wanted_peer] = entries_of(&wanted);
+    let [_, orphan_peer] = entries_of(&orphan);
+    {
+        use libbpf_rs::MapCore as _;
+        let peers = libbpf_rs::MapHandle::from_pinned_path(lab.pin_dir().join("PEER_V4")).unwrap();
+        peers
+            .update(&orphan_peer.0, &orphan_peer.1, libbpf_rs::MapFlags::ANY)
+            .unwrap();
+        peers.delete(&wanted_peer.0).unwrap();
+    }
+    assert_eq!(map_entries(&lab, "PEER_V4"), vec![orphan_peer]);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = runtime
+        .block_on(proto::connect(lab.dir().join("agent.sock")))
+        .unwrap();
+    let synced = runtime
+        .block_on(client.sync(SyncRequest {
+            generation: 1,
+            bindings: vec![wanted.clone()],
+        }))
+        .unwrap()
+        .into_inner();
+    // The repaired binding is written again; the orphan counts as removed.
+    assert_eq!((synced.added, synced.removed, synced.installed), (1, 1, 1));
+    assert_eq!(map_entries(&lab, "CLIENT_V4"), vec![wanted_client]);
+    assert_eq!(map_entries(&lab, "PEER_V4"), vec![wanted_peer]);
+    assert!(map_entries(&lab, "CLIENT_V6").is_empty());
+    assert!(map_entries(&lab, "PEER_V6").is_empty());
+}
+
+/// What the pinned binding map `name` holds at `key`, and how many entries it has.
+fn map_lookup(lab: &Lab, name: &str, key: &[u8]) -> (Option<Vec<u8>>, usize) {
+    use libbpf_rs::MapCore as _;
+    let map = libbpf_rs::MapHandle::from_pinned_path(lab.pin_dir().join(name)).unwrap();
+    let value = map.lookup(key, libbpf_rs::MapFlags::ANY).unwrap();
+    (value, map.keys().count())
+}
+
+/// With every map full, a rebound channel still fits (its old peer entry
+/// makes room for the new one), and a batch that fails midway puts back
+/// what it displaced as well as what it wrote.
+#[test]
+fn a_rebind_in_full_maps_fits_and_a_failed_batch_restores_what_it_displaced() {
+    if !tests::privileged() {
+        return;
+    }
+    const CAPACITY: u32 = 65_536;
+    let nth = |i: u32| {
+        let client = SocketAddr::new(IpAddr::from([192, 0, 2, 2 + (i / 60_000) as u8]), 1);
+        let peer = SocketAddr::new(IpAddr::from([198, 51, 100, 2 + (i / 60_000) as u8]), 9);
+        let port = 1 + (i % 60_000) as u16;
+        binding(
+            SocketAddr::new(client.ip(), port),
+            0x4001,
+            SocketAddr::new(peer.ip(), port),
+            50_000,
+        )
+    };
+    let mut lab = Lab::new().unwrap();
+    let mut agent = start(&mut lab);
+    for batch in (0..CAPACITY).collect::<Vec<_>>().chunks(4096) {
+        agent
+            .install(batch.iter().map(|&i| nth(i)).collect())
+            .unwrap();
+    }
+    let old = nth(0);
+    let rebound = ChannelBinding {
+        peer: "198.51.100.250:7".into(),
+        allocation_port: 50001,
+        ..old.clone()
+    };
+    let fresh = binding(
+        "192.0.2.250:1".parse().unwrap(),
+        0x4001,
+        "198.51.100.251:7".parse().unwrap(),
+        50002,
+    );
+    let [old_client, old_peer] = entries_of(&old);
+    let [new_client, new_peer] = entries_of(&rebound);
+    let full = CAPACITY as usize;
+
+    let refused = agent
+        .install(vec![rebound.clone(), fresh.clone()])
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let client_map = map_lookup(&lab, "CLIENT_V4", &old_client.0);
+    assert_eq!(client_map, (Some(old_client.1.clone()), full));
+    assert_eq!(
+        map_lookup(&lab, "PEER_V4", &old_peer.0),
+        (Some(old_peer.1.clone()), full),
+        "the displaced peer entry is back"
+    );
+    assert_eq!(map_lookup(&lab, "PEER_V4", &new_peer.0).0, None);
+
+    // Alone, the rebind fits: the old peer entry made room for the new one.
+    assert_eq!(
+        agent.install(vec![rebound.clone()]).unwrap(),
+        u64::from(CAPACITY)
+    );
+    assert_eq!(
+        map_lookup(&lab, "CLIENT_V4", &new_client.0),
+        (Some(new_client.1), full)
+    );
+    assert_eq!(
+        map_lookup(&lab, "PEER_V4", &new_peer.0),
+        (Some(new_peer.1), full)
+    );
+    assert_eq!(map_lookup(&lab, "PEER_V4", &old_peer.0).0, None);
+}

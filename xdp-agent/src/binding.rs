@@ -1,9 +1,10 @@
 //! Channel bindings as the agent checks them against its configuration and
 //! lays them out in the kernel's maps.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use bpf_common::{BindingFields, PeerTarget};
+use bpf_common::{BindingFields, ClientTarget, MapKey, PeerTarget, Pod};
 use proto::{Binding, BindingError};
 
 /// What bindings are checked against.
@@ -131,6 +132,108 @@ pub fn from_client_entry(key: &[u8], target: &PeerTarget) -> Option<Binding> {
         allocation_port: fields.allocation_port,
         listener: fields.listener,
     })
+}
+
+/// An entry to delete only while it still holds `value`: the half of an
+/// older binding that a new one cut off. Should it hold anything else by
+/// then, it belongs to yet another binding, which must keep it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Displaced {
+    /// The entry's key.
+    pub key: MapKey,
+    /// The value it must hold to be deleted.
+    pub value: Vec<u8>,
+}
+
+/// The client-side key a peer-side value answers for. The value names the
+/// client, listener and channel, which is all a client-side key is made of;
+/// the peer fields below only fill the struct and are not part of the key.
+pub fn client_key_of(target: &ClientTarget) -> Option<MapKey> {
+    let client = target.client()?;
+    let fields = BindingFields {
+        client,
+        listener: target.listener()?,
+        channel: u16::from_be_bytes(target.channel),
+        peer: client,
+        allocation_port: 0,
+    };
+    Some(fields.client_entry().0)
+}
+
+/// The peer-side key a client-side value points at: the value names the
+/// peer and allocation port, which is all a peer-side key is made of; the
+/// client fields below only fill the struct.
+pub fn peer_key_of(target: &PeerTarget) -> Option<MapKey> {
+    let peer = SocketAddr::new(target.peer()?, u16::from_be_bytes(target.peer_port));
+    let fields = BindingFields {
+        client: peer,
+        listener: peer,
+        channel: 0,
+        peer,
+        allocation_port: u16::from_be_bytes(target.allocation_port),
+    };
+    Some(fields.peer_entry().0)
+}
+
+/// What writing `binding` over the values its keys held (`at_client` at its
+/// client-side key, `at_peer` at its peer-side key) leaves without its other
+/// half, and so must go with them:
+///
+/// - its client key pointed at another peer key: that peer entry, while it
+///   still answers for this client key, would go on relaying the old peer's
+///   datagrams to the client;
+/// - its peer key answered for another client key: that client entry, while
+///   it still points at this peer key, would go on relaying one way to a
+///   peer whose replies now reach another client.
+pub fn displaced(
+    binding: &Binding,
+    at_client: Option<&PeerTarget>,
+    at_peer: Option<&ClientTarget>,
+) -> Vec<Displaced> {
+    let (client_key, peer_target) = fields(binding).client_entry();
+    let (peer_key, client_target) = fields(binding).peer_entry();
+    let mut displaced = Vec::new();
+    if let Some(old) = at_client.filter(|old| **old != peer_target)
+        && let Some(key) = peer_key_of(old)
+        && key != peer_key
+    {
+        displaced.push(Displaced {
+            key,
+            value: client_target.as_bytes().to_vec(),
+        });
+    }
+    if let Some(old) = at_peer.filter(|old| **old != client_target)
+        && let Some(key) = client_key_of(old)
+        && key != client_key
+    {
+        displaced.push(Displaced {
+            key,
+            value: peer_target.as_bytes().to_vec(),
+        });
+    }
+    displaced
+}
+
+/// The keys of the peer-side `entries` (key and value bytes, as a peer map
+/// holds them) that are not exactly the peer entry of a `wanted` binding.
+/// Whatever left them (a replaced binding, a crash between two writes, an
+/// older agent), they relay a peer to a client nobody asked for.
+pub fn orphans(
+    wanted: &[Binding],
+    entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+) -> Vec<Vec<u8>> {
+    let kept: HashSet<(Vec<u8>, Vec<u8>)> = wanted
+        .iter()
+        .map(|binding| {
+            let (key, target) = fields(binding).peer_entry();
+            (key.bytes().to_vec(), target.as_bytes().to_vec())
+        })
+        .collect();
+    entries
+        .into_iter()
+        .filter(|entry| !kept.contains(entry))
+        .map(|(key, _)| key)
+        .collect()
 }
 
 /// Whether `ip` can serve as the relay's address.
@@ -286,5 +389,108 @@ mod tests {
             message,
             "allocation port 1 is outside the range 49152-65535"
         );
+    }
+
+    fn bound(client: &str, channel: u16, peer: &str, port: u16) -> Binding {
+        limits()
+            .check(&request(client, u32::from(channel), peer, u32::from(port)))
+            .unwrap()
+    }
+
+    /// The values a binding's two keys hold once it is installed.
+    fn values(binding: &Binding) -> (PeerTarget, ClientTarget) {
+        (
+            fields(binding).client_entry().1,
+            fields(binding).peer_entry().1,
+        )
+    }
+
+    #[test]
+    fn keys_pointed_at_by_values_are_the_bindings_own_in_every_family_pair() {
+        for (client, peer) in [
+            ("192.0.2.10:40000", "198.51.100.7:9000"),
+            ("192.0.2.10:40000", "[2001:db8:3::7]:9000"),
+            ("[2001:db8:1::10]:40000", "198.51.100.7:9000"),
+            ("[2001:db8:1::10]:40000", "[2001:db8:3::7]:9000"),
+        ] {
+            let binding = bound(client, 0x4001, peer, 50000);
+            let (client_key, peer_target) = fields(&binding).client_entry();
+            let (peer_key, client_target) = fields(&binding).peer_entry();
+            assert_eq!(peer_key_of(&peer_target), Some(peer_key));
+            assert_eq!(client_key_of(&client_target), Some(client_key));
+        }
+    }
+
+    #[test]
+    fn a_replaced_client_key_displaces_the_old_peer_entry_only_if_it_answers_for_it() {
+        let old = bound("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000);
+        let new = bound("192.0.2.10:40000", 0x4001, "[2001:db8:3::8]:9001", 50001);
+        let (old_target, _) = values(&old);
+        let displaced = displaced(&new, Some(&old_target), None);
+        assert_eq!(
+            displaced,
+            vec![Displaced {
+                key: fields(&old).peer_entry().0,
+                // Deleted only while it still answers for the client key.
+                value: values(&new).1.as_bytes().to_vec(),
+            }]
+        );
+        assert_eq!(displaced[0].value, values(&old).1.as_bytes());
+        // Writing the same binding again displaces nothing.
+        let (same_target, same_client) = values(&new);
+        assert!(super::displaced(&new, Some(&same_target), Some(&same_client)).is_empty());
+        assert!(super::displaced(&new, None, None).is_empty());
+    }
+
+    #[test]
+    fn a_replaced_peer_key_displaces_the_old_client_entry_only_if_it_points_there() {
+        let old = bound("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000);
+        let new = bound("[2001:db8:1::11]:40001", 0x4002, "198.51.100.7:9000", 50000);
+        let (_, old_client) = values(&old);
+        let displaced = displaced(&new, None, Some(&old_client));
+        assert_eq!(
+            displaced,
+            vec![Displaced {
+                key: fields(&old).client_entry().0,
+                value: values(&new).0.as_bytes().to_vec(),
+            }]
+        );
+        assert_eq!(displaced[0].value, values(&old).0.as_bytes());
+    }
+
+    #[test]
+    fn a_binding_replacing_two_others_displaces_a_half_of_each() {
+        let first = bound("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000);
+        let second = bound("192.0.2.11:40000", 0x4001, "198.51.100.8:9000", 50001);
+        // Takes the first's client key and the second's peer key.
+        let new = bound("192.0.2.10:40000", 0x4001, "198.51.100.8:9000", 50001);
+        let keys: Vec<MapKey> = displaced(&new, Some(&values(&first).0), Some(&values(&second).1))
+            .into_iter()
+            .map(|displaced| displaced.key)
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                fields(&first).peer_entry().0,
+                fields(&second).client_entry().0
+            ]
+        );
+    }
+
+    #[test]
+    fn orphans_are_the_peer_entries_no_wanted_binding_has() {
+        let a = bound("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000);
+        let b = bound("192.0.2.11:40000", 0x4001, "[2001:db8:3::7]:9000", 50001);
+        let gone = bound("192.0.2.12:40000", 0x4001, "198.51.100.9:9000", 50002);
+        let entry = |binding: &Binding| {
+            let (key, target) = fields(binding).peer_entry();
+            (key.bytes().to_vec(), target.as_bytes().to_vec())
+        };
+        // a's peer key, but answering for another client: not a's entry.
+        let (a_key, _) = entry(&a);
+        let hijacked = (a_key.clone(), entry(&gone).1);
+        let found = orphans(&[a, b], [entry(&b), entry(&gone), hijacked]);
+        assert_eq!(found, vec![entry(&gone).0, a_key]);
+        assert!(orphans(&[a, b], [entry(&a), entry(&b)]).is_empty());
     }
 }

@@ -129,17 +129,23 @@ impl DataPlane for Service {
             (|| {
                 let request = request.get_ref();
                 let bindings = self.check(&request.bindings)?;
-                let (added, removed) = self.state.maps.sync(&bindings).map_err(map_status)?;
+                let synced = self.state.maps.sync(&bindings).map_err(map_status)?;
                 self.state.set_generation(request.generation);
                 let installed = self.state.maps.installed();
                 info!(
                     generation = request.generation,
-                    added, removed, installed, "bindings synced"
+                    added = synced.added,
+                    removed = synced.removed,
+                    orphans = synced.orphans,
+                    installed,
+                    "bindings synced"
                 );
+                // An orphan is half of a binding that is not in the set: it
+                // counts as removed, the response having no figure of its own.
                 Ok(Response::new(SyncResponse {
                     generation: request.generation,
-                    added,
-                    removed,
+                    added: synced.added,
+                    removed: synced.removed + synced.orphans,
                     installed,
                 }))
             })(),

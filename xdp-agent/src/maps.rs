@@ -10,12 +10,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, bail};
-use bpf_common::{Counter, KernelConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict};
+use bpf_common::{
+    ClientTarget, Counter, KernelConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict,
+};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, PrintLevel};
 use tracing::{debug, info, warn};
 
-use crate::binding::{fields, from_client_entry};
+use crate::binding::{displaced, fields, from_client_entry, orphans};
 use bpf_common::MapKey;
 use daemon::lock;
 use proto::Binding;
@@ -236,17 +238,77 @@ impl Maps {
             .sum())
     }
 
-    /// Replaces every binding with `wanted`: writes what is missing or
-    /// different, removes what is not wanted. Returns (added, removed).
-    pub fn sync(&self, wanted: &[Binding]) -> Result<(u64, u64), MapError> {
-        let current: HashSet<Binding> = self.bindings()?.into_iter().collect();
+    /// Replaces every binding with `wanted`, both directions of every
+    /// family: removes the bindings not wanted, writes the wanted ones that
+    /// are missing or have a half missing or different, then deletes every
+    /// peer-side entry that is not a wanted binding's (an orphan, whatever
+    /// left it). Runs under the write lock throughout, so that no install
+    /// in between is mistaken for an orphan.
+    pub fn sync(&self, wanted: &[Binding]) -> Result<Synced, MapError> {
+        let _guard = lock(&self.write_lock);
         let wanted_set: HashSet<Binding> = wanted.iter().copied().collect();
-        let missing: Vec<Binding> = wanted_set.difference(&current).copied().collect();
-        let stale: Vec<Binding> = current.difference(&wanted_set).copied().collect();
+        let stale: Vec<Binding> = self
+            .bindings()?
+            .into_iter()
+            .filter(|binding| !wanted_set.contains(binding))
+            .collect();
         // Remove first: a stale binding may hold the peer-side key a wanted one needs.
-        let removed = self.remove(&stale)?;
-        self.install(&missing)?;
-        Ok((missing.len() as u64, removed))
+        let removed = self.remove_locked(&stale)?;
+        // In the caller's order, so that of two wanted bindings that displace
+        // each other the later one wins, as in one InstallChannelBinding.
+        let mut seen = HashSet::new();
+        let mut incomplete = Vec::new();
+        for binding in wanted {
+            if seen.insert(*binding) && !self.is_complete(binding)? {
+                incomplete.push(*binding);
+            }
+        }
+        self.install_locked(&incomplete)?;
+        let orphans = self.delete_orphans(wanted)?;
+        Ok(Synced {
+            added: incomplete.len() as u64,
+            removed,
+            orphans,
+        })
+    }
+
+    /// Whether both halves of `binding` are in the maps, each as it writes them.
+    fn is_complete(&self, binding: &Binding) -> Result<bool, MapError> {
+        let (client_key, peer_target) = fields(binding).client_entry();
+        let (peer_key, client_target) = fields(binding).peer_entry();
+        Ok(self.holds(&client_key, peer_target.as_bytes())?
+            && self.holds(&peer_key, client_target.as_bytes())?)
+    }
+
+    /// Whether `key` holds exactly `value`.
+    fn holds(&self, key: &MapKey, value: &[u8]) -> Result<bool, MapError> {
+        let held = self.map(key).lookup(key.bytes(), MapFlags::ANY)?;
+        Ok(held.as_deref() == Some(value))
+    }
+
+    /// Deletes the peer-side entries that are not a `wanted` binding's;
+    /// returns how many. Called with the write lock held.
+    fn delete_orphans(&self, wanted: &[Binding]) -> Result<u64, MapError> {
+        let mut deleted = 0;
+        for map in [&self.peer_v4, &self.peer_v6] {
+            let mut entries = Vec::new();
+            for key in map.keys() {
+                if let Some(value) = map.lookup(&key, MapFlags::ANY)? {
+                    entries.push((key, value));
+                }
+            }
+            for key in orphans(wanted, entries) {
+                match map.delete(&key) {
+                    Ok(()) => deleted += 1,
+                    Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                    Err(error) => return Err(MapError::Kernel(error)),
+                }
+            }
+        }
+        if deleted > 0 {
+            warn!(deleted, "orphaned peer-side entries deleted");
+        }
+        Ok(deleted)
     }
 
     /// The most bindings each map holds.
@@ -277,74 +339,99 @@ impl Maps {
     }
 
     /// Installs bindings, both directions of each, all or none: on failure
-    /// every entry already written is restored to what it was. Returns how
-    /// many bindings the maps hold after.
+    /// every entry already written or deleted is restored to what it was.
+    /// A binding that replaces another's client-side or peer-side key takes
+    /// the other half of the replaced binding with it ([`displaced`]), so
+    /// that nothing is left relaying one way. Returns how many bindings the
+    /// maps hold after.
     pub fn install(&self, bindings: &[Binding]) -> Result<u64, MapError> {
         let _guard = lock(&self.write_lock);
-        let mut undo: Vec<(&MapHandle, MapKey, Option<Vec<u8>>)> = Vec::new();
-        let mut new_clients = 0u64;
-        let mut write = |key: MapKey, value: &[u8]| -> Result<(), MapError> {
-            let map = self.map(&key);
-            let previous = map.lookup(key.bytes(), MapFlags::ANY)?;
-            map.update(key.bytes(), value, MapFlags::ANY)
-                .map_err(|error| match error.kind() {
-                    libbpf_rs::ErrorKind::TooBig => MapError::Full {
-                        capacity: map.max_entries(),
-                    },
-                    _ => MapError::Kernel(error),
-                })?;
-            if previous.is_none() && key.is_client() {
-                new_clients += 1;
+        self.install_locked(bindings)?;
+        Ok(self.installed())
+    }
+
+    /// [`Maps::install`], with the write lock held.
+    fn install_locked(&self, bindings: &[Binding]) -> Result<(), MapError> {
+        let mut journal = Journal::default();
+        let result = bindings
+            .iter()
+            .try_for_each(|binding| self.install_one(&mut journal, binding));
+        match result {
+            Ok(()) => {
+                journal.commit(&self.installed);
+                Ok(())
             }
-            undo.push((map, key, previous));
-            Ok(())
-        };
-        let result = bindings.iter().try_for_each(|binding| {
-            let (client_key, peer_target) = fields(binding).client_entry();
-            let (peer_key, client_target) = fields(binding).peer_entry();
-            write(client_key, peer_target.as_bytes())?;
-            write(peer_key, client_target.as_bytes())?;
-            debug!(%binding, "binding installed");
-            Ok(())
-        });
-        if let Err(error) = result {
-            for (map, key, previous) in undo.into_iter().rev() {
-                let _ = match previous {
-                    Some(value) => map.update(key.bytes(), &value, MapFlags::ANY),
-                    None => map.delete(key.bytes()),
-                };
+            Err(error) => {
+                journal.roll_back(self);
+                Err(error)
             }
-            return Err(error);
         }
-        Ok(self.installed.fetch_add(new_clients, Ordering::Relaxed) + new_clients)
+    }
+
+    /// Writes both halves of `binding` and deletes what they displace, each
+    /// change in `journal`.
+    fn install_one(&self, journal: &mut Journal, binding: &Binding) -> Result<(), MapError> {
+        let (client_key, peer_target) = fields(binding).client_entry();
+        let (peer_key, client_target) = fields(binding).peer_entry();
+        let at_client = self
+            .map(&client_key)
+            .lookup(client_key.bytes(), MapFlags::ANY)?;
+        let at_peer = self
+            .map(&peer_key)
+            .lookup(peer_key.bytes(), MapFlags::ANY)?;
+        let at_client = at_client.as_deref().and_then(PeerTarget::from_bytes);
+        let at_peer = at_peer.as_deref().and_then(ClientTarget::from_bytes);
+        for stale in displaced(binding, at_client.as_ref(), at_peer.as_ref()) {
+            if self.holds(&stale.key, &stale.value)? {
+                journal.delete(self, stale.key)?;
+                debug!(%binding, map = stale.key.map_name(), "displaced half binding deleted");
+            }
+        }
+        journal.write(self, client_key, peer_target.as_bytes())?;
+        journal.write(self, peer_key, client_target.as_bytes())?;
+        debug!(%binding, "binding installed");
+        Ok(())
     }
 
     /// Removes bindings, both directions; returns how many were present.
+    /// A half that holds another binding's value is that binding's and stays.
     pub fn remove(&self, bindings: &[Binding]) -> Result<u64, MapError> {
         let _guard = lock(&self.write_lock);
+        self.remove_locked(bindings)
+    }
+
+    /// [`Maps::remove`], with the write lock held.
+    fn remove_locked(&self, bindings: &[Binding]) -> Result<u64, MapError> {
         let mut removed = 0;
         for binding in bindings {
-            let (client_key, _) = fields(binding).client_entry();
-            let (peer_key, _) = fields(binding).peer_entry();
-            let mut present = false;
-            for key in [client_key, peer_key] {
-                match self.map(&key).delete(key.bytes()) {
-                    Ok(()) => {
-                        present = true;
-                        if key.is_client() {
-                            self.installed.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                    Err(error) => return Err(MapError::Kernel(error)),
-                }
-            }
-            if present {
+            let (client_key, peer_target) = fields(binding).client_entry();
+            let (peer_key, client_target) = fields(binding).peer_entry();
+            let client = self.delete_if_holds(&client_key, peer_target.as_bytes())?;
+            let peer = self.delete_if_holds(&peer_key, client_target.as_bytes())?;
+            if client || peer {
                 removed += 1;
                 debug!(%binding, "binding removed");
             }
         }
         Ok(removed)
+    }
+
+    /// Deletes `key` if it holds `value`; returns whether it did. Called with
+    /// the write lock held, so nothing changes the entry in between.
+    fn delete_if_holds(&self, key: &MapKey, value: &[u8]) -> Result<bool, MapError> {
+        if !self.holds(key, value)? {
+            return Ok(false);
+        }
+        match self.map(key).delete(key.bytes()) {
+            Ok(()) => {
+                if key.is_client() {
+                    self.installed.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(true)
+            }
+            Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(MapError::Kernel(error)),
+        }
     }
 
     /// Every installed binding, read from the client-side maps.
@@ -402,6 +489,80 @@ impl Maps {
             .filter(|(reason, _)| reason.verdict() == Verdict::Tx)
             .map(|(_, counter)| counter)
             .sum())
+    }
+}
+
+/// What [`Maps::sync`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    /// Wanted bindings written: missing, or with a half missing or different.
+    pub added: u64,
+    /// Bindings removed because they were not wanted.
+    pub removed: u64,
+    /// Peer-side entries deleted because no wanted binding had them.
+    pub orphans: u64,
+}
+
+/// The entries a batch of installs changed, each with what it held before,
+/// so that a failed batch puts every one back; and the net change in
+/// client-side entries, applied to the count only once the batch succeeded.
+#[derive(Debug, Default)]
+struct Journal {
+    changes: Vec<(MapKey, Option<Vec<u8>>)>,
+    clients: i64,
+}
+
+impl Journal {
+    /// Writes `value` at `key`.
+    fn write(&mut self, maps: &Maps, key: MapKey, value: &[u8]) -> Result<(), MapError> {
+        let map = maps.map(&key);
+        let previous = map.lookup(key.bytes(), MapFlags::ANY)?;
+        map.update(key.bytes(), value, MapFlags::ANY)
+            .map_err(|error| match error.kind() {
+                libbpf_rs::ErrorKind::TooBig => MapError::Full {
+                    capacity: map.max_entries(),
+                },
+                _ => MapError::Kernel(error),
+            })?;
+        if previous.is_none() && key.is_client() {
+            self.clients += 1;
+        }
+        self.changes.push((key, previous));
+        Ok(())
+    }
+
+    /// Deletes `key`, which holds a value.
+    fn delete(&mut self, maps: &Maps, key: MapKey) -> Result<(), MapError> {
+        let map = maps.map(&key);
+        let Some(previous) = map.lookup(key.bytes(), MapFlags::ANY)? else {
+            return Ok(());
+        };
+        map.delete(key.bytes())?;
+        if key.is_client() {
+            self.clients -= 1;
+        }
+        self.changes.push((key, Some(previous)));
+        Ok(())
+    }
+
+    /// The batch succeeded: counts its client-side entries.
+    fn commit(self, installed: &AtomicU64) {
+        if self.clients >= 0 {
+            installed.fetch_add(self.clients.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            installed.fetch_sub(self.clients.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    /// The batch failed: every entry goes back to what it held, newest first.
+    fn roll_back(self, maps: &Maps) {
+        for (key, previous) in self.changes.into_iter().rev() {
+            let map = maps.map(&key);
+            let _ = match previous {
+                Some(value) => map.update(key.bytes(), &value, MapFlags::ANY),
+                None => map.delete(key.bytes()),
+            };
+        }
     }
 }
 
