@@ -7,9 +7,18 @@
 //! bindings the data plane should hold ([`ToAgent::Sync`]); the link sends their union as one
 //! Sync RPC, holding back installs and removals until it has gone out so that none of them is
 //! undone by it.
+//!
+//! The threads never wait for the link, so the queue between them can be full. An install
+//! that does not fit is answered as failed at once (user space relays that channel); a
+//! removal that does not fit would leave a binding in the kernel that the daemon no longer
+//! holds, so it marks the link as needing a full sync instead, which the link starts within
+//! [`CHECK_INTERVAL`]. A thread's sync part waits for room rather than being dropped, so a
+//! round always completes. A Sync the agent refuses is tried again after a backoff.
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -31,7 +40,7 @@ pub enum ToAgent {
     /// Remove one binding; no answer.
     Remove(ChannelBinding),
     /// One thread's full set of bindings, its answer to [`FromAgent::Connected`]. Once every
-    /// thread answered, their union goes out as one Sync RPC; failures are logged.
+    /// thread answered, their union goes out as one Sync RPC; a refused one is retried.
     Sync {
         /// The sending thread.
         thread: usize,
@@ -73,26 +82,96 @@ pub struct DataPlaneConfig {
     pub relay_ipv6: Option<std::net::Ipv6Addr>,
 }
 
+/// The queue from the event-loop threads to the link, `capacity` requests long: each
+/// thread gets a clone of the first end, [`run`] takes the second.
+pub fn queue(capacity: usize) -> (AgentQueue, Requests) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let resync = Arc::new(AtomicBool::new(false));
+    let queue = AgentQueue {
+        tx,
+        resync: Arc::clone(&resync),
+    };
+    (queue, Requests { rx, resync })
+}
+
+/// An event-loop thread's end of the queue to the link. Nothing on the packet path waits
+/// for the link, so nothing here blocks; what does not fit is accounted for.
+#[derive(Debug, Clone)]
+pub struct AgentQueue {
+    tx: mpsc::Sender<ToAgent>,
+    /// Raised by a removal that did not fit: the agent may still hold that binding, and
+    /// only a full Sync takes it out.
+    resync: Arc<AtomicBool>,
+}
+
+impl AgentQueue {
+    /// Queues an install; false when the queue is full (the install is not going to the
+    /// agent: the caller relays that channel in user space).
+    pub fn install(&self, thread: usize, binding: ChannelBinding) -> bool {
+        self.tx
+            .try_send(ToAgent::Install { thread, binding })
+            .is_ok()
+    }
+
+    /// Queues a removal or, when it does not fit, marks the link as needing a full sync:
+    /// the threads' parts of the next round no longer hold the binding, so the Sync takes
+    /// it out of the data plane.
+    pub fn remove(&self, binding: ChannelBinding) {
+        if self.tx.try_send(ToAgent::Remove(binding)).is_err() {
+            if self.resync.swap(true, Ordering::AcqRel) {
+                tracing::debug!(%binding, "agent queue full, removal dropped");
+            } else {
+                tracing::warn!(%binding, "agent queue full, removal dropped; a full sync follows");
+            }
+        }
+    }
+
+    /// Room for one request (a sync part), if the queue has it now.
+    pub fn try_slot(&self) -> Option<mpsc::OwnedPermit<ToAgent>> {
+        self.tx.clone().try_reserve_owned().ok()
+    }
+
+    /// Room for one request once the link has taken some; never ready when the link is gone.
+    pub async fn slot(&self) -> mpsc::OwnedPermit<ToAgent> {
+        match self.tx.clone().reserve_owned().await {
+            Ok(permit) => permit,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// The link's end of the queue from the event-loop threads.
+#[derive(Debug)]
+pub struct Requests {
+    rx: mpsc::Receiver<ToAgent>,
+    /// Shared with every [`AgentQueue`].
+    resync: Arc<AtomicBool>,
+}
+
 /// Runs the link until `requests` closes (after every thread's shutdown drain), then
 /// returns once what was queued has been sent or dropped. `events[i]` reaches thread `i`.
 pub async fn run(
     path: PathBuf,
     config: DataPlaneConfig,
-    mut requests: mpsc::Receiver<ToAgent>,
+    requests: Requests,
     events: Vec<mpsc::Sender<FromAgent>>,
 ) {
-    let mut link = Link::new(path, config, events);
+    let Requests { mut rx, resync } = requests;
+    let mut link = Link::new(path, config, events, resync);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         link.connect_when_due().await;
+        // Also between requests: a busy queue (when removals get dropped) must not put
+        // the forced sync off.
+        link.maintain().await;
         tokio::select! {
-            n = requests.recv_many(&mut batch, MAX_BATCH) => {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => {
                 if n == 0 {
-                    return;
+                    return link.finish().await;
                 }
                 link.handle_requests(batch.drain(..)).await;
             }
-            () = tokio::time::sleep_until(link.wake()) => link.probe().await,
+            () = tokio::time::sleep_until(link.wake()) => {}
         }
     }
 }
@@ -104,6 +183,12 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest time one RPC may take before the agent counts as gone.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the link looks for dropped removals, and the least time between two syncs
+/// they force: the full sync follows a drop within a second, and a queue that keeps
+/// overflowing does not turn into back-to-back full syncs.
+const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// First and longest wait before a refused Sync is tried again.
+const SYNC_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// Bindings per RPC.
 const MAX_BATCH: usize = 256;
 
@@ -124,14 +209,32 @@ struct Link {
     /// The latest sync round announced to the threads.
     round: u64,
     pending: Option<PendingSync>,
+    /// Raised by the threads when a removal did not fit in the queue ([`AgentQueue`]).
+    resync: Arc<AtomicBool>,
+    /// The earliest time a full sync forced by dropped removals may start.
+    next_forced: Instant,
+    /// When to send the next Health probe.
+    next_probe: Instant,
+    /// When to try again a Sync the agent refused.
+    retry_at: Option<Instant>,
+    /// The wait before the next retry of a refused Sync.
+    sync_backoff: Duration,
 }
 
 impl Link {
-    fn new(path: PathBuf, config: DataPlaneConfig, events: Vec<mpsc::Sender<FromAgent>>) -> Self {
+    fn new(
+        path: PathBuf,
+        config: DataPlaneConfig,
+        events: Vec<mpsc::Sender<FromAgent>>,
+        resync: Arc<AtomicBool>,
+    ) -> Self {
         // Sync generations grow across restarts of this daemon too.
         let generation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs());
+        // Exported from the start, so that a rate over them has a series before the first.
+        metrics::counter!(name::AGENT_SYNCS_FORCED).increment(0);
+        metrics::counter!(name::AGENT_SYNC_RETRIES).increment(0);
         Self {
             path,
             config,
@@ -143,15 +246,49 @@ impl Link {
             synced: None,
             round: 0,
             pending: None,
+            resync,
+            next_forced: Instant::now(),
+            next_probe: Instant::now(),
+            retry_at: None,
+            sync_backoff: SYNC_BACKOFF.0,
         }
     }
 
-    /// When [`run`] wakes without requests: to probe the agent, or to connect again.
+    /// When [`run`] wakes without requests: to look for dropped removals, retry a refused
+    /// Sync or probe the agent ([`Link::maintain`]), or to connect again.
     fn wake(&self) -> Instant {
-        if self.client.is_some() {
-            Instant::now() + PROBE_INTERVAL
-        } else {
-            self.next_attempt
+        if self.client.is_none() {
+            return self.next_attempt;
+        }
+        let check = Instant::now() + CHECK_INTERVAL;
+        self.retry_at
+            .map_or(check, |at| at.min(check))
+            .min(self.next_probe)
+    }
+
+    /// While connected: a full sync when removals were dropped (once the round under way,
+    /// if any, is done: its parts may predate the drop), the retry of a refused Sync when
+    /// due, and the Health probe every [`PROBE_INTERVAL`].
+    async fn maintain(&mut self) {
+        if self.client.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        if self.pending.is_none() && now >= self.next_forced && self.resync.load(Ordering::Acquire)
+        {
+            self.next_forced = now + CHECK_INTERVAL;
+            metrics::counter!(name::AGENT_SYNCS_FORCED).increment(1);
+            tracing::info!("removals did not fit in the queue to the xdp-agent; full sync");
+            return self.start_round().await;
+        }
+        if self.retry_at.is_some_and(|at| now >= at) {
+            metrics::counter!(name::AGENT_SYNC_RETRIES).increment(1);
+            tracing::info!("retrying the full sync the xdp-agent refused");
+            return self.start_round().await;
+        }
+        if now >= self.next_probe {
+            self.next_probe = now + PROBE_INTERVAL;
+            self.probe().await;
         }
     }
 
@@ -187,6 +324,7 @@ impl Link {
         self.client = Some(client);
         self.synced = None;
         self.backoff = BACKOFF.0;
+        self.next_probe = Instant::now() + PROBE_INTERVAL;
         metrics::gauge!(name::AGENT_CONNECTED).set(1.0);
         self.start_round().await;
     }
@@ -196,8 +334,12 @@ impl Link {
         self.backoff = (self.backoff * 2).min(BACKOFF.1);
     }
 
-    /// Asks every thread for its part of a new full sync.
+    /// Asks every thread for its part of a new full sync. Whatever else asked for one (a
+    /// dropped removal, a refused Sync) is covered by it: the parts are taken after this
+    /// point, so they reflect every removal dropped before it.
     async fn start_round(&mut self) {
+        self.resync.store(false, Ordering::Release);
+        self.retry_at = None;
         self.round += 1;
         let round = self.round;
         self.pending = Some(PendingSync::start(
@@ -244,12 +386,14 @@ impl Link {
         // In arrival order: an Install followed by the Remove of the same binding (a
         // ChannelBind, then at once a Refresh with lifetime 0) must not leave it installed.
         for op in ops.by_ref() {
+            let sync = matches!(op, Op::Sync(_));
             match self.send(op).await {
                 Ok(()) => {}
                 Err(error @ RpcError::Gone(_)) => {
                     Ops(ops.collect()).abandon(&self.events).await;
                     return self.lost(&error).await;
                 }
+                Err(RpcError::Rejected(reason)) if sync => self.sync_refused(&reason),
                 // A refused request (a full map, say) fails alone.
                 Err(RpcError::Rejected(reason)) => {
                     metrics::counter!(name::AGENT_RPC_ERRORS).increment(1);
@@ -293,6 +437,7 @@ impl Link {
                 };
                 rpc(client.sync(request)).await?;
                 self.synced = Some(generation);
+                self.sync_backoff = SYNC_BACKOFF.0;
                 tracing::info!(
                     bindings = all.len(),
                     generation,
@@ -300,6 +445,33 @@ impl Link {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// The agent refused a Sync (a map too small for every binding, or a binding it found
+    /// invalid): its state is not ours, so a new round follows after a backoff, for as long
+    /// as it stays connected. The requests held for the round go out regardless.
+    fn sync_refused(&mut self, reason: &str) {
+        metrics::counter!(name::AGENT_RPC_ERRORS).increment(1);
+        let delay = self.sync_backoff;
+        self.retry_at = Some(Instant::now() + delay);
+        self.sync_backoff = (delay * 2).min(SYNC_BACKOFF.1);
+        tracing::warn!(%reason, retry_in = ?delay, "xdp-agent refused the full sync; retrying");
+    }
+
+    /// Every thread has ended, each having removed all its bindings. If a removal did not
+    /// fit in the queue, or the agent's state was waiting for a Sync (a round under way, a
+    /// refused Sync), an empty Sync takes out what the agent may still hold.
+    async fn finish(&mut self) {
+        let unfinished = self.pending.take().is_some();
+        let refused = self.retry_at.take().is_some();
+        let dropped = self.resync.swap(false, Ordering::AcqRel);
+        if self.client.is_none() || !(unfinished || refused || dropped) {
+            return;
+        }
+        if let Err(error) = self.send(Op::Sync(Vec::new())).await {
+            metrics::counter!(name::AGENT_RPC_ERRORS).increment(1);
+            tracing::warn!(%error, "xdp-agent's last full sync failed; it may keep stale bindings");
         }
     }
 
@@ -314,6 +486,8 @@ impl Link {
             "lost the xdp-agent; relaying in user space until it is back"
         );
         self.client = None;
+        // The round after the reconnect replaces the one a refused Sync was waiting for.
+        self.retry_at = None;
         broadcast(&self.events, || FromAgent::Disconnected).await;
         if let Some(p) = self.pending.take() {
             let mut ops = Ops::default();
@@ -707,5 +881,68 @@ mod tests {
             .map(|b| b.channel.value())
             .collect();
         assert_eq!(union, vec![0x4000, 0x4002, 0x4003]);
+    }
+
+    fn link(events: Vec<mpsc::Sender<FromAgent>>, resync: Arc<AtomicBool>) -> Link {
+        let config = DataPlaneConfig {
+            listeners: Vec::new(),
+            ports: 49152..=65535,
+            relay_ipv4: None,
+            relay_ipv6: None,
+        };
+        Link::new(PathBuf::from("/nonexistent"), config, events, resync)
+    }
+
+    #[test]
+    fn what_does_not_fit_the_queue_is_accounted_for() {
+        let (queue, requests) = super::queue(1);
+        queue.remove(binding(0x4000));
+        assert!(!requests.resync.load(Ordering::Acquire), "it fitted");
+        assert!(
+            !queue.install(0, binding(0x4001)),
+            "no room: user space relays it"
+        );
+        assert!(
+            !requests.resync.load(Ordering::Acquire),
+            "a failed install leaves no trace"
+        );
+        queue.remove(binding(0x4002));
+        assert!(
+            requests.resync.load(Ordering::Acquire),
+            "a dropped removal needs a sync"
+        );
+        assert!(queue.try_slot().is_none());
+    }
+
+    #[test]
+    fn refused_syncs_back_off_from_one_second_to_thirty() {
+        let mut link = link(Vec::new(), Arc::default());
+        let mut delays = Vec::new();
+        for _ in 0..7 {
+            delays.push(link.sync_backoff.as_secs());
+            link.sync_refused("RESOURCE_EXHAUSTED: map full");
+            assert!(link.retry_at.is_some());
+        }
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 30, 30]);
+    }
+
+    #[tokio::test]
+    async fn a_new_round_covers_dropped_removals_and_a_pending_retry() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let resync = Arc::new(AtomicBool::new(true));
+        let mut link = link(vec![tx], Arc::clone(&resync));
+        link.sync_refused("INVALID_ARGUMENT: bad binding");
+        link.start_round().await;
+        assert!(!resync.load(Ordering::Acquire));
+        assert!(link.retry_at.is_none());
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(FromAgent::Connected { round: 1 })
+        ));
+        assert_eq!(
+            link.sync_backoff,
+            Duration::from_secs(2),
+            "only a success resets it"
+        );
     }
 }

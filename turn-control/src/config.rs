@@ -38,6 +38,9 @@ pub const DEFAULT_LISTENER_BUFFER: usize = 8 << 20;
 pub const DEFAULT_RELAY_BUFFER: usize = 1 << 20;
 /// Most event-loop threads (`--threads`).
 pub const MAX_THREADS: usize = 256;
+/// Default length of the queue from the event-loop threads to the agent link
+/// (`--agent-queue`).
+pub const DEFAULT_AGENT_QUEUE: usize = 65536;
 
 /// The command line: [`Settings`] plus what only a command line says. Every option can also
 /// come from the environment variable named in `--help`; list variables take
@@ -220,6 +223,21 @@ pub struct Settings {
         default_value = DEFAULT_SOFTWARE
     )]
     pub software: String,
+    /// Requests the queue from the event-loop threads to the agent link holds; beyond it
+    /// installs fall back to user space and removals force a full sync. Hidden: tests make
+    /// it small to overflow it on purpose. --print-config shows it only when not the default.
+    #[arg(
+        long = "agent-queue",
+        env = "TURN_CONTROL_AGENT_QUEUE",
+        value_name = "N",
+        default_value_t = DEFAULT_AGENT_QUEUE,
+        hide = true
+    )]
+    #[serde(
+        default = "default_agent_queue",
+        skip_serializing_if = "is_default_agent_queue"
+    )]
+    pub agent_queue: usize,
 
     /// The IPv4 address of `relay_ip` (derived).
     #[arg(skip)]
@@ -369,6 +387,9 @@ impl Settings {
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
         }
+        if self.agent_queue == 0 {
+            return Err(invalid("agent_queue", "must be at least 1"));
+        }
         if self.threads > MAX_THREADS {
             return Err(invalid(
                 "threads",
@@ -501,6 +522,14 @@ impl<'de> Deserialize<'de> for User {
             .parse()
             .map_err(de::Error::custom)
     }
+}
+
+fn default_agent_queue() -> usize {
+    DEFAULT_AGENT_QUEUE
+}
+
+fn is_default_agent_queue(len: &usize) -> bool {
+    *len == DEFAULT_AGENT_QUEUE
 }
 
 /// One event loop per CPU, at most [`MAX_THREADS`].
@@ -808,6 +837,28 @@ mod tests {
         assert!(s.to_toml().unwrap().contains("software = \"flag relay\""));
         let s = merge(&["--dev"], "software = \"\"").unwrap();
         assert_eq!(software(&s), None);
+    }
+
+    #[test]
+    fn agent_queue_is_hidden_checked_and_printed_only_when_set() {
+        use clap::CommandFactory as _;
+        let help = Flags::command().render_long_help().to_string();
+        assert!(!help.contains("agent-queue"), "{help}");
+        let s = flags(&["--dev"]).unwrap();
+        assert_eq!(s.agent_queue, DEFAULT_AGENT_QUEUE);
+        assert!(!s.to_toml().unwrap().contains("agent_queue"));
+        let s = flags(&["--dev", "--agent-queue", "1"]).unwrap();
+        assert_eq!(s.agent_queue, 1);
+        let text = s.to_toml().unwrap();
+        assert!(text.contains("agent_queue = 1"), "{text}");
+        assert_eq!(merge(&[], &text).unwrap().agent_queue, 1);
+        assert_eq!(merge(&["--dev"], "agent_queue = 8").unwrap().agent_queue, 8);
+        assert_eq!(
+            flags(&["--dev", "--agent-queue", "0"])
+                .unwrap_err()
+                .to_string(),
+            "agent_queue: must be at least 1"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use turn_control_core::{
     Transmit, Transport,
 };
 
-use crate::agent::{FromAgent, ToAgent};
+use crate::agent::{AgentQueue, FromAgent, ToAgent};
 use crate::config::Settings;
 use crate::metrics::name;
 use crate::tcp::TcpEvent;
@@ -62,6 +62,7 @@ enum Event {
     Tick,
     Tcp(TcpEvent),
     Agent(FromAgent),
+    AgentSlot(mpsc::OwnedPermit<ToAgent>),
     Udp { poll: bool },
 }
 
@@ -77,7 +78,7 @@ pub struct ThreadSetup {
     /// Its socket of each listener group.
     pub listeners: Listeners,
     /// Requests to the agent link, if an agent is configured.
-    pub agent: Option<mpsc::Sender<ToAgent>>,
+    pub agent: Option<AgentQueue>,
     /// Answers and link events from the agent link.
     pub agent_events: mpsc::Receiver<FromAgent>,
     /// Messages from the main thread; closed means terminate.
@@ -107,9 +108,12 @@ pub struct Eventloop {
     tcp_accept: Vec<JoinHandle<()>>,
     inbox_rx: mpsc::Receiver<TcpEvent>,
     inbox_tx: mpsc::Sender<TcpEvent>,
-    agent: Option<mpsc::Sender<ToAgent>>,
+    agent: Option<AgentQueue>,
     agent_rx: mpsc::Receiver<FromAgent>,
     agent_connected: bool,
+    /// The sync round whose part this thread owes the link, while the queue has no room
+    /// for it: dropping it would leave the round incomplete and the agent unsynced.
+    sync_part: Option<u64>,
     control: mpsc::UnboundedReceiver<Control>,
     report: ReportSlot,
 }
@@ -154,6 +158,7 @@ impl Eventloop {
             agent,
             agent_rx: agent_events,
             agent_connected: false,
+            sync_part: None,
             control,
             report,
             settings,
@@ -203,6 +208,7 @@ impl Eventloop {
                 _ = tick.tick() => Event::Tick,
                 Some(msg) = self.inbox_rx.recv() => Event::Tcp(msg),
                 Some(ev) = self.agent_rx.recv() => Event::Agent(ev),
+                permit = agent_slot(self.agent.as_ref()), if self.sync_part.is_some() => Event::AgentSlot(permit),
                 guard = self.poll.readable() => {
                     if let Ok(mut guard) = guard {
                         // Cleared before draining: events after this point wake us again.
@@ -230,6 +236,7 @@ impl Eventloop {
                 }
                 Event::Tcp(msg) => self.tcp_event(msg),
                 Event::Agent(ev) => self.agent_event(ev),
+                Event::AgentSlot(permit) => self.send_sync_part(permit),
                 Event::Udp { poll } => {
                     if poll {
                         self.poll_sockets();
@@ -453,18 +460,15 @@ impl Eventloop {
                 Command::BindRelayPort { relay } => self.bind_relay(relay),
                 Command::FreeRelayPort { relay } => self.free_relay(relay),
                 Command::InstallChannel { binding } => {
-                    let request = ToAgent::Install {
-                        thread: self.index,
-                        binding,
-                    };
                     let sent = self.agent_connected
                         && self
                             .agent
                             .as_ref()
-                            .is_some_and(|tx| tx.try_send(request).is_ok());
+                            .is_some_and(|queue| queue.install(self.index, binding));
                     if !sent {
-                        // No agent: relay in user space, and release the ChannelBind
-                        // success now rather than after the offload timeout.
+                        // No agent, or no room in the queue to it: relay in user space, and
+                        // release the ChannelBind success now rather than after the offload
+                        // timeout.
                         self.server.channel_installed(
                             Instant::now(),
                             &binding,
@@ -473,11 +477,11 @@ impl Eventloop {
                     }
                 }
                 Command::RemoveChannel { binding } => {
+                    // Not connected: the full sync on reconnect leaves the binding out.
                     if self.agent_connected
-                        && let Some(tx) = &self.agent
-                        && tx.try_send(ToAgent::Remove(binding)).is_err()
+                        && let Some(queue) = &self.agent
                     {
-                        tracing::warn!(%binding, "agent queue full, removal dropped (next full sync repairs it)");
+                        queue.remove(binding);
                     }
                 }
             }
@@ -565,24 +569,40 @@ impl Eventloop {
             }
             FromAgent::Connected { round } => {
                 self.agent_connected = true;
-                let bindings: Vec<_> = self
-                    .server
-                    .channel_bindings()
-                    .filter(|b| b.transport == Transport::Udp)
-                    .collect();
-                let part = ToAgent::Sync {
-                    thread: self.index,
-                    round,
-                    bindings,
-                };
-                if let Some(tx) = &self.agent
-                    && tx.try_send(part).is_err()
-                {
-                    tracing::warn!("agent queue full, full sync dropped");
+                self.sync_part = Some(round);
+                match self.agent.as_ref().and_then(AgentQueue::try_slot) {
+                    Some(permit) => self.send_sync_part(permit),
+                    None => tracing::debug!(
+                        thread = self.index,
+                        round,
+                        "agent queue full; the sync part waits for room"
+                    ),
                 }
             }
-            FromAgent::Disconnected => self.agent_connected = false,
+            FromAgent::Disconnected => {
+                self.agent_connected = false;
+                // The round after the reconnect asks again.
+                self.sync_part = None;
+            }
         }
+    }
+
+    /// The part this thread owes for a sync round: its bindings as they are now (so also
+    /// without any whose removal was dropped meanwhile), through `permit`.
+    fn send_sync_part(&mut self, permit: mpsc::OwnedPermit<ToAgent>) {
+        let Some(round) = self.sync_part.take() else {
+            return;
+        };
+        let bindings: Vec<_> = self
+            .server
+            .channel_bindings()
+            .filter(|b| b.transport == Transport::Udp)
+            .collect();
+        permit.send(ToAgent::Sync {
+            thread: self.index,
+            round,
+            bindings,
+        });
     }
 
     /// SIGHUP (validated by the main thread): users, REST secrets and peer lists.
@@ -622,5 +642,13 @@ impl Eventloop {
         self.publish();
         // The agent link ends once every thread dropped its sender.
         self.agent = None;
+    }
+}
+
+/// Room in the queue to the agent link; never ready without an agent.
+async fn agent_slot(agent: Option<&AgentQueue>) -> mpsc::OwnedPermit<ToAgent> {
+    match agent {
+        Some(queue) => queue.slot().await,
+        None => std::future::pending().await,
     }
 }

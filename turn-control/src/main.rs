@@ -176,15 +176,15 @@ impl Supervisor {
         let mut no_agent_events = Vec::new();
         let (agent_tx, agent_task) = match settings.agent.clone() {
             Some(path) => {
-                let (tx, rx) = mpsc::channel(65536);
+                let (queue, requests) = agent::queue(settings.agent_queue);
                 let data_plane = agent::DataPlaneConfig {
                     listeners: settings.listen.clone(),
                     ports: settings.ports.range(),
                     relay_ipv4: settings.relay_ipv4,
                     relay_ipv6: settings.relay_ipv6,
                 };
-                let task = tokio::spawn(agent::run(path, data_plane, rx, agent_events));
-                (Some(tx), Some(task))
+                let task = tokio::spawn(agent::run(path, data_plane, requests, agent_events));
+                (Some(queue), Some(task))
             }
             None => {
                 no_agent_events = agent_events;

@@ -60,6 +60,10 @@ declare_metrics! {
     gauge AGENT_CONNECTED = "turn_agent_connected",
         "1 while the xdp-agent is connected, 0 otherwise";
     counter AGENT_RPC_ERRORS = "turn_agent_rpc_errors_total", "Failed gRPC calls to the xdp-agent";
+    counter AGENT_SYNCS_FORCED = "turn_agent_syncs_forced_total",
+        "Full syncs sent to the xdp-agent because removals did not fit in the queue to it";
+    counter AGENT_SYNC_RETRIES = "turn_agent_sync_retries_total",
+        "Full syncs sent again after the xdp-agent refused one (backoff from 1 s, doubling to 30 s)";
     counter RELAY_BIND_FAILURES = "turn_relay_port_bind_failures_total",
         "Relay sockets that could not be bound (the allocation moves to another port; 508 after 4 tries)";
     counter UDP_SEND_DROPS = "turn_udp_send_dropped_total",

@@ -1,12 +1,15 @@
 //! The agent link against a fake xdp-agent (a tonic server on a unix socket): channel
 //! installs reach it and are acknowledged, an agent restart brings a full Sync, SIGTERM's
-//! drain removes every binding, and the agent's absence never fails a client.
+//! drain removes every binding, and the agent's absence never fails a client. A refused
+//! Sync is retried, and removals that do not fit in the queue to the agent force a Sync.
 
 #![expect(clippy::unwrap_used, reason = "tests: a failure is a test failure")]
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,14 +17,26 @@ use common::Daemon;
 use proto::v1::data_plane_server::{DataPlane, DataPlaneServer};
 use proto::v1::*;
 use tokio::net::{UdpSocket, UnixListener};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use webrtc_util::Conn as _;
 
 const T: Duration = Duration::from_secs(15);
 
-/// What the fake agent was asked, in order, and the generation of the last Sync.
+/// The fake agent: what it was asked, and how it answers.
 #[derive(Default, Clone)]
-struct Fake(Arc<Mutex<Vec<String>>>, Arc<Mutex<u64>>);
+struct Fake {
+    /// What it was asked, in order: `add B`, `remove B`, `sync [B, ...]` (accepted),
+    /// `refused sync [...]`, `remove waiting`, `config ...`.
+    log: Arc<Mutex<Vec<String>>>,
+    /// The generation of the last accepted Sync, as Health reports it.
+    generation: Arc<Mutex<u64>>,
+    /// How many Syncs to refuse (RESOURCE_EXHAUSTED, as from an agent whose maps are full)
+    /// before accepting them.
+    refuse_syncs: Arc<AtomicU32>,
+    /// With a gate, removals wait until it closes: a slow agent, on cue.
+    remove_gate: Option<Arc<Semaphore>>,
+}
 
 fn show(b: &ChannelBinding) -> String {
     format!(
@@ -32,11 +47,56 @@ fn show(b: &ChannelBinding) -> String {
 
 impl Fake {
     fn log(&self, entry: String) {
-        self.0.lock().unwrap().push(entry);
+        self.log.lock().unwrap().push(entry);
     }
 
     fn entries(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The bindings it holds after what it was asked (installs, removals and accepted
+    /// Syncs, in order), and how many Syncs it accepted.
+    fn state(&self) -> (BTreeSet<String>, usize) {
+        let mut held = BTreeSet::new();
+        let mut syncs = 0;
+        for entry in self.entries() {
+            if let Some(b) = entry.strip_prefix("add ") {
+                held.insert(b.to_owned());
+            } else if let Some(b) = entry.strip_prefix("remove ") {
+                held.remove(b);
+            } else if let Some(list) = entry.strip_prefix("sync [") {
+                let list = list.strip_suffix(']').unwrap();
+                held = list
+                    .split(", ")
+                    .filter(|b| !b.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                syncs += 1;
+            }
+        }
+        (held, syncs)
+    }
+
+    /// Waits until `check` holds of [`Fake::state`], and returns that state.
+    async fn wait_state(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&BTreeSet<String>, usize) -> bool,
+    ) -> (BTreeSet<String>, usize) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (held, syncs) = self.state();
+            if check(&held, syncs) {
+                return (held, syncs);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {timeout:?}: holds {held:?}; asked {:?}",
+                self.entries()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn wait_for(&self, prefix: &str) -> String {
@@ -96,6 +156,11 @@ impl DataPlane for Fake {
         request: Request<RemoveChannelBindingRequest>,
     ) -> Result<Response<RemoveChannelBindingResponse>, Status> {
         let bindings = request.into_inner().bindings;
+        if let Some(gate) = &self.remove_gate {
+            self.log("remove waiting".to_owned());
+            // Closed: open for good.
+            let _ = gate.acquire().await;
+        }
         for b in &bindings {
             self.log(format!("remove {}", show(b)));
         }
@@ -107,8 +172,16 @@ impl DataPlane for Fake {
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
         let request = request.into_inner();
         let all: Vec<String> = request.bindings.iter().map(show).collect();
+        let refuse = self
+            .refuse_syncs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refuse {
+            self.log(format!("refused sync [{}]", all.join(", ")));
+            return Err(Status::resource_exhausted("channel map full"));
+        }
         self.log(format!("sync [{}]", all.join(", ")));
-        *self.1.lock().unwrap() = request.generation;
+        *self.generation.lock().unwrap() = request.generation;
         Ok(Response::new(SyncResponse {
             generation: request.generation,
             added: 0,
@@ -164,7 +237,7 @@ impl DataPlane for Fake {
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse {
-            generation: *self.1.lock().unwrap(),
+            generation: *self.generation.lock().unwrap(),
             ..HealthResponse::default()
         }))
     }
@@ -407,5 +480,197 @@ async fn sync_after_reconnect_is_the_union_of_every_thread() {
         relay.close().await.unwrap();
         client.close().await.unwrap();
     }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_sync_is_retried_after_a_backoff() {
+    let path = std::env::temp_dir().join(format!(
+        "turn-control-agent-refuse-{}.sock",
+        std::process::id()
+    ));
+    let fake = Fake {
+        refuse_syncs: Arc::new(AtomicU32::new(1)),
+        ..Fake::default()
+    };
+    let _server = fake.serve(&path);
+    let daemon = Daemon::start(
+        "127.0.0.1",
+        &[
+            "--dev",
+            "--user",
+            "test:testpass",
+            "--agent",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(fake.wait_for("refused sync").await, "refused sync []");
+    let refused = Instant::now();
+    assert_eq!(fake.wait_for("sync").await, "sync []");
+    let waited = refused.elapsed();
+    eprintln!("the refused Sync was retried after {waited:?}");
+    // The first retry waits 1 s (the refusal was seen up to 50 ms late).
+    assert!(waited >= Duration::from_millis(800), "{waited:?}");
+    daemon.wait_metric("turn_agent_sync_retries_total", |v| v >= 1.0, T);
+    assert_eq!(daemon.metric("turn_agent_sync_retries_total"), 1.0);
+    assert_eq!(
+        daemon.metric("turn_agent_connected"),
+        1.0,
+        "a refusal is not a lost agent"
+    );
+    assert!(
+        daemon.output().contains("xdp-agent refused the full sync"),
+        "{}",
+        daemon.output()
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A daemon with one event-loop thread (every request reaches it through one listener
+/// socket, in order) and a queue of one request to a fake agent whose removals wait for
+/// the returned gate; connected and synced.
+async fn gated_agent(name: &str) -> (Daemon, Fake, Arc<Semaphore>, PathBuf) {
+    let path = std::env::temp_dir().join(format!(
+        "turn-control-agent-{name}-{}.sock",
+        std::process::id()
+    ));
+    let gate = Arc::new(Semaphore::new(0));
+    let fake = Fake {
+        remove_gate: Some(Arc::clone(&gate)),
+        ..Fake::default()
+    };
+    // Serves until the test's runtime ends.
+    std::mem::forget(fake.serve(&path));
+    let daemon = Daemon::start_with_ports(
+        "127.0.0.1",
+        common::quiet_port_range(200),
+        &[
+            "--dev",
+            "--user",
+            "test:testpass",
+            "--threads",
+            "1",
+            "--agent-queue",
+            "1",
+            "--agent",
+            path.to_str().unwrap(),
+        ],
+    );
+    daemon.wait_metric("turn_agent_connected", |v| v == 1.0, T);
+    assert_eq!(fake.wait_for("sync").await, "sync []");
+    (daemon, fake, gate, path)
+}
+
+/// `n` clients, one after another, each with a channel to a peer of its own that the
+/// agent installed before the next one starts (the queue holds one request).
+async fn bound_one_by_one(
+    daemon: &Daemon,
+    fake: &Fake,
+    n: usize,
+) -> Vec<(
+    turn::client::Client,
+    impl webrtc_util::Conn + use<>,
+    UdpSocket,
+)> {
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let client = common::turn_client(daemon.listen, "test", "testpass").await;
+        let relay = client.allocate().await.unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        relay
+            .send_to(b"hi", peer.local_addr().unwrap())
+            .await
+            .unwrap();
+        common::recv(&peer, T).await;
+        fake.wait_state("install", T, |held, _| held.len() == i + 1)
+            .await;
+        clients.push((client, relay, peer));
+    }
+    clients
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removals_that_do_not_fit_the_queue_force_a_full_sync() {
+    // Deallocated at once; one more client stays.
+    const GONE: usize = 5;
+    let (daemon, fake, gate, path) = gated_agent("forced").await;
+    let mut clients = bound_one_by_one(&daemon, &fake, GONE + 1).await;
+    let (survivor, survivor_relay, survivor_peer) = clients.pop().unwrap();
+    let tail = format!(
+        "{} {} {}",
+        survivor_peer.local_addr().unwrap(),
+        survivor_relay.local_addr().unwrap().port(),
+        daemon.listen
+    );
+    let live: BTreeSet<String> = fake
+        .state()
+        .0
+        .into_iter()
+        .filter(|b| b.ends_with(&tail))
+        .collect();
+    assert_eq!(live.len(), 1, "{:?}", fake.entries());
+
+    // The others deallocate (Refresh with lifetime 0) while the agent sits on the first
+    // removal: the second fills the queue, the rest are dropped.
+    for (_, relay, _) in &clients {
+        relay.close().await.unwrap();
+    }
+    // Behind every Refresh on the thread's one listener socket: once answered, each
+    // removal has been queued or dropped.
+    survivor.send_binding_request().await.unwrap();
+    let dropped = Instant::now();
+    fake.wait_for("remove waiting").await;
+    let released = Instant::now();
+    gate.close();
+
+    // The full Sync after the drops leaves the agent with exactly the live binding.
+    let (_, syncs) = fake
+        .wait_state("full sync", Duration::from_secs(5), |held, _| *held == live)
+        .await;
+    eprintln!(
+        "agent back in step {:?} after the removals were let through, {:?} after the drops",
+        released.elapsed(),
+        dropped.elapsed()
+    );
+    assert!(syncs >= 2, "{:?}", fake.entries());
+    let entries = fake.entries();
+    let last_sync = entries.iter().rev().find(|e| e.starts_with("sync ["));
+    assert_eq!(
+        last_sync.cloned(),
+        Some(format!("sync [{}]", live.first().unwrap()))
+    );
+    assert!(daemon.metric("turn_agent_syncs_forced_total") >= 1.0);
+    daemon.wait_metric("turn_allocations_active", |v| v == 1.0, T);
+    daemon.wait_metric("turn_channel_bindings_active", |v| v == 1.0, T);
+    assert_eq!(daemon.metric("turn_agent_connected"), 1.0);
+    survivor_relay.close().await.unwrap();
+    survivor.close().await.unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removals_dropped_by_the_shutdown_drain_end_in_an_empty_sync() {
+    const CLIENTS: usize = 4;
+    let (mut daemon, fake, gate, path) = gated_agent("drain").await;
+    let _clients = bound_one_by_one(&daemon, &fake, CLIENTS).await;
+
+    // SIGTERM: the drain deletes every allocation while the agent sits on the first
+    // removal; the second fills the queue, the rest are dropped.
+    daemon.signal("TERM");
+    fake.wait_for("remove waiting").await;
+    gate.close();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = daemon.wait_exit(T);
+        (status, daemon)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{}", status.1.log.join("\n"));
+    // Once the threads are gone, the link empties the agent with a last Sync.
+    let (_, syncs) = fake
+        .wait_state("empty agent", T, |held, _| held.is_empty())
+        .await;
+    assert!(syncs >= 2, "{:?}", fake.entries());
+    assert_eq!(fake.entries().last().map(String::as_str), Some("sync []"));
     let _ = std::fs::remove_file(&path);
 }
