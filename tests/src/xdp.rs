@@ -231,16 +231,7 @@ impl Reference {
     /// The floor: one 12-byte-key hash lookup, a MAC swap, `XDP_TX`. Frames
     /// whose addresses and ports are in `flows` are "relayed".
     pub fn floor(flows: &[[u8; 12]]) -> anyhow::Result<Self> {
-        let reference = Self::load(env!("LAB_FLOOR_OBJECT"))?;
-        let map = reference
-            .object
-            .maps()
-            .next()
-            .context("the floor object has no map")?;
-        for flow in flows {
-            map.update(flow, &1u32.to_ne_bytes(), MapFlags::ANY)?;
-        }
-        Ok(reference)
+        Self::with_flows(env!("LAB_FLOOR_OBJECT"), flows)
     }
 
     /// The floor of the FIB next hop: one 12-byte-key hash lookup, a
@@ -249,12 +240,17 @@ impl Reference {
     /// whose addresses and ports are in `flows` are "relayed" to their
     /// destination; the others, and those the FIB has no next hop for, pass.
     pub fn floor_fib(flows: &[[u8; 12]]) -> anyhow::Result<Self> {
-        let reference = Self::load(env!("LAB_FLOOR_FIB_OBJECT"))?;
+        Self::with_flows(env!("LAB_FLOOR_FIB_OBJECT"), flows)
+    }
+
+    /// A floor program at `path` with `flows` in its one map.
+    fn with_flows(path: &str, flows: &[[u8; 12]]) -> anyhow::Result<Self> {
+        let reference = Self::load(path)?;
         let map = reference
             .object
             .maps()
             .next()
-            .context("the floor-fib object has no map")?;
+            .with_context(|| format!("{path} has no map"))?;
         for flow in flows {
             map.update(flow, &1u32.to_ne_bytes(), MapFlags::ANY)?;
         }
