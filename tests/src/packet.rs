@@ -117,6 +117,45 @@ pub struct FrameSpec {
 }
 
 impl FrameSpec {
+    /// A frame carrying what a sender sets and a relay must keep or map
+    /// (DSCP/ECN, IPv4 identification, IPv6 flow label), so that the frame
+    /// the relay sends can be checked for them.
+    pub fn marked(source: SocketAddr, destination: SocketAddr, payload: &[u8]) -> Self {
+        let mut spec = Self::new(source, destination, payload);
+        spec.tos = 0xb8;
+        spec.ipv4_id = 0x4242;
+        spec.ipv6_flow = 0x12345;
+        spec
+    }
+
+    /// The frame a relay sends for this one, from `source` to `destination`
+    /// carrying `payload`, to `dst_mac` from `src_mac`: TTL less one,
+    /// DSCP/ECN kept; same family keeps the IPv4 identification and DF or
+    /// the IPv6 flow label, cross-family uses identification 0 with DF and
+    /// flow label 0 (RFC 8656 section 14).
+    pub fn relayed(
+        &self,
+        (source, destination): (SocketAddr, SocketAddr),
+        payload: &[u8],
+        (dst_mac, src_mac): ([u8; 6], [u8; 6]),
+    ) -> Vec<u8> {
+        let same_family = self.source.is_ipv4() == source.is_ipv4();
+        FrameSpec {
+            src_mac,
+            dst_mac,
+            source,
+            destination,
+            ttl: self.ttl - 1,
+            tos: self.tos,
+            ipv4_id: if same_family { self.ipv4_id } else { 0 },
+            ipv4_df: if same_family { self.ipv4_df } else { true },
+            ipv6_flow: if same_family { self.ipv6_flow } else { 0 },
+            udp_checksum: self.udp_checksum,
+            payload: payload.to_vec(),
+        }
+        .build()
+    }
+
     /// A frame with common defaults: TTL 64, TOS 0, DF, checksum on.
     pub fn new(source: SocketAddr, destination: SocketAddr, payload: &[u8]) -> Self {
         Self {

@@ -199,43 +199,6 @@ impl Host {
     }
 }
 
-/// What the sender set in the incoming frame. Its MACs are neither an
-/// interface's nor a neighbour's, so a MAC swap cannot pass for a FIB next
-/// hop.
-fn incoming(source: SocketAddr, destination: SocketAddr, payload: &[u8]) -> FrameSpec {
-    let mut spec = FrameSpec::new(source, destination, payload);
-    spec.tos = 0xb8;
-    spec.ipv4_id = 0x4242;
-    spec.ipv6_flow = 0x12345;
-    spec
-}
-
-/// The frame the relay must send for `input`, to `dst_mac` from `src_mac`:
-/// TTL less one, DSCP/ECN kept; same family keeps IPv4 id/DF and the IPv6
-/// flow label, cross-family uses id 0 with DF and flow label 0.
-fn expected(
-    input: &FrameSpec,
-    (source, destination): (SocketAddr, SocketAddr),
-    payload: &[u8],
-    (dst_mac, src_mac): ([u8; 6], [u8; 6]),
-) -> Vec<u8> {
-    let same_family = input.source.is_ipv4() == source.is_ipv4();
-    FrameSpec {
-        src_mac,
-        dst_mac,
-        source,
-        destination,
-        ttl: input.ttl - 1,
-        tos: input.tos,
-        ipv4_id: if same_family { input.ipv4_id } else { 0 },
-        ipv4_df: if same_family { input.ipv4_df } else { true },
-        ipv6_flow: if same_family { input.ipv6_flow } else { 0 },
-        udp_checksum: input.udp_checksum,
-        payload: payload.to_vec(),
-    }
-    .build()
-}
-
 /// The MACs of a MAC swap of `input`: back where it came from.
 fn swapped(input: &FrameSpec) -> ([u8; 6], [u8; 6]) {
     (input.src_mac, input.dst_mac)
@@ -274,7 +237,7 @@ impl Binding {
 
     /// Channel data from the client carrying `len` bytes.
     fn client_sends(&self, len: usize) -> FrameSpec {
-        incoming(
+        FrameSpec::marked(
             self.client,
             self.listener(),
             &channel_data(self.channel, &data(len)),
@@ -284,18 +247,18 @@ impl Binding {
     /// What the relay sends the peer for `input`, to `macs` (dst, src).
     fn peer_gets(&self, input: &FrameSpec, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
         let len = input.payload.len() - 4;
-        expected(input, (self.relayed(), self.peer), &data(len), macs)
+        input.relayed((self.relayed(), self.peer), &data(len), macs)
     }
 
     /// A datagram from the peer carrying `len` bytes.
     fn peer_sends(&self, len: usize) -> FrameSpec {
-        incoming(self.peer, self.relayed(), &data(len))
+        FrameSpec::marked(self.peer, self.relayed(), &data(len))
     }
 
     /// What the relay sends the client for `input`, to `macs` (dst, src).
     fn client_gets(&self, input: &FrameSpec, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
         let message = channel_data(self.channel, &input.payload);
-        expected(input, (self.listener(), self.client), &message, macs)
+        input.relayed((self.listener(), self.client), &message, macs)
     }
 
     /// A frame from the client (`to_peer`) or from the peer carrying `len`
@@ -546,15 +509,14 @@ fn a_client_on_the_relays_segment_gets_frames_at_its_own_mac() {
     relay.bind(near, 0x4011, relayed(port_a), port_b).unwrap();
     let listener = SocketAddr::new(RELAY4.parse().unwrap(), LISTEN);
     let payload = data(200);
-    let input = incoming(far, listener, &channel_data(0x4010, &payload));
+    let input = FrameSpec::marked(far, listener, &channel_data(0x4010, &payload));
     assert_relayed(
         &host,
         &relay,
         "x0",
         (&input, Reason::RelayHairpinV4V4),
         XDP_TX,
-        &expected(
-            &input,
+        &input.relayed(
             (listener, near),
             &channel_data(0x4011, &payload),
             (NEAR_MAC, x0),

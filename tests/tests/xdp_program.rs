@@ -44,40 +44,18 @@ fn relay(tail_adjust: bool) -> LoadedRelay {
     relay
 }
 
-/// What the sender set in the incoming frame, so the expected output can
-/// carry what the relay must keep or map.
-fn incoming(source: SocketAddr, destination: SocketAddr, payload: &[u8]) -> FrameSpec {
-    let mut spec = FrameSpec::new(source, destination, payload);
-    spec.tos = 0xb8;
-    spec.ipv4_id = 0x4242;
-    spec.ipv6_flow = 0x12345;
-    spec
-}
-
-/// The frame the relay must send for `input`: MACs swapped, TTL less one,
-/// DSCP/ECN kept; same family keeps IPv4 id/DF and the IPv6 flow label,
-/// cross-family uses id 0 with DF and flow label 0 (RFC 8656 section 14).
+/// The frame the relay must send for `input`, MACs swapped.
 fn expected(
     input: &FrameSpec,
     source: SocketAddr,
     destination: SocketAddr,
     payload: &[u8],
 ) -> Vec<u8> {
-    let same_family = input.source.is_ipv4() == source.is_ipv4();
-    FrameSpec {
-        src_mac: input.dst_mac,
-        dst_mac: input.src_mac,
-        source,
-        destination,
-        ttl: input.ttl - 1,
-        tos: input.tos,
-        ipv4_id: if same_family { input.ipv4_id } else { 0 },
-        ipv4_df: if same_family { input.ipv4_df } else { true },
-        ipv6_flow: if same_family { input.ipv6_flow } else { 0 },
-        udp_checksum: input.udp_checksum,
-        payload: payload.to_vec(),
-    }
-    .build()
+    input.relayed(
+        (source, destination),
+        payload,
+        (input.src_mac, input.dst_mac),
+    )
 }
 
 fn data(len: usize) -> Vec<u8> {
@@ -104,11 +82,11 @@ fn every_access_is_aligned_under_the_verifiers_strict_check() {
         let listener = SocketAddr::new(relay_ip(client), LISTEN);
         let relayed = SocketAddr::new(relay_ip(peer), 50000);
         relay.bind(client, 0x4001, peer, relayed.port()).unwrap();
-        let input = incoming(client, listener, &channel_data(0x4001, &payload));
+        let input = FrameSpec::marked(client, listener, &channel_data(0x4001, &payload));
         let (verdict, out) = relay.run(&input.build()).unwrap();
         assert_eq!(verdict, XDP_TX);
         assert_eq!(out, expected(&input, relayed, peer, &payload));
-        let input = incoming(peer, relayed, &payload);
+        let input = FrameSpec::marked(peer, relayed, &payload);
         let (verdict, out) = relay.run(&input.build()).unwrap();
         assert_eq!(verdict, XDP_TX);
         let message = channel_data(0x4001, &payload);
@@ -163,7 +141,7 @@ fn every_family_pair_is_relayed_both_ways_byte_for_byte() {
                 let payload = data(len);
 
                 let before = relay.counter(to_peer).unwrap();
-                let input = incoming(client, listener, &channel_data(channel, &payload));
+                let input = FrameSpec::marked(client, listener, &channel_data(channel, &payload));
                 let (verdict, out) = relay.run(&input.build()).unwrap();
                 assert_eq!(verdict, XDP_TX, "client to peer: {context}");
                 assert_eq!(
@@ -185,7 +163,7 @@ fn every_family_pair_is_relayed_both_ways_byte_for_byte() {
                     let pad_bytes = &[0xa5u8, 0x5a, 0xff][..pad];
                     let mut message = channel_data(channel, &payload);
                     message.extend_from_slice(pad_bytes);
-                    let input = incoming(client, listener, &message);
+                    let input = FrameSpec::marked(client, listener, &message);
                     let (verdict, out) = relay.run(&input.build()).unwrap();
                     assert_eq!(verdict, XDP_TX, "padded client to peer: {context}");
                     let mut wanted = expected(&input, relayed, peer, &payload);
@@ -194,7 +172,7 @@ fn every_family_pair_is_relayed_both_ways_byte_for_byte() {
                 }
 
                 let before = relay.counter(to_client).unwrap();
-                let input = incoming(peer, relayed, &payload);
+                let input = FrameSpec::marked(peer, relayed, &payload);
                 let (verdict, out) = relay.run(&input.build()).unwrap();
                 assert_eq!(verdict, XDP_TX, "peer to client: {context}");
                 let message = channel_data(channel, &payload);
@@ -255,7 +233,7 @@ fn hairpin_goes_straight_to_the_other_allocations_client() {
             relay.bind(b, 0x4006, relayed_a, port_b).unwrap();
 
             let payload = data(300);
-            let input = incoming(
+            let input = FrameSpec::marked(
                 a,
                 SocketAddr::new(relay_ip(a), LISTEN),
                 &channel_data(0x4005, &payload),
