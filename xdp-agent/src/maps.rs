@@ -382,8 +382,7 @@ impl Maps {
         let at_client = at_client.as_deref().and_then(PeerTarget::from_bytes);
         let at_peer = at_peer.as_deref().and_then(ClientTarget::from_bytes);
         for stale in displaced(binding, at_client.as_ref(), at_peer.as_ref()) {
-            if self.holds(&stale.key, &stale.value)? {
-                journal.delete(self, stale.key)?;
+            if journal.delete_if_holds(self, stale.key, &stale.value)? {
                 debug!(%binding, map = stale.key.map_name(), "displaced half binding deleted");
             }
         }
@@ -402,36 +401,23 @@ impl Maps {
 
     /// [`Maps::remove`], with the write lock held.
     fn remove_locked(&self, bindings: &[Binding]) -> Result<u64, MapError> {
+        // A journal only for its count of client-side entries: a removal is
+        // not undone when a later one fails.
+        let mut journal = Journal::default();
         let mut removed = 0;
-        for binding in bindings {
+        let result = bindings.iter().try_for_each(|binding| {
             let (client_key, peer_target) = fields(binding).client_entry();
             let (peer_key, client_target) = fields(binding).peer_entry();
-            let client = self.delete_if_holds(&client_key, peer_target.as_bytes())?;
-            let peer = self.delete_if_holds(&peer_key, client_target.as_bytes())?;
+            let client = journal.delete_if_holds(self, client_key, peer_target.as_bytes())?;
+            let peer = journal.delete_if_holds(self, peer_key, client_target.as_bytes())?;
             if client || peer {
                 removed += 1;
                 debug!(%binding, "binding removed");
             }
-        }
-        Ok(removed)
-    }
-
-    /// Deletes `key` if it holds `value`; returns whether it did. Called with
-    /// the write lock held, so nothing changes the entry in between.
-    fn delete_if_holds(&self, key: &MapKey, value: &[u8]) -> Result<bool, MapError> {
-        if !self.holds(key, value)? {
-            return Ok(false);
-        }
-        match self.map(key).delete(key.bytes()) {
-            Ok(()) => {
-                if key.is_client() {
-                    self.installed.fetch_sub(1, Ordering::Relaxed);
-                }
-                Ok(true)
-            }
-            Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
-            Err(error) => Err(MapError::Kernel(error)),
-        }
+            Ok(())
+        });
+        journal.commit(&self.installed);
+        result.map(|()| removed)
     }
 
     /// Every installed binding, read from the client-side maps.
@@ -503,9 +489,9 @@ pub struct Synced {
     pub orphans: u64,
 }
 
-/// The entries a batch of installs changed, each with what it held before,
-/// so that a failed batch puts every one back; and the net change in
-/// client-side entries, applied to the count only once the batch succeeded.
+/// The entries a batch changed, each with what it held before, so that a
+/// failed batch of installs puts every one back; and the net change in
+/// client-side entries, applied to the count once the batch is done.
 #[derive(Debug, Default)]
 struct Journal {
     changes: Vec<(MapKey, Option<Vec<u8>>)>,
@@ -531,18 +517,26 @@ impl Journal {
         Ok(())
     }
 
-    /// Deletes `key`, which holds a value.
-    fn delete(&mut self, maps: &Maps, key: MapKey) -> Result<(), MapError> {
+    /// Deletes `key` if it holds `value`; returns whether it did.
+    fn delete_if_holds(
+        &mut self,
+        maps: &Maps,
+        key: MapKey,
+        value: &[u8],
+    ) -> Result<bool, MapError> {
         let map = maps.map(&key);
         let Some(previous) = map.lookup(key.bytes(), MapFlags::ANY)? else {
-            return Ok(());
+            return Ok(false);
         };
+        if previous != value {
+            return Ok(false);
+        }
         map.delete(key.bytes())?;
         if key.is_client() {
             self.clients -= 1;
         }
         self.changes.push((key, Some(previous)));
-        Ok(())
+        Ok(true)
     }
 
     /// The batch succeeded: counts its client-side entries.
