@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::v1;
 
@@ -28,6 +29,20 @@ pub struct Binding {
     /// The server transport address the client sends to (a listener; a
     /// wildcard one until the agent resolves it).
     pub listener: SocketAddr,
+}
+
+/// The longest lifetime a binding is installed with: RFC 8656 section 7.2's
+/// longest allocation lifetime, which bounds a channel's and a permission's.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A binding and how long from now the kernel may relay it: until the
+/// earliest expiry of its channel, its permission and its allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The binding.
+    pub binding: Binding,
+    /// What is left of its authorisation, 1 ms to [`MAX_LIFETIME`].
+    pub lifetime: Duration,
 }
 
 /// Why a binding was refused.
@@ -84,6 +99,9 @@ pub enum BindingError {
     /// The listener is not one the data plane is configured with.
     #[error("listener {0} is not a configured listener")]
     UnknownListener(SocketAddr),
+    /// A binding to install needs a lifetime within 1 ms to [`MAX_LIFETIME`].
+    #[error("lifetime_ms {0} is outside 1-3600000")]
+    LifetimeOutOfRange(u32),
     /// A client can only reach a listener of its own family.
     #[error("listener {listener} is not of the family of client {client}")]
     ListenerFamily {
@@ -126,6 +144,8 @@ impl TryFrom<&v1::ChannelBinding> for Binding {
     }
 }
 
+/// The wire form of a binding without a lifetime (`lifetime_ms` 0), as a
+/// removal sends it.
 impl From<&Binding> for v1::ChannelBinding {
     fn from(binding: &Binding) -> Self {
         Self {
@@ -134,6 +154,34 @@ impl From<&Binding> for v1::ChannelBinding {
             peer: binding.peer.to_string(),
             allocation_port: u32::from(binding.allocation_port),
             listener: binding.listener.to_string(),
+            lifetime_ms: 0,
+        }
+    }
+}
+
+impl TryFrom<&v1::ChannelBinding> for Lease {
+    type Error = BindingError;
+
+    /// Reads a binding and its lifetime, which must be within 1 ms to
+    /// [`MAX_LIFETIME`].
+    fn try_from(message: &v1::ChannelBinding) -> Result<Self, BindingError> {
+        let binding = Binding::try_from(message)?;
+        let lifetime = Duration::from_millis(u64::from(message.lifetime_ms));
+        if lifetime.is_zero() || lifetime > MAX_LIFETIME {
+            return Err(BindingError::LifetimeOutOfRange(message.lifetime_ms));
+        }
+        Ok(Self { binding, lifetime })
+    }
+}
+
+/// The wire form of a lease; a lifetime is rounded up to whole milliseconds
+/// (a lease of 0.4 ms still reaches the agent as one to install).
+impl From<&Lease> for v1::ChannelBinding {
+    fn from(lease: &Lease) -> Self {
+        let millis = lease.lifetime.as_nanos().div_ceil(1_000_000);
+        Self {
+            lifetime_ms: u32::try_from(millis).unwrap_or(u32::MAX),
+            ..Self::from(&lease.binding)
         }
     }
 }
@@ -175,6 +223,50 @@ mod tests {
             peer: peer.into(),
             allocation_port: port,
             listener: listener.into(),
+            lifetime_ms: 0,
+        }
+    }
+
+    #[test]
+    fn leases_carry_their_lifetime_both_ways() {
+        let mut message = wire(
+            "192.0.2.10:40000",
+            0x4001,
+            "198.51.100.7:9000",
+            50000,
+            "203.0.113.1:3478",
+        );
+        message.lifetime_ms = 300_000;
+        let lease = Lease::try_from(&message).unwrap();
+        assert_eq!(lease.lifetime, Duration::from_secs(300));
+        assert_eq!(v1::ChannelBinding::from(&lease), message);
+        let rounded = Lease {
+            lifetime: Duration::from_micros(400),
+            ..lease
+        };
+        assert_eq!(v1::ChannelBinding::from(&rounded).lifetime_ms, 1);
+    }
+
+    #[test]
+    fn a_lease_needs_a_lifetime_within_range() {
+        let mut message = wire(
+            "192.0.2.10:40000",
+            0x4001,
+            "198.51.100.7:9000",
+            50000,
+            "203.0.113.1:3478",
+        );
+        for (lifetime_ms, valid) in [(0, false), (1, true), (3_600_000, true), (3_600_001, false)] {
+            message.lifetime_ms = lifetime_ms;
+            assert_eq!(
+                Lease::try_from(&message).map(|lease| lease.lifetime),
+                if valid {
+                    Ok(Duration::from_millis(u64::from(lifetime_ms)))
+                } else {
+                    Err(BindingError::LifetimeOutOfRange(lifetime_ms))
+                },
+                "{lifetime_ms}"
+            );
         }
     }
 

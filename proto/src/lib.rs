@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 mod binding;
 
-pub use binding::{Binding, BindingError, CHANNEL_RANGE, parse_address};
+pub use binding::{Binding, BindingError, CHANNEL_RANGE, Lease, MAX_LIFETIME, parse_address};
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -25,10 +25,14 @@ pub mod v1 {
 /// A client of the agent's data-plane service.
 pub type DataPlaneClient = v1::data_plane_client::DataPlaneClient<Channel>;
 
-/// The largest gRPC message either side sends or accepts: a Sync or a list of every
-/// binding the maps hold (2 x 65 536, IPv6 addresses as text: about 160 bytes each)
-/// fits with room to spare, where gRPC's default of 4 MiB holds about 30 000.
+/// The largest gRPC message either side sends or accepts: a list of every binding the
+/// maps hold (2 x 65 536, IPv6 addresses as text: about 160 bytes each) fits with room
+/// to spare, where gRPC's default of 4 MiB holds about 30 000. A Sync comes in parts of
+/// [`SYNC_PART_BINDINGS`], whatever the maps' size.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Bindings per part of a Sync's stream: about 1 MiB of IPv6 bindings.
+pub const SYNC_PART_BINDINGS: usize = 4096;
 
 /// Connects to the agent's gRPC service on the unix socket at `path`.
 pub async fn connect(path: impl Into<PathBuf>) -> Result<DataPlaneClient, tonic::transport::Error> {

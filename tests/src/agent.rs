@@ -2,14 +2,97 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::{LISTEN_PORT, RELAY_V4, RELAY_V6};
 use proto::v1::{
-    ChannelBinding, CountersRequest, InstallChannelBindingRequest, ListChannelBindingsRequest,
-    RemoveChannelBindingRequest,
+    ChannelBinding, CountersRequest, CountersResponse, HealthRequest, HealthResponse,
+    InstallChannelBindingRequest, ListChannelBindingsRequest, RemoveChannelBindingRequest,
+    SyncRequest, SyncResponse,
 };
+
+/// The lifetime [`binding`] and [`binding_via`] give: ten minutes, longer
+/// than any test.
+pub const LIFETIME: Duration = Duration::from_secs(600);
+
+/// Bytes of the expiry that ends every binding map value (`PeerTarget`,
+/// `ClientTarget`).
+const EXPIRY_BYTES: usize = size_of::<u64>();
+
+/// An entry of a binding map, its value split into what makes it a
+/// binding's half (what the agent compares entries by) and its expiry.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MapEntry {
+    /// The key's bytes.
+    pub key: Vec<u8>,
+    /// The value's bytes without the expiry.
+    pub value: Vec<u8>,
+    /// The expiry, on the kernel's coarse monotonic clock.
+    pub expires_at_ns: u64,
+}
+
+impl MapEntry {
+    /// An entry as a map holds it.
+    pub fn new(key: &[u8], value: &[u8]) -> anyhow::Result<Self> {
+        let at = value
+            .len()
+            .checked_sub(EXPIRY_BYTES)
+            .context("a value too short for an expiry")?;
+        Ok(Self {
+            key: key.to_vec(),
+            value: value[..at].to_vec(),
+            expires_at_ns: u64::from_ne_bytes(value[at..].try_into()?),
+        })
+    }
+
+    /// Key and value without the expiry.
+    pub fn identity(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.key.clone(), self.value.clone())
+    }
+
+    /// The value as the map holds it, expiry included.
+    pub fn value_bytes(&self) -> Vec<u8> {
+        [&self.value[..], &self.expires_at_ns.to_ne_bytes()].concat()
+    }
+}
+
+/// The entries of the binding map `name` pinned in `pin_dir`, sorted.
+pub fn map_entries(pin_dir: &Path, name: &str) -> anyhow::Result<Vec<MapEntry>> {
+    use libbpf_rs::MapCore as _;
+    let map = libbpf_rs::MapHandle::from_pinned_path(pin_dir.join(name))
+        .with_context(|| format!("no map {name} pinned in {}", pin_dir.display()))?;
+    let mut entries = Vec::new();
+    for key in map.keys() {
+        if let Some(value) = map.lookup(&key, libbpf_rs::MapFlags::ANY)? {
+            entries.push(MapEntry::new(&key, &value)?);
+        }
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// The two entries `bound` is installed as until `expires_at_ns`: the
+/// client-side one and the peer-side one.
+pub fn entries_of(bound: &ChannelBinding, expires_at_ns: u64) -> anyhow::Result<[MapEntry; 2]> {
+    use bpf_common::Pod as _;
+    let binding = proto::Binding::try_from(bound)?;
+    let fields = bpf_common::BindingFields {
+        client: binding.client,
+        listener: binding.listener,
+        channel: binding.channel,
+        peer: binding.peer,
+        allocation_port: binding.allocation_port,
+        expires_at_ns,
+    };
+    let (client_key, peer_target) = fields.client_entry();
+    let (peer_key, client_target) = fields.peer_entry();
+    Ok([
+        MapEntry::new(client_key.bytes(), peer_target.as_bytes())?,
+        MapEntry::new(peer_key.bytes(), client_target.as_bytes())?,
+    ])
+}
 
 /// The agent's gRPC API, called synchronously.
 #[derive(Debug)]
@@ -19,7 +102,8 @@ pub struct Agent {
 }
 
 /// A channel binding as the tests name it, for a client of the lab's relay
-/// listener of its family ([`LISTEN_PORT`] on [`RELAY_V4`] or [`RELAY_V6`]).
+/// listener of its family ([`LISTEN_PORT`] on [`RELAY_V4`] or [`RELAY_V6`]),
+/// to install for [`LIFETIME`].
 pub fn binding(client: SocketAddr, channel: u16, peer: SocketAddr, port: u16) -> ChannelBinding {
     let relay = match client.ip() {
         IpAddr::V4(_) => IpAddr::V4(RELAY_V4),
@@ -34,7 +118,8 @@ pub fn binding(client: SocketAddr, channel: u16, peer: SocketAddr, port: u16) ->
     )
 }
 
-/// A channel binding of a client that sends to `listener`.
+/// A channel binding of a client that sends to `listener`, to install for
+/// [`LIFETIME`].
 pub fn binding_via(
     listener: SocketAddr,
     client: SocketAddr,
@@ -42,13 +127,42 @@ pub fn binding_via(
     peer: SocketAddr,
     port: u16,
 ) -> ChannelBinding {
-    ChannelBinding::from(&proto::Binding {
+    let binding = proto::Binding {
         client,
         channel,
         peer,
         allocation_port: port,
         listener,
+    };
+    ChannelBinding::from(&proto::Lease {
+        binding,
+        lifetime: LIFETIME,
     })
+}
+
+/// `binding` to install for `lifetime` instead.
+pub fn lasting(binding: &ChannelBinding, lifetime: Duration) -> ChannelBinding {
+    ChannelBinding {
+        lifetime_ms: u32::try_from(lifetime.as_millis()).unwrap_or(u32::MAX),
+        ..binding.clone()
+    }
+}
+
+/// Bindings without their lifetimes, sorted: what identifies them, to
+/// compare what the agent lists (with what is left of each lifetime) with
+/// what was installed.
+pub fn bare(bindings: impl IntoIterator<Item = ChannelBinding>) -> Vec<ChannelBinding> {
+    let mut bare: Vec<ChannelBinding> = bindings
+        .into_iter()
+        .map(|binding| ChannelBinding {
+            lifetime_ms: 0,
+            ..binding
+        })
+        .collect();
+    bare.sort_by(|a, b| {
+        (&a.client, &a.listener, a.channel).cmp(&(&b.client, &b.listener, b.channel))
+    });
+    bare
 }
 
 impl Agent {
@@ -83,7 +197,56 @@ impl Agent {
             .removed)
     }
 
-    /// ListChannelBindings.
+    /// Sync of `bindings` under `generation`, streamed in parts of
+    /// [`proto::SYNC_PART_BINDINGS`] as turn-control sends it.
+    pub fn sync(
+        &mut self,
+        generation: u64,
+        bindings: &[ChannelBinding],
+    ) -> Result<SyncResponse, tonic::Status> {
+        let mut parts: Vec<SyncRequest> = bindings
+            .chunks(proto::SYNC_PART_BINDINGS)
+            .map(|part| SyncRequest {
+                generation,
+                bindings: part.to_vec(),
+            })
+            .collect();
+        if parts.is_empty() {
+            // The empty set: one part, for its generation.
+            parts.push(SyncRequest {
+                generation,
+                bindings: Vec::new(),
+            });
+        }
+        self.sync_parts(parts)
+    }
+
+    /// Sync, streamed as exactly these parts.
+    pub fn sync_parts(&mut self, parts: Vec<SyncRequest>) -> Result<SyncResponse, tonic::Status> {
+        let stream = tonic::codegen::tokio_stream::iter(parts);
+        Ok(self
+            .runtime
+            .block_on(self.client.sync(stream))?
+            .into_inner())
+    }
+
+    /// Health.
+    pub fn health(&mut self) -> Result<HealthResponse, tonic::Status> {
+        Ok(self
+            .runtime
+            .block_on(self.client.health(HealthRequest {}))?
+            .into_inner())
+    }
+
+    /// Counters.
+    pub fn counters(&mut self) -> Result<CountersResponse, tonic::Status> {
+        Ok(self
+            .runtime
+            .block_on(self.client.counters(CountersRequest {}))?
+            .into_inner())
+    }
+
+    /// ListChannelBindings: every binding, with what is left of its lifetime.
     pub fn list(&mut self) -> Result<Vec<ChannelBinding>, tonic::Status> {
         let request = ListChannelBindingsRequest::default();
         Ok(self
@@ -95,10 +258,7 @@ impl Agent {
 
     /// (packets, bytes) of the counter named `reason`.
     pub fn counter(&mut self, reason: &str) -> anyhow::Result<(u64, u64)> {
-        let counters = self
-            .runtime
-            .block_on(self.client.counters(CountersRequest {}))?
-            .into_inner();
+        let counters = self.counters()?;
         let counter = counters
             .counters
             .iter()

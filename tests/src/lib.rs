@@ -128,6 +128,19 @@ pub fn unique_name(what: &str) -> String {
     )
 }
 
+/// The kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`) in
+/// nanoseconds: the clock a binding's `expires_at_ns` is on, which the XDP
+/// program reads with `bpf_ktime_get_coarse_ns`.
+#[expect(
+    clippy::expect_used,
+    reason = "clock_gettime fails only for a clock the kernel lacks, and every kernel has this one"
+)]
+pub fn kernel_clock_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always readable");
+    u64::try_from(std::time::Duration::from(now).as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Whether privileged lab tests can run here. Under `CI=true` they must: a
 /// machine that cannot run them fails the test instead of skipping it.
 pub fn privileged() -> bool {

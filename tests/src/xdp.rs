@@ -69,7 +69,7 @@ impl LoadedRelay {
 
     /// Installs a channel binding, both directions, for a client of the
     /// first listener port of the configuration written last, on the relay
-    /// address of the client's family.
+    /// address of the client's family; it never expires ([`NEVER`]).
     pub fn bind(
         &self,
         client: SocketAddr,
@@ -77,30 +77,35 @@ impl LoadedRelay {
         peer: SocketAddr,
         allocation_port: u16,
     ) -> anyhow::Result<()> {
+        self.bind_until(client, channel, peer, allocation_port, NEVER)
+    }
+
+    /// [`LoadedRelay::bind`], relayed until `expires_at_ns` on the kernel's
+    /// coarse monotonic clock ([`crate::kernel_clock_ns`]).
+    pub fn bind_until(
+        &self,
+        client: SocketAddr,
+        channel: u16,
+        peer: SocketAddr,
+        allocation_port: u16,
+        expires_at_ns: u64,
+    ) -> anyhow::Result<()> {
         let config = self.config()?;
-        let port = u16::from_be_bytes(config.listen_ports[0]);
-        let listener = match client.ip() {
-            IpAddr::V4(_) => SocketAddr::from((config.relay_ipv4, port)),
-            IpAddr::V6(_) => SocketAddr::from((config.relay_ipv6, port)),
-        };
         self.install(&BindingFields {
             client,
-            listener,
+            listener: listener_of(&config, client),
             channel,
             peer,
             allocation_port,
+            expires_at_ns,
         })
     }
 
     /// Installs a channel binding, both directions, as the agent lays it out.
     pub fn install(&self, binding: &BindingFields) -> anyhow::Result<()> {
-        let (client_key, peer_target) = binding.client_entry();
-        let (peer_key, client_target) = binding.peer_entry();
-        self.map(&client_key)
-            .update(client_key.bytes(), peer_target.as_bytes(), MapFlags::ANY)?;
-        self.map(&peer_key)
-            .update(peer_key.bytes(), client_target.as_bytes(), MapFlags::ANY)?;
-        Ok(())
+        install_with(binding, |key, value| {
+            Ok(self.map(key).update(key.bytes(), value, MapFlags::ANY)?)
+        })
     }
 
     fn map(&self, key: &MapKey) -> &libbpf_rs::MapMut<'static> {
@@ -213,6 +218,111 @@ impl LoadedRelay {
                 packets: sum.packets + cpu.packets,
                 bytes: sum.bytes + cpu.bytes,
             }))
+    }
+}
+
+/// The expiry of a binding that never expires: beyond any reading of the
+/// kernel's clock.
+pub const NEVER: u64 = u64::MAX;
+
+/// The listener a client of the configuration `config` talks to: the first
+/// listener port on the relay address of the client's family.
+fn listener_of(config: &KernelConfig, client: SocketAddr) -> SocketAddr {
+    let port = u16::from_be_bytes(config.listen_ports[0]);
+    match client.ip() {
+        IpAddr::V4(_) => SocketAddr::from((config.relay_ipv4, port)),
+        IpAddr::V6(_) => SocketAddr::from((config.relay_ipv6, port)),
+    }
+}
+
+/// Writes a binding's two entries, each through `update(key, value)`.
+fn install_with(
+    binding: &BindingFields,
+    mut update: impl FnMut(&MapKey, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let (client_key, peer_target) = binding.client_entry();
+    let (peer_key, client_target) = binding.peer_entry();
+    update(&client_key, peer_target.as_bytes())?;
+    update(&peer_key, client_target.as_bytes())
+}
+
+/// The relay program loaded from an object file without the skeleton, for
+/// the bench, which compares the program the agent loads with its variant
+/// without the expiry check (`relay_unexpiring`), both loaded the same way.
+#[derive(Debug)]
+pub struct RelayObject {
+    object: libbpf_rs::Object,
+}
+
+impl RelayObject {
+    /// The program the agent loads (`xdp_agent_skel::OBJECT`).
+    pub fn relay() -> anyhow::Result<Self> {
+        let object = libbpf_rs::ObjectBuilder::default()
+            .open_memory(xdp_agent_skel::OBJECT)
+            .context("cannot open the relay object")?
+            .load()
+            .context("cannot load the relay object")?;
+        Ok(Self { object })
+    }
+
+    /// The same program built without the expiry check: bench only.
+    pub fn unexpiring() -> anyhow::Result<Self> {
+        // `bpf/xdp` builds all its programs into one directory; the build
+        // script names the floor's.
+        let path =
+            std::path::Path::new(env!("LAB_FLOOR_OBJECT")).with_file_name("relay_unexpiring");
+        let object = libbpf_rs::ObjectBuilder::default()
+            .open_file(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?
+            .load()
+            .with_context(|| format!("cannot load {}", path.display()))?;
+        Ok(Self { object })
+    }
+
+    /// Writes the configuration.
+    pub fn configure(&self, config: &KernelConfig) -> anyhow::Result<()> {
+        self.map("CONFIG")?
+            .update(&0u32.to_ne_bytes(), config.as_bytes(), MapFlags::ANY)?;
+        Ok(())
+    }
+
+    /// [`LoadedRelay::bind`] for a relay configured with `config`.
+    pub fn bind(
+        &self,
+        config: &KernelConfig,
+        client: SocketAddr,
+        channel: u16,
+        peer: SocketAddr,
+        allocation_port: u16,
+    ) -> anyhow::Result<()> {
+        let binding = BindingFields {
+            client,
+            listener: listener_of(config, client),
+            channel,
+            peer,
+            allocation_port,
+            expires_at_ns: NEVER,
+        };
+        install_with(&binding, |key, value| {
+            Ok(self
+                .map(key.map_name())?
+                .update(key.bytes(), value, MapFlags::ANY)?)
+        })
+    }
+
+    fn map(&self, name: &str) -> anyhow::Result<libbpf_rs::Map<'_>> {
+        self.object
+            .maps()
+            .find(|map| map.name() == name)
+            .with_context(|| format!("the relay object has no map {name}"))
+    }
+
+    /// The program.
+    pub fn program(&self) -> anyhow::Result<libbpf_rs::ProgramMut<'_>> {
+        self.object
+            .progs_mut()
+            .next()
+            .context("the relay object has no program")
     }
 }
 

@@ -8,9 +8,9 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use proto::v1::{ChannelBinding, ListChannelBindingsRequest, SetConfigRequest, SyncRequest};
-use tests::agent::{Agent, binding, binding_via};
+use tests::agent::{self, Agent, LIFETIME, MapEntry, bare, binding, binding_via, lasting};
 use tests::packet::channel_data;
-use tests::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, sample, wait_for};
+use tests::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, kernel_clock_ns, sample, wait_for};
 use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -51,11 +51,6 @@ fn one_channel_installed(lab: &mut Lab) -> (UdpSocket, UdpSocket, ChannelBinding
     );
     agent.install(vec![bound.clone()]).unwrap();
     (client, peer, bound)
-}
-
-fn sorted(mut bindings: Vec<ChannelBinding>) -> Vec<ChannelBinding> {
-    bindings.sort_by(|a, b| (&a.client, a.channel).cmp(&(&b.client, b.channel)));
-    bindings
 }
 
 #[test]
@@ -116,6 +111,21 @@ fn every_rpc_answers_and_refuses_what_it_must() {
             },
             "not an address",
         ),
+        // A binding to install needs a lifetime.
+        (
+            lasting(
+                &binding("192.0.2.9:1".parse().unwrap(), 0x4000, peer, 50000),
+                Duration::ZERO,
+            ),
+            "lifetime_ms 0 is outside 1-3600000",
+        ),
+        (
+            lasting(
+                &binding("192.0.2.9:1".parse().unwrap(), 0x4000, peer, 50000),
+                Duration::from_secs(3601),
+            ),
+            "lifetime_ms 3601000 is outside",
+        ),
     ];
     for (bad, reason) in refusals {
         let status = agent.install(vec![c.clone(), bad]).unwrap_err();
@@ -126,10 +136,16 @@ fn every_rpc_answers_and_refuses_what_it_must() {
             status.message()
         );
     }
-    assert_eq!(
-        sorted(agent.list().unwrap()),
-        sorted(vec![a.clone(), b.clone()])
-    );
+    let listed = agent.list().unwrap();
+    assert_eq!(bare(listed.clone()), bare([a.clone(), b.clone()]));
+    // Each with what is left of its lifetime: the coarse clock moved little.
+    for binding in &listed {
+        let left = Duration::from_millis(u64::from(binding.lifetime_ms));
+        assert!(
+            left <= LIFETIME && left > LIFETIME - DEADLINE,
+            "{binding:?}"
+        );
+    }
 
     // Filters and Get.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -147,7 +163,7 @@ fn every_rpc_answers_and_refuses_what_it_must() {
         .unwrap()
         .into_inner()
         .bindings;
-    assert_eq!(filtered, vec![a.clone()]);
+    assert_eq!(bare(filtered), bare([a.clone()]));
     let by_port = runtime
         .block_on(client.list_channel_bindings(ListChannelBindingsRequest {
             allocation_port: 50001,
@@ -156,7 +172,7 @@ fn every_rpc_answers_and_refuses_what_it_must() {
         .unwrap()
         .into_inner()
         .bindings;
-    assert_eq!(by_port, vec![b.clone()]);
+    assert_eq!(bare(by_port), bare([b.clone()]));
     let got = runtime
         .block_on(
             client.get_channel_binding(proto::v1::GetChannelBindingRequest {
@@ -167,7 +183,11 @@ fn every_rpc_answers_and_refuses_what_it_must() {
         )
         .unwrap()
         .into_inner();
-    assert_eq!(got, a);
+    assert_eq!(bare([got.clone()]), bare([a.clone()]));
+    assert!(
+        got.lifetime_ms > 0 && got.lifetime_ms <= a.lifetime_ms,
+        "{got:?}"
+    );
     let missing = runtime
         .block_on(
             client.get_channel_binding(proto::v1::GetChannelBindingRequest {
@@ -180,18 +200,10 @@ fn every_rpc_answers_and_refuses_what_it_must() {
     assert_eq!(missing.code(), Code::NotFound);
 
     // Sync: c added, a kept, b removed; the generation is reported.
-    let synced = runtime
-        .block_on(client.sync(SyncRequest {
-            generation: 7,
-            bindings: vec![a.clone(), c.clone()],
-        }))
-        .unwrap()
-        .into_inner();
+    let synced = agent.sync(7, &[a.clone(), c.clone()]).unwrap();
     assert_eq!((synced.added, synced.removed, synced.installed), (1, 1, 2));
-    assert_eq!(
-        sorted(agent.list().unwrap()),
-        sorted(vec![a.clone(), c.clone()])
-    );
+    assert_eq!((synced.refused, synced.refusals.len()), (0, 0));
+    assert_eq!(bare(agent.list().unwrap()), bare([a.clone(), c.clone()]));
     let health = runtime
         .block_on(client.health(proto::v1::HealthRequest {}))
         .unwrap()
@@ -391,7 +403,7 @@ fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
     for _ in 0..50 {
         exchange(&mut sent);
     }
-    assert_eq!(agent.list().unwrap(), vec![bound]);
+    assert_eq!(bare(agent.list().unwrap()), bare([bound]));
     // Everything went through XDP: the counters survived with the maps.
     assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, sent);
     assert_eq!(agent.counter("pass_unknown_binding").unwrap().0, 0);
@@ -465,7 +477,7 @@ fn a_second_agent_on_the_same_pin_directory_is_refused_until_the_first_is_gone()
         .unwrap();
     let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
-    assert_eq!(agent.list().unwrap(), vec![bound]);
+    assert_eq!(bare(agent.list().unwrap()), bare([bound]));
 }
 
 /// An upgrade that adds a verdict reason: the pinned per-reason counters of
@@ -503,7 +515,7 @@ fn a_pinned_stats_map_of_another_length_is_replaced_and_the_bindings_kept() {
 
     let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
-    assert_eq!(agent.list().unwrap(), vec![bound]);
+    assert_eq!(bare(agent.list().unwrap()), bare([bound]));
     let log = lab.log("xdp-agent");
     assert!(log.contains("adopted"), "{log}");
     assert!(log.contains("start again from zero"), "{log}");
@@ -597,39 +609,23 @@ fn the_data_plane_follows_the_interface_address() {
     assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, 1);
 }
 
-/// The entries of the pinned binding map `name`: key and value bytes, sorted.
+/// The entries of the pinned binding map `name`: key and value bytes
+/// without the expiry, sorted.
 fn map_entries(lab: &Lab, name: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    use libbpf_rs::MapCore as _;
-    let map = libbpf_rs::MapHandle::from_pinned_path(lab.pin_dir().join(name)).unwrap();
-    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = map
-        .keys()
-        .filter_map(|key| {
-            let value = map.lookup(&key, libbpf_rs::MapFlags::ANY).unwrap()?;
-            Some((key, value))
-        })
-        .collect();
-    entries.sort();
-    entries
+    agent::map_entries(&lab.pin_dir(), name)
+        .unwrap()
+        .iter()
+        .map(MapEntry::identity)
+        .collect()
 }
 
 /// The two entries a binding the tests name is installed as: the
-/// client-side one and the peer-side one, as key and value bytes.
+/// client-side one and the peer-side one, as key and value bytes without
+/// the expiry.
 fn entries_of(bound: &ChannelBinding) -> [(Vec<u8>, Vec<u8>); 2] {
-    use bpf_common::Pod as _;
-    let binding = proto::Binding::try_from(bound).unwrap();
-    let fields = bpf_common::BindingFields {
-        client: binding.client,
-        listener: binding.listener,
-        channel: binding.channel,
-        peer: binding.peer,
-        allocation_port: binding.allocation_port,
-    };
-    let (client_key, peer_target) = fields.client_entry();
-    let (peer_key, client_target) = fields.peer_entry();
-    [
-        (client_key.bytes().to_vec(), peer_target.as_bytes().to_vec()),
-        (peer_key.bytes().to_vec(), client_target.as_bytes().to_vec()),
-    ]
+    agent::entries_of(bound, 0)
+        .unwrap()
+        .map(|entry| entry.identity())
 }
 
 /// Waits until the agent's counter `reason` counts `packets`.
@@ -659,7 +655,7 @@ fn a_rebound_channel_leaves_no_peer_entry_behind() {
         50001,
     );
     assert_eq!(agent.install(vec![new.clone()]).unwrap(), 1);
-    assert_eq!(agent.list().unwrap(), vec![new.clone()]);
+    assert_eq!(bare(agent.list().unwrap()), bare([new.clone()]));
     let [client_entry, peer_entry] = entries_of(&new);
     assert_eq!(map_entries(&lab, "CLIENT_V4"), vec![client_entry]);
     assert_eq!(map_entries(&lab, "PEER_V4"), vec![peer_entry]);
@@ -705,7 +701,7 @@ fn a_peer_key_taken_by_another_client_removes_the_old_clients_half() {
         50000,
     );
     assert_eq!(agent.install(vec![new.clone()]).unwrap(), 1);
-    assert_eq!(agent.list().unwrap(), vec![new.clone()]);
+    assert_eq!(bare(agent.list().unwrap()), bare([new.clone()]));
     let [client_entry, peer_entry] = entries_of(&new);
     assert_eq!(map_entries(&lab, "CLIENT_V4"), vec![client_entry]);
     assert_eq!(map_entries(&lab, "PEER_V4"), vec![peer_entry]);
@@ -743,31 +739,23 @@ fn sync_reconciles_the_peer_side_maps_too() {
         50005,
     );
     let [wanted_client, wanted_peer] = entries_of(&wanted);
-    let [_, orphan_peer] = entries_of(&orphan);
+    let [_, orphan_peer] = agent::entries_of(&orphan, u64::MAX).unwrap();
     {
         use libbpf_rs::MapCore as _;
         let peers = libbpf_rs::MapHandle::from_pinned_path(lab.pin_dir().join("PEER_V4")).unwrap();
         peers
-            .update(&orphan_peer.0, &orphan_peer.1, libbpf_rs::MapFlags::ANY)
+            .update(
+                &orphan_peer.key,
+                &orphan_peer.value_bytes(),
+                libbpf_rs::MapFlags::ANY,
+            )
             .unwrap();
         peers.delete(&wanted_peer.0).unwrap();
     }
-    assert_eq!(map_entries(&lab, "PEER_V4"), vec![orphan_peer]);
+    assert_eq!(map_entries(&lab, "PEER_V4"), vec![orphan_peer.identity()]);
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut client = runtime
-        .block_on(proto::connect(lab.dir().join("agent.sock")))
-        .unwrap();
-    let synced = runtime
-        .block_on(client.sync(SyncRequest {
-            generation: 1,
-            bindings: vec![wanted.clone()],
-        }))
-        .unwrap()
-        .into_inner();
+    let mut agent = Agent::connect(&lab.dir().join("agent.sock")).unwrap();
+    let synced = agent.sync(1, std::slice::from_ref(&wanted)).unwrap();
     // The repaired binding is written again; the orphan counts as removed.
     assert_eq!((synced.added, synced.removed, synced.installed), (1, 1, 1));
     assert_eq!(map_entries(&lab, "CLIENT_V4"), vec![wanted_client]);
@@ -776,11 +764,13 @@ fn sync_reconciles_the_peer_side_maps_too() {
     assert!(map_entries(&lab, "PEER_V6").is_empty());
 }
 
-/// What the pinned binding map `name` holds at `key`, and how many entries it has.
+/// What the pinned binding map `name` holds at `key` (without the
+/// expiry), and how many entries it has.
 fn map_lookup(lab: &Lab, name: &str, key: &[u8]) -> (Option<Vec<u8>>, usize) {
     use libbpf_rs::MapCore as _;
     let map = libbpf_rs::MapHandle::from_pinned_path(lab.pin_dir().join(name)).unwrap();
     let value = map.lookup(key, libbpf_rs::MapFlags::ANY).unwrap();
+    let value = value.map(|value| MapEntry::new(key, &value).unwrap().value);
     (value, map.keys().count())
 }
 
@@ -854,4 +844,211 @@ fn a_rebind_in_full_maps_fits_and_a_failed_batch_restores_what_it_displaced() {
         (Some(new_peer.1), full)
     );
     assert_eq!(map_lookup(&lab, "PEER_V4", &old_peer.0).0, None);
+}
+
+/// The value of the agent's metric `name` (no labels), once it is served.
+fn metric(lab: &Lab, name: &str) -> Option<f64> {
+    let response = scrape(lab);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    sample(body, name, "")
+}
+
+/// Whether neither IPv4 binding map holds an entry.
+fn v4_maps_empty(lab: &Lab) -> bool {
+    map_entries(lab, "CLIENT_V4").is_empty() && map_entries(lab, "PEER_V4").is_empty()
+}
+
+/// A binding installed for 1.5 s leaves both maps once that has passed,
+/// and is counted as expired; one refreshed (installed again with a longer
+/// lifetime) before its expiry outlives it.
+#[test]
+fn a_binding_leaves_the_maps_when_its_lifetime_ends_unless_refreshed() {
+    if !tests::privileged() {
+        return;
+    }
+    let short = Duration::from_millis(1500);
+    let nanos = |lifetime: Duration| u64::try_from(lifetime.as_nanos()).unwrap();
+    let mut lab = Lab::new().unwrap();
+    let mut agent = start(&mut lab);
+    let nth = |i: u8| {
+        let client = SocketAddr::from(([192, 0, 2, 10 + i], 40000));
+        let peer = SocketAddr::from(([198, 51, 100, 10 + i], 9000));
+        lasting(&binding(client, 0x4001, peer, 50000 + u16::from(i)), short)
+    };
+
+    let before = kernel_clock_ns();
+    assert_eq!(agent.install(vec![nth(0)]).unwrap(), 1);
+    let after = kernel_clock_ns();
+    // Both entries expire at the install's clock plus the lifetime.
+    let expiries = ["CLIENT_V4", "PEER_V4"].map(|name| {
+        let entries = agent::map_entries(&lab.pin_dir(), name).unwrap();
+        assert_eq!(entries.len(), 1, "{name}");
+        entries[0].expires_at_ns
+    });
+    assert_eq!(expiries[0], expiries[1]);
+    let expires = expiries[0];
+    assert!(
+        (before + nanos(short)..=after + nanos(short)).contains(&expires),
+        "{before} {expires} {after}"
+    );
+    wait_for("the expired binding to leave both maps", DEADLINE, || {
+        Ok(v4_maps_empty(&lab).then_some(()))
+    })
+    .unwrap();
+    assert!(kernel_clock_ns() >= expires, "deleted before its expiry");
+    assert!(agent.list().unwrap().is_empty());
+    assert_eq!(agent.counters().unwrap().expired_bindings, 1);
+    assert_eq!(agent.health().unwrap().installed, 0);
+    wait_for("xdp_bindings_expired_total to count it", DEADLINE, || {
+        Ok((metric(&lab, "xdp_bindings_expired_total") == Some(1.0)).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(metric(&lab, "xdp_bindings_installed"), Some(0.0));
+
+    // Refreshed before its expiry: it outlives a witness of the same first
+    // lifetime, whose deletion shows that a sweep ran past that expiry.
+    let refreshed = nth(1);
+    let witness = nth(2);
+    agent
+        .install(vec![refreshed.clone(), witness.clone()])
+        .unwrap();
+    let longer = Duration::from_secs(6);
+    let refreshed_at = kernel_clock_ns();
+    assert_eq!(agent.install(vec![lasting(&refreshed, longer)]).unwrap(), 2);
+    wait_for("the witness to expire", DEADLINE, || {
+        Ok((agent.list()?.len() == 1).then_some(()))
+    })
+    .unwrap();
+    let listed = agent.list().unwrap();
+    assert_eq!(bare(listed.clone()), bare([refreshed.clone()]));
+    assert!(
+        listed[0].lifetime_ms > 0 && u64::from(listed[0].lifetime_ms) <= 6000,
+        "{listed:?}"
+    );
+    for name in ["CLIENT_V4", "PEER_V4"] {
+        let entries = agent::map_entries(&lab.pin_dir(), name).unwrap();
+        assert_eq!(entries.len(), 1, "{name}");
+        assert!(entries[0].expires_at_ns >= refreshed_at + nanos(longer));
+    }
+    assert_eq!(agent.counters().unwrap().expired_bindings, 2);
+    assert_eq!(agent.health().unwrap().installed, 1);
+}
+
+/// A Sync applies what it can: an invalid binding is left out, counted and
+/// explained with its index over the whole stream (the first eight
+/// reasons), and the valid ones are installed under the generation.
+#[test]
+fn a_sync_leaves_out_the_invalid_bindings_and_applies_the_rest() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let mut agent = start(&mut lab);
+    let valid = |i: u8| {
+        let client = SocketAddr::from(([192, 0, 2, 10 + i], 40000));
+        let peer = SocketAddr::from(([198, 51, 100, 10 + i], 9000));
+        binding(client, 0x4001, peer, 50000 + u16::from(i))
+    };
+    let outside = |i: u8| ChannelBinding {
+        allocation_port: 3478,
+        ..valid(100 + i)
+    };
+    let mut set: Vec<ChannelBinding> = (0..5).map(valid).collect();
+    set.insert(3, outside(0));
+    let synced = agent.sync(3, &set).unwrap();
+    assert_eq!(
+        (
+            synced.generation,
+            synced.added,
+            synced.removed,
+            synced.installed,
+            synced.refused
+        ),
+        (3, 5, 0, 5, 1)
+    );
+    assert_eq!(
+        synced.refusals,
+        ["bindings[3]: allocation port 3478 is outside the range 49152-65535"]
+    );
+    assert_eq!(bare(agent.list().unwrap()), bare((0..5).map(valid)));
+    assert_eq!(agent.health().unwrap().generation, 3);
+
+    // Over several parts: indexes count over the stream, the first eight
+    // reasons are given, every refusal is counted.
+    let parts = vec![
+        SyncRequest {
+            generation: 4,
+            bindings: vec![valid(0), outside(0)],
+        },
+        SyncRequest {
+            generation: 4,
+            bindings: std::iter::once(valid(1))
+                .chain((1..11).map(outside))
+                .collect(),
+        },
+    ];
+    let synced = agent.sync_parts(parts).unwrap();
+    assert_eq!(
+        (
+            synced.added,
+            synced.removed,
+            synced.installed,
+            synced.refused
+        ),
+        (0, 3, 2, 11)
+    );
+    assert_eq!(synced.refusals.len(), 8);
+    assert!(
+        synced.refusals[0].starts_with("bindings[1]: "),
+        "{:?}",
+        synced.refusals
+    );
+    assert!(
+        synced.refusals[1].starts_with("bindings[3]: "),
+        "{:?}",
+        synced.refusals
+    );
+    assert_eq!(bare(agent.list().unwrap()), bare([valid(0), valid(1)]));
+    wait_for("xdp_agent_sync_refused_bindings_total", DEADLINE, || {
+        Ok((metric(&lab, "xdp_agent_sync_refused_bindings_total") == Some(12.0)).then_some(()))
+    })
+    .unwrap();
+}
+
+/// The parts of one Sync carry one generation: a stream that mixes two, or
+/// that carries none, is refused and changes nothing.
+#[test]
+fn a_sync_whose_parts_carry_different_generations_is_refused() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (_client, _peer, installed) = one_channel_installed(&mut lab);
+    let mut agent = Agent::connect(&lab.dir().join("agent.sock")).unwrap();
+    let other = binding(
+        "192.0.2.20:40000".parse().unwrap(),
+        0x4002,
+        "198.51.100.20:9000".parse().unwrap(),
+        50020,
+    );
+    let part = |generation| SyncRequest {
+        generation,
+        bindings: vec![other.clone()],
+    };
+    let refused = agent.sync_parts(vec![part(4), part(5)]).unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("generations 4 and 5"),
+        "{}",
+        refused.message()
+    );
+    let refused = agent.sync_parts(Vec::new()).unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("at least one part"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(bare(agent.list().unwrap()), bare([installed]));
+    assert_eq!(agent.health().unwrap().generation, 0);
 }

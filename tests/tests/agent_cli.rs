@@ -6,9 +6,10 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use tests::Lab;
-use tests::agent::{Agent, binding, binding_via};
+use tests::agent::{Agent, binding, binding_via, lasting};
 
 /// Runs the CLI against the agent at `socket`.
 fn ctl(socket: &Path, args: &[&str]) -> Output {
@@ -58,12 +59,15 @@ fn cli_shows_what_the_agent_holds() {
     let mut agent = Agent::connect(&socket).unwrap();
     // A wildcard listener stands for the relay address of its family; `binding`
     // is on the relay's listener of the client's family, [2001:db8:2::a]:3478.
-    let v4 = binding_via(
-        "0.0.0.0:3478".parse().unwrap(),
-        "192.0.2.2:40000".parse().unwrap(),
-        0x4001,
-        "198.51.100.2:50000".parse().unwrap(),
-        49160,
+    let v4 = lasting(
+        &binding_via(
+            "0.0.0.0:3478".parse().unwrap(),
+            "192.0.2.2:40000".parse().unwrap(),
+            0x4001,
+            "198.51.100.2:50000".parse().unwrap(),
+            49160,
+        ),
+        Duration::from_secs(300),
     );
     let v6 = binding(
         "[2001:db8:1::2]:40001".parse().unwrap(),
@@ -81,13 +85,23 @@ fn cli_shows_what_the_agent_holds() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["CLIENT", "LISTENER", "CHANNEL", "PEER", "PORT"],
+        ["CLIENT", "LISTENER", "CHANNEL", "PEER", "PORT", "LIFETIME"],
         "{table}"
     );
-    let rows: Vec<Vec<&str>> = lines[1..3]
+    let mut rows: Vec<Vec<&str>> = lines[1..3]
         .iter()
         .map(|line| line.split_whitespace().collect())
         .collect();
+    // What is left of each lifetime, in seconds: a little less than given.
+    let lifetimes: Vec<u32> = rows
+        .iter_mut()
+        .map(|row| {
+            let cell = row.pop().unwrap();
+            cell.strip_suffix('s').unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!((290..=300).contains(&lifetimes[0]), "{table}");
+    assert!((590..=600).contains(&lifetimes[1]), "{table}");
     assert_eq!(
         rows,
         [
@@ -137,6 +151,11 @@ fn cli_shows_what_the_agent_holds() {
     assert_eq!(all[0].field("channel").number(), 16385.0);
     assert_eq!(all[0].field("peer").string(), "198.51.100.2:50000");
     assert_eq!(all[0].field("allocation_port").number(), 49160.0);
+    let lifetime_ms = all[0].field("lifetime_ms").number();
+    assert!(
+        lifetime_ms > 290_000.0 && lifetime_ms <= 300_000.0,
+        "{all:?}"
+    );
     assert_eq!(all[1].field("client").string(), "[2001:db8:1::2]:40001");
     assert_eq!(all[1].field("listener").string(), "[2001:db8:2::a]:3478");
     assert_eq!(all[1].field("channel").number(), 0x4fff as f64);
@@ -182,6 +201,8 @@ fn cli_shows_what_the_agent_holds() {
     assert!(text.contains("0x4fff"), "{text}");
     assert!(text.contains("\nlistener "), "{text}");
     assert!(text.contains("[2001:db8:2::a]:3478"), "{text}");
+    assert!(text.contains("\nlifetime "), "{text}");
+    assert!(text.trim_end().ends_with('s'), "{text}");
 
     // The same client and channel on a second listener: listed before the
     // first (port 443 < 3478), and `binding` wants --listener (exit 4,
@@ -261,6 +282,7 @@ fn cli_shows_what_the_agent_holds() {
         "redirected_bytes",
         "reported_bytes",
         "lost_events",
+        "expired_bindings",
     ] {
         counters.field(total).number();
     }
@@ -269,6 +291,7 @@ fn cli_shows_what_the_agent_holds() {
     assert!(text.contains("lost events"), "{text}");
     assert!(text.contains("redirected packets"), "{text}");
     assert!(text.contains("redirected bytes"), "{text}");
+    assert!(text.contains("expired bindings    0\n"), "{text}");
 
     let config = json(&socket, &["config", "--json"]);
     let listeners: Vec<&str> = config

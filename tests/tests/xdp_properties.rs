@@ -1,8 +1,10 @@
 //! Properties of the relay program under `BPF_PROG_TEST_RUN`: random and
 //! mutated frames (truncated, wrong lengths, options, fragments, odd channel
-//! numbers, random bytes) are never sent with `XDP_TX` unless they carry an
-//! installed binding's key, and checksums stay exactly as valid as they came:
-//! the incremental updates (RFC 1624) neither repair nor break them.
+//! numbers, random bytes) are never sent with `XDP_TX` unless they carry the
+//! key of an installed binding that has not expired (an expired one is
+//! installed too, and counts as absent), and checksums stay exactly as valid
+//! as they came: the incremental updates (RFC 1624) neither repair nor break
+//! them.
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,8 +15,11 @@ use proptest::prelude::*;
 use tests::packet::{FrameSpec, channel_data, parse_udp_v4, parse_udp_v6};
 use tests::xdp::{LoadedRelay, XDP_DROP, XDP_PASS, XDP_TX};
 
-/// (client, channel, peer, allocation port)
-const BINDINGS: [(&str, u16, &str, u16); 4] = [
+/// A binding: (client, channel, peer, allocation port).
+type Binding = (&'static str, u16, &'static str, u16);
+
+/// Bindings installed until long after the test.
+const BINDINGS: [Binding; 4] = [
     ("192.0.2.2:40000", 0x4001, "198.51.100.2:9000", 50000),
     ("192.0.2.2:40000", 0x4002, "[2001:db8:3::2]:9000", 50000),
     ("[2001:db8:1::2]:40000", 0x4003, "198.51.100.2:9001", 50001),
@@ -23,6 +28,18 @@ const BINDINGS: [(&str, u16, &str, u16); 4] = [
         0x4004,
         "[2001:db8:3::2]:9001",
         50001,
+    ),
+];
+
+/// Bindings installed with an expiry a second before the test started: as
+/// good as absent.
+const EXPIRED: [Binding; 2] = [
+    ("192.0.2.9:40000", 0x4005, "198.51.100.9:9000", 50002),
+    (
+        "[2001:db8:1::9]:40000",
+        0x4006,
+        "[2001:db8:3::9]:9000",
+        50003,
     ),
 ];
 
@@ -51,6 +68,18 @@ fn relay() -> &'static LoadedRelay {
                 )
                 .unwrap();
         }
+        let past = tests::kernel_clock_ns().saturating_sub(1_000_000_000);
+        for (client, channel, peer, port) in EXPIRED {
+            relay
+                .bind_until(
+                    client.parse().unwrap(),
+                    channel,
+                    peer.parse().unwrap(),
+                    port,
+                    past,
+                )
+                .unwrap();
+        }
         relay
     })
 }
@@ -63,10 +92,10 @@ fn relay_ip(v4: bool) -> IpAddr {
     }
 }
 
-/// Valid frames of every path, to mutate.
-fn seed_frames() -> Vec<Vec<u8>> {
+/// Valid frames of every path of `bindings`, to mutate.
+fn frames_of(bindings: &[Binding]) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
-    for (client, channel, peer, port) in BINDINGS {
+    for &(client, channel, peer, port) in bindings {
         let (client, peer): (SocketAddr, SocketAddr) =
             (client.parse().unwrap(), peer.parse().unwrap());
         let listener = SocketAddr::new(relay_ip(client.is_ipv4()), 3478);
@@ -77,8 +106,14 @@ fn seed_frames() -> Vec<Vec<u8>> {
     frames
 }
 
-/// Whether `frame`'s headers, read leniently, name an installed binding:
-/// (client, channel) towards the listen port or (peer, allocation port).
+/// Valid frames of every path, of live and of expired bindings, to mutate.
+fn seed_frames() -> Vec<Vec<u8>> {
+    [frames_of(&BINDINGS), frames_of(&EXPIRED)].concat()
+}
+
+/// Whether `frame`'s headers, read leniently, name an installed binding
+/// that has not expired: (client, channel) towards the listen port or
+/// (peer, allocation port).
 fn names_a_binding(frame: &[u8]) -> bool {
     let (source, dest_port, udp_payload) = match frame.get(12..14) {
         Some([0x08, 0x00]) if frame.len() >= 42 => {
@@ -163,7 +198,7 @@ proptest! {
 
     #[test]
     fn mutated_frames_are_relayed_only_for_bindings_and_with_valid_checksums(
-        seed in 0usize..8,
+        seed in 0usize..2 * (BINDINGS.len() + EXPIRED.len()),
         flips in proptest::collection::vec((0usize..200, any::<u8>()), 0..4),
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
         cut in proptest::option::of(14usize..200),
@@ -181,5 +216,25 @@ proptest! {
         }
         frame.extend_from_slice(&extra);
         check(&frame)?;
+    }
+}
+
+/// The model's two sides, unmutated: a live binding's frames are relayed, an
+/// expired one's are passed as they came.
+#[test]
+fn seed_frames_are_relayed_exactly_for_live_bindings() {
+    if !tests::privileged() {
+        return;
+    }
+    for (frames, live) in [(frames_of(&BINDINGS), true), (frames_of(&EXPIRED), false)] {
+        for frame in frames {
+            assert_eq!(names_a_binding(&frame), live);
+            let (verdict, out) = relay().run(&frame).unwrap();
+            if live {
+                assert_eq!(verdict, XDP_TX);
+            } else {
+                assert_eq!((verdict, out), (XDP_PASS, frame));
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
+use proto::v1::ChannelBinding;
 use tests::agent::{Agent, binding};
 use tests::packet::{Capture, channel_data};
 use tests::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, wait_for};
@@ -14,6 +15,8 @@ const LISTEN_PORT: u16 = 3478;
 const ALLOCATION_PORT: u16 = 50_000;
 const CHANNEL: u16 = 0x4001;
 const DEADLINE: Duration = Duration::from_secs(5);
+/// The binding's lifetime: far beyond the test.
+const LIFETIME_MS: u32 = 600_000;
 
 #[test]
 fn channel_data_is_relayed_in_the_kernel_until_the_binding_is_removed() {
@@ -45,14 +48,30 @@ fn channel_data_is_relayed_in_the_kernel_until_the_binding_is_removed() {
     peer.set_read_timeout(Some(DEADLINE)).unwrap();
     let peer_address = peer.local_addr().unwrap();
 
-    let bound = binding(
-        client.local_addr().unwrap(),
-        CHANNEL,
-        peer_address,
-        ALLOCATION_PORT,
-    );
+    let bound = ChannelBinding {
+        lifetime_ms: LIFETIME_MS,
+        ..binding(
+            client.local_addr().unwrap(),
+            CHANNEL,
+            peer_address,
+            ALLOCATION_PORT,
+        )
+    };
     assert_eq!(agent.install(vec![bound.clone()]).unwrap(), 1);
-    assert_eq!(agent.list().unwrap(), vec![bound.clone()]);
+    // Listed with what is left of its lifetime.
+    let listed = agent.list().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        (1..=LIFETIME_MS).contains(&listed[0].lifetime_ms),
+        "{listed:?}"
+    );
+    assert_eq!(
+        ChannelBinding {
+            lifetime_ms: LIFETIME_MS,
+            ..listed[0].clone()
+        },
+        bound
+    );
 
     // Relayed: exactly the payload, from the relay's allocation port.
     let relayed_before = agent.counter("relay_client_to_peer_v4_v4").unwrap();

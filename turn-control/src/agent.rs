@@ -1,12 +1,18 @@
 //! The link to the xdp-agent: a task that owns the gRPC client, fed by a channel from the
 //! event loop and answering through another, so that no RPC ever runs on the packet path.
 //!
+//! Every binding goes to the agent as a [`Lease`]: with the instant its authorisation ends,
+//! which the kernel enforces on its own (it stops relaying the binding then, and the agent
+//! deletes it). Whatever is lost between the daemons, a kernel entry dies when its
+//! authorisation would have; the lifetime on the wire is taken when the RPC is sent, so time
+//! spent in the queue does not lengthen it.
+//!
 //! While the agent is unreachable every install is answered as failed at once, so the core
 //! relays those channels in user space instead of holding ChannelBind successes for the
 //! offload timeout. On every (re)connect each event-loop thread pushes its share of the
-//! bindings the data plane should hold ([`ToAgent::Sync`]); the link sends their union as one
-//! Sync RPC, holding back installs and removals until it has gone out so that none of them is
-//! undone by it.
+//! bindings the data plane should hold ([`ToAgent::Sync`]); the link streams their union as
+//! one Sync RPC in parts of [`proto::SYNC_PART_BINDINGS`], holding back installs and removals
+//! until it has gone out so that none of them is undone by it.
 //!
 //! The threads never wait for the link, so the queue between them can be full. An install
 //! that does not fit is answered as failed at once (user space relays that channel); a
@@ -27,15 +33,25 @@ use turn_control_core::{ChannelBinding, OffloadError};
 
 use crate::metrics::name;
 
+/// A binding for the data plane and the instant its authorisation ends: the earliest
+/// expiry of its channel, permission and allocation, as the core computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The binding.
+    pub binding: ChannelBinding,
+    /// When the kernel must stop relaying it.
+    pub expires: std::time::Instant,
+}
+
 /// Requests from the event-loop threads; `thread` is the sender's index, where answers go.
 #[derive(Debug)]
 pub enum ToAgent {
-    /// Add one binding; answer with [`FromAgent::Installed`].
+    /// Add one binding, or move its expiry; answer with [`FromAgent::Installed`].
     Install {
         /// The sending thread.
         thread: usize,
-        /// The binding.
-        binding: ChannelBinding,
+        /// The binding and its expiry.
+        lease: Lease,
     },
     /// Remove one binding; no answer.
     Remove(ChannelBinding),
@@ -47,8 +63,8 @@ pub enum ToAgent {
         /// The round of [`FromAgent::Connected`] this answers; parts of an earlier round
         /// (the link was lost and regained meanwhile) are ignored.
         round: u64,
-        /// Every binding it holds.
-        bindings: Vec<ChannelBinding>,
+        /// Every binding it holds, with its expiry.
+        leases: Vec<Lease>,
     },
 }
 
@@ -107,10 +123,8 @@ pub struct AgentQueue {
 impl AgentQueue {
     /// Queues an install; false when the queue is full (the install is not going to the
     /// agent: the caller relays that channel in user space).
-    pub fn install(&self, thread: usize, binding: ChannelBinding) -> bool {
-        self.tx
-            .try_send(ToAgent::Install { thread, binding })
-            .is_ok()
+    pub fn install(&self, thread: usize, lease: Lease) -> bool {
+        self.tx.try_send(ToAgent::Install { thread, lease }).is_ok()
     }
 
     /// Queues a removal or, when it does not fit, marks the link as needing a full sync:
@@ -183,6 +197,9 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest time one RPC may take before the agent counts as gone.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a Sync may take beyond [`RPC_TIMEOUT`] per binding it carries: the agent writes
+/// about 100 000 bindings a second, so 130 000 get 2 s + 6.5 s.
+const SYNC_TIME_PER_BINDING: Duration = Duration::from_micros(50);
 /// How often the link looks for dropped removals, and the least time between two syncs
 /// they force: the full sync follows a drop within a second, and a queue that keeps
 /// overflowing does not turn into back-to-back full syncs.
@@ -235,6 +252,7 @@ impl Link {
         // Exported from the start, so that a rate over them has a series before the first.
         metrics::counter!(name::AGENT_SYNCS_FORCED).increment(0);
         metrics::counter!(name::AGENT_SYNC_RETRIES).increment(0);
+        metrics::counter!(name::AGENT_SYNC_REFUSED_BINDINGS).increment(0);
         Self {
             path,
             config,
@@ -411,35 +429,62 @@ impl Link {
         match op {
             Op::Remove(bindings) => {
                 let request = proto::v1::RemoveChannelBindingRequest {
-                    bindings: wire(bindings.iter()),
+                    bindings: wire_removals(&bindings),
                 };
                 rpc(client.remove_channel_binding(request)).await.map(drop)
             }
             Op::Install(installs) => {
+                // A lease that ran out in the queue is no longer the kernel's to relay: the
+                // core removes its binding when its timer fires.
+                let now = std::time::Instant::now();
+                let (live, ended): (Vec<_>, Vec<_>) = installs
+                    .into_iter()
+                    .partition(|(_, lease)| lease.expires > now);
+                for (thread, lease) in ended {
+                    let ended = OffloadError::Rejected("its lifetime ended in the queue".into());
+                    answer(&self.events, thread, lease.binding, Err(ended)).await;
+                }
+                if live.is_empty() {
+                    return Ok(());
+                }
                 let request = proto::v1::InstallChannelBindingRequest {
-                    bindings: wire(installs.iter().map(|(_, b)| b)),
+                    bindings: wire(live.iter().map(|(_, lease)| lease), now).collect(),
                 };
                 let result = rpc(client.install_channel_binding(request)).await.map(drop);
                 let answer_with = result.clone().map_err(OffloadError::from);
-                for (thread, b) in installs {
-                    answer(&self.events, thread, b, answer_with.clone()).await;
+                for (thread, lease) in live {
+                    answer(&self.events, thread, lease.binding, answer_with.clone()).await;
                 }
                 result
             }
             // Sync replaces everything under a new generation, so entries of a previous run
-            // of either daemon do not linger.
+            // of either daemon do not linger. Leases that ran out are left out: the agent
+            // would refuse them, and their traffic is user space's to decide.
             Op::Sync(all) => {
                 self.generation += 1;
                 let generation = self.generation;
-                let request = proto::v1::SyncRequest {
-                    generation,
-                    bindings: wire(all.iter()),
-                };
-                rpc(client.sync(request)).await?;
+                let now = std::time::Instant::now();
+                let bindings: Vec<_> = wire(all.iter(), now).collect();
+                let count = bindings.len();
+                let parts = sync_parts(generation, bindings);
+                let timeout = RPC_TIMEOUT + SYNC_TIME_PER_BINDING * count as u32;
+                let response = rpc_within(timeout, client.sync(tokio_stream::iter(parts))).await?;
                 self.synced = Some(generation);
                 self.sync_backoff = SYNC_BACKOFF.0;
+                if response.refused > 0 {
+                    metrics::counter!(name::AGENT_SYNC_REFUSED_BINDINGS)
+                        .increment(response.refused);
+                    tracing::warn!(
+                        refused = response.refused,
+                        reasons = ?response.refusals,
+                        "xdp-agent left bindings of the full sync out; they are relayed in \
+                         user space"
+                    );
+                }
                 tracing::info!(
-                    bindings = all.len(),
+                    bindings = count,
+                    added = response.added,
+                    removed = response.removed,
                     generation,
                     "full sync sent to xdp-agent"
                 );
@@ -505,7 +550,7 @@ impl Link {
 #[derive(Debug)]
 struct PendingSync {
     round: u64,
-    parts: Vec<Option<Vec<ChannelBinding>>>,
+    parts: Vec<Option<Vec<Lease>>>,
     /// Installs and removals that arrived after some thread's part: sending them before the
     /// Sync would let the Sync undo them, so they follow it.
     held: Vec<ToAgent>,
@@ -523,7 +568,7 @@ impl PendingSync {
     }
 
     /// The union of every thread's part, once all have answered.
-    fn take_union(&mut self) -> Option<Vec<ChannelBinding>> {
+    fn take_union(&mut self) -> Option<Vec<Lease>> {
         if self.parts.iter().any(Option::is_none) {
             return None;
         }
@@ -547,12 +592,12 @@ fn plan(requests: impl Iterator<Item = ToAgent>, pending: &mut Option<PendingSyn
                 ToAgent::Sync {
                     thread,
                     round,
-                    bindings,
+                    leases,
                 },
                 Some(p),
             ) if round == p.round => {
                 if let Some(part) = p.parts.get_mut(thread) {
-                    *part = Some(bindings);
+                    *part = Some(leases);
                 }
                 if let Some(all) = p.take_union() {
                     ops.push(Op::Sync(all));
@@ -575,11 +620,11 @@ fn plan(requests: impl Iterator<Item = ToAgent>, pending: &mut Option<PendingSyn
 #[derive(Debug)]
 enum Op {
     /// InstallChannelBinding, answered to each binding's thread.
-    Install(Vec<(usize, ChannelBinding)>),
+    Install(Vec<(usize, Lease)>),
     /// RemoveChannelBinding.
     Remove(Vec<ChannelBinding>),
     /// Sync with every thread's bindings.
-    Sync(Vec<ChannelBinding>),
+    Sync(Vec<Lease>),
 }
 
 /// The RPCs a batch of requests comes to, in arrival order: consecutive installs share one
@@ -594,13 +639,13 @@ impl Ops {
 
     fn request(&mut self, request: ToAgent) {
         match (request, self.0.last_mut()) {
-            (ToAgent::Install { thread, binding }, Some(Op::Install(installs)))
+            (ToAgent::Install { thread, lease }, Some(Op::Install(installs)))
                 if installs.len() < MAX_BATCH =>
             {
-                installs.push((thread, binding));
+                installs.push((thread, lease));
             }
-            (ToAgent::Install { thread, binding }, _) => {
-                self.0.push(Op::Install(vec![(thread, binding)]))
+            (ToAgent::Install { thread, lease }, _) => {
+                self.0.push(Op::Install(vec![(thread, lease)]))
             }
             (ToAgent::Remove(binding), Some(Op::Remove(removes))) if removes.len() < MAX_BATCH => {
                 removes.push(binding);
@@ -618,8 +663,9 @@ impl Ops {
         for op in self.0 {
             match op {
                 Op::Install(installs) => {
-                    for (thread, b) in installs {
-                        answer(events, thread, b, Err(OffloadError::Unavailable)).await;
+                    for (thread, lease) in installs {
+                        let unavailable = Err(OffloadError::Unavailable);
+                        answer(events, thread, lease.binding, unavailable).await;
                     }
                 }
                 Op::Remove(removes) => dropped += removes.len(),
@@ -677,7 +723,15 @@ impl From<RpcError> for OffloadError {
 async fn rpc<T>(
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, RpcError> {
-    match tokio::time::timeout(RPC_TIMEOUT, call).await {
+    rpc_within(RPC_TIMEOUT, call).await
+}
+
+/// One RPC under `timeout`; a timeout counts as the agent gone.
+async fn rpc_within<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, RpcError> {
+    match tokio::time::timeout(timeout, call).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(status.into()),
         Err(_) => Err(RpcError::Gone("timed out".to_owned())),
@@ -711,9 +765,46 @@ fn kernel_binding(binding: &ChannelBinding) -> proto::Binding {
     }
 }
 
-/// The wire form of bindings (proto/xdp_agent.proto).
-fn wire<'a>(bindings: impl Iterator<Item = &'a ChannelBinding>) -> Vec<proto::v1::ChannelBinding> {
+/// The wire form of leases at `now` (proto/xdp_agent.proto): each with what is left of its
+/// lifetime, capped at [`proto::MAX_LIFETIME`]; those already ended are left out.
+fn wire<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+    now: std::time::Instant,
+) -> impl Iterator<Item = proto::v1::ChannelBinding> {
+    leases.filter_map(move |lease| {
+        let lifetime = lease.expires.checked_duration_since(now)?;
+        (!lifetime.is_zero()).then(|| {
+            proto::v1::ChannelBinding::from(&proto::Lease {
+                binding: kernel_binding(&lease.binding),
+                lifetime: lifetime.min(proto::MAX_LIFETIME),
+            })
+        })
+    })
+}
+
+/// A Sync's stream: `bindings` in parts of [`proto::SYNC_PART_BINDINGS`], each with the
+/// generation; at least one part, so that an empty set still says its generation.
+fn sync_parts(
+    generation: u64,
+    bindings: Vec<proto::v1::ChannelBinding>,
+) -> Vec<proto::v1::SyncRequest> {
+    let mut parts = Vec::with_capacity(bindings.len().div_ceil(proto::SYNC_PART_BINDINGS));
+    let mut bindings = bindings.into_iter().peekable();
+    loop {
+        parts.push(proto::v1::SyncRequest {
+            generation,
+            bindings: bindings.by_ref().take(proto::SYNC_PART_BINDINGS).collect(),
+        });
+        if bindings.peek().is_none() {
+            return parts;
+        }
+    }
+}
+
+/// The wire form of bindings to remove, without a lifetime.
+fn wire_removals(bindings: &[ChannelBinding]) -> Vec<proto::v1::ChannelBinding> {
     bindings
+        .iter()
         .map(|b| proto::v1::ChannelBinding::from(&kernel_binding(b)))
         .collect()
 }
@@ -751,6 +842,14 @@ mod tests {
             relay: RelayAddr("203.0.113.1:50000".parse().unwrap()),
             peer: PeerAddr("198.51.100.1:9000".parse().unwrap()),
             channel: ChannelNumber::new(channel).unwrap(),
+            dont_fragment: false,
+        }
+    }
+
+    fn lease(channel: u16) -> Lease {
+        Lease {
+            binding: binding(channel),
+            expires: std::time::Instant::now() + Duration::from_secs(300),
         }
     }
 
@@ -761,10 +860,13 @@ mod tests {
             .map(|op| match op {
                 Op::Install(v) => (
                     "install",
-                    v.iter().map(|(_, b)| b.channel.value()).collect(),
+                    v.iter().map(|(_, l)| l.binding.channel.value()).collect(),
                 ),
                 Op::Remove(v) => ("remove", v.iter().map(|b| b.channel.value()).collect()),
-                Op::Sync(v) => ("sync", v.iter().map(|b| b.channel.value()).collect()),
+                Op::Sync(v) => (
+                    "sync",
+                    v.iter().map(|l| l.binding.channel.value()).collect(),
+                ),
             })
             .collect()
     }
@@ -773,20 +875,11 @@ mod tests {
     fn requests_keep_their_order_across_kinds() {
         let mut ops = Ops::default();
         for request in [
-            ToAgent::Install {
-                thread: 0,
-                binding: binding(0x4000),
-            },
-            ToAgent::Install {
-                thread: 1,
-                binding: binding(0x4001),
-            },
+            install(0, 0x4000),
+            install(1, 0x4001),
             ToAgent::Remove(binding(0x4000)),
             ToAgent::Remove(binding(0x4001)),
-            ToAgent::Install {
-                thread: 0,
-                binding: binding(0x4000),
-            },
+            install(0, 0x4000),
         ] {
             ops.request(request);
         }
@@ -804,10 +897,7 @@ mod tests {
     fn a_batch_never_exceeds_the_rpc_size() {
         let mut ops = Ops::default();
         for i in 0..(MAX_BATCH as u16 + 1) {
-            ops.request(ToAgent::Install {
-                thread: 0,
-                binding: binding(0x4000 + i),
-            });
+            ops.request(install(0, 0x4000 + i));
         }
         let sizes: Vec<usize> = shape(&ops).iter().map(|(_, v)| v.len()).collect();
         assert_eq!(sizes, vec![MAX_BATCH, 1]);
@@ -816,7 +906,7 @@ mod tests {
     fn install(thread: usize, channel: u16) -> ToAgent {
         ToAgent::Install {
             thread,
-            binding: binding(channel),
+            lease: lease(channel),
         }
     }
 
@@ -824,7 +914,7 @@ mod tests {
         ToAgent::Sync {
             thread,
             round,
-            bindings: channels.iter().map(|&c| binding(c)).collect(),
+            leases: channels.iter().map(|&c| lease(c)).collect(),
         }
     }
 
@@ -866,19 +956,19 @@ mod tests {
     #[test]
     fn a_sync_waits_for_every_thread_and_held_requests_survive_a_new_round() {
         let mut pending = PendingSync::start(None, 1, 2);
-        pending.parts[1] = Some(vec![binding(0x4001)]);
+        pending.parts[1] = Some(vec![lease(0x4001)]);
         assert!(pending.take_union().is_none(), "thread 0 has not answered");
         pending.held.push(ToAgent::Remove(binding(0x4001)));
         // The agent restarts before thread 0 answers: a new round keeps the held removal.
         let mut pending = PendingSync::start(Some(pending), 2, 2);
         assert_eq!(pending.held.len(), 1);
-        pending.parts[0] = Some(vec![binding(0x4000)]);
-        pending.parts[1] = Some(vec![binding(0x4002), binding(0x4003)]);
+        pending.parts[0] = Some(vec![lease(0x4000)]);
+        pending.parts[1] = Some(vec![lease(0x4002), lease(0x4003)]);
         let union: Vec<u16> = pending
             .take_union()
             .unwrap()
             .iter()
-            .map(|b| b.channel.value())
+            .map(|l| l.binding.channel.value())
             .collect();
         assert_eq!(union, vec![0x4000, 0x4002, 0x4003]);
     }
@@ -899,7 +989,7 @@ mod tests {
         queue.remove(binding(0x4000));
         assert!(!requests.resync.load(Ordering::Acquire), "it fitted");
         assert!(
-            !queue.install(0, binding(0x4001)),
+            !queue.install(0, lease(0x4001)),
             "no room: user space relays it"
         );
         assert!(
@@ -912,6 +1002,53 @@ mod tests {
             "a dropped removal needs a sync"
         );
         assert!(queue.try_slot().is_none());
+    }
+
+    #[test]
+    fn leases_go_out_with_what_is_left_of_their_lifetime() {
+        let now = std::time::Instant::now();
+        let at = |offset: Duration, channel: u16| Lease {
+            expires: now + offset,
+            ..lease(channel)
+        };
+        let leases = [
+            at(Duration::from_millis(299_999), 0x4000),
+            // Ended: left out.
+            at(Duration::ZERO, 0x4001),
+            at(Duration::from_micros(1), 0x4002),
+            // Beyond what the agent takes: capped.
+            at(Duration::from_secs(7200), 0x4003),
+        ];
+        let wire: Vec<(u32, u32)> = wire(leases.iter(), now)
+            .map(|b| (b.channel, b.lifetime_ms))
+            .collect();
+        assert_eq!(
+            wire,
+            vec![(0x4000, 299_999), (0x4002, 1), (0x4003, 3_600_000)]
+        );
+        let ended = Lease {
+            expires: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
+            ..lease(0x4004)
+        };
+        assert_eq!(wire_removals(&[ended.binding])[0].lifetime_ms, 0);
+    }
+
+    #[test]
+    fn a_sync_streams_in_parts_under_one_generation() {
+        let now = std::time::Instant::now();
+        let leases: Vec<Lease> = (0..(2 * proto::SYNC_PART_BINDINGS + 1))
+            .map(|i| lease(0x4000 + (i % 0x3fff) as u16))
+            .collect();
+        let parts = sync_parts(7, wire(leases.iter(), now).collect());
+        let sizes: Vec<usize> = parts.iter().map(|p| p.bindings.len()).collect();
+        assert_eq!(
+            sizes,
+            vec![proto::SYNC_PART_BINDINGS, proto::SYNC_PART_BINDINGS, 1]
+        );
+        assert!(parts.iter().all(|p| p.generation == 7));
+        let empty = sync_parts(8, Vec::new());
+        assert_eq!(empty.len(), 1, "an empty set still carries its generation");
+        assert!(empty[0].bindings.is_empty() && empty[0].generation == 8);
     }
 
     #[test]

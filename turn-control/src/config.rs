@@ -41,6 +41,12 @@ pub const MAX_THREADS: usize = 256;
 /// Default length of the queue from the event-loop threads to the agent link
 /// (`--agent-queue`).
 pub const DEFAULT_AGENT_QUEUE: usize = 65536;
+/// Default `--default-allocation-lifetime`: RFC 8656 section 7.2's 10 minutes.
+pub const DEFAULT_ALLOCATION_LIFETIME: u32 = 600;
+/// Default `--max-allocation-lifetime`: RFC 8656 section 7.2's hour.
+pub const MAX_ALLOCATION_LIFETIME: u32 = 3600;
+/// The longest `--max-allocation-lifetime` accepted: a week.
+pub const LONGEST_ALLOCATION_LIFETIME: u32 = 7 * 86_400;
 
 /// The command line: [`Settings`] plus what only a command line says. Every option can also
 /// come from the environment variable named in `--help`; list variables take
@@ -189,6 +195,25 @@ pub struct Settings {
         value_name = "N"
     )]
     pub total_quota: Option<u32>,
+    /// Allocation lifetime in seconds when a client asks for none or for less (RFC 8656
+    /// section 7.2). A channel bound to an allocation is relayed, in the kernel too, no longer
+    /// than the allocation lives unless the client refreshes it.
+    #[arg(
+        long = "default-allocation-lifetime",
+        env = "TURN_CONTROL_DEFAULT_ALLOCATION_LIFETIME",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_ALLOCATION_LIFETIME
+    )]
+    pub default_allocation_lifetime: u32,
+    /// Longest allocation lifetime in seconds granted to a client that asks for more (RFC
+    /// 8656 section 7.2 recommends an hour; coturn's --max-allocate-lifetime).
+    #[arg(
+        long = "max-allocation-lifetime",
+        env = "TURN_CONTROL_MAX_ALLOCATION_LIFETIME",
+        value_name = "SECONDS",
+        default_value_t = MAX_ALLOCATION_LIFETIME
+    )]
+    pub max_allocation_lifetime: u32,
     /// SO_RCVBUF and SO_SNDBUF of listener sockets, in bytes.
     #[arg(
         long = "listener-buffer-bytes",
@@ -387,6 +412,7 @@ impl Settings {
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
         }
+        self.check_allocation_lifetimes()?;
         if self.agent_queue == 0 {
             return Err(invalid("agent_queue", "must be at least 1"));
         }
@@ -412,6 +438,30 @@ impl Settings {
             self.metrics = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, DEV_METRICS_PORT)));
         }
         Ok(self)
+    }
+
+    /// The default allocation lifetime at least a second and at most the maximum, which is at
+    /// most a week.
+    fn check_allocation_lifetimes(&self) -> Result<(), ConfigError> {
+        if self.default_allocation_lifetime == 0 {
+            return Err(invalid("default_allocation_lifetime", "must be at least 1"));
+        }
+        if self.max_allocation_lifetime > LONGEST_ALLOCATION_LIFETIME {
+            return Err(invalid(
+                "max_allocation_lifetime",
+                format!("must be at most {LONGEST_ALLOCATION_LIFETIME} (a week)"),
+            ));
+        }
+        if self.default_allocation_lifetime > self.max_allocation_lifetime {
+            return Err(invalid(
+                "default_allocation_lifetime",
+                format!(
+                    "{} is more than max_allocation_lifetime {}",
+                    self.default_allocation_lifetime, self.max_allocation_lifetime
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML, with secrets redacted (`--print-config`). It
@@ -458,6 +508,10 @@ impl Settings {
             .chain(self.relay_ipv6.map(IpAddr::V6))
             .collect();
         config.port_range = crate::threads::port_slice(&self.ports.range(), index, threads);
+        config.default_lifetime =
+            std::time::Duration::from_secs(u64::from(self.default_allocation_lifetime));
+        config.max_lifetime =
+            std::time::Duration::from_secs(u64::from(self.max_allocation_lifetime));
         config.user_quota = self.user_quota;
         config.total_quota = self.total_quota;
         config.quotas = Arc::clone(quotas);
@@ -554,6 +608,7 @@ fn one_per_family(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
 
     use super::*;
 
@@ -837,6 +892,44 @@ mod tests {
         assert!(s.to_toml().unwrap().contains("software = \"flag relay\""));
         let s = merge(&["--dev"], "software = \"\"").unwrap();
         assert_eq!(software(&s), None);
+    }
+
+    #[test]
+    fn allocation_lifetimes_reach_the_core_and_are_checked() {
+        let quotas = QuotaLedger::shared();
+        let core = |s: &Settings| s.core_config(None, [0; 32], (0, 1), &quotas);
+        let s = flags(&["--dev"]).unwrap();
+        assert_eq!(core(&s).default_lifetime, Duration::from_secs(600));
+        assert_eq!(core(&s).max_lifetime, Duration::from_secs(3600));
+        let s = merge(
+            &["--dev", "--default-allocation-lifetime", "30"],
+            "max_allocation_lifetime = 60",
+        )
+        .unwrap();
+        assert_eq!(core(&s).default_lifetime, Duration::from_secs(30));
+        assert_eq!(core(&s).max_lifetime, Duration::from_secs(60));
+        for (args, error) in [
+            (
+                &["--dev", "--default-allocation-lifetime", "0"][..],
+                "default_allocation_lifetime: must be at least 1",
+            ),
+            (
+                &[
+                    "--dev",
+                    "--default-allocation-lifetime",
+                    "700",
+                    "--max-allocation-lifetime",
+                    "600",
+                ][..],
+                "default_allocation_lifetime: 700 is more than max_allocation_lifetime 600",
+            ),
+            (
+                &["--dev", "--max-allocation-lifetime", "604801"][..],
+                "max_allocation_lifetime: must be at most 604800 (a week)",
+            ),
+        ] {
+            assert_eq!(flags(args).unwrap_err().to_string(), error, "{args:?}");
+        }
     }
 
     #[test]

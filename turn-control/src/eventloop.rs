@@ -27,7 +27,7 @@ use turn_control_core::{
     Transmit, Transport,
 };
 
-use crate::agent::{AgentQueue, FromAgent, ToAgent};
+use crate::agent::{AgentQueue, FromAgent, Lease, ToAgent};
 use crate::config::Settings;
 use crate::metrics::name;
 use crate::tcp::TcpEvent;
@@ -457,14 +457,18 @@ impl Eventloop {
     fn commands(&mut self) {
         while let Some(command) = self.server.poll_command() {
             match command {
-                Command::BindRelayPort { relay } => self.bind_relay(relay),
+                Command::BindRelayPort {
+                    relay,
+                    dont_fragment,
+                } => self.bind_relay(relay, dont_fragment),
                 Command::FreeRelayPort { relay } => self.free_relay(relay),
-                Command::InstallChannel { binding } => {
+                Command::InstallChannel { binding, expires } => {
+                    let lease = Lease { binding, expires };
                     let sent = self.agent_connected
                         && self
                             .agent
                             .as_ref()
-                            .is_some_and(|queue| queue.install(self.index, binding));
+                            .is_some_and(|queue| queue.install(self.index, lease));
                     if !sent {
                         // No agent, or no room in the queue to it: relay in user space, and
                         // release the ChannelBind success now rather than after the offload
@@ -498,18 +502,24 @@ impl Eventloop {
     /// Opens the relay socket of `relay` on the relay address of its family (which differs
     /// from `relay` behind a 1:1 NAT, where `relay` carries the external address).
     /// Answers the core either way: [`Server::relay_bound`] releases the Allocate success.
-    fn bind_relay(&mut self, relay: RelayAddr) {
+    /// With `dont_fragment`, its datagrams to peers are never fragmented
+    /// ([`udp::set_dont_fragment`]).
+    fn bind_relay(&mut self, relay: RelayAddr, dont_fragment: bool) {
         let family = relay.family();
         let port = relay.0.port();
         let result = self
             .bind_ip(family)
             .ok_or_else(|| std::io::Error::other("no relay address of this family"))
             .and_then(|ip| {
-                udp::bind(
+                let socket = udp::bind(
                     SocketAddr::new(ip, port),
                     self.settings.relay_buffer_bytes,
                     false,
-                )
+                )?;
+                if dont_fragment {
+                    udp::set_dont_fragment(&socket, ip.is_ipv6())?;
+                }
+                Ok(socket)
             })
             .and_then(|socket| self.insert(socket, Role::Relay(relay)));
         match result {
@@ -593,15 +603,16 @@ impl Eventloop {
         let Some(round) = self.sync_part.take() else {
             return;
         };
-        let bindings: Vec<_> = self
+        let leases: Vec<_> = self
             .server
             .channel_bindings()
-            .filter(|b| b.transport == Transport::Udp)
+            .filter(|(binding, _)| binding.transport == Transport::Udp)
+            .map(|(binding, expires)| Lease { binding, expires })
             .collect();
         permit.send(ToAgent::Sync {
             thread: self.index,
             round,
-            bindings,
+            leases,
         });
     }
 

@@ -3,6 +3,8 @@
 //! handles signals, Prometheus metrics and the gRPC link to the xdp-agent.
 
 mod agent;
+#[cfg(test)]
+mod agent_properties;
 mod config;
 mod eventloop;
 mod metrics;

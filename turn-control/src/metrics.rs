@@ -64,6 +64,8 @@ declare_metrics! {
         "Full syncs sent to the xdp-agent because removals did not fit in the queue to it";
     counter AGENT_SYNC_RETRIES = "turn_agent_sync_retries_total",
         "Full syncs sent again after the xdp-agent refused one (backoff from 1 s, doubling to 30 s)";
+    counter AGENT_SYNC_REFUSED_BINDINGS = "turn_agent_sync_refused_bindings_total",
+        "Bindings the xdp-agent left out of a full sync (invalid, or beyond its maps' capacity); they are relayed in user space";
     counter RELAY_BIND_FAILURES = "turn_relay_port_bind_failures_total",
         "Relay sockets that could not be bound (the allocation moves to another port; 508 after 4 tries)";
     counter UDP_SEND_DROPS = "turn_udp_send_dropped_total",

@@ -32,6 +32,38 @@ pub fn bind(addr: SocketAddr, buffer: usize, reuse_port: bool) -> io::Result<Soc
     Ok(socket)
 }
 
+/// Sets what DONT-FRAGMENT asks of an allocation's relay socket (RFC 8656 section 7.2):
+/// IPv4 datagrams leave with DF set and are never fragmented here (`IP_PMTUDISC_DO`: one
+/// larger than the path MTU fails with `EMSGSIZE` and the peer's ICMP reports the MTU);
+/// IPv6 datagrams are not fragmented at the source (`IPV6_DONTFRAG`). Without it, the
+/// kernel's default stays: DF while the datagram fits the path MTU, fragments beyond.
+pub fn set_dont_fragment(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    let (level, name, value) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    };
+    // SAFETY: a valid descriptor, and an int option value of the size passed.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Receive buffers for one `recvmmsg` call.
 pub struct RecvBatch {
     buf: Box<[u8]>,

@@ -144,6 +144,7 @@ impl DataPlane for Fake {
     ) -> Result<Response<InstallChannelBindingResponse>, Status> {
         let bindings = request.into_inner().bindings;
         for b in &bindings {
+            assert!(b.lifetime_ms > 0, "an install has a lifetime: {b:?}");
             self.log(format!("add {}", show(b)));
         }
         Ok(Response::new(InstallChannelBindingResponse {
@@ -169,9 +170,27 @@ impl DataPlane for Fake {
         }))
     }
 
-    async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
-        let request = request.into_inner();
-        let all: Vec<String> = request.bindings.iter().map(show).collect();
+    async fn sync(
+        &self,
+        request: Request<tonic::Streaming<SyncRequest>>,
+    ) -> Result<Response<SyncResponse>, Status> {
+        let mut parts = request.into_inner();
+        let mut all = Vec::new();
+        let mut generation = None;
+        while let Some(part) = parts.message().await? {
+            assert!(
+                generation.is_none_or(|g| g == part.generation),
+                "a Sync's parts carry one generation"
+            );
+            generation = Some(part.generation);
+            for b in &part.bindings {
+                assert!(b.lifetime_ms > 0, "a synced binding has a lifetime: {b:?}");
+            }
+            all.extend(part.bindings.iter().map(show));
+        }
+        let Some(generation) = generation else {
+            return Err(Status::invalid_argument("a Sync has at least one part"));
+        };
         let refuse = self
             .refuse_syncs
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -181,12 +200,14 @@ impl DataPlane for Fake {
             return Err(Status::resource_exhausted("channel map full"));
         }
         self.log(format!("sync [{}]", all.join(", ")));
-        *self.generation.lock().unwrap() = request.generation;
+        *self.generation.lock().unwrap() = generation;
         Ok(Response::new(SyncResponse {
-            generation: request.generation,
+            generation,
             added: 0,
             removed: 0,
-            installed: request.bindings.len() as u64,
+            installed: all.len() as u64,
+            refused: 0,
+            refusals: Vec::new(),
         }))
     }
 

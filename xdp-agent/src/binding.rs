@@ -2,10 +2,12 @@
 //! lays them out in the kernel's maps.
 
 use std::collections::HashSet;
+use std::mem::offset_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use bpf_common::{BindingFields, ClientTarget, MapKey, PeerTarget, Pod};
-use proto::{Binding, BindingError};
+use proto::{Binding, BindingError, Lease};
 
 /// What bindings are checked against.
 #[derive(Clone, Debug)]
@@ -61,9 +63,13 @@ impl Limits {
         self.relay_address(ip).is_some()
     }
 
-    /// Checks a binding received over gRPC and resolves its listener.
-    pub fn check(&self, wire: &proto::v1::ChannelBinding) -> Result<Binding, BindingError> {
-        let mut binding = Binding::try_from(wire)?;
+    /// Checks a binding to install received over gRPC, its lifetime
+    /// included, and resolves its listener.
+    pub fn check(&self, wire: &proto::v1::ChannelBinding) -> Result<Lease, BindingError> {
+        let Lease {
+            mut binding,
+            lifetime,
+        } = Lease::try_from(wire)?;
         self.check_endpoint("client", binding.client)?;
         self.check_endpoint("peer", binding.peer)?;
         let (low, high) = self.ports;
@@ -81,7 +87,7 @@ impl Limits {
         if !self.is_listener(binding.listener) {
             return Err(BindingError::UnknownListener(binding.listener));
         }
-        Ok(binding)
+        Ok(Lease { binding, lifetime })
     }
 
     /// Reads a binding to remove: well-formed, its listener resolved, but
@@ -111,32 +117,117 @@ impl Limits {
     }
 }
 
-/// The map fields of a checked binding (its listener resolved).
-pub fn fields(binding: &Binding) -> BindingFields {
+/// A checked binding as the maps hold it: until `expires_at_ns` on the
+/// kernel's coarse monotonic clock ([`ClientTarget::expires_at_ns`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Installed {
+    /// The binding, its listener resolved.
+    pub binding: Binding,
+    /// When its authorisation ends; the program ignores it from then on.
+    pub expires_at_ns: u64,
+}
+
+impl Installed {
+    /// `lease` installed at `now_ns`: until now plus its lifetime.
+    pub fn new(lease: &Lease, now_ns: u64) -> Self {
+        let lifetime = u64::try_from(lease.lifetime.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            binding: lease.binding,
+            expires_at_ns: now_ns.saturating_add(lifetime),
+        }
+    }
+
+    /// What is left of its lifetime at `now_ns`: zero once it has passed.
+    pub fn remaining(&self, now_ns: u64) -> Duration {
+        Duration::from_nanos(self.expires_at_ns.saturating_sub(now_ns))
+    }
+
+    /// The map fields of both its entries.
+    pub fn fields(&self) -> BindingFields {
+        fields(&self.binding, self.expires_at_ns)
+    }
+}
+
+/// The map fields of a checked binding (its listener resolved) that expires
+/// at `expires_at_ns`; a binding to remove or compare can give any expiry,
+/// [`identity`] leaves it out.
+pub fn fields(binding: &Binding, expires_at_ns: u64) -> BindingFields {
     BindingFields {
         client: binding.client,
         listener: binding.listener,
         channel: binding.channel,
         peer: binding.peer,
         allocation_port: binding.allocation_port,
+        expires_at_ns,
     }
 }
 
-/// The binding a client-side map entry describes.
-pub fn from_client_entry(key: &[u8], target: &PeerTarget) -> Option<Binding> {
+/// The binding a client-side map entry describes, and when it expires.
+pub fn from_client_entry(key: &[u8], target: &PeerTarget) -> Option<Installed> {
     let fields = BindingFields::from_client_entry(key, target)?;
-    Some(Binding {
-        client: fields.client,
-        channel: fields.channel,
-        peer: fields.peer,
-        allocation_port: fields.allocation_port,
-        listener: fields.listener,
+    Some(Installed {
+        binding: Binding {
+            client: fields.client,
+            channel: fields.channel,
+            peer: fields.peer,
+            allocation_port: fields.allocation_port,
+            listener: fields.listener,
+        },
+        expires_at_ns: fields.expires_at_ns,
     })
 }
 
-/// An entry to delete only while it still holds `value`: the half of an
-/// older binding that a new one cut off. Should it hold anything else by
-/// then, it belongs to yet another binding, which must keep it.
+/// Bytes of the expiry that ends both kinds of map value.
+const EXPIRY_BYTES: usize = size_of::<u64>();
+
+// `identity` and `expiry` read the expiry as the last bytes of every value.
+const _: () =
+    assert!(offset_of!(PeerTarget, expires_at_ns) + EXPIRY_BYTES == size_of::<PeerTarget>());
+const _: () =
+    assert!(offset_of!(ClientTarget, expires_at_ns) + EXPIRY_BYTES == size_of::<ClientTarget>());
+
+/// A map value (a [`PeerTarget`] or a [`ClientTarget`]) without its expiry:
+/// what makes it this binding's half. A refresh changes the expiry alone,
+/// so every comparison of entries (removals, displaced halves, orphans,
+/// whether a binding is installed) compares these.
+fn identity(value: &[u8]) -> &[u8] {
+    // A value too short to end in an expiry is compared whole.
+    match value.len().checked_sub(EXPIRY_BYTES) {
+        Some(end) => &value[..end],
+        None => value,
+    }
+}
+
+/// When a map value expires; `None` for a value too short to be one.
+pub fn expiry(value: &[u8]) -> Option<u64> {
+    let at = value.len().checked_sub(EXPIRY_BYTES)?;
+    let bytes = value.get(at..)?.try_into().ok()?;
+    Some(u64::from_ne_bytes(bytes))
+}
+
+/// Whether two map values are the same binding's half, whatever their expiries.
+pub fn same_half(a: &[u8], b: &[u8]) -> bool {
+    identity(a) == identity(b)
+}
+
+/// The keys of `entries` (key and value bytes) whose expiry has passed at
+/// `now_ns`: the program already treats them as absent
+/// (`pass_expired`), the agent deletes them.
+pub fn expired<'a>(
+    entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    now_ns: u64,
+) -> Vec<Vec<u8>> {
+    entries
+        .into_iter()
+        .filter(|(_, value)| expiry(value).is_some_and(|expires| now_ns >= expires))
+        .map(|(key, _)| key.to_vec())
+        .collect()
+}
+
+/// An entry to delete only while it still holds `value` (whatever its
+/// expiry): the half of an older binding that a new one cut off. Should it
+/// hold anything else by then, it belongs to yet another binding, which
+/// must keep it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Displaced {
     /// The entry's key.
@@ -156,6 +247,7 @@ pub fn client_key_of(target: &ClientTarget) -> Option<MapKey> {
         channel: u16::from_be_bytes(target.channel),
         peer: client,
         allocation_port: 0,
+        expires_at_ns: 0,
     };
     Some(fields.client_entry().0)
 }
@@ -171,13 +263,15 @@ pub fn peer_key_of(target: &PeerTarget) -> Option<MapKey> {
         channel: 0,
         peer,
         allocation_port: u16::from_be_bytes(target.allocation_port),
+        expires_at_ns: 0,
     };
     Some(fields.peer_entry().0)
 }
 
 /// What writing `binding` over the values its keys held (`at_client` at its
 /// client-side key, `at_peer` at its peer-side key) leaves without its other
-/// half, and so must go with them:
+/// half, and so must go with them (a value that differs in its expiry alone
+/// is the binding's own, being refreshed):
 ///
 /// - its client key pointed at another peer key: that peer entry, while it
 ///   still answers for this client key, would go on relaying the old peer's
@@ -190,10 +284,10 @@ pub fn displaced(
     at_client: Option<&PeerTarget>,
     at_peer: Option<&ClientTarget>,
 ) -> Vec<Displaced> {
-    let (client_key, peer_target) = fields(binding).client_entry();
-    let (peer_key, client_target) = fields(binding).peer_entry();
+    let (client_key, peer_target) = fields(binding, 0).client_entry();
+    let (peer_key, client_target) = fields(binding, 0).peer_entry();
     let mut displaced = Vec::new();
-    if let Some(old) = at_client.filter(|old| **old != peer_target)
+    if let Some(old) = at_client.filter(|old| !same_half(old.as_bytes(), peer_target.as_bytes()))
         && let Some(key) = peer_key_of(old)
         && key != peer_key
     {
@@ -202,7 +296,7 @@ pub fn displaced(
             value: client_target.as_bytes().to_vec(),
         });
     }
-    if let Some(old) = at_peer.filter(|old| **old != client_target)
+    if let Some(old) = at_peer.filter(|old| !same_half(old.as_bytes(), client_target.as_bytes()))
         && let Some(key) = client_key_of(old)
         && key != client_key
     {
@@ -215,24 +309,25 @@ pub fn displaced(
 }
 
 /// The keys of the peer-side `entries` (key and value bytes, as a peer map
-/// holds them) that are not exactly the peer entry of a `wanted` binding.
-/// Whatever left them (a replaced binding, a crash between two writes, an
-/// older agent), they relay a peer to a client nobody asked for.
-pub fn orphans(
-    wanted: &[Binding],
-    entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+/// holds them) that are not the peer entry of a `wanted` binding, whatever
+/// their expiry. Whatever left them (a replaced binding, a crash between
+/// two writes, an older agent), they relay a peer to a client nobody asked
+/// for.
+pub fn orphans<'a>(
+    wanted: impl IntoIterator<Item = &'a Binding>,
+    entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Vec<Vec<u8>> {
     let kept: HashSet<(Vec<u8>, Vec<u8>)> = wanted
-        .iter()
+        .into_iter()
         .map(|binding| {
-            let (key, target) = fields(binding).peer_entry();
-            (key.bytes().to_vec(), target.as_bytes().to_vec())
+            let (key, target) = fields(binding, 0).peer_entry();
+            (key.bytes().to_vec(), identity(target.as_bytes()).to_vec())
         })
         .collect();
     entries
         .into_iter()
-        .filter(|entry| !kept.contains(entry))
-        .map(|(key, _)| key)
+        .filter(|(key, value)| !kept.contains(&(key.to_vec(), identity(value).to_vec())))
+        .map(|(key, _)| key.to_vec())
         .collect()
 }
 
@@ -284,6 +379,7 @@ mod tests {
             peer: peer.into(),
             allocation_port: port,
             listener: listener.into(),
+            lifetime_ms: 600_000,
         }
     }
 
@@ -295,13 +391,18 @@ mod tests {
             ("[2001:db8:1::10]:40000", "198.51.100.7:9000"),
             ("[2001:db8:1::10]:40000", "[2001:db8:3::7]:9000"),
         ] {
-            let binding = limits()
+            let lease = limits()
                 .check(&request(client, 0x4001, peer, 50000))
                 .unwrap();
+            assert_eq!(lease.lifetime, Duration::from_secs(600));
+            let installed = Installed::new(&lease, 7_000_000_000);
+            assert_eq!(installed.expires_at_ns, 607_000_000_000);
+            let binding = installed.binding;
             assert!(!binding.listener.ip().is_unspecified(), "resolved");
-            let (key, target) = fields(&binding).client_entry();
-            assert_eq!(from_client_entry(key.bytes(), &target), Some(binding));
-            let (peer_key, client_target) = fields(&binding).peer_entry();
+            let (key, target) = installed.fields().client_entry();
+            assert_eq!(from_client_entry(key.bytes(), &target), Some(installed));
+            let (peer_key, client_target) = installed.fields().peer_entry();
+            assert_eq!(client_target.expires_at_ns, installed.expires_at_ns);
             assert_eq!(client_target.client(), Some(binding.client));
             assert_eq!(client_target.listener(), Some(binding.listener));
             assert_eq!(client_target.channel, [0x40, 0x01]);
@@ -321,12 +422,13 @@ mod tests {
         let limits = limits();
         let binding = limits
             .check(&request("192.0.2.10:1", 0x4001, "198.51.100.7:9000", 50000))
-            .unwrap();
+            .unwrap()
+            .binding;
         assert_eq!(binding.listener, "203.0.113.1:3478".parse().unwrap());
         let mut on_443 = request("192.0.2.10:1", 0x4001, "198.51.100.7:9000", 50000);
         on_443.listener = "198.51.100.99:443".into();
         assert_eq!(
-            limits.check(&on_443).unwrap().listener,
+            limits.check(&on_443).unwrap().binding.listener,
             "198.51.100.99:443".parse().unwrap()
         );
         on_443.listener = "203.0.113.1:443".into();
@@ -384,6 +486,11 @@ mod tests {
                 .unwrap_err(),
             BindingError::FamilyNotRelayed { field: "peer", .. }
         ));
+        let mut forever = request("192.0.2.10:1", 0x4000, peer, 50000);
+        forever.lifetime_ms = 0;
+        assert_eq!(refuse(forever.clone()), BindingError::LifetimeOutOfRange(0));
+        forever.lifetime_ms = 3_600_001;
+        assert_eq!(refuse(forever), BindingError::LifetimeOutOfRange(3_600_001));
         let message = refuse(request("192.0.2.10:1", 0x4fff, peer, 1)).to_string();
         assert_eq!(
             message,
@@ -395,14 +502,13 @@ mod tests {
         limits()
             .check(&request(client, u32::from(channel), peer, u32::from(port)))
             .unwrap()
+            .binding
     }
 
-    /// The values a binding's two keys hold once it is installed.
+    /// The values a binding's two keys hold once it is installed until 1 s.
     fn values(binding: &Binding) -> (PeerTarget, ClientTarget) {
-        (
-            fields(binding).client_entry().1,
-            fields(binding).peer_entry().1,
-        )
+        let fields = fields(binding, 1_000_000_000);
+        (fields.client_entry().1, fields.peer_entry().1)
     }
 
     #[test]
@@ -414,8 +520,8 @@ mod tests {
             ("[2001:db8:1::10]:40000", "[2001:db8:3::7]:9000"),
         ] {
             let binding = bound(client, 0x4001, peer, 50000);
-            let (client_key, peer_target) = fields(&binding).client_entry();
-            let (peer_key, client_target) = fields(&binding).peer_entry();
+            let (client_key, peer_target) = fields(&binding, 0).client_entry();
+            let (peer_key, client_target) = fields(&binding, 0).peer_entry();
             assert_eq!(peer_key_of(&peer_target), Some(peer_key));
             assert_eq!(client_key_of(&client_target), Some(client_key));
         }
@@ -430,15 +536,19 @@ mod tests {
         assert_eq!(
             displaced,
             vec![Displaced {
-                key: fields(&old).peer_entry().0,
+                key: fields(&old, 0).peer_entry().0,
                 // Deleted only while it still answers for the client key.
-                value: values(&new).1.as_bytes().to_vec(),
+                value: fields(&new, 0).peer_entry().1.as_bytes().to_vec(),
             }]
         );
-        assert_eq!(displaced[0].value, values(&old).1.as_bytes());
-        // Writing the same binding again displaces nothing.
+        assert!(same_half(&displaced[0].value, values(&old).1.as_bytes()));
+        // Writing the same binding again, or refreshing it, displaces nothing.
         let (same_target, same_client) = values(&new);
         assert!(super::displaced(&new, Some(&same_target), Some(&same_client)).is_empty());
+        let fields = fields(&new, u64::MAX);
+        let (_, later_target) = fields.client_entry();
+        let (_, later_client) = fields.peer_entry();
+        assert!(super::displaced(&new, Some(&later_target), Some(&later_client)).is_empty());
         assert!(super::displaced(&new, None, None).is_empty());
     }
 
@@ -451,11 +561,11 @@ mod tests {
         assert_eq!(
             displaced,
             vec![Displaced {
-                key: fields(&old).client_entry().0,
-                value: values(&new).0.as_bytes().to_vec(),
+                key: fields(&old, 0).client_entry().0,
+                value: fields(&new, 0).client_entry().1.as_bytes().to_vec(),
             }]
         );
-        assert_eq!(displaced[0].value, values(&old).0.as_bytes());
+        assert!(same_half(&displaced[0].value, values(&old).0.as_bytes()));
     }
 
     #[test]
@@ -471,8 +581,8 @@ mod tests {
         assert_eq!(
             keys,
             vec![
-                fields(&first).peer_entry().0,
-                fields(&second).client_entry().0
+                fields(&first, 0).peer_entry().0,
+                fields(&second, 0).client_entry().0
             ]
         );
     }
@@ -482,15 +592,57 @@ mod tests {
         let a = bound("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000);
         let b = bound("192.0.2.11:40000", 0x4001, "[2001:db8:3::7]:9000", 50001);
         let gone = bound("192.0.2.12:40000", 0x4001, "198.51.100.9:9000", 50002);
+        // As the maps hold them: with expiries the comparison leaves out.
         let entry = |binding: &Binding| {
-            let (key, target) = fields(binding).peer_entry();
+            let (key, target) = fields(binding, 5).peer_entry();
             (key.bytes().to_vec(), target.as_bytes().to_vec())
         };
         // a's peer key, but answering for another client: not a's entry.
         let (a_key, _) = entry(&a);
         let hijacked = (a_key.clone(), entry(&gone).1);
-        let found = orphans(&[a, b], [entry(&b), entry(&gone), hijacked]);
+        let held = [entry(&b), entry(&gone), hijacked];
+        let found = orphans(&[a, b], held.iter().map(|(k, v)| (&k[..], &v[..])));
         assert_eq!(found, vec![entry(&gone).0, a_key]);
-        assert!(orphans(&[a, b], [entry(&a), entry(&b)]).is_empty());
+        let held = [entry(&a), entry(&b)];
+        assert!(orphans(&[a, b], held.iter().map(|(k, v)| (&k[..], &v[..]))).is_empty());
+    }
+
+    #[test]
+    fn the_expiry_is_the_last_bytes_of_every_value_and_no_part_of_its_identity() {
+        let binding = bound("192.0.2.10:40000", 0x4001, "[2001:db8:3::7]:9000", 50000);
+        let (early_target, early_client) = values(&binding);
+        let later = fields(&binding, 2_000_000_000);
+        let (_, later_target) = later.client_entry();
+        let (_, later_client) = later.peer_entry();
+        assert_eq!(expiry(early_target.as_bytes()), Some(1_000_000_000));
+        assert_eq!(expiry(later_client.as_bytes()), Some(2_000_000_000));
+        assert_eq!(expiry(&[0; 7]), None);
+        assert!(same_half(early_target.as_bytes(), later_target.as_bytes()));
+        assert!(same_half(early_client.as_bytes(), later_client.as_bytes()));
+        let other = bound("192.0.2.10:40000", 0x4001, "[2001:db8:3::7]:9001", 50000);
+        assert!(!same_half(
+            early_target.as_bytes(),
+            values(&other).0.as_bytes()
+        ));
+    }
+
+    #[test]
+    fn entries_expire_once_the_clock_reaches_their_expiry() {
+        let binding = bound("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000);
+        let (key, target) = fields(&binding, 1_000).client_entry();
+        let (peer_key, client_target) = fields(&binding, 2_000).peer_entry();
+        let entries = [
+            (key.bytes(), target.as_bytes()),
+            (peer_key.bytes(), client_target.as_bytes()),
+        ];
+        assert!(expired(entries, 999).is_empty());
+        assert_eq!(expired(entries, 1_000), vec![key.bytes().to_vec()]);
+        assert_eq!(expired(entries, 5_000).len(), 2);
+        let installed = Installed {
+            binding,
+            expires_at_ns: 1_500_000,
+        };
+        assert_eq!(installed.remaining(500_000), Duration::from_millis(1));
+        assert_eq!(installed.remaining(2_000_000), Duration::ZERO);
     }
 }

@@ -1,5 +1,6 @@
 //! The agent's gRPC service (`proto/xdp_agent.proto`) on a unix socket.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,13 +12,17 @@ use proto::v1::{
     ListChannelBindingsResponse, RemoveChannelBindingRequest, RemoveChannelBindingResponse,
     SetConfigRequest, SyncRequest, SyncResponse,
 };
-use proto::{Binding, BindingError, parse_address};
-use tonic::{Code, Request, Response, Status};
-use tracing::info;
+use proto::{Binding, BindingError, Lease, parse_address};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{info, warn};
 
-use crate::maps::MapError;
+use crate::binding::Installed;
+use crate::maps::{self, MapError};
 use crate::metrics::name;
 use crate::state::AgentState;
+
+/// Reasons a SyncResponse gives, for the first of the bindings it refused.
+const MAX_REFUSALS: usize = 8;
 
 /// Serves the data-plane API over the agent's state.
 #[derive(Debug, Clone)]
@@ -31,10 +36,15 @@ impl Service {
         Self { state }
     }
 
-    /// Checks bindings to install against the configuration in force.
-    fn check(&self, bindings: &[ChannelBinding]) -> Result<Vec<Binding>, Status> {
+    /// Checks bindings to install against the configuration in force;
+    /// their lifetimes start at `now_ns`.
+    fn check(&self, bindings: &[ChannelBinding], now_ns: u64) -> Result<Vec<Installed>, Status> {
         let limits = self.state.settings().limits();
-        parse_each(bindings, |binding| limits.check(binding))
+        parse_each(bindings, |binding| {
+            limits
+                .check(binding)
+                .map(|lease| Installed::new(&lease, now_ns))
+        })
     }
 
     /// Reads bindings to remove, their listeners resolved as at install.
@@ -42,14 +52,152 @@ impl Service {
         let limits = self.state.settings().limits();
         parse_each(bindings, |binding| limits.parse(binding))
     }
+
+    /// Reads a Sync's parts: their one generation, and each binding checked
+    /// (against the configuration in force when the stream began, its
+    /// lifetime starting when its part arrived), in stream order. A stream
+    /// of parts with different generations, or of more bindings than twice
+    /// what the maps hold, is refused.
+    async fn receive_sync(&self, mut parts: Streaming<SyncRequest>) -> Result<SyncSet, Status> {
+        let limits = self.state.settings().limits();
+        let most = 2 * self.state.maps.most_bindings();
+        let mut set: Option<SyncSet> = None;
+        while let Some(part) = parts.message().await? {
+            let now_ns = maps::clock_ns();
+            let set = set.get_or_insert_with(|| SyncSet {
+                generation: part.generation,
+                checked: Vec::new(),
+            });
+            if part.generation != set.generation {
+                return Err(Status::invalid_argument(format!(
+                    "the parts of a Sync carry generations {} and {}: all must carry the same",
+                    set.generation, part.generation
+                )));
+            }
+            if (set.checked.len() + part.bindings.len()) as u64 > most {
+                return Err(Status::invalid_argument(format!(
+                    "a Sync of more than {most} bindings (twice what the maps hold) is refused"
+                )));
+            }
+            set.checked.extend(part.bindings.iter().map(|binding| {
+                limits
+                    .check(binding)
+                    .map(|lease| Installed::new(&lease, now_ns))
+            }));
+        }
+        set.ok_or_else(|| {
+            Status::invalid_argument("a Sync needs at least one part, which carries its generation")
+        })
+    }
+
+    /// Applies a received Sync: every valid binding that fits the maps,
+    /// the others refused.
+    async fn apply_sync(&self, set: SyncSet) -> Result<SyncResponse, Status> {
+        let mut refusals = Refusals::default();
+        let mut valid = Vec::with_capacity(set.checked.len());
+        let mut positions = Vec::with_capacity(set.checked.len());
+        for (index, checked) in set.checked.into_iter().enumerate() {
+            match checked {
+                Ok(installed) => {
+                    valid.push(installed);
+                    positions.push(index);
+                }
+                Err(error) => refusals.add(index, error),
+            }
+        }
+        // Off the runtime's thread: 130 000 bindings take a while, and the
+        // other RPCs (Health) go on meanwhile.
+        let maps = Arc::clone(&self.state.maps);
+        let synced = tokio::task::spawn_blocking(move || maps.sync(&valid))
+            .await
+            .map_err(|error| Status::internal(format!("the sync did not finish: {error}")))?
+            .map_err(map_status)?;
+        for (index, error) in synced.refused {
+            refusals.add(positions[index], error);
+        }
+        self.state.set_generation(set.generation);
+        let installed = self.state.maps.installed();
+        info!(
+            generation = set.generation,
+            added = synced.added,
+            removed = synced.removed,
+            orphans = synced.orphans,
+            refused = refusals.count,
+            installed,
+            "bindings synced"
+        );
+        if refusals.count > 0 {
+            metrics::counter!(name::SYNC_REFUSED).increment(refusals.count);
+            warn!(
+                generation = set.generation,
+                refused = refusals.count,
+                first = refusals.reasons.first().map(|(_, reason)| reason.as_str()),
+                "bindings left out of a sync: their traffic goes to turn-control"
+            );
+        }
+        // An orphan is half of a binding that is not in the set: it counts
+        // as removed, the response having no figure of its own.
+        Ok(SyncResponse {
+            generation: set.generation,
+            added: synced.added,
+            removed: synced.removed + synced.orphans,
+            installed,
+            refused: refusals.count,
+            refusals: refusals
+                .reasons
+                .into_iter()
+                .map(|(_, reason)| reason)
+                .collect(),
+        })
+    }
+}
+
+/// A Sync's set as its stream brought it.
+#[derive(Debug)]
+struct SyncSet {
+    generation: u64,
+    /// Every binding of every part, in stream order, checked.
+    checked: Vec<Result<Installed, BindingError>>,
+}
+
+/// The bindings a Sync left out: how many, and why for the first
+/// [`MAX_REFUSALS`] of them in stream order.
+#[derive(Debug, Default)]
+struct Refusals {
+    count: u64,
+    reasons: Vec<(usize, String)>,
+}
+
+impl Refusals {
+    /// The binding at `index` of the stream is left out for `reason`.
+    fn add(&mut self, index: usize, reason: impl fmt::Display) {
+        self.count += 1;
+        let later = self.reasons.last().is_some_and(|(last, _)| *last < index);
+        if self.reasons.len() == MAX_REFUSALS && later {
+            return;
+        }
+        let at = self.reasons.partition_point(|(other, _)| *other < index);
+        self.reasons
+            .insert(at, (index, format!("bindings[{index}]: {reason}")));
+        self.reasons.truncate(MAX_REFUSALS);
+    }
+}
+
+/// A binding as a listing shows it: with what is left of its lifetime at
+/// `now_ns` (0 once it has passed).
+fn listed(installed: &Installed, now_ns: u64) -> ChannelBinding {
+    ChannelBinding::from(&Lease {
+        binding: installed.binding,
+        lifetime: installed.remaining(now_ns),
+    })
 }
 
 /// Every binding of a request, parsed; the first that does not parse is
 /// refused with its index.
-fn parse_each(
+fn parse_each<T>(
     bindings: &[ChannelBinding],
-    parse: impl Fn(&ChannelBinding) -> Result<Binding, BindingError>,
-) -> Result<Vec<Binding>, Status> {
+    parse: impl Fn(&ChannelBinding) -> Result<T, BindingError>,
+) -> Result<Vec<T>, Status> {
     bindings
         .iter()
         .enumerate()
@@ -100,7 +248,7 @@ impl DataPlane for Service {
         observe(
             "InstallChannelBinding",
             (|| {
-                let bindings = self.check(&request.get_ref().bindings)?;
+                let bindings = self.check(&request.get_ref().bindings, maps::clock_ns())?;
                 let installed = self.state.maps.install(&bindings).map_err(map_status)?;
                 info!(count = bindings.len(), installed, "bindings installed");
                 Ok(Response::new(InstallChannelBindingResponse { installed }))
@@ -123,33 +271,15 @@ impl DataPlane for Service {
         )
     }
 
-    async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
-        observe(
-            "Sync",
-            (|| {
-                let request = request.get_ref();
-                let bindings = self.check(&request.bindings)?;
-                let synced = self.state.maps.sync(&bindings).map_err(map_status)?;
-                self.state.set_generation(request.generation);
-                let installed = self.state.maps.installed();
-                info!(
-                    generation = request.generation,
-                    added = synced.added,
-                    removed = synced.removed,
-                    orphans = synced.orphans,
-                    installed,
-                    "bindings synced"
-                );
-                // An orphan is half of a binding that is not in the set: it
-                // counts as removed, the response having no figure of its own.
-                Ok(Response::new(SyncResponse {
-                    generation: request.generation,
-                    added: synced.added,
-                    removed: synced.removed + synced.orphans,
-                    installed,
-                }))
-            })(),
-        )
+    async fn sync(
+        &self,
+        request: Request<Streaming<SyncRequest>>,
+    ) -> Result<Response<SyncResponse>, Status> {
+        let result = match self.receive_sync(request.into_inner()).await {
+            Ok(set) => self.apply_sync(set).await.map(Response::new),
+            Err(status) => Err(status),
+        };
+        observe("Sync", result)
     }
 
     async fn list_channel_bindings(
@@ -161,13 +291,16 @@ impl DataPlane for Service {
             (|| {
                 let filter = request.get_ref();
                 let mut bindings = Vec::new();
-                for binding in self.state.maps.bindings().map_err(map_status)? {
+                let installed = self.state.maps.bindings().map_err(map_status)?;
+                let now_ns = maps::clock_ns();
+                for installed in installed {
+                    let binding = &installed.binding;
                     if matches(&filter.client, binding.client)?
                         && matches(&filter.peer, binding.peer)?
                         && (filter.allocation_port == 0
                             || filter.allocation_port == u32::from(binding.allocation_port))
                     {
-                        bindings.push(ChannelBinding::from(&binding));
+                        bindings.push(listed(&installed, now_ns));
                     }
                 }
                 Ok(Response::new(ListChannelBindingsResponse { bindings }))
@@ -193,13 +326,13 @@ impl DataPlane for Service {
                         Some(limits.resolve_listener(listener).map_err(invalid)?)
                     }
                 };
-                let found: Vec<Binding> = self
+                let found: Vec<Installed> = self
                     .state
                     .maps
                     .bindings()
                     .map_err(map_status)?
                     .into_iter()
-                    .filter(|b| {
+                    .filter(|Installed { binding: b, .. }| {
                         b.client == client
                             && u32::from(b.channel) == request.channel
                             && listener.is_none_or(|listener| b.listener == listener)
@@ -210,7 +343,7 @@ impl DataPlane for Service {
                         "no binding for {client} on channel {:#06x}",
                         request.channel
                     ))),
-                    [binding] => Ok(Response::new(ChannelBinding::from(binding))),
+                    [installed] => Ok(Response::new(listed(installed, maps::clock_ns()))),
                     several => Err(Status::failed_precondition(format!(
                         "{} bindings for {client} on channel {:#06x}, one per listener ({}); \
                          give the listener",
@@ -218,7 +351,7 @@ impl DataPlane for Service {
                         request.channel,
                         several
                             .iter()
-                            .map(|b| b.listener.to_string())
+                            .map(|installed| installed.binding.listener.to_string())
                             .collect::<Vec<_>>()
                             .join(", ")
                     ))),
@@ -282,6 +415,7 @@ impl DataPlane for Service {
                     lost_events,
                     redirected_packets: redirected.packets,
                     redirected_bytes: redirected.bytes,
+                    expired_bindings: maps.expired(),
                     counters: counters
                         .into_iter()
                         .map(|(reason, counter)| proto::v1::Counter {

@@ -2,7 +2,8 @@
 //! program, attaches it to the relay's interfaces through pinned links, owns
 //! its maps, learns the interfaces' addresses, reads the program's perf
 //! events, exports Prometheus metrics and serves the gRPC API through which
-//! turn-control installs channel bindings.
+//! turn-control installs channel bindings, each for its lifetime: every
+//! second it deletes those whose lifetime has ended.
 //!
 //! Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when the agent
 //! cannot start or fails (the reason on stderr, one line), 2 for bad flags.
@@ -23,7 +24,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use proto::v1::data_plane_server::DataPlaneServer;
@@ -32,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::addresses::RelayAddresses;
 use crate::attach::Attachment;
@@ -47,6 +48,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long start-up waits for the interfaces' first addresses.
 const FIRST_ADDRESSES: Duration = Duration::from_secs(5);
+
+/// How often expired bindings are deleted: the program ignores them from
+/// their expiry on, so this bounds only how long they take room.
+const SWEEP: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let (cli, matches) = match daemon::parse::<Cli>() {
@@ -186,6 +191,8 @@ struct Agent {
     /// The relay addresses `watcher` learns from the interfaces.
     addresses: watch::Receiver<RelayAddresses>,
     watcher: JoinHandle<()>,
+    /// Deletes expired bindings every [`SWEEP`].
+    sweeper: JoinHandle<()>,
     /// The perf-event reader thread, and its stop flag.
     reader: std::thread::JoinHandle<()>,
     stop_reader: Arc<AtomicBool>,
@@ -206,6 +213,7 @@ impl Agent {
         if adopted {
             info!(pin_dir = %config.pin_dir.display(), installed = maps.installed(), "adopted the pinned maps of an earlier run");
         }
+        let sweeper = sweep_expired(Arc::clone(&maps));
         let (mut addresses, watcher) = follow_addresses(ifindexes.clone());
         match tokio::time::timeout(FIRST_ADDRESSES, addresses.changed()).await {
             Ok(Ok(())) => settings.learned = *addresses.borrow_and_update(),
@@ -244,6 +252,7 @@ impl Agent {
             attachments,
             addresses,
             watcher,
+            sweeper,
             reader,
             stop_reader,
             metrics_task,
@@ -337,6 +346,7 @@ impl Agent {
     fn stop(self, config: &Config) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.watcher.abort();
+        self.sweeper.abort();
         if let Some(task) = self.metrics_task {
             task.abort();
         }
@@ -379,6 +389,40 @@ fn follow_addresses(ifindexes: Vec<u32>) -> (watch::Receiver<RelayAddresses>, Jo
         }
     });
     (addresses, watcher)
+}
+
+/// Deletes the expired bindings every [`SWEEP`] in a task, each sweep on
+/// the blocking pool (it reads every entry of the binding maps); errors are
+/// logged and the next sweep tries again.
+fn sweep_expired(maps: Arc<Maps>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let maps = Arc::clone(&maps);
+            let swept = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                maps.sweep(maps::clock_ns())
+                    .map(|expired| (expired, started.elapsed()))
+            })
+            .await;
+            match swept {
+                Ok(Ok((expired, took))) => {
+                    debug!(
+                        expired,
+                        took_us = took.as_micros(),
+                        "expired bindings swept"
+                    );
+                    if expired > 0 {
+                        info!(expired, "expired bindings deleted");
+                    }
+                }
+                Ok(Err(error)) => warn!(%error, "cannot delete the expired bindings"),
+                Err(error) => error!(%error, "the sweep of expired bindings failed"),
+            }
+        }
+    })
 }
 
 /// Resolves [`SHUTDOWN_GRACE`] after a stop is requested: a client that

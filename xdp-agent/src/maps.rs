@@ -4,20 +4,24 @@
 
 use std::collections::HashSet;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bpf_common::{
     ClientTarget, Counter, KernelConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict,
 };
+use libbpf_rs::libbpf_sys;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, PrintLevel};
 use tracing::{debug, info, warn};
 
-use crate::binding::{displaced, fields, from_client_entry, orphans};
+use crate::binding::{
+    Installed, displaced, expired, expiry, fields, from_client_entry, orphans, same_half,
+};
 use bpf_common::MapKey;
 use daemon::lock;
 use proto::Binding;
@@ -56,6 +60,23 @@ const PINNED_MAPS: [&str; 11] = [
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+/// Entries one `BPF_MAP_LOOKUP_BATCH` call reads: a full binding map of
+/// 65 536 entries takes 16 calls.
+const BATCH: usize = 4096;
+
+/// The kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`) in
+/// nanoseconds: the clock of every expiry in the binding maps, which the
+/// program reads with `bpf_ktime_get_coarse_ns`.
+#[expect(
+    clippy::expect_used,
+    reason = "CLOCK_MONOTONIC_COARSE exists on every Linux since 2.6.32"
+)]
+pub fn clock_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is readable");
+    u64::try_from(Duration::from(now).as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The loaded program and handles on its maps.
 #[derive(Debug)]
 pub struct Maps {
@@ -77,6 +98,11 @@ pub struct Maps {
     /// every write under `write_lock`: counting them by walking the maps
     /// would make each AddChannelBinding cost as much as the maps are full.
     installed: AtomicU64,
+    /// Bindings whose lifetime ended, deleted by [`Maps::sweep`].
+    expired: AtomicU64,
+    /// Entries of each binding map ([`Maps::binding_maps`] order) as the
+    /// last sweep, which reads them all anyway, counted them.
+    entries: [AtomicU64; 4],
 }
 
 impl Maps {
@@ -171,10 +197,14 @@ impl Maps {
             write_lock: Mutex::new(()),
             _lock: lock,
             installed: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            entries: Default::default(),
         };
         // Adopted maps come with their entries.
-        this.installed
-            .store(this.count_installed(), Ordering::Relaxed);
+        let installed = this
+            .count_installed()
+            .context("cannot count the adopted bindings")?;
+        this.installed.store(installed, Ordering::Relaxed);
         Ok(this)
     }
 
@@ -239,65 +269,61 @@ impl Maps {
     }
 
     /// Replaces every binding with `wanted`, both directions of every
-    /// family: removes the bindings not wanted, writes the wanted ones that
-    /// are missing or have a half missing or different, then deletes every
-    /// peer-side entry that is not a wanted binding's (an orphan, whatever
-    /// left it). Runs under the write lock throughout, so that no install
-    /// in between is mistaken for an orphan.
-    pub fn sync(&self, wanted: &[Binding]) -> Result<Synced, MapError> {
+    /// family, and gives each wanted binding its expiry: removes the bindings
+    /// not wanted, deletes every peer-side entry that is not a wanted
+    /// binding's (an orphan, whatever left it), then writes every wanted
+    /// binding. One that no longer fits the maps is left out (none of it
+    /// stays) and returned in [`Synced::refused`]; the others are written
+    /// all the same. Runs under the write lock throughout, so that no
+    /// install in between is mistaken for an orphan.
+    pub fn sync(&self, wanted: &[Installed]) -> Result<Synced, MapError> {
         let _guard = lock(&self.write_lock);
-        let wanted_set: HashSet<Binding> = wanted.iter().copied().collect();
+        let wanted_set: HashSet<Binding> = wanted.iter().map(|w| w.binding).collect();
         let stale: Vec<Binding> = self
             .bindings()?
             .into_iter()
+            .map(|installed| installed.binding)
             .filter(|binding| !wanted_set.contains(binding))
             .collect();
-        // Remove first: a stale binding may hold the peer-side key a wanted one needs.
+        // Remove first: a stale binding may hold the peer-side key a wanted
+        // one needs, and an orphan the room it needs.
         let removed = self.remove_locked(&stale)?;
-        // In the caller's order, so that of two wanted bindings that displace
-        // each other the later one wins, as in one InstallChannelBinding.
-        let mut seen = HashSet::new();
-        let mut incomplete = Vec::new();
-        for binding in wanted {
-            if seen.insert(*binding) && !self.is_complete(binding)? {
-                incomplete.push(*binding);
-            }
-        }
-        self.install_locked(&incomplete)?;
-        let orphans = self.delete_orphans(wanted)?;
-        Ok(Synced {
-            added: incomplete.len() as u64,
+        let orphans = self.delete_orphans(&wanted_set)?;
+        let mut synced = Synced {
             removed,
             orphans,
-        })
-    }
-
-    /// Whether both halves of `binding` are in the maps, each as it writes them.
-    fn is_complete(&self, binding: &Binding) -> Result<bool, MapError> {
-        let (client_key, peer_target) = fields(binding).client_entry();
-        let (peer_key, client_target) = fields(binding).peer_entry();
-        Ok(self.holds(&client_key, peer_target.as_bytes())?
-            && self.holds(&peer_key, client_target.as_bytes())?)
-    }
-
-    /// Whether `key` holds exactly `value`.
-    fn holds(&self, key: &MapKey, value: &[u8]) -> Result<bool, MapError> {
-        let held = self.map(key).lookup(key.bytes(), MapFlags::ANY)?;
-        Ok(held.as_deref() == Some(value))
+            ..Synced::default()
+        };
+        // In the caller's order, so that of two wanted bindings that displace
+        // each other the later one wins, as in one InstallChannelBinding.
+        for (index, installed) in wanted.iter().enumerate() {
+            let mut journal = Journal::default();
+            match self.install_one(&mut journal, installed) {
+                Ok(held) => {
+                    journal.commit(&self.installed);
+                    synced.added += u64::from(!held);
+                }
+                Err(error @ MapError::Full { .. }) => {
+                    journal.roll_back(self);
+                    // A half it had before goes too: nothing relays one way.
+                    self.remove_locked(&[installed.binding])?;
+                    synced.refused.push((index, error));
+                }
+                Err(error) => {
+                    journal.roll_back(self);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(synced)
     }
 
     /// Deletes the peer-side entries that are not a `wanted` binding's;
     /// returns how many. Called with the write lock held.
-    fn delete_orphans(&self, wanted: &[Binding]) -> Result<u64, MapError> {
+    fn delete_orphans(&self, wanted: &HashSet<Binding>) -> Result<u64, MapError> {
         let mut deleted = 0;
         for map in [&self.peer_v4, &self.peer_v6] {
-            let mut entries = Vec::new();
-            for key in map.keys() {
-                if let Some(value) = map.lookup(&key, MapFlags::ANY)? {
-                    entries.push((key, value));
-                }
-            }
-            for key in orphans(wanted, entries) {
+            for key in orphans(wanted, entries(map)?.iter()) {
                 match map.delete(&key) {
                     Ok(()) => deleted += 1,
                     Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => {}
@@ -311,18 +337,72 @@ impl Maps {
         Ok(deleted)
     }
 
+    /// Deletes every entry of the four binding maps whose expiry has passed
+    /// at `now_ns` (the program already ignores them); returns how many
+    /// bindings (client-side entries) went. The maps are read in batches
+    /// without the write lock; each entry found expired is deleted under
+    /// it, only if it still holds an expired value, so that a refresh in
+    /// between keeps its binding.
+    pub fn sweep(&self, now_ns: u64) -> Result<u64, MapError> {
+        let mut candidates = Vec::new();
+        for ((_, map), count) in self.binding_maps().into_iter().zip(&self.entries) {
+            let entries = entries(map)?;
+            count.store(entries.len() as u64, Ordering::Relaxed);
+            candidates.push((map, expired(entries.iter(), now_ns)));
+        }
+        if candidates.iter().all(|(_, keys)| keys.is_empty()) {
+            return Ok(0);
+        }
+        let _guard = lock(&self.write_lock);
+        let mut deleted = [0u64; 4];
+        for ((map, keys), deleted) in candidates.into_iter().zip(&mut deleted) {
+            for key in keys {
+                let still_expired = |held: &[u8]| expiry(held).is_some_and(|at| now_ns >= at);
+                if self.delete_if(map, &key, still_expired)?.is_some() {
+                    *deleted += 1;
+                }
+            }
+        }
+        let [client_v4, client_v6, peer_v4, peer_v6] = deleted;
+        let bindings = client_v4 + client_v6;
+        self.installed.fetch_sub(bindings, Ordering::Relaxed);
+        self.expired.fetch_add(bindings, Ordering::Relaxed);
+        debug!(
+            client_v4,
+            client_v6, peer_v4, peer_v6, "expired binding entries deleted"
+        );
+        Ok(bindings)
+    }
+
+    /// Bindings deleted by sweeps since the agent started.
+    pub fn expired(&self) -> u64 {
+        self.expired.load(Ordering::Relaxed)
+    }
+
     /// The most bindings each map holds.
     pub fn capacity(&self) -> u32 {
         self.client_v4.max_entries()
     }
 
-    /// Entries in each binding map, by name.
+    /// The most bindings the maps hold: [`Maps::capacity`] in each family.
+    pub fn most_bindings(&self) -> u64 {
+        2 * u64::from(self.capacity())
+    }
+
+    /// Entries in each binding map, by name, as the last sweep counted
+    /// them (at most a second ago).
     pub fn map_entries(&self) -> [(&'static str, u64); 4] {
+        let names = self.binding_maps().map(|(name, _)| name);
+        std::array::from_fn(|map| (names[map], self.entries[map].load(Ordering::Relaxed)))
+    }
+
+    /// The four binding maps, by name.
+    fn binding_maps(&self) -> [(&'static str, &MapHandle); 4] {
         [
-            ("CLIENT_V4", self.client_v4.keys().count() as u64),
-            ("CLIENT_V6", self.client_v6.keys().count() as u64),
-            ("PEER_V4", self.peer_v4.keys().count() as u64),
-            ("PEER_V6", self.peer_v6.keys().count() as u64),
+            ("CLIENT_V4", &self.client_v4),
+            ("CLIENT_V6", &self.client_v6),
+            ("PEER_V4", &self.peer_v4),
+            ("PEER_V6", &self.peer_v6),
         ]
     }
 
@@ -338,28 +418,23 @@ impl Maps {
             .collect())
     }
 
-    /// Installs bindings, both directions of each, all or none: on failure
-    /// every entry already written or deleted is restored to what it was.
-    /// A binding that replaces another's client-side or peer-side key takes
-    /// the other half of the replaced binding with it ([`displaced`]), so
-    /// that nothing is left relaying one way. Returns how many bindings the
-    /// maps hold after.
-    pub fn install(&self, bindings: &[Binding]) -> Result<u64, MapError> {
+    /// Installs bindings, both directions of each, each until its expiry,
+    /// all or none: on failure every entry already written or deleted is
+    /// restored to what it was. Installing a binding that is there rewrites
+    /// its expiry (a refresh). A binding that replaces another's client-side
+    /// or peer-side key takes the other half of the replaced binding with
+    /// it ([`displaced`]), so that nothing is left relaying one way. Returns
+    /// how many bindings the maps hold after.
+    pub fn install(&self, bindings: &[Installed]) -> Result<u64, MapError> {
         let _guard = lock(&self.write_lock);
-        self.install_locked(bindings)?;
-        Ok(self.installed())
-    }
-
-    /// [`Maps::install`], with the write lock held.
-    fn install_locked(&self, bindings: &[Binding]) -> Result<(), MapError> {
         let mut journal = Journal::default();
         let result = bindings
             .iter()
-            .try_for_each(|binding| self.install_one(&mut journal, binding));
+            .try_for_each(|binding| self.install_one(&mut journal, binding).map(drop));
         match result {
             Ok(()) => {
                 journal.commit(&self.installed);
-                Ok(())
+                Ok(self.installed())
             }
             Err(error) => {
                 journal.roll_back(self);
@@ -368,28 +443,37 @@ impl Maps {
         }
     }
 
-    /// Writes both halves of `binding` and deletes what they displace, each
-    /// change in `journal`.
-    fn install_one(&self, journal: &mut Journal, binding: &Binding) -> Result<(), MapError> {
-        let (client_key, peer_target) = fields(binding).client_entry();
-        let (peer_key, client_target) = fields(binding).peer_entry();
+    /// Writes both halves of `installed` and deletes what they displace,
+    /// each change in `journal`; returns whether both halves were there
+    /// already (whatever their expiry).
+    fn install_one(&self, journal: &mut Journal, installed: &Installed) -> Result<bool, MapError> {
+        let binding = &installed.binding;
+        let (client_key, peer_target) = installed.fields().client_entry();
+        let (peer_key, client_target) = installed.fields().peer_entry();
         let at_client = self
             .map(&client_key)
             .lookup(client_key.bytes(), MapFlags::ANY)?;
         let at_peer = self
             .map(&peer_key)
             .lookup(peer_key.bytes(), MapFlags::ANY)?;
-        let at_client = at_client.as_deref().and_then(PeerTarget::from_bytes);
-        let at_peer = at_peer.as_deref().and_then(ClientTarget::from_bytes);
-        for stale in displaced(binding, at_client.as_ref(), at_peer.as_ref()) {
+        let holds = |held: &Option<Vec<u8>>, value: &[u8]| {
+            held.as_deref().is_some_and(|held| same_half(held, value))
+        };
+        let held =
+            holds(&at_client, peer_target.as_bytes()) && holds(&at_peer, client_target.as_bytes());
+        let old_target = at_client.as_deref().and_then(PeerTarget::from_bytes);
+        let old_client = at_peer.as_deref().and_then(ClientTarget::from_bytes);
+        for stale in displaced(binding, old_target.as_ref(), old_client.as_ref()) {
             if journal.delete_if_holds(self, stale.key, &stale.value)? {
                 debug!(%binding, map = stale.key.map_name(), "displaced half binding deleted");
             }
         }
-        journal.write(self, client_key, peer_target.as_bytes())?;
-        journal.write(self, peer_key, client_target.as_bytes())?;
-        debug!(%binding, "binding installed");
-        Ok(())
+        // A displaced key is never one of this binding's own: they still
+        // hold what was read above.
+        journal.write(self, client_key, peer_target.as_bytes(), at_client)?;
+        journal.write(self, peer_key, client_target.as_bytes(), at_peer)?;
+        debug!(%binding, expires_at_ns = installed.expires_at_ns, "binding installed");
+        Ok(held)
     }
 
     /// Removes bindings, both directions; returns how many were present.
@@ -406,8 +490,9 @@ impl Maps {
         let mut journal = Journal::default();
         let mut removed = 0;
         let result = bindings.iter().try_for_each(|binding| {
-            let (client_key, peer_target) = fields(binding).client_entry();
-            let (peer_key, client_target) = fields(binding).peer_entry();
+            // Any expiry: the comparison leaves it out.
+            let (client_key, peer_target) = fields(binding, 0).client_entry();
+            let (peer_key, client_target) = fields(binding, 0).peer_entry();
             let client = journal.delete_if_holds(self, client_key, peer_target.as_bytes())?;
             let peer = journal.delete_if_holds(self, peer_key, client_target.as_bytes())?;
             if client || peer {
@@ -420,23 +505,38 @@ impl Maps {
         result.map(|()| removed)
     }
 
-    /// Every installed binding, read from the client-side maps.
-    pub fn bindings(&self) -> Result<Vec<Binding>, MapError> {
+    /// Deletes `key` from `map` if what it holds passes `condition`;
+    /// returns what it held if so.
+    fn delete_if(
+        &self,
+        map: &MapHandle,
+        key: &[u8],
+        condition: impl FnOnce(&[u8]) -> bool,
+    ) -> Result<Option<Vec<u8>>, MapError> {
+        let Some(held) = map.lookup(key, MapFlags::ANY)? else {
+            return Ok(None);
+        };
+        if !condition(&held) {
+            return Ok(None);
+        }
+        map.delete(key)?;
+        Ok(Some(held))
+    }
+
+    /// Every installed binding and its expiry, read from the client-side
+    /// maps in batches.
+    pub fn bindings(&self) -> Result<Vec<Installed>, MapError> {
         let mut bindings = Vec::new();
         for map in [&self.client_v4, &self.client_v6] {
-            for key in map.keys() {
-                // A binding removed between `keys` and `lookup` is simply not listed.
-                let Some(value) = map.lookup(&key, MapFlags::ANY)? else {
-                    continue;
-                };
-                if let Some(target) = PeerTarget::from_bytes(&value)
-                    && let Some(binding) = from_client_entry(&key, &target)
+            for (key, value) in entries(map)?.iter() {
+                if let Some(target) = PeerTarget::from_bytes(value)
+                    && let Some(installed) = from_client_entry(key, &target)
                 {
-                    bindings.push(binding);
+                    bindings.push(installed);
                 }
             }
         }
-        bindings.sort();
+        bindings.sort_by_key(|installed| installed.binding);
         Ok(bindings)
     }
 
@@ -445,9 +545,9 @@ impl Maps {
         self.installed.load(Ordering::Relaxed)
     }
 
-    /// The same, counted by walking the maps.
-    fn count_installed(&self) -> u64 {
-        (self.client_v4.keys().count() + self.client_v6.keys().count()) as u64
+    /// The same, counted by reading the maps.
+    fn count_installed(&self) -> Result<u64, MapError> {
+        Ok((entries(&self.client_v4)?.len() + entries(&self.client_v6)?.len()) as u64)
     }
 
     fn map(&self, key: &MapKey) -> &MapHandle {
@@ -479,14 +579,106 @@ impl Maps {
 }
 
 /// What [`Maps::sync`] changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Synced {
-    /// Wanted bindings written: missing, or with a half missing or different.
+    /// Wanted bindings that were missing, or had a half missing or
+    /// different (every wanted binding is written, for its expiry).
     pub added: u64,
     /// Bindings removed because they were not wanted.
     pub removed: u64,
     /// Peer-side entries deleted because no wanted binding had them.
     pub orphans: u64,
+    /// Wanted bindings left out, by index, and why (the maps are full).
+    pub refused: Vec<(usize, MapError)>,
+}
+
+/// Every entry of a binding map, as one pass of batch reads found them.
+#[derive(Debug)]
+struct Entries {
+    key_size: usize,
+    value_size: usize,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+impl Entries {
+    /// Key and value of each entry.
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.keys
+            .chunks_exact(self.key_size.max(1))
+            .zip(self.values.chunks_exact(self.value_size.max(1)))
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len() / self.key_size.max(1)
+    }
+}
+
+/// Every entry of the hash map `map`, [`BATCH`] per system call
+/// (`BPF_MAP_LOOKUP_BATCH`), where walking its keys takes two calls per
+/// entry: a sweep of 2 x 2 x 65 536 entries every second stays cheap.
+/// Unlike `MapCore::lookup_batch`, a failure is an error, not the end of
+/// the entries.
+fn entries(map: &MapHandle) -> Result<Entries, MapError> {
+    let key_size = map.key_size() as usize;
+    let value_size = map.value_size() as usize;
+    let mut entries = Entries {
+        key_size,
+        value_size,
+        keys: Vec::new(),
+        values: Vec::new(),
+    };
+    let mut keys = vec![0u8; BATCH * key_size];
+    let mut values = vec![0u8; BATCH * value_size];
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        ..Default::default()
+    };
+    // Where the next batch starts, a hash map's bucket index; the first
+    // call starts at the beginning (no position).
+    let mut position = 0u32;
+    let mut first = true;
+    loop {
+        let mut next = 0u32;
+        let mut count = BATCH as u32;
+        let from = if first {
+            std::ptr::null_mut()
+        } else {
+            (&raw mut position).cast()
+        };
+        // SAFETY: `keys` and `values` have room for `count` keys and values
+        // of the map's sizes (a hash map's values are not per-CPU, so not
+        // rounded up) and the kernel writes at most `count`; `position` and
+        // `next` are the `u32` bucket positions a hash map reads and writes;
+        // all of them, and `opts`, outlive the call.
+        let result = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                from,
+                (&raw mut next).cast(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        // ENOENT: the last entries, if any, are in this batch.
+        let last = result == -nix::libc::ENOENT;
+        if result != 0 && !last {
+            let error = std::io::Error::from_raw_os_error(-result);
+            return Err(MapError::Kernel(error.into()));
+        }
+        let count = (count as usize).min(BATCH);
+        entries.keys.extend_from_slice(&keys[..count * key_size]);
+        entries
+            .values
+            .extend_from_slice(&values[..count * value_size]);
+        if last {
+            return Ok(entries);
+        }
+        position = next;
+        first = false;
+    }
 }
 
 /// The entries a batch changed, each with what it held before, so that a
@@ -499,10 +691,15 @@ struct Journal {
 }
 
 impl Journal {
-    /// Writes `value` at `key`.
-    fn write(&mut self, maps: &Maps, key: MapKey, value: &[u8]) -> Result<(), MapError> {
+    /// Writes `value` at `key`, which holds `previous`.
+    fn write(
+        &mut self,
+        maps: &Maps,
+        key: MapKey,
+        value: &[u8],
+        previous: Option<Vec<u8>>,
+    ) -> Result<(), MapError> {
         let map = maps.map(&key);
-        let previous = map.lookup(key.bytes(), MapFlags::ANY)?;
         map.update(key.bytes(), value, MapFlags::ANY)
             .map_err(|error| match error.kind() {
                 libbpf_rs::ErrorKind::TooBig => MapError::Full {
@@ -517,21 +714,18 @@ impl Journal {
         Ok(())
     }
 
-    /// Deletes `key` if it holds `value`; returns whether it did.
+    /// Deletes `key` if it holds `value`, whatever the expiry of either;
+    /// returns whether it did.
     fn delete_if_holds(
         &mut self,
         maps: &Maps,
         key: MapKey,
         value: &[u8],
     ) -> Result<bool, MapError> {
-        let map = maps.map(&key);
-        let Some(previous) = map.lookup(key.bytes(), MapFlags::ANY)? else {
+        let condition = |held: &[u8]| same_half(held, value);
+        let Some(previous) = maps.delete_if(maps.map(&key), key.bytes(), condition)? else {
             return Ok(false);
         };
-        if previous != value {
-            return Ok(false);
-        }
-        map.delete(key.bytes())?;
         if key.is_client() {
             self.clients -= 1;
         }

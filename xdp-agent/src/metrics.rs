@@ -33,6 +33,9 @@ pub mod name {
     pub const PERF_EVENTS_LOST: &str = "xdp_perf_events_lost_total";
     /// Gauge: channel bindings installed in the kernel.
     pub const BINDINGS_INSTALLED: &str = "xdp_bindings_installed";
+    /// Counter: bindings the agent deleted because their lifetime ended
+    /// (turn-control neither refreshed nor removed them in time).
+    pub const BINDINGS_EXPIRED: &str = "xdp_bindings_expired_total";
     /// Gauge: entries in each binding `map`.
     pub const BINDING_MAP_ENTRIES: &str = "xdp_binding_map_entries";
     /// Gauge: the most entries each binding map holds.
@@ -41,6 +44,8 @@ pub mod name {
     pub const ATTACHED: &str = "xdp_attached";
     /// Gauge: generation of turn-control's last full Sync.
     pub const SYNC_GENERATION: &str = "xdp_agent_sync_generation";
+    /// Counter: bindings of Syncs left out, invalid or beyond the maps' capacity.
+    pub const SYNC_REFUSED: &str = "xdp_agent_sync_refused_bindings_total";
     /// Gauge: 1 if the maps were adopted from an earlier run.
     pub const ADOPTED: &str = "xdp_agent_adopted";
     /// Gauge: seconds since the agent started.
@@ -59,6 +64,8 @@ pub fn install(address: SocketAddr) -> anyhow::Result<()> {
         .install()
         .with_context(|| format!("cannot serve metrics on {address}"))?;
     describe();
+    // Served at zero from the start, so that the first refusal is an increase.
+    counter!(name::SYNC_REFUSED).increment(0);
     Ok(())
 }
 
@@ -105,6 +112,10 @@ fn describe() {
         name::BINDINGS_INSTALLED,
         "Channel bindings installed in the kernel."
     );
+    describe_counter!(
+        name::BINDINGS_EXPIRED,
+        "Channel bindings deleted because their lifetime ended before turn-control refreshed or removed them."
+    );
     describe_gauge!(name::BINDING_MAP_ENTRIES, "Entries in each binding map.");
     describe_gauge!(
         name::BINDING_MAP_CAPACITY,
@@ -117,6 +128,10 @@ fn describe() {
     describe_gauge!(
         name::SYNC_GENERATION,
         "Generation of turn-control's last full Sync."
+    );
+    describe_counter!(
+        name::SYNC_REFUSED,
+        "Bindings of full-state Syncs left out, invalid or beyond the maps' capacity; their traffic goes to turn-control."
     );
     describe_gauge!(
         name::ADOPTED,
@@ -150,6 +165,7 @@ fn refresh(state: &AgentState) {
     counter!(name::PERF_EVENTS).absolute(events);
     counter!(name::PERF_EVENTS_LOST).absolute(lost);
     gauge!(name::BINDINGS_INSTALLED).set(maps.installed() as f64);
+    counter!(name::BINDINGS_EXPIRED).absolute(maps.expired());
     for (map, entries) in maps.map_entries() {
         gauge!(name::BINDING_MAP_ENTRIES, "map" => map).set(entries as f64);
     }

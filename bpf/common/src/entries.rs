@@ -59,6 +59,9 @@ pub struct BindingFields {
     pub peer: SocketAddr,
     /// The allocation's relay port.
     pub allocation_port: u16,
+    /// When its authorisation ends, on the kernel's coarse monotonic clock
+    /// ([`crate::ClientTarget::expires_at_ns`]); both entries carry it.
+    pub expires_at_ns: u64,
 }
 
 impl BindingFields {
@@ -85,7 +88,12 @@ impl BindingFields {
                 reserved: [0; 2],
             }),
         };
-        let target = PeerTarget::new(self.peer.ip(), self.peer.port(), self.allocation_port);
+        let target = PeerTarget::new(
+            self.peer.ip(),
+            self.peer.port(),
+            self.allocation_port,
+            self.expires_at_ns,
+        );
         (key, target)
     }
 
@@ -107,7 +115,7 @@ impl BindingFields {
         };
         (
             key,
-            ClientTarget::new(self.client, self.listener, self.channel),
+            ClientTarget::new(self.client, self.listener, self.channel, self.expires_at_ns),
         )
     }
 
@@ -134,6 +142,7 @@ impl BindingFields {
             channel: u16::from_be_bytes(channel),
             peer: endpoint(target.peer()?, target.peer_port),
             allocation_port: u16::from_be_bytes(target.allocation_port),
+            expires_at_ns: target.expires_at_ns,
         })
     }
 }

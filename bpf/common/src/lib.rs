@@ -6,9 +6,10 @@
 //!
 //! Every multi-byte field is a big-endian byte array, exactly as it appears on
 //! the wire: the program copies header bytes into keys without swapping, and
-//! the host never reinterprets a network-order integer as a native one. Every
-//! type has alignment 1 and no implicit padding, so [`Pod::as_bytes`] is the
-//! exact image of a map key or value.
+//! the host never reinterprets a network-order integer as a native one. The
+//! one exception is a binding's expiry, a time on the kernel's clock that
+//! never touches the wire, held as a native `u64`. No type has implicit
+//! padding, so [`Pod::as_bytes`] is the exact image of a map key or value.
 #![cfg_attr(not(test), no_std)]
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -62,8 +63,8 @@ pub const FAMILY_V6: u8 = 6;
 /// instead of single bytes; `from_bytes` reads at any alignment.
 ///
 /// # Safety
-/// Implementors must be `#[repr(C)]` and contain only `u8`, arrays of `u8` and
-/// other `Pod` types, with no padding (so any bit pattern is valid and every
+/// Implementors must be `#[repr(C)]` and contain only `u8`, arrays of `u8`,
+/// `u64` at its natural alignment and other `Pod` types, with no padding (so any bit pattern is valid and every
 /// byte is initialised).
 pub unsafe trait Pod: Copy + Sized {
     /// The type's bytes, as stored in a BPF map.
@@ -279,8 +280,8 @@ pub struct PeerKeyV6 {
     pub allocation_port: [u8; 2],
 }
 
-/// Value of the client-side maps: where the channel's data goes.
-#[repr(C, align(4))]
+/// Value of the client-side maps: where the channel's data goes, and until when.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerTarget {
     /// Peer address; an IPv4 peer uses the first four bytes, the rest zero.
@@ -293,11 +294,13 @@ pub struct PeerTarget {
     pub peer_family: u8,
     /// Reserved, zero.
     pub reserved: [u8; 3],
+    /// See [`ClientTarget::expires_at_ns`].
+    pub expires_at_ns: u64,
 }
 
 impl PeerTarget {
-    /// A target for a peer at `peer`.
-    pub fn new(peer: IpAddr, peer_port: u16, allocation_port: u16) -> Self {
+    /// A target for a peer at `peer`, relayed to until `expires_at_ns`.
+    pub fn new(peer: IpAddr, peer_port: u16, allocation_port: u16, expires_at_ns: u64) -> Self {
         let (peer_ip, peer_family) = ip_bytes(peer);
         Self {
             peer_ip,
@@ -305,6 +308,7 @@ impl PeerTarget {
             allocation_port: allocation_port.to_be_bytes(),
             peer_family,
             reserved: [0; 3],
+            expires_at_ns,
         }
     }
 
@@ -318,7 +322,7 @@ impl PeerTarget {
 /// datagrams go to, and the listener they leave from: the server transport
 /// address the client talks to (RFC 8656 section 12.7), which the client
 /// (or its NAT) checks.
-#[repr(C, align(4))]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientTarget {
     /// Client address; an IPv4 client uses the first four bytes, the rest zero.
@@ -335,12 +339,17 @@ pub struct ClientTarget {
     pub client_family: u8,
     /// Reserved, zero.
     pub reserved: u8,
+    /// When the binding's authorisation ends, on the kernel's coarse
+    /// monotonic clock (`bpf_ktime_get_coarse_ns`, `CLOCK_MONOTONIC_COARSE`),
+    /// in nanoseconds, in host byte order: from then on the program treats
+    /// the entry as absent, whether or not anyone deleted it.
+    pub expires_at_ns: u64,
 }
 
 impl ClientTarget {
     /// A target for a client at `client` that talks to `listener` (of the
-    /// same family; the agent checks it).
-    pub fn new(client: SocketAddr, listener: SocketAddr, channel: u16) -> Self {
+    /// same family; the agent checks it), relayed to until `expires_at_ns`.
+    pub fn new(client: SocketAddr, listener: SocketAddr, channel: u16, expires_at_ns: u64) -> Self {
         let (client_ip, client_family) = ip_bytes(client.ip());
         let (listener_ip, _) = ip_bytes(listener.ip());
         Self {
@@ -351,6 +360,7 @@ impl ClientTarget {
             channel: channel.to_be_bytes(),
             client_family,
             reserved: 0,
+            expires_at_ns,
         }
     }
 
@@ -492,6 +502,9 @@ reasons! {
     /// Passed: hairpin to an allocation of this relay whose client has no
     /// channel to the sender; user space relays it.
     PassHairpinUnbound => "pass_hairpin_unbound", Pass;
+    /// Passed: the binding's lifetime has ended (turn-control neither
+    /// refreshed nor removed it in time); user space decides.
+    PassExpired => "pass_expired", Pass;
     /// Passed: the other family's relay address is not configured.
     PassNoRelayAddress => "pass_no_relay_address", Pass;
     /// Passed: an IPv4 datagram without UDP checksum bound for IPv6, where a
@@ -650,11 +663,13 @@ mod tests {
         assert_eq!(offset_of!(PeerKeyV4, allocation_port), 6);
         assert_eq!(size_of::<PeerKeyV6>(), 20);
         assert_eq!(offset_of!(PeerKeyV6, allocation_port), 18);
-        assert_eq!(size_of::<PeerTarget>(), 24);
+        assert_eq!(size_of::<PeerTarget>(), 32);
+        assert_eq!(offset_of!(PeerTarget, expires_at_ns), 24);
         assert_eq!(offset_of!(PeerTarget, peer_port), 16);
         assert_eq!(offset_of!(PeerTarget, allocation_port), 18);
         assert_eq!(offset_of!(PeerTarget, peer_family), 20);
-        assert_eq!(size_of::<ClientTarget>(), 40);
+        assert_eq!(size_of::<ClientTarget>(), 48);
+        assert_eq!(offset_of!(ClientTarget, expires_at_ns), 40);
         assert_eq!(offset_of!(ClientTarget, listener_ip), 16);
         assert_eq!(offset_of!(ClientTarget, client_port), 32);
         assert_eq!(offset_of!(ClientTarget, listener_port), 34);
@@ -671,11 +686,12 @@ mod tests {
             align_of::<ClientKeyV6>(),
             align_of::<PeerKeyV4>(),
             align_of::<PeerKeyV6>(),
-            align_of::<PeerTarget>(),
-            align_of::<ClientTarget>(),
         ] {
             assert_eq!(align, 4);
         }
+        // The expiry is a `u64` the program loads in one instruction.
+        assert_eq!(align_of::<PeerTarget>(), 8);
+        assert_eq!(align_of::<ClientTarget>(), 8);
     }
 
     #[test]
@@ -698,7 +714,8 @@ mod tests {
         assert!(!config.tail_adjust() && config.with_tail_adjust(true).tail_adjust());
         assert!(!config.mac_swap() && config.with_mac_swap(true).mac_swap());
 
-        let target = PeerTarget::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 9000, 50001);
+        let target = PeerTarget::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 9000, 50001, 7);
+        assert_eq!(target.as_bytes()[24..], 7u64.to_ne_bytes());
         assert_eq!(target.as_bytes()[..4], [198, 51, 100, 7]);
         assert_eq!(target.as_bytes()[16..18], 9000u16.to_be_bytes());
         assert_eq!(target.as_bytes()[18..20], 50001u16.to_be_bytes());
@@ -708,7 +725,8 @@ mod tests {
         );
         let v6: SocketAddr = "[2001:db8:3::2]:40000".parse().unwrap();
         let listener: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
-        let client = ClientTarget::new(v6, listener, 0x4001);
+        let client = ClientTarget::new(v6, listener, 0x4001, u64::MAX);
+        assert_eq!(client.as_bytes()[40..], u64::MAX.to_ne_bytes());
         assert_eq!(client.client_family, FAMILY_V6);
         assert_eq!(client.channel, [0x40, 0x01]);
         assert_eq!(client.client(), Some(v6));

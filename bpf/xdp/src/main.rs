@@ -12,6 +12,10 @@
 //! calls, and a stack well under the 512-byte limit: the incoming headers
 //! are read where they lie, and the largest local is the outgoing headers
 //! (at most 70 bytes).
+//!
+//! A binding lasts as long as turn-control authorises it: each map value
+//! carries its `expires_at_ns`, and from then on the program treats the
+//! entry as absent (`Reason::PassExpired`), whether or not anyone deleted it.
 #![no_std]
 #![no_main]
 
@@ -19,8 +23,8 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, xdp_md},
     btf_maps::{Array, DevMapHash, HashMap, PerCpuArray, PerfEventArray},
     helpers::generated::{
-        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     macros::{btf_map, xdp},
     programs::XdpContext,
@@ -37,6 +41,12 @@ use bpf_common::{
 };
 
 const BINDINGS: usize = MAX_BINDINGS as usize;
+
+/// Whether the program honours a binding's expiry: always, but in
+/// `relay_unexpiring` (`src/bin/relay_unexpiring.rs`), this file built again
+/// without the check, which only the bench loads, to measure what the check
+/// costs per packet beside the program as it runs.
+const CHECK_EXPIRY: bool = !same(env!("CARGO_BIN_NAME"), "relay_unexpiring");
 
 /// The data-plane configuration: one entry, written by the agent.
 #[btf_map]
@@ -237,15 +247,20 @@ fn from_client<In: IpVersion>(
     )?;
     let target =
         In::peer_of(&frame.ip, &frame.udp, channel.channel).ok_or(Reason::PassUnknownBinding)?;
+    let now = clock();
+    if expired(target.expires_at_ns, now) {
+        return Err(Reason::PassExpired);
+    }
     match target.peer_family {
-        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, input, udp_len, target, padding),
-        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, input, udp_len, target, padding),
+        FAMILY_V4 => to_peer::<In, Ipv4Hdr>(ctx, config, input, udp_len, target, padding, now),
+        FAMILY_V6 => to_peer::<In, Ipv6Hdr>(ctx, config, input, udp_len, target, padding, now),
         _ => Err(Reason::PassUnknownBinding),
     }
 }
 
 /// Channel data to a peer as plain UDP from the allocation, or, when the
-/// peer is another allocation of this relay, straight to that allocation's client.
+/// peer is another allocation of this relay, straight to that allocation's
+/// client; `now` is the clock as `from_client` read it.
 #[inline(always)]
 fn to_peer<In, Out>(
     ctx: &XdpContext,
@@ -254,6 +269,7 @@ fn to_peer<In, Out>(
     udp_len: usize,
     target: &PeerTarget,
     padding: Padding,
+    now: u64,
 ) -> Result<Relayed, Reason>
 where
     In: IpVersion + Translate<Out>,
@@ -270,6 +286,9 @@ where
         // allocation's peer datagram, from this allocation's relayed address.
         let other = Out::client_of(relay_addr, target.allocation_port, target.peer_port)
             .ok_or(Reason::PassHairpinUnbound)?;
+        if expired(other.expires_at_ns, now) {
+            return Err(Reason::PassExpired);
+        }
         return match other.client_family {
             FAMILY_V4 => hairpin::<In, Ipv4Hdr>(ctx, config, input, udp_len, other, padding),
             FAMILY_V6 => hairpin::<In, Ipv6Hdr>(ctx, config, input, udp_len, other, padding),
@@ -396,6 +415,9 @@ fn from_peer<In: IpVersion>(
 ) -> Result<Relayed, Reason> {
     let target = In::client_of(frame.ip.saddr(), frame.udp.source, frame.udp.dest)
         .ok_or(Reason::PassUnknownPeer)?;
+    if expired(target.expires_at_ns, clock()) {
+        return Err(Reason::PassExpired);
+    }
     match target.client_family {
         FAMILY_V4 => to_client::<In, Ipv4Hdr>(ctx, config, frame, udp_len, target),
         FAMILY_V6 => to_client::<In, Ipv6Hdr>(ctx, config, frame, udp_len, target),
@@ -695,6 +717,41 @@ fn count(ctx: &XdpContext, config: Option<&KernelConfig>, reason: Reason, bytes:
             0,
         );
     }
+}
+
+/// The kernel's coarse monotonic clock, the one bindings expire on: read
+/// once per packet, and only for a packet whose binding was found (the
+/// coarse clock is a load of the last tick's time, no clock source read).
+#[inline(always)]
+fn clock() -> u64 {
+    if !CHECK_EXPIRY {
+        return 0;
+    }
+    // SAFETY: the helper takes no arguments and only reads the clock.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Whether a binding whose authorisation ends at `expires_at_ns` has
+/// expired at `now`: its entry then counts as absent.
+#[inline(always)]
+fn expired(expires_at_ns: u64, now: u64) -> bool {
+    CHECK_EXPIRY && now >= expires_at_ns
+}
+
+/// Whether two strings are equal, at compile time.
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// A pointer to a `T` at `offset` in the frame, after checking that the

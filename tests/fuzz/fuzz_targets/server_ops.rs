@@ -5,15 +5,16 @@
 //!
 //! A model of what the daemon holds (bound relay sockets, installed channel bindings) follows
 //! the commands. Invariants, after every operation: no panic; no relay bound twice or freed
-//! unbound; no binding installed twice; the bindings the core says the data plane should hold
-//! (`channel_bindings`) are exactly those installed and not removed; each installed binding
+//! unbound; a binding installed again only to move its expiry; the bindings the core says the
+//! data plane should hold (`channel_bindings`) are exactly those installed and not removed,
+//! each with the expiry it was last installed with, none past it; each installed binding
 //! uses a bound relay; the allocation count matches the bound relay ports; after
 //! `handle_timeout(now)` nothing is due at `now`. At the end, after a final long timeout:
 //! no allocation, relay socket, installed binding or timer is left, so every InstallChannel
 //! was paired with a RemoveChannel.
 #![no_main]
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -123,7 +124,8 @@ struct Harness {
     now: Instant,
     clients: Vec<Client>,
     relays: HashSet<RelayAddr>,
-    installed: HashSet<ChannelBinding>,
+    /// Installed bindings and the expiry each was last installed with.
+    installed: HashMap<ChannelBinding, Instant>,
     pending: Vec<ChannelBinding>,
     installs: u64,
     removes: u64,
@@ -151,7 +153,7 @@ impl Harness {
                 })
                 .collect(),
             relays: HashSet::new(),
-            installed: HashSet::new(),
+            installed: HashMap::new(),
             pending: Vec::new(),
             installs: 0,
             removes: 0,
@@ -167,7 +169,7 @@ impl Harness {
                 eprintln!("  {command:?}");
             }
             match command {
-                Command::BindRelayPort { relay } => {
+                Command::BindRelayPort { relay, .. } => {
                     // As the daemon does: answer every bind while draining.
                     if self.failing_binds > 0 {
                         self.failing_binds -= 1;
@@ -180,13 +182,15 @@ impl Harness {
                 Command::FreeRelayPort { relay } => {
                     assert!(self.relays.remove(&relay), "{relay:?} freed but not bound");
                 }
-                Command::InstallChannel { binding } => {
+                Command::InstallChannel { binding, expires } => {
                     assert_eq!(binding.transport, Transport::Udp, "TCP binding offloaded");
                     assert!(
                         self.relays.contains(&binding.relay),
                         "binding on unbound relay"
                     );
-                    assert!(self.installed.insert(binding), "{binding} installed twice");
+                    assert!(expires > self.now, "{binding} installed already expired");
+                    let before = self.installed.insert(binding, expires);
+                    assert_ne!(before, Some(expires), "{binding} installed twice unchanged");
                     self.pending.push(binding);
                     self.installs += 1;
                 }
@@ -215,8 +219,11 @@ impl Harness {
     }
 
     fn check(&mut self) {
-        let held: HashSet<ChannelBinding> = self.server.channel_bindings().collect();
+        let held: HashMap<ChannelBinding, Instant> = self.server.channel_bindings().collect();
         assert_eq!(held, self.installed, "data plane and core disagree");
+        if let Some((binding, expires)) = held.iter().find(|(_, expires)| **expires <= self.now) {
+            panic!("{binding} held past its expiry {expires:?} at {:?}", self.now);
+        }
         let ports: BTreeSet<u16> = self.relays.iter().map(|r| r.0.port()).collect();
         assert_eq!(
             self.server.allocation_count(),

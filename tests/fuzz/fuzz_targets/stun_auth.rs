@@ -90,11 +90,11 @@ fuzz_target!(|data: &[u8]| {
     }
     while let Some(command) = server.poll_command() {
         match command {
-            Command::InstallChannel { binding } => {
+            Command::InstallChannel { binding, .. } => {
                 assert_eq!(binding.client, client);
                 assert_eq!(binding.transport, Transport::Udp);
             }
-            Command::BindRelayPort { relay } => server.relay_bound(later, relay),
+            Command::BindRelayPort { relay, .. } => server.relay_bound(later, relay),
             _ => {}
         }
     }

@@ -90,7 +90,7 @@ pub fn exchange(
 ) -> Vec<Vec<u8>> {
     server.handle_client(now, transport, local, client, bytes);
     while let Some(command) = server.poll_command() {
-        if let Command::BindRelayPort { relay } = command {
+        if let Command::BindRelayPort { relay, .. } = command {
             server.relay_bound(now, relay);
         }
     }

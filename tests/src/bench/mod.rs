@@ -38,6 +38,7 @@ use crate::packet::{FrameSpec, channel_data};
 use crate::run;
 
 pub mod control;
+pub mod expiry;
 pub mod plot;
 pub mod raw;
 pub mod turn;
@@ -474,6 +475,24 @@ impl BenchNet {
         })?;
         // SAFETY: a new link fd that nothing else owns.
         self.links.push(unsafe { OwnedFd::from_raw_fd(link_fd) });
+        Ok(())
+    }
+
+    /// Replaces the program on `x0` by `program` in place (`BPF_LINK_UPDATE`
+    /// of the link [`BenchNet::attach_relay`] made last): no moment without
+    /// a program, which veth needs to deliver the generator's frames.
+    pub fn replace_relay(&self, program: &libbpf_rs::ProgramMut<'_>) -> anyhow::Result<()> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let link = self.links.last().context("nothing is attached to x0")?;
+        // SAFETY: plain syscall wrapper on two live fds; no options.
+        let ret = unsafe {
+            sys::bpf_link_update(
+                link.as_raw_fd(),
+                program.as_fd().as_raw_fd(),
+                std::ptr::null(),
+            )
+        };
+        ensure!(ret == 0, "cannot replace the program on x0: {ret}");
         Ok(())
     }
 

@@ -8,9 +8,11 @@
 //! drops what the relay sends back. The same generator and sink serve every
 //! system: coturn, turn-control alone, turn-control with xdp-agent in each
 //! next-hop mode (the kernel's FIB, the default, and MAC swap), and the floor
-//! program of each mode (`floor_fib`, `floor`).
+//! program of each mode (`floor_fib`, `floor`). Then the relay program with
+//! and without its expiry check, side by side (`tests::bench::expiry`).
 //!
-//! Usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png]
+//! Usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only]
+//! (`--expiry-only`: only the expiry check's section, printed; no report written)
 //! Environment: BENCH_QUICK=1 for a tiny run; BENCH_RUNS, BENCH_SECONDS.
 
 use std::fmt::Write as _;
@@ -32,6 +34,8 @@ struct Options {
     seconds: f64,
     trial_seconds: f64,
     quick: bool,
+    /// Measure only the expiry check and print its section.
+    expiry_only: bool,
     out: PathBuf,
     png: PathBuf,
 }
@@ -67,6 +71,7 @@ fn options() -> anyhow::Result<Options> {
         seconds: env_num("BENCH_SECONDS", if quick { 0.3 } else { 2.0 })?,
         trial_seconds: if quick { 0.2 } else { 0.6 },
         quick,
+        expiry_only: false,
         out: PathBuf::from("BENCHMARKS.md"),
         png: PathBuf::from("tests/bench/bench.png"),
     };
@@ -76,8 +81,11 @@ fn options() -> anyhow::Result<Options> {
         match arg.as_str() {
             "--out" => options.out = value()?.into(),
             "--png" => options.png = value()?.into(),
+            "--expiry-only" => options.expiry_only = true,
             "--help" | "-h" => {
-                println!("usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png]");
+                println!(
+                    "usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only]"
+                );
                 println!("env: BENCH_QUICK=1, BENCH_RUNS=N, BENCH_SECONDS=S");
                 std::process::exit(0);
             }
@@ -601,16 +609,21 @@ fn machine() -> String {
         .ok()
         .and_then(|v| v.lines().next().map(str::to_owned))
         .unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     format!(
         "- CPUs: {cpus} (`nproc`), {model}\n- Kernel: {}\n- Memory: {memory} GiB\n- coturn: {} (Debian)\n- Load average when the report was written: {} (a shared machine: other builds ran on the same cores, so absolute figures are low and noisy; the ratios within the run are the result)\n",
         kernel.trim(),
         coturn.trim(),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load_average()
     )
+}
+
+/// The load averages over 1, 5 and 15 minutes (/proc/loadavg).
+fn load_average() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The existing micro-benchmark (`xdp-microbench --json`), rows of (program, ns, x floor).
@@ -719,6 +732,9 @@ fn run() -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let _stats = BpfStats::enable()?;
+    if options.expiry_only {
+        return expiry_only(&options);
+    }
     let sizes = [100usize, 1200];
     let directions = [Direction::ClientToPeer, Direction::PeerToClient];
     let mut results: Vec<CaseResult> = Vec::new();
@@ -763,6 +779,11 @@ fn run() -> anyhow::Result<()> {
         drop(sut);
         drop(net);
     }
+    let expiry = if only.is_empty() || only.split(',').any(|s| s == "expiry") {
+        expiry(&options)
+    } else {
+        Err(anyhow::anyhow!("not selected (BENCH_SYSTEMS)"))
+    };
     drop(_stats);
 
     eprintln!("bench: xdp-microbench");
@@ -779,6 +800,7 @@ fn run() -> anyhow::Result<()> {
         &notes,
         &control,
         &micro,
+        &expiry,
         &e2e,
         started.elapsed(),
     )?;
@@ -795,6 +817,73 @@ fn run() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The relay program with and without its expiry check, side by side
+/// (`tests::bench::expiry`), in both directions at both sizes.
+fn expiry(options: &Options) -> anyhow::Result<Vec<tests::bench::expiry::Case>> {
+    eprintln!("bench: the expiry check");
+    tests::bench::expiry::measure(
+        options.runs,
+        Duration::from_secs_f64(options.seconds),
+        Duration::from_secs_f64(options.trial_seconds),
+        &[100, 1200],
+    )
+}
+
+/// `--expiry-only`: measures the expiry check alone and prints its section
+/// of the report, and when and how it was measured.
+fn expiry_only(options: &Options) -> anyhow::Result<()> {
+    let load_before = load_average();
+    print!("{}", expiry_section(options, &expiry(options))?);
+    println!(
+        "This section was measured on its own (`bench --expiry-only`, {} run(s) of {:.1} s{}), on the machine above; load average {load_before} before it and {} after.\n",
+        options.runs,
+        options.seconds,
+        if options.quick { ", BENCH_QUICK=1" } else { "" },
+        load_average()
+    );
+    Ok(())
+}
+
+/// The expiry check's section of the report: its text from [`TEMPLATE`]
+/// with the table.
+fn expiry_section(
+    options: &Options,
+    expiry: &anyhow::Result<Vec<tests::bench::expiry::Case>>,
+) -> anyhow::Result<String> {
+    let start = TEMPLATE
+        .find(EXPIRY_HEADING)
+        .context("the template has no expiry section")?;
+    let end = TEMPLATE[start + 1..]
+        .find("\n## ")
+        .map_or(TEMPLATE.len(), |end| start + 1 + end + 1);
+    fill(&TEMPLATE[start..end], &expiry_values(options, expiry)?)
+}
+
+/// The expiry section's heading in [`TEMPLATE`].
+const EXPIRY_HEADING: &str = "## Expiry check: live per-packet cost";
+
+/// The values of the expiry section's placeholders.
+fn expiry_values(
+    options: &Options,
+    expiry: &anyhow::Result<Vec<tests::bench::expiry::Case>>,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
+    Ok(vec![
+        ("expiry_runs", options.runs.to_string()),
+        ("expiry_seconds", format!("{:.1}", options.seconds)),
+        (
+            "expiry_port",
+            tests::bench::expiry::ALLOCATION_PORT.to_string(),
+        ),
+        (
+            "expiry",
+            match expiry {
+                Ok(cases) => tests::bench::expiry::table(cases)?,
+                Err(error) => format!("Not run: {error:#}\n"),
+            },
+        ),
+    ])
 }
 
 /// Prints a system's control-plane figures as they come (the report has them in full).
@@ -880,12 +969,17 @@ fn draw(path: &Path, results: &[CaseResult]) -> anyhow::Result<()> {
 const TEMPLATE: &str = include_str!("../../bench/BENCHMARKS.md.in");
 
 /// BENCHMARKS.md: [`TEMPLATE`] filled with the results.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the options, then one argument per kind of result the report shows"
+)]
 fn render(
     options: &Options,
     results: &[CaseResult],
     notes: &[String],
     control: &[(System, anyhow::Result<ControlFigures>)],
     micro: &anyhow::Result<Vec<(String, f64, f64)>>,
+    expiry: &anyhow::Result<Vec<tests::bench::expiry::Case>>,
     e2e: &[(System, anyhow::Result<String>)],
     took: Duration,
 ) -> anyhow::Result<String> {
@@ -904,35 +998,36 @@ fn render(
         Ok(summary) => format!("- {}: {summary}\n", system.name()),
         Err(error) => format!("- {}: failed: {error:#}\n", system.name()),
     });
+    let values = [
+        ("runs", options.runs.to_string()),
+        ("seconds", format!("{:.1}", options.seconds)),
+        ("trial_seconds", format!("{:.1}", options.trial_seconds)),
+        ("quick", quick.to_owned()),
+        ("took", format!("{:.0}", took.as_secs_f64())),
+        ("png", options.png.display().to_string()),
+        ("machine", machine()),
+        ("notes", notes.iter().map(|n| format!("- {n}\n")).collect()),
+        ("data_plane_rows", data_plane_rows(results)?),
+        ("targets", targets(results, control, micro)?),
+        ("micro_runs", micro_runs.to_string()),
+        ("micro_calls", micro_calls.to_string()),
+        ("micro", micro_table(micro)?),
+        ("end_to_end", end_to_end.collect()),
+        ("allocations", raw.allocations.to_string()),
+        ("channels", raw.channels.to_string()),
+        ("window", raw.window.to_string()),
+        (
+            "bindings",
+            (raw.allocations * usize::from(raw.channels)).to_string(),
+        ),
+        ("samples", raw.samples.to_string()),
+        ("interval_us", raw.interval.as_micros().to_string()),
+        ("control_rows", control_rows(control)?),
+        ("first_offload", first_offload(control)?),
+    ];
     fill(
         TEMPLATE,
-        &[
-            ("runs", options.runs.to_string()),
-            ("seconds", format!("{:.1}", options.seconds)),
-            ("trial_seconds", format!("{:.1}", options.trial_seconds)),
-            ("quick", quick.to_owned()),
-            ("took", format!("{:.0}", took.as_secs_f64())),
-            ("png", options.png.display().to_string()),
-            ("machine", machine()),
-            ("notes", notes.iter().map(|n| format!("- {n}\n")).collect()),
-            ("data_plane_rows", data_plane_rows(results)?),
-            ("targets", targets(results, control, micro)?),
-            ("micro_runs", micro_runs.to_string()),
-            ("micro_calls", micro_calls.to_string()),
-            ("micro", micro_table(micro)?),
-            ("end_to_end", end_to_end.collect()),
-            ("allocations", raw.allocations.to_string()),
-            ("channels", raw.channels.to_string()),
-            ("window", raw.window.to_string()),
-            (
-                "bindings",
-                (raw.allocations * usize::from(raw.channels)).to_string(),
-            ),
-            ("samples", raw.samples.to_string()),
-            ("interval_us", raw.interval.as_micros().to_string()),
-            ("control_rows", control_rows(control)?),
-            ("first_offload", first_offload(control)?),
-        ],
+        &[&values[..], &expiry_values(options, expiry)?].concat(),
     )
 }
 
@@ -1225,6 +1320,7 @@ fn first_offload(control: &[(System, anyhow::Result<ControlFigures>)]) -> anyhow
 #[cfg(test)]
 mod render_tests {
     use super::*;
+    use tests::bench::expiry::Run;
     use tests::bench::raw::{BindFigures, OffloadLatency};
 
     fn sample(scale: f64) -> Sample {
@@ -1311,9 +1407,41 @@ mod render_tests {
             seconds: 2.5,
             trial_seconds: 1.0,
             quick,
+            expiry_only: false,
             out: PathBuf::from("BENCHMARKS.md"),
             png: PathBuf::from("tests/bench/bench.png"),
         }
+    }
+
+    fn expiry(quick: bool) -> anyhow::Result<Vec<tests::bench::expiry::Case>> {
+        if quick {
+            return Err(anyhow::anyhow!("relay_unexpiring is missing"));
+        }
+        let run = |ns_per_packet| Run {
+            ns_per_packet,
+            delivered_pps: 3_000_000.0,
+            offered_pps: 3_100_000.0,
+        };
+        Ok(vec![tests::bench::expiry::Case {
+            direction: Direction::ClientToPeer,
+            payload: 100,
+            with_check: vec![run(97.0), run(96.5), run(99.0)],
+            without_check: vec![run(95.0), run(95.5), run(96.0)],
+        }])
+    }
+
+    /// The expiry section alone (`--expiry-only`) is the report's, filled.
+    #[test]
+    fn the_expiry_section_renders_alone_as_in_the_report() {
+        let section = expiry_section(&options(false), &expiry(false)).unwrap();
+        assert!(section.starts_with(EXPIRY_HEADING), "{section}");
+        assert!(
+            !section.contains("{{") && !section.contains("## Targets"),
+            "{section}"
+        );
+        assert!(render_fixture(false).contains(&section));
+        // Paired differences 2.0, 1.0, 3.0: median +2.0, range +1.0 to +3.0.
+        assert!(section.contains("| +2.0 (+1.0 to +3.0) |"), "{section}");
     }
 
     fn render_fixture(quick: bool) -> String {
@@ -1341,6 +1469,7 @@ mod render_tests {
             &notes,
             &control(),
             &micro,
+            &expiry(quick),
             &e2e,
             Duration::from_secs(321),
         )
@@ -1361,6 +1490,7 @@ mod render_tests {
                 "## Machine",
                 "## Method",
                 "## Data plane: relayed packet rate",
+                "## Expiry check: live per-packet cost",
                 "## Targets",
                 "## Micro-benchmark (BPF_PROG_TEST_RUN, per path)",
                 "## End to end with real sockets (for the record)",

@@ -86,7 +86,7 @@ struct Setup {
 fn exchange(s: &mut Server, now: Instant, listen: SocketAddr, c: &Client, req: &[u8]) -> Message {
     s.handle_client(now, Transport::Udp, listen, c.addr, req);
     while let Some(cmd) = s.poll_command() {
-        if let Command::BindRelayPort { relay } = cmd {
+        if let Command::BindRelayPort { relay, .. } = cmd {
             s.relay_bound(now, relay);
         }
     }
@@ -135,7 +135,7 @@ fn setup() -> Setup {
     let req = client.request(METHOD_CHANNEL_BIND, &[&ChannelAttr(0x4000), &peer_attr]);
     server.handle_client(now, Transport::Udp, listen, client.addr, &req);
     while let Some(cmd) = server.poll_command() {
-        if let Command::InstallChannel { binding } = cmd {
+        if let Command::InstallChannel { binding, .. } = cmd {
             server.channel_installed(now, &binding, Ok(()));
         }
     }

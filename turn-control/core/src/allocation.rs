@@ -7,9 +7,43 @@ use std::time::Instant;
 
 use rtc_stun::message::TransactionId;
 
+use crate::icmp::IcmpBudget;
 use crate::types::{
     AllocationPort, ChannelBinding, ChannelNumber, Family, FiveTuple, PeerAddr, RelayAddr,
 };
+
+/// A RESERVATION-TOKEN (RFC 8656 §18.9): eight random bytes, so that it tells nothing about
+/// the port it holds nor lets anyone guess another client's.
+pub(crate) type ReservationToken = [u8; 8];
+
+/// What holds an allocation port: an allocation, or a reservation waiting for its token
+/// (RFC 8656 §7.2). Every port in use is in the one index, so no port is handed out twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PortUse {
+    /// The allocation of this 5-tuple.
+    Allocation(FiveTuple),
+    /// The reservation under this token.
+    Reserved(ReservationToken),
+}
+
+/// A relayed transport address held for a later Allocate that brings its token (RFC 8656
+/// §7.2: EVEN-PORT with the R bit reserves port N+1 next to the allocation's even port N).
+/// The daemon keeps its socket bound meanwhile, so that no other process takes the port.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    /// The reserved address: the relay IP of the allocation that made it, and its port + 1.
+    pub(crate) relay: RelayAddr,
+    /// Only this user's Allocate may use the token.
+    pub(crate) username: Arc<str>,
+    /// The allocation whose Allocate made the reservation. Until that Allocate's success has
+    /// gone out, the reservation moves with the allocation when a port cannot be bound.
+    pub(crate) maker: FiveTuple,
+    pub(crate) expires: Instant,
+    /// The daemon confirmed the socket ([`crate::Server::relay_bound`]).
+    pub(crate) bound: bool,
+    /// The socket was bound with DONT-FRAGMENT: the maker asked for it.
+    pub(crate) dont_fragment: bool,
+}
 
 /// One allocation: its relayed addresses, owner and the permission and channel tables.
 #[derive(Debug)]
@@ -24,9 +58,10 @@ pub(crate) struct Allocation {
     pub(crate) expires: Instant,
     /// The Allocate transaction, so a retransmission gets the same success (RFC 8656 §7.2).
     pub(crate) allocate_txid: TransactionId,
-    /// The key the Allocate was authenticated with, to sign a success re-issued for another
-    /// port when the daemon could not bind the first one.
-    pub(crate) key: crate::auth::LongTermKey,
+    /// The key and integrity attribute the Allocate was authenticated with, to sign a
+    /// success re-issued for another port when the daemon could not bind the first one.
+    /// Boxed: 34 bytes in place would push the table entry past its budget (`entry_sizes`).
+    pub(crate) key: Box<crate::auth::SigningKey>,
     /// The Allocate asked for an even port (EVEN-PORT, RFC 8656 §7.2).
     pub(crate) even_port: bool,
     /// Ports tried for this allocation so far.
@@ -36,6 +71,15 @@ pub(crate) struct Allocation {
     /// that it never announces a port nobody listens on; empty once it went out.
     /// Indexed by [`Family::index`]; kept in two bytes so the table entry does not grow.
     pub(crate) unbound: [bool; 2],
+    /// The Allocate asked for DONT-FRAGMENT (RFC 8656 §7.2): relay sockets and data-plane
+    /// bindings set DF towards peers.
+    pub(crate) dont_fragment: bool,
+    /// The token of the port this allocation's Allocate reserved (EVEN-PORT with R), kept for
+    /// the success and its retransmissions. While that success has not gone out it also
+    /// waits for the reserved port's socket.
+    pub(crate) reservation: Option<ReservationToken>,
+    /// ICMP errors relayed to the client (RFC 8656 §11.5), rate-limited.
+    pub(crate) icmp: IcmpBudget,
     /// Permission expiry by peer IP address (RFC 8656 §9: ports do not matter).
     pub(crate) permissions: HashMap<IpAddr, Instant>,
     pub(crate) channels: HashMap<ChannelNumber, Channel>,
@@ -50,11 +94,12 @@ pub(crate) struct Allocation {
 pub(crate) struct Channel {
     pub(crate) peer: PeerAddr,
     pub(crate) expires: Instant,
+    /// The expiry in the last install command for this binding, while no remove has
+    /// followed: the data plane holds (or is about to hold) it until then. `None` when the
+    /// data plane does not hold it (a TCP client, a refused install, a lapsed permission).
+    pub(crate) kernel_expires: Option<Instant>,
     /// The ChannelBind success has been sent: ChannelData may go to the client.
     pub(crate) confirmed: bool,
-    /// An install command is out and no remove has followed: the data plane holds (or is
-    /// about to hold) this binding.
-    pub(crate) in_kernel: bool,
 }
 
 /// A recently expired binding.
@@ -65,6 +110,45 @@ pub(crate) struct Cooldown {
 }
 
 impl Allocation {
+    /// An allocation on `port` with no relayed address yet, no permissions and no channels.
+    pub(crate) fn new(
+        port: AllocationPort,
+        username: Arc<str>,
+        expires: Instant,
+        allocate_txid: TransactionId,
+        key: crate::auth::SigningKey,
+        icmp: IcmpBudget,
+    ) -> Self {
+        Self {
+            port,
+            relay_v4: None,
+            relay_v6: None,
+            refused_family: None,
+            username,
+            expires,
+            allocate_txid,
+            key: Box::new(key),
+            even_port: false,
+            bind_attempts: 0,
+            unbound: [false; 2],
+            dont_fragment: false,
+            reservation: None,
+            icmp,
+            permissions: HashMap::new(),
+            channels: HashMap::new(),
+            peers: HashMap::new(),
+            cooldowns: HashMap::new(),
+        }
+    }
+
+    /// Sets the relayed address of the family of `relay`.
+    pub(crate) fn set_relay(&mut self, relay: RelayAddr) {
+        match relay.family() {
+            Family::V4 => self.relay_v4 = Some(relay),
+            Family::V6 => self.relay_v6 = Some(relay),
+        }
+    }
+
     /// The relayed address of `family`, if the allocation has one.
     pub(crate) fn relay(&self, family: Family) -> Option<RelayAddr> {
         match family {
@@ -100,6 +184,19 @@ impl Allocation {
             .is_some_and(|&expires| expires > now)
     }
 
+    /// When relaying on `ch` must stop: the earliest of its own expiry (RFC 8656 §12), the
+    /// expiry of the permission for its peer's IP (§9) and the allocation's (§7). This is
+    /// what the data plane is told, as it checks no permission or allocation of its own.
+    pub(crate) fn effective_expiry(&self, ch: &Channel) -> Instant {
+        // A channel without a permission is never in the data plane; its own expiry stands in.
+        let permission = self
+            .permissions
+            .get(&ch.peer.0.ip())
+            .copied()
+            .unwrap_or(ch.expires);
+        ch.expires.min(permission).min(self.expires)
+    }
+
     /// The data-plane view of channel `number` bound to `peer`.
     pub(crate) fn binding(
         &self,
@@ -114,6 +211,7 @@ impl Allocation {
             relay: self.relay(Family::of(peer.0.ip()))?,
             peer,
             channel: number,
+            dont_fragment: self.dont_fragment,
         })
     }
 
@@ -141,16 +239,19 @@ mod tests {
     #[test]
     fn entry_sizes() {
         let allocation = size_of::<(FiveTuple, Allocation)>();
-        let by_port = size_of::<(AllocationPort, FiveTuple)>();
+        let by_port = size_of::<(AllocationPort, PortUse)>();
+        let reservation = size_of::<(ReservationToken, Reservation)>();
         let channel = size_of::<(ChannelNumber, Channel)>();
         let peer = size_of::<(PeerAddr, ChannelNumber)>();
         let permission = size_of::<(IpAddr, Instant)>();
         let cooldown = size_of::<(ChannelNumber, Cooldown)>();
         println!(
             "allocation entry {allocation} B, by_port {by_port} B, channel {channel} B, \
-             peer index {peer} B, permission {permission} B, cooldown {cooldown} B"
+             peer index {peer} B, permission {permission} B, cooldown {cooldown} B, \
+             reservation {reservation} B"
         );
-        assert!(allocation <= 400, "{allocation}");
+        assert!(allocation <= 408, "{allocation}");
+        assert!(by_port <= 72, "{by_port}");
         assert!(channel + peer <= 128, "{}", channel + peer);
         assert!(permission <= 48, "{permission}");
     }

@@ -21,6 +21,13 @@ pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// How long an expired channel number and peer stay reserved for each other
 /// (RFC 8656 §12: five minutes).
 pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+/// How long the port reserved by an Allocate with EVEN-PORT and the R bit is held for its
+/// RESERVATION-TOKEN, from the Allocate success (RFC 8656 §7.2: at least 30 seconds).
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// RESERVATION-TOKENs one username may hold at once; an EVEN-PORT request with the R bit
+/// beyond it gets 508 (Insufficient Capacity, RFC 8656 §7.2). An RTP/RTCP client needs one
+/// per call it sets up within [`RESERVATION_LIFETIME`].
+pub const RESERVATIONS_PER_USER: usize = 8;
 
 /// Upper bound for configured durations, so that deadline arithmetic cannot overflow.
 const MAX_CONFIGURABLE: Duration = Duration::from_secs(7 * 86_400);
@@ -54,6 +61,12 @@ pub struct Config {
     pub user_quota: Option<u32>,
     /// Maximum allocations in total (486 beyond), `None` for no limit.
     pub total_quota: Option<u32>,
+    /// Maximum RESERVATION-TOKENs held at once, over all users (RFC 8656 §7.2: EVEN-PORT with
+    /// the R bit reserves the next port for a later Allocate). Each holds a relay port and its
+    /// socket for [`RESERVATION_LIFETIME`]; EVEN-PORT requests with the R bit beyond the limit
+    /// get 508 (Insufficient Capacity), as do those beyond [`RESERVATIONS_PER_USER`]. Zero
+    /// refuses every such request. Default 1024.
+    pub max_reservations: usize,
     /// Where allocations are counted against the quotas; servers that must share the limits
     /// share one ledger. Default: a ledger of this server's own.
     pub quotas: Arc<QuotaLedger>,
@@ -98,6 +111,7 @@ impl Config {
             port_range: 49152..=65535,
             user_quota: None,
             total_quota: None,
+            max_reservations: 1024,
             quotas: QuotaLedger::shared(),
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),

@@ -2,7 +2,7 @@
 //! (RFC 8656 §12.4-§12.5).
 //!
 //! The first two bits of a frame tell them apart: `00` is STUN (RFC 8489 §5), `01` is
-//! ChannelData (channel numbers `0x4000..=0x7FFF`, see [`ChannelNumber`](crate::ChannelNumber)).
+//! ChannelData (channel numbers `0x4000..=0x7FFF`, see [`ChannelNumber`]).
 
 use crate::types::{ChannelNumber, Transport};
 

@@ -33,7 +33,7 @@
 //!   pair given to [`Server::new`] plus the monotonic time since; re-anchor with
 //!   [`Server::set_wall_clock`] to follow NTP steps.
 //! - **Randomness.** A ChaCha `StdRng` seeded from [`Config::rng_seed`] draws allocation ports,
-//!   the nonce key and Data indication transaction ids. Tests use constant seeds; the daemon
+//!   the nonce key, RESERVATION-TOKENs and Data indication transaction ids. Tests use constant seeds; the daemon
 //!   seeds from the OS.
 //! - **Relay sockets.** The core picks a random free port in [`Config::port_range`] and emits
 //!   [`Command::BindRelayPort`]; the Allocate success waits until the daemon answers
@@ -42,15 +42,43 @@
 //!   the core moves the allocation to another port; after [`RELAY_BIND_ATTEMPTS`] ports the
 //!   client gets 508. A dual-stack allocation uses the same port on both relay addresses.
 //!   Outputs may therefore be drained in any order.
+//! - **Allocate attributes** (RFC 8656 §7.2, §18). REQUESTED-TRANSPORT must be UDP.
+//!   REQUESTED-ADDRESS-FAMILY and ADDITIONAL-ADDRESS-FAMILY pick the relay families (RFC 6156).
+//!   EVEN-PORT gives an even port; with its R bit the next (odd) port is reserved as well, its
+//!   socket bound at once ([`Command::BindRelayPort`]), under a random 8-byte
+//!   RESERVATION-TOKEN in the success, which waits for both sockets. An Allocate of the same
+//!   user with that token, on any 5-tuple, gets that port; the token is single use and lapses
+//!   [`config::RESERVATION_LIFETIME`] (30 s) after the success, when the socket is freed.
+//!   Tokens are capped per user ([`config::RESERVATIONS_PER_USER`]) and in all
+//!   ([`Config::max_reservations`]). No free even/odd pair, a cap reached, or an unknown,
+//!   expired, used or other user's token gets 508; RESERVATION-TOKEN with EVEN-PORT or a
+//!   family attribute, or R with ADDITIONAL-ADDRESS-FAMILY, gets 400. DONT-FRAGMENT sets DF on
+//!   the allocation's relay sockets ([`Command::BindRelayPort`]) and data-plane bindings
+//!   ([`ChannelBinding::dont_fragment`]). ICMP errors about relayed datagrams
+//!   ([`Server::handle_icmp`]) reach clients with a permission for the peer as Data
+//!   indications with an ICMP attribute, at most [`ICMP_RATE`] per second and allocation.
 //! - **Offload.** A new UDP channel binding emits [`Command::InstallChannel`] and holds the
 //!   ChannelBind success until [`Server::channel_installed`] or [`Config::offload_timeout`]
-//!   (50 ms). Refreshes neither re-install nor wait. TCP clients are never offloaded. When a
-//!   permission lapses its channels are removed from the data plane (the kernel path has no
-//!   permission check of its own) and re-installed if the permission comes back.
-//!   [`Server::channel_bindings`] lists what the data plane should hold, for a full sync.
-//! - **Nonces** are stateless (timestamp + HMAC over it and the client address), valid for
-//!   [`Config::nonce_lifetime`] (600 s, like coturn). Unauthenticated requests create no
-//!   state; 401/438 answers are capped by [`Config::unauthorized_rate`].
+//!   (50 ms). TCP clients are never offloaded. Each install carries the binding's effective
+//!   expiry, the earliest of the channel's, its peer permission's and the allocation's
+//!   (RFC 8656 §7, §9, §12), past which the kernel stops relaying: the kernel path checks no
+//!   permission or allocation of its own. A ChannelBind, CreatePermission or Refresh that
+//!   moves that expiry re-installs the binding with the new one (without holding any
+//!   answer); one that does not move it sends nothing. When a permission lapses its channels
+//!   are removed from the data plane and re-installed if the permission comes back; a failed
+//!   install removes the binding (an earlier install may still be there) and leaves the
+//!   channel to user space. [`Server::channel_bindings`] lists what the data plane should
+//!   hold, with expiries, for a full sync.
+//! - **Nonces** are stateless (the RFC 8489 nonce cookie, a timestamp and an HMAC over both
+//!   and the client address), valid for [`Config::nonce_lifetime`] (600 s, like coturn).
+//!   Unauthenticated requests create no state; 401/438 answers are capped by
+//!   [`Config::unauthorized_rate`].
+//! - **Long-term credentials** follow RFC 8489 §9.2: MESSAGE-INTEGRITY with the MD5 key as
+//!   RFC 5389 clients send it, or MESSAGE-INTEGRITY-SHA256 (truncated to no less than 16
+//!   bytes) with the key of PASSWORD-ALGORITHM (SHA-256 or MD5), whose PASSWORD-ALGORITHMS
+//!   must come back as sent. A response is signed with the integrity attribute and key of
+//!   its request. USERHASH finds static users only; username anonymity is announced only
+//!   when no REST secret is configured (see [`Credentials`]).
 //! - **Timers** live in one binary heap with lazy deletion; refreshes that push a deadline
 //!   later add no entry, so the heap stays at about one entry per live object.
 //!
@@ -64,19 +92,23 @@
 //!
 //! Memory (from `size_of`, hashbrown at 7/8 load and power-of-two growth, so about 1.5x the
 //! entry size on average, plus one 104-byte timer entry per timed object): an allocation is
-//! about 0.8 KiB (376-byte table entry, 72-byte port index entry, username); its first
-//! permission and first channel add about 0.45 KiB of per-allocation maps; each further
-//! channel about 0.25 KiB (64-byte channel entry, 36-byte reverse index entry, timer) and each
-//! further permission about 0.17 KiB.
+//! about 0.8 KiB (408-byte table entry, 72-byte port index entry, username); its first
+//! permission and first channel add about 0.5 KiB of per-allocation maps; each further
+//! channel about 0.27 KiB (80-byte channel entry, 36-byte reverse index entry, timer) and each
+//! further permission about 0.17 KiB. A reservation is about 0.4 KiB (144-byte entry, port
+//! index entry, timer, username) while its token is out.
 //!
 //! Modules: [`types`] (role newtypes), [`framing`] (STUN/ChannelData demultiplexing and TCP
-//! framing), [`policy`] (which peers may be reached), [`auth`] (long-term and REST
-//! credentials, nonces), [`config`], [`stats`]; the state machine is [`Server`].
+//! framing), [`policy`] (which peers may be reached), [`icmp`] (ICMP errors for clients), [`auth`] (long-term and REST
+//! credentials, password algorithms, nonces), [`config`], [`stats`]; the state machine is
+//! [`Server`].
 
 mod allocation;
 pub mod auth;
 pub mod config;
 pub mod framing;
+pub mod icmp;
+mod long_term;
 pub mod policy;
 pub mod quota;
 mod server;
@@ -84,9 +116,12 @@ pub mod stats;
 mod stun;
 pub mod types;
 
-pub use auth::{Credentials, LongTermKey, long_term_key, rest_password};
+pub use auth::{
+    Credentials, LongTermKey, PasswordAlgorithm, long_term_key, rest_password, userhash,
+};
 pub use config::{Config, ConfigError};
 pub use framing::{ChannelData, FrameError, frame_len};
+pub use icmp::{ICMP_RATE, Icmp};
 pub use policy::{PeerDenied, PeerPolicy};
 pub use quota::QuotaLedger;
 pub use server::{Command, OffloadError, RELAY_BIND_ATTEMPTS, Server, Transmit};

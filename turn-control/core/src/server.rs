@@ -9,11 +9,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
 use rtc_stun::attributes::{
-    ATTR_CHANNEL_NUMBER, ATTR_DATA, ATTR_ERROR_CODE, ATTR_EVEN_PORT, ATTR_LIFETIME,
-    ATTR_MESSAGE_INTEGRITY, ATTR_MESSAGE_INTEGRITY_SHA256, ATTR_NONCE, ATTR_PASSWORD_ALGORITHM,
-    ATTR_PRIORITY, ATTR_REALM, ATTR_REQUESTED_ADDRESS_FAMILY, ATTR_REQUESTED_TRANSPORT,
-    ATTR_USE_CANDIDATE, ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS, ATTR_XOR_RELAYED_ADDRESS,
-    ATTR_XORMAPPED_ADDRESS, AttrType,
+    ATTR_CHANNEL_NUMBER, ATTR_DATA, ATTR_DONT_FRAGMENT, ATTR_ERROR_CODE, ATTR_EVEN_PORT,
+    ATTR_LIFETIME, ATTR_MESSAGE_INTEGRITY, ATTR_MESSAGE_INTEGRITY_SHA256, ATTR_NONCE,
+    ATTR_PASSWORD_ALGORITHM, ATTR_PASSWORD_ALGORITHMS, ATTR_PRIORITY, ATTR_REALM,
+    ATTR_REQUESTED_ADDRESS_FAMILY, ATTR_REQUESTED_TRANSPORT, ATTR_RESERVATION_TOKEN,
+    ATTR_USE_CANDIDATE, ATTR_USER_HASH, ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS,
+    ATTR_XOR_RELAYED_ADDRESS, ATTR_XORMAPPED_ADDRESS, AttrType,
 };
 use rtc_stun::message::{
     CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE,
@@ -23,10 +24,15 @@ use rtc_stun::message::{
 use rtc_stun::uattrs::UnknownAttributes;
 use rtc_turn::proto::lifetime::Lifetime;
 
-use crate::allocation::{Allocation, Channel, Cooldown};
-use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceKey, RateLimiter, verify_integrity};
-use crate::config::{CHANNEL_COOLDOWN, CHANNEL_LIFETIME, Config, ConfigError, PERMISSION_LIFETIME};
+use crate::allocation::{Allocation, Channel, Cooldown, PortUse, Reservation, ReservationToken};
+use crate::auth::{Credentials, NonceCheck, NonceKey, RateLimiter, SigningKey};
+use crate::config::{
+    CHANNEL_COOLDOWN, CHANNEL_LIFETIME, Config, ConfigError, PERMISSION_LIFETIME,
+    RESERVATION_LIFETIME,
+};
 use crate::framing::{ChannelData, FrameKind, frame_kind};
+use crate::icmp::{ATTR_ICMP, Icmp, IcmpBudget};
+use crate::long_term::{Auth, Malformed, Offer, PASSWORD_ALGORITHMS};
 use crate::policy::PeerPolicy;
 use crate::stats::{RequestMethod, Stats};
 use crate::stun::{ATTR_ADDITIONAL_ADDRESS_FAMILY, Builder, Parsed, parse};
@@ -92,24 +98,49 @@ pub enum Command {
     /// Open a UDP socket bound to `relay`, then answer with [`Server::relay_bound`], or with
     /// [`Server::relay_bind_failed`] if the port is taken: the allocation then moves to
     /// another port, or after [`RELAY_BIND_ATTEMPTS`] ports the client gets 508.
+    ///
+    /// Also emitted for the odd port that an Allocate with EVEN-PORT and the R bit reserves
+    /// next to its even one (RFC 8656 §7.2), so that no other process takes the port while
+    /// its RESERVATION-TOKEN is out. Datagrams arriving there before an Allocate brings the
+    /// token are dropped. That Allocate's success waits for both sockets, and a failure of
+    /// either moves the pair; once the success is out, the reservation is best effort: a
+    /// socket lost later voids the token (the Allocate that brings it gets 508), and an
+    /// unused reservation ends with [`Command::FreeRelayPort`] after
+    /// [`crate::config::RESERVATION_LIFETIME`].
     BindRelayPort {
         /// The relayed transport address.
         relay: RelayAddr,
+        /// The Allocate asked for DONT-FRAGMENT (RFC 8656 §7.2, §18.8): datagrams from this
+        /// socket carry DF, with path-MTU discovery (Linux: `IP_MTU_DISCOVER` =
+        /// `IP_PMTUDISC_DO` for IPv4; `IPV6_DONTFRAG` for IPv6, where routers never fragment
+        /// and this stops the host fragmenting at the source). Datagrams larger than the path
+        /// MTU then fail to send instead of going out in fragments, and the ICMP errors that
+        /// come back are for [`Server::handle_icmp`].
+        dont_fragment: bool,
     },
-    /// Close the socket of `relay`.
+    /// Close the socket of `relay`: its allocation is gone or moved, or its reservation ended
+    /// unused.
     FreeRelayPort {
         /// The relayed transport address.
         relay: RelayAddr,
     },
-    /// Write `binding` into the data plane (both directions), then report the outcome with
-    /// [`Server::channel_installed`]. Only UDP-transport bindings are ever emitted: TCP
-    /// clients are relayed in user space.
+    /// Write `binding` into the data plane (both directions), or overwrite the entry already
+    /// there, then report the outcome with [`Server::channel_installed`]. Emitted when a
+    /// channel is bound, when its permission comes back, and again whenever `expires` moves
+    /// (a ChannelBind, CreatePermission or Refresh changed one of its terms). Only
+    /// UDP-transport bindings are ever emitted: TCP clients are relayed in user space.
     InstallChannel {
         /// The binding.
         binding: ChannelBinding,
+        /// When the data plane must stop relaying on this binding: the earliest of the
+        /// channel's expiry (RFC 8656 §12), the expiry of the permission for the peer's IP
+        /// (§9) and the allocation's expiry (§7). The data plane checks neither permissions
+        /// nor allocations, so this is how their lifetimes reach it.
+        expires: Instant,
     },
     /// Remove `binding` from the data plane. Emitted when a channel expires, its allocation
-    /// is deleted or the permission for its peer lapses; removing an absent entry is fine.
+    /// is deleted, the permission for its peer lapses or an install of it failed; removing
+    /// an absent entry is fine.
     RemoveChannel {
         /// The binding.
         binding: ChannelBinding,
@@ -131,6 +162,7 @@ pub enum OffloadError {
 ///
 /// Feed it with [`handle_client`](Self::handle_client) (bytes from a listener),
 /// [`handle_peer`](Self::handle_peer) (bytes arriving at a relay socket),
+/// [`handle_icmp`](Self::handle_icmp) (ICMP errors about what a relay socket sent),
 /// [`handle_timeout`](Self::handle_timeout) and the answers to its commands
 /// ([`relay_bound`](Self::relay_bound) or [`relay_bind_failed`](Self::relay_bind_failed) for
 /// [`Command::BindRelayPort`], [`channel_installed`](Self::channel_installed) for
@@ -146,7 +178,8 @@ pub enum OffloadError {
 /// the single timer with it; when it fires, call [`handle_timeout`](Self::handle_timeout)),
 /// in whatever order suits the caller: a response that depends on a side effect is held
 /// until the side effect is confirmed. An Allocate success waits for
-/// [`relay_bound`](Self::relay_bound) of every relayed address it announces; a ChannelBind
+/// [`relay_bound`](Self::relay_bound) of every relayed address it announces (and of the port
+/// it reserves, with EVEN-PORT and the R bit); a ChannelBind
 /// success waits for [`channel_installed`](Self::channel_installed) (or the offload
 /// timeout), so the client's first ChannelData already meets the kernel's entry. Answers to
 /// commands may come at once or later; an answer for an allocation that has gone since is
@@ -161,7 +194,14 @@ pub struct Server {
     nonce_key: NonceKeyDebug,
     wall: WallClock,
     allocations: HashMap<FiveTuple, Allocation>,
-    by_port: HashMap<AllocationPort, FiveTuple>,
+    /// Every port in use, by an allocation or a reservation.
+    by_port: HashMap<AllocationPort, PortUse>,
+    /// RESERVATION-TOKENs out (RFC 8656 §7.2), at most [`Config::max_reservations`].
+    reservations: HashMap<ReservationToken, Reservation>,
+    /// Reservations held per username, at most [`crate::config::RESERVATIONS_PER_USER`].
+    reservations_per_user: HashMap<Arc<str>, usize>,
+    /// When the server started: the time base of the ICMP rate caps.
+    started: Instant,
     pending: HashMap<(FiveTuple, ChannelNumber), Pending>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     transmits: VecDeque<Transmit>,
@@ -186,6 +226,7 @@ enum Timer {
     Channel(FiveTuple, ChannelNumber),
     Cooldown(FiveTuple, ChannelNumber),
     Install(FiveTuple, ChannelNumber),
+    Reservation(ReservationToken),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -215,12 +256,6 @@ impl std::fmt::Debug for NonceKeyDebug {
     }
 }
 
-/// A successful authentication (RFC 8489 §9.2.4).
-struct Auth {
-    username: String,
-    key: LongTermKey,
-}
-
 /// Ports tried for one allocation before the Allocate is refused with 508.
 pub const RELAY_BIND_ATTEMPTS: u8 = 4;
 
@@ -237,13 +272,14 @@ enum Reply {
 }
 
 /// Attributes this server understands in requests; other comprehension-required ones get
-/// 420 (RFC 8489 §6.3.1). DONT-FRAGMENT and RESERVATION-TOKEN are deliberately absent:
-/// RFC 8656 §7.2 says a server that cannot honour them treats them as unknown.
+/// 420 (RFC 8489 §6.3.1). DONT-FRAGMENT and RESERVATION-TOKEN are here because the server
+/// honours them (RFC 8656 §7.2 has a server that cannot treat them as unknown).
 const KNOWN_ATTRIBUTES: &[AttrType] = &[
     ATTR_USERNAME,
     ATTR_MESSAGE_INTEGRITY,
     ATTR_MESSAGE_INTEGRITY_SHA256,
     ATTR_PASSWORD_ALGORITHM,
+    ATTR_USER_HASH,
     ATTR_ERROR_CODE,
     ATTR_REALM,
     ATTR_NONCE,
@@ -254,6 +290,8 @@ const KNOWN_ATTRIBUTES: &[AttrType] = &[
     ATTR_DATA,
     ATTR_XOR_RELAYED_ADDRESS,
     ATTR_EVEN_PORT,
+    ATTR_DONT_FRAGMENT,
+    ATTR_RESERVATION_TOKEN,
     ATTR_REQUESTED_TRANSPORT,
     ATTR_REQUESTED_ADDRESS_FAMILY,
     ATTR_PRIORITY,
@@ -325,6 +363,9 @@ impl Server {
             wall: WallClock::new(now, unix_time),
             allocations: HashMap::new(),
             by_port: HashMap::new(),
+            reservations: HashMap::new(),
+            reservations_per_user: HashMap::new(),
+            started: now,
             pending: HashMap::new(),
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
@@ -391,15 +432,13 @@ impl Server {
         &self.config
     }
 
-    /// Every binding the data plane should hold right now: the full state to push after the
-    /// agent (re)connects.
-    pub fn channel_bindings(&self) -> impl Iterator<Item = ChannelBinding> + '_ {
+    /// Every binding the data plane should hold right now, with its effective expiry (as in
+    /// [`Command::InstallChannel`]): the full state to push after the agent (re)connects.
+    pub fn channel_bindings(&self) -> impl Iterator<Item = (ChannelBinding, Instant)> + '_ {
         self.allocations.iter().flat_map(|(tuple, alloc)| {
-            alloc
-                .channels
-                .iter()
-                .filter(|(_, ch)| ch.in_kernel)
-                .filter_map(|(number, ch)| alloc.binding(tuple, *number, ch.peer))
+            alloc.channels.iter().filter_map(|(number, ch)| {
+                Some((alloc.binding(tuple, *number, ch.peer)?, ch.kernel_expires?))
+            })
         })
     }
 
@@ -442,7 +481,7 @@ impl Server {
     /// Goes to the client as ChannelData when a channel is bound to `from`, as a Data
     /// indication when only a permission exists, and nowhere otherwise.
     pub fn handle_peer(&mut self, now: Instant, relay: RelayAddr, from: PeerAddr, packet: &[u8]) {
-        let Some(tuple) = self.by_port.get(&relay.port()) else {
+        let Some(PortUse::Allocation(tuple)) = self.by_port.get(&relay.port()) else {
             tracing::trace!(%relay, peer = %from, "no allocation on relay port");
             self.stats.dropped += 1;
             return;
@@ -489,6 +528,61 @@ impl Server {
         });
     }
 
+    /// An ICMP error about a datagram that relay socket `relay` sent to `peer` (RFC 8656
+    /// §11.5): `peer` is the destination of the datagram the error quotes, with port 0 when the
+    /// daemon cannot read it. If the allocation of `relay` has a permission for the peer's IP
+    /// (the quoted destination, not the router that sent the error), the client gets a Data
+    /// indication with XOR-PEER-ADDRESS and ICMP, and no DATA. Only the types §11.5 names are
+    /// relayed ([`Icmp::is_relayed`], read as ICMPv4 or ICMPv6 by the family of `relay`), at
+    /// most [`crate::ICMP_RATE`] per second and allocation; the rest is dropped silently. The
+    /// daemon passes only errors about its UDP relay sockets' datagrams, which is what §11.5
+    /// asks for (an encapsulated UDP header).
+    pub fn handle_icmp(&mut self, now: Instant, relay: RelayAddr, peer: PeerAddr, icmp: Icmp) {
+        let family = relay.family();
+        if Family::of(peer.0.ip()) != family || !icmp.is_relayed(family) {
+            tracing::trace!(%relay, %peer, ?icmp, "ICMP not relayed");
+            self.stats.dropped += 1;
+            return;
+        }
+        let tick = self.icmp_tick(now);
+        let Some(&PortUse::Allocation(tuple)) = self.by_port.get(&relay.port()) else {
+            tracing::trace!(%relay, %peer, "ICMP for a port without allocation");
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(alloc) = self
+            .allocations
+            .get_mut(&tuple)
+            .filter(|a| a.relay(family) == Some(relay) && a.has_permission(peer.0.ip(), now))
+        else {
+            tracing::trace!(%relay, %peer, "ICMP without permission");
+            self.stats.dropped += 1;
+            return;
+        };
+        if !alloc.icmp.take(tick) {
+            self.stats.icmp_rate_limited += 1;
+            return;
+        }
+        let mut txid = [0u8; 12];
+        self.rng.fill(&mut txid);
+        let mut b = Builder::new(METHOD_DATA, CLASS_INDICATION, TransactionId(txid));
+        b.xor_address(ATTR_XOR_PEER_ADDRESS, peer.0)
+            .raw(ATTR_ICMP, &icmp.attribute(family));
+        tracing::trace!(%peer, client = %tuple.client, ?icmp, "ICMP to client");
+        self.stats.icmp_relayed += 1;
+        self.transmits.push_back(Transmit::ToClient {
+            transport: tuple.transport,
+            server: tuple.server,
+            client: tuple.client,
+            payload: b.finish(None, None, false),
+        });
+    }
+
+    /// The tick of `now` for the ICMP rate caps ([`IcmpBudget`]).
+    fn icmp_tick(&self, now: Instant) -> u32 {
+        IcmpBudget::tick(now.saturating_duration_since(self.started))
+    }
+
     /// The TCP connection of a client closed: its allocation goes with it (RFC 8656 §7: an
     /// allocation is bound to its 5-tuple, and a TCP 5-tuple ends with its connection).
     pub fn handle_client_closed(
@@ -511,6 +605,10 @@ impl Server {
     /// A socket nobody needs any more (its allocation was deleted or moved to another port
     /// meanwhile) is handed back with [`Command::FreeRelayPort`].
     pub fn relay_bound(&mut self, now: Instant, relay: RelayAddr) {
+        if let Some(&PortUse::Reserved(token)) = self.by_port.get(&relay.port()) {
+            self.reservation_bound(now, token, relay);
+            return;
+        }
         let Some(tuple) = self.holder(relay) else {
             self.commands.push_back(Command::FreeRelayPort { relay });
             return;
@@ -522,7 +620,7 @@ impl Server {
             return;
         }
         alloc.unbound[relay.family().index()] = false;
-        if alloc.announced() {
+        if self.is_announced(&tuple) {
             self.announce_allocation(now, &tuple);
         }
     }
@@ -533,19 +631,36 @@ impl Server {
     /// server); after [`RELAY_BIND_ATTEMPTS`] ports it is deleted and the client gets 508
     /// (Insufficient Capacity). If its success already went out (a daemon that lost a bound
     /// socket), the allocation is deleted and the client learns on its next request (437).
+    ///
+    /// An allocation that reserved the next port (EVEN-PORT with the R bit) moves with its
+    /// reservation to another free even/odd pair when either socket fails before its success
+    /// went out. A reserved socket lost after that voids its token (RFC 8656 §7.2 makes the
+    /// reservation best effort).
     pub fn relay_bind_failed(&mut self, relay: RelayAddr) {
-        let Some(tuple) = self.holder(relay) else {
-            return;
+        let tuple = match self.by_port.get(&relay.port()) {
+            Some(&PortUse::Reserved(token)) => {
+                let Some(tuple) = self.reserved_bind_failed(token, relay) else {
+                    return;
+                };
+                tuple
+            }
+            _ => {
+                let Some(tuple) = self.holder(relay) else {
+                    return;
+                };
+                tuple
+            }
         };
-        let Some(alloc) = self.allocations.get_mut(&tuple) else {
-            return;
-        };
-        if alloc.announced() {
+        if self.is_announced(&tuple) {
             tracing::debug!(%relay, "relay port lost after the allocation was announced; deleting it");
             self.delete_allocation(&tuple);
             return;
         }
-        let (txid, key, even) = (alloc.allocate_txid, alloc.key, alloc.even_port);
+        let Some(alloc) = self.allocations.get_mut(&tuple) else {
+            return;
+        };
+        let (txid, key, even) = (alloc.allocate_txid, *alloc.key, alloc.even_port);
+        let (dont_fragment, reservation) = (alloc.dont_fragment, alloc.reservation);
         alloc.bind_attempts = alloc.bind_attempts.saturating_add(1);
         let attempts = alloc.bind_attempts;
         let old_port = alloc.port;
@@ -559,15 +674,27 @@ impl Server {
                 .push_back(Command::FreeRelayPort { relay: bound });
         }
         alloc.unbound = [false; 2];
-        self.commands
-            .retain(|c| !matches!(c, Command::BindRelayPort { relay } if relay.port() == old_port));
-        let new_port = if attempts < RELAY_BIND_ATTEMPTS {
-            self.pick_port(even).filter(|p| *p != old_port)
-        } else {
+        self.commands.retain(
+            |c| !matches!(c, Command::BindRelayPort { relay, .. } if relay.port() == old_port),
+        );
+        // Not announced, so its token has not gone out: the reservation is still there, and
+        // its port goes along to stay next to the allocation's.
+        let reservation = reservation.filter(|token| self.reservations.contains_key(token));
+        if let Some(token) = reservation {
+            self.release_reserved_port(token);
+        }
+        let new_port = if attempts >= RELAY_BIND_ATTEMPTS {
             None
+        } else if reservation.is_some() {
+            self.pick_pair()
+        } else {
+            self.pick_port(even)
         };
-        let Some(port) = new_port else {
+        let Some(port) = new_port.filter(|p| *p != old_port) else {
             tracing::debug!(%relay, attempts, "no relay port could be bound; allocation refused");
+            if let Some(token) = reservation {
+                self.remove_reservation(token);
+            }
             if let Some(alloc) = self.allocations.get_mut(&tuple) {
                 // Freed above or never bound: nothing is left for the deletion to free.
                 alloc.relay_v4 = None;
@@ -583,7 +710,7 @@ impl Server {
         };
         tracing::debug!(%relay, new_port = %port, "relay port unavailable, moving the allocation");
         self.by_port.remove(&old_port);
-        self.by_port.insert(port, tuple);
+        self.by_port.insert(port, PortUse::Allocation(tuple));
         let Some(alloc) = self.allocations.get_mut(&tuple) else {
             return;
         };
@@ -596,31 +723,45 @@ impl Server {
         }
         alloc.await_binds();
         for relay in alloc.relays() {
-            self.commands.push_back(Command::BindRelayPort { relay });
+            self.commands.push_back(Command::BindRelayPort {
+                relay,
+                dont_fragment,
+            });
+        }
+        if let Some(token) = reservation {
+            self.move_reservation(token, port);
         }
     }
 
     /// The allocation that holds relayed address `relay`, if any.
     fn holder(&self, relay: RelayAddr) -> Option<FiveTuple> {
-        let tuple = *self.by_port.get(&relay.port())?;
+        let Some(&PortUse::Allocation(tuple)) = self.by_port.get(&relay.port()) else {
+            return None;
+        };
         let alloc = self.allocations.get(&tuple)?;
         alloc.relays().any(|r| r == relay).then_some(tuple)
     }
 
-    /// Ends every allocation, as a stop of the daemon does: each channel in the data plane
-    /// gets a [`Command::RemoveChannel`], each relay socket a [`Command::FreeRelayPort`];
-    /// held responses are dropped and no timer is left. The server stays usable.
+    /// Ends every allocation and reservation, as a stop of the daemon does: each channel in
+    /// the data plane gets a [`Command::RemoveChannel`], each relay socket a
+    /// [`Command::FreeRelayPort`]; held responses are dropped and no timer is left. The server
+    /// stays usable.
     pub fn shutdown(&mut self) {
         let tuples: Vec<FiveTuple> = self.allocations.keys().copied().collect();
         for tuple in tuples {
             self.delete_allocation(&tuple);
+        }
+        let tokens: Vec<ReservationToken> = self.reservations.keys().copied().collect();
+        for token in tokens {
+            self.free_reservation(token);
         }
         self.pending.clear();
         self.timers.clear();
     }
 
     /// The data plane's answer to [`Command::InstallChannel`]. Releases a held ChannelBind
-    /// success; a failure leaves the channel to user-space relaying.
+    /// success; a failure removes the binding from the data plane
+    /// ([`Command::RemoveChannel`]) and leaves the channel to user-space relaying.
     pub fn channel_installed(
         &mut self,
         now: Instant,
@@ -650,8 +791,17 @@ impl Server {
             Err(error) => {
                 self.stats.offload_failed += 1;
                 tracing::debug!(%binding, %error, "channel offload failed, relaying in user space");
-                if let Some(ch) = current {
-                    ch.in_kernel = false;
+                // The data plane may still hold an earlier install of this binding (this was a
+                // re-install for a new expiry) with the older expiry. Once the channel is not
+                // marked as in the data plane, nothing else would remove that entry, not even
+                // an early deletion of the allocation; so it goes now. Answers to installs
+                // sent before the remove cannot bring it back: the daemon carries commands out
+                // in order.
+                if let Some(ch) = current
+                    && ch.kernel_expires.take().is_some()
+                {
+                    self.commands
+                        .push_back(Command::RemoveChannel { binding: *binding });
                 }
             }
         }
@@ -857,7 +1007,9 @@ impl Server {
     }
 
     /// RFC 8489 §9.2.4 long-term credential checks. Answers the request itself (401, 438,
-    /// 400) when they fail.
+    /// 400) when they fail. The nonce is checked before the user and key, where the RFC
+    /// checks it last: a forged or stale request then costs one HMAC, and a client with both
+    /// a stale nonce and wrong credentials gets 438, then 401, instead of 401.
     fn authenticate(
         &mut self,
         now: Instant,
@@ -865,59 +1017,46 @@ impl Server {
         req: &Parsed<'_>,
         method: RequestMethod,
     ) -> Option<Auth> {
-        let Some((prefix, length, mac)) = req.integrity_input() else {
-            if req.has(ATTR_MESSAGE_INTEGRITY) {
-                self.stats.auth_failures += 1;
+        let offer = match Offer::read(req) {
+            Ok(Some(offer)) => offer,
+            Ok(None) => {
+                self.challenge(now, tuple, req, method, 401);
+                return None;
             }
-            self.challenge(now, tuple, req, method, 401);
-            return None;
-        };
-        let (Some(username), Some(realm), Some(nonce)) = (
-            req.attr(ATTR_USERNAME),
-            req.attr(ATTR_REALM),
-            req.attr(ATTR_NONCE),
-        ) else {
-            self.stats.response(method, 400);
-            self.error(tuple, req, 400, None);
-            return None;
+            Err(error) => {
+                tracing::debug!(client = %tuple.client, %error, "malformed credentials");
+                if error == Malformed::IntegrityLength {
+                    self.stats.auth_failures += 1;
+                }
+                self.stats.response(method, 400);
+                self.error(tuple, req, 400, None);
+                return None;
+            }
         };
         let unix = self.wall.unix_secs(now);
         let lifetime = self.config.nonce_lifetime.as_secs();
         if self
             .nonce_key
             .0
-            .check(nonce, tuple.client.0, unix, lifetime)
+            .check(offer.nonce, tuple.client.0, unix, lifetime)
             != NonceCheck::Valid
         {
             self.challenge(now, tuple, req, method, 438);
             return None;
         }
-        let Ok(username) = std::str::from_utf8(username) else {
-            self.stats.auth_failures += 1;
-            self.challenge(now, tuple, req, method, 401);
-            return None;
-        };
-        let key = (realm == self.config.realm.as_bytes())
-            .then(|| self.config.credentials.keys_for(username, unix).ok())
-            .flatten()
-            .and_then(|keys| {
-                keys.iter()
-                    .find(|key| verify_integrity(key.as_slice(), prefix, length, mac))
-                    .copied()
-            });
-        let Some(key) = key else {
-            tracing::debug!(client = %tuple.client, username, "authentication failed");
-            self.stats.auth_failures += 1;
-            self.challenge(now, tuple, req, method, 401);
-            return None;
-        };
-        Some(Auth {
-            username: username.to_owned(),
-            key,
-        })
+        match offer.authenticate(&self.config.credentials, unix) {
+            Ok(auth) => Some(auth),
+            Err(error) => {
+                tracing::debug!(client = %tuple.client, %error, "authentication failed");
+                self.stats.auth_failures += 1;
+                self.challenge(now, tuple, req, method, 401);
+                None
+            }
+        }
     }
 
-    /// 401 or 438 with REALM and a fresh NONCE, subject to the 401 rate cap.
+    /// 401 or 438 with REALM, a fresh NONCE with the nonce cookie and PASSWORD-ALGORITHMS
+    /// (RFC 8489 §9.2.4), subject to the 401 rate cap.
     fn challenge(
         &mut self,
         now: Instant,
@@ -933,14 +1072,16 @@ impl Server {
             return;
         }
         self.stats.response(method, code);
-        let nonce = self
-            .nonce_key
-            .0
-            .issue(self.wall.unix_secs(now), tuple.client.0);
+        let nonce = self.nonce_key.0.issue(
+            self.config.credentials.security_features(),
+            self.wall.unix_secs(now),
+            tuple.client.0,
+        );
         let mut b = Builder::new(req.method(), CLASS_ERROR_RESPONSE, req.transaction_id());
         b.error(code, reason(code))
             .raw(ATTR_REALM, self.config.realm.as_bytes())
-            .raw(ATTR_NONCE, nonce.as_bytes());
+            .raw(ATTR_NONCE, nonce.as_bytes())
+            .raw(ATTR_PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
         let payload = b.finish(self.config.software.as_deref(), None, true);
         self.reply(tuple, payload);
     }
@@ -957,7 +1098,7 @@ impl Server {
             // A retransmitted Allocate gets the original success; anything else is a
             // mismatch.
             if alloc.allocate_txid == req.transaction_id() && *alloc.username == *auth.username {
-                if !alloc.announced() {
+                if !self.is_announced(tuple) {
                     // The success follows once the relay sockets are bound.
                     return Ok(Reply::AwaitBind);
                 }
@@ -969,15 +1110,14 @@ impl Server {
             }
             return Err(437);
         }
-        match req.attr(ATTR_REQUESTED_TRANSPORT) {
-            None => return Err(400),
-            Some([PROTO_UDP, 0, 0, 0]) => {}
-            Some([_, _, _, _]) => return Err(442),
-            Some(_) => return Err(400),
+        let dont_fragment = allocate_transport_and_fragmentation(req)?;
+        if let Some(token) = req.attr(ATTR_RESERVATION_TOKEN) {
+            return self.allocate_reserved(now, tuple, req, auth, token, dont_fragment);
         }
-        let even_port = match req.attr(ATTR_EVEN_PORT) {
-            None => false,
-            Some([_]) => true,
+        // EVEN-PORT (RFC 8656 §18.7): one byte, the R bit at the top, the rest ignored.
+        let (even_port, reserve) = match req.attr(ATTR_EVEN_PORT) {
+            None => (false, false),
+            Some(&[flags]) => (true, flags & 0x80 != 0),
             Some(_) => return Err(400),
         };
         let (primary, extra) = requested_families(req)?;
@@ -988,13 +1128,26 @@ impl Server {
         let Some(primary_ip) = relay_ip(primary) else {
             return Err(440);
         };
+        // RFC 8656 §7.2: a reservation is one relayed address, so not for two families.
+        if reserve && extra.is_some() {
+            return Err(400);
+        }
         let extra_ip = extra.and_then(relay_ip);
         let refused_family = extra.filter(|_| extra_ip.is_none());
         let lifetime = self
             .desired_lifetime(req)?
             .max(self.config.default_lifetime);
         let username: Arc<str> = Arc::from(auth.username.as_str());
-        let port = self.pick_port(even_port).ok_or(508u16)?;
+        // RFC 8656 §7.2: 508 when no even port, or no even/odd pair (or no further
+        // reservation) can be had.
+        let port = if !reserve {
+            self.pick_port(even_port)
+        } else if self.may_reserve(&username) {
+            self.pick_pair()
+        } else {
+            None
+        };
+        let port = port.ok_or(508u16)?;
         if !self.config.quotas.try_reserve(
             &username,
             self.config.user_quota,
@@ -1002,42 +1155,45 @@ impl Server {
         ) {
             return Err(486);
         }
-        let relay_for = |ip: IpAddr| RelayAddr(SocketAddr::new(ip, port.0));
-        let mut alloc = Allocation {
+        let mut alloc = Allocation::new(
             port,
-            relay_v4: None,
-            relay_v6: None,
-            refused_family,
-            username: username.clone(),
-            expires: now + lifetime,
-            allocate_txid: req.transaction_id(),
-            key: auth.key,
-            even_port,
-            bind_attempts: 0,
-            unbound: [false; 2],
-            permissions: HashMap::new(),
-            channels: HashMap::new(),
-            peers: HashMap::new(),
-            cooldowns: HashMap::new(),
-        };
+            username.clone(),
+            now + lifetime,
+            req.transaction_id(),
+            auth.key,
+            IcmpBudget::new(self.icmp_tick(now)),
+        );
+        alloc.refused_family = refused_family;
+        alloc.even_port = even_port;
+        alloc.dont_fragment = dont_fragment;
         for ip in std::iter::once(primary_ip).chain(extra_ip) {
-            match ip {
-                IpAddr::V4(_) => alloc.relay_v4 = Some(relay_for(ip)),
-                IpAddr::V6(_) => alloc.relay_v6 = Some(relay_for(ip)),
-            }
+            alloc.set_relay(RelayAddr(SocketAddr::new(ip, port.0)));
         }
         alloc.await_binds();
         for relay in alloc.relays() {
-            self.commands.push_back(Command::BindRelayPort { relay });
+            self.commands.push_back(Command::BindRelayPort {
+                relay,
+                dont_fragment,
+            });
         }
-        tracing::debug!(client = %tuple.client, %port, username = %username, ?lifetime, "allocation created");
-        self.by_port.insert(port, *tuple);
+        if reserve {
+            // pick_pair leaves port + 1 free and in range.
+            let reserved = RelayAddr(SocketAddr::new(primary_ip, port.0.saturating_add(1)));
+            alloc.reservation = Some(self.reserve(now, tuple, reserved, &username, dont_fragment));
+        }
+        self.insert_allocation(tuple, alloc, lifetime);
+        Ok(Reply::AwaitBind)
+    }
+
+    /// Enters a new allocation in the tables.
+    fn insert_allocation(&mut self, tuple: &FiveTuple, alloc: Allocation, lifetime: Duration) {
+        tracing::debug!(client = %tuple.client, port = %alloc.port, username = %alloc.username, ?lifetime, "allocation created");
+        self.by_port.insert(alloc.port, PortUse::Allocation(*tuple));
         self.timers
             .push(Reverse((alloc.expires, Timer::Allocation(*tuple))));
         self.allocations.insert(*tuple, alloc);
         self.stats.allocations_created += 1;
         self.stats.allocations_active += 1;
-        Ok(Reply::AwaitBind)
     }
 
     /// Sends the success of an allocation whose relay sockets are all bound.
@@ -1045,7 +1201,13 @@ impl Server {
         let Some(alloc) = self.allocations.get(tuple) else {
             return;
         };
-        let (txid, key) = (alloc.allocate_txid, alloc.key);
+        let (txid, key, reservation) = (alloc.allocate_txid, *alloc.key, alloc.reservation);
+        // RFC 8656 §7.2: the reservation is held for 30 s from here, when its token goes out.
+        if let Some(r) = reservation.and_then(|token| self.reservations.get_mut(&token))
+            && r.maker == *tuple
+        {
+            r.expires = now + RESERVATION_LIFETIME;
+        }
         self.stats.response(RequestMethod::Allocate, 200);
         let payload = self.allocate_success(now, tuple, txid).finish(
             self.config.software.as_deref(),
@@ -1062,6 +1224,9 @@ impl Server {
                 b.xor_address(ATTR_XOR_RELAYED_ADDRESS, relay.0);
             }
             b.attr(&Lifetime(remaining(alloc.expires, now)));
+            if let Some(token) = alloc.reservation {
+                b.raw(ATTR_RESERVATION_TOKEN, &token);
+            }
             if let Some(family) = alloc.refused_family {
                 // RFC 8656 §7.2: the additional family could not be allocated.
                 b.address_error(family.wire(), 440, reason(440));
@@ -1096,7 +1261,7 @@ impl Server {
             *self.config.port_range.start(),
             *self.config.port_range.end(),
         );
-        let free = |p: u16, by_port: &HashMap<AllocationPort, FiveTuple>| {
+        let free = |p: u16, by_port: &HashMap<AllocationPort, PortUse>| {
             (!even || p.is_multiple_of(2)) && !by_port.contains_key(&AllocationPort(p))
         };
         for _ in 0..16 {
@@ -1144,6 +1309,9 @@ impl Server {
                     .push(Reverse((expires, Timer::Allocation(*tuple))));
             }
             alloc.expires = expires;
+            // Up or down: a shorter lifetime can make the allocation the earliest term of a
+            // binding's effective expiry.
+            self.sync_kernel_expiries(tuple);
         }
         b.attr(&Lifetime(lifetime));
         Ok(Reply::Now(b))
@@ -1188,6 +1356,7 @@ impl Server {
         for peer in peers {
             self.install_permission(now, tuple, peer.0.ip());
         }
+        self.sync_kernel_expiries(tuple);
         Ok(Reply::Now(Builder::new(
             METHOD_CREATE_PERMISSION,
             CLASS_SUCCESS_RESPONSE,
@@ -1226,7 +1395,6 @@ impl Server {
         {
             return Err(400);
         }
-        self.install_permission(now, tuple, peer.0.ip());
         let key = (*tuple, number);
         let builder = Builder::new(
             METHOD_CHANNEL_BIND,
@@ -1237,26 +1405,59 @@ impl Server {
             return Err(437);
         };
         let expires = now + CHANNEL_LIFETIME;
-        if let Some(ch) = alloc.channels.get_mut(&number) {
-            // A refresh: new lifetime, no new install, answer at once unless the first
-            // answer is still held.
-            ch.expires = expires;
+        let refresh = match alloc.channels.get_mut(&number) {
+            Some(ch) => {
+                ch.expires = expires;
+                true
+            }
+            None => false,
+        };
+        // RFC 8656 §12.2: the bind also installs or refreshes the permission for the peer's
+        // IP. The channel's new lifetime is set first, so a permission coming back installs
+        // with the final expiry; then every binding whose effective expiry moved (this one,
+        // others to the same IP) is re-installed.
+        self.install_permission(now, tuple, peer.0.ip());
+        self.sync_kernel_expiries(tuple);
+        if refresh {
+            // Answered at once unless the first answer is still held.
             if self.pending.contains_key(&key) {
                 return Ok(Reply::Hold(builder, key));
             }
             return Ok(Reply::Now(builder));
         }
+        self.bind_new_channel(now, tuple, (number, peer, expires), builder)
+    }
+
+    /// A ChannelBind's new channel `number` to `peer` until `expires`: entered in the
+    /// tables and, for UDP clients, sent to the data plane, the success (`builder`) held
+    /// until it answers.
+    fn bind_new_channel(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        (number, peer, expires): (ChannelNumber, PeerAddr, Instant),
+        builder: Builder,
+    ) -> Result<Reply, u16> {
+        let key = (*tuple, number);
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return Err(437);
+        };
         alloc.cooldowns.remove(&number);
         self.timers
             .push(Reverse((expires, Timer::Channel(*tuple, number))));
         let offload = tuple.transport == Transport::Udp;
+        let channel = Channel {
+            peer,
+            expires,
+            kernel_expires: None,
+            confirmed: !offload,
+        };
+        let kernel_expires = alloc.effective_expiry(&channel);
         alloc.channels.insert(
             number,
             Channel {
-                peer,
-                expires,
-                confirmed: !offload,
-                in_kernel: offload,
+                kernel_expires: offload.then_some(kernel_expires),
+                ..channel
             },
         );
         alloc.peers.insert(peer, number);
@@ -1270,7 +1471,10 @@ impl Server {
         }
         // The offload handshake: the success waits for the data plane (or the timeout), so
         // the client's first ChannelData already meets the kernel entry.
-        self.commands.push_back(Command::InstallChannel { binding });
+        self.commands.push_back(Command::InstallChannel {
+            binding,
+            expires: kernel_expires,
+        });
         let deadline = now + self.config.offload_timeout;
         self.pending.insert(
             key,
@@ -1340,19 +1544,43 @@ impl Server {
         if tuple.transport != Transport::Udp {
             return;
         }
-        let back: Vec<(ChannelNumber, PeerAddr)> = alloc
+        self.install_channels(tuple, |ch| {
+            ch.peer.0.ip() == ip && ch.confirmed && ch.kernel_expires.is_none()
+        });
+    }
+
+    /// Re-installs every binding of `tuple` in the data plane whose effective expiry moved
+    /// since it was last sent: after a ChannelBind (RFC 8656 §12.2, which refreshes the
+    /// permission too), a CreatePermission (§10.2) or a Refresh (§8.2). Nothing is sent
+    /// when no expiry moved.
+    fn sync_kernel_expiries(&mut self, tuple: &FiveTuple) {
+        self.install_channels(tuple, |ch| ch.kernel_expires.is_some());
+    }
+
+    /// Emits [`Command::InstallChannel`] for the channels of `tuple` that `select` picks and
+    /// whose effective expiry is not the one the data plane was last told, and records it.
+    fn install_channels(&mut self, tuple: &FiveTuple, select: impl Fn(&Channel) -> bool) {
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
+            return;
+        };
+        let due: Vec<(ChannelNumber, PeerAddr, Instant)> = alloc
             .channels
-            .iter_mut()
-            .filter(|(_, ch)| ch.peer.0.ip() == ip && ch.confirmed && !ch.in_kernel)
-            .map(|(number, ch)| {
-                ch.in_kernel = true;
-                (*number, ch.peer)
+            .iter()
+            .filter(|(_, ch)| select(ch))
+            .filter_map(|(number, ch)| {
+                let expires = alloc.effective_expiry(ch);
+                (ch.kernel_expires != Some(expires)).then_some((*number, ch.peer, expires))
             })
             .collect();
-        for (number, peer) in back {
-            if let Some(binding) = alloc.binding(tuple, number, peer) {
-                self.commands.push_back(Command::InstallChannel { binding });
+        for (number, peer, expires) in due {
+            let Some(binding) = alloc.binding(tuple, number, peer) else {
+                continue;
+            };
+            if let Some(ch) = alloc.channels.get_mut(&number) {
+                ch.kernel_expires = Some(expires);
             }
+            self.commands
+                .push_back(Command::InstallChannel { binding, expires });
         }
     }
 
@@ -1360,7 +1588,7 @@ impl Server {
     ///
     /// Refreshes that only push a deadline later add no heap entry: the old entry, when it
     /// comes due, is put back at the new deadline. So the heap holds about one entry per
-    /// live allocation, permission, channel, cooldown and held response, however often
+    /// live allocation, permission, channel, cooldown, held response and reservation, however often
     /// clients refresh.
     fn timer_deadline(&self, timer: Timer) -> Option<Instant> {
         match timer {
@@ -1381,6 +1609,7 @@ impl Server {
                 .and_then(|a| a.cooldowns.get(&n))
                 .map(|c| c.until),
             Timer::Install(t, n) => self.pending.get(&(t, n)).map(|p| p.deadline),
+            Timer::Reservation(token) => self.reservations.get(&token).map(|r| r.expires),
         }
     }
 
@@ -1402,6 +1631,10 @@ impl Server {
                 self.stats.offload_timed_out += 1;
                 self.release_pending((tuple, number));
             }
+            Timer::Reservation(token) => {
+                tracing::debug!("reservation expired unused");
+                self.free_reservation(token);
+            }
         }
     }
 
@@ -1416,11 +1649,8 @@ impl Server {
         let gone: Vec<(ChannelNumber, PeerAddr)> = alloc
             .channels
             .iter_mut()
-            .filter(|(_, ch)| ch.peer.0.ip() == ip && ch.in_kernel)
-            .map(|(number, ch)| {
-                ch.in_kernel = false;
-                (*number, ch.peer)
-            })
+            .filter(|(_, ch)| ch.peer.0.ip() == ip)
+            .filter_map(|(number, ch)| ch.kernel_expires.take().map(|_| (*number, ch.peer)))
             .collect();
         for (number, peer) in gone {
             if let Some(binding) = alloc.binding(tuple, number, peer) {
@@ -1449,7 +1679,7 @@ impl Server {
         self.timers
             .push(Reverse((until, Timer::Cooldown(*tuple, number))));
         self.stats.channels_active = self.stats.channels_active.saturating_sub(1);
-        if ch.in_kernel
+        if ch.kernel_expires.is_some()
             && let Some(binding) = alloc.binding(tuple, number, ch.peer)
         {
             self.commands.push_back(Command::RemoveChannel { binding });
@@ -1490,7 +1720,7 @@ impl Server {
         for number in gone {
             // The binding is taken while the relay of its family is still there.
             if let Some(ch) = alloc.channels.get(&number).copied()
-                && ch.in_kernel
+                && ch.kernel_expires.is_some()
                 && let Some(binding) = alloc.binding(tuple, number, ch.peer)
             {
                 self.commands.push_back(Command::RemoveChannel { binding });
@@ -1513,14 +1743,18 @@ impl Server {
     }
 
     fn delete_allocation(&mut self, tuple: &FiveTuple) {
+        let unannounced = self.unannounced_reservation(tuple);
         let Some(alloc) = self.allocations.remove(tuple) else {
             return;
         };
+        if let Some(token) = unannounced {
+            self.free_reservation(token);
+        }
         self.by_port.remove(&alloc.port);
         self.config.quotas.release(&alloc.username);
         for (number, ch) in &alloc.channels {
             self.pending.remove(&(*tuple, *number));
-            if ch.in_kernel
+            if ch.kernel_expires.is_some()
                 && let Some(binding) = alloc.binding(tuple, *number, ch.peer)
             {
                 self.commands.push_back(Command::RemoveChannel { binding });
@@ -1551,7 +1785,7 @@ impl Server {
         });
     }
 
-    fn error(&mut self, tuple: &FiveTuple, req: &Parsed<'_>, code: u16, key: Option<&LongTermKey>) {
+    fn error(&mut self, tuple: &FiveTuple, req: &Parsed<'_>, code: u16, key: Option<&SigningKey>) {
         let mut b = Builder::new(req.method(), CLASS_ERROR_RESPONSE, req.transaction_id());
         b.error(code, reason(code));
         let payload = b.finish(self.config.software.as_deref(), key, true);
@@ -1563,12 +1797,28 @@ impl Server {
         tuple: &FiveTuple,
         req: &Parsed<'_>,
         unknown: Vec<AttrType>,
-        key: Option<&LongTermKey>,
+        key: Option<&SigningKey>,
     ) {
         let mut b = Builder::new(req.method(), CLASS_ERROR_RESPONSE, req.transaction_id());
         b.error(420, reason(420)).attr(&UnknownAttributes(unknown));
         let payload = b.finish(self.config.software.as_deref(), key, true);
         self.reply(tuple, payload);
+    }
+}
+
+/// An Allocate's REQUESTED-TRANSPORT (UDP only: 442 otherwise, RFC 8656 §7.2) and whether it
+/// carries DONT-FRAGMENT (§18.8, which has no value).
+fn allocate_transport_and_fragmentation(req: &Parsed<'_>) -> Result<bool, u16> {
+    match req.attr(ATTR_REQUESTED_TRANSPORT) {
+        None => return Err(400),
+        Some([PROTO_UDP, 0, 0, 0]) => {}
+        Some([_, _, _, _]) => return Err(442),
+        Some(_) => return Err(400),
+    }
+    match req.attr(ATTR_DONT_FRAGMENT) {
+        None => Ok(false),
+        Some([]) => Ok(true),
+        Some(_) => Err(400),
     }
 }
 
@@ -1592,6 +1842,9 @@ fn requested_families(req: &Parsed<'_>) -> Result<(Family, Option<Family>), u16>
 fn remaining(expires: Instant, now: Instant) -> Duration {
     Duration::from_secs(expires.saturating_duration_since(now).as_secs())
 }
+
+#[path = "reservation.rs"]
+mod reservation;
 
 #[cfg(test)]
 #[path = "server_tests.rs"]

@@ -8,7 +8,7 @@ use rtc_stun::attributes::*;
 use rtc_stun::message::*;
 
 use super::*;
-use crate::auth::{long_term_key, rest_password};
+use crate::auth::{SigningKey, long_term_key, rest_password, verify_integrity};
 use crate::stun::{ATTR_ADDRESS_ERROR_CODE, Builder, error_code, parse};
 
 const REALM: &str = "example.org";
@@ -90,7 +90,7 @@ impl Client {
                 b.raw(ATTR_USERNAME, self.user.as_bytes())
                     .raw(ATTR_REALM, REALM.as_bytes())
                     .raw(ATTR_NONCE, nonce.as_bytes());
-                b.finish(None, Some(&self.key), true)
+                b.finish(None, Some(&SigningKey::classic(self.key)), true)
             }
             None => b.finish(None, None, true),
         }
@@ -185,7 +185,7 @@ impl Harness {
     /// them, then returns the transmits.
     fn drain(&mut self) -> Vec<Transmit> {
         while let Some(c) = self.server.poll_command() {
-            if let Command::BindRelayPort { relay } = c {
+            if let Command::BindRelayPort { relay, .. } = c {
                 self.server.relay_bound(self.now, relay);
             }
             self.commands.push(c);
@@ -270,11 +270,14 @@ impl Harness {
             return Resp(out[0].payload().to_vec());
         }
         assert!(out.is_empty());
+        // Earlier requests, and this bind for other channels to the same IP, may have
+        // re-installed other bindings with new expiries.
+        let wanted = |b: &ChannelBinding| b.channel.value() == n && b.peer.0 == sa(peer);
         let binding = self
             .take_commands()
             .into_iter()
             .find_map(|c| match c {
-                Command::InstallChannel { binding } => Some(binding),
+                Command::InstallChannel { binding, .. } if wanted(&binding) => Some(binding),
                 _ => None,
             })
             .unwrap();
@@ -294,6 +297,26 @@ impl Harness {
             .handle_peer(self.now, relay, PeerAddr(sa(peer)), data);
         self.drain()
     }
+}
+
+/// The data-plane binding of `client`'s channel `n` to `peer` through `relay`.
+fn channel_binding(client: &Client, relay: RelayAddr, n: u16, peer: &str) -> ChannelBinding {
+    ChannelBinding {
+        client: client.addr,
+        server: sa(LISTEN),
+        transport: client.transport,
+        relay,
+        peer: PeerAddr(sa(peer)),
+        channel: ChannelNumber::new(n).unwrap(),
+        dont_fragment: false,
+    }
+}
+
+/// A Refresh asking for `secs` of lifetime.
+fn refresh_for(client: &mut Client, secs: u32) -> Vec<u8> {
+    client.request(METHOD_REFRESH, |b| {
+        b.raw(ATTR_LIFETIME, &secs.to_be_bytes());
+    })
 }
 
 fn channel_data(n: u16, payload: &[u8]) -> Vec<u8> {
@@ -411,7 +434,7 @@ fn wrong_password_unknown_user_and_missing_username() {
     // MESSAGE-INTEGRITY without USERNAME: 400.
     let mut b = Builder::new(METHOD_ALLOCATE, CLASS_REQUEST, TransactionId([9; 12]));
     udp_transport(&mut b);
-    let req = b.finish(None, Some(&c.key), true);
+    let req = b.finish(None, Some(&SigningKey::classic(c.key)), true);
     assert_eq!(h.call(&c, &req).code(), Some(400));
     // Wrong realm: 401.
     let mut a = Client::alice();
@@ -424,7 +447,9 @@ fn wrong_password_unknown_user_and_missing_username() {
         .raw(ATTR_NONCE, nonce.as_bytes());
     let req = b.finish(
         None,
-        Some(&long_term_key("alice", "other", "alice-pw")),
+        Some(&SigningKey::classic(long_term_key(
+            "alice", "other", "alice-pw",
+        ))),
         true,
     );
     assert_eq!(h.call(&a, &req).code(), Some(401));
@@ -541,7 +566,13 @@ fn allocate_ipv4_binds_a_random_port_in_range() {
     assert!(relay.0.port() >= 49152);
     assert_eq!(resp.lifetime(), Some(600));
     assert_eq!(resp.addresses(ATTR_XORMAPPED_ADDRESS), vec![c.addr.0]);
-    assert_eq!(h.take_commands(), vec![Command::BindRelayPort { relay }]);
+    assert_eq!(
+        h.take_commands(),
+        vec![Command::BindRelayPort {
+            relay,
+            dont_fragment: false
+        }]
+    );
     assert_eq!(h.server.stats().allocations_active, 1);
 
     // A second client gets a different port.
@@ -613,23 +644,6 @@ fn requested_transport_rules() {
         h.server.stats().responses_for(RequestMethod::Allocate, 442),
         1
     );
-    assert_eq!(h.server.allocation_count(), 0);
-}
-
-#[test]
-fn dont_fragment_and_reservation_token_are_unknown() {
-    let mut h = Harness::new();
-    let mut c = Client::alice();
-    let resp = h.allocate_with(&mut c, |b| {
-        b.raw(ATTR_DONT_FRAGMENT, &[]);
-    });
-    assert_eq!(resp.code(), Some(420));
-    assert_eq!(resp.attr(ATTR_UNKNOWN_ATTRIBUTES), Some(vec![0x00, 0x1A]));
-    assert!(resp.integrity_ok(&c.key));
-    let resp = h.allocate_with(&mut c, |b| {
-        b.raw(ATTR_RESERVATION_TOKEN, &[0; 8]);
-    });
-    assert_eq!(resp.code(), Some(420));
     assert_eq!(h.server.allocation_count(), 0);
 }
 
@@ -1015,18 +1029,17 @@ fn channel_bind_waits_for_the_data_plane() {
     h.take_commands();
     let out = h.bind(&mut c, 0x4001, PEER);
     assert!(out.is_empty(), "the success is held");
-    let binding = ChannelBinding {
-        client: c.addr,
-        server: sa(LISTEN),
-        transport: Transport::Udp,
-        relay,
-        peer: PeerAddr(sa(PEER)),
-        channel: ChannelNumber::new(0x4001).unwrap(),
-    };
-    assert_eq!(h.take_commands(), vec![Command::InstallChannel { binding }]);
+    let binding = channel_binding(&c, relay, 0x4001, PEER);
+    // The permission the bind installed (300 s) ends before the channel (600 s) and the
+    // allocation (600 s).
+    let expires = h.now + Duration::from_secs(300);
+    assert_eq!(
+        h.take_commands(),
+        vec![Command::InstallChannel { binding, expires }]
+    );
     assert_eq!(
         h.server.channel_bindings().collect::<Vec<_>>(),
-        vec![binding]
+        vec![(binding, expires)]
     );
     // Peer data before the success goes as Data indication (the permission came with it).
     let out = h.peer_send(relay, PEER, b"early");
@@ -1052,7 +1065,7 @@ fn channel_bind_waits_for_the_data_plane() {
             payload: b"to peer".to_vec()
         }]
     );
-    // Refresh: no new install, answered at once.
+    // A refresh in the same instant moves no expiry: no new install, answered at once.
     let out = h.bind(&mut c, 0x4001, PEER);
     assert_eq!(out.len(), 1);
     assert!(Resp(out[0].payload().to_vec()).is_success());
@@ -1066,13 +1079,14 @@ fn channel_bind_offload_failure_answers_at_once() {
     let relay = h.allocate(&mut c);
     h.take_commands();
     assert!(h.bind(&mut c, 0x4002, PEER).is_empty());
-    let Some(Command::InstallChannel { binding }) = h.take_commands().pop() else {
+    let Some(Command::InstallChannel { binding, .. }) = h.take_commands().pop() else {
         panic!("no install");
     };
     h.server
         .channel_installed(h.now, &binding, Err(OffloadError::Unavailable));
     let out = h.drain();
     assert!(Resp(out[0].payload().to_vec()).is_success());
+    assert_eq!(h.take_commands(), vec![Command::RemoveChannel { binding }]);
     assert_eq!(h.server.stats().offload_failed, 1);
     assert_eq!(h.server.channel_bindings().count(), 0);
     // User space relays it.
@@ -1093,7 +1107,7 @@ fn channel_bind_offload_timeout_answers_anyway() {
     let mut c = Client::alice();
     let relay = h.allocate(&mut c);
     assert!(h.bind(&mut c, 0x4003, PEER).is_empty());
-    let Some(Command::InstallChannel { binding }) = h.take_commands().pop() else {
+    let Some(Command::InstallChannel { binding, .. }) = h.take_commands().pop() else {
         panic!("no install");
     };
     assert_eq!(
@@ -1211,11 +1225,20 @@ fn allocation_expires_with_its_channels() {
     let relay = h.allocate(&mut c);
     h.bind_acked(&mut c, 0x4000, PEER);
     h.take_commands();
-    // Keep permission and channel fresh; the allocation itself is not refreshed.
+    let binding = channel_binding(&c, relay, 0x4000, PEER);
+    let start = h.now;
+    let install = |secs| Command::InstallChannel {
+        binding,
+        expires: start + Duration::from_secs(secs),
+    };
+    // Keep permission and channel fresh; the allocation itself is not refreshed, and ends
+    // their bindings in the data plane once it is the earliest.
     h.advance(Duration::from_secs(290));
     h.permit(&mut c, PEER);
+    assert_eq!(h.take_commands(), vec![install(590)]);
     h.advance(Duration::from_secs(290));
     h.bind_acked(&mut c, 0x4000, PEER);
+    assert_eq!(h.take_commands(), vec![install(600)]);
     assert_eq!(h.server.allocation_count(), 1);
     assert_eq!(
         h.server.poll_timeout(),
@@ -1225,14 +1248,6 @@ fn allocation_expires_with_its_channels() {
     assert_eq!(h.server.allocation_count(), 1);
     h.advance(Duration::from_secs(1));
     assert_eq!(h.server.allocation_count(), 0);
-    let binding = ChannelBinding {
-        client: c.addr,
-        server: sa(LISTEN),
-        transport: Transport::Udp,
-        relay,
-        peer: PeerAddr(sa(PEER)),
-        channel: ChannelNumber::new(0x4000).unwrap(),
-    };
     assert_eq!(
         h.take_commands(),
         vec![
@@ -1273,12 +1288,18 @@ fn permission_expires_after_300_seconds_and_takes_kernel_entries_with_it() {
     );
     assert_eq!(h.server.channel_bindings().count(), 0);
     assert_eq!(h.server.stats().permissions_active, 0);
-    // CreatePermission brings the channel back into the data plane.
+    // CreatePermission brings the channel back into the data plane, until the new
+    // permission ends.
     assert!(h.permit(&mut c, PEER).is_success());
-    let cmds = h.take_commands();
-    assert!(
-        matches!(cmds.as_slice(), [Command::InstallChannel { .. }]),
-        "{cmds:?}"
+    let binding = channel_binding(&c, relay, 0x4000, PEER);
+    let expires = h.now + Duration::from_secs(300);
+    assert_eq!(
+        h.take_commands(),
+        vec![Command::InstallChannel { binding, expires }]
+    );
+    assert_eq!(
+        h.server.channel_bindings().collect::<Vec<_>>(),
+        vec![(binding, expires)]
     );
     assert_eq!(
         h.peer_send(relay, PEER, b"x")[0].payload(),
@@ -1337,6 +1358,204 @@ fn channel_expires_after_600_seconds_then_cools_down_for_300() {
     assert!(h.bind_acked(&mut c, 0x4001, PEER).is_success());
 }
 
+// ---- Data-plane expiries (RFC 8656 §7, §9, §12) ------------------------------------------
+
+#[test]
+fn a_first_install_expires_with_the_allocation_when_it_ends_first() {
+    // Allocations may be as short as 120 s here, less than a permission's 300 s.
+    let mut h = Harness::with(|c| c.default_lifetime = Duration::from_secs(120));
+    let mut c = Client::alice();
+    let resp = h.allocate_with(&mut c, |b| {
+        b.raw(ATTR_LIFETIME, &120u32.to_be_bytes());
+    });
+    assert_eq!(resp.lifetime(), Some(120));
+    let relay = RelayAddr(resp.addresses(ATTR_XOR_RELAYED_ADDRESS)[0]);
+    h.take_commands();
+    assert!(h.bind(&mut c, 0x4000, PEER).is_empty());
+    let binding = channel_binding(&c, relay, 0x4000, PEER);
+    let expires = h.now + Duration::from_secs(120);
+    assert_eq!(
+        h.take_commands(),
+        vec![Command::InstallChannel { binding, expires }]
+    );
+    assert_eq!(
+        h.server.channel_bindings().collect::<Vec<_>>(),
+        vec![(binding, expires)]
+    );
+}
+
+#[test]
+fn a_channel_bind_refresh_reinstalls_with_a_later_expiry() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let relay = h.allocate(&mut c);
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    h.take_commands();
+    h.advance(Duration::from_secs(100));
+    // Answered at once; the bind refreshed the permission too (RFC 8656 §12.2), which
+    // still ends first.
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    let binding = channel_binding(&c, relay, 0x4000, PEER);
+    let expires = h.now + Duration::from_secs(300);
+    assert_eq!(
+        h.take_commands(),
+        vec![Command::InstallChannel { binding, expires }]
+    );
+    assert_eq!(
+        h.server.channel_bindings().collect::<Vec<_>>(),
+        vec![(binding, expires)]
+    );
+    // Its acknowledgement releases nothing: no answer was held for it.
+    h.server.channel_installed(h.now, &binding, Ok(()));
+    assert!(h.drain().is_empty());
+    assert_eq!(h.server.stats().offload_installed, 2);
+}
+
+#[test]
+fn a_create_permission_refresh_reinstalls_the_channels_of_its_ip_only() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let relay = h.allocate(&mut c);
+    let same_ip = "8.8.8.8:5001";
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    assert!(h.bind_acked(&mut c, 0x4001, same_ip).is_success());
+    assert!(h.permit(&mut c, PEER2).is_success());
+    h.take_commands();
+    h.advance(Duration::from_secs(100));
+    // Another IP: no binding's expiry moves.
+    assert!(h.permit(&mut c, PEER2).is_success());
+    assert!(h.take_commands().is_empty());
+    // The bound IP: both its channels follow the new permission.
+    assert!(h.permit(&mut c, PEER).is_success());
+    let expires = h.now + Duration::from_secs(300);
+    let commands = h.take_commands();
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    for (n, peer) in [(0x4000, PEER), (0x4001, same_ip)] {
+        let binding = channel_binding(&c, relay, n, peer);
+        assert!(
+            commands.contains(&Command::InstallChannel { binding, expires }),
+            "{commands:?}"
+        );
+    }
+}
+
+#[test]
+fn an_allocation_refresh_reinstalls_only_when_it_moves_the_earliest_expiry() {
+    let mut h = Harness::with(|c| c.default_lifetime = Duration::from_secs(60));
+    let mut c = Client::alice();
+    let start = h.now;
+    let at = |secs| start + Duration::from_secs(secs);
+    let resp = h.allocate_with(&mut c, |b| {
+        b.raw(ATTR_LIFETIME, &600u32.to_be_bytes());
+    });
+    let relay = RelayAddr(resp.addresses(ATTR_XOR_RELAYED_ADDRESS)[0]);
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    h.take_commands();
+    let binding = channel_binding(&c, relay, 0x4000, PEER);
+    assert_eq!(
+        h.server.channel_bindings().collect::<Vec<_>>(),
+        vec![(binding, at(300))]
+    );
+    let mut refresh = |h: &mut Harness, secs: u32| {
+        let req = refresh_for(&mut c, secs);
+        assert!(h.call(&c, &req).is_success());
+        h.take_commands()
+    };
+    // Longer: the permission still ends first, nothing moves.
+    assert!(refresh(&mut h, 1200).is_empty());
+    // Shorter than the permission: the allocation ends first now.
+    let install = |secs| Command::InstallChannel {
+        binding,
+        expires: at(secs),
+    };
+    assert_eq!(refresh(&mut h, 100), vec![install(100)]);
+    // Up, and still the earliest.
+    assert_eq!(refresh(&mut h, 200), vec![install(200)]);
+    // Up past the permission, which is the earliest again.
+    assert_eq!(refresh(&mut h, 3600), vec![install(300)]);
+    assert_eq!(
+        h.server.channel_bindings().collect::<Vec<_>>(),
+        vec![(binding, at(300))]
+    );
+    // Lifetime 0 deletes the allocation and takes the binding out of the data plane.
+    assert_eq!(
+        refresh(&mut h, 0),
+        vec![
+            Command::RemoveChannel { binding },
+            Command::FreeRelayPort { relay }
+        ]
+    );
+    assert_eq!(h.server.channel_bindings().count(), 0);
+}
+
+#[test]
+fn a_failed_reinstall_removes_the_binding_it_replaced() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let relay = h.allocate(&mut c);
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    h.take_commands();
+    h.advance(Duration::from_secs(100));
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    let binding = channel_binding(&c, relay, 0x4000, PEER);
+    let expires = h.now + Duration::from_secs(300);
+    assert_eq!(
+        h.take_commands(),
+        vec![Command::InstallChannel { binding, expires }]
+    );
+    h.server.channel_installed(
+        h.now,
+        &binding,
+        Err(OffloadError::Rejected("map full".into())),
+    );
+    assert!(h.drain().is_empty());
+    // The first install, with its earlier expiry, may still be in the data plane.
+    assert_eq!(h.take_commands(), vec![Command::RemoveChannel { binding }]);
+    assert_eq!(h.server.channel_bindings().count(), 0);
+    assert_eq!(h.server.stats().offload_failed, 1);
+    // User space relays the channel from now on.
+    let out = h.peer_send(relay, PEER, b"x");
+    assert_eq!(out[0].payload(), &channel_data(0x4000, b"x")[..]);
+    // Refreshes re-install nothing, and the deletion has nothing left to remove.
+    h.advance(Duration::from_secs(10));
+    assert!(h.permit(&mut c, PEER).is_success());
+    assert!(h.take_commands().is_empty());
+    let req = refresh_for(&mut c, 0);
+    assert!(h.call(&c, &req).is_success());
+    assert_eq!(h.take_commands(), vec![Command::FreeRelayPort { relay }]);
+}
+
+#[test]
+fn channel_bindings_carry_each_effective_expiry() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let start = h.now;
+    let relay = h.allocate(&mut c);
+    assert!(h.bind_acked(&mut c, 0x4000, PEER).is_success());
+    h.advance(Duration::from_secs(100));
+    assert!(h.bind_acked(&mut c, 0x4001, PEER2).is_success());
+    // A TCP client's channel is relayed in user space and is not listed.
+    let mut tcp = Client::new("192.0.2.9:7000", "bob", "bob-pw");
+    tcp.transport = Transport::Tcp;
+    h.allocate(&mut tcp);
+    assert!(h.bind_acked(&mut tcp, 0x4000, PEER).is_success());
+    let mut held: Vec<(ChannelBinding, Instant)> = h.server.channel_bindings().collect();
+    held.sort_by_key(|(binding, _)| binding.channel.value());
+    assert_eq!(
+        held,
+        vec![
+            (
+                channel_binding(&c, relay, 0x4000, PEER),
+                start + Duration::from_secs(300)
+            ),
+            (
+                channel_binding(&c, relay, 0x4001, PEER2),
+                start + Duration::from_secs(400)
+            ),
+        ]
+    );
+}
+
 /// Sends an Allocate and carries out its commands as the daemon does, failing the first
 /// `failures` relay binds. Returns every command seen and the transmits.
 fn allocate_with_bind_failures(
@@ -1355,7 +1574,7 @@ fn allocate_with_bind_failures(
     let mut seen = Vec::new();
     let mut failed = 0;
     while let Some(command) = h.server.poll_command() {
-        if let Command::BindRelayPort { relay } = command {
+        if let Command::BindRelayPort { relay, .. } = command {
             if failed < failures {
                 failed += 1;
                 h.server.relay_bind_failed(relay);
@@ -1388,7 +1607,7 @@ fn binds(commands: &[Command]) -> Vec<RelayAddr> {
     commands
         .iter()
         .filter_map(|c| match c {
-            Command::BindRelayPort { relay } => Some(*relay),
+            Command::BindRelayPort { relay, .. } => Some(*relay),
             _ => None,
         })
         .collect()
@@ -1466,7 +1685,7 @@ fn a_dual_stack_allocation_whose_second_bind_fails_frees_the_first() {
     let mut seen = Vec::new();
     let mut bound = 0;
     while let Some(command) = h.server.poll_command() {
-        if let Command::BindRelayPort { relay } = command {
+        if let Command::BindRelayPort { relay, .. } = command {
             bound += 1;
             // The IPv4 socket binds; the IPv6 one on the same port does not.
             if bound == 2 {
@@ -1641,7 +1860,8 @@ proptest! {
         prop_assert_eq!(h.server.allocation_count(), 1);
     }
 
-    /// Random operations with random time steps keep the gauges equal to the tables.
+    /// Random operations with random time steps keep the gauges equal to the tables and the
+    /// data plane's expiries current.
     #[test]
     fn gauges_match_tables(ops in prop::collection::vec((0u8..7, 0u64..400), 1..30)) {
         let mut h = Harness::new();
@@ -1656,7 +1876,7 @@ proptest! {
                 5 => c.request(METHOD_REFRESH, |b| { b.raw(ATTR_LIFETIME, &[0; 4]); }),
                 _ => {
                     for cmd in h.take_commands() {
-                        if let Command::InstallChannel { binding } = cmd {
+                        if let Command::InstallChannel { binding, .. } = cmd {
                             h.server.channel_installed(h.now, &binding, Ok(()));
                         }
                     }
@@ -1676,6 +1896,10 @@ proptest! {
             prop_assert_eq!(s.permissions_active, allocs.values().map(|a| a.permissions.len() as u64).sum::<u64>());
             prop_assert_eq!(h.server.by_port.len(), allocs.len());
             prop_assert!(h.server.pending.keys().all(|(t, n)| allocs.get(t).is_some_and(|a| a.channels.contains_key(n))));
+            // The data plane was told every binding's current effective expiry.
+            let current = |a: &Allocation| a.channels.values()
+                .all(|ch| ch.kernel_expires.is_none_or(|sent| sent == a.effective_expiry(ch)));
+            prop_assert!(allocs.values().all(current));
         }
     }
 }
@@ -1731,7 +1955,7 @@ fn fingerprint_is_optional_in_requests_and_always_in_responses() {
     b.raw(ATTR_USERNAME, b"alice")
         .raw(ATTR_REALM, REALM.as_bytes())
         .raw(ATTR_NONCE, c.nonce.as_ref().unwrap().as_bytes());
-    let req = b.finish(None, Some(&c.key), false);
+    let req = b.finish(None, Some(&SigningKey::classic(c.key)), false);
     let resp = h.call(&c, &req);
     assert!(resp.is_success());
     assert!(resp.has_fingerprint());
@@ -1813,7 +2037,7 @@ fn an_allocate_success_waits_for_its_relay_socket_whatever_the_drain_order() {
         .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
     // Transmits first: nothing announces a port that is not bound yet.
     assert!(h.server.poll_transmit().is_none());
-    let Some(Command::BindRelayPort { relay }) = h.server.poll_command() else {
+    let Some(Command::BindRelayPort { relay, .. }) = h.server.poll_command() else {
         panic!("no bind command");
     };
     // A retransmission meanwhile gets no second answer.
@@ -1876,3 +2100,12 @@ fn shutdown_removes_every_binding_and_frees_every_socket() {
     assert_eq!(h.server.poll_timeout(), None);
     assert!(h.drain().is_empty());
 }
+
+/// RFC 8489 long-term credentials: password algorithms, USERHASH, MESSAGE-INTEGRITY-SHA256.
+#[path = "server_tests_rfc8489.rs"]
+mod rfc8489;
+
+/// EVEN-PORT with the R bit, RESERVATION-TOKEN, DONT-FRAGMENT and ICMP relaying (RFC 8656 §7.2,
+/// §11.5).
+#[path = "server_tests_ports_and_icmp.rs"]
+mod ports_and_icmp;

@@ -77,7 +77,9 @@ pub struct Stats {
     pub relayed_to_peer: Traffic,
     /// User-space relaying peer to client (ChannelData and Data indications).
     pub relayed_to_client: Traffic,
-    /// Packets dropped: not STUN/ChannelData, no allocation, no permission, unbound channel.
+    /// Packets dropped: not STUN/ChannelData, no allocation, no permission, unbound channel;
+    /// ICMP errors of a type not relayed, or for a relayed address without allocation or
+    /// permission.
     pub dropped: u64,
     /// Channel bindings the data plane acknowledged.
     pub offload_installed: u64,
@@ -86,6 +88,14 @@ pub struct Stats {
     /// ChannelBind successes sent before the data plane answered; relayed in user space
     /// until (unless) the acknowledgement arrives.
     pub offload_timed_out: u64,
+    /// RESERVATION-TOKENs currently held (EVEN-PORT with the R bit, RFC 8656 §7.2), each
+    /// holding a relay port.
+    pub reservations_active: u64,
+    /// ICMP errors relayed to clients as Data indications (RFC 8656 §11.5).
+    pub icmp_relayed: u64,
+    /// ICMP errors not relayed because their allocation's rate cap ([`crate::ICMP_RATE`]) was
+    /// reached.
+    pub icmp_rate_limited: u64,
 }
 
 impl Stats {
@@ -116,6 +126,9 @@ impl Stats {
             offload_installed,
             offload_failed,
             offload_timed_out,
+            reservations_active,
+            icmp_relayed,
+            icmp_rate_limited,
         } = other;
         for (key, count) in responses {
             *self.responses.entry(*key).or_default() += count;
@@ -138,6 +151,9 @@ impl Stats {
         self.offload_installed += offload_installed;
         self.offload_failed += offload_failed;
         self.offload_timed_out += offload_timed_out;
+        self.reservations_active += reservations_active;
+        self.icmp_relayed += icmp_relayed;
+        self.icmp_rate_limited += icmp_rate_limited;
     }
 }
 

@@ -2,13 +2,18 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use rtc_stun::attributes::{ATTR_FINGERPRINT, ATTR_MESSAGE_INTEGRITY, ATTR_SOFTWARE, AttrType};
+use rtc_stun::attributes::{
+    ATTR_FINGERPRINT, ATTR_MESSAGE_INTEGRITY, ATTR_MESSAGE_INTEGRITY_SHA256, ATTR_SOFTWARE,
+    AttrType,
+};
 use rtc_stun::error_code::{ErrorCode, ErrorCodeAttribute};
 use rtc_stun::fingerprint::{FINGERPRINT, fingerprint_value};
 use rtc_stun::message::{Message, MessageClass, MessageType, Method, Setter, TransactionId};
 use rtc_stun::xoraddr::XorMappedAddress;
 
-use crate::auth::{INTEGRITY_LEN, LongTermKey, integrity};
+use crate::auth::{
+    INTEGRITY_LEN, INTEGRITY_SHA256_LEN, Integrity, SigningKey, integrity, integrity_sha256,
+};
 use crate::framing::{MAGIC_COOKIE, STUN_HEADER_LEN};
 
 /// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11), comprehension-optional.
@@ -34,16 +39,21 @@ pub(crate) enum ParseError {
     BadFingerprint,
 }
 
-/// A decoded STUN message with the position of its MESSAGE-INTEGRITY.
+/// A decoded STUN message with the positions of its integrity attributes.
 #[derive(Debug)]
 pub(crate) struct Parsed<'a> {
-    /// The decoded message; attributes after MESSAGE-INTEGRITY are already dropped
-    /// (RFC 8489 §14.5: they are ignored).
+    /// The decoded message. Attributes after the first integrity attribute are already
+    /// dropped but for the integrity attributes themselves (RFC 8489 §9: after
+    /// MESSAGE-INTEGRITY only MESSAGE-INTEGRITY-SHA256 and FINGERPRINT count, after
+    /// MESSAGE-INTEGRITY-SHA256 only FINGERPRINT).
     pub(crate) msg: Message,
     /// The message bytes (trailing bytes of the datagram cut off).
     pub(crate) raw: &'a [u8],
-    /// Byte offset of the MESSAGE-INTEGRITY attribute header, if present.
+    /// Byte offset of the MESSAGE-INTEGRITY attribute header, if present and not after
+    /// MESSAGE-INTEGRITY-SHA256.
     pub(crate) integrity_at: Option<usize>,
+    /// Byte offset of the MESSAGE-INTEGRITY-SHA256 attribute header, if present.
+    pub(crate) integrity_sha256_at: Option<usize>,
 }
 
 impl Parsed<'_> {
@@ -101,19 +111,43 @@ impl Parsed<'_> {
         decode_xor_address(value, &self.msg.transaction_id.0)
     }
 
-    /// The bytes MESSAGE-INTEGRITY covers, the length to put in the header, and the value.
-    pub(crate) fn integrity_input(&self) -> Option<(&[u8], u16, &[u8])> {
-        let at = self.integrity_at?;
+    /// The integrity attribute a request is checked with (RFC 8489 §9.2.4):
+    /// MESSAGE-INTEGRITY-SHA256 when present, else MESSAGE-INTEGRITY.
+    pub(crate) fn integrity(&self) -> Option<Integrity> {
+        match (self.integrity_sha256_at, self.integrity_at) {
+            (Some(_), _) => Some(Integrity::Sha256),
+            (None, Some(_)) => Some(Integrity::Sha1),
+            (None, None) => None,
+        }
+    }
+
+    /// The bytes the `kind` integrity attribute covers, the length to put in the header for
+    /// it, and its value; `None` when it is absent or of a length RFC 8489 §14.5 or §14.6
+    /// does not allow.
+    pub(crate) fn signed(&self, kind: Integrity) -> Option<(&[u8], u16, &[u8])> {
+        let at = match kind {
+            Integrity::Sha1 => self.integrity_at?,
+            Integrity::Sha256 => self.integrity_sha256_at?,
+        };
         let prefix = self.raw.get(..at)?;
-        let value = self
-            .raw
-            .get(at + ATTR_HEADER_LEN..at + ATTR_HEADER_LEN + INTEGRITY_LEN)?;
-        let declared = u16::from_be_bytes([*self.raw.get(at + 2)?, *self.raw.get(at + 3)?]);
-        if usize::from(declared) != INTEGRITY_LEN {
+        let declared = usize::from(u16::from_be_bytes([
+            *self.raw.get(at + 2)?,
+            *self.raw.get(at + 3)?,
+        ]));
+        if !kind.valid_len(declared) {
             return None;
         }
-        let length = u16::try_from(at - STUN_HEADER_LEN + ATTR_HEADER_LEN + INTEGRITY_LEN).ok()?;
+        let value = self
+            .raw
+            .get(at + ATTR_HEADER_LEN..at + ATTR_HEADER_LEN + declared)?;
+        let length = u16::try_from(at - STUN_HEADER_LEN + ATTR_HEADER_LEN + declared).ok()?;
         Some((prefix, length, value))
+    }
+
+    /// The bytes MESSAGE-INTEGRITY covers, the length to put in the header, and the value.
+    #[cfg(test)]
+    pub(crate) fn integrity_input(&self) -> Option<(&[u8], u16, &[u8])> {
+        self.signed(Integrity::Sha1)
     }
 }
 
@@ -137,15 +171,19 @@ pub(crate) fn parse(packet: &[u8]) -> Result<Parsed<'_>, ParseError> {
     // Walk the attributes again for their offsets: rtc-stun keeps only values.
     let mut offset = STUN_HEADER_LEN;
     let mut index = 0;
-    let mut integrity_at = None;
-    let mut integrity_index = None;
+    // (byte offset, attribute index) of the integrity attributes that count.
+    let mut sha1 = None;
+    let mut sha256 = None;
     while offset + ATTR_HEADER_LEN <= raw.len() {
         let t = u16::from_be_bytes([raw[offset], raw[offset + 1]]);
         let len = usize::from(u16::from_be_bytes([raw[offset + 2], raw[offset + 3]]));
         let next = offset + ATTR_HEADER_LEN + crate::framing::padded(len);
-        if AttrType(t) == ATTR_MESSAGE_INTEGRITY && integrity_at.is_none() {
-            integrity_at = Some(offset);
-            integrity_index = Some(index);
+        // RFC 8489 §9: MESSAGE-INTEGRITY-SHA256 may follow MESSAGE-INTEGRITY, not the reverse.
+        if AttrType(t) == ATTR_MESSAGE_INTEGRITY && sha1.is_none() && sha256.is_none() {
+            sha1 = Some((offset, index));
+        }
+        if AttrType(t) == ATTR_MESSAGE_INTEGRITY_SHA256 && sha256.is_none() {
+            sha256 = Some((offset, index));
         }
         if AttrType(t) == ATTR_FINGERPRINT {
             // FINGERPRINT must be the last attribute (RFC 8489 §14.7).
@@ -161,13 +199,20 @@ pub(crate) fn parse(packet: &[u8]) -> Result<Parsed<'_>, ParseError> {
         offset = next;
         index += 1;
     }
-    if let Some(i) = integrity_index {
-        msg.attributes.0.truncate(i + 1);
+    let kept = [sha1, sha256].map(|at| at.map(|(_, i)| i));
+    if let Some(first) = kept.iter().flatten().min().copied() {
+        let mut index = 0;
+        msg.attributes.0.retain(|_| {
+            let i = index;
+            index += 1;
+            i < first || kept.contains(&Some(i))
+        });
     }
     Ok(Parsed {
         msg,
         raw,
-        integrity_at,
+        integrity_at: sha1.map(|(at, _)| at),
+        integrity_sha256_at: sha256.map(|(at, _)| at),
     })
 }
 
@@ -250,12 +295,13 @@ impl Builder {
         self.raw(ATTR_ADDRESS_ERROR_CODE, &v)
     }
 
-    /// Adds SOFTWARE, MESSAGE-INTEGRITY (when `key` is given) and FINGERPRINT, and returns
-    /// the encoded message (RFC 8489 §14.5, §14.7).
+    /// Adds SOFTWARE, the integrity attribute of `key` (when given: MESSAGE-INTEGRITY or
+    /// MESSAGE-INTEGRITY-SHA256, full length) and FINGERPRINT, and returns the encoded message
+    /// (RFC 8489 §14.5, §14.6, §14.7).
     pub(crate) fn finish(
         mut self,
         software: Option<&str>,
-        key: Option<&LongTermKey>,
+        key: Option<&SigningKey>,
         fingerprint: bool,
     ) -> Vec<u8> {
         if let Some(software) = software {
@@ -263,10 +309,24 @@ impl Builder {
             self.msg
                 .add(ATTR_SOFTWARE, &s[..s.len().min(MAX_REASON_LEN)]);
         }
-        if let Some(key) = key {
-            let length = self.msg.length as usize + ATTR_HEADER_LEN + INTEGRITY_LEN;
-            let mac = integrity(key, &self.msg.raw, length as u16);
-            self.msg.add(ATTR_MESSAGE_INTEGRITY, &mac);
+        if let Some(SigningKey {
+            key,
+            integrity: kind,
+        }) = key
+        {
+            let key = key.as_bytes();
+            let raw = &self.msg.raw;
+            let covered = |len: usize| (self.msg.length as usize + ATTR_HEADER_LEN + len) as u16;
+            match kind {
+                Integrity::Sha1 => {
+                    let mac = integrity(key, raw, covered(INTEGRITY_LEN));
+                    self.msg.add(ATTR_MESSAGE_INTEGRITY, &mac);
+                }
+                Integrity::Sha256 => {
+                    let mac = integrity_sha256(key, raw, covered(INTEGRITY_SHA256_LEN));
+                    self.msg.add(ATTR_MESSAGE_INTEGRITY_SHA256, &mac);
+                }
+            }
         }
         if fingerprint {
             self.attr(&FINGERPRINT);
@@ -285,9 +345,9 @@ pub(crate) fn error_code(msg: &Parsed<'_>) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::verify_integrity;
+    use crate::auth::{LongTermKey, verify_integrity, verify_integrity_sha256};
     use proptest::prelude::*;
-    use rtc_stun::message::{CLASS_SUCCESS_RESPONSE, METHOD_BINDING};
+    use rtc_stun::message::{CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_BINDING};
     use rtc_turn::proto::lifetime::Lifetime;
     use std::time::Duration;
 
@@ -306,7 +366,7 @@ mod tests {
         .attr(&Lifetime(Duration::from_secs(600)))
         .error(438, "Stale Nonce")
         .address_error(2, 440, "Address Family not Supported");
-        let wire = b.finish(Some("test"), Some(&key), true);
+        let wire = b.finish(Some("test"), Some(&SigningKey::classic(key)), true);
         let parsed = parse(&wire).unwrap();
         assert_eq!(parsed.method(), METHOD_BINDING);
         assert_eq!(error_code(&parsed), Some(438));
@@ -346,7 +406,7 @@ mod tests {
             TransactionId([1; 12]),
         );
         b.raw(AttrType(0x0020), &[0; 8]);
-        let mut wire = b.finish(None, Some(&key), false);
+        let mut wire = b.finish(None, Some(&SigningKey::classic(key)), false);
         // Append a LIFETIME after MESSAGE-INTEGRITY and fix the header length.
         wire.extend_from_slice(&[0x00, 0x0D, 0x00, 0x04, 0, 0, 0, 1]);
         let len = (wire.len() - 20) as u16;
@@ -355,6 +415,98 @@ mod tests {
         assert!(!parsed.has(rtc_stun::attributes::ATTR_LIFETIME));
         let (prefix, len, value) = parsed.integrity_input().unwrap();
         assert!(verify_integrity(&key, prefix, len, value));
+    }
+
+    fn sha256_key(byte: u8) -> SigningKey {
+        SigningKey {
+            key: LongTermKey::Sha256([byte; 32]),
+            integrity: Integrity::Sha256,
+        }
+    }
+
+    #[test]
+    fn built_message_parses_with_sha256_integrity() {
+        let mut b = Builder::new(
+            METHOD_BINDING,
+            CLASS_SUCCESS_RESPONSE,
+            TransactionId([4; 12]),
+        );
+        b.error(401, "Unauthorized");
+        let wire = b.finish(Some("test"), Some(&sha256_key(5)), true);
+        let parsed = parse(&wire).unwrap();
+        assert!(parsed.has(ATTR_MESSAGE_INTEGRITY_SHA256));
+        assert!(!parsed.has(ATTR_MESSAGE_INTEGRITY));
+        assert_eq!(parsed.integrity(), Some(Integrity::Sha256));
+        assert!(parsed.signed(Integrity::Sha1).is_none());
+        let (prefix, len, value) = parsed.signed(Integrity::Sha256).unwrap();
+        assert_eq!(value.len(), INTEGRITY_SHA256_LEN);
+        assert!(verify_integrity_sha256(&[5; 32], prefix, len, value));
+        assert!(!verify_integrity_sha256(&[6; 32], prefix, len, value));
+        assert_eq!(error_code(&parsed), Some(401));
+    }
+
+    /// Appends an attribute and fixes the header length.
+    fn append(wire: &mut Vec<u8>, t: AttrType, value: &[u8]) {
+        wire.extend_from_slice(&t.0.to_be_bytes());
+        wire.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        wire.extend_from_slice(value);
+        wire.resize(wire.len().next_multiple_of(4), 0);
+        let len = (wire.len() - STUN_HEADER_LEN) as u16;
+        wire[2..4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    #[test]
+    fn both_integrity_attributes_are_kept_and_sha256_is_the_one_checked() {
+        // MESSAGE-INTEGRITY, an attribute to ignore, MESSAGE-INTEGRITY-SHA256 over all of it.
+        let mut b = Builder::new(METHOD_BINDING, CLASS_REQUEST, TransactionId([2; 12]));
+        b.raw(rtc_stun::attributes::ATTR_USERNAME, b"u");
+        let mut wire = b.finish(None, Some(&SigningKey::classic([1; 16])), false);
+        append(
+            &mut wire,
+            rtc_stun::attributes::ATTR_LIFETIME,
+            &[0, 0, 0, 1],
+        );
+        let at = wire.len();
+        let covered = (at - STUN_HEADER_LEN + ATTR_HEADER_LEN + 16) as u16;
+        let mac = integrity_sha256(&[3; 32], &wire, covered);
+        append(&mut wire, ATTR_MESSAGE_INTEGRITY_SHA256, &mac[..16]);
+        let parsed = parse(&wire).unwrap();
+        assert_eq!(parsed.integrity(), Some(Integrity::Sha256));
+        assert!(parsed.has(rtc_stun::attributes::ATTR_USERNAME));
+        assert!(!parsed.has(rtc_stun::attributes::ATTR_LIFETIME));
+        let (prefix, len, value) = parsed.signed(Integrity::Sha1).unwrap();
+        assert!(verify_integrity(&[1; 16], prefix, len, value));
+        let (prefix, len, value) = parsed.signed(Integrity::Sha256).unwrap();
+        assert_eq!(prefix.len(), at);
+        assert!(verify_integrity_sha256(&[3; 32], prefix, len, value));
+
+        // MESSAGE-INTEGRITY after MESSAGE-INTEGRITY-SHA256 is ignored (RFC 8489 §9).
+        let mut b = Builder::new(METHOD_BINDING, CLASS_REQUEST, TransactionId([2; 12]));
+        b.raw(rtc_stun::attributes::ATTR_USERNAME, b"u");
+        let mut wire = b.finish(None, Some(&sha256_key(3)), false);
+        append(&mut wire, ATTR_MESSAGE_INTEGRITY, &[0; 20]);
+        let parsed = parse(&wire).unwrap();
+        assert!(parsed.integrity_at.is_none());
+        assert!(!parsed.has(ATTR_MESSAGE_INTEGRITY));
+        let (prefix, len, value) = parsed.signed(Integrity::Sha256).unwrap();
+        assert!(verify_integrity_sha256(&[3; 32], prefix, len, value));
+    }
+
+    #[test]
+    fn integrity_of_a_wrong_length_is_not_signed_input() {
+        for (t, len, kind) in [
+            (ATTR_MESSAGE_INTEGRITY_SHA256, 12, Integrity::Sha256),
+            (ATTR_MESSAGE_INTEGRITY_SHA256, 18, Integrity::Sha256),
+            (ATTR_MESSAGE_INTEGRITY_SHA256, 36, Integrity::Sha256),
+            (ATTR_MESSAGE_INTEGRITY, 16, Integrity::Sha1),
+        ] {
+            let mut wire = Builder::new(METHOD_BINDING, CLASS_REQUEST, TransactionId([2; 12]))
+                .finish(None, None, false);
+            append(&mut wire, t, &vec![7; len]);
+            let parsed = parse(&wire).unwrap();
+            assert_eq!(parsed.integrity(), Some(kind), "{len}");
+            assert!(parsed.signed(kind).is_none(), "{len}");
+        }
     }
 
     proptest! {
@@ -373,7 +525,8 @@ mod tests {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(p) = parse(&bytes) {
-                let _ = p.integrity_input();
+                let _ = p.signed(Integrity::Sha1);
+                let _ = p.signed(Integrity::Sha256);
                 for v in p.msg.attributes.0.iter() {
                     let _ = p.xor_address(&v.value);
                 }

@@ -204,7 +204,7 @@ impl Relay {
         self.server
             .handle_client(self.now, c.transport, self.listen, c.addr, bytes);
         while let Some(cmd) = self.server.poll_command() {
-            if let Command::BindRelayPort { relay } = cmd {
+            if let Command::BindRelayPort { relay, .. } = cmd {
                 self.server.relay_bound(self.now, relay);
             }
             self.commands.push(cmd);
@@ -276,7 +276,7 @@ fn full_udp_session_with_offload_handshake() {
     let mut c = Client::new("192.0.2.1:40000", "alice", "pw");
     let relay_addr = allocate(&mut relay, &mut c);
     assert!(
-        matches!(relay.commands.as_slice(), [Command::BindRelayPort { relay }] if *relay == relay_addr)
+        matches!(relay.commands.as_slice(), [Command::BindRelayPort { relay, dont_fragment: false }] if *relay == relay_addr)
     );
 
     let peer = PeerAddr("8.8.4.4:9000".parse().unwrap());
@@ -286,10 +286,12 @@ fn full_udp_session_with_offload_handshake() {
     };
     let req = c.request(METHOD_CHANNEL_BIND, &[&ChannelAttr(0x4ABC), &peer_attr]);
     assert!(relay.feed(&c, &req).is_empty());
-    let Some(Command::InstallChannel { binding }) = relay.commands.pop() else {
+    let Some(Command::InstallChannel { binding, expires }) = relay.commands.pop() else {
         panic!("no install command");
     };
     assert_eq!(binding.channel, ChannelNumber::new(0x4ABC).unwrap());
+    // The permission the bind created (RFC 8656 §9: 300 s) ends first.
+    assert_eq!(expires, relay.now + Duration::from_secs(300));
     assert_eq!(
         (binding.client, binding.server, binding.relay, binding.peer),
         (c.addr, relay.listen, relay_addr, peer)

@@ -63,7 +63,9 @@ struct Cli {
 /// What to ask the agent for (the subcommand).
 #[derive(Debug, Subcommand)]
 enum Action {
-    /// Lists the channel bindings the kernel's maps hold.
+    /// Lists the channel bindings the kernel's maps hold, with what is left
+    /// of each one's lifetime (LIFETIME, in seconds; "expired" once it has
+    /// passed and until the agent deletes it).
     Bindings {
         /// Only bindings of this client (an IP alone matches every port).
         #[arg(long, value_name = "IP[:PORT]")]
@@ -74,11 +76,12 @@ enum Action {
         /// Only bindings of this allocation port.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
-        /// Print a JSON array of {client, listener, channel, peer, allocation_port}.
+        /// Print a JSON array of {client, listener, channel, peer,
+        /// allocation_port, lifetime_ms}.
         #[arg(long)]
         json: bool,
     },
-    /// Shows the binding of a client's channel.
+    /// Shows the binding of a client's channel and what is left of its lifetime.
     Binding {
         /// The client's transport address, IP:PORT ([IP]:PORT for IPv6).
         #[arg(value_parser = args::parse_socket_addr)]
@@ -90,11 +93,13 @@ enum Action {
         /// client has bindings of the channel on several listeners.
         #[arg(long, value_name = "IP:PORT", value_parser = args::parse_socket_addr)]
         listener: Option<SocketAddr>,
-        /// Print a JSON object {client, listener, channel, peer, allocation_port}.
+        /// Print a JSON object {client, listener, channel, peer,
+        /// allocation_port, lifetime_ms}.
         #[arg(long)]
         json: bool,
     },
-    /// Shows the data plane's counters, summed over CPUs.
+    /// Shows the data plane's counters, summed over CPUs, and how many
+    /// bindings expired.
     Counters {
         /// Print a JSON object (it always holds every counter).
         #[arg(long)]

@@ -81,8 +81,18 @@ pub fn sort_bindings(bindings: &mut [ChannelBinding]) {
     });
 }
 
-/// The `bindings` table: CLIENT, LISTENER, CHANNEL, PEER, PORT, then a
-/// count line.
+/// What is left of a binding's lifetime, in whole seconds rounded up
+/// ("287s"), or "expired" once it has passed (the kernel no longer relays
+/// it; the agent deletes it within a second).
+pub fn lifetime(lifetime_ms: u32) -> String {
+    match lifetime_ms {
+        0 => "expired".to_owned(),
+        ms => format!("{}s", ms.div_ceil(1000)),
+    }
+}
+
+/// The `bindings` table: CLIENT, LISTENER, CHANNEL, PEER, PORT, LIFETIME,
+/// then a count line.
 pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
     let count = match bindings.len() {
         1 => "1 binding\n".to_owned(),
@@ -100,6 +110,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
                 channel_hex(b.channel),
                 b.peer.clone(),
                 b.allocation_port.to_string(),
+                lifetime(b.lifetime_ms),
             ]
         })
         .collect();
@@ -109,6 +120,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
         ("CHANNEL", Align::Left),
         ("PEER", Align::Left),
         ("PORT", Align::Right),
+        ("LIFETIME", Align::Right),
     ];
     table(&header, &rows) + &count
 }
@@ -121,6 +133,8 @@ pub struct BindingJson<'a> {
     channel: u32,
     peer: &'a str,
     allocation_port: u32,
+    /// Milliseconds left, 0 once passed.
+    lifetime_ms: u32,
 }
 
 impl<'a> From<&'a ChannelBinding> for BindingJson<'a> {
@@ -131,6 +145,7 @@ impl<'a> From<&'a ChannelBinding> for BindingJson<'a> {
             channel: binding.channel,
             peer: &binding.peer,
             allocation_port: binding.allocation_port,
+            lifetime_ms: binding.lifetime_ms,
         }
     }
 }
@@ -154,11 +169,13 @@ pub fn binding_text(binding: &ChannelBinding) -> String {
         ("channel", channel_hex(binding.channel)),
         ("peer", binding.peer.clone()),
         ("allocation port", binding.allocation_port.to_string()),
+        ("lifetime", lifetime(binding.lifetime_ms)),
     ])
 }
 
 /// The `counters` table (REASON, VERDICT, PACKETS, BYTES; zero rows only
-/// with `all`) and the relayed, redirected, reported and lost totals.
+/// with `all`), the relayed, redirected, reported and lost totals and the
+/// bindings that expired.
 pub fn counters_text(counters: &CountersResponse, all: bool) -> String {
     let rows: Vec<Vec<String>> = counters
         .counters
@@ -195,6 +212,7 @@ pub fn counters_text(counters: &CountersResponse, all: bool) -> String {
         ("redirected bytes", counters.redirected_bytes.to_string()),
         ("reported bytes", counters.reported_bytes.to_string()),
         ("lost events", counters.lost_events.to_string()),
+        ("expired bindings", counters.expired_bindings.to_string()),
     ]);
     out
 }
@@ -216,6 +234,7 @@ struct CountersJson<'a> {
     redirected_bytes: u64,
     reported_bytes: u64,
     lost_events: u64,
+    expired_bindings: u64,
 }
 
 /// The `counters --json` object; it always holds every counter, zero or not,
@@ -238,6 +257,7 @@ pub fn counters_json(counters: &CountersResponse) -> serde_json::Value {
         redirected_bytes: counters.redirected_bytes,
         reported_bytes: counters.reported_bytes,
         lost_events: counters.lost_events,
+        expired_bindings: counters.expired_bindings,
     };
     serde_json::to_value(json).unwrap_or_default()
 }
@@ -420,6 +440,7 @@ mod tests {
             peer: peer.to_owned(),
             allocation_port: port,
             listener: listener.to_owned(),
+            lifetime_ms: 287_000,
         }
     }
 
@@ -436,9 +457,9 @@ mod tests {
             ),
         ];
         let expected = "\
-CLIENT                 LISTENER              CHANNEL  PEER                PORT
-192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160
-[2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535
+CLIENT                 LISTENER              CHANNEL  PEER                PORT  LIFETIME
+192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160      287s
+[2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535      287s
 2 bindings
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -446,16 +467,13 @@ CLIENT                 LISTENER              CHANNEL  PEER                PORT
 
     #[test]
     fn bindings_table_right_aligns_ports_and_counts_one() {
-        let bindings = [on(
-            "192.0.2.1:443",
-            "192.0.2.2:1",
-            0x4000,
-            "198.51.100.2:2",
-            7,
-        )];
+        let bindings = [ChannelBinding {
+            lifetime_ms: 0,
+            ..on("192.0.2.1:443", "192.0.2.2:1", 0x4000, "198.51.100.2:2", 7)
+        }];
         let expected = "\
-CLIENT       LISTENER       CHANNEL  PEER            PORT
-192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7
+CLIENT       LISTENER       CHANNEL  PEER            PORT  LIFETIME
+192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7   expired
 1 binding
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -510,6 +528,7 @@ CLIENT       LISTENER       CHANNEL  PEER            PORT
                 "channel": 16385,
                 "peer": "198.51.100.2:5000",
                 "allocation_port": 49160,
+                "lifetime_ms": 287000,
             }])
         );
         assert_eq!(bindings_json(&[]), json!([]));
@@ -532,8 +551,18 @@ listener         203.0.113.10:3478
 channel          0x4001
 peer             198.51.100.2:5000
 allocation port  49160
+lifetime         287s
 "
         );
+    }
+
+    #[test]
+    fn lifetimes_round_up_to_seconds_until_they_pass() {
+        assert_eq!(lifetime(287_000), "287s");
+        assert_eq!(lifetime(286_001), "287s");
+        assert_eq!(lifetime(1), "1s");
+        assert_eq!(lifetime(3_600_000), "3600s");
+        assert_eq!(lifetime(0), "expired");
     }
 
     fn counters() -> CountersResponse {
@@ -555,6 +584,7 @@ allocation port  49160
             lost_events: 2,
             redirected_packets: 5,
             redirected_bytes: 1234,
+            expired_bindings: 3,
         }
     }
 
@@ -571,6 +601,7 @@ redirected packets  5
 redirected bytes    1234
 reported bytes      3400
 lost events         2
+expired bindings    3
 ";
         assert_eq!(counters_text(&counters(), false), expected);
         let all = counters_text(&counters(), true);
@@ -605,6 +636,7 @@ lost events         2
         assert_eq!(json["redirected_bytes"], 1234);
         assert_eq!(json["reported_bytes"], 3400);
         assert_eq!(json["lost_events"], 2);
+        assert_eq!(json["expired_bindings"], 3);
     }
 
     #[test]
