@@ -29,6 +29,10 @@ pub struct Binding {
     /// The server transport address the client sends to (a listener; a
     /// wildcard one until the agent resolves it).
     pub listener: SocketAddr,
+    /// The allocation asked for DONT-FRAGMENT (RFC 8656 section 7.2): IPv4
+    /// datagrams to the peer leave with DF set (nothing to do for an IPv6
+    /// peer).
+    pub dont_fragment: bool,
 }
 
 /// The longest lifetime a binding is installed with: RFC 8656 section 7.2's
@@ -140,6 +144,7 @@ impl TryFrom<&v1::ChannelBinding> for Binding {
             peer,
             allocation_port,
             listener,
+            dont_fragment: binding.dont_fragment,
         })
     }
 }
@@ -155,6 +160,7 @@ impl From<&Binding> for v1::ChannelBinding {
             allocation_port: u32::from(binding.allocation_port),
             listener: binding.listener.to_string(),
             lifetime_ms: 0,
+            dont_fragment: binding.dont_fragment,
         }
     }
 }
@@ -192,7 +198,11 @@ impl fmt::Display for Binding {
             f,
             "{} -> {} ch {:#06x} <-> {} via port {}",
             self.client, self.listener, self.channel, self.peer, self.allocation_port
-        )
+        )?;
+        if self.dont_fragment {
+            f.write_str(" DF")?;
+        }
+        Ok(())
     }
 }
 
@@ -224,6 +234,7 @@ mod tests {
             allocation_port: port,
             listener: listener.into(),
             lifetime_ms: 0,
+            dont_fragment: false,
         }
     }
 
@@ -282,6 +293,33 @@ mod tests {
         let binding = Binding::try_from(&message).unwrap();
         assert_eq!(binding.channel, 0x4001);
         assert_eq!(v1::ChannelBinding::from(&binding), message);
+    }
+
+    #[test]
+    fn dont_fragment_round_trips_and_tells_bindings_apart() {
+        let mut message = wire(
+            "192.0.2.10:40000",
+            0x4001,
+            "198.51.100.7:9000",
+            50000,
+            "203.0.113.1:3478",
+        );
+        let plain = Binding::try_from(&message).unwrap();
+        assert!(!plain.dont_fragment);
+        message.dont_fragment = true;
+        let binding = Binding::try_from(&message).unwrap();
+        assert!(binding.dont_fragment);
+        assert_ne!(binding, plain);
+        assert_eq!(v1::ChannelBinding::from(&binding), message);
+        message.lifetime_ms = 1000;
+        let lease = Lease::try_from(&message).unwrap();
+        assert!(lease.binding.dont_fragment);
+        assert_eq!(v1::ChannelBinding::from(&lease), message);
+        assert_eq!(
+            binding.to_string(),
+            "192.0.2.10:40000 -> 203.0.113.1:3478 ch 0x4001 <-> 198.51.100.7:9000 via port 50000 DF"
+        );
+        assert!(!plain.to_string().ends_with("DF"));
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub fn entries_of(bound: &ChannelBinding, expires_at_ns: u64) -> anyhow::Result<
         channel: binding.channel,
         peer: binding.peer,
         allocation_port: binding.allocation_port,
+        dont_fragment: binding.dont_fragment,
         expires_at_ns,
     };
     let (client_key, peer_target) = fields.client_entry();
@@ -119,7 +120,8 @@ pub fn binding(client: SocketAddr, channel: u16, peer: SocketAddr, port: u16) ->
 }
 
 /// A channel binding of a client that sends to `listener`, to install for
-/// [`LIFETIME`].
+/// [`LIFETIME`], of an allocation without DONT-FRAGMENT (set
+/// `dont_fragment` on the result for one with it).
 pub fn binding_via(
     listener: SocketAddr,
     client: SocketAddr,
@@ -133,6 +135,7 @@ pub fn binding_via(
         peer,
         allocation_port: port,
         listener,
+        dont_fragment: false,
     };
     ChannelBinding::from(&proto::Lease {
         binding,

@@ -17,6 +17,8 @@ pub struct UdpV4Frame {
     pub destination: SocketAddrV4,
     /// Time to live.
     pub ttl: u8,
+    /// The Don't Fragment flag.
+    pub dont_fragment: bool,
     /// The UDP checksum field as sent (zero: none).
     pub udp_checksum: u16,
     /// The UDP payload.
@@ -83,6 +85,7 @@ pub fn parse_udp_v4(frame: &[u8]) -> anyhow::Result<Option<UdpV4Frame>> {
         source: SocketAddrV4::new(source_ip, u16::from_be_bytes([udp[0], udp[1]])),
         destination: SocketAddrV4::new(destination_ip, u16::from_be_bytes([udp[2], udp[3]])),
         ttl: ip[8],
+        dont_fragment: ip[6] & 0x40 != 0,
         udp_checksum,
         payload: udp[8..].to_vec(),
     }))
@@ -420,6 +423,7 @@ mod tests {
     #[test]
     fn accepts_correct_and_rejects_corrupt_checksums() {
         let parsed = parse_udp_v4(&frame(true)).unwrap().unwrap();
+        assert!(parsed.dont_fragment);
         assert_eq!(parsed.source, "192.0.2.2:40000".parse().unwrap());
         assert_eq!(parsed.destination, "198.51.100.2:9000".parse().unwrap());
         assert_eq!(parsed.payload, b"hi");

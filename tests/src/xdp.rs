@@ -97,6 +97,7 @@ impl LoadedRelay {
             channel,
             peer,
             allocation_port,
+            dont_fragment: false,
             expires_at_ns,
         })
     }
@@ -301,6 +302,7 @@ impl RelayObject {
             channel,
             peer,
             allocation_port,
+            dont_fragment: false,
             expires_at_ns: NEVER,
         };
         install_with(&binding, |key, value| {

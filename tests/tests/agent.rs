@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use proto::v1::{ChannelBinding, ListChannelBindingsRequest, SetConfigRequest, SyncRequest};
 use tests::agent::{self, Agent, LIFETIME, MapEntry, bare, binding, binding_via, lasting};
-use tests::packet::channel_data;
+use tests::packet::{Capture, channel_data};
 use tests::{CLIENT_V4, Lab, PEER_V4, RELAY_V4, kernel_clock_ns, sample, wait_for};
 use tonic::Code;
 
@@ -1051,4 +1051,84 @@ fn a_sync_whose_parts_carry_different_generations_is_refused() {
     );
     assert_eq!(bare(agent.list().unwrap()), bare([installed]));
     assert_eq!(agent.health().unwrap().generation, 0);
+}
+
+/// Clears the DF bit on what `socket` sends over IPv4 (`IP_PMTUDISC_DONT`),
+/// so that a DF bit on the relayed datagram is the relay's doing.
+fn clear_df(socket: &UdpSocket) {
+    use nix::libc;
+    use std::os::fd::AsRawFd as _;
+    let value: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: the pointer and length describe `value`, which outlives the call.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(result, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// DONT-FRAGMENT is part of a binding (RFC 8656 section 7.2): installed, it
+/// is stored in the client-side entry and listed, and the relayed datagram
+/// reaches the peer with DF set although the client sent it without; a Sync
+/// with the binding as it was before switches it back, and the binding is
+/// removed by naming it as it is installed.
+#[test]
+fn dont_fragment_is_stored_listed_and_sets_df_on_the_wire() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (client, peer, plain) = one_channel_installed(&mut lab);
+    clear_df(&client);
+    let mut agent = Agent::connect(&lab.dir().join("agent.sock")).unwrap();
+    let capture = lab.peer.enter(|| Capture::open("p0")).unwrap();
+    let peer_address = peer.local_addr().unwrap();
+    // Sends `payload` through the relay; the frame the peer received.
+    let relay = |payload: &[u8]| {
+        client
+            .send_to(&channel_data(0x4001, payload), (RELAY_V4, 3478))
+            .unwrap();
+        let mut buffer = [0u8; 64];
+        let (len, _) = peer.recv_from(&mut buffer).expect("not relayed");
+        assert_eq!(&buffer[..len], payload);
+        capture
+            .next_udp_v4(DEADLINE, |frame| {
+                SocketAddr::V4(frame.destination) == peer_address && frame.payload == payload
+            })
+            .unwrap()
+    };
+    assert!(!relay(b"as the client sent it").dont_fragment);
+
+    let flagged = ChannelBinding {
+        dont_fragment: true,
+        ..plain.clone()
+    };
+    assert_eq!(agent.install(vec![flagged.clone()]).unwrap(), 1);
+    assert_eq!(bare(agent.list().unwrap()), bare([flagged.clone()]));
+    let [client_entry, peer_entry] = entries_of(&flagged);
+    assert_eq!(client_entry.1[21], bpf_common::PEER_DONT_FRAGMENT);
+    assert_eq!(map_entries(&lab, "CLIENT_V4"), vec![client_entry]);
+    assert_eq!(map_entries(&lab, "PEER_V4"), vec![peer_entry]);
+    // Relayed in the kernel with DF; `next_udp_v4` checked the header checksum.
+    let frame = relay(b"with DF");
+    assert!(frame.dont_fragment);
+    assert_eq!(agent.counter("relay_client_to_peer_v4_v4").unwrap().0, 2);
+
+    // The set as turn-control holds it, without the flag: the binding is
+    // replaced, and relayed without DF again.
+    let synced = agent.sync(1, std::slice::from_ref(&plain)).unwrap();
+    assert_eq!((synced.added, synced.removed, synced.installed), (1, 1, 1));
+    assert_eq!(bare(agent.list().unwrap()), bare([plain.clone()]));
+    assert_eq!(
+        map_entries(&lab, "CLIENT_V4"),
+        vec![entries_of(&plain)[0].clone()]
+    );
+    assert!(!relay(b"without DF again").dont_fragment);
+    assert_eq!(agent.remove(vec![plain]).unwrap(), 1);
+    assert!(v4_maps_empty(&lab));
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use proto::v1::ChannelBinding;
 use tests::Lab;
 use tests::agent::{Agent, binding, binding_via, lasting};
 
@@ -69,12 +70,16 @@ fn cli_shows_what_the_agent_holds() {
         ),
         Duration::from_secs(300),
     );
-    let v6 = binding(
-        "[2001:db8:1::2]:40001".parse().unwrap(),
-        0x4fff,
-        "198.51.100.2:50001".parse().unwrap(),
-        49161,
-    );
+    // Of an allocation that asked for DONT-FRAGMENT.
+    let v6 = ChannelBinding {
+        dont_fragment: true,
+        ..binding(
+            "[2001:db8:1::2]:40001".parse().unwrap(),
+            0x4fff,
+            "198.51.100.2:50001".parse().unwrap(),
+            49161,
+        )
+    };
     agent.install(vec![v4.clone(), v6.clone()]).unwrap();
 
     // The table: a header, one row per binding (IPv4 clients first), aligned
@@ -85,7 +90,9 @@ fn cli_shows_what_the_agent_holds() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["CLIENT", "LISTENER", "CHANNEL", "PEER", "PORT", "LIFETIME"],
+        [
+            "CLIENT", "LISTENER", "CHANNEL", "PEER", "PORT", "DF", "LIFETIME"
+        ],
         "{table}"
     );
     let mut rows: Vec<Vec<&str>> = lines[1..3]
@@ -110,14 +117,16 @@ fn cli_shows_what_the_agent_holds() {
                 "203.0.113.10:3478",
                 "0x4001",
                 "198.51.100.2:50000",
-                "49160"
+                "49160",
+                "no"
             ],
             [
                 "[2001:db8:1::2]:40001",
                 "[2001:db8:2::a]:3478",
                 "0x4fff",
                 "198.51.100.2:50001",
-                "49161"
+                "49161",
+                "yes"
             ],
         ],
         "{table}"
@@ -127,6 +136,7 @@ fn cli_shows_what_the_agent_holds() {
         ("LISTENER", ["203.0.113.10:3478", "[2001:db8:2::a]:3478"]),
         ("CHANNEL", ["0x4001", "0x4fff"]),
         ("PEER", ["198.51.100.2:50000", "198.51.100.2:50001"]),
+        ("DF", ["no", "yes"]),
     ] {
         let at = column(lines[0], title);
         assert_eq!(
@@ -142,7 +152,7 @@ fn cli_shows_what_the_agent_holds() {
     }
     assert_eq!(lines[3], "2 bindings");
 
-    // JSON: an array of objects with the five fields.
+    // JSON: an array of objects with the binding's fields and its lifetime.
     let all = json(&socket, &["bindings", "--json"]);
     let all = all.array();
     assert_eq!(all.len(), 2);
@@ -151,6 +161,7 @@ fn cli_shows_what_the_agent_holds() {
     assert_eq!(all[0].field("channel").number(), 16385.0);
     assert_eq!(all[0].field("peer").string(), "198.51.100.2:50000");
     assert_eq!(all[0].field("allocation_port").number(), 49160.0);
+    assert_eq!(all[0].field("dont_fragment"), &Json::Bool(false));
     let lifetime_ms = all[0].field("lifetime_ms").number();
     assert!(
         lifetime_ms > 290_000.0 && lifetime_ms <= 300_000.0,
@@ -159,6 +170,7 @@ fn cli_shows_what_the_agent_holds() {
     assert_eq!(all[1].field("client").string(), "[2001:db8:1::2]:40001");
     assert_eq!(all[1].field("listener").string(), "[2001:db8:2::a]:3478");
     assert_eq!(all[1].field("channel").number(), 0x4fff as f64);
+    assert_eq!(all[1].field("dont_fragment"), &Json::Bool(true));
 
     // Filters.
     let clients = |args: &[&str]| -> Vec<String> {
@@ -201,6 +213,7 @@ fn cli_shows_what_the_agent_holds() {
     assert!(text.contains("0x4fff"), "{text}");
     assert!(text.contains("\nlistener "), "{text}");
     assert!(text.contains("[2001:db8:2::a]:3478"), "{text}");
+    assert!(text.contains("\ndon't fragment   yes\n"), "{text}");
     assert!(text.contains("\nlifetime "), "{text}");
     assert!(text.trim_end().ends_with('s'), "{text}");
 

@@ -149,6 +149,7 @@ fn wait_installed(agent: &mut Agent, allocations: &[&Allocation]) -> Vec<proto::
                 peer: a.peer,
                 allocation_port: a.relayed.port(),
                 listener: a.listener,
+                dont_fragment: false,
             })
         });
         Ok(every.then_some(all))

@@ -754,7 +754,9 @@ impl From<&DataPlaneConfig> for proto::v1::SetConfigRequest {
 }
 
 /// The data plane's form of a binding: the client's channel to its peer through the
-/// allocation's port, and the listener the client talks to (`server`, as bound).
+/// allocation's port, the listener the client talks to (`server`, as bound), and whether
+/// the allocation asked for DONT-FRAGMENT (the same on install and removal: the agent
+/// matches the whole binding).
 fn kernel_binding(binding: &ChannelBinding) -> proto::Binding {
     proto::Binding {
         client: binding.client.0,
@@ -762,6 +764,7 @@ fn kernel_binding(binding: &ChannelBinding) -> proto::Binding {
         peer: binding.peer.0,
         allocation_port: binding.relay.port().0,
         listener: binding.server,
+        dont_fragment: binding.dont_fragment,
     }
 }
 
@@ -1031,6 +1034,29 @@ mod tests {
             ..lease(0x4004)
         };
         assert_eq!(wire_removals(&[ended.binding])[0].lifetime_ms, 0);
+    }
+
+    #[test]
+    fn dont_fragment_reaches_the_wire_on_install_and_removal() {
+        let now = std::time::Instant::now();
+        for dont_fragment in [false, true] {
+            let lease = Lease {
+                binding: ChannelBinding {
+                    dont_fragment,
+                    ..binding(0x4000)
+                },
+                ..lease(0x4000)
+            };
+            let installed: Vec<_> = wire([lease].iter(), now).collect();
+            assert_eq!(installed[0].dont_fragment, dont_fragment);
+            let removed = wire_removals(&[lease.binding]);
+            assert_eq!(removed[0].dont_fragment, dont_fragment);
+            // The agent removes what it installed: the same binding.
+            assert_eq!(
+                proto::Binding::try_from(&removed[0]).unwrap(),
+                proto::Binding::try_from(&installed[0]).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -283,6 +283,7 @@ fn wire_identity(binding: &ChannelBinding) -> String {
         peer: binding.peer.0,
         allocation_port: binding.relay.port().0,
         listener: binding.server,
+        dont_fragment: binding.dont_fragment,
     });
     identity(&wire)
 }

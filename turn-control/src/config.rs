@@ -20,7 +20,7 @@ use clap::builder::{BoolValueParser, TypedValueParser as _};
 use daemon::{CommandLine, LogFormat, PortRange};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
-use turn_control_core::{Config, Credentials, QuotaLedger};
+use turn_control_core::{Config, Credentials, QuotaLedger, ReservationLedger};
 
 /// The TURN port of RFC 8656 §18 (and RFC 8489 §9.1 for STUN).
 pub const DEFAULT_PORT: u16 = 3478;
@@ -484,14 +484,15 @@ impl Settings {
     }
 
     /// Thread `index` of `threads`' core configuration: the shared `seed` (one nonce key for
-    /// all) and `quotas`, its own slice of the port range; `dev_user` is the generated
-    /// `--dev` credential.
+    /// all), `quotas` and `reservations`, its own slice of the port range; `dev_user` is the
+    /// generated `--dev` credential.
     pub fn core_config(
         &self,
         dev_user: Option<&User>,
         seed: [u8; 32],
         (index, threads): (usize, usize),
         quotas: &Arc<QuotaLedger>,
+        reservations: &Arc<ReservationLedger>,
     ) -> Config {
         let mut config = Config::new(self.realm.clone(), seed);
         config.software = Some(self.software.clone()).filter(|software| !software.is_empty());
@@ -515,6 +516,7 @@ impl Settings {
         config.user_quota = self.user_quota;
         config.total_quota = self.total_quota;
         config.quotas = Arc::clone(quotas);
+        config.reservations = Arc::clone(reservations);
         config.core_index = index as u32;
         // The 401 cap is per core; split it so that the host-wide cap stays as documented.
         config.unauthorized_rate = config
@@ -876,8 +878,11 @@ mod tests {
 
     #[test]
     fn software_is_one_option() {
-        let quotas = QuotaLedger::shared();
-        let software = |s: &Settings| s.core_config(None, [0; 32], (0, 1), &quotas).software;
+        let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
+        let software = |s: &Settings| {
+            s.core_config(None, [0; 32], (0, 1), &quotas, &reservations)
+                .software
+        };
         let s = flags(&["--dev"]).unwrap();
         assert_eq!(s.software, DEFAULT_SOFTWARE);
         assert_eq!(software(&s).as_deref(), Some(DEFAULT_SOFTWARE));
@@ -896,8 +901,8 @@ mod tests {
 
     #[test]
     fn allocation_lifetimes_reach_the_core_and_are_checked() {
-        let quotas = QuotaLedger::shared();
-        let core = |s: &Settings| s.core_config(None, [0; 32], (0, 1), &quotas);
+        let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
+        let core = |s: &Settings| s.core_config(None, [0; 32], (0, 1), &quotas, &reservations);
         let s = flags(&["--dev"]).unwrap();
         assert_eq!(core(&s).default_lifetime, Duration::from_secs(600));
         assert_eq!(core(&s).max_lifetime, Duration::from_secs(3600));
@@ -957,9 +962,9 @@ mod tests {
     #[test]
     fn core_configs_validate() {
         let s = flags(&["--dev", "--threads", "2"]).unwrap();
-        let quotas = QuotaLedger::shared();
+        let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
         for index in 0..2 {
-            s.core_config(None, [0; 32], (index, 2), &quotas)
+            s.core_config(None, [0; 32], (index, 2), &quotas, &reservations)
                 .validate()
                 .unwrap();
         }

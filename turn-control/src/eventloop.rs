@@ -7,7 +7,9 @@
 //!
 //! UDP sockets sit in one edge-triggered `epoll` set (mio) whose descriptor tokio watches;
 //! ready sockets are read [`udp::BATCH`] datagrams per `recvmmsg`, the core's transmits are
-//! grouped by socket and written with `sendmmsg`. Nothing here blocks.
+//! grouped by socket and written with `sendmmsg`. A relay socket that epoll reports in error
+//! has its error queue read first: ICMP errors about what it sent, for its client. Nothing
+//! here blocks.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -31,7 +33,7 @@ use crate::agent::{AgentQueue, FromAgent, Lease, ToAgent};
 use crate::config::Settings;
 use crate::metrics::name;
 use crate::tcp::TcpEvent;
-use crate::threads::{Control, Listeners, Report, ReportSlot};
+use crate::threads::{Control, Listeners, Report, ReportSlot, ReservedSocket, ReservedSockets};
 use crate::udp::{self, RecvBatch};
 
 /// Sockets whose batches are read per round before the loop looks at timers and channels
@@ -39,6 +41,9 @@ use crate::udp::{self, RecvBatch};
 const SOCKETS_PER_ROUND: usize = 64;
 /// Events taken from epoll at once.
 const EVENTS: usize = 1024;
+/// Messages read from a relay socket's error queue per round, so that ICMP errors that keep
+/// coming cannot hold the loop (the rest waits for the socket's next turn).
+const ERRORS_PER_ROUND: usize = 32;
 /// How often the wall clock is re-anchored (REST usernames, nonces follow NTP steps).
 const WALL_CLOCK_EVERY: u64 = 60;
 
@@ -54,6 +59,9 @@ struct UdpEntry {
     role: Role,
     /// In [`Eventloop::ready`] already.
     queued: bool,
+    /// epoll reported an error condition: a relay socket's error queue holds ICMP errors
+    /// for [`Eventloop::read_errors`].
+    errors: bool,
 }
 
 enum Event {
@@ -73,8 +81,11 @@ pub struct ThreadSetup {
     pub index: usize,
     /// The daemon's settings.
     pub settings: Settings,
-    /// Its core's configuration (its port slice, the shared seed and quota ledger).
+    /// Its core's configuration (its port slice, the shared seed, quota ledger and
+    /// reservation ledger).
     pub core: Config,
+    /// The reserved ports' sockets, shared by every thread.
+    pub reserved_sockets: ReservedSockets,
     /// Its socket of each listener group.
     pub listeners: Listeners,
     /// Requests to the agent link, if an agent is configured.
@@ -116,6 +127,9 @@ pub struct Eventloop {
     sync_part: Option<u64>,
     control: mpsc::UnboundedReceiver<Control>,
     report: ReportSlot,
+    /// The reserved ports' sockets of every thread, kept unread until an allocation adopts
+    /// them.
+    reserved_sockets: ReservedSockets,
 }
 
 impl Eventloop {
@@ -130,6 +144,7 @@ impl Eventloop {
             agent_events,
             control,
             report,
+            reserved_sockets,
         } = setup;
         tracing::debug!(thread = index, ports = ?core.port_range, "event loop starting");
         let server = Server::new(core, Instant::now(), SystemTime::now())
@@ -161,6 +176,7 @@ impl Eventloop {
             sync_part: None,
             control,
             report,
+            reserved_sockets,
             settings,
         };
         for (addr, socket) in listeners.udp {
@@ -251,6 +267,11 @@ impl Eventloop {
     }
 
     fn insert(&mut self, socket: Socket, role: Role) -> std::io::Result<usize> {
+        if let Role::Relay(relay) = role {
+            // RFC 8656 §11.5: ICMP errors about what the relay sends go to its client. epoll
+            // reports the error condition (EPOLLERR) whatever the interest registered.
+            udp::set_recv_errors(&socket, relay.family() == Family::V6)?;
+        }
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.sockets.push(None);
             self.sockets.len() - 1
@@ -268,6 +289,7 @@ impl Eventloop {
             socket,
             role,
             queued: false,
+            errors: false,
         });
         // Edge-triggered: anything that arrived before registration is read on this round.
         if let Some(Some(entry)) = self.sockets.get_mut(slot) {
@@ -306,11 +328,12 @@ impl Eventloop {
             let mut count = 0;
             for event in &self.events {
                 count += 1;
-                if let Some(Some(entry)) = self.sockets.get_mut(event.token().0)
-                    && !entry.queued
-                {
-                    entry.queued = true;
-                    self.ready.push_back(event.token().0);
+                if let Some(Some(entry)) = self.sockets.get_mut(event.token().0) {
+                    entry.errors |= event.is_error();
+                    if !entry.queued {
+                        entry.queued = true;
+                        self.ready.push_back(event.token().0);
+                    }
                 }
             }
             if count < EVENTS {
@@ -319,13 +342,15 @@ impl Eventloop {
         }
     }
 
-    /// One batch from each of up to [`SOCKETS_PER_ROUND`] ready sockets.
+    /// One batch from each of up to [`SOCKETS_PER_ROUND`] ready sockets, after the errors
+    /// queued on it.
     fn read_sockets(&mut self) {
         let rounds = self.ready.len().min(SOCKETS_PER_ROUND);
         for _ in 0..rounds {
             let Some(slot) = self.ready.pop_front() else {
                 break;
             };
+            let errors_left = self.read_errors(slot);
             let Some(Some(entry)) = self.sockets.get(slot) else {
                 continue;
             };
@@ -338,19 +363,59 @@ impl Eventloop {
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => false,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => true,
                 Err(error) => {
-                    // ICMP errors queued on the socket and the like: read on.
-                    tracing::debug!(%error, "UDP receive error");
+                    // The socket's pending error (an ICMP error, see `udp::set_recv_errors`),
+                    // reported once: read on.
+                    tracing::trace!(%error, "UDP receive error");
                     true
                 }
             };
             if let Some(Some(entry)) = self.sockets.get_mut(slot) {
-                if more {
+                if more || errors_left {
                     self.ready.push_back(slot);
                 } else {
                     entry.queued = false;
                 }
             }
         }
+    }
+
+    /// Hands the core the ICMP errors queued on the relay socket in `slot` (RFC 8656 §11.5),
+    /// at most [`ERRORS_PER_ROUND`]; whether some may be left. Reading the queue also clears
+    /// the socket's pending error (see [`udp::set_recv_errors`]).
+    fn read_errors(&mut self, slot: usize) -> bool {
+        let Some(Some(entry)) = self.sockets.get_mut(slot) else {
+            return false;
+        };
+        // The core's view of the relayed address (the external one behind a 1:1 NAT).
+        let Role::Relay(relay) = entry.role else {
+            // A listener's error is pending only: its next read reports it.
+            entry.errors = false;
+            return false;
+        };
+        if !entry.errors {
+            return false;
+        }
+        let now = Instant::now();
+        let mut left = true;
+        for _ in 0..ERRORS_PER_ROUND {
+            match udp::recv_error(entry.socket.as_fd()) {
+                Ok(Some(error)) => {
+                    let peer = PeerAddr(error.destination);
+                    self.server.handle_icmp(now, relay, peer, error.icmp);
+                }
+                Ok(None) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    if error.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::debug!(%relay, %error, "reading the error queue failed");
+                    }
+                    left = false;
+                    break;
+                }
+            }
+        }
+        entry.errors = left;
+        left
     }
 
     fn handle_batch(&mut self, slot: usize, n: usize) {
@@ -462,6 +527,15 @@ impl Eventloop {
                     dont_fragment,
                 } => self.bind_relay(relay, dont_fragment),
                 Command::FreeRelayPort { relay } => self.free_relay(relay),
+                Command::ReservePort {
+                    relay,
+                    dont_fragment,
+                } => self.reserve_port(relay, dont_fragment),
+                Command::AdoptReservedPort {
+                    relay,
+                    dont_fragment,
+                } => self.adopt_reserved_port(relay, dont_fragment),
+                Command::ReleaseReservedPort { relay } => self.release_reserved_port(relay),
                 Command::InstallChannel { binding, expires } => {
                     let lease = Lease { binding, expires };
                     let sent = self.agent_connected
@@ -499,40 +573,99 @@ impl Eventloop {
         }
     }
 
-    /// Opens the relay socket of `relay` on the relay address of its family (which differs
-    /// from `relay` behind a 1:1 NAT, where `relay` carries the external address).
-    /// Answers the core either way: [`Server::relay_bound`] releases the Allocate success.
-    /// With `dont_fragment`, its datagrams to peers are never fragmented
-    /// ([`udp::set_dont_fragment`]).
+    /// Opens the relay socket of `relay` and reads it on this thread. Answers the core either
+    /// way: [`Server::relay_bound`] releases the Allocate success.
     fn bind_relay(&mut self, relay: RelayAddr, dont_fragment: bool) {
-        let family = relay.family();
-        let port = relay.0.port();
         let result = self
-            .bind_ip(family)
-            .ok_or_else(|| std::io::Error::other("no relay address of this family"))
-            .and_then(|ip| {
-                let socket = udp::bind(
-                    SocketAddr::new(ip, port),
-                    self.settings.relay_buffer_bytes,
-                    false,
-                )?;
-                if dont_fragment {
-                    udp::set_dont_fragment(&socket, ip.is_ipv6())?;
-                }
-                Ok(socket)
-            })
-            .and_then(|socket| self.insert(socket, Role::Relay(relay)));
+            .open_relay_socket(relay, dont_fragment)
+            .and_then(|socket| self.read_relay_socket(relay, socket));
+        self.answer_bind(relay, result);
+    }
+
+    /// Opens the socket of the reserved port `relay` and keeps it aside, unread, for whichever
+    /// thread gets the Allocate with its token. Answers the core as for a relay socket.
+    fn reserve_port(&mut self, relay: RelayAddr, dont_fragment: bool) {
+        let result = self.open_relay_socket(relay, dont_fragment).map(|socket| {
+            let socket = ReservedSocket {
+                socket,
+                dont_fragment,
+            };
+            self.reserved_sockets.keep(relay, socket);
+        });
+        self.answer_bind(relay, result);
+    }
+
+    /// An allocation of this thread's core took the reserved port `relay` (reserved by any
+    /// thread's core): reads the socket kept for it, with DONT-FRAGMENT set or cleared as the
+    /// allocation asks. If none is kept (its reservation ended and closed it meanwhile), the
+    /// port is bound afresh; if that fails too, the core answers the client 508.
+    fn adopt_reserved_port(&mut self, relay: RelayAddr, dont_fragment: bool) {
+        let ipv6 = relay.family() == Family::V6;
+        let socket = match self.reserved_sockets.take(relay) {
+            Some(kept) if kept.dont_fragment == dont_fragment => Ok(kept.socket),
+            Some(kept) => if dont_fragment {
+                udp::set_dont_fragment(&kept.socket, ipv6)
+            } else {
+                udp::clear_dont_fragment(&kept.socket, ipv6)
+            }
+            .map(|()| kept.socket),
+            None => {
+                tracing::debug!(%relay, "reserved socket gone; binding the port afresh");
+                self.open_relay_socket(relay, dont_fragment)
+            }
+        };
+        let result = socket.and_then(|socket| self.read_relay_socket(relay, socket));
+        self.answer_bind(relay, result);
+    }
+
+    /// The reservation of `relay` ended unused, or moved: its kept socket closes.
+    fn release_reserved_port(&mut self, relay: RelayAddr) {
+        if self.reserved_sockets.take(relay).is_some() {
+            tracing::debug!(%relay, "reserved socket closed");
+        }
+    }
+
+    /// Opens a socket on the relay address of `relay`'s family and its port (the address
+    /// differs from `relay` behind a 1:1 NAT, where `relay` carries the external address).
+    /// With `dont_fragment`, its datagrams to peers are never fragmented
+    /// ([`udp::set_dont_fragment`]). A port that any other socket holds (another thread's
+    /// allocation on a port reserved here before, or another process) fails with EADDRINUSE:
+    /// relay sockets never share a port (no SO_REUSEPORT).
+    fn open_relay_socket(&self, relay: RelayAddr, dont_fragment: bool) -> std::io::Result<Socket> {
+        let ip = self
+            .bind_ip(relay.family())
+            .ok_or_else(|| std::io::Error::other("no relay address of this family"))?;
+        let socket = udp::bind(
+            SocketAddr::new(ip, relay.0.port()),
+            self.settings.relay_buffer_bytes,
+            false,
+        )?;
+        if dont_fragment {
+            udp::set_dont_fragment(&socket, ip.is_ipv6())?;
+        }
+        Ok(socket)
+    }
+
+    /// Reads `socket` on this thread as the relay socket of `relay`.
+    fn read_relay_socket(&mut self, relay: RelayAddr, socket: Socket) -> std::io::Result<()> {
+        let slot = self.insert(socket, Role::Relay(relay))?;
+        if let Some(old) = self.relays.insert((relay.family(), relay.0.port()), slot) {
+            self.remove(old);
+        }
+        Ok(())
+    }
+
+    /// Tells the core whether the socket of `relay` is ready: the allocation's success goes
+    /// out, or it moves to another port.
+    fn answer_bind(&mut self, relay: RelayAddr, result: std::io::Result<()>) {
         match result {
-            Ok(slot) => {
-                if let Some(old) = self.relays.insert((family, port), slot) {
-                    self.remove(old);
-                }
+            Ok(()) => {
                 tracing::debug!(%relay, "relay socket bound");
                 self.server.relay_bound(Instant::now(), relay);
             }
             Err(error) => {
                 metrics::counter!(name::RELAY_BIND_FAILURES).increment(1);
-                tracing::info!(%relay, %error, "relay port bind failed; the allocation moves to another port");
+                tracing::info!(%relay, %error, "relay port bind failed; the allocation moves to another port or is refused");
                 self.server.relay_bind_failed(relay);
             }
         }

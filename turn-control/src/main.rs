@@ -14,11 +14,13 @@ mod udp;
 
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
+use turn_control_core::{QuotaLedger, ReservationLedger};
 
 use crate::config::{Cli, Settings, User};
 use crate::threads::{Control, ReportSlot};
@@ -75,10 +77,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .try_fill_bytes(&mut seed)
             .context("seeding the random number generator from the OS")?;
     }
-    let quotas = turn_control_core::QuotaLedger::shared();
+    // Shared by every thread's core: quotas and RESERVATION-TOKENs hold daemon-wide.
+    let quotas = QuotaLedger::shared();
+    let reservations = ReservationLedger::shared();
     for index in 0..threads {
         settings
-            .core_config(dev_user.as_ref(), seed, (index, threads), &quotas)
+            .core_config(
+                dev_user.as_ref(),
+                seed,
+                (index, threads),
+                &quotas,
+                &reservations,
+            )
             .validate()
             .context("protocol core configuration")?;
     }
@@ -102,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dev_user.clone(),
             listeners,
             seed,
-            &quotas,
+            (&quotas, &reservations),
         )?;
         if let Some(user) = &dev_user {
             print_dev_banner(user, &settings);
@@ -156,6 +166,10 @@ struct Supervisor {
     agent_task: Option<tokio::task::JoinHandle<()>>,
     /// Without an agent: keeps the threads' agent channels open (and silent).
     _no_agent_events: Vec<mpsc::Sender<agent::FromAgent>>,
+    /// The reserved ports' sockets the threads keep aside, counted with the relay sockets.
+    reserved_sockets: threads::ReservedSockets,
+    /// The cores' RESERVATION-TOKENs: how many are out right now.
+    reservations: Arc<ReservationLedger>,
 }
 
 impl Supervisor {
@@ -165,7 +179,7 @@ impl Supervisor {
         dev_user: Option<User>,
         listeners: Vec<threads::Listeners>,
         seed: [u8; 32],
-        quotas: &std::sync::Arc<turn_control_core::QuotaLedger>,
+        (quotas, reservations): (&Arc<QuotaLedger>, &Arc<ReservationLedger>),
     ) -> anyhow::Result<Self> {
         let thread_count = listeners.len();
         let mut agent_events = Vec::with_capacity(thread_count);
@@ -204,15 +218,19 @@ impl Supervisor {
             threads: Vec::with_capacity(thread_count),
             agent_task,
             _no_agent_events: no_agent_events,
+            reserved_sockets: threads::ReservedSockets::default(),
+            reservations: Arc::clone(reservations),
         };
         for (index, (listeners, agent_events)) in
             listeners.into_iter().zip(agent_receivers).enumerate()
         {
             let (control_tx, control) = mpsc::unbounded_channel();
             let report = ReportSlot::default();
+            let core = (index, thread_count);
             let setup = eventloop::ThreadSetup {
                 index,
-                core: settings.core_config(dev_user.as_ref(), seed, (index, thread_count), quotas),
+                core: settings.core_config(dev_user.as_ref(), seed, core, quotas, reservations),
+                reserved_sockets: this.reserved_sockets.clone(),
                 settings: settings.clone(),
                 listeners,
                 agent: agent_tx.clone(),
@@ -283,10 +301,14 @@ impl Supervisor {
             ::metrics::gauge!(name::THREAD_ALLOCATIONS, "thread" => thread.to_string())
                 .set(allocations as f64);
         }
-        let total = threads::total(&self.reports);
+        let mut total = threads::total(&self.reports);
+        // A core counts a token it made until it learns that another core used it; the
+        // shared ledger knows at once.
+        total.stats.reservations_active = self.reservations.total() as u64;
         metrics::publish(&total.stats);
         ::metrics::gauge!(metrics::name::TCP_CONNECTIONS).set(total.tcp_connections as f64);
-        ::metrics::gauge!(metrics::name::RELAY_SOCKETS).set(total.relay_sockets as f64);
+        let relay_sockets = total.relay_sockets + self.reserved_sockets.count();
+        ::metrics::gauge!(metrics::name::RELAY_SOCKETS).set(relay_sockets as f64);
     }
 
     /// SIGHUP: users, REST secrets and peer lists from the file (flags and environment still

@@ -42,6 +42,8 @@ declare_metrics! {
     counter ALLOCATIONS_CREATED = "turn_allocations_created_total", "TURN allocations created";
     gauge PERMISSIONS = "turn_permissions_active", "TURN permissions alive";
     gauge CHANNELS = "turn_channel_bindings_active", "TURN channel bindings alive";
+    gauge RESERVATIONS = "turn_reservations_active",
+        "RESERVATION-TOKENs held (EVEN-PORT with the R bit), each holding a relay port";
     counter REQUESTS = "turn_requests_total",
         "TURN/STUN responses sent, by method and code (200 = success)";
     counter AUTH_FAILURES = "turn_auth_failures_total",
@@ -55,6 +57,10 @@ declare_metrics! {
         "Application bytes relayed in user space, by direction";
     counter RELAYED_PACKETS = "data_relayed_userspace_packets_total",
         "Packets relayed in user space, by direction";
+    counter ICMP_RELAYED = "turn_icmp_relayed_total",
+        "ICMP errors about relayed datagrams sent to clients as Data indications";
+    counter ICMP_RATE_LIMITED = "turn_icmp_rate_limited_total",
+        "ICMP errors not relayed because their allocation's rate cap was reached";
     counter OFFLOADS = "turn_offload_installs_total",
         "Channel bindings sent to the XDP data plane, by result (installed, failed, timed_out)";
     gauge AGENT_CONNECTED = "turn_agent_connected",
@@ -107,6 +113,7 @@ pub fn publish(stats: &Stats) {
     counter!(name::ALLOCATIONS_CREATED).absolute(stats.allocations_created);
     gauge!(name::PERMISSIONS).set(stats.permissions_active as f64);
     gauge!(name::CHANNELS).set(stats.channels_active as f64);
+    gauge!(name::RESERVATIONS).set(stats.reservations_active as f64);
     for ((method, code), count) in &stats.responses {
         counter!(name::REQUESTS, "method" => method.as_str(), "code" => code.to_string())
             .absolute(*count);
@@ -122,6 +129,8 @@ pub fn publish(stats: &Stats) {
         counter!(name::RELAYED_BYTES, "direction" => direction).absolute(traffic.bytes);
         counter!(name::RELAYED_PACKETS, "direction" => direction).absolute(traffic.packets);
     }
+    counter!(name::ICMP_RELAYED).absolute(stats.icmp_relayed);
+    counter!(name::ICMP_RATE_LIMITED).absolute(stats.icmp_rate_limited);
     for (result, count) in [
         ("installed", stats.offload_installed),
         ("failed", stats.offload_failed),

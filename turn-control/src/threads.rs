@@ -8,12 +8,17 @@
 //! - each thread owns its allocations' relay sockets, drawn from its own slice of the port
 //!   range, so peer traffic lands on the thread that holds the allocation;
 //! - the threads share one nonce key (a nonce from one is good at all), one quota ledger
-//!   (`user_quota`/`total_quota` hold across them) and one link to the xdp-agent.
+//!   (`user_quota`/`total_quota` hold across them) and one link to the xdp-agent;
+//! - and one reservation ledger with the sockets of the reserved ports ([`ReservedSockets`]):
+//!   a RESERVATION-TOKEN is server-wide (RFC 8656 §7.2), and the Allocate that brings it comes
+//!   from another client socket than the one that reserved, so usually to another thread. That
+//!   thread's core takes the token out of the ledger and its event loop adopts the socket.
 //!
 //! This module binds the sockets before any thread starts (so a busy port is reported at
 //! once), carves the port range, and carries the messages between the main thread and the
 //! event-loop threads.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use ipnet::IpNet;
 use socket2::{Domain, Protocol, Socket, Type};
-use turn_control_core::{Credentials, Stats};
+use turn_control_core::{Credentials, RelayAddr, Stats};
 
 use crate::udp;
 
@@ -65,6 +70,44 @@ pub fn total(slots: &[ReportSlot]) -> Report {
         sum.relay_sockets += report.relay_sockets;
     }
     sum
+}
+
+/// The sockets of reserved relay ports (RFC 8656 §7.2: EVEN-PORT with the R bit), shared by
+/// every event-loop thread. The thread whose core makes a reservation binds its socket and
+/// keeps it here ([`turn_control_core::Command::ReservePort`]), unread: no permission can exist
+/// for a port no allocation holds. The thread whose core gets the Allocate with the token takes
+/// it out and reads it as that allocation's relay socket
+/// ([`turn_control_core::Command::AdoptReservedPort`]); an unused one is closed when its
+/// reservation ends ([`turn_control_core::Command::ReleaseReservedPort`]). What is left closes
+/// with the process. The cores' shared ledger decides which of these happens to a socket, so
+/// no two threads ask for the same one.
+#[derive(Debug, Clone, Default)]
+pub struct ReservedSockets(Arc<Mutex<HashMap<RelayAddr, ReservedSocket>>>);
+
+/// A reserved relay port's socket, bound and not read.
+#[derive(Debug)]
+pub struct ReservedSocket {
+    /// The socket, bound to the relay address of the reserved port.
+    pub socket: Socket,
+    /// Bound with DONT-FRAGMENT ([`udp::set_dont_fragment`]).
+    pub dont_fragment: bool,
+}
+
+impl ReservedSockets {
+    /// Keeps the socket of the reserved port `relay`.
+    pub fn keep(&self, relay: RelayAddr, socket: ReservedSocket) {
+        daemon::lock(&self.0).insert(relay, socket);
+    }
+
+    /// Takes the socket of `relay` out, if kept.
+    pub fn take(&self, relay: RelayAddr) -> Option<ReservedSocket> {
+        daemon::lock(&self.0).remove(&relay)
+    }
+
+    /// Sockets kept.
+    pub fn count(&self) -> usize {
+        daemon::lock(&self.0).len()
+    }
 }
 
 /// One thread's listener sockets.
@@ -178,6 +221,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_reserved_socket_adopted_by_another_thread_keeps_its_port_from_a_fresh_bind() {
+        let socket = udp::bind("127.0.0.1:0".parse().unwrap(), 4096, false).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let relay = RelayAddr(addr);
+        let maker = ReservedSockets::default();
+        let adopter = maker.clone();
+        maker.keep(
+            relay,
+            ReservedSocket {
+                socket,
+                dont_fragment: false,
+            },
+        );
+        assert_eq!(adopter.count(), 1);
+        let adopted = adopter.take(relay).unwrap();
+        assert!(maker.take(relay).is_none());
+        assert_eq!(maker.count(), 0);
+        // The maker's core, having forgotten the port, picks it again: the bind fails and its
+        // allocation moves on (relay sockets never share a port).
+        let error = udp::bind(addr, 4096, false).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        drop(adopted);
+        udp::bind(addr, 4096, false).unwrap();
     }
 
     #[test]

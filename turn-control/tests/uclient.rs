@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,8 +58,21 @@ fn echo(test: &str, ip: &str, extra: &[&str]) {
         return;
     }
     let daemon = Daemon::start(ip, &["--dev", "--user", "test:testpass"]);
+    let args = [&["-z", "5", "-c"], extra].concat();
+    uclient_echo(test, &daemon, ip, (10, 100), &args);
+}
+
+/// Runs the uclient with `args` against `daemon` (listening on `ip`): `clients` of them, each
+/// sending `messages` to a fresh `turnutils_peer` on `ip`. Asserts that all were sent and
+/// (nearly) all came back, and returns the totals and the uclient's output.
+fn uclient_echo(
+    test: &str,
+    daemon: &Daemon,
+    ip: &str,
+    (clients, messages): (u64, u64),
+    args: &[&str],
+) -> (Totals, String) {
     let (_peer, peer_port) = Peer::start(ip);
-    let (clients, messages) = (10u64, 100u64);
     let mut cmd = Command::new("turnutils_uclient");
     cmd.args([
         "-u",
@@ -77,11 +91,8 @@ fn echo(test: &str, ip: &str, extra: &[&str]) {
         &messages.to_string(),
         "-l",
         "100",
-        "-z",
-        "5",
-        "-c",
     ])
-    .args(extra)
+    .args(args)
     .args(["-p", &daemon.listen.port().to_string(), ip])
     .stdin(Stdio::null());
     let started = Instant::now();
@@ -101,6 +112,7 @@ fn echo(test: &str, ip: &str, extra: &[&str]) {
         |v| v >= totals.received as f64,
         Duration::from_secs(5),
     );
+    (totals, output)
 }
 
 fn run_with_deadline(mut cmd: Command, timeout: Duration) -> String {
@@ -169,4 +181,88 @@ fn channel_data_ipv4_udp() {
 #[test]
 fn channel_data_ipv4_tcp() {
     echo("channel_data_ipv4_tcp", "127.0.0.1", &["-X", "-t"]);
+}
+
+/// uclient's default mode (no `-c`): each client allocates its RTP relay with EVEN-PORT and
+/// the R bit, then its RTCP relay from another local socket with the RESERVATION-TOKEN. With
+/// four threads the kernel (hashing the client's port) usually steers that second Allocate to
+/// another thread than the first, whose core must honour the token: RFC 8656 §7.2 makes it
+/// server-wide.
+#[test]
+fn rtp_and_rtcp_relays_pair_up_across_threads_ipv4_udp() {
+    let test = "rtp_and_rtcp_relays_pair_up_across_threads_ipv4_udp";
+    if !tools_present(test) {
+        return;
+    }
+    let args = ["--dev", "--user", "test:testpass", "--threads", "4"];
+    let daemon = Daemon::start("127.0.0.1", &args);
+    let (totals, output) = uclient_echo(test, &daemon, "127.0.0.1", (10, 50), &[]);
+    assert_eq!(totals.received, totals.sent, "{test}: {output}");
+    let refused = "turn_requests_total{method=\"allocate\",code=\"508\"}";
+    assert_eq!(daemon.metric(refused), 0.0, "{}", daemon.output());
+
+    // The RTCP relays took the ports their RTP relays reserved: odd, next to an allocation's
+    // even port. (uclient leaves one reservation unused with `-m 10`, on one thread as well.)
+    let log = without_colours(&daemon.output());
+    let field = |line: &str, key: &str| -> String {
+        let rest = &line[line.find(key).unwrap() + key.len()..];
+        rest.split_whitespace().next().unwrap().to_owned()
+    };
+    let reserved: BTreeSet<String> = log
+        .lines()
+        .filter(|l| l.contains("port reserved"))
+        .map(|l| field(l, " relay="))
+        .collect();
+    let taken: Vec<(String, String, String)> = log
+        .lines()
+        .filter(|l| l.contains("reserved port taken "))
+        .map(|l| {
+            (
+                field(l, " relay="),
+                field(l, " core="),
+                field(l, " maker_core="),
+            )
+        })
+        .collect();
+    assert!(
+        taken.len() + 1 >= reserved.len() && !taken.is_empty(),
+        "{test}: {} of {} reservations used:\n{log}",
+        taken.len(),
+        reserved.len()
+    );
+    for (relay, ..) in &taken {
+        assert!(reserved.contains(relay), "{test}: {relay} taken unreserved");
+        let port: u16 = relay.rsplit_once(':').unwrap().1.parse().unwrap();
+        assert_eq!(port % 2, 1, "{test}: reserved port {relay} is even");
+        let maker = format!(" port={} ", port - 1);
+        assert!(
+            log.lines()
+                .any(|l| l.contains("allocation created") && l.contains(&maker)),
+            "{test}: no allocation on the even port below {relay}:\n{log}"
+        );
+    }
+    // One pair on one thread has a chance of 1/4; all of them, of 4^-(pairs - 1).
+    assert!(
+        taken.iter().any(|(_, core, maker)| core != maker),
+        "{test}: every token was used on the thread that made it: {taken:?}"
+    );
+}
+
+/// `text` without ANSI colour sequences.
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters final-letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

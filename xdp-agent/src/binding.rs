@@ -158,6 +158,7 @@ pub fn fields(binding: &Binding, expires_at_ns: u64) -> BindingFields {
         channel: binding.channel,
         peer: binding.peer,
         allocation_port: binding.allocation_port,
+        dont_fragment: binding.dont_fragment,
         expires_at_ns,
     }
 }
@@ -172,6 +173,7 @@ pub fn from_client_entry(key: &[u8], target: &PeerTarget) -> Option<Installed> {
             peer: fields.peer,
             allocation_port: fields.allocation_port,
             listener: fields.listener,
+            dont_fragment: fields.dont_fragment,
         },
         expires_at_ns: fields.expires_at_ns,
     })
@@ -189,7 +191,10 @@ const _: () =
 /// A map value (a [`PeerTarget`] or a [`ClientTarget`]) without its expiry:
 /// what makes it this binding's half. A refresh changes the expiry alone,
 /// so every comparison of entries (removals, displaced halves, orphans,
-/// whether a binding is installed) compares these.
+/// whether a binding is installed) compares these. The client-side value's
+/// DONT-FRAGMENT flag is part of it, as it is of a [`Binding`]: installing
+/// the other value replaces the binding, and a removal must name the value
+/// it was installed with.
 fn identity(value: &[u8]) -> &[u8] {
     // A value too short to end in an expiry is compared whole.
     match value.len().checked_sub(EXPIRY_BYTES) {
@@ -247,6 +252,7 @@ pub fn client_key_of(target: &ClientTarget) -> Option<MapKey> {
         channel: u16::from_be_bytes(target.channel),
         peer: client,
         allocation_port: 0,
+        dont_fragment: false,
         expires_at_ns: 0,
     };
     Some(fields.client_entry().0)
@@ -263,6 +269,7 @@ pub fn peer_key_of(target: &PeerTarget) -> Option<MapKey> {
         channel: 0,
         peer,
         allocation_port: u16::from_be_bytes(target.allocation_port),
+        dont_fragment: false,
         expires_at_ns: 0,
     };
     Some(fields.peer_entry().0)
@@ -380,6 +387,7 @@ mod tests {
             allocation_port: port,
             listener: listener.into(),
             lifetime_ms: 600_000,
+            dont_fragment: false,
         }
     }
 
@@ -401,6 +409,17 @@ mod tests {
             assert!(!binding.listener.ip().is_unspecified(), "resolved");
             let (key, target) = installed.fields().client_entry();
             assert_eq!(from_client_entry(key.bytes(), &target), Some(installed));
+            let mut dont_fragment = request(client, 0x4001, peer, 50000);
+            dont_fragment.dont_fragment = true;
+            let lease = limits().check(&dont_fragment).unwrap();
+            assert!(lease.binding.dont_fragment);
+            let flagged = Installed::new(&lease, 7_000_000_000);
+            let (flagged_key, flagged_target) = flagged.fields().client_entry();
+            assert!(flagged_target.dont_fragment());
+            assert_eq!(
+                from_client_entry(flagged_key.bytes(), &flagged_target),
+                Some(flagged)
+            );
             let (peer_key, client_target) = installed.fields().peer_entry();
             assert_eq!(client_target.expires_at_ns, installed.expires_at_ns);
             assert_eq!(client_target.client(), Some(binding.client));
@@ -550,6 +569,28 @@ mod tests {
         let (_, later_client) = fields.peer_entry();
         assert!(super::displaced(&new, Some(&later_target), Some(&later_client)).is_empty());
         assert!(super::displaced(&new, None, None).is_empty());
+    }
+
+    #[test]
+    fn dont_fragment_is_part_of_the_client_half_and_displaces_nothing() {
+        let plain = bound("192.0.2.10:40000", 0x4001, "198.51.100.7:9000", 50000);
+        let flagged = Binding {
+            dont_fragment: true,
+            ..plain
+        };
+        let (plain_target, plain_client) = values(&plain);
+        let (flagged_target, flagged_client) = values(&flagged);
+        assert!(!same_half(
+            plain_target.as_bytes(),
+            flagged_target.as_bytes()
+        ));
+        assert!(same_half(
+            plain_client.as_bytes(),
+            flagged_client.as_bytes()
+        ));
+        // Switching it rewrites the binding's own keys and leaves no other half.
+        assert!(displaced(&flagged, Some(&plain_target), Some(&plain_client)).is_empty());
+        assert!(displaced(&plain, Some(&flagged_target), Some(&flagged_client)).is_empty());
     }
 
     #[test]

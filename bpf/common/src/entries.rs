@@ -59,6 +59,10 @@ pub struct BindingFields {
     pub peer: SocketAddr,
     /// The allocation's relay port.
     pub allocation_port: u16,
+    /// Whether its IPv4 datagrams to the peer leave with DF set (the
+    /// allocation asked for DONT-FRAGMENT); the client-side entry carries
+    /// it ([`crate::PEER_DONT_FRAGMENT`]).
+    pub dont_fragment: bool,
     /// When its authorisation ends, on the kernel's coarse monotonic clock
     /// ([`crate::ClientTarget::expires_at_ns`]); both entries carry it.
     pub expires_at_ns: u64,
@@ -93,7 +97,8 @@ impl BindingFields {
             self.peer.port(),
             self.allocation_port,
             self.expires_at_ns,
-        );
+        )
+        .with_dont_fragment(self.dont_fragment);
         (key, target)
     }
 
@@ -142,6 +147,7 @@ impl BindingFields {
             channel: u16::from_be_bytes(channel),
             peer: endpoint(target.peer()?, target.peer_port),
             allocation_port: u16::from_be_bytes(target.allocation_port),
+            dont_fragment: target.dont_fragment(),
             expires_at_ns: target.expires_at_ns,
         })
     }
@@ -151,5 +157,41 @@ fn v6_octets(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_entry_carries_the_whole_binding() {
+        for dont_fragment in [false, true] {
+            let binding = BindingFields {
+                client: "192.0.2.10:40000".parse().unwrap(),
+                listener: "203.0.113.1:3478".parse().unwrap(),
+                channel: 0x4001,
+                peer: "198.51.100.7:9000".parse().unwrap(),
+                allocation_port: 50000,
+                dont_fragment,
+                expires_at_ns: 7,
+            };
+            let (key, target) = binding.client_entry();
+            assert_eq!(target.dont_fragment(), dont_fragment);
+            assert_eq!(
+                BindingFields::from_client_entry(key.bytes(), &target),
+                Some(binding)
+            );
+            // The peer-side entry has no flag: only datagrams to the peer get DF.
+            assert_eq!(
+                binding.peer_entry().1,
+                BindingFields {
+                    dont_fragment: false,
+                    ..binding
+                }
+                .peer_entry()
+                .1
+            );
+        }
     }
 }

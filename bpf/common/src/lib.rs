@@ -292,14 +292,24 @@ pub struct PeerTarget {
     pub allocation_port: [u8; 2],
     /// `FAMILY_V4` or `FAMILY_V6`: the peer's address family.
     pub peer_family: u8,
+    /// Bit set of `PEER_*` flags.
+    pub flags: u8,
     /// Reserved, zero.
-    pub reserved: [u8; 3],
+    pub reserved: [u8; 2],
     /// See [`ClientTarget::expires_at_ns`].
     pub expires_at_ns: u64,
 }
 
+/// `PeerTarget::flags`: the allocation asked for DONT-FRAGMENT (RFC 8656
+/// section 7.2), so its IPv4 datagrams to the peer leave with DF set. IPv6
+/// datagrams need nothing: routers never fragment them, and the program
+/// does not fragment at the source. An entry written before the flag
+/// existed has it clear (the byte was reserved, zero).
+pub const PEER_DONT_FRAGMENT: u8 = 1 << 0;
+
 impl PeerTarget {
-    /// A target for a peer at `peer`, relayed to until `expires_at_ns`.
+    /// A target for a peer at `peer`, relayed to until `expires_at_ns`,
+    /// without flags.
     pub fn new(peer: IpAddr, peer_port: u16, allocation_port: u16, expires_at_ns: u64) -> Self {
         let (peer_ip, peer_family) = ip_bytes(peer);
         Self {
@@ -307,9 +317,26 @@ impl PeerTarget {
             peer_port: peer_port.to_be_bytes(),
             allocation_port: allocation_port.to_be_bytes(),
             peer_family,
-            reserved: [0; 3],
+            flags: 0,
+            reserved: [0; 2],
             expires_at_ns,
         }
+    }
+
+    /// The same target with DONT-FRAGMENT on or off (see [`PEER_DONT_FRAGMENT`]).
+    pub fn with_dont_fragment(mut self, on: bool) -> Self {
+        if on {
+            self.flags |= PEER_DONT_FRAGMENT;
+        } else {
+            self.flags &= !PEER_DONT_FRAGMENT;
+        }
+        self
+    }
+
+    /// Whether datagrams to the peer leave with DF set (see [`PEER_DONT_FRAGMENT`]).
+    #[inline(always)]
+    pub fn dont_fragment(&self) -> bool {
+        self.flags & PEER_DONT_FRAGMENT != 0
     }
 
     /// The peer's address.
@@ -668,6 +695,7 @@ mod tests {
         assert_eq!(offset_of!(PeerTarget, peer_port), 16);
         assert_eq!(offset_of!(PeerTarget, allocation_port), 18);
         assert_eq!(offset_of!(PeerTarget, peer_family), 20);
+        assert_eq!(offset_of!(PeerTarget, flags), 21);
         assert_eq!(size_of::<ClientTarget>(), 48);
         assert_eq!(offset_of!(ClientTarget, expires_at_ns), 40);
         assert_eq!(offset_of!(ClientTarget, listener_ip), 16);
@@ -723,6 +751,12 @@ mod tests {
             target.peer(),
             Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)))
         );
+        assert_eq!(target.as_bytes()[20..24], [FAMILY_V4, 0, 0, 0]);
+        assert!(!target.dont_fragment());
+        let dont_fragment = target.with_dont_fragment(true);
+        assert!(dont_fragment.dont_fragment());
+        assert_eq!(dont_fragment.as_bytes()[21], PEER_DONT_FRAGMENT);
+        assert_eq!(dont_fragment.with_dont_fragment(false), target);
         let v6: SocketAddr = "[2001:db8:3::2]:40000".parse().unwrap();
         let listener: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         let client = ClientTarget::new(v6, listener, 0x4001, u64::MAX);

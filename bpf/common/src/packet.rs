@@ -31,6 +31,8 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_FRAGMENT: u8 = 44;
 /// IPv4 `frag_off` bits that mark a fragment: More Fragments and the offset.
 pub const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
+/// IPv4 `frag_off` bit Don't Fragment (RFC 791).
+pub const IPV4_DONT_FRAGMENT: u16 = 0x4000;
 
 /// Ethernet II header.
 #[repr(C, align(2))]
@@ -218,6 +220,11 @@ pub trait IpHeader: Pod + Default {
     fn hop_limit(&self) -> u8;
     /// Whether the header's own checksum is right (IPv6 has none).
     fn header_checksum_ok(&self) -> bool;
+    /// Forbids fragmenting the datagram on its way: IPv4 sets DF, keeping
+    /// the header checksum right (an incremental update, RFC 1624, so a
+    /// wrong one stays wrong); IPv6 has no such bit, its routers never
+    /// fragment.
+    fn set_dont_fragment(&mut self);
     /// The checks a header must pass before its UDP payload is relayed:
     /// version, no options or extension headers, not a fragment, UDP, and
     /// a UDP length consistent with the IP length. `Ok(udp_len)`.
@@ -255,6 +262,18 @@ impl IpHeader for Ipv4Hdr {
             i += 2;
         }
         sum.finish() == [0, 0]
+    }
+
+    #[inline(always)]
+    fn set_dont_fragment(&mut self) {
+        let old = self.frag_off;
+        let new = (u16::from_be_bytes(old) | IPV4_DONT_FRAGMENT).to_be_bytes();
+        if new != old {
+            let mut check = Incremental::new(self.check);
+            check.replace16(old, new);
+            self.check = check.finish();
+            self.frag_off = new;
+        }
     }
 
     #[inline(always)]
@@ -307,6 +326,9 @@ impl IpHeader for Ipv6Hdr {
     }
 
     #[inline(always)]
+    fn set_dont_fragment(&mut self) {}
+
+    #[inline(always)]
     fn check(&self, udp: &UdpHdr) -> Result<usize, Reason> {
         if self.vtc_flow[0] >> 4 != 6 {
             return Err(Reason::PassNotIp);
@@ -342,7 +364,8 @@ impl IpHeader for Ipv6Hdr {
 /// stack. Same-family headers are updated in place (IPv4: incremental header
 /// checksum, RFC 1624; identification, DF kept; IPv6: flow label kept);
 /// cross-family headers are built fresh (IPv4: DF set, identification zero,
-/// header checksum computed; IPv6: flow label zero).
+/// header checksum computed; IPv6: flow label zero). An allocation that asked
+/// for DONT-FRAGMENT has DF set on top ([`IpHeader::set_dont_fragment`]).
 pub trait Translate<Out: IpHeader>: IpHeader {
     /// The outgoing header from `saddr` to `daddr` carrying `udp_len` bytes of UDP.
     fn translate(&self, saddr: Out::Addr, daddr: Out::Addr, udp_len: u16) -> Out;
@@ -1069,6 +1092,57 @@ mod tests {
                 &[added.as_bytes(), &data].concat(),
             );
         }
+    }
+
+    #[test]
+    fn dont_fragment_sets_df_and_keeps_the_header_checksum() {
+        for (frag_off, tos, id) in [
+            ([0, 0], 0xb8, [0x12, 0x34]),
+            ([0, 0], 0, [0xff, 0xff]),
+            ([0x40, 0], 0xb8, [0x12, 0x34]),
+            ([0x80, 0], 0x03, [0, 0]),
+        ] {
+            let mut ip = Ipv4Hdr {
+                frag_off,
+                tos,
+                id,
+                check: [0, 0],
+                ..v4_header(RELAY4, PEER4, 100)
+            };
+            ip.check = checksum(ip.as_bytes()).to_be_bytes();
+            let before = ip;
+            ip.set_dont_fragment();
+            assert_eq!(
+                ip.frag_off,
+                [frag_off[0] | 0x40, frag_off[1]],
+                "DF set, the rest kept"
+            );
+            assert_eq!(checksum(ip.as_bytes()), 0, "header checksum");
+            assert_eq!(
+                Ipv4Hdr {
+                    frag_off: before.frag_off,
+                    check: before.check,
+                    ..ip
+                },
+                before,
+                "nothing else changes"
+            );
+            if frag_off[0] & 0x40 != 0 {
+                assert_eq!(ip, before, "already set: untouched");
+            }
+        }
+        // A wrong checksum stays wrong, for the next hop to catch.
+        let mut bad = v4_header(RELAY4, PEER4, 100);
+        bad.frag_off = [0, 0];
+        bad.check = [0, 0];
+        bad.check = (checksum(bad.as_bytes()) ^ 1).to_be_bytes();
+        bad.set_dont_fragment();
+        assert_ne!(checksum(bad.as_bytes()), 0);
+        // IPv6 has no such bit.
+        let mut v6 = v6_header(RELAY6, PEER6, 100);
+        let before = v6;
+        v6.set_dont_fragment();
+        assert_eq!(v6, before);
     }
 
     #[test]

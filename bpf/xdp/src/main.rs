@@ -260,7 +260,9 @@ fn from_client<In: IpVersion>(
 
 /// Channel data to a peer as plain UDP from the allocation, or, when the
 /// peer is another allocation of this relay, straight to that allocation's
-/// client; `now` is the clock as `from_client` read it.
+/// client; `now` is the clock as `from_client` read it. The datagram to the
+/// peer of an allocation that asked for DONT-FRAGMENT leaves with DF set
+/// (RFC 8656 section 7.2): over IPv4, the only family with the bit.
 #[inline(always)]
 fn to_peer<In, Out>(
     ctx: &XdpContext,
@@ -306,7 +308,12 @@ where
     };
     let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
     let egress = next_hop::<Out>(ctx, config, &route, UDP_LEN + data_len)?;
-    let (out, _) = relay::<In, Out>(&input.udp, udp_len, &route)?;
+    let (mut out, _) = relay::<In, Out>(&input.udp, udp_len, &route)?;
+    // Here, not in `route`: a field there changed the layout of every
+    // path's `Relay`, and the hairpin's became a `memmove` call.
+    if target.dont_fragment() {
+        out.ip.set_dont_fragment();
+    }
     emit(
         ctx,
         config,

@@ -124,6 +124,8 @@ struct Harness {
     now: Instant,
     clients: Vec<Client>,
     relays: HashSet<RelayAddr>,
+    /// Sockets of reserved ports, bound and kept aside (EVEN-PORT with the R bit).
+    reserved: HashSet<RelayAddr>,
     /// Installed bindings and the expiry each was last installed with.
     installed: HashMap<ChannelBinding, Instant>,
     pending: Vec<ChannelBinding>,
@@ -153,6 +155,7 @@ impl Harness {
                 })
                 .collect(),
             relays: HashSet::new(),
+            reserved: HashSet::new(),
             installed: HashMap::new(),
             pending: Vec::new(),
             installs: 0,
@@ -181,6 +184,21 @@ impl Harness {
                 }
                 Command::FreeRelayPort { relay } => {
                     assert!(self.relays.remove(&relay), "{relay:?} freed but not bound");
+                }
+                Command::ReservePort { relay, .. } => {
+                    assert!(self.reserved.insert(relay), "{relay:?} reserved twice");
+                    self.server.relay_bound(self.now, relay);
+                }
+                Command::AdoptReservedPort { relay, .. } => {
+                    assert!(self.reserved.remove(&relay), "{relay:?} adopted unreserved");
+                    assert!(self.relays.insert(relay), "{relay:?} adopted while bound");
+                    self.server.relay_bound(self.now, relay);
+                }
+                Command::ReleaseReservedPort { relay } => {
+                    assert!(
+                        self.reserved.remove(&relay),
+                        "{relay:?} released unreserved"
+                    );
                 }
                 Command::InstallChannel { binding, expires } => {
                     assert_eq!(binding.transport, Transport::Udp, "TCP binding offloaded");

@@ -1,6 +1,7 @@
 //! Test harnesses shared by the lab tests (the `tests` package) and turn-control's own
-//! integration tests: the real daemon on loopback ([`daemon`]), coturn's client tools
-//! ([`coturn`]), and finding the workspace's binaries and tools.
+//! integration tests: the real daemon on loopback ([`daemon`]), a blocking STUN/TURN client
+//! ([`stun`]), coturn's client tools ([`coturn`]), and finding the workspace's binaries and
+//! tools.
 //!
 //! Small on purpose: turn-control's tests use it as a dev-dependency, so it must not pull in
 //! the lab's BPF build.
@@ -17,6 +18,7 @@ use anyhow::Context as _;
 
 pub mod coturn;
 pub mod daemon;
+pub mod stun;
 
 /// Whether this is a CI run (`CI=true`), where nothing may be skipped.
 pub fn in_ci() -> bool {

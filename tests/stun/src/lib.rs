@@ -80,6 +80,8 @@ pub mod attr {
     pub const RESERVATION_TOKEN: u16 = 0x0022;
     /// ADDITIONAL-ADDRESS-FAMILY.
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+    /// ICMP (RFC 8656 §18.13).
+    pub const ICMP: u16 = 0x8004;
     /// SOFTWARE.
     pub const SOFTWARE: u16 = 0x8022;
     /// FINGERPRINT.

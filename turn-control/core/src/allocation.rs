@@ -12,7 +12,7 @@ use crate::types::{
     AllocationPort, ChannelBinding, ChannelNumber, Family, FiveTuple, PeerAddr, RelayAddr,
 };
 
-/// A RESERVATION-TOKEN (RFC 8656 §18.9): eight random bytes, so that it tells nothing about
+/// A RESERVATION-TOKEN (RFC 8656 §18.10): eight random bytes, so that it tells nothing about
 /// the port it holds nor lets anyone guess another client's.
 pub(crate) type ReservationToken = [u8; 8];
 
@@ -27,17 +27,18 @@ pub(crate) enum PortUse {
 }
 
 /// A relayed transport address held for a later Allocate that brings its token (RFC 8656
-/// §7.2: EVEN-PORT with the R bit reserves port N+1 next to the allocation's even port N).
-/// The daemon keeps its socket bound meanwhile, so that no other process takes the port.
+/// §7.2: EVEN-PORT with the R bit reserves port N+1 next to the allocation's even port N), as
+/// the core that made it holds it; the token itself is in the shared
+/// [`crate::ReservationLedger`]. The daemon keeps its socket bound meanwhile, so that no other
+/// process takes the port.
 #[derive(Debug)]
 pub(crate) struct Reservation {
     /// The reserved address: the relay IP of the allocation that made it, and its port + 1.
     pub(crate) relay: RelayAddr,
-    /// Only this user's Allocate may use the token.
-    pub(crate) username: Arc<str>,
     /// The allocation whose Allocate made the reservation. Until that Allocate's success has
     /// gone out, the reservation moves with the allocation when a port cannot be bound.
     pub(crate) maker: FiveTuple,
+    /// When this core ends the reservation (and learns whether another core used it).
     pub(crate) expires: Instant,
     /// The daemon confirmed the socket ([`crate::Server::relay_bound`]).
     pub(crate) bound: bool,

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 
 use crate::auth::Credentials;
 use crate::quota::QuotaLedger;
+use crate::reservation_ledger::ReservationLedger;
 
 /// Default allocation lifetime (RFC 8656 §7.2: 10 minutes).
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
@@ -24,9 +25,10 @@ pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 /// How long the port reserved by an Allocate with EVEN-PORT and the R bit is held for its
 /// RESERVATION-TOKEN, from the Allocate success (RFC 8656 §7.2: at least 30 seconds).
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
-/// RESERVATION-TOKENs one username may hold at once; an EVEN-PORT request with the R bit
-/// beyond it gets 508 (Insufficient Capacity, RFC 8656 §7.2). An RTP/RTCP client needs one
-/// per call it sets up within [`RESERVATION_LIFETIME`].
+/// RESERVATION-TOKENs one username may hold at once, over every server sharing
+/// [`Config::reservations`]; an EVEN-PORT request with the R bit beyond it gets 508
+/// (Insufficient Capacity, RFC 8656 §7.2). An RTP/RTCP client needs one per call it sets up
+/// within [`RESERVATION_LIFETIME`].
 pub const RESERVATIONS_PER_USER: usize = 8;
 
 /// Upper bound for configured durations, so that deadline arithmetic cannot overflow.
@@ -61,7 +63,8 @@ pub struct Config {
     pub user_quota: Option<u32>,
     /// Maximum allocations in total (486 beyond), `None` for no limit.
     pub total_quota: Option<u32>,
-    /// Maximum RESERVATION-TOKENs held at once, over all users (RFC 8656 §7.2: EVEN-PORT with
+    /// Maximum RESERVATION-TOKENs held at once, over all users and every server sharing
+    /// [`Config::reservations`] (RFC 8656 §7.2: EVEN-PORT with
     /// the R bit reserves the next port for a later Allocate). Each holds a relay port and its
     /// socket for [`RESERVATION_LIFETIME`]; EVEN-PORT requests with the R bit beyond the limit
     /// get 508 (Insufficient Capacity), as do those beyond [`RESERVATIONS_PER_USER`]. Zero
@@ -70,6 +73,11 @@ pub struct Config {
     /// Where allocations are counted against the quotas; servers that must share the limits
     /// share one ledger. Default: a ledger of this server's own.
     pub quotas: Arc<QuotaLedger>,
+    /// Where RESERVATION-TOKENs are kept (RFC 8656 §7.2: a token is good server-wide); the
+    /// servers of one daemon share one ledger, so that a token made on one is good on every
+    /// other, and [`Config::max_reservations`] and [`RESERVATIONS_PER_USER`] hold across them.
+    /// Default: a ledger of this server's own.
+    pub reservations: Arc<ReservationLedger>,
     /// Operator allow list: peers in these networks are allowed even inside the built-in
     /// denied ranges.
     pub allow_peers: Vec<IpNet>,
@@ -113,6 +121,7 @@ impl Config {
             total_quota: None,
             max_reservations: 1024,
             quotas: QuotaLedger::shared(),
+            reservations: ReservationLedger::shared(),
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
             allow_loopback_peers: false,

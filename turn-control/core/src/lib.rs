@@ -45,12 +45,15 @@
 //! - **Allocate attributes** (RFC 8656 §7.2, §18). REQUESTED-TRANSPORT must be UDP.
 //!   REQUESTED-ADDRESS-FAMILY and ADDITIONAL-ADDRESS-FAMILY pick the relay families (RFC 6156).
 //!   EVEN-PORT gives an even port; with its R bit the next (odd) port is reserved as well, its
-//!   socket bound at once ([`Command::BindRelayPort`]), under a random 8-byte
-//!   RESERVATION-TOKEN in the success, which waits for both sockets. An Allocate of the same
-//!   user with that token, on any 5-tuple, gets that port; the token is single use and lapses
-//!   [`config::RESERVATION_LIFETIME`] (30 s) after the success, when the socket is freed.
-//!   Tokens are capped per user ([`config::RESERVATIONS_PER_USER`]) and in all
-//!   ([`Config::max_reservations`]). No free even/odd pair, a cap reached, or an unknown,
+//!   socket bound at once and kept aside unread ([`Command::ReservePort`]), under a random
+//!   8-byte RESERVATION-TOKEN in the success, which waits for both sockets. An Allocate of the
+//!   same user with that token, on any 5-tuple and any server sharing
+//!   [`Config::reservations`] (the cores of one daemon), gets that port and has the daemon
+//!   adopt its socket ([`Command::AdoptReservedPort`]); the token is single use and lapses
+//!   [`config::RESERVATION_LIFETIME`] (30 s) after the success, when the socket is released
+//!   ([`Command::ReleaseReservedPort`]). Tokens are capped per user
+//!   ([`config::RESERVATIONS_PER_USER`]) and in all ([`Config::max_reservations`]), over the
+//!   servers sharing the ledger. No free even/odd pair, a cap reached, or an unknown,
 //!   expired, used or other user's token gets 508; RESERVATION-TOKEN with EVEN-PORT or a
 //!   family attribute, or R with ADDITIONAL-ADDRESS-FAMILY, gets 400. DONT-FRAGMENT sets DF on
 //!   the allocation's relay sockets ([`Command::BindRelayPort`]) and data-plane bindings
@@ -95,8 +98,9 @@
 //! about 0.8 KiB (408-byte table entry, 72-byte port index entry, username); its first
 //! permission and first channel add about 0.5 KiB of per-allocation maps; each further
 //! channel about 0.27 KiB (80-byte channel entry, 36-byte reverse index entry, timer) and each
-//! further permission about 0.17 KiB. A reservation is about 0.4 KiB (144-byte entry, port
-//! index entry, timer, username) while its token is out.
+//! further permission about 0.17 KiB. A reservation is about 0.5 KiB (a 128-byte entry on the
+//! core that made it, an 80-byte one in the shared ledger, port index entry, timer) while its
+//! token is out.
 //!
 //! Modules: [`types`] (role newtypes), [`framing`] (STUN/ChannelData demultiplexing and TCP
 //! framing), [`policy`] (which peers may be reached), [`icmp`] (ICMP errors for clients), [`auth`] (long-term and REST
@@ -111,6 +115,7 @@ pub mod icmp;
 mod long_term;
 pub mod policy;
 pub mod quota;
+pub mod reservation_ledger;
 mod server;
 pub mod stats;
 mod stun;
@@ -124,6 +129,7 @@ pub use framing::{ChannelData, FrameError, frame_len};
 pub use icmp::{ICMP_RATE, Icmp};
 pub use policy::{PeerDenied, PeerPolicy};
 pub use quota::QuotaLedger;
+pub use reservation_ledger::ReservationLedger;
 pub use server::{Command, OffloadError, RELAY_BIND_ATTEMPTS, Server, Transmit};
 pub use stats::{RequestMethod, Stats, Traffic};
 pub use types::{

@@ -2,12 +2,24 @@
 //! the odd port next to its even one (RTP and RTCP) under a random token, and a later
 //! Allocate of the same user, on any 5-tuple, takes that port with the token.
 //!
-//! A reservation holds its port in the server's one port index and its socket in the daemon
-//! ([`Command::BindRelayPort`]) from the Allocate that makes it until the token is used or
-//! [`RESERVATION_LIFETIME`] after that Allocate's success, when the socket is freed. The
-//! success, which carries the token, waits for both sockets; until it goes out the pair moves
-//! together when a port cannot be bound. After it, the reservation is best effort (RFC 8656
-//! §7.2): a socket the daemon loses voids the token.
+//! A token is server-wide, and the later Allocate (another client socket) may reach another
+//! core of the daemon than the one that made the reservation. So the token, the address it
+//! names and the bounds live in the shared [`crate::ReservationLedger`], while the making core
+//! keeps the port in its own port index (its slice of the range, so it never hands it out) and
+//! has the daemon bind its socket and keep it aside, unread ([`Command::ReservePort`]).
+//!
+//! - The success of the reserving Allocate, which carries the token, waits for both sockets;
+//!   until it goes out the pair moves together when a port cannot be bound, and the token
+//!   cannot be used. From then on the reservation is best effort (RFC 8656 §7.2): a socket the
+//!   daemon loses voids the token.
+//! - Whichever core gets the Allocate with the token takes it out of the ledger (single use,
+//!   the user must match), makes the allocation on the reserved port although it is not of its
+//!   own slice, and has its event loop adopt the socket ([`Command::AdoptReservedPort`]).
+//! - The making core learns of that lazily: [`RESERVATION_LIFETIME`] after its success, if the
+//!   ledger still holds the token it ends it and releases the socket
+//!   ([`Command::ReleaseReservedPort`]); if not, it only forgets the port. Picked again later
+//!   while the other core's allocation still holds it, the port fails to bind and the new
+//!   allocation moves on ([`Server::relay_bind_failed`]).
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -18,11 +30,12 @@ use std::time::Instant;
 use rand::RngExt as _;
 use rtc_stun::attributes::{ATTR_EVEN_PORT, ATTR_REQUESTED_ADDRESS_FAMILY};
 
-use super::{Auth, Command, Reply, Server, Timer};
+use super::{Auth, Command, RELAY_BIND_ATTEMPTS, Reply, Server, Timer};
 use crate::allocation::{Allocation, PortUse, Reservation, ReservationToken};
 use crate::config::{RESERVATION_LIFETIME, RESERVATIONS_PER_USER};
 use crate::icmp::IcmpBudget;
-use crate::stun::{ATTR_ADDITIONAL_ADDRESS_FAMILY, Parsed};
+use crate::reservation_ledger::ReservedAddress;
+use crate::stun::Parsed;
 use crate::types::{AllocationPort, FiveTuple, RelayAddr};
 
 impl Server {
@@ -48,17 +61,6 @@ impl Server {
             .get(&token)
             .is_some_and(|r| r.maker == *tuple);
         (made_here && !self.is_announced(tuple)).then_some(token)
-    }
-
-    /// Whether `username` may hold one more reservation: [`RESERVATIONS_PER_USER`] each and
-    /// [`crate::Config::max_reservations`] in all.
-    pub(super) fn may_reserve(&self, username: &str) -> bool {
-        let held = self
-            .reservations_per_user
-            .get(username)
-            .copied()
-            .unwrap_or(0);
-        self.reservations.len() < self.config.max_reservations && held < RESERVATIONS_PER_USER
     }
 
     /// Draws a free pair of ports N (even) and N + 1 from the range at random, falling back to
@@ -90,56 +92,112 @@ impl Server {
             .map(AllocationPort)
     }
 
-    /// Reserves `relay` (a free port) for `username` under a new random token and asks the
-    /// daemon to bind its socket. The deadline restarts when the maker's success goes out.
-    pub(super) fn reserve(
+    /// Counts a new allocation of `username` against the quotas (486 beyond) and, when it
+    /// reserves `reserved`, enters that in the shared ledger within its bounds (508 beyond):
+    /// the reservation's token.
+    pub(super) fn admit(
+        &mut self,
+        username: &Arc<str>,
+        reserved: Option<RelayAddr>,
+    ) -> Result<Option<ReservationToken>, u16> {
+        let token = reserved
+            .map(|relay| self.enter_reservation(relay, username).ok_or(508u16))
+            .transpose()?;
+        let (user_quota, total_quota) = (self.config.user_quota, self.config.total_quota);
+        if !self
+            .config
+            .quotas
+            .try_reserve(username, user_quota, total_quota)
+        {
+            if let Some(token) = token {
+                self.config.reservations.remove(&token);
+            }
+            return Err(486);
+        }
+        Ok(token)
+    }
+
+    /// Enters a reservation of `relay` for `username` in the shared ledger under a new random
+    /// token, unless [`RESERVATIONS_PER_USER`] or [`crate::Config::max_reservations`] would be
+    /// exceeded.
+    fn enter_reservation(
+        &mut self,
+        relay: RelayAddr,
+        username: &Arc<str>,
+    ) -> Option<ReservationToken> {
+        let reserved = ReservedAddress {
+            relay,
+            username: username.clone(),
+            maker_core: self.config.core_index,
+            expires: None,
+        };
+        let bounds = (RESERVATIONS_PER_USER, self.config.max_reservations);
+        let rng = &mut self.rng;
+        // Drawn from the CSPRNG, so a token says nothing about its port or about other tokens.
+        self.config.reservations.insert(reserved, bounds, || {
+            let mut token = ReservationToken::default();
+            rng.fill(&mut token);
+            token
+        })
+    }
+
+    /// Holds the port `relay` of the reservation `maker`'s Allocate made under `token` (in the
+    /// ledger already): in the port index, with its timer, its socket bound and kept aside.
+    /// The deadline restarts when the maker's success goes out.
+    pub(super) fn hold_reservation(
         &mut self,
         now: Instant,
         maker: &FiveTuple,
+        token: ReservationToken,
         relay: RelayAddr,
-        username: &Arc<str>,
         dont_fragment: bool,
-    ) -> ReservationToken {
-        // Drawn from the CSPRNG, so a token says nothing about its port or about other tokens;
-        // a repeat among the few live ones is as good as impossible but would be redrawn.
-        let token = loop {
-            let mut token = ReservationToken::default();
-            self.rng.fill(&mut token);
-            if !self.reservations.contains_key(&token) {
-                break token;
-            }
-        };
+    ) {
         let expires = now + RESERVATION_LIFETIME;
         self.reservations.insert(
             token,
             Reservation {
                 relay,
-                username: username.clone(),
                 maker: *maker,
                 expires,
                 bound: false,
                 dont_fragment,
             },
         );
-        *self
-            .reservations_per_user
-            .entry(username.clone())
-            .or_default() += 1;
         self.by_port.insert(relay.port(), PortUse::Reserved(token));
         self.timers
             .push(Reverse((expires, Timer::Reservation(token))));
-        self.commands.push_back(Command::BindRelayPort {
+        self.commands.push_back(Command::ReservePort {
             relay,
             dont_fragment,
         });
         self.stats.reservations_active += 1;
         tracing::debug!(client = %maker.client, %relay, "port reserved");
-        token
+    }
+
+    /// The success of `maker`'s Allocate, which carries `token`, goes out: the reservation is
+    /// held for [`RESERVATION_LIFETIME`] from now (RFC 8656 §7.2), and from now on an Allocate
+    /// with the token may take it on any core.
+    pub(super) fn publish_reservation(
+        &mut self,
+        now: Instant,
+        maker: &FiveTuple,
+        token: ReservationToken,
+    ) {
+        let Some(r) = self
+            .reservations
+            .get_mut(&token)
+            .filter(|r| r.maker == *maker)
+        else {
+            return;
+        };
+        r.expires = now + RESERVATION_LIFETIME;
+        self.config.reservations.publish(&token, r.relay, r.expires);
     }
 
     /// An Allocate with RESERVATION-TOKEN (RFC 8656 §7.2) takes the relayed address reserved
-    /// under it, whatever its 5-tuple (the reservation is server-wide), if the same user made
-    /// the reservation. The token is used up.
+    /// under it, whatever its 5-tuple and whichever core made the reservation (a token is
+    /// server-wide), if the same user made it. The token is used up; the success waits until
+    /// the daemon has adopted the reserved socket ([`Command::AdoptReservedPort`]).
     pub(super) fn allocate_reserved(
         &mut self,
         now: Instant,
@@ -152,7 +210,7 @@ impl Server {
         // The token names the address: a family or an even port asked for besides is 400.
         if req.has(ATTR_EVEN_PORT)
             || req.has(ATTR_REQUESTED_ADDRESS_FAMILY)
-            || req.has(ATTR_ADDITIONAL_ADDRESS_FAMILY)
+            || req.additional_address_family().is_some()
         {
             return Err(400);
         }
@@ -162,16 +220,6 @@ impl Server {
         let lifetime = self
             .desired_lifetime(req)?
             .max(self.config.default_lifetime);
-        // Unknown, expired, lost its socket, or another user's: 508 alike (RFC 8656 §7.2 has
-        // 508 for a token that is not valid), so a token tells nothing to those it was not
-        // given to.
-        let valid = self
-            .reservations
-            .get(&token)
-            .is_some_and(|r| r.bound && r.expires > now && *r.username == *auth.username);
-        if !valid {
-            return Err(508);
-        }
         let username: Arc<str> = Arc::from(auth.username.as_str());
         if !self.config.quotas.try_reserve(
             &username,
@@ -180,11 +228,17 @@ impl Server {
         ) {
             return Err(486);
         }
-        let Some(reservation) = self.remove_reservation(token) else {
+        // Unknown, expired, used, lost its socket, or another user's: 508 alike (RFC 8656 §7.2
+        // has 508 for a token that is not valid), so a token tells nothing to those it was not
+        // given to.
+        let Some(reserved) = self.config.reservations.take(&token, &username, now) else {
             self.config.quotas.release(&username);
             return Err(508);
         };
-        let relay = reservation.relay;
+        // Made here, the port passes from the reservation to the allocation at once; made on
+        // another core, that core forgets it when the reservation's time is up.
+        self.forget_reservation(token);
+        let relay = reserved.relay;
         let mut alloc = Allocation::new(
             relay.port(),
             username,
@@ -195,26 +249,23 @@ impl Server {
         );
         alloc.dont_fragment = dont_fragment;
         alloc.set_relay(relay);
-        // The socket was bound with the maker's DONT-FRAGMENT; with another one it is bound
-        // again, and the success waits for that.
-        let rebind = reservation.dont_fragment != dont_fragment;
-        if rebind {
-            alloc.await_binds();
-            self.commands.push_back(Command::FreeRelayPort { relay });
-            self.commands.push_back(Command::BindRelayPort {
-                relay,
-                dont_fragment,
-            });
-        }
+        alloc.await_binds();
+        // The token names this one address: if its socket cannot be had there is no other port
+        // to move to, and the first failure is the last (508).
+        alloc.bind_attempts = RELAY_BIND_ATTEMPTS - 1;
+        self.commands.push_back(Command::AdoptReservedPort {
+            relay,
+            dont_fragment,
+        });
+        tracing::debug!(
+            client = %tuple.client,
+            %relay,
+            core = self.config.core_index,
+            maker_core = reserved.maker_core,
+            "reserved port taken"
+        );
         self.insert_allocation(tuple, alloc, lifetime);
-        if rebind {
-            return Ok(Reply::AwaitBind);
-        }
-        Ok(Reply::Now(self.allocate_success(
-            now,
-            tuple,
-            req.transaction_id(),
-        )))
+        Ok(Reply::AwaitBind)
     }
 
     /// [`Server::relay_bound`] for a reserved port: the success of the Allocate that made the
@@ -267,7 +318,7 @@ impl Server {
             return Some(maker);
         }
         tracing::debug!(%relay, "reserved relay port lost; its token is void");
-        self.free_reservation(token);
+        self.end_reservation(token);
         None
     }
 
@@ -297,43 +348,45 @@ impl Server {
         r.bound = false;
         let (relay, dont_fragment) = (r.relay, r.dont_fragment);
         self.by_port.insert(next, PortUse::Reserved(token));
-        self.commands.push_back(Command::BindRelayPort {
+        self.commands.push_back(Command::ReservePort {
             relay,
             dont_fragment,
         });
     }
 
-    /// Takes a reservation out of the tables (its port and the user's count); its socket is
-    /// the caller's.
-    pub(super) fn remove_reservation(&mut self, token: ReservationToken) -> Option<Reservation> {
+    /// Takes a reservation out of this core's tables (its port and the gauge), not out of the
+    /// ledger; its socket is the caller's.
+    pub(super) fn forget_reservation(&mut self, token: ReservationToken) -> Option<Reservation> {
         let r = self.reservations.remove(&token)?;
         if self.by_port.get(&r.relay.port()) == Some(&PortUse::Reserved(token)) {
             self.by_port.remove(&r.relay.port());
-        }
-        if let Some(held) = self.reservations_per_user.get_mut(r.username.as_ref()) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                self.reservations_per_user.remove(r.username.as_ref());
-            }
         }
         self.stats.reservations_active = self.stats.reservations_active.saturating_sub(1);
         Some(r)
     }
 
-    /// Ends a reservation unused and lets go of its socket.
-    pub(super) fn free_reservation(&mut self, token: ReservationToken) {
-        if let Some(r) = self.remove_reservation(token) {
+    /// Ends a reservation this core made: out of the ledger and this core's tables, and its
+    /// socket released, unless another core took the token meanwhile; that core's allocation
+    /// reads the socket now, and this core only forgets the port.
+    pub(super) fn end_reservation(&mut self, token: ReservationToken) {
+        let Some(r) = self.forget_reservation(token) else {
+            return;
+        };
+        if self.config.reservations.remove(&token).is_some() {
             self.release_socket(r.relay, r.bound);
+        } else {
+            tracing::debug!(relay = %r.relay, "reserved port taken on another core; forgotten here");
         }
     }
 
-    /// Frees the socket of `relay` if bound; otherwise drops its queued bind.
+    /// Releases the socket kept aside for `relay` if bound; otherwise drops its queued bind.
     fn release_socket(&mut self, relay: RelayAddr, bound: bool) {
         if bound {
-            self.commands.push_back(Command::FreeRelayPort { relay });
+            self.commands
+                .push_back(Command::ReleaseReservedPort { relay });
         } else {
             self.commands
-                .retain(|c| !matches!(c, Command::BindRelayPort { relay: r, .. } if *r == relay));
+                .retain(|c| !matches!(c, Command::ReservePort { relay: r, .. } if *r == relay));
         }
     }
 }

@@ -26,16 +26,13 @@ use rtc_turn::proto::lifetime::Lifetime;
 
 use crate::allocation::{Allocation, Channel, Cooldown, PortUse, Reservation, ReservationToken};
 use crate::auth::{Credentials, NonceCheck, NonceKey, RateLimiter, SigningKey};
-use crate::config::{
-    CHANNEL_COOLDOWN, CHANNEL_LIFETIME, Config, ConfigError, PERMISSION_LIFETIME,
-    RESERVATION_LIFETIME,
-};
+use crate::config::{CHANNEL_COOLDOWN, CHANNEL_LIFETIME, Config, ConfigError, PERMISSION_LIFETIME};
 use crate::framing::{ChannelData, FrameKind, frame_kind};
 use crate::icmp::{ATTR_ICMP, Icmp, IcmpBudget};
 use crate::long_term::{Auth, Malformed, Offer, PASSWORD_ALGORITHMS};
 use crate::policy::PeerPolicy;
 use crate::stats::{RequestMethod, Stats};
-use crate::stun::{ATTR_ADDITIONAL_ADDRESS_FAMILY, Builder, Parsed, parse};
+use crate::stun::{Builder, Parsed, parse};
 use crate::types::{
     AllocationPort, ChannelBinding, ChannelNumber, ClientAddr, Family, FiveTuple, PeerAddr,
     RelayAddr, Transport,
@@ -98,19 +95,10 @@ pub enum Command {
     /// Open a UDP socket bound to `relay`, then answer with [`Server::relay_bound`], or with
     /// [`Server::relay_bind_failed`] if the port is taken: the allocation then moves to
     /// another port, or after [`RELAY_BIND_ATTEMPTS`] ports the client gets 508.
-    ///
-    /// Also emitted for the odd port that an Allocate with EVEN-PORT and the R bit reserves
-    /// next to its even one (RFC 8656 §7.2), so that no other process takes the port while
-    /// its RESERVATION-TOKEN is out. Datagrams arriving there before an Allocate brings the
-    /// token are dropped. That Allocate's success waits for both sockets, and a failure of
-    /// either moves the pair; once the success is out, the reservation is best effort: a
-    /// socket lost later voids the token (the Allocate that brings it gets 508), and an
-    /// unused reservation ends with [`Command::FreeRelayPort`] after
-    /// [`crate::config::RESERVATION_LIFETIME`].
     BindRelayPort {
         /// The relayed transport address.
         relay: RelayAddr,
-        /// The Allocate asked for DONT-FRAGMENT (RFC 8656 §7.2, §18.8): datagrams from this
+        /// The Allocate asked for DONT-FRAGMENT (RFC 8656 §7.2, §18.9): datagrams from this
         /// socket carry DF, with path-MTU discovery (Linux: `IP_MTU_DISCOVER` =
         /// `IP_PMTUDISC_DO` for IPv4; `IPV6_DONTFRAG` for IPv6, where routers never fragment
         /// and this stops the host fragmenting at the source). Datagrams larger than the path
@@ -118,10 +106,45 @@ pub enum Command {
         /// come back are for [`Server::handle_icmp`].
         dont_fragment: bool,
     },
-    /// Close the socket of `relay`: its allocation is gone or moved, or its reservation ended
-    /// unused.
+    /// Close the socket of `relay`: its allocation is gone or moved.
     FreeRelayPort {
         /// The relayed transport address.
+        relay: RelayAddr,
+    },
+    /// Open a UDP socket bound to `relay` for a reservation (RFC 8656 §7.2: EVEN-PORT with the
+    /// R bit reserves the odd port next to the allocation's even one, so that no other process
+    /// takes it while its RESERVATION-TOKEN is out), then answer as for
+    /// [`Command::BindRelayPort`]. Nothing may be relayed there before an Allocate brings the
+    /// token, so the socket is not read: keep it aside, where the event loop of whichever core
+    /// gets that Allocate finds it ([`Command::AdoptReservedPort`]); a token is server-wide.
+    ///
+    /// The success of the Allocate that reserves waits for both sockets, and a failure of
+    /// either moves the pair; once the success is out, the reservation is best effort: a
+    /// socket lost later voids the token, and an unused reservation ends with
+    /// [`Command::ReleaseReservedPort`] after [`crate::config::RESERVATION_LIFETIME`].
+    ReservePort {
+        /// The reserved relayed transport address.
+        relay: RelayAddr,
+        /// As for [`Command::BindRelayPort`]: the reserving Allocate asked for DONT-FRAGMENT.
+        dont_fragment: bool,
+    },
+    /// An Allocate with a RESERVATION-TOKEN took `relay`, reserved by this core or another:
+    /// take the socket kept aside for it ([`Command::ReservePort`]) and read it as this core's
+    /// relay socket of `relay`, with DONT-FRAGMENT as `dont_fragment` says; if none is kept
+    /// (it closed meanwhile), bind `relay` afresh. Then answer as for
+    /// [`Command::BindRelayPort`]: the success waits for it, and a failure gets the client 508
+    /// (the token names this one address). The socket is this core's from now on, freed with
+    /// [`Command::FreeRelayPort`]; the core that reserved it only forgets the port.
+    AdoptReservedPort {
+        /// The reserved relayed transport address, now an allocation's.
+        relay: RelayAddr,
+        /// The Allocate that brought the token asked for DONT-FRAGMENT.
+        dont_fragment: bool,
+    },
+    /// Close the socket kept aside for the reservation of `relay`: the reservation ended
+    /// unused, or moved with its allocation before its token went out.
+    ReleaseReservedPort {
+        /// The reserved relayed transport address.
         relay: RelayAddr,
     },
     /// Write `binding` into the data plane (both directions), or overwrite the entry already
@@ -165,7 +188,8 @@ pub enum OffloadError {
 /// [`handle_icmp`](Self::handle_icmp) (ICMP errors about what a relay socket sent),
 /// [`handle_timeout`](Self::handle_timeout) and the answers to its commands
 /// ([`relay_bound`](Self::relay_bound) or [`relay_bind_failed`](Self::relay_bind_failed) for
-/// [`Command::BindRelayPort`], [`channel_installed`](Self::channel_installed) for
+/// [`Command::BindRelayPort`], [`Command::ReservePort`] and [`Command::AdoptReservedPort`],
+/// [`channel_installed`](Self::channel_installed) for
 /// [`Command::InstallChannel`]); end with [`shutdown`](Self::shutdown). Time is always passed
 /// in: `now` is a monotonic [`Instant`]; wall-clock time (REST usernames, nonces) is derived
 /// from the (`Instant`, [`SystemTime`]) anchor given to [`Server::new`], which the daemon may
@@ -194,12 +218,12 @@ pub struct Server {
     nonce_key: NonceKeyDebug,
     wall: WallClock,
     allocations: HashMap<FiveTuple, Allocation>,
-    /// Every port in use, by an allocation or a reservation.
+    /// Every port in use here: by an allocation (of this core's slice of the range, or one
+    /// reserved by another core and taken with its token), or by a reservation this core made.
     by_port: HashMap<AllocationPort, PortUse>,
-    /// RESERVATION-TOKENs out (RFC 8656 §7.2), at most [`Config::max_reservations`].
+    /// The reservations this core made (RFC 8656 §7.2) and still holds a port for. Their
+    /// tokens and the bounds are in [`Config::reservations`], shared by every core.
     reservations: HashMap<ReservationToken, Reservation>,
-    /// Reservations held per username, at most [`crate::config::RESERVATIONS_PER_USER`].
-    reservations_per_user: HashMap<Arc<str>, usize>,
     /// When the server started: the time base of the ICMP rate caps.
     started: Instant,
     pending: HashMap<(FiveTuple, ChannelNumber), Pending>,
@@ -329,7 +353,7 @@ fn request_method(method: Method) -> Option<RequestMethod> {
     })
 }
 
-/// REQUESTED-ADDRESS-FAMILY / ADDITIONAL-ADDRESS-FAMILY value (RFC 8656 §18.10).
+/// REQUESTED-ADDRESS-FAMILY / ADDITIONAL-ADDRESS-FAMILY value (RFC 8656 §18.6, §18.11).
 fn family_attr(value: &[u8]) -> Option<Family> {
     match value {
         [0x01, _, _, _] => Some(Family::V4),
@@ -364,7 +388,6 @@ impl Server {
             allocations: HashMap::new(),
             by_port: HashMap::new(),
             reservations: HashMap::new(),
-            reservations_per_user: HashMap::new(),
             started: now,
             pending: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -693,7 +716,7 @@ impl Server {
         let Some(port) = new_port.filter(|p| *p != old_port) else {
             tracing::debug!(%relay, attempts, "no relay port could be bound; allocation refused");
             if let Some(token) = reservation {
-                self.remove_reservation(token);
+                self.end_reservation(token);
             }
             if let Some(alloc) = self.allocations.get_mut(&tuple) {
                 // Freed above or never bound: nothing is left for the deletion to free.
@@ -744,8 +767,13 @@ impl Server {
 
     /// Ends every allocation and reservation, as a stop of the daemon does: each channel in
     /// the data plane gets a [`Command::RemoveChannel`], each relay socket a
-    /// [`Command::FreeRelayPort`]; held responses are dropped and no timer is left. The server
-    /// stays usable.
+    /// [`Command::FreeRelayPort`], each reserved socket a [`Command::ReleaseReservedPort`];
+    /// held responses are dropped and no timer is left. The server stays usable.
+    ///
+    /// The reservations this core made leave the shared ledger here, in the same step that
+    /// releases their sockets: a stopped core ends nothing, so a token it left there would
+    /// count against the bounds for good, and another core could still take it after its
+    /// socket closed. A token another core took already is that core's, and so is its socket.
     pub fn shutdown(&mut self) {
         let tuples: Vec<FiveTuple> = self.allocations.keys().copied().collect();
         for tuple in tuples {
@@ -753,7 +781,7 @@ impl Server {
         }
         let tokens: Vec<ReservationToken> = self.reservations.keys().copied().collect();
         for token in tokens {
-            self.free_reservation(token);
+            self.end_reservation(token);
         }
         self.pending.clear();
         self.timers.clear();
@@ -1140,21 +1168,16 @@ impl Server {
         let username: Arc<str> = Arc::from(auth.username.as_str());
         // RFC 8656 §7.2: 508 when no even port, or no even/odd pair (or no further
         // reservation) can be had.
-        let port = if !reserve {
-            self.pick_port(even_port)
-        } else if self.may_reserve(&username) {
+        let port = if reserve {
             self.pick_pair()
         } else {
-            None
+            self.pick_port(even_port)
         };
         let port = port.ok_or(508u16)?;
-        if !self.config.quotas.try_reserve(
-            &username,
-            self.config.user_quota,
-            self.config.total_quota,
-        ) {
-            return Err(486);
-        }
+        // pick_pair leaves port + 1 free and in range.
+        let reserved =
+            reserve.then(|| RelayAddr(SocketAddr::new(primary_ip, port.0.saturating_add(1))));
+        let token = self.admit(&username, reserved)?;
         let mut alloc = Allocation::new(
             port,
             username.clone(),
@@ -1176,10 +1199,9 @@ impl Server {
                 dont_fragment,
             });
         }
-        if reserve {
-            // pick_pair leaves port + 1 free and in range.
-            let reserved = RelayAddr(SocketAddr::new(primary_ip, port.0.saturating_add(1)));
-            alloc.reservation = Some(self.reserve(now, tuple, reserved, &username, dont_fragment));
+        if let (Some(token), Some(reserved)) = (token, reserved) {
+            alloc.reservation = Some(token);
+            self.hold_reservation(now, tuple, token, reserved, dont_fragment);
         }
         self.insert_allocation(tuple, alloc, lifetime);
         Ok(Reply::AwaitBind)
@@ -1202,11 +1224,8 @@ impl Server {
             return;
         };
         let (txid, key, reservation) = (alloc.allocate_txid, *alloc.key, alloc.reservation);
-        // RFC 8656 §7.2: the reservation is held for 30 s from here, when its token goes out.
-        if let Some(r) = reservation.and_then(|token| self.reservations.get_mut(&token))
-            && r.maker == *tuple
-        {
-            r.expires = now + RESERVATION_LIFETIME;
+        if let Some(token) = reservation {
+            self.publish_reservation(now, tuple, token);
         }
         self.stats.response(RequestMethod::Allocate, 200);
         let payload = self.allocate_success(now, tuple, txid).finish(
@@ -1632,8 +1651,8 @@ impl Server {
                 self.release_pending((tuple, number));
             }
             Timer::Reservation(token) => {
-                tracing::debug!("reservation expired unused");
-                self.free_reservation(token);
+                tracing::debug!("reservation's time is up");
+                self.end_reservation(token);
             }
         }
     }
@@ -1748,7 +1767,7 @@ impl Server {
             return;
         };
         if let Some(token) = unannounced {
-            self.free_reservation(token);
+            self.end_reservation(token);
         }
         self.by_port.remove(&alloc.port);
         self.config.quotas.release(&alloc.username);
@@ -1807,7 +1826,7 @@ impl Server {
 }
 
 /// An Allocate's REQUESTED-TRANSPORT (UDP only: 442 otherwise, RFC 8656 §7.2) and whether it
-/// carries DONT-FRAGMENT (§18.8, which has no value).
+/// carries DONT-FRAGMENT (§18.9, which has no value).
 fn allocate_transport_and_fragmentation(req: &Parsed<'_>) -> Result<bool, u16> {
     match req.attr(ATTR_REQUESTED_TRANSPORT) {
         None => return Err(400),
@@ -1826,7 +1845,7 @@ fn allocate_transport_and_fragmentation(req: &Parsed<'_>) -> Result<bool, u16> {
 /// alone, or IPv4 plus the IPv6 of ADDITIONAL-ADDRESS-FAMILY; IPv4 when neither is there.
 fn requested_families(req: &Parsed<'_>) -> Result<(Family, Option<Family>), u16> {
     let requested = req.attr(ATTR_REQUESTED_ADDRESS_FAMILY);
-    let additional = req.attr(ATTR_ADDITIONAL_ADDRESS_FAMILY);
+    let additional = req.additional_address_family();
     match (requested, additional) {
         (Some(_), Some(_)) => Err(400),
         (Some(v), None) => Ok((family_attr(v).ok_or(440u16)?, None)),

@@ -9,7 +9,10 @@ use rtc_stun::message::*;
 
 use super::*;
 use crate::auth::{SigningKey, long_term_key, rest_password, verify_integrity};
-use crate::stun::{ATTR_ADDRESS_ERROR_CODE, Builder, error_code, parse};
+use crate::stun::{
+    ATTR_ADDITIONAL_ADDRESS_FAMILY, ATTR_ADDITIONAL_ADDRESS_FAMILY_DRAFT, ATTR_ADDRESS_ERROR_CODE,
+    Builder, error_code, parse,
+};
 
 const REALM: &str = "example.org";
 const LISTEN: &str = "198.51.100.1:3478";
@@ -181,11 +184,14 @@ impl Harness {
         self.drain()
     }
 
-    /// Carries out the commands as the daemon does (every relay port binds) and collects
-    /// them, then returns the transmits.
+    /// Carries out the commands as the daemon does (every relay port binds, every reserved
+    /// socket is adopted) and collects them, then returns the transmits.
     fn drain(&mut self) -> Vec<Transmit> {
         while let Some(c) = self.server.poll_command() {
-            if let Command::BindRelayPort { relay, .. } = c {
+            if let Command::BindRelayPort { relay, .. }
+            | Command::ReservePort { relay, .. }
+            | Command::AdoptReservedPort { relay, .. } = c
+            {
                 self.server.relay_bound(self.now, relay);
             }
             self.commands.push(c);
@@ -684,6 +690,15 @@ fn address_families() {
     assert!(resp.attr(ATTR_ADDRESS_ERROR_CODE).is_none());
     let binds = h.take_commands();
     assert_eq!(binds.len(), 2);
+    // Under its draft number (coturn's `turnutils_uclient -Z`): the same.
+    let mut c = Client::new("192.0.2.4:1", "alice", "alice-pw");
+    let resp = h.allocate_with(&mut c, |b| {
+        b.raw(ATTR_ADDITIONAL_ADDRESS_FAMILY_DRAFT, &[2, 0, 0, 0]);
+    });
+    let relays = resp.addresses(ATTR_XOR_RELAYED_ADDRESS);
+    assert_eq!(relays.len(), 2, "{resp:?}");
+    assert!(relays[0].is_ipv4() && relays[1].is_ipv6());
+    assert_eq!(h.take_commands().len(), 2);
     // Both attributes: 400. ADDITIONAL-ADDRESS-FAMILY asking for IPv4: 400.
     let mut c = Client::new("192.0.2.3:1", "alice", "alice-pw");
     let resp = h.allocate_with(&mut c, |b| {
@@ -2109,3 +2124,8 @@ mod rfc8489;
 /// §11.5).
 #[path = "server_tests_ports_and_icmp.rs"]
 mod ports_and_icmp;
+
+/// Reservations made on one core of a daemon and used or ended on another, through a shared
+/// ledger.
+#[path = "server_tests_cores.rs"]
+mod cores;

@@ -1,21 +1,23 @@
 //! EVEN-PORT with the R bit and RESERVATION-TOKEN, DONT-FRAGMENT (RFC 8656 §7.2) and ICMP
 //! relaying (RFC 8656 §11.5), through the harness of `server_tests.rs`.
 
+use std::collections::HashSet;
+
 use super::*;
 use crate::config::{RESERVATION_LIFETIME, RESERVATIONS_PER_USER};
 use crate::icmp::ATTR_ICMP;
 
 /// EVEN-PORT with the R bit set or not.
-fn even_port(b: &mut Builder, reserve: bool) {
+pub(super) fn even_port(b: &mut Builder, reserve: bool) {
     b.raw(ATTR_EVEN_PORT, &[if reserve { 0x80 } else { 0x00 }]);
 }
 
-fn reservation_token(b: &mut Builder, token: &[u8]) {
+pub(super) fn reservation_token(b: &mut Builder, token: &[u8]) {
     b.raw(ATTR_RESERVATION_TOKEN, token);
 }
 
 /// An Allocate with EVEN-PORT R=1 that succeeds: the relayed address and the token.
-fn reserve_pair(h: &mut Harness, c: &mut Client) -> (RelayAddr, Vec<u8>) {
+pub(super) fn reserve_pair(h: &mut Harness, c: &mut Client) -> (RelayAddr, Vec<u8>) {
     let resp = h.allocate_with(c, |b| even_port(b, true));
     assert!(resp.is_success(), "{:?}", resp.code());
     let relay = RelayAddr(resp.addresses(ATTR_XOR_RELAYED_ADDRESS)[0]);
@@ -23,12 +25,26 @@ fn reserve_pair(h: &mut Harness, c: &mut Client) -> (RelayAddr, Vec<u8>) {
 }
 
 /// `relay` one port up.
-fn next_port(relay: RelayAddr) -> RelayAddr {
+pub(super) fn next_port(relay: RelayAddr) -> RelayAddr {
     RelayAddr(SocketAddr::new(relay.0.ip(), relay.0.port() + 1))
 }
 
 fn bind(relay: RelayAddr, dont_fragment: bool) -> Command {
     Command::BindRelayPort {
+        relay,
+        dont_fragment,
+    }
+}
+
+pub(super) fn reserve(relay: RelayAddr, dont_fragment: bool) -> Command {
+    Command::ReservePort {
+        relay,
+        dont_fragment,
+    }
+}
+
+pub(super) fn adopt(relay: RelayAddr, dont_fragment: bool) -> Command {
+    Command::AdoptReservedPort {
         relay,
         dont_fragment,
     }
@@ -54,7 +70,7 @@ fn even_port_with_r_reserves_the_next_port_under_a_token() {
     let reserved = next_port(relay);
     assert_eq!(
         h.take_commands(),
-        vec![bind(relay, false), bind(reserved, false)]
+        vec![bind(relay, false), reserve(reserved, false)]
     );
     assert_eq!(h.server.stats().reservations_active, 1);
     // Nothing arriving at the reserved port goes anywhere.
@@ -68,8 +84,9 @@ fn even_port_with_r_reserves_the_next_port_under_a_token() {
     assert_eq!(resp.addresses(ATTR_XOR_RELAYED_ADDRESS), vec![reserved.0]);
     assert_eq!(resp.attr(ATTR_RESERVATION_TOKEN), None);
     // Its socket is the one bound for the reservation.
-    assert!(h.take_commands().is_empty());
+    assert_eq!(h.take_commands(), vec![adopt(reserved, false)]);
     assert_eq!(h.server.stats().reservations_active, 0);
+    assert_eq!(h.server.config.reservations.total(), 0);
     assert_eq!(h.server.allocation_count(), 2);
     assert_eq!(
         h.server.stats().responses_for(RequestMethod::Allocate, 200),
@@ -147,7 +164,7 @@ fn an_unused_reservation_expires_frees_its_port_and_voids_its_token() {
     h.advance(Duration::from_secs(1));
     assert_eq!(
         h.take_commands(),
-        vec![Command::FreeRelayPort {
+        vec![Command::ReleaseReservedPort {
             relay: next_port(relay)
         }]
     );
@@ -340,7 +357,7 @@ fn the_success_waits_for_the_reserved_socket_and_a_failed_pair_moves() {
         .handle_client(h.now, c.transport, sa(LISTEN), c.addr, &req);
     let (
         Some(Command::BindRelayPort { relay: first, .. }),
-        Some(Command::BindRelayPort { relay: odd, .. }),
+        Some(Command::ReservePort { relay: odd, .. }),
         None,
     ) = (
         h.server.poll_command(),
@@ -348,7 +365,7 @@ fn the_success_waits_for_the_reserved_socket_and_a_failed_pair_moves() {
         h.server.poll_command(),
     )
     else {
-        panic!("two binds expected");
+        panic!("a bind and a reservation expected");
     };
     assert_eq!(odd, next_port(first));
     h.server.relay_bound(h.now, first);
@@ -363,7 +380,7 @@ fn the_success_waits_for_the_reserved_socket_and_a_failed_pair_moves() {
     let [
         Command::FreeRelayPort { relay: freed },
         Command::BindRelayPort { relay: even, .. },
-        Command::BindRelayPort {
+        Command::ReservePort {
             relay: reserved, ..
         },
     ] = moved.as_slice()
@@ -399,7 +416,7 @@ fn a_reserved_socket_lost_after_the_success_voids_the_token_only() {
     h.server.relay_bind_failed(next_port(relay));
     assert_eq!(
         h.take_commands(),
-        vec![Command::FreeRelayPort {
+        vec![Command::ReleaseReservedPort {
             relay: next_port(relay)
         }]
     );
@@ -445,10 +462,11 @@ fn shutdown_frees_reserved_ports() {
     h.server.shutdown();
     let commands = h.take_commands();
     assert!(commands.contains(&Command::FreeRelayPort { relay }));
-    assert!(commands.contains(&Command::FreeRelayPort {
+    assert!(commands.contains(&Command::ReleaseReservedPort {
         relay: next_port(relay)
     }));
     assert_eq!(h.server.stats().reservations_active, 0);
+    assert_eq!(h.server.config.reservations.total(), 0);
     assert!(h.server.by_port.is_empty());
 }
 
@@ -511,7 +529,7 @@ fn dont_fragment_with_a_value_gets_400() {
 }
 
 #[test]
-fn a_reservation_keeps_dont_fragment_or_rebinds_for_a_change() {
+fn a_reserved_socket_is_adopted_with_the_dont_fragment_of_the_allocate_that_takes_it() {
     let mut h = Harness::new();
     let mut rtp = Client::alice();
     let resp = h.allocate_with(&mut rtp, |b| {
@@ -523,10 +541,10 @@ fn a_reservation_keeps_dont_fragment_or_rebinds_for_a_change() {
     let reserved = next_port(relay);
     assert_eq!(
         h.take_commands(),
-        vec![bind(relay, true), bind(reserved, true)]
+        vec![bind(relay, true), reserve(reserved, true)]
     );
-    // The RTCP Allocate does not ask for DONT-FRAGMENT: the socket is bound again without it,
-    // and the success follows that bind.
+    // The RTCP Allocate does not ask for DONT-FRAGMENT: the socket is adopted without it (the
+    // daemon clears the option), and the success follows the adoption.
     let mut rtcp = Client::new("192.0.2.1:5001", "alice", "alice-pw");
     h.login(&mut rtcp);
     let req = rtcp.request(METHOD_ALLOCATE, |b| {
@@ -536,16 +554,40 @@ fn a_reservation_keeps_dont_fragment_or_rebinds_for_a_change() {
     h.server
         .handle_client(h.now, rtcp.transport, sa(LISTEN), rtcp.addr, &req);
     assert_eq!(h.server.poll_transmit(), None);
-    assert_eq!(
-        h.server.poll_command(),
-        Some(Command::FreeRelayPort { relay: reserved })
-    );
-    assert_eq!(h.server.poll_command(), Some(bind(reserved, false)));
+    assert_eq!(h.server.poll_command(), Some(adopt(reserved, false)));
+    assert_eq!(h.server.poll_command(), None);
     h.server.relay_bound(h.now, reserved);
     let out = h.drain();
     assert_eq!(out.len(), 1);
     let resp = Resp(out[0].payload().to_vec());
     assert_eq!(resp.addresses(ATTR_XOR_RELAYED_ADDRESS), vec![reserved.0]);
+}
+
+#[test]
+fn a_reserved_socket_that_cannot_be_adopted_gets_508() {
+    let mut h = Harness::new();
+    let mut rtp = Client::alice();
+    let (relay, token) = reserve_pair(&mut h, &mut rtp);
+    h.take_commands();
+    let mut rtcp = Client::new("192.0.2.1:5001", "alice", "alice-pw");
+    h.login(&mut rtcp);
+    let req = rtcp.request(METHOD_ALLOCATE, |b| {
+        udp_transport(b);
+        reservation_token(b, &token);
+    });
+    h.server
+        .handle_client(h.now, rtcp.transport, sa(LISTEN), rtcp.addr, &req);
+    let reserved = next_port(relay);
+    assert_eq!(h.server.poll_command(), Some(adopt(reserved, false)));
+    // Gone and its port taken: the token names this one address, so no other port is tried.
+    h.server.relay_bind_failed(reserved);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(Resp(out[0].payload().to_vec()).code(), Some(508));
+    assert!(h.take_commands().is_empty());
+    assert_eq!(h.server.allocation_count(), 1);
+    assert!(!h.server.by_port.contains_key(&reserved.port()));
+    assert_eq!(h.server.config.quotas.user("alice"), 1);
 }
 
 // ---- ICMP -------------------------------------------------------------------------------------
@@ -763,8 +805,9 @@ proptest! {
 
 proptest! {
     /// Random reserving, token-using, plain and deleting Allocates with random time steps keep
-    /// the port index, the reservation gauges and the daemon's sockets equal to the tables:
-    /// every socket bound is an allocation's or a reservation's, and none is left behind.
+    /// the port index, the ledger, the reservation gauge and the daemon's sockets equal to the
+    /// tables: every socket read is an allocation's, every one kept aside a reservation's, and
+    /// none is left behind.
     #[test]
     fn reservations_keep_ports_sockets_and_gauges_consistent(
         ops in prop::collection::vec((0u8..5, 0usize..3, 0u64..40), 1..40),
@@ -776,7 +819,8 @@ proptest! {
             Client::new("192.0.2.2:1", "bob", "bob-pw"),
         ];
         let mut token = vec![0u8; 8];
-        let mut open = std::collections::HashSet::new();
+        // The daemon's sockets: read as an allocation's, or kept aside for a reservation.
+        let (mut open, mut parked) = (HashSet::new(), HashSet::new());
         for (op, who, secs) in ops {
             let c = &mut clients[who];
             let req = match op {
@@ -803,18 +847,27 @@ proptest! {
             for command in h.take_commands() {
                 match command {
                     Command::BindRelayPort { relay, .. } => prop_assert!(open.insert(relay), "{relay} bound twice"),
-                    Command::FreeRelayPort { relay } => { open.remove(&relay); }
+                    Command::FreeRelayPort { relay } => prop_assert!(open.remove(&relay), "{relay} freed unbound"),
+                    Command::ReservePort { relay, .. } => prop_assert!(parked.insert(relay), "{relay} reserved twice"),
+                    Command::ReleaseReservedPort { relay } => prop_assert!(parked.remove(&relay), "{relay} released unreserved"),
+                    Command::AdoptReservedPort { relay, .. } => {
+                        prop_assert!(parked.remove(&relay), "{relay} adopted unreserved");
+                        prop_assert!(open.insert(relay), "{relay} adopted while bound");
+                    }
                     _ => {}
                 }
             }
             let s = &h.server;
-            let expected: std::collections::HashSet<RelayAddr> = s.allocations.values().flat_map(|a| a.relays())
-                .chain(s.reservations.values().map(|r| r.relay))
-                .collect();
-            prop_assert_eq!(&open, &expected);
+            let allocated: HashSet<RelayAddr> = s.allocations.values().flat_map(|a| a.relays()).collect();
+            let reserved: HashSet<RelayAddr> = s.reservations.values().map(|r| r.relay).collect();
+            prop_assert_eq!(&open, &allocated);
+            prop_assert_eq!(&parked, &reserved);
             prop_assert_eq!(s.stats().reservations_active, s.reservations.len() as u64);
-            prop_assert_eq!(s.reservations_per_user.values().sum::<usize>(), s.reservations.len());
-            prop_assert!(s.reservations_per_user.values().all(|n| (1..=RESERVATIONS_PER_USER).contains(n)));
+            let ledger = &s.config.reservations;
+            prop_assert_eq!(ledger.total(), s.reservations.len());
+            for user in ["alice", "bob"] {
+                prop_assert!(ledger.user(user) <= RESERVATIONS_PER_USER);
+            }
             prop_assert_eq!(s.by_port.len(), s.allocations.len() + s.reservations.len());
             for (port, holder) in &s.by_port {
                 match holder {

@@ -88,8 +88,10 @@ pub struct Stats {
     /// ChannelBind successes sent before the data plane answered; relayed in user space
     /// until (unless) the acknowledgement arrives.
     pub offload_timed_out: u64,
-    /// RESERVATION-TOKENs currently held (EVEN-PORT with the R bit, RFC 8656 §7.2), each
-    /// holding a relay port.
+    /// Reserved relay ports this server holds (EVEN-PORT with the R bit, RFC 8656 §7.2), one per
+    /// RESERVATION-TOKEN it made. A token used on another server sharing the ledger counts here
+    /// until this one learns of it, at the latest when the reservation's time is up;
+    /// [`crate::ReservationLedger::total`] has the tokens out right now.
     pub reservations_active: u64,
     /// ICMP errors relayed to clients as Data indications (RFC 8656 §11.5).
     pub icmp_relayed: u64,

@@ -18,6 +18,10 @@ use crate::framing::{MAGIC_COOKIE, STUN_HEADER_LEN};
 
 /// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11), comprehension-optional.
 pub(crate) const ATTR_ADDITIONAL_ADDRESS_FAMILY: AttrType = AttrType(0x8000);
+/// ADDITIONAL-ADDRESS-FAMILY under the number draft-ietf-tram-turn-ipv6 gave it before RFC
+/// 8656 assigned 0x8000: coturn's server accepts it and its `turnutils_uclient -Z` (dual
+/// allocation) still sends it, so it is read as the same attribute.
+pub(crate) const ATTR_ADDITIONAL_ADDRESS_FAMILY_DRAFT: AttrType = AttrType(0x8032);
 /// ADDRESS-ERROR-CODE (RFC 8656 §18.12), comprehension-optional.
 pub(crate) const ATTR_ADDRESS_ERROR_CODE: AttrType = AttrType(0x8001);
 
@@ -70,6 +74,12 @@ impl Parsed<'_> {
     }
 
     /// The first value of attribute `t` before MESSAGE-INTEGRITY.
+    /// ADDITIONAL-ADDRESS-FAMILY's value, under its RFC 8656 number or its draft one.
+    pub(crate) fn additional_address_family(&self) -> Option<&[u8]> {
+        self.attr(ATTR_ADDITIONAL_ADDRESS_FAMILY)
+            .or_else(|| self.attr(ATTR_ADDITIONAL_ADDRESS_FAMILY_DRAFT))
+    }
+
     pub(crate) fn attr(&self, t: AttrType) -> Option<&[u8]> {
         self.msg
             .attributes

@@ -130,7 +130,7 @@ pub struct ChannelBinding {
     pub peer: PeerAddr,
     /// The channel number.
     pub channel: ChannelNumber,
-    /// The allocation asked for DONT-FRAGMENT (RFC 8656 §7.2, §18.8): the data plane sets the
+    /// The allocation asked for DONT-FRAGMENT (RFC 8656 §7.2, §18.9): the data plane sets the
     /// DF bit in the IPv4 header of the datagrams it relays to the peer, as the relay socket
     /// does for user-space relaying (path-MTU discovery). An IPv6 peer needs nothing: IPv6
     /// routers never fragment, and the data plane does not fragment at the source either.

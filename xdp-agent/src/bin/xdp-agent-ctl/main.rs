@@ -63,9 +63,10 @@ struct Cli {
 /// What to ask the agent for (the subcommand).
 #[derive(Debug, Subcommand)]
 enum Action {
-    /// Lists the channel bindings the kernel's maps hold, with what is left
-    /// of each one's lifetime (LIFETIME, in seconds; "expired" once it has
-    /// passed and until the agent deletes it).
+    /// Lists the channel bindings the kernel's maps hold, whether datagrams
+    /// to the peer leave with DF set (DF: the allocation asked for
+    /// DONT-FRAGMENT), and what is left of each one's lifetime (LIFETIME, in
+    /// seconds; "expired" once it has passed and until the agent deletes it).
     Bindings {
         /// Only bindings of this client (an IP alone matches every port).
         #[arg(long, value_name = "IP[:PORT]")]
@@ -77,7 +78,7 @@ enum Action {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         /// Print a JSON array of {client, listener, channel, peer,
-        /// allocation_port, lifetime_ms}.
+        /// allocation_port, dont_fragment, lifetime_ms}.
         #[arg(long)]
         json: bool,
     },
@@ -94,7 +95,7 @@ enum Action {
         #[arg(long, value_name = "IP:PORT", value_parser = args::parse_socket_addr)]
         listener: Option<SocketAddr>,
         /// Print a JSON object {client, listener, channel, peer,
-        /// allocation_port, lifetime_ms}.
+        /// allocation_port, dont_fragment, lifetime_ms}.
         #[arg(long)]
         json: bool,
     },

@@ -91,8 +91,14 @@ pub fn lifetime(lifetime_ms: u32) -> String {
     }
 }
 
-/// The `bindings` table: CLIENT, LISTENER, CHANNEL, PEER, PORT, LIFETIME,
-/// then a count line.
+/// Whether datagrams to the peer leave with DF set (the allocation asked for
+/// DONT-FRAGMENT), as the `bindings` and `binding` texts show it.
+pub fn dont_fragment(on: bool) -> String {
+    if on { "yes" } else { "no" }.to_owned()
+}
+
+/// The `bindings` table: CLIENT, LISTENER, CHANNEL, PEER, PORT, DF,
+/// LIFETIME, then a count line.
 pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
     let count = match bindings.len() {
         1 => "1 binding\n".to_owned(),
@@ -110,6 +116,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
                 channel_hex(b.channel),
                 b.peer.clone(),
                 b.allocation_port.to_string(),
+                dont_fragment(b.dont_fragment),
                 lifetime(b.lifetime_ms),
             ]
         })
@@ -120,6 +127,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
         ("CHANNEL", Align::Left),
         ("PEER", Align::Left),
         ("PORT", Align::Right),
+        ("DF", Align::Left),
         ("LIFETIME", Align::Right),
     ];
     table(&header, &rows) + &count
@@ -133,6 +141,8 @@ pub struct BindingJson<'a> {
     channel: u32,
     peer: &'a str,
     allocation_port: u32,
+    /// Datagrams to an IPv4 peer leave with DF set.
+    dont_fragment: bool,
     /// Milliseconds left, 0 once passed.
     lifetime_ms: u32,
 }
@@ -145,6 +155,7 @@ impl<'a> From<&'a ChannelBinding> for BindingJson<'a> {
             channel: binding.channel,
             peer: &binding.peer,
             allocation_port: binding.allocation_port,
+            dont_fragment: binding.dont_fragment,
             lifetime_ms: binding.lifetime_ms,
         }
     }
@@ -169,6 +180,7 @@ pub fn binding_text(binding: &ChannelBinding) -> String {
         ("channel", channel_hex(binding.channel)),
         ("peer", binding.peer.clone()),
         ("allocation port", binding.allocation_port.to_string()),
+        ("don't fragment", dont_fragment(binding.dont_fragment)),
         ("lifetime", lifetime(binding.lifetime_ms)),
     ])
 }
@@ -441,6 +453,7 @@ mod tests {
             allocation_port: port,
             listener: listener.to_owned(),
             lifetime_ms: 287_000,
+            dont_fragment: false,
         }
     }
 
@@ -448,18 +461,21 @@ mod tests {
     fn bindings_table_is_aligned_with_a_count() {
         let bindings = [
             binding("192.0.2.2:40000", 0x4001, "198.51.100.2:5000", 49160),
-            on(
-                "[2001:db8:2::a]:3478",
-                "[2001:db8:1::2]:40000",
-                0x4fff,
-                "203.0.113.99:6",
-                65535,
-            ),
+            ChannelBinding {
+                dont_fragment: true,
+                ..on(
+                    "[2001:db8:2::a]:3478",
+                    "[2001:db8:1::2]:40000",
+                    0x4fff,
+                    "203.0.113.99:6",
+                    65535,
+                )
+            },
         ];
         let expected = "\
-CLIENT                 LISTENER              CHANNEL  PEER                PORT  LIFETIME
-192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160      287s
-[2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535      287s
+CLIENT                 LISTENER              CHANNEL  PEER                PORT  DF   LIFETIME
+192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160  no       287s
+[2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535  yes      287s
 2 bindings
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -472,8 +488,8 @@ CLIENT                 LISTENER              CHANNEL  PEER                PORT  
             ..on("192.0.2.1:443", "192.0.2.2:1", 0x4000, "198.51.100.2:2", 7)
         }];
         let expected = "\
-CLIENT       LISTENER       CHANNEL  PEER            PORT  LIFETIME
-192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7   expired
+CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME
+192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7  no   expired
 1 binding
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -528,6 +544,7 @@ CLIENT       LISTENER       CHANNEL  PEER            PORT  LIFETIME
                 "channel": 16385,
                 "peer": "198.51.100.2:5000",
                 "allocation_port": 49160,
+                "dont_fragment": false,
                 "lifetime_ms": 287000,
             }])
         );
@@ -551,6 +568,7 @@ listener         203.0.113.10:3478
 channel          0x4001
 peer             198.51.100.2:5000
 allocation port  49160
+don't fragment   no
 lifetime         287s
 "
         );
