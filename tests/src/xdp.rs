@@ -435,3 +435,33 @@ impl LoadedRelay {
             }))
     }
 }
+
+/// An address literal of a test.
+///
+/// # Panics
+/// If `text` is not `ip:port`: a test's own mistake.
+#[expect(clippy::unwrap_used, reason = "a test's literal")]
+pub fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// The relay's IPv4 address in the program tests' configuration.
+pub const RELAY4: &str = "203.0.113.10";
+/// The relay's IPv6 address in the program tests' configuration.
+pub const RELAY6: &str = "2001:db8:2::10";
+
+/// The program tests' relay address ([`RELAY4`], [`RELAY6`]) in the family of
+/// `family_of`.
+#[expect(clippy::unwrap_used, reason = "constant literals")]
+pub fn relay_ip(family_of: SocketAddr) -> IpAddr {
+    if family_of.is_ipv4() {
+        RELAY4.parse().unwrap()
+    } else {
+        RELAY6.parse().unwrap()
+    }
+}
+
+/// A payload of `len` bytes in which a shifted or reordered byte shows.
+pub fn data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 13 + 7) as u8).collect()
+}

@@ -8,36 +8,19 @@
 //! direction, or on the hairpin between two allocations of this relay.
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use bpf_common::{BindingFields, KernelConfig, Reason};
 use tests::packet::{FrameSpec, channel_data, parse_udp_v4};
 use tests::xdp::{LoadedRelay, NEVER, XDP_TX};
+use tests::xdp::{RELAY4, RELAY6, addr, data, relay_ip};
 
-const RELAY4: &str = "203.0.113.10";
-const RELAY6: &str = "2001:db8:2::10";
 const LISTEN: u16 = 3478;
 /// Where an IPv4 header's flags and fragment offset lie in a frame.
 const FRAG_OFF: usize = 14 + 6;
 
-fn addr(text: &str) -> SocketAddr {
-    text.parse().unwrap()
-}
-
-fn relay_ip(family_of: SocketAddr) -> IpAddr {
-    if family_of.is_ipv4() {
-        RELAY4.parse().unwrap()
-    } else {
-        RELAY6.parse().unwrap()
-    }
-}
-
 fn listener(client: SocketAddr) -> SocketAddr {
     SocketAddr::new(relay_ip(client), LISTEN)
-}
-
-fn data(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 13 + 7) as u8).collect()
 }
 
 /// The program loaded and configured (MAC swap: no FIB needed);

@@ -14,16 +14,15 @@
 //! ```
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bpf_common::{KernelConfig, Reason};
 use tests::kernel_clock_ns;
 use tests::packet::{FrameSpec, channel_data};
 use tests::xdp::{LoadedRelay, XDP_PASS, XDP_TX};
+use tests::xdp::{RELAY4, RELAY6, addr, data, relay_ip};
 
-const RELAY4: &str = "203.0.113.10";
-const RELAY6: &str = "2001:db8:2::10";
 const LISTEN: u16 = 3478;
 const GATEWAY_MAC: [u8; 6] = [0x02, 0x5e, 0, 0, 0x01, 0x01];
 
@@ -42,22 +41,6 @@ const FAMILIES: [(&str, &str); 4] = [
     ("[2001:db8:1::2]:40000", "198.51.100.2:9001"),
     ("[2001:db8:1::2]:40000", "[2001:db8:3::2]:9001"),
 ];
-
-fn addr(text: &str) -> SocketAddr {
-    text.parse().unwrap()
-}
-
-fn relay_ip(family_of: SocketAddr) -> IpAddr {
-    if family_of.is_ipv4() {
-        RELAY4.parse().unwrap()
-    } else {
-        RELAY6.parse().unwrap()
-    }
-}
-
-fn data(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 13 + 7) as u8).collect()
-}
 
 /// The relay's namespace and the program, configured for it.
 struct Relay {

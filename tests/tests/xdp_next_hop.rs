@@ -21,15 +21,14 @@
 //! ```
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use bpf_common::{KernelConfig, Reason};
 use tests::Netns;
 use tests::packet::{FrameSpec, channel_data};
 use tests::xdp::{LoadedRelay, XDP_PASS, XDP_REDIRECT, XDP_TX};
+use tests::xdp::{RELAY4, RELAY6, addr, data, relay_ip};
 
-const RELAY4: &str = "203.0.113.10";
-const RELAY6: &str = "2001:db8:2::10";
 const LISTEN: u16 = 3478;
 
 /// The gateway on x0, both families.
@@ -42,22 +41,6 @@ const NEAR6_MAC: [u8; 6] = [0x02, 0x5e, 0, 0, 0x01, 0x56];
 const PEER_MAC: [u8; 6] = [0x02, 0x5e, 0, 0, 0x03, 0x02];
 /// The host behind s0, both families.
 const SMALL_MAC: [u8; 6] = [0x02, 0x5e, 0, 0, 0x04, 0x02];
-
-fn addr(text: &str) -> SocketAddr {
-    text.parse().unwrap()
-}
-
-fn relay_ip(family_of: SocketAddr) -> IpAddr {
-    if family_of.is_ipv4() {
-        RELAY4.parse().unwrap()
-    } else {
-        RELAY6.parse().unwrap()
-    }
-}
-
-fn data(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 13 + 7) as u8).collect()
-}
 
 /// The program loaded and configured: FIB lookup (the default) or MAC swap.
 fn relay(mac_swap: bool) -> LoadedRelay {

@@ -3,27 +3,14 @@
 //! `tests::packet::FrameSpec` (checksums computed from scratch).
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use bpf_common::{KernelConfig, Reason};
 use tests::packet::{FrameSpec, channel_data};
 use tests::xdp::{LoadedRelay, XDP_DROP, XDP_PASS, XDP_TX};
+use tests::xdp::{RELAY4, RELAY6, addr, data, relay_ip};
 
-const RELAY4: &str = "203.0.113.10";
-const RELAY6: &str = "2001:db8:2::10";
 const LISTEN: u16 = 3478;
-
-fn addr(text: &str) -> SocketAddr {
-    text.parse().unwrap()
-}
-
-fn relay_ip(family_of: SocketAddr) -> IpAddr {
-    if family_of.is_ipv4() {
-        RELAY4.parse().unwrap()
-    } else {
-        RELAY6.parse().unwrap()
-    }
-}
 
 fn config() -> KernelConfig {
     KernelConfig::new(
@@ -56,10 +43,6 @@ fn expected(
         payload,
         (input.src_mac, input.dst_mac),
     )
-}
-
-fn data(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 13 + 7) as u8).collect()
 }
 
 /// The header types are 2-byte aligned so that the compiler moves words; the
