@@ -13,6 +13,22 @@ use proto::v1::{
     SyncRequest, SyncResponse,
 };
 
+/// The agent's flags that let it relay to the lab's peers, 198.51.100.0/24 and
+/// 2001:db8:3::/64: documentation ranges, which its peer policy refuses
+/// (as turn-control's does) unless allowed.
+pub const LAB_PEERS: [&str; 4] = [
+    "--allow-peer",
+    "198.51.100.0/24",
+    "--allow-peer",
+    "2001:db8:3::/64",
+];
+
+/// [`LAB_PEERS`] and `args`: the agent's flags of a test that binds the lab's
+/// peers.
+pub fn with_lab_peers<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    LAB_PEERS.iter().chain(args).copied().collect()
+}
+
 /// The lifetime [`binding`] and [`binding_via`] give: ten minutes, longer
 /// than any test.
 pub const LIFETIME: Duration = Duration::from_secs(600);

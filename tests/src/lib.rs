@@ -529,11 +529,19 @@ impl Lab {
         let name = format!("xdp-agent{}", site.suffix());
         let socket = self.dir.join(format!("agent{}.sock", site.suffix()));
         let mut command = self.relay_at(site)?.command(workspace_binary("xdp-agent")?);
+        // The agent's own peer policy, as turn-control's in the lab: the peer
+        // networks are test nets, which both deny by default.
         command
             .args(["--iface", RELAY_IFACE, "--grpc"])
             .arg(&socket)
             .arg("--pin-dir")
             .arg(self.pin_dir_at(site))
+            .args([
+                "--allow-peer",
+                "198.51.100.0/24",
+                "--allow-peer",
+                "2001:db8:3::/64",
+            ])
             .args(args);
         self.spawn(&name, command)?;
         self.wait_for_unix_socket(&name, &socket, Duration::from_secs(20))?;

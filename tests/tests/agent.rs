@@ -18,7 +18,7 @@ const METRICS: &str = "127.0.0.1:9642";
 
 fn start(lab: &mut Lab) -> Agent {
     let socket = lab
-        .start_xdp_agent(&[
+        .start_xdp_agent(&agent::with_lab_peers(&[
             "--xdp-mode",
             "native",
             "--metrics",
@@ -26,7 +26,7 @@ fn start(lab: &mut Lab) -> Agent {
             // 200 packets in the metrics test make three reports.
             "--event-interval",
             "64",
-        ])
+        ]))
         .unwrap();
     Agent::connect(&socket).unwrap()
 }
@@ -270,6 +270,248 @@ fn every_rpc_answers_and_refuses_what_it_must() {
     );
 }
 
+/// SetConfig narrows what the agent's own flags allow and never widens it:
+/// the allocation range within --ports, the listeners within --listen (a
+/// wildcard flag allows its family on its port), the relay addresses among
+/// the attached interfaces'. What reaches beyond is PERMISSION_DENIED, the
+/// field named, and changes nothing.
+#[test]
+fn set_config_cannot_reach_beyond_the_agent_s_flags() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let socket = lab
+        .start_xdp_agent(&agent::with_lab_peers(&[
+            "--xdp-mode",
+            "native",
+            "--ports",
+            "50000-60000",
+            "--listen",
+            "0.0.0.0:3478,[::]:3478,203.0.113.10:443",
+        ]))
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = runtime.block_on(proto::connect(socket)).unwrap();
+    let mut set = |request| runtime.block_on(client.set_config(request));
+    let listeners = |addresses: &[&str]| {
+        Some(proto::v1::Listeners {
+            addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+        })
+    };
+    // Narrower, and the relay addresses the interface has: fine.
+    let narrowed = set(SetConfigRequest {
+        listeners: listeners(&[
+            "203.0.113.10:3478",
+            "[2001:db8:2::a]:3478",
+            "203.0.113.10:443",
+        ]),
+        port_min: Some(50000),
+        port_max: Some(55000),
+        relay_ipv4: Some(RELAY_V4.to_string()),
+        relay_ipv6: Some(tests::RELAY_V6.to_string()),
+        tail_adjust: None,
+    })
+    .unwrap()
+    .into_inner();
+    assert_eq!((narrowed.port_min, narrowed.port_max), (50000, 55000));
+
+    let beyond = [
+        (
+            SetConfigRequest {
+                port_min: Some(49152),
+                ..Default::default()
+            },
+            "port_min-port_max 49152-55000 reaches outside the agent's --ports 50000-60000",
+        ),
+        (
+            SetConfigRequest {
+                port_max: Some(60001),
+                ..Default::default()
+            },
+            "port_min-port_max 50000-60001",
+        ),
+        // A port the flags do not name: a DNS server's, say.
+        (
+            SetConfigRequest {
+                listeners: listeners(&["0.0.0.0:3478", "203.0.113.10:53"]),
+                ..Default::default()
+            },
+            "listeners: 203.0.113.10:53 is not allowed by the agent's --listen",
+        ),
+        // A wildcard where the flag names one address.
+        (
+            SetConfigRequest {
+                listeners: listeners(&["0.0.0.0:443"]),
+                ..Default::default()
+            },
+            "listeners: 0.0.0.0:443",
+        ),
+        // The peer's addresses are not the relay's.
+        (
+            SetConfigRequest {
+                relay_ipv4: Some(PEER_V4.to_string()),
+                ..Default::default()
+            },
+            "relay_ipv4 198.51.100.2 is not an address of the attached interfaces",
+        ),
+        (
+            SetConfigRequest {
+                relay_ipv6: Some(tests::PEER_V6.to_string()),
+                ..Default::default()
+            },
+            "relay_ipv6 2001:db8:3::2",
+        ),
+    ];
+    for (request, reason) in beyond {
+        let status = set(request).unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{reason}");
+        assert!(status.message().contains(reason), "{}", status.message());
+    }
+    let read = runtime
+        .block_on(client.get_config(proto::v1::GetConfigRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(read, narrowed, "nothing changed");
+    assert!(
+        lab.log("xdp-agent")
+            .contains("SetConfig reaches beyond the agent's flags"),
+        "{}",
+        lab.log("xdp-agent")
+    );
+}
+
+/// The agent's own peer policy, whatever turn-control asks: no binding to
+/// loopback, to a denied range the agent's --allow-peer does not open, or to
+/// another service of the agent's host; an allowed address of the host is
+/// open on the allocation ports alone (the hairpin). Refusals are
+/// PERMISSION_DENIED and name the field; a Sync leaves such bindings out.
+#[test]
+fn bindings_the_agent_s_peer_policy_denies_are_refused() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    // An address of the host on an interface the program is not attached to
+    // (a veth pair: not every kernel has dummy links).
+    lab.relay
+        .ip(["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
+        .unwrap();
+    lab.relay
+        .ip(["addr", "add", "10.9.0.1/24", "dev", "d0"])
+        .unwrap();
+    lab.relay.ip(["link", "set", "d0", "up"]).unwrap();
+    // The lab's peers stay denied: the agent allows other networks only.
+    let socket = lab
+        .start_xdp_agent(&[
+            "--xdp-mode",
+            "native",
+            "--allow-peer",
+            "10.9.0.0/16",
+            "--allow-peer",
+            "203.0.113.0/24",
+        ])
+        .unwrap();
+    let mut agent = Agent::connect(&socket).unwrap();
+    let client: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+    let to = |peer: &str| binding(client, 0x4001, peer.parse().unwrap(), 50000);
+    let denied = [
+        (to("127.0.0.1:9000"), "peer 127.0.0.1:9000", "loopback"),
+        (
+            to("[::ffff:127.0.0.1]:9000"),
+            "peer 127.0.0.1:9000",
+            "loopback",
+        ),
+        (to("[::1]:9000"), "peer [::1]:9000", "loopback"),
+        (to("10.1.2.3:9000"), "peer 10.1.2.3:9000", "private"),
+        (to("100.64.0.1:9000"), "peer 100.64.0.1:9000", "shared"),
+        (
+            to("169.254.169.254:80"),
+            "peer 169.254.169.254:80",
+            "link-local",
+        ),
+        (
+            to("198.51.100.2:9000"),
+            "peer 198.51.100.2:9000",
+            "reserved",
+        ),
+        // The host's other services, on the relay address or another one.
+        (
+            to("203.0.113.10:22"),
+            "peer 203.0.113.10:22",
+            "an address of this host",
+        ),
+        (
+            to("10.9.0.1:53"),
+            "peer 10.9.0.1:53",
+            "an address of this host",
+        ),
+        (
+            to("[::ffff:10.9.0.1]:53"),
+            "peer 10.9.0.1:53",
+            "an address of this host",
+        ),
+        (
+            binding(
+                "127.0.0.1:5000".parse().unwrap(),
+                0x4001,
+                "10.9.0.2:9".parse().unwrap(),
+                50000,
+            ),
+            "client 127.0.0.1:5000",
+            "loopback",
+        ),
+        (
+            binding(
+                "10.9.0.1:5000".parse().unwrap(),
+                0x4001,
+                "10.9.0.2:9".parse().unwrap(),
+                50000,
+            ),
+            "client 10.9.0.1:5000",
+            "an address of this host",
+        ),
+    ];
+    for (bad, field, reason) in &denied {
+        let status = agent.install(vec![bad.clone()]).unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{field}");
+        assert!(
+            status.message().starts_with(&format!(
+                "bindings[0]: {field} is refused by the agent's peer policy: "
+            )) && status.message().contains(reason),
+            "{}",
+            status.message()
+        );
+    }
+    assert!(agent.list().unwrap().is_empty());
+
+    // What --allow-peer opens: another host of an allowed network, and the
+    // relay's own address on an allocation port.
+    let allowed = ["10.9.0.2:9000", "203.0.113.1:9000", "203.0.113.10:50001"]
+        .iter()
+        .zip(0u16..)
+        .map(|(peer, i)| {
+            let client = SocketAddr::new(client.ip(), 40001 + i);
+            binding(client, 0x4001 + i, peer.parse().unwrap(), 50000 + i)
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(agent.install(allowed.clone()).unwrap(), 3);
+
+    // A Sync leaves the denied ones out, each with its reason.
+    let mut set = allowed.clone();
+    set.push(denied[0].0.clone());
+    let synced = agent.sync(5, &set).unwrap();
+    assert_eq!((synced.installed, synced.refused), (3, 1));
+    assert!(
+        synced.refusals[0].starts_with("bindings[3]: peer 127.0.0.1:9000 is refused"),
+        "{:?}",
+        synced.refusals
+    );
+}
+
 /// Scrapes the metrics endpoint from inside the relay's namespace.
 fn scrape(lab: &Lab) -> String {
     lab.relay
@@ -398,7 +640,9 @@ fn a_killed_agent_restarts_without_interrupting_offloaded_traffic() {
     for _ in 0..50 {
         exchange(&mut sent);
     }
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let socket = lab
+        .start_xdp_agent(&agent::with_lab_peers(&["--xdp-mode", "native"]))
+        .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     for _ in 0..50 {
         exchange(&mut sent);
@@ -475,7 +719,9 @@ fn a_second_agent_on_the_same_pin_directory_is_refused_until_the_first_is_gone()
         .unwrap()
         .stop(nix::sys::signal::Signal::SIGKILL)
         .unwrap();
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let socket = lab
+        .start_xdp_agent(&agent::with_lab_peers(&["--xdp-mode", "native"]))
+        .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     assert_eq!(bare(agent.list().unwrap()), bare([bound]));
 }
@@ -513,7 +759,9 @@ fn a_pinned_stats_map_of_another_length_is_replaced_and_the_bindings_kept() {
     older.pin(&stats).unwrap();
     drop(older);
 
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let socket = lab
+        .start_xdp_agent(&agent::with_lab_peers(&["--xdp-mode", "native"]))
+        .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     assert_eq!(bare(agent.list().unwrap()), bare([bound]));
     let log = lab.log("xdp-agent");
@@ -537,7 +785,12 @@ fn the_data_plane_follows_the_interface_address() {
     }
     let mut lab = Lab::new().unwrap();
     let socket = lab
-        .start_xdp_agent(&["--xdp-mode", "native", "--log-level", "xdp_agent=debug"])
+        .start_xdp_agent(&agent::with_lab_peers(&[
+            "--xdp-mode",
+            "native",
+            "--log-level",
+            "xdp_agent=debug",
+        ]))
         .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -75,7 +75,9 @@ fn full_maps_refuse_new_bindings_and_keep_the_installed_ones() {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let socket = lab
+        .start_xdp_agent(&agent::with_lab_peers(&["--xdp-mode", "native"]))
+        .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
 
     let mut total = 0;
@@ -202,12 +204,12 @@ fn a_streamed_sync_of_130_000_bindings_installs_them_and_another_converges() {
     let mut lab = Lab::new().unwrap();
     // The sweep's timing at debug level, without a line per binding.
     let socket = lab
-        .start_xdp_agent(&[
+        .start_xdp_agent(&agent::with_lab_peers(&[
             "--xdp-mode",
             "native",
             "--log-level",
             "info,xdp_agent=debug,xdp_agent::maps=info",
-        ])
+        ]))
         .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     let set = |from: u32| -> Vec<ChannelBinding> {
@@ -298,7 +300,9 @@ fn a_sync_beyond_a_familys_capacity_installs_what_fits_and_refuses_the_rest() {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let socket = lab
+        .start_xdp_agent(&agent::with_lab_peers(&["--xdp-mode", "native"]))
+        .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     let set: Vec<ChannelBinding> = (0..CAPACITY + 10).map(nth).collect();
     let synced = agent.sync(9, &set).unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use proto::v1::ChannelBinding;
 use tests::Lab;
-use tests::agent::{Agent, binding, binding_via, lasting};
+use tests::agent::{self, Agent, binding, binding_via, lasting};
 
 /// Runs the CLI against the agent at `socket`.
 fn ctl(socket: &Path, args: &[&str]) -> Output {
@@ -50,12 +50,12 @@ fn cli_shows_what_the_agent_holds() {
     let mut lab = Lab::new().unwrap();
     // The default listeners, and a second one for IPv4 clients.
     let socket = lab
-        .start_xdp_agent(&[
+        .start_xdp_agent(&agent::with_lab_peers(&[
             "--xdp-mode",
             "native",
             "--listen",
             "0.0.0.0:3478,[::]:3478,203.0.113.10:443",
-        ])
+        ]))
         .unwrap();
     let mut agent = Agent::connect(&socket).unwrap();
     // A wildcard listener stands for the relay address of its family; `binding`

@@ -1,5 +1,12 @@
-//! The agent's gRPC socket is for root and its `--grpc-group` only: an unprivileged user
-//! outside the group is refused (permission denied), a user in the group gets through.
+//! Who may use the agent's gRPC socket. Two gates: the socket's mode (0660) and
+//! `--grpc-group` let the kernel refuse other users at connect(2); the agent then checks
+//! the peer credentials (SO_PEERCRED) of every connection it accepts and closes those of
+//! anyone but root, its own user and `--grpc-user`, or without it a peer whose primary
+//! group is the socket's (SO_PEERCRED carries no supplementary groups). Each refusal is
+//! logged and counted in `xdp_agent_grpc_refused_connections_total{reason}`.
+//!
+//! The clients run as numeric users and groups that no account holds, through
+//! `setpriv`, so nothing is added to the system's user database.
 
 #![expect(
     clippy::unwrap_used,
@@ -8,60 +15,69 @@
 )]
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use tests::Lab;
+use tests::agent::Agent;
+use tests::{AGENT_METRICS, Lab, sample, wait_for};
 
-/// System users and a group made for one test, removed on drop (also when the test fails).
-struct Accounts {
-    group: String,
-    users: Vec<String>,
+/// The socket's group.
+const GROUP: u32 = 61_001;
+/// Another group.
+const OTHER_GROUP: u32 = 61_002;
+/// The user of `--grpc-user`.
+const USER: u32 = 61_010;
+/// Another user.
+const OTHER_USER: u32 = 61_011;
+
+/// Whether setpriv is there; without it the test is skipped, or fails under `CI=true`.
+fn setpriv_found() -> bool {
+    let found = Command::new("sh")
+        .args(["-c", "command -v setpriv"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but setpriv is missing"
+        );
+        eprintln!("SKIPPED: setpriv missing");
+    }
+    found
 }
 
-impl Accounts {
-    fn new(prefix: &str) -> Self {
-        let group = format!("{prefix}g");
-        let mut accounts = Self {
-            group: group.clone(),
-            users: Vec::new(),
-        };
-        // Left over by a killed run: remove first.
-        accounts.remove();
-        tests::run("groupadd", ["-r", &group]).unwrap();
-        accounts
-    }
-
-    fn add_user(&mut self, name: &str, in_group: bool) {
-        let mut args = vec!["-r", "-M", "-s", "/usr/sbin/nologin", "-U"];
-        if in_group {
-            args.extend(["-G", self.group.as_str()]);
-        }
-        args.push(name);
-        tests::run("useradd", args).unwrap();
-        self.users.push(name.to_owned());
-    }
-
-    fn remove(&mut self) {
-        for user in self.users.drain(..) {
-            let _ = Command::new("userdel").arg(&user).output();
-        }
-        let _ = Command::new("groupdel").arg(&self.group).output();
-    }
+/// Starts the agent with `args` and metrics, and lets other users reach its socket's
+/// directory and a copy of `xdp-agent-ctl`: only the socket's own mode and group, and
+/// the agent, decide. The socket and the copy.
+fn start(lab: &mut Lab, args: &[&str]) -> (PathBuf, PathBuf) {
+    let mut all = vec!["--metrics", AGENT_METRICS];
+    all.extend(args);
+    let socket = lab.start_xdp_agent(&all).unwrap();
+    std::fs::set_permissions(lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ctl = lab.dir().join("xdp-agent-ctl");
+    std::fs::copy(tests::workspace_binary("xdp-agent-ctl").unwrap(), &ctl).unwrap();
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (socket, ctl)
 }
 
-impl Drop for Accounts {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// Runs `xdp-agent-ctl --socket SOCKET health` as `user` with the given group options.
-fn health_as(ctl: &Path, socket: &Path, user: &str, groups: &[&str]) -> Output {
+/// Runs `xdp-agent-ctl --socket SOCKET health` as user `uid` with primary group `gid`
+/// and the supplementary `groups` only.
+fn health_as(ctl: &Path, socket: &Path, uid: u32, gid: u32, groups: &[u32]) -> Output {
+    let groups = match groups {
+        [] => "--clear-groups".to_owned(),
+        some => format!(
+            "--groups={}",
+            some.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
     Command::new("setpriv")
-        .arg(format!("--reuid={user}"))
-        .arg(format!("--regid={user}"))
-        .args(groups)
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg(groups)
         .arg("--")
         .arg(ctl)
         .args(["--timeout", "5", "--socket"])
@@ -71,63 +87,127 @@ fn health_as(ctl: &Path, socket: &Path, user: &str, groups: &[&str]) -> Output {
         .expect("running setpriv")
 }
 
+/// The connections the agent has refused for `reason`, as its metrics say.
+fn refused(lab: &Lab, reason: &str) -> f64 {
+    let body = Lab::scrape(&lab.relay, AGENT_METRICS).unwrap();
+    let labels = format!("reason=\"{reason}\"");
+    sample(&body, "xdp_agent_grpc_refused_connections_total", &labels)
+        .unwrap_or_else(|| panic!("no refusals counted for {reason}:\n{body}"))
+}
+
+/// Waits until the agent has refused more than `before` connections for
+/// `reason` (a client may try more than once: its channel reconnects).
+fn wait_refused(lab: &Lab, reason: &str, before: f64) {
+    let counted = wait_for(
+        &format!("more than {before} connections refused for {reason}"),
+        Duration::from_secs(5),
+        || Ok((refused(lab, reason) > before).then_some(())),
+    );
+    if let Err(error) = counted {
+        panic!("{error:#}\n{}", lab.log("xdp-agent"));
+    }
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn socket_refuses_users_outside_its_group() {
-    if !tests::privileged() {
+    if !tests::privileged() || !setpriv_found() {
         return;
     }
-    for tool in ["setpriv", "useradd", "groupadd"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but {tool} is missing"
-            );
-            eprintln!("SKIPPED: {tool} missing");
-            return;
-        }
-    }
-    let prefix = format!("xts{}", std::process::id());
-    let mut accounts = Accounts::new(&prefix);
-    let outsider = format!("{prefix}o");
-    let member = format!("{prefix}m");
-    accounts.add_user(&outsider, false);
-    accounts.add_user(&member, true);
-
     let mut lab = Lab::new().unwrap();
-    let socket = lab
-        .start_xdp_agent(&["--grpc-group", &accounts.group])
-        .unwrap();
-    // The other users must reach the socket's directory and the client binary: only the
-    // socket's own mode and group decide.
-    std::fs::set_permissions(lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let ctl = lab.dir().join("xdp-agent-ctl");
-    std::fs::copy(tests::workspace_binary("xdp-agent-ctl").unwrap(), &ctl).unwrap();
-    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (socket, ctl) = start(&mut lab, &["--grpc-group", &GROUP.to_string()]);
+    assert_eq!(refused(&lab, "group"), 0.0);
 
-    let refused = health_as(&ctl, &socket, &outsider, &["--clear-groups"]);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    // The kernel refuses an outsider at connect(2): the socket is 0660.
+    let outsider = health_as(&ctl, &socket, OTHER_USER, OTHER_GROUP, &[]);
+    assert!(!outsider.status.success(), "an outsider got through");
     assert!(
-        !refused.status.success(),
-        "an outsider got through: {stderr}"
-    );
-    assert!(
-        stderr.contains("permission denied"),
-        "expected permission denied, got: {stderr}"
+        stderr(&outsider).contains("permission denied"),
+        "expected permission denied, got: {}",
+        stderr(&outsider)
     );
 
-    let allowed = health_as(&ctl, &socket, &member, &["--init-groups"]);
+    // Of the group as its primary group: served.
+    let member = health_as(&ctl, &socket, OTHER_USER, GROUP, &[]);
     assert!(
-        allowed.status.success(),
-        "a member of {} was refused: {}",
-        accounts.group,
-        String::from_utf8_lossy(&allowed.stderr)
+        member.status.success(),
+        "a member of {GROUP} was refused: {}",
+        stderr(&member)
     );
 
-    // The same member with its supplementary groups dropped is an outsider again.
-    let dropped = health_as(&ctl, &socket, &member, &["--clear-groups"]);
-    assert!(!dropped.status.success());
+    // Of the group through a supplementary group alone: the socket's mode lets it
+    // connect, but its peer credentials do not show the group, and the agent refuses.
+    let supplementary = health_as(&ctl, &socket, OTHER_USER, OTHER_GROUP, &[GROUP]);
+    assert!(
+        !supplementary.status.success(),
+        "a supplementary member got through"
+    );
+    wait_refused(&lab, "group", 0.0);
+    let log = lab.log("xdp-agent");
+    assert!(
+        log.contains("gRPC connection refused") && log.contains(&OTHER_USER.to_string()),
+        "{log}"
+    );
+
+    // A socket whose mode is loosened still reaches no one else.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let before = refused(&lab, "group");
+    let loosened = health_as(&ctl, &socket, OTHER_USER, OTHER_GROUP, &[]);
+    assert!(!loosened.status.success(), "an outsider got through 0666");
+    wait_refused(&lab, "group", before);
+
+    // Root is served.
+    Agent::connect(&socket).unwrap().health().unwrap();
+}
+
+#[test]
+fn grpc_user_serves_that_user_alone_of_its_group() {
+    if !tests::privileged() || !setpriv_found() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (socket, ctl) = start(
+        &mut lab,
+        &[
+            "--grpc-group",
+            &GROUP.to_string(),
+            "--grpc-user",
+            &USER.to_string(),
+        ],
+    );
+
+    // In the socket's group, as its primary group, but another user.
+    let other = health_as(&ctl, &socket, OTHER_USER, GROUP, &[]);
+    assert!(
+        !other.status.success(),
+        "another user of the group got through"
+    );
+    // xdp-agent-ctl says why the agent may have closed the connection.
+    assert!(
+        stderr(&other).contains("closed the connection") && stderr(&other).contains("--grpc-user"),
+        "{}",
+        stderr(&other)
+    );
+    wait_refused(&lab, "user", 0.0);
+    assert_eq!(refused(&lab, "group"), 0.0);
+
+    // Connections the other user's client queued but the agent accepted
+    // after it gave up are counted by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = refused(&lab, "user");
+    let user = health_as(&ctl, &socket, USER, GROUP, &[]);
+    assert!(
+        user.status.success(),
+        "--grpc-user was refused: {}",
+        stderr(&user)
+    );
+    Agent::connect(&socket).unwrap().health().unwrap();
+    assert_eq!(
+        refused(&lab, "user"),
+        before,
+        "the user and root are served"
+    );
 }

@@ -125,21 +125,14 @@ fn run_modes(client_v6: bool) {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    let socket = lab
-        .start_xdp_agent(&["--xdp-mode", "native", "--metrics", AGENT_METRICS])
-        .unwrap();
     // Client to client goes through the relay's own addresses: the operator
-    // opens them, which turns on the kernel's hairpin.
-    lab.start_turn_control(
-        Some(&socket),
-        &[
-            "--allow-peer",
-            &format!("{RELAY_V4}/32"),
-            "--allow-peer",
-            &format!("{RELAY_V6}/128"),
-        ],
-    )
-    .unwrap();
+    // opens them to both daemons, which turns on the kernel's hairpin.
+    let (relay_v4, relay_v6) = (format!("{RELAY_V4}/32"), format!("{RELAY_V6}/128"));
+    let allow_relay = ["--allow-peer", &relay_v4, "--allow-peer", &relay_v6];
+    let mut agent_args = vec!["--xdp-mode", "native", "--metrics", AGENT_METRICS];
+    agent_args.extend(allow_relay);
+    let socket = lab.start_xdp_agent(&agent_args).unwrap();
+    lab.start_turn_control(Some(&socket), &allow_relay).unwrap();
     lab.wait_agent_connected(Site::A).unwrap();
     for (peer, port) in [(IpAddr::V4(PEER_V4), "3480"), (IpAddr::V6(PEER_V6), "3481")] {
         let mut command = lab.peer.command("turnutils_peer");

@@ -1,10 +1,12 @@
 //! Hostile input against the real `turn-control` on loopback: floods of unauthenticated
 //! Allocate requests from many source addresses, oversized and truncated messages, garbage
 //! on TCP, channel numbers outside the range, requests beyond the allocation quota, and
-//! peers in every denied range and IPv4-in-IPv6 form.
+//! peers in every denied range and IPv4-in-IPv6 form, and at every address of the relay's
+//! host.
 //!
-//! No namespace is needed: the daemon listens on 127.0.0.1 (and relays on 127.0.0.1 and ::1)
-//! and loopback holds all of 127/8 for the many source addresses. Requests are built here
+//! No namespace is needed but for the host's addresses (as root, in a namespace of their
+//! own): the daemon listens on 127.0.0.1 (and relays on 127.0.0.1 and ::1) and loopback holds
+//! all of 127/8 for the many source addresses. Requests are built here
 //! with a minimal STUN encoder with long-term credentials (RFC 8489 §9.2), independent of
 //! the core's.
 
@@ -20,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use tests::stun::attr::{
     ADDITIONAL_ADDRESS_FAMILY, CHANNEL_NUMBER, LIFETIME, NONCE, REALM as REALM_ATTR,
-    REQUESTED_TRANSPORT, USERNAME, XOR_PEER_ADDRESS,
+    REQUESTED_TRANSPORT, USERNAME, XOR_PEER_ADDRESS, XOR_RELAYED_ADDRESS,
 };
 use tests::stun::class::{ERROR, REQUEST, SUCCESS};
 use tests::stun::method::{ALLOCATE, BINDING, CHANNEL_BIND, CREATE_PERMISSION, REFRESH};
 use tests::stun::{Answer, Client, Msg};
-use tests::vm_rss_kib;
+use tests::{Netns, RELAY_V4, RELAY_V6, vm_rss_kib};
 use tests_harness::daemon::{Daemon, port_range};
 
 const REALM: &str = "hostile.example";
@@ -410,4 +412,153 @@ fn denied_peers_get_403_in_every_form() {
         |v| v >= denied.len() as f64,
         DEADLINE,
     );
+}
+
+/// The relay's host in a namespace of its own (root only): beside the relay addresses
+/// 203.0.113.10 and 2001:db8:2::a, a second IPv4 address and a SLAAC and a temporary-looking
+/// IPv6 address of the relay's prefix, on a veth pair (no dummy module needed).
+fn host_with_addresses() -> Netns {
+    let netns = Netns::create(tests::unique_name("hostaddr")).unwrap();
+    netns
+        .ip(["link", "add", "h0", "type", "veth", "peer", "name", "h1"])
+        .unwrap();
+    for iface in ["h0", "h1"] {
+        netns.ip(["link", "set", iface, "up"]).unwrap();
+    }
+    for address in [&format!("{RELAY_V4}/24"), "203.0.113.20/24"] {
+        netns.ip(["addr", "add", address, "dev", "h0"]).unwrap();
+    }
+    for address in [
+        &format!("{RELAY_V6}/64"),
+        "2001:db8:2::5054:ff:fe12:3456/64",
+        "2001:db8:2::8d1c:27a5:b3e0:914f/64",
+    ] {
+        netns
+            .ip(["-6", "addr", "add", address, "dev", "h0", "nodad"])
+            .unwrap();
+    }
+    netns
+}
+
+/// Whether CreatePermission for `peer` is refused with 403.
+fn refused(c: &mut Client, peer: SocketAddr) -> bool {
+    let answer = c.req(CREATE_PERMISSION, |m| m.xor_addr(XOR_PEER_ADDRESS, peer));
+    match (answer.class, answer.error_code()) {
+        (ERROR, Some(403)) => true,
+        (SUCCESS, _) => false,
+        _ => panic!("CreatePermission for {peer}: {answer:?}"),
+    }
+}
+
+/// coturn CVE-2020-26262's class: services bound to the wildcard addresses answer on every
+/// address of the relay's host. With wildcard listeners and the operator allowing the relay's
+/// networks (so that only the host rule refuses), CreatePermission gets 403 for the host's
+/// other addresses of both families, for the relay address at a listener port (of either
+/// family's listener) and at a port outside the allocation range, and for an address added
+/// while the daemon runs, within a second; the relay address at an allocation port (the
+/// hairpin) and other hosts of the allowed networks are allowed.
+#[test]
+fn peers_at_the_hosts_own_addresses_get_403() {
+    if !tests::privileged() {
+        return;
+    }
+    let netns = host_with_addresses();
+    netns
+        .enter(|| {
+            let ports = port_range(64, &[&RELAY_V4.to_string()]);
+            let user = format!("{USER}:{PASSWORD}");
+            let (relay_v4, relay_v6) = (RELAY_V4.to_string(), RELAY_V6.to_string());
+            let args = [
+                "--listen",
+                "[::]:3478",
+                "--relay-ip",
+                &relay_v4,
+                "--relay-ip",
+                &relay_v6,
+                "--allow-peer",
+                "203.0.113.0/24",
+                "--allow-peer",
+                "2001:db8:2::/64",
+                "--realm",
+                REALM,
+                "--user",
+                &user,
+            ];
+            let mut daemon = Daemon::spawn("0.0.0.0", ports, "info", &args);
+            let listen_port = daemon.listen.port();
+            let server = SocketAddr::new(RELAY_V4.into(), listen_port);
+            let mut c = new_client(UdpSocket::bind("0.0.0.0:0").unwrap(), server);
+            let allocation = c.allocate_dual();
+            ok(&allocation);
+            let port = allocation
+                .xor_addr(XOR_RELAYED_ADDRESS)
+                .expect("XOR-RELAYED-ADDRESS")
+                .port();
+            let mut denied = 0;
+            for peer in [
+                // The host's other addresses.
+                "203.0.113.20:53".to_owned(),
+                "[2001:db8:2::5054:ff:fe12:3456]:53".to_owned(),
+                "[2001:db8:2::8d1c:27a5:b3e0:914f]:161".to_owned(),
+                "[::ffff:203.0.113.20]:53".to_owned(),
+                // The wildcard listeners at the relay addresses, either family's port.
+                format!("{RELAY_V4}:{listen_port}"),
+                format!("{RELAY_V4}:3478"),
+                format!("[{RELAY_V6}]:3478"),
+                format!("[{RELAY_V6}]:{listen_port}"),
+                // The relay addresses, allowed, outside the allocation ports.
+                format!("{RELAY_V4}:22"),
+                format!("[{RELAY_V6}]:22"),
+            ] {
+                let peer: SocketAddr = peer.parse().unwrap();
+                assert!(refused(&mut c, peer), "{peer} was allowed");
+                denied += 1;
+            }
+            // ChannelBind judges the port as CreatePermission does.
+            let answer = c.req(CHANNEL_BIND, |m| {
+                m.attr(CHANNEL_NUMBER, &[0x40, 0x00, 0, 0])
+                    .xor_addr(XOR_PEER_ADDRESS, SocketAddr::new(RELAY_V4.into(), 22))
+            });
+            assert_eq!((answer.class, answer.error_code()), (ERROR, Some(403)));
+            denied += 1;
+            // The hairpin, and other hosts of the allowed networks.
+            for peer in [
+                SocketAddr::new(RELAY_V4.into(), port),
+                SocketAddr::new(RELAY_V6.into(), port),
+                "203.0.113.99:53".parse().unwrap(),
+                "[2001:db8:2::99]:53".parse().unwrap(),
+            ] {
+                assert!(!refused(&mut c, peer), "{peer} was refused");
+            }
+            // Addresses added while the daemon runs.
+            for (address, peer) in [
+                ("203.0.113.30/24", "203.0.113.30:53"),
+                ("2001:db8:2::30/64", "[2001:db8:2::30]:53"),
+            ] {
+                let peer: SocketAddr = peer.parse().unwrap();
+                assert!(!refused(&mut c, peer), "{peer} refused before it was added");
+                let mut add = vec!["addr", "add", address, "dev", "h0"];
+                if peer.is_ipv6() {
+                    add.push("nodad");
+                }
+                netns.ip(add).unwrap();
+                let added = Instant::now();
+                while !refused(&mut c, peer) {
+                    assert!(
+                        added.elapsed() < Duration::from_secs(1),
+                        "{peer} still allowed a second after it was added"
+                    );
+                }
+                eprintln!("{peer} refused {:?} after it was added", added.elapsed());
+                denied += 1;
+            }
+            daemon.wait_metric(
+                "turn_peers_denied_total",
+                |v| v >= f64::from(denied),
+                DEADLINE,
+            );
+            daemon.alive();
+            Ok(())
+        })
+        .unwrap();
 }

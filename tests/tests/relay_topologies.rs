@@ -31,7 +31,7 @@ async fn client(netns: &Netns, local: IpAddr, site: Site) -> Client {
 /// for the link; returns the agent's socket.
 fn start_relay(lab: &mut Lab, site: Site, allow: &str) -> std::path::PathBuf {
     let socket = lab
-        .start_xdp_agent_at(site, &["--xdp-mode", "native"])
+        .start_xdp_agent_at(site, &["--xdp-mode", "native", "--allow-peer", allow])
         .unwrap();
     lab.start_turn_control_at(site, Some(&socket), &["--allow-peer", allow])
         .unwrap();

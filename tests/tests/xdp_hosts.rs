@@ -81,11 +81,26 @@ fn echo_through_the_kernel(
 /// The segment's relay: listeners and relayed addresses on x0, the near
 /// host and the far network allowed as peers.
 fn start_segment_relay(hosts: &mut Hosts) -> PathBuf {
-    let agent = hosts.start_agent("relay", &["x0"], &[]).unwrap();
     let listen_v4 = format!("{SEGMENT_RELAY_V4}:3478");
     let listen_v6 = format!("[{SEGMENT_RELAY_V6}]:3478");
     let near_v4 = format!("{SEGMENT_NEAR_V4}/32");
     let near_v6 = format!("{SEGMENT_NEAR_V6}/128");
+    let agent = hosts
+        .start_agent(
+            "relay",
+            &["x0"],
+            &[
+                "--allow-peer",
+                "198.51.100.0/24",
+                "--allow-peer",
+                "2001:db8:3::/64",
+                "--allow-peer",
+                &near_v4,
+                "--allow-peer",
+                &near_v6,
+            ],
+        )
+        .unwrap();
     hosts
         .start_turn_control(
             "relay",
@@ -196,7 +211,18 @@ fn a_relay_with_two_interfaces_redirects_between_them() {
         return;
     }
     let mut hosts = Hosts::two_legs().unwrap();
-    let agent = hosts.start_agent("relay", &["x0", "x1"], &[]).unwrap();
+    let agent = hosts
+        .start_agent(
+            "relay",
+            &["x0", "x1"],
+            &[
+                "--allow-peer",
+                "198.51.100.0/24",
+                "--allow-peer",
+                "2001:db8:3::/64",
+            ],
+        )
+        .unwrap();
     let (listen_v4, listen_v6) = (
         format!("{LEGS_LISTEN_V4}:3478"),
         format!("[{LEGS_LISTEN_V6}]:3478"),

@@ -166,7 +166,17 @@ fn two_allocations_on_one_relay_talk_through_the_hairpin() {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    let mut agent = start(&mut lab, &[]);
+    // The relay's own addresses are peers here: opened to the agent as an
+    // operator opens them for the hairpin.
+    let mut agent = start(
+        &mut lab,
+        &[
+            "--allow-peer",
+            "203.0.113.10/32",
+            "--allow-peer",
+            "2001:db8:2::10/128",
+        ],
+    );
     for (a_v4, b_v4, reason) in [
         (true, true, "relay_hairpin_v4_v4"),
         (false, true, "relay_hairpin_v6_v4"),

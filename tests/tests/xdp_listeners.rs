@@ -31,8 +31,13 @@ fn udp_socket(netns: &Netns, ip: IpAddr) -> UdpSocket {
 /// Starts the agent in native mode and turn-control with `listen` added to
 /// the lab's two listeners; returns the agent's socket once they are linked.
 fn start(lab: &mut Lab, listen: &[SocketAddr]) -> std::path::PathBuf {
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
     let listen: Vec<String> = listen.iter().map(ToString::to_string).collect();
+    // The agent takes from turn-control only listeners its own flags name.
+    let mut agent_args = vec!["--xdp-mode", "native", "--listen", "0.0.0.0:3478,[::]:3478"];
+    for address in &listen {
+        agent_args.extend(["--listen", address.as_str()]);
+    }
+    let socket = lab.start_xdp_agent(&agent_args).unwrap();
     let mut args = Vec::new();
     for address in &listen {
         args.extend(["--listen", address.as_str()]);

@@ -20,7 +20,11 @@ use clap::builder::{BoolValueParser, TypedValueParser as _};
 use daemon::{CommandLine, LogFormat, PortRange};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
-use turn_control_core::{Config, Credentials, QuotaLedger, ReservationLedger};
+use turn_control_core::config::{
+    MAX_CHANNELS_PER_ALLOCATION, MAX_PERMISSIONS_PER_ALLOCATION, UNAUTHENTICATED_BURST_PER_SOURCE,
+    UNAUTHENTICATED_RATE_PER_SOURCE, UNAUTHORIZED_RATE, USER_KERNEL_BINDINGS,
+};
+use turn_control_core::{Config, Credentials, QuotaLedger, ReservationLedger, SourceRate};
 
 /// The TURN port of RFC 8656 §18 (and RFC 8489 §9.1 for STUN).
 pub const DEFAULT_PORT: u16 = 3478;
@@ -47,6 +51,13 @@ pub const DEFAULT_ALLOCATION_LIFETIME: u32 = 600;
 pub const MAX_ALLOCATION_LIFETIME: u32 = 3600;
 /// The longest `--max-allocation-lifetime` accepted: a week.
 pub const LONGEST_ALLOCATION_LIFETIME: u32 = 7 * 86_400;
+/// Default `--tcp-idle-unallocated-seconds`: long enough for a client's Allocate after a
+/// Binding or a 401, short enough that idle connections cannot pile up.
+pub const DEFAULT_TCP_IDLE_UNALLOCATED: u32 = 30;
+/// Default `--tcp-connections-per-source`.
+pub const DEFAULT_TCP_CONNECTIONS_PER_SOURCE: u32 = 100;
+/// Default `--tcp-connections-max`, unless the open-files limit allows fewer.
+pub const DEFAULT_TCP_CONNECTIONS_MAX: u32 = 100_000;
 
 /// The command line: [`Settings`] plus what only a command line says. Every option can also
 /// come from the environment variable named in `--help`; list variables take
@@ -104,6 +115,33 @@ pub struct Settings {
         value_parser = BoolValueParser::new().map(|no_tcp| !no_tcp)
     )]
     pub tcp: bool,
+    /// Seconds a TURN-over-TCP connection without an allocation may go without a complete
+    /// frame before it is closed; a connection with an allocation lives as long as it does.
+    #[arg(
+        long = "tcp-idle-unallocated-seconds",
+        env = "TURN_CONTROL_TCP_IDLE_UNALLOCATED_SECONDS",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_TCP_IDLE_UNALLOCATED
+    )]
+    pub tcp_idle_unallocated_seconds: u32,
+    /// Most TURN-over-TCP connections open at once from one source address (an IPv6 source
+    /// counts by its /64); further ones are accepted and closed at once.
+    #[arg(
+        long = "tcp-connections-per-source",
+        env = "TURN_CONTROL_TCP_CONNECTIONS_PER_SOURCE",
+        value_name = "N",
+        default_value_t = DEFAULT_TCP_CONNECTIONS_PER_SOURCE
+    )]
+    pub tcp_connections_per_source: u32,
+    /// Most TURN-over-TCP connections open at once in all; further ones are accepted and
+    /// closed at once [default: 100000, or half the open-files limit (RLIMIT_NOFILE) if that
+    /// is less, leaving the rest to relay sockets].
+    #[arg(
+        long = "tcp-connections-max",
+        env = "TURN_CONTROL_TCP_CONNECTIONS_MAX",
+        value_name = "N"
+    )]
+    pub tcp_connections_max: Option<u32>,
     /// Address relay sockets bind to, one per family (repeatable) [default: the listeners'
     /// specific addresses].
     #[arg(
@@ -214,6 +252,63 @@ pub struct Settings {
         default_value_t = MAX_ALLOCATION_LIFETIME
     )]
     pub max_allocation_lifetime: u32,
+    /// Answers a second to unauthenticated UDP requests (Binding, 401, 438, errors before
+    /// authentication) from the whole host: a backstop against floods from many sources,
+    /// above what --unauthenticated-rate-per-source lets any one source have.
+    #[arg(
+        long = "unauthenticated-rate",
+        env = "TURN_CONTROL_UNAUTHENTICATED_RATE",
+        value_name = "N",
+        default_value_t = UNAUTHORIZED_RATE
+    )]
+    pub unauthenticated_rate: u32,
+    /// Answers a second to unauthenticated UDP requests from one source (an IPv4 address or
+    /// an IPv6 /64), so that one host can neither take the others' answers nor use the relay
+    /// as a reflector. A 438 to a request signed with a valid key is not counted.
+    #[arg(
+        long = "unauthenticated-rate-per-source",
+        env = "TURN_CONTROL_UNAUTHENTICATED_RATE_PER_SOURCE",
+        value_name = "N",
+        default_value_t = UNAUTHENTICATED_RATE_PER_SOURCE
+    )]
+    pub unauthenticated_rate_per_source: u32,
+    /// Answers to unauthenticated UDP requests one source may have at once (the clients
+    /// behind one NAT starting together), refilled at --unauthenticated-rate-per-source.
+    #[arg(
+        long = "unauthenticated-burst-per-source",
+        env = "TURN_CONTROL_UNAUTHENTICATED_BURST_PER_SOURCE",
+        value_name = "N",
+        default_value_t = UNAUTHENTICATED_BURST_PER_SOURCE
+    )]
+    pub unauthenticated_burst_per_source: u32,
+    /// Permissions (peer IP addresses) one allocation may hold; a CreatePermission or
+    /// ChannelBind that needs one more gets 508 (Insufficient Capacity).
+    #[arg(
+        long = "max-permissions-per-allocation",
+        env = "TURN_CONTROL_MAX_PERMISSIONS_PER_ALLOCATION",
+        value_name = "N",
+        default_value_t = MAX_PERMISSIONS_PER_ALLOCATION
+    )]
+    pub max_permissions_per_allocation: usize,
+    /// Channels one allocation may bind; a ChannelBind for one more gets 508 (Insufficient
+    /// Capacity).
+    #[arg(
+        long = "max-channels-per-allocation",
+        env = "TURN_CONTROL_MAX_CHANNELS_PER_ALLOCATION",
+        value_name = "N",
+        default_value_t = MAX_CHANNELS_PER_ALLOCATION
+    )]
+    pub max_channels_per_allocation: usize,
+    /// Channel bindings one username may hold in the XDP data plane at once, over all
+    /// threads: its share of the kernel's maps. Its further channels are relayed in user
+    /// space; 0 relays all of them there.
+    #[arg(
+        long = "user-kernel-bindings",
+        env = "TURN_CONTROL_USER_KERNEL_BINDINGS",
+        value_name = "N",
+        default_value_t = USER_KERNEL_BINDINGS
+    )]
+    pub user_kernel_bindings: usize,
     /// SO_RCVBUF and SO_SNDBUF of listener sockets, in bytes.
     #[arg(
         long = "listener-buffer-bytes",
@@ -413,6 +508,8 @@ impl Settings {
             return Err(invalid("threads", "must be at least 1"));
         }
         self.check_allocation_lifetimes()?;
+        self.check_tcp_limits()?;
+        self.check_abuse_limits()?;
         if self.agent_queue == 0 {
             return Err(invalid("agent_queue", "must be at least 1"));
         }
@@ -462,6 +559,49 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The TCP connection limits are at least one.
+    fn check_tcp_limits(&self) -> Result<(), ConfigError> {
+        let idle = self.tcp_idle_unallocated_seconds;
+        let per_source = self.tcp_connections_per_source;
+        let total = self.tcp_connections_max.unwrap_or(1);
+        let limits = [
+            ("tcp_idle_unallocated_seconds", idle),
+            ("tcp_connections_per_source", per_source),
+            ("tcp_connections_max", total),
+        ];
+        match limits.into_iter().find(|&(_, value)| value == 0) {
+            Some((key, _)) => Err(invalid(key, "must be at least 1")),
+            None => Ok(()),
+        }
+    }
+
+    /// The limits on unauthenticated answers and per allocation are at least one.
+    fn check_abuse_limits(&self) -> Result<(), ConfigError> {
+        let limits = [
+            ("unauthenticated_rate", self.unauthenticated_rate as usize),
+            (
+                "unauthenticated_rate_per_source",
+                self.unauthenticated_rate_per_source as usize,
+            ),
+            (
+                "unauthenticated_burst_per_source",
+                self.unauthenticated_burst_per_source as usize,
+            ),
+            (
+                "max_permissions_per_allocation",
+                self.max_permissions_per_allocation,
+            ),
+            (
+                "max_channels_per_allocation",
+                self.max_channels_per_allocation,
+            ),
+        ];
+        match limits.into_iter().find(|&(_, value)| value == 0) {
+            Some((key, _)) => Err(invalid(key, "must be at least 1")),
+            None => Ok(()),
+        }
     }
 
     /// The effective configuration as TOML, with secrets redacted (`--print-config`). It
@@ -518,10 +658,20 @@ impl Settings {
         config.quotas = Arc::clone(quotas);
         config.reservations = Arc::clone(reservations);
         config.core_index = index as u32;
-        // The 401 cap is per core; split it so that the host-wide cap stays as documented.
-        config.unauthorized_rate = config
-            .unauthorized_rate
-            .map(|rate| rate.div_ceil(threads as u32).max(1));
+        // The limits on unauthenticated answers are the host's: each core gets its share (the
+        // kernel spreads a source's ports over the threads).
+        config.unauthorized_rate = Some(self.unauthenticated_rate.div_ceil(threads as u32).max(1));
+        config.unauthenticated_per_source = Some(
+            SourceRate::new(
+                self.unauthenticated_rate_per_source,
+                self.unauthenticated_burst_per_source,
+            )
+            .share(threads),
+        );
+        config.max_permissions_per_allocation = self.max_permissions_per_allocation;
+        config.max_channels_per_allocation = self.max_channels_per_allocation;
+        // Counted in the shared `quotas` ledger, so the share holds across the threads.
+        config.user_kernel_bindings = self.user_kernel_bindings;
         config.allow_peers = self.allow_peer.clone();
         config.deny_peers = self.deny_peer.clone();
         config.allow_loopback_peers = self.dev;
@@ -960,6 +1110,71 @@ mod tests {
     }
 
     #[test]
+    fn abuse_limits_reach_the_cores_shared_out() {
+        let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
+        let s = flags(&["--dev", "--threads", "4"]).unwrap();
+        let core = s.core_config(None, [0; 32], (1, 4), &quotas, &reservations);
+        assert_eq!(core.unauthorized_rate, Some(1250));
+        assert_eq!(
+            core.unauthenticated_per_source,
+            Some(SourceRate::new(20, 40).share(4))
+        );
+        assert_eq!(
+            (
+                core.max_permissions_per_allocation,
+                core.max_channels_per_allocation,
+                core.user_kernel_bindings
+            ),
+            (100, 100, 1024)
+        );
+        let s = merge(
+            &[
+                "--dev",
+                "--threads",
+                "2",
+                "--unauthenticated-rate-per-source",
+                "10",
+            ],
+            "unauthenticated_rate = 100
+unauthenticated_burst_per_source = 4
+\
+             max_permissions_per_allocation = 7
+max_channels_per_allocation = 8
+\
+             user_kernel_bindings = 0",
+        )
+        .unwrap();
+        assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
+        let core = s.core_config(None, [0; 32], (0, 2), &quotas, &reservations);
+        assert_eq!(core.unauthorized_rate, Some(50));
+        assert_eq!(
+            core.unauthenticated_per_source,
+            Some(SourceRate::new(10, 4).share(2))
+        );
+        assert_eq!(
+            (
+                core.max_permissions_per_allocation,
+                core.max_channels_per_allocation,
+                core.user_kernel_bindings
+            ),
+            (7, 8, 0)
+        );
+        for flag in [
+            "--unauthenticated-rate",
+            "--unauthenticated-rate-per-source",
+            "--unauthenticated-burst-per-source",
+            "--max-permissions-per-allocation",
+            "--max-channels-per-allocation",
+        ] {
+            let key = flag.trim_start_matches("--").replace('-', "_");
+            assert_eq!(
+                flags(&["--dev", flag, "0"]).unwrap_err().to_string(),
+                format!("{key}: must be at least 1")
+            );
+        }
+    }
+
+    #[test]
     fn core_configs_validate() {
         let s = flags(&["--dev", "--threads", "2"]).unwrap();
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
@@ -967,6 +1182,39 @@ mod tests {
             s.core_config(None, [0; 32], (index, 2), &quotas, &reservations)
                 .validate()
                 .unwrap();
+        }
+    }
+
+    #[test]
+    fn tcp_limits_have_defaults_and_are_checked() {
+        let s = flags(&["--dev"]).unwrap();
+        assert_eq!(s.tcp_idle_unallocated_seconds, DEFAULT_TCP_IDLE_UNALLOCATED);
+        assert_eq!(
+            s.tcp_connections_per_source,
+            DEFAULT_TCP_CONNECTIONS_PER_SOURCE
+        );
+        assert_eq!(s.tcp_connections_max, None);
+        let s = merge(
+            &["--dev", "--tcp-connections-per-source", "5"],
+            "tcp_idle_unallocated_seconds = 2\ntcp_connections_per_source = 7\ntcp_connections_max = 50",
+        )
+        .unwrap();
+        assert_eq!(s.tcp_idle_unallocated_seconds, 2);
+        assert_eq!(s.tcp_connections_per_source, 5, "the flag wins");
+        assert_eq!(s.tcp_connections_max, Some(50));
+        assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
+        for (flag, key) in [
+            (
+                "--tcp-idle-unallocated-seconds",
+                "tcp_idle_unallocated_seconds",
+            ),
+            ("--tcp-connections-per-source", "tcp_connections_per_source"),
+            ("--tcp-connections-max", "tcp_connections_max"),
+        ] {
+            assert_eq!(
+                flags(&["--dev", flag, "0"]).unwrap_err().to_string(),
+                format!("{key}: must be at least 1")
+            );
         }
     }
 }

@@ -14,6 +14,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -25,14 +27,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use turn_control_core::{
-    ClientAddr, Command, Config, Credentials, Family, OffloadError, PeerAddr, RelayAddr, Server,
-    Transmit, Transport,
+    ClientAddr, Command, Config, Credentials, Family, FiveTuple, OffloadError, PeerAddr, RelayAddr,
+    Server, Transmit, Transport,
 };
 
 use crate::agent::{AgentQueue, FromAgent, Lease, ToAgent};
 use crate::config::Settings;
 use crate::metrics::name;
-use crate::tcp::TcpEvent;
+use crate::tcp::{self, TcpEvent};
 use crate::threads::{Control, Listeners, Report, ReportSlot, ReservedSocket, ReservedSockets};
 use crate::udp::{self, RecvBatch};
 
@@ -64,6 +66,16 @@ struct UdpEntry {
     errors: bool,
 }
 
+/// A TURN-over-TCP connection, by listener and client.
+#[derive(Debug)]
+struct TcpConn {
+    /// Frames to write to the client.
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Whether its 5-tuple has an allocation, for the connection's task (see
+    /// [`TcpEvent::Opened`]).
+    allocated: Arc<AtomicBool>,
+}
+
 enum Event {
     Control(Control),
     Timer,
@@ -88,6 +100,10 @@ pub struct ThreadSetup {
     pub reserved_sockets: ReservedSockets,
     /// Its socket of each listener group.
     pub listeners: Listeners,
+    /// The host's addresses as learned at start ([`Control::OwnAddresses`] brings changes).
+    pub own_addresses: Vec<IpAddr>,
+    /// The TCP connection limits, shared by every thread.
+    pub tcp_limits: Arc<tcp::Limits>,
     /// Requests to the agent link, if an agent is configured.
     pub agent: Option<AgentQueue>,
     /// Answers and link events from the agent link.
@@ -115,7 +131,7 @@ pub struct Eventloop {
     ready: VecDeque<usize>,
     recv: RecvBatch,
     out: Vec<(usize, SocketAddr, Vec<u8>)>,
-    tcp_conns: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>>,
+    tcp_conns: HashMap<(SocketAddr, SocketAddr), TcpConn>,
     tcp_accept: Vec<JoinHandle<()>>,
     inbox_rx: mpsc::Receiver<TcpEvent>,
     inbox_tx: mpsc::Sender<TcpEvent>,
@@ -140,6 +156,8 @@ impl Eventloop {
             settings,
             core,
             listeners,
+            own_addresses,
+            tcp_limits,
             agent,
             agent_events,
             control,
@@ -147,8 +165,9 @@ impl Eventloop {
             reserved_sockets,
         } = setup;
         tracing::debug!(thread = index, ports = ?core.port_range, "event loop starting");
-        let server = Server::new(core, Instant::now(), SystemTime::now())
+        let mut server = Server::new(core, Instant::now(), SystemTime::now())
             .context("protocol core configuration")?;
+        server.set_own_addresses(own_addresses, settings.ports.range());
         let poll = mio::Poll::new().context("creating epoll instance")?;
         // SAFETY: the Poll owns its epoll descriptor and neither closes nor replaces it while
         // the AsyncFd holds it; dropping the AsyncFd deregisters before closing.
@@ -188,7 +207,8 @@ impl Eventloop {
         for (addr, listener) in listeners.tcp {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .with_context(|| format!("listen tcp {addr}"))?;
-            let task = tokio::spawn(crate::tcp::accept(listener, addr, this.inbox_tx.clone()));
+            let inbox = this.inbox_tx.clone();
+            let task = tokio::spawn(tcp::accept(listener, addr, inbox, Arc::clone(&tcp_limits)));
             this.tcp_accept.push(task);
         }
         Ok(this)
@@ -241,6 +261,9 @@ impl Eventloop {
                     allow_peer,
                     deny_peer,
                 }) => self.reload(credentials, allow_peer, deny_peer),
+                Event::Control(Control::OwnAddresses(addresses)) => self
+                    .server
+                    .set_own_addresses(addresses, self.settings.ports.range()),
                 Event::Timer => self.server.handle_timeout(Instant::now()),
                 Event::Tick => {
                     ticks += 1;
@@ -248,6 +271,7 @@ impl Eventloop {
                         self.server
                             .set_wall_clock(Instant::now(), SystemTime::now());
                     }
+                    self.refresh_tcp_allocations();
                     self.publish();
                 }
                 Event::Tcp(msg) => self.tcp_event(msg),
@@ -467,8 +491,8 @@ impl Eventloop {
                     client,
                     payload,
                 } => {
-                    if let Some(tx) = self.tcp_conns.get(&(server, client.0))
-                        && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(payload)
+                    if let Some(conn) = self.tcp_conns.get(&(server, client.0))
+                        && let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(payload)
                     {
                         metrics::counter!(name::TCP_SEND_DROPS).increment(1);
                     }
@@ -683,8 +707,14 @@ impl Eventloop {
 
     fn tcp_event(&mut self, msg: TcpEvent) {
         match msg {
-            TcpEvent::Opened { local, client, tx } => {
-                self.tcp_conns.insert((local, client), tx);
+            TcpEvent::Opened {
+                local,
+                client,
+                tx,
+                allocated,
+            } => {
+                self.tcp_conns
+                    .insert((local, client), TcpConn { tx, allocated });
             }
             TcpEvent::Frame {
                 local,
@@ -694,12 +724,29 @@ impl Eventloop {
                 let now = Instant::now();
                 self.server
                     .handle_client(now, Transport::Tcp, local, ClientAddr(client), &frame);
+                // An Allocate or a Refresh may have changed what the connection holds.
+                if let Some(conn) = self.tcp_conns.get(&(local, client)) {
+                    let allocated = self.server.has_allocation(&tcp_tuple(local, client));
+                    conn.allocated.store(allocated, Ordering::Relaxed);
+                }
             }
             TcpEvent::Closed { local, client } => {
                 self.tcp_conns.remove(&(local, client));
                 // RFC 8656 §7: the allocation of a TCP 5-tuple ends with its connection.
                 self.server
                     .handle_client_closed(Transport::Tcp, local, ClientAddr(client));
+            }
+        }
+    }
+
+    /// Allocations of TCP connections also end without a frame (they expire, or their relay
+    /// socket could not be bound): the connections that had one learn it within a tick.
+    fn refresh_tcp_allocations(&self) {
+        for (&(local, client), conn) in &self.tcp_conns {
+            if conn.allocated.load(Ordering::Relaxed)
+                && !self.server.has_allocation(&tcp_tuple(local, client))
+            {
+                conn.allocated.store(false, Ordering::Relaxed);
             }
         }
     }
@@ -786,6 +833,15 @@ impl Eventloop {
         self.publish();
         // The agent link ends once every thread dropped its sender.
         self.agent = None;
+    }
+}
+
+/// The 5-tuple of the TCP connection from `client` to the listener `local`.
+fn tcp_tuple(local: SocketAddr, client: SocketAddr) -> FiveTuple {
+    FiveTuple {
+        client: ClientAddr(client),
+        server: local,
+        transport: Transport::Tcp,
     }
 }
 

@@ -7,6 +7,7 @@ mod agent;
 mod agent_properties;
 mod config;
 mod eventloop;
+mod host_addresses;
 mod metrics;
 mod tcp;
 mod threads;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use turn_control_core::{QuotaLedger, ReservationLedger};
 
 use crate::config::{Cli, Settings, User};
@@ -53,6 +54,8 @@ fn main() -> ExitCode {
 
 /// How long the shutdown drain waits for the agent to take the last removals.
 const AGENT_DRAIN: Duration = Duration::from_secs(3);
+/// How long start-up waits for the host's addresses (one netlink dump).
+const HOST_ADDRESSES_WAIT: Duration = Duration::from_secs(2);
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(&cli)?;
@@ -61,6 +64,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&settings)?;
+    // Every TCP connection and relay socket is a descriptor.
+    match tcp::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+    }
     let threads = settings.threads;
     // Everything that can fail on bad input fails here, before any thread starts.
     let listeners = threads::bind_listeners(
@@ -106,11 +114,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics::install(addr)?;
         }
         ::metrics::gauge!(metrics::name::AGENT_CONNECTED).set(0.0);
+        let host_addresses = follow_host_addresses().await;
         let mut supervisor = Supervisor::start(
             cli,
             settings.clone(),
             dev_user.clone(),
-            listeners,
+            (listeners, host_addresses),
             seed,
             (&quotas, &reservations),
         )?;
@@ -170,6 +179,8 @@ struct Supervisor {
     reserved_sockets: threads::ReservedSockets,
     /// The cores' RESERVATION-TOKENs: how many are out right now.
     reservations: Arc<ReservationLedger>,
+    /// The host's addresses, learned and followed ([`host_addresses::watch`]).
+    host_addresses: watch::Receiver<host_addresses::Learned>,
 }
 
 impl Supervisor {
@@ -177,10 +188,17 @@ impl Supervisor {
         cli: Cli,
         settings: Settings,
         dev_user: Option<User>,
-        listeners: Vec<threads::Listeners>,
+        (listeners, mut host_addresses): (
+            Vec<threads::Listeners>,
+            watch::Receiver<host_addresses::Learned>,
+        ),
         seed: [u8; 32],
         (quotas, reservations): (&Arc<QuotaLedger>, &Arc<ReservationLedger>),
     ) -> anyhow::Result<Self> {
+        let own_addresses =
+            host_addresses::with_configured(&settings, host_addresses.borrow_and_update().as_ref());
+        tracing::info!(addresses = ?own_addresses, "the host's addresses are refused as peers");
+        let tcp_limits = tcp_limits(&settings);
         let thread_count = listeners.len();
         let mut agent_events = Vec::with_capacity(thread_count);
         let mut agent_receivers = Vec::with_capacity(thread_count);
@@ -220,6 +238,7 @@ impl Supervisor {
             _no_agent_events: no_agent_events,
             reserved_sockets: threads::ReservedSockets::default(),
             reservations: Arc::clone(reservations),
+            host_addresses,
         };
         for (index, (listeners, agent_events)) in
             listeners.into_iter().zip(agent_receivers).enumerate()
@@ -233,6 +252,8 @@ impl Supervisor {
                 reserved_sockets: this.reserved_sockets.clone(),
                 settings: settings.clone(),
                 listeners,
+                own_addresses: own_addresses.clone(),
+                tcp_limits: Arc::clone(&tcp_limits),
                 agent: agent_tx.clone(),
                 agent_events,
                 control,
@@ -265,6 +286,7 @@ impl Supervisor {
                 _ = signals.terminate.recv() => break None,
                 _ = signals.interrupt.recv() => break None,
                 _ = signals.hangup.recv() => self.reload(),
+                Ok(()) = self.host_addresses.changed() => self.own_addresses_changed(),
                 _ = tick.tick() => self.publish(),
                 ended = self.ended.recv() => {
                     let (index, panicked) = ended.unwrap_or((0, true));
@@ -309,6 +331,18 @@ impl Supervisor {
         ::metrics::gauge!(metrics::name::TCP_CONNECTIONS).set(total.tcp_connections as f64);
         let relay_sockets = total.relay_sockets + self.reserved_sockets.count();
         ::metrics::gauge!(metrics::name::RELAY_SOCKETS).set(relay_sockets as f64);
+    }
+
+    /// The host's addresses changed: every core refuses the new set.
+    fn own_addresses_changed(&mut self) {
+        let addresses = host_addresses::with_configured(
+            &self.settings,
+            self.host_addresses.borrow_and_update().as_ref(),
+        );
+        tracing::debug!(?addresses, "host addresses changed");
+        for control in &self.controls {
+            let _ = control.send(Control::OwnAddresses(addresses.clone()));
+        }
     }
 
     /// SIGHUP: users, REST secrets and peer lists from the file (flags and environment still
@@ -360,6 +394,39 @@ impl Supervisor {
             "configuration reloaded"
         );
     }
+}
+
+/// Starts following the host's addresses, and waits for the first set a little: without
+/// it the peer policy knows the configured addresses only, until it comes.
+async fn follow_host_addresses() -> watch::Receiver<host_addresses::Learned> {
+    let (updates, mut learned) = watch::channel(None);
+    tokio::spawn(host_addresses::watch(updates));
+    let first = tokio::time::timeout(HOST_ADDRESSES_WAIT, learned.wait_for(Option::is_some));
+    if !matches!(first.await, Ok(Ok(_))) {
+        tracing::warn!(
+            "the host's addresses are not known yet; refusing the configured ones until they are"
+        );
+    }
+    learned
+}
+
+/// The TCP connection limits of `settings`, shared by every thread.
+fn tcp_limits(settings: &Settings) -> Arc<tcp::Limits> {
+    let total = settings.tcp_connections_max.map_or_else(
+        || tcp::default_connections_max(config::DEFAULT_TCP_CONNECTIONS_MAX as usize),
+        |max| max as usize,
+    );
+    tracing::info!(
+        idle_unallocated_seconds = settings.tcp_idle_unallocated_seconds,
+        per_source = settings.tcp_connections_per_source,
+        total,
+        "TCP connection limits"
+    );
+    tcp::Limits::new(
+        Duration::from_secs(u64::from(settings.tcp_idle_unallocated_seconds)),
+        settings.tcp_connections_per_source as usize,
+        total,
+    )
 }
 
 /// An event-loop thread: its own current-thread runtime running its event loop.

@@ -49,7 +49,15 @@ declare_metrics! {
     counter AUTH_FAILURES = "turn_auth_failures_total",
         "Requests refused for credentials (unknown user, bad MESSAGE-INTEGRITY, expired REST username)";
     counter UNAUTHORIZED_RATE_LIMITED = "turn_unauthorized_rate_limited_total",
-        "401 answers suppressed by the rate cap";
+        "Answers to unauthenticated requests (Binding, 401, 438, errors before authentication) suppressed by the host-wide cap (--unauthenticated-rate)";
+    counter UNAUTHENTICATED_SOURCE_LIMITED = "turn_unauthenticated_source_limited_total",
+        "Answers to unauthenticated requests suppressed because their source (IPv4 address or IPv6 /64) used its share (--unauthenticated-rate-per-source)";
+    counter STALE_NONCE_VERIFIED = "turn_stale_nonce_verified_total",
+        "438 answers to requests signed with a valid key, sent outside the limits on unauthenticated answers";
+    counter ALLOCATION_CAPS = "turn_allocation_cap_reached_total",
+        "Requests refused with 508 for a cap per allocation, by cap (permissions, channels)";
+    counter KERNEL_SHARE_EXCEEDED = "turn_user_kernel_share_exceeded_total",
+        "Channel bindings relayed in user space because their user held --user-kernel-bindings in the data plane";
     counter PEERS_DENIED = "turn_peers_denied_total", "Peer addresses refused by policy (403)";
     counter DROPPED = "turn_packets_dropped_total",
         "Packets dropped: not TURN, no allocation, permission or channel";
@@ -82,7 +90,7 @@ declare_metrics! {
         "Datagrams too long for the receive buffer, dropped";
     gauge TCP_CONNECTIONS = "turn_tcp_connections_active", "TURN-over-TCP connections open";
     counter TCP_CLOSED = "turn_tcp_connections_closed_total",
-        "TURN-over-TCP connections closed, by reason (client, error, server, shutdown, not_turn, first_frame_timeout, frame_timeout, frame_too_long, write_timeout)";
+        "TURN-over-TCP connections closed, by reason (client, error, server, shutdown, not_turn, first_frame_timeout, frame_timeout, frame_too_long, write_timeout, unallocated_timeout; refused at once: per_source_cap, total_cap)";
     gauge RELAY_SOCKETS = "turn_relay_sockets_open", "Relay UDP sockets open";
     gauge THREAD_ALLOCATIONS = "turn_thread_allocations_active",
         "TURN allocations alive per event-loop thread (the kernel spreads clients by address hash)";
@@ -120,6 +128,15 @@ pub fn publish(stats: &Stats) {
     }
     counter!(name::AUTH_FAILURES).absolute(stats.auth_failures);
     counter!(name::UNAUTHORIZED_RATE_LIMITED).absolute(stats.unauthorized_rate_limited);
+    counter!(name::UNAUTHENTICATED_SOURCE_LIMITED).absolute(stats.unauthenticated_source_limited);
+    counter!(name::STALE_NONCE_VERIFIED).absolute(stats.stale_nonce_verified);
+    for (cap, count) in [
+        ("permissions", stats.permission_cap_reached),
+        ("channels", stats.channel_cap_reached),
+    ] {
+        counter!(name::ALLOCATION_CAPS, "cap" => cap).absolute(count);
+    }
+    counter!(name::KERNEL_SHARE_EXCEEDED).absolute(stats.kernel_share_exceeded);
     counter!(name::PEERS_DENIED).absolute(stats.peers_denied);
     counter!(name::DROPPED).absolute(stats.dropped);
     for (direction, traffic) in [

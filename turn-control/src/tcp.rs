@@ -18,13 +18,22 @@
 //! - A frame whose first byte arrived must be complete within [`FRAME_TIMEOUT`].
 //! - A write to the client must finish within [`WRITE_TIMEOUT`] (a client that never reads
 //!   would otherwise park this task, and its reads, for good).
+//! - A connection without an allocation is closed once it has sent no complete frame for the
+//!   idle time of [`Limits`] (`--tcp-idle-unallocated-seconds`): a client connects to
+//!   allocate, and idle connections would otherwise pile up until descriptors and memory run
+//!   out, and Allocates fail with 508. The event loop tells the task whether its 5-tuple has
+//!   an allocation ([`TcpEvent::Opened`]); a connection with one stays open however idle: how
+//!   long an allocation lives is the core's business (RFC 8656 §7; the client refreshes it),
+//!   and the event loop removes the allocation when the connection ends (§3.1).
+//! - Connections are capped per source address and in all, over every event-loop thread
+//!   ([`Limits`]); one beyond a cap is accepted and reset at once.
 //!
-//! A connection idle between complete frames stays open: how long an allocation lives is the
-//! core's business (RFC 8656 §7; the client refreshes it), and the event loop removes the
-//! allocation when the connection ends (§3.1). Every close is counted by reason in
-//! [`name::TCP_CLOSED`].
+//! Every close and refusal is counted by reason in [`name::TCP_CLOSED`].
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,6 +56,9 @@ pub enum TcpEvent {
         client: SocketAddr,
         /// Frames to write to the client.
         tx: mpsc::Sender<Vec<u8>>,
+        /// Whether the connection's 5-tuple has an allocation: the event loop keeps it
+        /// current, the task reads it when the connection has been idle for long.
+        allocated: Arc<AtomicBool>,
     },
     /// One STUN or ChannelData frame from a client.
     Frame {
@@ -106,6 +118,12 @@ enum Close {
     FrameTooLong,
     /// A write blocked for [`WRITE_TIMEOUT`].
     WriteTimeout,
+    /// No allocation and no complete frame for the idle time of [`Limits`].
+    UnallocatedTimeout,
+    /// Refused: the source had [`Limits`]' connections per source open already.
+    PerSourceCap,
+    /// Refused: [`Limits`]' connections in all were open already.
+    TotalCap,
 }
 
 impl Close {
@@ -121,18 +139,153 @@ impl Close {
             Close::FrameTimeout => "frame_timeout",
             Close::FrameTooLong => "frame_too_long",
             Close::WriteTimeout => "write_timeout",
+            Close::UnallocatedTimeout => "unallocated_timeout",
+            Close::PerSourceCap => "per_source_cap",
+            Close::TotalCap => "total_cap",
         }
     }
 }
 
-/// Accepts connections on `listener` until the task is aborted.
-pub async fn accept(listener: TcpListener, local: SocketAddr, inbox: mpsc::Sender<TcpEvent>) {
+/// The limits on TURN-over-TCP connections, shared by the accept tasks of every event-loop
+/// thread (a client's connections are spread over the threads by the kernel): how long a
+/// connection without an allocation may idle, and how many may be open from one source and
+/// in all.
+#[derive(Debug)]
+pub struct Limits {
+    idle_unallocated: Duration,
+    per_source: usize,
+    total: usize,
+    open: Mutex<Open>,
+}
+
+/// The connections open, in all and per source.
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+impl Limits {
+    /// Connections without an allocation close after `idle_unallocated` without a complete
+    /// frame; at most `per_source` are open from one source ([`source_of`]) and `total` in all.
+    pub fn new(idle_unallocated: Duration, per_source: usize, total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            idle_unallocated,
+            per_source,
+            total,
+            open: Mutex::default(),
+        })
+    }
+
+    /// A place for a connection from `client`, or the cap that leaves none.
+    fn admit(self: &Arc<Self>, client: IpAddr) -> Result<Admitted, Close> {
+        let source = source_of(client);
+        let mut open = daemon::lock(&self.open);
+        if open.total >= self.total {
+            return Err(Close::TotalCap);
+        }
+        let from_source = open.by_source.entry(source).or_default();
+        if *from_source >= self.per_source {
+            return Err(Close::PerSourceCap);
+        }
+        *from_source += 1;
+        open.total += 1;
+        Ok(Admitted {
+            limits: Arc::clone(self),
+            source,
+        })
+    }
+}
+
+/// A connection's place in [`Limits`], given back when the connection ends.
+#[derive(Debug)]
+struct Admitted {
+    limits: Arc<Limits>,
+    source: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = daemon::lock(&self.limits.open);
+        open.total = open.total.saturating_sub(1);
+        if let Some(count) = open.by_source.get_mut(&self.source) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The source a connection counts against: its address, but the /64 of an IPv6 address
+/// (RFC 4291 §2.5.1 interface identifiers: one host, or one subscriber, picks freely within
+/// its /64, so a cap per address would cap nothing).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+        v4 => v4,
+    }
+}
+
+/// The default `--tcp-connections-max`: `max`, or half the soft open-files limit if that is
+/// less, so that relay sockets keep the other half (one TCP allocation needs one or two).
+pub fn default_connections_max(max: usize) -> usize {
+    let open_files = open_files_limit().map_or(1024, |limit| limit.rlim_cur);
+    max.min(usize::try_from(open_files / 2).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// Raises the soft open-files limit (RLIMIT_NOFILE) to the hard one, as systemd advises
+/// services that need many descriptors (the soft default of 1024 is for select(2) users);
+/// the limit in force afterwards.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let limit = open_files_limit()?;
+    if limit.rlim_cur >= limit.rlim_max {
+        return Ok(limit.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the valid `raised`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(raised.rlim_cur)
+}
+
+/// The open-files limits, soft and hard.
+fn open_files_limit() -> std::io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(limit)
+}
+
+/// Accepts connections on `listener` until the task is aborted, within `limits`.
+pub async fn accept(
+    listener: TcpListener,
+    local: SocketAddr,
+    inbox: mpsc::Sender<TcpEvent>,
+    limits: Arc<Limits>,
+) {
     loop {
         match listener.accept().await {
-            Ok((stream, client)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, local, client, inbox.clone()));
-            }
+            Ok((stream, client)) => match limits.admit(client.ip()) {
+                Ok(admitted) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, local, client, inbox.clone(), admitted));
+                }
+                Err(cap) => refuse(stream, local, client, cap),
+            },
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(%local, %error, "TCP accept failed");
@@ -142,6 +295,15 @@ pub async fn accept(listener: TcpListener, local: SocketAddr, inbox: mpsc::Sende
     }
 }
 
+/// Closes a connection beyond a cap of [`Limits`] at once, with a reset: nothing was said on
+/// it, and the relay keeps no TIME_WAIT state for it.
+fn refuse(stream: TcpStream, local: SocketAddr, client: SocketAddr, cap: Close) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+    metrics::counter!(name::TCP_CLOSED, "reason" => cap.label()).increment(1);
+    tracing::debug!(%client, %local, reason = cap.label(), "TCP connection refused");
+}
+
 /// The deadlines a connection is under.
 #[derive(Debug)]
 struct Deadlines {
@@ -149,61 +311,112 @@ struct Deadlines {
     first_frame: Option<Instant>,
     /// While part of a frame is buffered: when its first byte arrived.
     partial_since: Option<Instant>,
+    /// When the last complete frame arrived (at first: the accept).
+    last_frame: Instant,
+    /// When to look whether the connection idles without an allocation: `last_frame` plus
+    /// the idle time as of the last look. Frames move only `last_frame`, so that a busy
+    /// connection does not re-arm its timer per frame.
+    idle_check: Instant,
+    /// The idle time of [`Limits`].
+    idle_unallocated: Duration,
 }
 
 impl Deadlines {
-    fn new(accepted: Instant) -> Self {
+    fn new(accepted: Instant, idle_unallocated: Duration) -> Self {
         Deadlines {
             first_frame: Some(accepted + FIRST_FRAME_TIMEOUT),
             partial_since: None,
+            last_frame: accepted,
+            idle_check: accepted + idle_unallocated,
+            idle_unallocated,
         }
     }
 
-    /// The earliest deadline and the close it causes; `None` for an idle connection
-    /// between complete frames.
-    fn next(&self) -> Option<(Instant, Close)> {
+    /// The earliest deadline and the close it may cause.
+    fn next(&self) -> (Instant, Close) {
         let first = self.first_frame.map(|at| (at, Close::FirstFrameTimeout));
         let frame = self
             .partial_since
             .map(|since| (since + FRAME_TIMEOUT, Close::FrameTimeout));
-        match (first, frame) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
+        [first, frame].into_iter().flatten().fold(
+            (self.idle_check, Close::UnallocatedTimeout),
+            |a, b| {
+                if b.0 < a.0 { b } else { a }
+            },
+        )
+    }
+
+    /// The timer fired at `now`: the close if a deadline has passed. The idle deadline
+    /// closes only a connection without an allocation that sent nothing since; otherwise it
+    /// moves on.
+    fn expired(&mut self, now: Instant, allocated: bool) -> Option<Close> {
+        let (at, close) = self.next();
+        if at > now {
+            return None;
+        }
+        if close != Close::UnallocatedTimeout {
+            return Some(close);
+        }
+        let due = self.last_frame + self.idle_unallocated;
+        if due > now {
+            self.idle_check = due;
+            None
+        } else if allocated {
+            self.idle_check = now + self.idle_unallocated;
+            None
+        } else {
+            Some(close)
         }
     }
 }
 
 /// One connection: frames from the client go to the event loop, frames from the event loop
-/// to the client, until either side ends it or a deadline of [`Deadlines`] passes.
+/// to the client, until either side ends it or a deadline of [`Deadlines`] passes. Its place
+/// in [`Limits`] goes with it.
 async fn connection(
     stream: TcpStream,
     local: SocketAddr,
     client: SocketAddr,
     inbox: mpsc::Sender<TcpEvent>,
+    admitted: Admitted,
 ) {
     let accepted = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUT_QUEUE);
-    if inbox
-        .send(TcpEvent::Opened { local, client, tx })
-        .await
-        .is_err()
-    {
+    let allocated = Arc::new(AtomicBool::new(false));
+    let opened = TcpEvent::Opened {
+        local,
+        client,
+        tx,
+        allocated: Arc::clone(&allocated),
+    };
+    if inbox.send(opened).await.is_err() {
         return;
     }
     tracing::debug!(%client, %local, "TCP connection");
     let (mut reader, mut writer) = stream.into_split();
     let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
-    let mut deadlines = Deadlines::new(accepted);
+    let mut deadlines = Deadlines::new(accepted, admitted.limits.idle_unallocated);
     // One timer for the connection, re-armed only when the deadline changes: most reads of
-    // a healthy connection carry whole frames and leave it disarmed.
+    // a healthy connection carry whole frames and leave it as it is.
     let mut armed = deadlines.next();
-    let timer = tokio::time::sleep_until(armed.map_or(accepted, |(at, _)| at));
+    let timer = tokio::time::sleep_until(armed.0);
     tokio::pin!(timer);
     let (reason, detail): (Close, String) = loop {
+        let next = deadlines.next();
+        if next != armed {
+            timer.as_mut().reset(next.0);
+            armed = next;
+        }
         tokio::select! {
-            () = &mut timer, if armed.is_some() => {
-                let close = armed.map_or(Close::FrameTimeout, |(_, close)| close);
-                break (close, format!("{} bytes buffered", buf.len()));
+            () = &mut timer => {
+                let now = Instant::now();
+                if let Some(close) = deadlines.expired(now, allocated.load(Ordering::Relaxed)) {
+                    break (close, format!("{} bytes buffered", buf.len()));
+                }
+                if deadlines.next() == armed {
+                    // Fired early by the timer's granularity: wait for the rest.
+                    timer.as_mut().reset(armed.0);
+                }
             }
             read = reader.read_buf(&mut buf) => {
                 match read {
@@ -214,13 +427,6 @@ async fn connection(
                 let forwarded = forward_frames(&mut buf, &mut deadlines, &inbox, local, client);
                 if let Err(close) = forwarded.await {
                     break close;
-                }
-                let next = deadlines.next();
-                if next != armed {
-                    if let Some((at, _)) = next {
-                        timer.as_mut().reset(at);
-                    }
-                    armed = next;
                 }
             }
             out = rx.recv() => {
@@ -235,6 +441,7 @@ async fn connection(
             }
         }
     };
+    drop(admitted);
     metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
     tracing::debug!(%client, %local, reason = reason.label(), %detail, "TCP connection ended");
     let _ = inbox.send(TcpEvent::Closed { local, client }).await;
@@ -268,6 +475,7 @@ async fn forward_frames(
         let frame = buf[..len].to_vec();
         buf.drain(..len);
         deadlines.first_frame = None;
+        deadlines.last_frame = Instant::now();
         // The bytes left, if any, start the next frame: they arrived with this read, so
         // its clock starts now.
         deadlines.partial_since = None;
@@ -298,27 +506,99 @@ async fn forward_frames(
 mod tests {
     use super::*;
 
+    const IDLE: Duration = Duration::from_secs(30);
+
     #[test]
     fn the_earliest_deadline_wins() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(t0);
-        assert_eq!(
-            d.next(),
-            Some((t0 + FIRST_FRAME_TIMEOUT, Close::FirstFrameTimeout))
-        );
+        let mut d = Deadlines::new(t0, IDLE);
+        let first = (t0 + FIRST_FRAME_TIMEOUT, Close::FirstFrameTimeout);
+        assert_eq!(d.next(), first);
         d.partial_since = Some(t0 + Duration::from_secs(1));
         let frame = (
             t0 + Duration::from_secs(1) + FRAME_TIMEOUT,
             Close::FrameTimeout,
         );
-        let first = (t0 + FIRST_FRAME_TIMEOUT, Close::FirstFrameTimeout);
+        assert_eq!(d.next(), if frame.0 < first.0 { frame } else { first });
+        d.first_frame = None;
+        assert_eq!(d.next(), frame);
+        d.partial_since = None;
+        assert_eq!(d.next(), (t0 + IDLE, Close::UnallocatedTimeout));
+        // A short idle time comes before the first-frame deadline.
+        let d = Deadlines::new(t0, Duration::from_secs(2));
         assert_eq!(
             d.next(),
-            Some(if frame.0 < first.0 { frame } else { first })
+            (t0 + Duration::from_secs(2), Close::UnallocatedTimeout)
         );
+    }
+
+    #[test]
+    fn only_an_idle_connection_without_allocation_is_closed() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(t0, IDLE);
         d.first_frame = None;
-        assert_eq!(d.next(), Some(frame));
-        d.partial_since = None;
-        assert_eq!(d.next(), None);
+        // Frames came: the look at the idle deadline moves on to the last one's.
+        d.last_frame = t0 + Duration::from_secs(20);
+        assert_eq!(d.expired(t0 + IDLE, false), None);
+        assert_eq!(
+            d.next(),
+            (
+                t0 + Duration::from_secs(20) + IDLE,
+                Close::UnallocatedTimeout
+            )
+        );
+        // Idle for the whole time with an allocation: it stays, and is looked at again.
+        let later = t0 + Duration::from_secs(20) + IDLE;
+        assert_eq!(d.expired(later, true), None);
+        assert_eq!(d.next(), (later + IDLE, Close::UnallocatedTimeout));
+        // The allocation is gone: the next look closes it.
+        assert_eq!(
+            d.expired(later + IDLE, false),
+            Some(Close::UnallocatedTimeout)
+        );
+        // Not yet due: nothing happens.
+        let mut d = Deadlines::new(t0, IDLE);
+        assert_eq!(d.expired(t0, false), None);
+        // The other deadlines close whatever the allocation.
+        assert_eq!(
+            d.expired(t0 + FIRST_FRAME_TIMEOUT, true),
+            Some(Close::FirstFrameTimeout)
+        );
+    }
+
+    #[test]
+    fn connections_are_capped_per_source_and_in_all() {
+        let limits = Limits::new(IDLE, 2, 3);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        // Another address of the same /64 is the same source.
+        let b2: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        let first = limits.admit(a).unwrap();
+        let _second = limits.admit(a).unwrap();
+        assert_eq!(limits.admit(a).unwrap_err(), Close::PerSourceCap);
+        let _third = limits.admit(b).unwrap();
+        assert_eq!(limits.admit(b2).unwrap_err(), Close::TotalCap);
+        assert_eq!(daemon::lock(&limits.open).total, 3);
+        drop(first);
+        assert_eq!(daemon::lock(&limits.open).total, 2);
+        let _fourth = limits.admit(b2).unwrap();
+        assert_eq!(limits.admit(b).unwrap_err(), Close::TotalCap);
+        assert_eq!(daemon::lock(&limits.open).by_source.len(), 2);
+    }
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_slash_64s() {
+        let source = |ip: &str| source_of(ip.parse().unwrap()).to_string();
+        assert_eq!(source("192.0.2.1"), "192.0.2.1");
+        assert_eq!(source("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::");
+        assert_eq!(source("::ffff:192.0.2.1"), "192.0.2.1");
+    }
+
+    #[test]
+    fn the_default_total_leaves_descriptors_for_relay_sockets() {
+        let limit = raise_open_files_limit().unwrap();
+        let max = default_connections_max(usize::MAX);
+        assert_eq!(max as u64, (limit / 2).max(1));
+        assert_eq!(default_connections_max(10), 10.min(max));
     }
 }

@@ -19,7 +19,7 @@
 //! event-loop threads.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
@@ -42,6 +42,9 @@ pub enum Control {
         /// Operator deny list.
         deny_peer: Vec<IpNet>,
     },
+    /// The host's addresses changed (or were learned at start): every address of every
+    /// interface, and the configured relay addresses, all refused as peers.
+    OwnAddresses(Vec<IpAddr>),
     /// SIGTERM: drain and stop.
     Terminate,
 }

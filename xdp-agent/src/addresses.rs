@@ -7,9 +7,11 @@
 //! asks for a dump of every address, on one socket: the kernel queues dump
 //! replies and notifications in the order it produced them, so applying
 //! them in order leaves no change unseen between the dump and the
-//! subscription. [`choose`] then picks one address per family.
+//! subscription. [`choose`] then picks one address per family; [`Learned`]
+//! also keeps every address of the attached interfaces (what turn-control may
+//! name as a relay address) and of the host (what no binding may reach).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context;
@@ -30,6 +32,34 @@ pub struct RelayAddresses {
     pub relay_ipv4: Option<Ipv4Addr>,
     /// The relay's IPv6 address, if it relays IPv6.
     pub relay_ipv6: Option<Ipv6Addr>,
+}
+
+/// What the agent learns from the host's addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// The relay addresses [`choose`] picks on the attached interfaces.
+    pub relay: RelayAddresses,
+    /// Every address of the attached interfaces, usable or not.
+    pub attached: BTreeSet<IpAddr>,
+    /// Every address of every interface of the host (of its network
+    /// namespace), the attached ones included.
+    pub host: BTreeSet<IpAddr>,
+}
+
+impl Learned {
+    /// What a snapshot of the host's addresses says, for the attached
+    /// `interfaces` (by ifindex, in order of preference).
+    pub fn new(interfaces: &[u32], addresses: &[InterfaceAddress]) -> Self {
+        Self {
+            relay: choose(interfaces, addresses),
+            attached: addresses
+                .iter()
+                .filter(|a| interfaces.contains(&a.ifindex))
+                .map(|a| a.ip)
+                .collect(),
+            host: addresses.iter().map(|a| a.ip).collect(),
+        }
+    }
 }
 
 /// An address assigned to an interface, as rtnetlink reports it.
@@ -112,18 +142,15 @@ pub fn choose(interfaces: &[u32], addresses: &[InterfaceAddress]) -> RelayAddres
     chosen
 }
 
-/// Follows the addresses of `interfaces` (by ifindex, in order of
-/// preference): sends the current [`choose`] at once, then again whenever
-/// it changes, until every receiver of `updates` is gone (then `Ok`).
+/// Follows the host's addresses, `interfaces` (by ifindex, in order of
+/// preference) being the attached ones: sends what is [`Learned`] at once,
+/// then again whenever it changes, until every receiver of `updates` is gone (then `Ok`).
 /// Netlink errors end it with an error; lost notifications (the socket's
 /// buffer overran) only make it learn everything again.
 ///
 /// The netlink socket belongs to the network namespace of the thread that
 /// first polls the future.
-pub async fn watch(
-    interfaces: Vec<u32>,
-    updates: watch::Sender<RelayAddresses>,
-) -> anyhow::Result<()> {
+pub async fn watch(interfaces: Vec<u32>, updates: watch::Sender<Learned>) -> anyhow::Result<()> {
     let mut sent = None;
     loop {
         match follow(&interfaces, &updates, &mut sent).await? {
@@ -147,8 +174,8 @@ enum Ended {
 /// One socket's life: subscribe, dump, then apply notifications.
 async fn follow(
     interfaces: &[u32],
-    updates: &watch::Sender<RelayAddresses>,
-    sent: &mut Option<RelayAddresses>,
+    updates: &watch::Sender<Learned>,
+    sent: &mut Option<Learned>,
 ) -> anyhow::Result<Ended> {
     let mut socket = TokioSocket::new(NETLINK_ROUTE).context("cannot open a netlink socket")?;
     let groups = nix::libc::RTMGRP_IPV4_IFADDR | nix::libc::RTMGRP_IPV6_IFADDR;
@@ -156,7 +183,7 @@ async fn follow(
         .socket_mut()
         .bind(&SocketAddr::new(0, groups.unsigned_abs()))
         .context("cannot join the netlink address groups")?;
-    let mut table = AddressTable::new(interfaces);
+    let mut table = AddressTable::default();
     let mut dump = Dump::request(&socket, 1).await?;
     loop {
         let received = tokio::select! {
@@ -192,13 +219,13 @@ async fn follow(
             dump = Dump::request(&socket, dump.sequence.wrapping_add(1)).await?;
             continue;
         }
-        let choice = choose(interfaces, &table.snapshot());
-        if *sent != Some(choice) {
-            debug!(relay_ipv4 = ?choice.relay_ipv4, relay_ipv6 = ?choice.relay_ipv6, "relay addresses");
-            if updates.send(choice).is_err() {
+        let learned = Learned::new(interfaces, &table.snapshot());
+        if sent.as_ref() != Some(&learned) {
+            debug!(relay_ipv4 = ?learned.relay.relay_ipv4, relay_ipv6 = ?learned.relay.relay_ipv6, host = ?learned.host, "host addresses");
+            if updates.send(learned.clone()).is_err() {
                 return Ok(Ended::Closed);
             }
-            *sent = Some(choice);
+            *sent = Some(learned);
         }
     }
 }
@@ -288,20 +315,14 @@ fn messages(
     })
 }
 
-/// The current addresses of the watched interfaces.
-#[derive(Debug)]
+/// The current addresses of every interface.
+#[derive(Debug, Default)]
 struct AddressTable {
     /// Per ifindex, in the order the kernel first reported them.
     interfaces: BTreeMap<u32, Vec<InterfaceAddress>>,
 }
 
 impl AddressTable {
-    fn new(interfaces: &[u32]) -> Self {
-        Self {
-            interfaces: interfaces.iter().map(|&i| (i, Vec::new())).collect(),
-        }
-    }
-
     /// Applies RTM_NEWADDR (`present`) or RTM_DELADDR. An address is its
     /// interface, IP and prefix length: a new message for one that exists
     /// updates its flags in place (IPv6 DAD ending, a lifetime running out).
@@ -309,14 +330,15 @@ impl AddressTable {
         let Some(address) = interface_address(message) else {
             return;
         };
-        let Some(addresses) = self.interfaces.get_mut(&address.ifindex) else {
-            return;
-        };
+        let addresses = self.interfaces.entry(address.ifindex).or_default();
         let same = |a: &InterfaceAddress| a.ip == address.ip && a.prefix_len == address.prefix_len;
         match (addresses.iter_mut().find(|a| same(a)), present) {
             (Some(existing), true) => *existing = address,
             (None, true) => addresses.push(address),
             (_, false) => addresses.retain(|a| !same(a)),
+        }
+        if addresses.is_empty() {
+            self.interfaces.remove(&address.ifindex);
         }
     }
 
@@ -579,7 +601,7 @@ mod tests {
                 ],
             )
         };
-        let mut table = AddressTable::new(&[1, 2]);
+        let mut table = AddressTable::default();
         table.apply(&new(1, "2001:db8::1", AddressFlags::Tentative), true);
         table.apply(&new(9, "2001:db8::9", AddressFlags::empty()), true);
         table.apply(&new(2, "2001:db8::2", AddressFlags::empty()), true);
@@ -587,6 +609,18 @@ mod tests {
             choose(&[1, 2], &table.snapshot()),
             relay(None, Some("2001:db8::2"))
         );
+        // Interface 9 is not attached: its address is the host's, never the relay's.
+        let learned = Learned::new(&[1, 2], &table.snapshot());
+        assert_eq!(learned.relay, relay(None, Some("2001:db8::2")));
+        assert_eq!(
+            learned.attached,
+            BTreeSet::from([ip("2001:db8::1"), ip("2001:db8::2")])
+        );
+        assert_eq!(
+            learned.host,
+            BTreeSet::from([ip("2001:db8::1"), ip("2001:db8::2"), ip("2001:db8::9")])
+        );
+        table.apply(&new(9, "2001:db8::9", AddressFlags::empty()), false);
         // DAD ends: the same address again, now without TENTATIVE.
         table.apply(&new(1, "2001:db8::1", AddressFlags::empty()), true);
         assert_eq!(table.snapshot().len(), 2);
@@ -698,12 +732,12 @@ mod tests {
     /// Waits until the watch has sent `want`.
     fn expect(
         runtime: &tokio::runtime::Runtime,
-        addresses: &mut watch::Receiver<RelayAddresses>,
+        addresses: &mut watch::Receiver<Learned>,
         what: &str,
         want: RelayAddresses,
     ) {
         let reached = runtime.block_on(async {
-            tokio::time::timeout(DEADLINE, addresses.wait_for(|a| *a == want)).await
+            tokio::time::timeout(DEADLINE, addresses.wait_for(|a| a.relay == want)).await
         });
         let reached = reached.map(|r| r.map(|_| ()));
         assert!(
@@ -740,7 +774,7 @@ mod tests {
             "net.ipv4.conf.v0.promote_secondaries=1",
         ]);
 
-        let (updates, mut addresses) = watch::channel(RelayAddresses::default());
+        let (updates, mut addresses) = watch::channel(Learned::default());
         let (done, ended) = std::sync::mpsc::channel();
         let path = format!("/run/netns/{}", netns.0);
         std::thread::spawn(move || {
@@ -764,7 +798,10 @@ mod tests {
         let first =
             runtime.block_on(async { tokio::time::timeout(DEADLINE, addresses.changed()).await });
         assert!(matches!(first, Ok(Ok(()))), "no first choice: {first:?}");
-        assert_eq!(*addresses.borrow_and_update(), RelayAddresses::default());
+        assert_eq!(
+            addresses.borrow_and_update().relay,
+            RelayAddresses::default()
+        );
 
         // Link-local, tentative and deprecated addresses on v0 lose to w0's.
         netns.ip(&["addr", "add", "169.254.1.1/16", "dev", "v0"]);
@@ -829,6 +866,19 @@ mod tests {
             "w0 deleted",
             relay(Some("192.0.2.2"), None),
         );
+
+        // An address of an interface that is not attached is the host's alone.
+        netns.ip(&["addr", "add", "203.0.113.99/24", "dev", "v1"]);
+        let other: IpAddr = "203.0.113.99".parse().unwrap();
+        let seen = runtime.block_on(async {
+            let seen = addresses.wait_for(|a| a.host.contains(&other));
+            matches!(tokio::time::timeout(DEADLINE, seen).await, Ok(Ok(_)))
+        });
+        assert!(seen, "{:?}", *addresses.borrow());
+        let learned = addresses.borrow().clone();
+        assert!(!learned.attached.contains(&other), "{learned:?}");
+        assert!(learned.attached.contains(&"192.0.2.2".parse().unwrap()));
+        assert_eq!(learned.relay, relay(Some("192.0.2.2"), None));
 
         // Dropping the receiver ends the watch.
         drop(addresses);

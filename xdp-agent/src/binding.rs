@@ -8,6 +8,38 @@ use std::time::Duration;
 
 use bpf_common::{BindingFields, ClientTarget, MapKey, PeerTarget, Pod};
 use proto::{Binding, BindingError, Lease};
+use tonic::Code;
+
+use crate::peers::{Denied, PeerPolicy};
+
+/// Why a binding to install was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// It is malformed, or does not fit the configuration in force.
+    #[error(transparent)]
+    Invalid(#[from] BindingError),
+    /// Its peer or client is an address the kernel must not relay to.
+    #[error("{field} {address} is refused by the agent's peer policy: {reason}")]
+    Denied {
+        /// The field's name.
+        field: &'static str,
+        /// The address.
+        address: SocketAddr,
+        /// What the address is.
+        reason: Denied,
+    },
+}
+
+impl Refused {
+    /// The gRPC status code of the refusal: INVALID_ARGUMENT for a
+    /// malformed binding, PERMISSION_DENIED for one the policy refuses.
+    pub fn code(&self) -> Code {
+        match self {
+            Refused::Invalid(_) => Code::InvalidArgument,
+            Refused::Denied { .. } => Code::PermissionDenied,
+        }
+    }
+}
 
 /// What bindings are checked against.
 #[derive(Clone, Debug)]
@@ -20,6 +52,8 @@ pub struct Limits {
     pub relay_ipv4: Option<Ipv4Addr>,
     /// The relay's IPv6 address, if it relays IPv6.
     pub relay_ipv6: Option<Ipv6Addr>,
+    /// The addresses the kernel may relay to.
+    pub policy: PeerPolicy,
 }
 
 impl Limits {
@@ -64,8 +98,9 @@ impl Limits {
     }
 
     /// Checks a binding to install received over gRPC, its lifetime
-    /// included, and resolves its listener.
-    pub fn check(&self, wire: &proto::v1::ChannelBinding) -> Result<Lease, BindingError> {
+    /// included, and resolves its listener; then its client and peer against
+    /// the peer policy.
+    pub fn check(&self, wire: &proto::v1::ChannelBinding) -> Result<Lease, Refused> {
         let Lease {
             mut binding,
             lifetime,
@@ -78,15 +113,29 @@ impl Limits {
                 port: u32::from(binding.allocation_port),
                 low,
                 high,
-            });
+            }
+            .into());
         }
         if self.is_listener(binding.peer) {
-            return Err(BindingError::PeerIsListener(binding.peer));
+            return Err(BindingError::PeerIsListener(binding.peer).into());
         }
         binding.listener = self.resolve_listener(binding.listener)?;
         if !self.is_listener(binding.listener) {
-            return Err(BindingError::UnknownListener(binding.listener));
+            return Err(BindingError::UnknownListener(binding.listener).into());
         }
+        let denied = |field, address: SocketAddr| {
+            move |reason| Refused::Denied {
+                field,
+                address,
+                reason,
+            }
+        };
+        self.policy
+            .client(binding.client.ip())
+            .map_err(denied("client", binding.client))?;
+        self.policy
+            .peer(binding.peer)
+            .map_err(denied("peer", binding.peer))?;
         Ok(Lease { binding, lifetime })
     }
 
@@ -371,6 +420,17 @@ mod tests {
             ports: (49152, 65535),
             relay_ipv4: Some(Ipv4Addr::new(203, 0, 113, 1)),
             relay_ipv6: Some(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1)),
+            policy: PeerPolicy::new(
+                vec![
+                    "198.51.100.0/24".parse().unwrap(),
+                    "2001:db8:3::/64".parse().unwrap(),
+                ],
+                [
+                    IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)),
+                    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
+                ],
+            )
+            .with_ports(49152..=65535, vec![443, 3478]),
         }
     }
 
@@ -453,14 +513,24 @@ mod tests {
         on_443.listener = "203.0.113.1:443".into();
         assert_eq!(
             limits.check(&on_443).unwrap_err(),
-            BindingError::UnknownListener("203.0.113.1:443".parse().unwrap())
+            Refused::Invalid(BindingError::UnknownListener(
+                "203.0.113.1:443".parse().unwrap()
+            ))
         );
+    }
+
+    /// The refusal of a binding that is malformed or outside the configuration.
+    fn invalid(limits: &Limits, request: proto::v1::ChannelBinding) -> BindingError {
+        match limits.check(&request).unwrap_err() {
+            Refused::Invalid(error) => error,
+            denied => panic!("{request:?}: {denied}"),
+        }
     }
 
     #[test]
     fn refusals_name_the_problem() {
         let limits = limits();
-        let refuse = |r| limits.check(&r).unwrap_err();
+        let refuse = |r| invalid(&limits, r);
         let peer = "198.51.100.7:9000";
         assert!(matches!(
             refuse(request("192.0.2.10:0", 0x4001, peer, 50000)),
@@ -500,9 +570,10 @@ mod tests {
             ..limits.clone()
         };
         assert!(matches!(
-            v4_only
-                .check(&request("192.0.2.10:1", 0x4000, "[2001:db8::7]:9", 50000))
-                .unwrap_err(),
+            invalid(
+                &v4_only,
+                request("192.0.2.10:1", 0x4000, "[2001:db8::7]:9", 50000)
+            ),
             BindingError::FamilyNotRelayed { field: "peer", .. }
         ));
         let mut forever = request("192.0.2.10:1", 0x4000, peer, 50000);
@@ -514,6 +585,86 @@ mod tests {
         assert_eq!(
             message,
             "allocation port 1 is outside the range 49152-65535"
+        );
+    }
+
+    #[test]
+    fn the_peer_policy_keeps_the_kernel_from_the_host_and_denied_ranges() {
+        let limits = limits();
+        let deny = |client: &str, peer: &str| {
+            let refused = limits
+                .check(&request(client, 0x4000, peer, 50000))
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+            match refused {
+                Refused::Denied {
+                    field,
+                    address,
+                    reason,
+                } => (field, address.to_string(), reason),
+                invalid => panic!("{client} -> {peer}: {invalid}"),
+            }
+        };
+        for (peer, reason) in [
+            ("127.0.0.1:22", Denied::Loopback),
+            ("[::ffff:127.0.0.1]:22", Denied::Loopback),
+            ("[::1]:22", Denied::Loopback),
+            ("10.0.0.1:53", Denied::Private),
+            ("[fd00::1]:53", Denied::Private),
+            ("169.254.169.254:80", Denied::LinkLocal),
+            ("192.0.2.99:9", Denied::Reserved),
+            // The host's addresses: in a denied range, it says so; in an allowed
+            // one, only the allocation ports are open.
+            ("203.0.113.1:22", Denied::Reserved),
+            ("198.51.100.1:9", Denied::HostPort),
+            ("198.51.100.1:49151", Denied::HostPort),
+            ("198.51.100.1:443", Denied::ListenerPort),
+            ("127.0.0.1:3478", Denied::ListenerPort),
+        ] {
+            let address: SocketAddr = peer.parse().unwrap();
+            let canonical = SocketAddr::new(address.ip().to_canonical(), address.port());
+            assert_eq!(
+                deny("192.0.2.10:1", peer),
+                ("peer", canonical.to_string(), reason),
+                "{peer}"
+            );
+        }
+        assert_eq!(
+            deny("127.0.0.1:5000", "198.51.100.7:9").0,
+            "client",
+            "a client on loopback"
+        );
+        assert_eq!(deny("203.0.113.1:5000", "198.51.100.7:9").2, Denied::Host);
+        let message = limits
+            .check(&request("192.0.2.10:1", 0x4000, "10.0.0.1:53", 50000))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "peer 10.0.0.1:53 is refused by the agent's peer policy: \
+             a private address (allow it with --allow-peer)"
+        );
+        // The hairpin: another allocation of this relay, in an allowed network.
+        assert!(
+            limits
+                .check(&request(
+                    "192.0.2.10:1",
+                    0x4000,
+                    "198.51.100.1:50001",
+                    50000
+                ))
+                .is_ok()
+        );
+        // Private clients are clients like any other.
+        assert!(
+            limits
+                .check(&request("10.0.0.7:1", 0x4000, "198.51.100.7:9", 50000))
+                .is_ok()
+        );
+        assert_eq!(
+            invalid(&limits, request("192.0.2.10:1", 0x4000, "0.0.0.0:9", 1)).to_string(),
+            "peer 0.0.0.0:9 is not a unicast address",
+            "malformed before denied"
         );
     }
 

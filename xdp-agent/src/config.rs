@@ -10,6 +10,7 @@ use anyhow::bail;
 use bpf_common::DEFAULT_EVENT_INTERVAL_LOG2;
 use clap::{Parser, Subcommand};
 use daemon::{CommandLine, LogFormat, PortRange};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::attach::XdpMode;
@@ -94,12 +95,22 @@ pub struct Config {
     )]
     pub grpc: PathBuf,
 
-    /// Group that owns the gRPC socket (turn-control's); default: the agent's.
+    /// Group (name or gid) that owns the gRPC socket (turn-control's); default: the
+    /// agent's. Without --grpc-user, a connection is served only if its peer is root, the
+    /// agent's user, or of this group as its primary group: the kernel's peer credentials
+    /// (SO_PEERCRED) carry no supplementary groups.
     #[arg(long, env = "XDP_AGENT_GRPC_GROUP", value_name = "GROUP")]
     pub grpc_group: Option<String>,
 
-    /// turn-control's UDP listeners, as it binds them (repeatable; turn-control replaces
-    /// the set when it connects). Channel data to any of them is relayed in the kernel; a
+    /// The user (name or uid) whose gRPC connections are served besides root and the
+    /// agent's own user (turn-control's); other users, of the socket's group or not, are
+    /// refused. The socket's mode and group still decide who may open it.
+    #[arg(long, env = "XDP_AGENT_GRPC_USER", value_name = "USER")]
+    pub grpc_user: Option<String>,
+
+    /// turn-control's UDP listeners, as it binds them (repeatable), and the most it may
+    /// set: a listener it sends must be one of these, or on the port of a wildcard one of
+    /// its family. Channel data to any listener in force is relayed in the kernel; a
     /// wildcard address stands for the relay address of its family.
     #[arg(
         long,
@@ -125,7 +136,8 @@ pub struct Config {
     #[serde(with = "daemon::value_enum")]
     pub next_hop: NextHop,
 
-    /// The allocation (relay) port range, inclusive (turn-control may change it).
+    /// The allocation (relay) port range, inclusive; turn-control may narrow it, never
+    /// reach outside it.
     #[arg(
         long,
         env = "XDP_AGENT_PORTS",
@@ -136,7 +148,8 @@ pub struct Config {
 
     /// The relay's address in a family, repeatable (one IPv4, one IPv6); it
     /// overrides what the agent learns from the interfaces. Traffic to other
-    /// addresses is left to the stack.
+    /// addresses is left to the stack. turn-control may set a relay address too, but
+    /// only an address of the attached interfaces or this one.
     #[arg(
         long = "relay-ip",
         env = "XDP_AGENT_RELAY_IP",
@@ -144,6 +157,19 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub relay_ip: Vec<IpAddr>,
+
+    /// Peer network the kernel may relay to inside the built-in denied ranges
+    /// (repeatable): loopback, private (RFC 1918, fc00::/7), shared (100.64.0.0/10),
+    /// link-local, multicast, reserved, documentation and benchmarking ranges, as
+    /// turn-control's --allow-peer. A binding to a denied peer, or to an address of
+    /// this host (never allowed), is refused; turn-control relays it in user space.
+    #[arg(
+        long = "allow-peer",
+        env = "XDP_AGENT_ALLOW_PEER",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub allow_peer: Vec<IpNet>,
 
     /// Make header room by moving the payload and the frame's tail instead of
     /// the head, for drivers without headroom in front of frames (e.g. gVNIC).
@@ -314,6 +340,38 @@ mod tests {
         assert_eq!(config.log_level, "info");
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.persist && !config.tail_adjust && !config.replace_incompatible);
+        assert!(config.allow_peer.is_empty());
+        assert_eq!((config.grpc_user, config.grpc_group), (None, None));
+    }
+
+    #[test]
+    fn peer_networks_and_the_socket_s_user_come_from_flags_or_the_file() {
+        let config = load(
+            &[
+                "--iface",
+                "eth0",
+                "--allow-peer",
+                "198.51.100.0/24,2001:db8:3::/64",
+                "--allow-peer",
+                "10.0.0.0/8",
+                "--grpc-user",
+                "turn-control",
+            ],
+            "",
+        )
+        .unwrap();
+        let nets: Vec<String> = config.allow_peer.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["198.51.100.0/24", "2001:db8:3::/64", "10.0.0.0/8"]);
+        assert_eq!(config.grpc_user.as_deref(), Some("turn-control"));
+        let printed = config.to_toml().unwrap();
+        assert_eq!(load(&[], &printed).unwrap(), config);
+        let file = "iface = [\"eth0\"]\nallow_peer = [\"192.168.0.0/16\"]\ngrpc_user = \"1000\"\n";
+        let config = load(&[], file).unwrap();
+        assert_eq!(
+            config.allow_peer,
+            ["192.168.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert!(load(&["--iface", "eth0", "--allow-peer", "10.0.0.1"], "").is_err());
     }
 
     #[test]

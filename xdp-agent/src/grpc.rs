@@ -1,4 +1,12 @@
-//! The agent's gRPC service (`proto/xdp_agent.proto`) on a unix socket.
+//! The agent's gRPC service (`proto/xdp_agent.proto`) on a unix socket, and
+//! the server reflection beside it.
+//!
+//! Status codes of refusals: INVALID_ARGUMENT for a malformed request or one
+//! that does not fit the configuration in force; PERMISSION_DENIED for what
+//! the agent's own limits forbid whatever turn-control says: a binding whose
+//! peer or client the peer policy refuses, a SetConfig reaching beyond the
+//! agent's flags or naming a relay address its interfaces do not have. Each
+//! message names the field.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,10 +21,11 @@ use proto::v1::{
     SetConfigRequest, SyncRequest, SyncResponse,
 };
 use proto::{Binding, BindingError, Lease, parse_address};
+use tonic::transport::server::Router;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::binding::Installed;
+use crate::binding::{Installed, Refused};
 use crate::maps::{self, MapError};
 use crate::metrics::name;
 use crate::state::AgentState;
@@ -50,7 +59,9 @@ impl Service {
     /// Reads bindings to remove, their listeners resolved as at install.
     fn parse(&self, bindings: &[ChannelBinding]) -> Result<Vec<Binding>, Status> {
         let limits = self.state.settings().limits();
-        parse_each(bindings, |binding| limits.parse(binding))
+        parse_each(bindings, |binding| {
+            limits.parse(binding).map_err(Refused::from)
+        })
     }
 
     /// Reads a Sync's parts: their one generation, and each binding checked
@@ -157,7 +168,7 @@ impl Service {
 struct SyncSet {
     generation: u64,
     /// Every binding of every part, in stream order, checked.
-    checked: Vec<Result<Installed, BindingError>>,
+    checked: Vec<Result<Installed, Refused>>,
 }
 
 /// The bindings a Sync left out: how many, and why for the first
@@ -196,16 +207,29 @@ fn listed(installed: &Installed, now_ns: u64) -> ChannelBinding {
 /// refused with its index.
 fn parse_each<T>(
     bindings: &[ChannelBinding],
-    parse: impl Fn(&ChannelBinding) -> Result<T, BindingError>,
+    parse: impl Fn(&ChannelBinding) -> Result<T, Refused>,
 ) -> Result<Vec<T>, Status> {
     bindings
         .iter()
         .enumerate()
         .map(|(index, binding)| {
             parse(binding)
-                .map_err(|error| Status::invalid_argument(format!("bindings[{index}]: {error}")))
+                .map_err(|error| Status::new(error.code(), format!("bindings[{index}]: {error}")))
         })
         .collect()
+}
+
+/// `router` with server reflection in both versions: v1, and v1alpha, the
+/// only one Python's grpcio-reflection and several GUI clients speak. Both
+/// describe the agent's API.
+pub fn with_reflection(router: Router) -> Result<Router, tonic_reflection::server::Error> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::v1::FILE_DESCRIPTOR_SET)
+    };
+    Ok(router
+        .add_service(builder().build_v1()?)
+        .add_service(builder().build_v1alpha()?))
 }
 
 fn map_status(error: MapError) -> Status {
@@ -372,12 +396,16 @@ impl DataPlane for Service {
                     .state
                     .update_settings(|current| {
                         current.with_request(request.get_ref()).map_err(|error| {
-                            refused = Some(error.to_string());
+                            refused = Some(error);
                             anyhow::anyhow!("refused")
                         })
                     })
                     .map_err(|error| match refused.take() {
-                        Some(reason) => Status::invalid_argument(reason),
+                        Some(reason) if reason.is_beyond_bounds() => {
+                            warn!(%reason, "SetConfig reaches beyond the agent's flags: refused");
+                            Status::permission_denied(reason.to_string())
+                        }
+                        Some(reason) => Status::invalid_argument(reason.to_string()),
                         None => Status::internal(format!("{error:#}")),
                     })?;
                 info!(config = ?settings.to_proto(), "data-plane configuration set");
@@ -454,5 +482,87 @@ impl DataPlane for Service {
                 adopted: state.adopted,
             })),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::v1::data_plane_server::DataPlaneServer;
+    use tokio_stream::StreamExt as _;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::transport::{Channel, Endpoint, Server};
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    use super::*;
+
+    const DATA_PLANE: &str = "xdpturn.agent.v1.DataPlane";
+
+    /// The reflection services as the agent serves them, on a loopback TCP port.
+    async fn reflection() -> Channel {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = Server::builder().add_optional_service(None::<DataPlaneServer<Service>>);
+        let router = with_reflection(router).unwrap();
+        tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+        Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn v1alpha_reflection_lists_and_describes_the_data_plane() {
+        use v1alpha::server_reflection_request::MessageRequest;
+        use v1alpha::server_reflection_response::MessageResponse;
+        let mut client =
+            v1alpha::server_reflection_client::ServerReflectionClient::new(reflection().await);
+        let requests = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol(DATA_PLANE.to_owned()),
+        ]
+        .map(|request| v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        });
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let listed = responses.next().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::ListServicesResponse(listed)) = listed else {
+            panic!("{listed:?}");
+        };
+        let names: Vec<&str> = listed.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&DATA_PLANE), "{names:?}");
+        let described = responses.next().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::FileDescriptorResponse(files)) = described else {
+            panic!("{described:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
+
+    #[tokio::test]
+    async fn v1_reflection_lists_the_data_plane() {
+        use v1::server_reflection_request::MessageRequest;
+        use v1::server_reflection_response::MessageResponse;
+        let mut client =
+            v1::server_reflection_client::ServerReflectionClient::new(reflection().await);
+        let request = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let listed = responses.next().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::ListServicesResponse(listed)) = listed else {
+            panic!("{listed:?}");
+        };
+        let names: Vec<&str> = listed.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&DATA_PLANE), "{names:?}");
     }
 }

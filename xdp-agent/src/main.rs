@@ -16,10 +16,12 @@ mod events;
 mod grpc;
 mod maps;
 mod metrics;
+mod peers;
 mod settings;
+mod socket;
 mod state;
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,19 +30,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use proto::v1::data_plane_server::DataPlaneServer;
-use tokio::net::UnixListener;
+use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
+use tokio_stream::Stream;
 use tracing::{debug, error, info, warn};
 
-use crate::addresses::RelayAddresses;
+use crate::addresses::{Learned, RelayAddresses};
 use crate::attach::Attachment;
 use crate::config::{Action, Cli, Config};
 use crate::events::Reports;
 use crate::maps::Maps;
 use crate::settings::{NextHop, Settings};
+use crate::socket::Access;
 use crate::state::AgentState;
 
 /// How long a stop waits for gRPC clients to finish.
@@ -110,22 +112,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // right after READY, say) runs the orderly shutdown instead of the default action.
     let shutdown = shutdown_signal()?;
     let settings = settings(&config)?;
-    // Bind the metrics port and resolve every interface before touching the
-    // kernel, so that a busy port or a typo fails with one line and nothing
-    // attached.
+    // Bind the metrics port and resolve every interface, user and group
+    // before touching the kernel, so that a busy port or a typo fails with
+    // one line and nothing attached.
+    let access = Access::resolve(config.grpc_user.as_deref(), config.grpc_group.as_deref())?;
     if let Some(address) = config.metrics {
         metrics::install(address)?;
     }
     let ifindexes = interface_indexes(&config.iface)?;
     let mut agent = Agent::start(&config, settings, ifindexes).await?;
-    let listener = bind_socket(&config.grpc, config.grpc_group.as_deref())?;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::v1::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("cannot build the reflection service")?;
-    let served = agent.serve(&config, listener, reflection, shutdown).await;
+    let served = match socket::bind(&config.grpc, access.group()) {
+        Ok(listener) => {
+            let incoming = socket::admitted(listener, access);
+            agent.serve(&config, incoming, shutdown).await
+        }
+        Err(error) => Err(error),
+    };
     agent.stop(&config);
-    served.context("the gRPC server failed")
+    served
 }
 
 /// The data-plane settings the flags and the configuration file give.
@@ -145,6 +149,7 @@ fn settings(config: &Config) -> anyhow::Result<Settings> {
     )
     .map_err(|error| anyhow::anyhow!("{error}"))?;
     settings.event_interval_log2 = config.event_interval.trailing_zeros() as u8;
+    settings.allow_peers = config.allow_peer.clone();
     Ok(settings)
 }
 
@@ -188,8 +193,8 @@ fn interface_indexes(interfaces: &[String]) -> anyhow::Result<Vec<u32>> {
 struct Agent {
     state: Arc<AgentState>,
     attachments: Vec<Attachment>,
-    /// The relay addresses `watcher` learns from the interfaces.
-    addresses: watch::Receiver<RelayAddresses>,
+    /// What `watcher` learns from the host's addresses.
+    addresses: watch::Receiver<Learned>,
     watcher: JoinHandle<()>,
     /// Deletes expired bindings every [`SWEEP`].
     sweeper: JoinHandle<()>,
@@ -216,7 +221,7 @@ impl Agent {
         let sweeper = sweep_expired(Arc::clone(&maps));
         let (mut addresses, watcher) = follow_addresses(ifindexes.clone());
         match tokio::time::timeout(FIRST_ADDRESSES, addresses.changed()).await {
-            Ok(Ok(())) => settings.learned = *addresses.borrow_and_update(),
+            Ok(Ok(())) => settings.learned = addresses.borrow_and_update().clone(),
             _ => warn!("no interface addresses learned yet; relying on --relay-ip"),
         }
         if settings.relay() == RelayAddresses::default() {
@@ -259,35 +264,35 @@ impl Agent {
         })
     }
 
-    /// Serves gRPC on `listener` until `shutdown` (and the grace period for
-    /// clients that keep their connection), applying address changes.
+    /// Serves gRPC and its reflection on the `incoming` connections until
+    /// `shutdown` (and the grace period for clients that keep their
+    /// connection), applying address changes.
     async fn serve(
         &mut self,
         config: &Config,
-        listener: UnixListener,
-        reflection: ServerReflectionServer<impl ServerReflection>,
+        incoming: impl Stream<Item = std::io::Result<UnixStream>>,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> anyhow::Result<()> {
         let (stopping, stop_requested) = watch::channel(false);
         let signal = async move {
             shutdown.await;
             let _ = stopping.send(true);
         };
-        let server = tonic::transport::Server::builder()
-            .add_service(
-                DataPlaneServer::new(grpc::Service::new(Arc::clone(&self.state)))
-                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-            )
-            .add_service(reflection)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        let router = tonic::transport::Server::builder().add_service(
+            DataPlaneServer::new(grpc::Service::new(Arc::clone(&self.state)))
+                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+        );
+        let server = grpc::with_reflection(router)
+            .context("cannot build the reflection services")?
+            .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(server);
         self.report_ready(config);
         let grace = grace_after(stop_requested);
         tokio::pin!(grace);
         loop {
             tokio::select! {
-                served = &mut server => return served,
+                served = &mut server => return served.context("the gRPC server failed"),
                 () = &mut grace => {
                     warn!("gRPC clients still connected after {SHUTDOWN_GRACE:?}; stopping anyway");
                     return Ok(());
@@ -298,7 +303,7 @@ impl Agent {
                         // keep the last addresses and serve on.
                         warn!("interface address watcher stopped; relay addresses are frozen");
                         return tokio::select! {
-                            served = &mut server => served,
+                            served = &mut server => served.context("the gRPC server failed"),
                             () = &mut grace => Ok(()),
                         };
                     }
@@ -325,16 +330,21 @@ impl Agent {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 
-    /// Writes the addresses the watcher learned last to the kernel.
+    /// Keeps what the watcher learned last, and writes the relay addresses
+    /// to the kernel.
     fn apply_learned_addresses(&mut self) {
-        let learned = *self.addresses.borrow_and_update();
+        let learned = self.addresses.borrow_and_update().clone();
+        let before = self.state.settings().relay();
         match self.state.update_settings(|current| {
             Ok(Settings {
                 learned,
                 ..current.clone()
             })
         }) {
-            Ok(settings) => info!(relay = ?settings.relay(), "relay addresses changed"),
+            Ok(settings) if settings.relay() != before => {
+                info!(relay = ?settings.relay(), "relay addresses changed");
+            }
+            Ok(settings) => debug!(host = ?settings.learned.host, "host addresses changed"),
             Err(error) => {
                 error!(error = %format!("{error:#}"), "cannot apply the new relay addresses");
             }
@@ -360,7 +370,10 @@ impl Agent {
             Maps::unpin(&config.pin_dir);
             let _ = std::fs::remove_dir(&config.pin_dir);
         }
-        let _ = std::fs::remove_file(&config.grpc);
+        // Only the socket: a --grpc path that named another file was refused.
+        if std::fs::symlink_metadata(&config.grpc).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&config.grpc);
+        }
     }
 }
 
@@ -380,9 +393,9 @@ fn attach_all(maps: &Maps, config: &Config) -> anyhow::Result<Vec<Attachment>> {
         .collect()
 }
 
-/// Follows the interfaces' addresses in a task (its error is logged).
-fn follow_addresses(ifindexes: Vec<u32>) -> (watch::Receiver<RelayAddresses>, JoinHandle<()>) {
-    let (updates, addresses) = watch::channel(RelayAddresses::default());
+/// Follows the host's addresses in a task (its error is logged).
+fn follow_addresses(ifindexes: Vec<u32>) -> (watch::Receiver<Learned>, JoinHandle<()>) {
+    let (updates, addresses) = watch::channel(Learned::default());
     let watcher = tokio::spawn(async move {
         if let Err(error) = addresses::watch(ifindexes, updates).await {
             error!(error = %format!("{error:#}"), "cannot follow the interfaces' addresses");
@@ -443,33 +456,4 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = terminate.recv() => info!("SIGTERM received, shutting down"),
         }
     })
-}
-
-/// Binds the gRPC socket with mode 0660, replacing a stale socket left by a
-/// previous run (but never another kind of file).
-fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
-    if let Ok(metadata) = std::fs::symlink_metadata(path) {
-        if !metadata.file_type().is_socket() {
-            bail!("{} exists and is not a socket", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale {}", path.display()))?;
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    if let Some(group) = group {
-        let gid = nix::unistd::Group::from_name(group)
-            .with_context(|| format!("cannot look up group {group}"))?
-            .with_context(|| format!("no group named {group}"))?
-            .gid;
-        nix::unistd::chown(path, None, Some(gid))
-            .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
-    }
-    Ok(listener)
 }

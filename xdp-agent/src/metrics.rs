@@ -9,6 +9,7 @@ use anyhow::Context;
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
+use crate::socket::Refusal;
 use crate::state::AgentState;
 
 /// The agent's metric names, each defined once: dashboards and alerts in
@@ -52,6 +53,9 @@ pub mod name {
     pub const UPTIME: &str = "xdp_agent_uptime_seconds";
     /// Counter: gRPC requests by `method` and status `code`.
     pub const GRPC_REQUESTS: &str = "xdp_agent_grpc_requests_total";
+    /// Counter: gRPC connections closed unserved, by `reason` (`user`, `group`,
+    /// `credentials`): their peer is not one the agent serves.
+    pub const GRPC_REFUSED: &str = crate::socket::REFUSED_CONNECTIONS;
 }
 
 /// How often gauges and counters are refreshed from the maps.
@@ -66,6 +70,9 @@ pub fn install(address: SocketAddr) -> anyhow::Result<()> {
     describe();
     // Served at zero from the start, so that the first refusal is an increase.
     counter!(name::SYNC_REFUSED).increment(0);
+    for refusal in Refusal::ALL {
+        counter!(name::GRPC_REFUSED, "reason" => refusal.name()).increment(0);
+    }
     Ok(())
 }
 
@@ -141,6 +148,10 @@ fn describe() {
     describe_counter!(
         name::GRPC_REQUESTS,
         "gRPC requests by method and status code."
+    );
+    describe_counter!(
+        name::GRPC_REFUSED,
+        "gRPC connections closed unserved because their peer (SO_PEERCRED) is neither root, the agent's user, --grpc-user nor of the socket's group, by reason."
     );
 }
 

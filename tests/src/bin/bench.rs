@@ -408,7 +408,9 @@ impl Startup<'_> {
             .args(["--iface", "x0", "--xdp-mode", "native", "--grpc"])
             .arg(socket)
             .arg("--pin-dir")
-            .arg(self.net.pin_dir());
+            .arg(self.net.pin_dir())
+            // The bench's peer is on a test net, which the agent denies unless allowed.
+            .args(["--allow-peer", "198.51.100.0/24"]);
         self.net.spawn("xdp-agent", command)?;
         tests::wait_for("xdp-agent's socket", Duration::from_secs(20), || {
             Ok(std::os::unix::net::UnixStream::connect(socket)

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -593,46 +592,10 @@ pub(crate) fn verify_integrity_sha256(
     mac.verify_truncated_left(value).is_ok()
 }
 
-/// A token bucket limiting how many 401 answers leave per second (design brief: a cap on
-/// the rate of 401s, so the server is no reflector for spoofed requests).
-#[derive(Debug, Clone)]
-pub(crate) struct RateLimiter {
-    per_second: u32,
-    tokens: f64,
-    last: Option<Instant>,
-}
-
-impl RateLimiter {
-    pub(crate) fn new(per_second: u32) -> Self {
-        Self {
-            per_second,
-            tokens: f64::from(per_second),
-            last: None,
-        }
-    }
-
-    /// Takes one token if there is one.
-    pub(crate) fn allow(&mut self, now: Instant) -> bool {
-        let rate = f64::from(self.per_second);
-        if let Some(last) = self.last {
-            let elapsed = now.saturating_duration_since(last).as_secs_f64();
-            self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
-        }
-        self.last = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::Duration;
 
     /// The username of RFC 5769 §2.4 and RFC 8489 Appendix B.1, which OpaqueString leaves as
     /// it is.
@@ -874,17 +837,6 @@ mod tests {
         assert!(Integrity::Sha1.verify(b"key", &prefix, 24, &sha1));
         assert!(Integrity::Sha256.verify(b"key", &prefix, 36, &full));
         assert!(!Integrity::Sha256.verify(b"key", &prefix, 36, &sha1));
-    }
-
-    #[test]
-    fn rate_limiter_refills() {
-        let start = Instant::now();
-        let mut limiter = RateLimiter::new(2);
-        assert!(limiter.allow(start));
-        assert!(limiter.allow(start));
-        assert!(!limiter.allow(start));
-        assert!(limiter.allow(start + Duration::from_millis(500)));
-        assert!(!limiter.allow(start + Duration::from_millis(500)));
     }
 
     proptest! {

@@ -30,6 +30,73 @@ pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// (Insufficient Capacity, RFC 8656 §7.2). An RTP/RTCP client needs one per call it sets up
 /// within [`RESERVATION_LIFETIME`].
 pub const RESERVATIONS_PER_USER: usize = 8;
+/// Default [`Config::unauthorized_rate`]: answers to unauthenticated requests per second,
+/// host-wide. A backstop above the per-source limit: a reconnect storm of many thousand
+/// clients gets its challenges, a flood from many spoofed sources reflects at most about
+/// 1 MB/s.
+pub const UNAUTHORIZED_RATE: u32 = 5000;
+/// Default [`Config::unauthenticated_per_source`]: answers to unauthenticated requests per
+/// second and source. A client needs one 401 per allocation (438s with valid integrity are
+/// not counted), a Binding now and then; a NAT with many clients needs more, a reflector
+/// victim less.
+pub const UNAUTHENTICATED_RATE_PER_SOURCE: u32 = 20;
+/// Default burst of [`Config::unauthenticated_per_source`]: the clients behind one address
+/// starting a call together.
+pub const UNAUTHENTICATED_BURST_PER_SOURCE: u32 = 40;
+/// Default [`Config::source_table_capacity`]: sources the per-source limit remembers, per
+/// server (24 bytes each, about 0.8 MiB at most with the hash tables' slack).
+pub const SOURCE_TABLE_CAPACITY: usize = 16_384;
+/// Default [`Config::max_permissions_per_allocation`].
+pub const MAX_PERMISSIONS_PER_ALLOCATION: usize = 100;
+/// Default [`Config::max_channels_per_allocation`].
+pub const MAX_CHANNELS_PER_ALLOCATION: usize = 100;
+/// Default [`Config::user_kernel_bindings`].
+pub const USER_KERNEL_BINDINGS: usize = 1024;
+/// The least burst [`SourceRate::share`] gives a core: a client's first exchanges (a
+/// Binding, a 401, a retransmission) reach one core, whose share must not starve them.
+const MIN_CORE_BURST: f64 = 4.0;
+
+/// A limit on the answers to unauthenticated requests one source gets: `per_second` on
+/// average and `burst` at once (a token bucket of `burst` tokens refilled at `per_second`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceRate {
+    per_second: f64,
+    burst: f64,
+}
+
+impl SourceRate {
+    /// `per_second` answers a second, `burst` at once; zeros count as one.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        Self {
+            per_second: f64::from(per_second.max(1)),
+            burst: f64::from(burst.max(1)),
+        }
+    }
+
+    /// The share of one of `cores` servers among which the kernel spreads a host's clients by
+    /// a hash of the 4-tuple (the daemon's event loops): a source varying its ports reaches
+    /// every core, so each gets `1/cores` of the rate, and of the burst but no less than a
+    /// few answers (or the whole burst, if smaller) so that a client's first exchanges, which
+    /// all reach one core, are answered. A source can then get the rate in all, and at most
+    /// `cores` times that small floor at once.
+    pub fn share(self, cores: usize) -> Self {
+        let cores = cores.max(1) as f64;
+        Self {
+            per_second: self.per_second / cores,
+            burst: (self.burst / cores).max(self.burst.min(MIN_CORE_BURST)),
+        }
+    }
+
+    /// Answers a second, on average.
+    pub fn per_second(&self) -> f64 {
+        self.per_second
+    }
+
+    /// Answers at once.
+    pub fn burst(&self) -> f64 {
+        self.burst
+    }
+}
 
 /// Upper bound for configured durations, so that deadline arithmetic cannot overflow.
 const MAX_CONFIGURABLE: Duration = Duration::from_secs(7 * 86_400);
@@ -70,8 +137,9 @@ pub struct Config {
     /// get 508 (Insufficient Capacity), as do those beyond [`RESERVATIONS_PER_USER`]. Zero
     /// refuses every such request. Default 1024.
     pub max_reservations: usize,
-    /// Where allocations are counted against the quotas; servers that must share the limits
-    /// share one ledger. Default: a ledger of this server's own.
+    /// Where allocations are counted against the quotas, and each user's data-plane bindings
+    /// against [`Config::user_kernel_bindings`]; servers that must share the limits share one
+    /// ledger. Default: a ledger of this server's own.
     pub quotas: Arc<QuotaLedger>,
     /// Where RESERVATION-TOKENs are kept (RFC 8656 §7.2: a token is good server-wide); the
     /// servers of one daemon share one ledger, so that a token made on one is good on every
@@ -85,9 +153,36 @@ pub struct Config {
     pub deny_peers: Vec<IpNet>,
     /// Development mode: loopback peers allowed (the daemon's `--dev`).
     pub allow_loopback_peers: bool,
-    /// Cap on 401 answers per second; requests beyond it are dropped unanswered. `None`
-    /// for no cap. Default 500/s.
+    /// Host-wide backstop on answers to unauthenticated requests (Binding responses, 401 and
+    /// 438 challenges, errors before authentication) over UDP, per second; requests beyond
+    /// it are dropped unanswered. `None` for no cap. A daemon of several cores gives each its
+    /// share. Default [`UNAUTHORIZED_RATE`] (5000/s).
     pub unauthorized_rate: Option<u32>,
+    /// The limit on answers to unauthenticated UDP requests per source (an IPv4 address or
+    /// an IPv6 /64), checked before [`Config::unauthorized_rate`], so that one host cannot
+    /// take the budget of all others nor use the server as a reflector. A 438 to a request
+    /// whose MESSAGE-INTEGRITY verifies is not counted: its user holds a key, only the nonce
+    /// is old. Over TCP nothing is limited: the handshake proves the source and the answer
+    /// goes back over its own connection. `None` for no limit. A daemon of several cores gives
+    /// each its [`SourceRate::share`]. Default [`UNAUTHENTICATED_RATE_PER_SOURCE`] a second,
+    /// bursts of [`UNAUTHENTICATED_BURST_PER_SOURCE`].
+    pub unauthenticated_per_source: Option<SourceRate>,
+    /// Sources the per-source limit remembers at most; the least recently seen are forgotten
+    /// (and start over with a full burst). Bounds its memory whatever the number of sources.
+    /// Default [`SOURCE_TABLE_CAPACITY`].
+    pub source_table_capacity: usize,
+    /// Permissions (peer IP addresses, RFC 8656 §9) one allocation may hold; a
+    /// CreatePermission or ChannelBind that needs one more gets 508 (Insufficient Capacity,
+    /// RFC 8656 §10.2, §12.2). Default [`MAX_PERMISSIONS_PER_ALLOCATION`].
+    pub max_permissions_per_allocation: usize,
+    /// Channels one allocation may bind (RFC 8656 §12); a ChannelBind for one more gets 508.
+    /// Default [`MAX_CHANNELS_PER_ALLOCATION`].
+    pub max_channels_per_allocation: usize,
+    /// Channel bindings one username may hold in the data plane at once, over every server
+    /// sharing [`Config::quotas`]: its share of the kernel's map. Further channels are bound
+    /// all the same and relayed in user space (no [`crate::Command::InstallChannel`]).
+    /// Default [`USER_KERNEL_BINDINGS`].
+    pub user_kernel_bindings: usize,
     /// How long a ChannelBind success waits for the data plane to acknowledge the binding
     /// before it is sent anyway. Default 50 ms.
     pub offload_timeout: Duration,
@@ -125,7 +220,15 @@ impl Config {
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
             allow_loopback_peers: false,
-            unauthorized_rate: Some(500),
+            unauthorized_rate: Some(UNAUTHORIZED_RATE),
+            unauthenticated_per_source: Some(SourceRate::new(
+                UNAUTHENTICATED_RATE_PER_SOURCE,
+                UNAUTHENTICATED_BURST_PER_SOURCE,
+            )),
+            source_table_capacity: SOURCE_TABLE_CAPACITY,
+            max_permissions_per_allocation: MAX_PERMISSIONS_PER_ALLOCATION,
+            max_channels_per_allocation: MAX_CHANNELS_PER_ALLOCATION,
+            user_kernel_bindings: USER_KERNEL_BINDINGS,
             offload_timeout: Duration::from_millis(50),
             default_lifetime: DEFAULT_LIFETIME,
             max_lifetime: MAX_LIFETIME,

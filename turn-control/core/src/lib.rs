@@ -74,16 +74,31 @@
 //!   hold, with expiries, for a full sync.
 //! - **Nonces** are stateless (the RFC 8489 nonce cookie, a timestamp and an HMAC over both
 //!   and the client address), valid for [`Config::nonce_lifetime`] (600 s, like coturn).
-//!   Unauthenticated requests create no state; 401/438 answers are capped by
-//!   [`Config::unauthorized_rate`].
+//!   Unauthenticated requests create no state but an entry in a table of bounded size.
+//! - **Unauthenticated answers** (Binding responses, 401 and 438 challenges, errors before
+//!   authentication) over UDP are limited per source, an IPv4 address or an IPv6 /64
+//!   ([`Config::unauthenticated_per_source`], 20/s with bursts of 40, remembered for at most
+//!   [`Config::source_table_capacity`] sources), then host-wide
+//!   ([`Config::unauthorized_rate`], 5000/s, a backstop): one host cannot take the others'
+//!   budget, and the server is no amplifying reflector. A 438 to a request whose
+//!   MESSAGE-INTEGRITY verifies is outside both. What is held back is counted per reason
+//!   ([`Stats::unauthenticated_source_limited`], [`Stats::unauthorized_rate_limited`]).
+//! - **Per-allocation and per-user caps.** An allocation holds at most
+//!   [`Config::max_permissions_per_allocation`] permissions and
+//!   [`Config::max_channels_per_allocation`] channels (100 each; 508 beyond, RFC 8656 §10.2,
+//!   §12.2). A username holds at most [`Config::user_kernel_bindings`] bindings in the data
+//!   plane (1024), over every server sharing [`Config::quotas`]; its further channels are
+//!   bound all the same and relayed in user space.
 //! - **Long-term credentials** follow RFC 8489 §9.2: MESSAGE-INTEGRITY with the MD5 key as
 //!   RFC 5389 clients send it, or MESSAGE-INTEGRITY-SHA256 (truncated to no less than 16
 //!   bytes) with the key of PASSWORD-ALGORITHM (SHA-256 or MD5), whose PASSWORD-ALGORITHMS
 //!   must come back as sent. A response is signed with the integrity attribute and key of
 //!   its request. USERHASH finds static users only; username anonymity is announced only
 //!   when no REST secret is configured (see [`Credentials`]).
-//! - **Timers** live in one binary heap with lazy deletion; refreshes that push a deadline
-//!   later add no entry, so the heap stays at about one entry per live object.
+//! - **Timers** are one deadline per object in an ordered set indexed by object: a refresh
+//!   that pushes a deadline later touches nothing (the entry is re-armed when it comes due),
+//!   one that brings it earlier replaces the entry, a deleted object takes its entries along.
+//!   So the queue holds exactly one entry per live object ([`Server::pending_timers`]).
 //!
 //! # Cost
 //!
@@ -94,19 +109,24 @@
 //! lookups and one allocation (the output payload).
 //!
 //! Memory (from `size_of`, hashbrown at 7/8 load and power-of-two growth, so about 1.5x the
-//! entry size on average, plus one 104-byte timer entry per timed object): an allocation is
-//! about 0.8 KiB (408-byte table entry, 72-byte port index entry, username); its first
-//! permission and first channel add about 0.5 KiB of per-allocation maps; each further
-//! channel about 0.27 KiB (80-byte channel entry, 36-byte reverse index entry, timer) and each
-//! further permission about 0.17 KiB. A reservation is about 0.5 KiB (a 128-byte entry on the
-//! core that made it, an 80-byte one in the shared ledger, port index entry, timer) while its
-//! token is out.
+//! entry size on average, plus about 0.25 KiB of timer per timed object: a 104-byte entry in
+//! the ordered queue and one in its index by object): an allocation is about 0.95 KiB
+//! (408-byte table entry, 72-byte port index entry, username, timer); its first permission
+//! and first channel add about 0.5 KiB of per-allocation maps; each further channel about
+//! 0.42 KiB (80-byte channel entry, 36-byte reverse index entry, timer) and each further
+//! permission about 0.32 KiB, which [`Config::max_permissions_per_allocation`] and
+//! [`Config::max_channels_per_allocation`] bound to about 75 KiB per allocation. A
+//! reservation is about 0.65 KiB (a 128-byte entry on the core that made it, an 80-byte one
+//! in the shared ledger, port index entry, timer) while its token is out. The per-source
+//! table of unauthenticated answers takes at most about 0.8 MiB per server (24-byte entries,
+//! [`Config::source_table_capacity`]).
 //!
 //! Modules: [`types`] (role newtypes), [`framing`] (STUN/ChannelData demultiplexing and TCP
 //! framing), [`policy`] (which peers may be reached), [`icmp`] (ICMP errors for clients), [`auth`] (long-term and REST
 //! credentials, password algorithms, nonces), [`config`], [`stats`]; the state machine is
 //! [`Server`].
 
+mod admission;
 mod allocation;
 pub mod auth;
 pub mod config;
@@ -119,12 +139,13 @@ pub mod reservation_ledger;
 mod server;
 pub mod stats;
 mod stun;
+mod timers;
 pub mod types;
 
 pub use auth::{
     Credentials, LongTermKey, PasswordAlgorithm, long_term_key, rest_password, userhash,
 };
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, SourceRate};
 pub use framing::{ChannelData, FrameError, frame_len};
 pub use icmp::{ICMP_RATE, Icmp};
 pub use policy::{PeerDenied, PeerPolicy};

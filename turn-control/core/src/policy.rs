@@ -7,11 +7,28 @@
 //! 6to4 (`2002::/16`, RFC 3056) forms are judged by the IPv4 address they carry, so
 //! `::ffff:127.0.0.1` is loopback like `127.0.0.1`.
 //!
-//! Order of rules: an operator deny entry denies; an operator allow entry allows (this is
-//! the only way to reach a built-in denied range); then the built-in ranges and the relay's
-//! own addresses deny; everything else is allowed.
+//! The relay's host is the first thing to protect: a relayed datagram leaves from the relay's
+//! address, so a service of the host bound to `0.0.0.0` or `[::]` (DNS, SNMP, metrics) would
+//! take it for local traffic. The policy knows the host's addresses (the relay and listener
+//! addresses and, in the daemon, every interface address it follows) and the listeners' ports.
+//!
+//! Order of rules:
+//! 1. a listener port at any local address (one of the host's, loopback or unspecified) is
+//!    refused, whatever the operator allows: wildcard listeners answer on every local address,
+//!    and relaying to a listener would loop;
+//! 2. an operator deny entry denies;
+//! 3. an address of the host (loopback aside, see 5) is refused, unless an operator allow entry
+//!    covers it, and then only its allocation ports are open
+//!    ([`PeerPolicy::with_relay_ports`]): two allocations of this relay may reach each other
+//!    (the hairpin), the host's other services may not;
+//! 4. an operator allow entry allows (the only way to reach a built-in denied range);
+//! 5. the built-in ranges deny, loopback aside in development mode
+//!    ([`PeerPolicy::with_loopback`]);
+//! 6. everything else is allowed.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
 
@@ -39,38 +56,50 @@ pub enum PeerDenied {
     /// Documentation, benchmarking, protocol-assignment or reserved ranges.
     #[error("reserved, documentation or test address")]
     Reserved,
-    /// One of the relay's own listener or relay addresses.
-    #[error("address of this relay")]
+    /// An address of this host: a listener port at any local address, or an address of the
+    /// host (relay, listener or interface address) that the operator does not allow, or a port
+    /// of one that it allows outside the allocation ports.
+    #[error("address of this relay's host")]
     Relay,
     /// Listed in the operator's deny list.
     #[error("denied by operator policy")]
     Operator,
 }
 
-/// The peer policy: built-in deny ranges, the relay's own addresses, operator lists.
+/// The peer policy: built-in deny ranges, the host's own addresses, operator lists.
 #[derive(Debug, Clone, Default)]
 pub struct PeerPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
-    own_ips: Vec<IpAddr>,
-    own_sockets: Vec<SocketAddr>,
+    /// The host's addresses, canonical (see [`canonical_ip`]).
+    host: HashSet<IpAddr>,
+    /// The listeners' ports, refused at every local address.
+    listener_ports: Vec<u16>,
+    /// What an operator-allowed address of the host is open on; nothing when `None`.
+    relay_ports: Option<RangeInclusive<u16>>,
     allow_loopback: bool,
 }
 
 impl PeerPolicy {
-    /// A policy that refuses the built-in ranges and `own_ips` (the listener and relay
-    /// addresses, see [`PeerDenied::Relay`]). `listeners` are refused by exact socket address
-    /// too, which matters in development mode where loopback peers are allowed.
+    /// A policy that refuses the built-in ranges, the host's addresses `own_ips` and the
+    /// `listeners`' addresses, and the listeners' ports at every local address.
     pub fn new(
         own_ips: impl IntoIterator<Item = IpAddr>,
         listeners: impl IntoIterator<Item = SocketAddr>,
     ) -> Self {
+        let mut host: HashSet<IpAddr> = own_ips.into_iter().map(canonical_ip).collect();
+        let mut listener_ports = Vec::new();
+        for listener in listeners {
+            if !listener.ip().is_unspecified() {
+                host.insert(canonical_ip(listener.ip()));
+            }
+            if !listener_ports.contains(&listener.port()) {
+                listener_ports.push(listener.port());
+            }
+        }
         Self {
-            own_ips: own_ips.into_iter().map(canonical_ip).collect(),
-            own_sockets: listeners
-                .into_iter()
-                .map(|s| SocketAddr::new(canonical_ip(s.ip()), s.port()))
-                .collect(),
+            host,
+            listener_ports,
             ..Self::default()
         }
     }
@@ -82,25 +111,40 @@ impl PeerPolicy {
         self
     }
 
-    /// Development mode: loopback peers are allowed, and the relay's own loopback addresses
-    /// are refused only at the exact listener socket addresses (so two allocations on
-    /// 127.0.0.1 can reach each other).
+    /// The ports an address of the host is open on when the operator allows it: the
+    /// allocation ports of the whole relay, so that its allocations can reach each other
+    /// (the hairpin). Without this an allowed address of the host stays refused.
+    pub fn with_relay_ports(mut self, ports: RangeInclusive<u16>) -> Self {
+        self.relay_ports = Some(ports);
+        self
+    }
+
+    /// Development mode: loopback peers are allowed on every port but the listeners' (so
+    /// two allocations on 127.0.0.1 can reach each other).
     pub fn with_loopback(mut self, allow: bool) -> Self {
         self.allow_loopback = allow;
         self
     }
 
-    /// Decides whether `peer` may be reached.
-    ///
-    /// The relay's own listeners are never a peer, whatever the operator allows:
-    /// relaying to them would loop. The relay's other addresses are refused unless the
-    /// operator allows them, which two allocations of this relay reaching each other
-    /// (the hairpin) needs.
+    /// Decides whether `peer` may be reached (ChannelBind, Send, and the address of a
+    /// CreatePermission). See the module doc for the order of the rules.
     pub fn check(&self, peer: SocketAddr) -> Result<(), PeerDenied> {
-        let raw = peer.ip();
+        self.verdict(peer.ip(), Some(peer.port()))
+    }
+
+    /// Decides whether some port of `ip` may be reached: what a permission needs, which is
+    /// for an IP address only (RFC 8656 §9). The port of each datagram and channel is judged
+    /// by [`PeerPolicy::check`].
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), PeerDenied> {
+        self.verdict(ip, None)
+    }
+
+    fn verdict(&self, raw: IpAddr, port: Option<u16>) -> Result<(), PeerDenied> {
         let ip = canonical_ip(raw);
-        let canonical = SocketAddr::new(ip, peer.port());
-        if self.own_sockets.contains(&canonical) {
+        if let Some(port) = port
+            && self.listener_ports.contains(&port)
+            && (self.host.contains(&ip) || ip.is_loopback() || ip.is_unspecified())
+        {
             return Err(PeerDenied::Relay);
         }
         if self
@@ -110,17 +154,25 @@ impl PeerPolicy {
         {
             return Err(PeerDenied::Operator);
         }
-        if self.allow.iter().any(|net| net.contains(&ip)) {
+        let allowed = self.allow.iter().any(|net| net.contains(&ip));
+        if self.host.contains(&ip) && !ip.is_loopback() {
+            if !allowed {
+                builtin_verdict(ip)?;
+                return Err(PeerDenied::Relay);
+            }
+            return match (&self.relay_ports, port) {
+                (Some(_), None) => Ok(()),
+                (Some(ports), Some(port)) if ports.contains(&port) => Ok(()),
+                _ => Err(PeerDenied::Relay),
+            };
+        }
+        if allowed {
             return Ok(());
         }
         match builtin_verdict(ip) {
-            Err(PeerDenied::Loopback) if self.allow_loopback => return Ok(()),
-            verdict => verdict?,
+            Err(PeerDenied::Loopback) if self.allow_loopback => Ok(()),
+            verdict => verdict,
         }
-        if self.own_ips.contains(&ip) {
-            return Err(PeerDenied::Relay);
-        }
-        Ok(())
     }
 }
 
@@ -352,25 +404,154 @@ mod tests {
         assert_eq!(p.check(sa("127.0.0.1:1")), Ok(()));
     }
 
+    /// The allocation ports of [`hairpin_policy`].
+    const RELAY_PORTS: RangeInclusive<u16> = 49152..=65535;
+
+    /// A relay at 203.0.113.10 listening there on 3478, whose operator opens its /24.
+    fn hairpin_policy() -> PeerPolicy {
+        let listener: SocketAddr = "203.0.113.10:3478".parse().unwrap();
+        PeerPolicy::new([listener.ip()], [listener])
+            .with_lists(vec!["203.0.113.0/24".parse().unwrap()], vec![])
+            .with_relay_ports(RELAY_PORTS)
+    }
+
     #[test]
     fn the_listener_is_refused_even_inside_an_allowed_network() {
-        let listener: SocketAddr = "203.0.113.10:3478".parse().unwrap();
-        let policy = PeerPolicy::new([listener.ip()], [listener])
-            .with_lists(vec!["203.0.113.0/24".parse().unwrap()], vec![]);
+        let policy = hairpin_policy();
+        let listener = sa("203.0.113.10:3478");
         assert_eq!(policy.check(listener), Err(PeerDenied::Relay));
         let mapped: SocketAddr = "[::ffff:203.0.113.10]:3478".parse().unwrap();
         assert_eq!(policy.check(mapped), Err(PeerDenied::Relay));
         // Another allocation of this relay, allowed by the operator: the hairpin.
-        assert_eq!(policy.check("203.0.113.10:50000".parse().unwrap()), Ok(()));
+        assert_eq!(policy.check(sa("203.0.113.10:50000")), Ok(()));
+        // Another host of the allowed network.
+        assert_eq!(policy.check(sa("203.0.113.11:22")), Ok(()));
         // Without the allow list the relay's own address stays refused.
-        let own: SocketAddr = "192.0.2.77:50000".parse().unwrap();
-        let strict = PeerPolicy::new([own.ip()], [])
-            .with_lists(vec!["192.0.2.0/24".parse().unwrap()], vec![]);
-        assert_eq!(strict.check(own), Ok(()), "the operator allowed it");
-        let strict = PeerPolicy::new(["8.8.8.8".parse().unwrap()], []);
+        let strict =
+            PeerPolicy::new(["8.8.8.8".parse().unwrap()], []).with_relay_ports(RELAY_PORTS);
         assert_eq!(
             strict.check("8.8.8.8:50000".parse().unwrap()),
             Err(PeerDenied::Relay)
+        );
+        assert_eq!(
+            strict.check_ip("8.8.8.8".parse().unwrap()),
+            Err(PeerDenied::Relay)
+        );
+    }
+
+    /// coturn CVE-2020-26262's class: services of the relay's host bound to the wildcard
+    /// addresses answer on each of its addresses, whichever the relay address is.
+    #[test]
+    fn every_address_of_the_host_is_refused() {
+        let host: [IpAddr; 6] = [
+            "203.0.114.1".parse().unwrap(),
+            // A second IPv4 address, and a private one.
+            "93.184.216.34".parse().unwrap(),
+            "10.1.2.3".parse().unwrap(),
+            // The relay's IPv6 address, a SLAAC address and a temporary one of its prefix.
+            "2001:4860::1".parse().unwrap(),
+            "2001:4860::5054:ff:fe12:3456".parse().unwrap(),
+            "2001:4860::8d1c:27a5:b3e0:914f".parse().unwrap(),
+        ];
+        let wildcard = [sa("0.0.0.0:3478"), sa("[::]:3478")];
+        let policy = PeerPolicy::new(host, wildcard)
+            .with_lists(vec!["10.0.0.0/8".parse().unwrap()], vec![])
+            .with_relay_ports(RELAY_PORTS);
+        for ip in host {
+            for port in [22, 53, 161, 3478, 9100] {
+                let peer = SocketAddr::new(ip, port);
+                assert!(policy.check(peer).is_err(), "{peer}");
+            }
+            // A permission for it is refused too, but for the allowed private address.
+            let allowed = ip == IpAddr::from([10, 1, 2, 3]);
+            assert_eq!(policy.check_ip(ip).is_ok(), allowed, "{ip}");
+        }
+        for disguised in [
+            "[::ffff:93.184.216.34]:53",
+            "[64:ff9b::5db8:d822]:53",
+            "[2002:5db8:d822::1]:53",
+        ] {
+            assert_eq!(
+                policy.check(sa(disguised)),
+                Err(PeerDenied::Relay),
+                "{disguised}"
+            );
+        }
+        // The private address is allowed by the operator's 10/8: its allocation ports only.
+        assert_eq!(policy.check(sa("10.1.2.3:50000")), Ok(()));
+        assert_eq!(policy.check(sa("10.1.2.4:53")), Ok(()));
+        // Not the host's: allowed.
+        assert_eq!(policy.check(sa("93.184.216.35:53")), Ok(()));
+        assert_eq!(policy.check(sa("[2001:4860::2]:53")), Ok(()));
+    }
+
+    /// Wildcard listeners answer on every local address: their ports are refused at each,
+    /// at loopback and at the unspecified address, whatever the operator allows.
+    #[test]
+    fn listener_ports_are_refused_at_every_local_address() {
+        let host: [IpAddr; 2] = [
+            "203.0.114.1".parse().unwrap(),
+            "2001:4860::1".parse().unwrap(),
+        ];
+        let policy = PeerPolicy::new(host, [sa("0.0.0.0:3478"), sa("[::]:5349")])
+            .with_lists(
+                vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+                vec![],
+            )
+            .with_relay_ports(1..=65535)
+            .with_loopback(true);
+        for peer in [
+            "203.0.114.1:3478",
+            "203.0.114.1:5349",
+            "[2001:4860::1]:3478",
+            "[::ffff:203.0.114.1]:3478",
+            "127.0.0.1:3478",
+            "127.1.2.3:5349",
+            "[::1]:3478",
+            "0.0.0.0:3478",
+            "[::]:5349",
+        ] {
+            assert_eq!(policy.check(sa(peer)), Err(PeerDenied::Relay), "{peer}");
+        }
+        assert_eq!(policy.check(sa("203.0.114.1:3479")), Ok(()));
+        assert_eq!(policy.check(sa("127.0.0.1:53")), Ok(()));
+        // Another host's TURN server is a peer like any other.
+        assert_eq!(policy.check(sa("8.8.8.8:3478")), Ok(()));
+    }
+
+    /// The hairpin needs the relay's own address allowed: only its allocation ports open.
+    #[test]
+    fn an_allowed_host_address_opens_only_the_allocation_ports() {
+        let policy = hairpin_policy();
+        let relay: IpAddr = "203.0.113.10".parse().unwrap();
+        for port in [49152, 50000, 65535] {
+            assert_eq!(policy.check(SocketAddr::new(relay, port)), Ok(()), "{port}");
+        }
+        for port in [1, 22, 53, 3478, 49151] {
+            assert_eq!(
+                policy.check(SocketAddr::new(relay, port)),
+                Err(PeerDenied::Relay),
+                "{port}"
+            );
+        }
+        // A permission is for the address: some port of it is open.
+        assert_eq!(policy.check_ip(relay), Ok(()));
+        // Without the relay's ports nothing of it is open.
+        let closed = PeerPolicy::new([relay], [])
+            .with_lists(vec!["203.0.113.0/24".parse().unwrap()], vec![]);
+        assert_eq!(
+            closed.check(SocketAddr::new(relay, 50000)),
+            Err(PeerDenied::Relay)
+        );
+        assert_eq!(closed.check_ip(relay), Err(PeerDenied::Relay));
+        // The operator's deny list still wins.
+        let denied = hairpin_policy().with_lists(
+            vec!["203.0.113.0/24".parse().unwrap()],
+            vec!["203.0.113.10/32".parse().unwrap()],
+        );
+        assert_eq!(
+            denied.check(SocketAddr::new(relay, 50000)),
+            Err(PeerDenied::Operator)
         );
     }
 
@@ -379,6 +560,11 @@ mod tests {
         let p = PeerPolicy::new([IpAddr::from([127, 0, 0, 1])], [sa("127.0.0.1:3478")])
             .with_loopback(true);
         assert_eq!(p.check(sa("127.0.0.1:50000")), Ok(()));
+        assert_eq!(
+            p.check(sa("127.0.0.1:53")),
+            Ok(()),
+            "loopback is open in development"
+        );
         assert_eq!(p.check(sa("[::1]:50000")), Ok(()));
         assert_eq!(p.check(sa("127.0.0.1:3478")), Err(PeerDenied::Relay));
         assert_eq!(
@@ -390,6 +576,32 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever the operator allows, an address of the host is open on its allocation
+        /// ports only, and never on a listener port.
+        #[test]
+        fn a_host_address_is_open_on_allocation_ports_only(
+            v4 in any::<u32>(),
+            v6 in any::<u128>(),
+            port in any::<u16>(),
+        ) {
+            let host = [IpAddr::V4(Ipv4Addr::from(v4)), IpAddr::V6(Ipv6Addr::from(v6))];
+            let policy = PeerPolicy::new(host, [sa("[::]:50000")])
+                .with_lists(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()], vec![])
+                .with_relay_ports(RELAY_PORTS)
+                .with_loopback(true);
+            for ip in host {
+                let open = RELAY_PORTS.contains(&port) && port != 50000;
+                let verdict = policy.check(SocketAddr::new(ip, port));
+                let loopback = canonical_ip(ip).is_loopback();
+                if loopback {
+                    // Loopback is development mode's: open but for the listener's port.
+                    prop_assert_eq!(verdict.is_ok(), port != 50000, "{} {}", ip, port);
+                } else {
+                    prop_assert_eq!(verdict.is_ok(), open, "{} {}", ip, port);
+                }
+            }
+        }
+
         #[test]
         fn mapped_form_has_same_verdict(raw in any::<u32>(), port in any::<u16>()) {
             let p = default_policy();

@@ -1,14 +1,16 @@
-//! Allocation quotas (RFC 8656 §7.2: 486 Allocation Quota Reached) counted across every
-//! [`crate::Server`] of one daemon. A daemon that runs one core per CPU (each owning the
-//! clients the kernel steers to it) shares one ledger between them, so that `user_quota` and
-//! `total_quota` mean the same as with a single core. Touched only when an allocation is
-//! created or deleted, never per packet.
+//! Allocation quotas (RFC 8656 §7.2: 486 Allocation Quota Reached) and each user's share of
+//! the data plane's bindings, counted across every [`crate::Server`] of one daemon. A daemon
+//! that runs one core per CPU (each owning the clients the kernel steers to it) shares one
+//! ledger between them, so that `user_quota`, `total_quota` and `user_kernel_bindings` mean
+//! the same as with a single core. Touched only when an allocation is created or deleted or a
+//! binding enters or leaves the data plane, never per packet.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Allocations alive per username and in total. Clone the [`Arc`] into every
-/// [`crate::Config::quotas`] that must share the limits.
+/// Allocations alive per username and in total, and channel bindings in the data plane per
+/// username. Clone the [`Arc`] into every [`crate::Config::quotas`] that must share the
+/// limits.
 #[derive(Debug, Default)]
 pub struct QuotaLedger {
     counts: Mutex<Counts>,
@@ -18,6 +20,8 @@ pub struct QuotaLedger {
 struct Counts {
     per_user: HashMap<Arc<str>, u32>,
     total: u32,
+    /// Bindings each user holds in the data plane (users holding none are absent).
+    kernel_bindings: HashMap<Arc<str>, usize>,
 }
 
 impl QuotaLedger {
@@ -60,6 +64,39 @@ impl QuotaLedger {
         }
     }
 
+    /// Counts one more data-plane binding for `username` unless it holds `limit` already.
+    /// Returns whether it was counted.
+    pub fn try_add_kernel_binding(&self, username: &Arc<str>, limit: usize) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = counts.kernel_bindings.get(username).copied().unwrap_or(0);
+        if held >= limit {
+            return false;
+        }
+        counts.kernel_bindings.insert(username.clone(), held + 1);
+        true
+    }
+
+    /// Releases `count` data-plane bindings of `username` counted by
+    /// [`QuotaLedger::try_add_kernel_binding`].
+    pub fn remove_kernel_bindings(&self, username: &Arc<str>, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = counts.kernel_bindings.get_mut(username) {
+            *held = held.saturating_sub(count);
+            if *held == 0 {
+                counts.kernel_bindings.remove(username);
+            }
+        }
+    }
+
+    /// Data-plane bindings counted for `username`.
+    pub fn kernel_bindings(&self, username: &str) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.kernel_bindings.get(username).copied().unwrap_or(0)
+    }
+
     /// Allocations counted for `username`.
     pub fn user(&self, username: &str) -> u32 {
         let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -96,6 +133,32 @@ mod tests {
         ledger.release(&alice);
         ledger.release(&alice);
         assert_eq!((ledger.user("alice"), ledger.total()), (0, 2));
+    }
+
+    #[test]
+    fn kernel_bindings_are_capped_per_user_across_sharers() {
+        let ledger = QuotaLedger::shared();
+        let other_core = ledger.clone();
+        let alice: Arc<str> = Arc::from("alice");
+        let bob: Arc<str> = Arc::from("bob");
+        assert!(ledger.try_add_kernel_binding(&alice, 2));
+        assert!(other_core.try_add_kernel_binding(&alice, 2));
+        assert!(!ledger.try_add_kernel_binding(&alice, 2));
+        assert!(
+            ledger.try_add_kernel_binding(&bob, 2),
+            "another user's share"
+        );
+        other_core.remove_kernel_bindings(&alice, 1);
+        assert!(ledger.try_add_kernel_binding(&alice, 2));
+        ledger.remove_kernel_bindings(&alice, 5);
+        assert_eq!(
+            (
+                ledger.kernel_bindings("alice"),
+                ledger.kernel_bindings("bob")
+            ),
+            (0, 1)
+        );
+        assert_eq!(ledger.total(), 0, "allocations are counted apart");
     }
 
     #[test]

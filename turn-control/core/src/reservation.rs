@@ -21,7 +21,6 @@
 //!   while the other core's allocation still holds it, the port fails to bind and the new
 //!   allocation moves on ([`Server::relay_bind_failed`]).
 
-use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -164,8 +163,7 @@ impl Server {
             },
         );
         self.by_port.insert(relay.port(), PortUse::Reserved(token));
-        self.timers
-            .push(Reverse((expires, Timer::Reservation(token))));
+        self.timers.schedule(Timer::Reservation(token), expires);
         self.commands.push_back(Command::ReservePort {
             relay,
             dont_fragment,
@@ -358,6 +356,7 @@ impl Server {
     /// ledger; its socket is the caller's.
     pub(super) fn forget_reservation(&mut self, token: ReservationToken) -> Option<Reservation> {
         let r = self.reservations.remove(&token)?;
+        self.timers.cancel(Timer::Reservation(token));
         if self.by_port.get(&r.relay.port()) == Some(&PortUse::Reserved(token)) {
             self.by_port.remove(&r.relay.port());
         }

@@ -1,7 +1,6 @@
 //! The TURN server state machine.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,8 +23,9 @@ use rtc_stun::message::{
 use rtc_stun::uattrs::UnknownAttributes;
 use rtc_turn::proto::lifetime::Lifetime;
 
+use crate::admission::{RateLimiter, SourceLimiter};
 use crate::allocation::{Allocation, Channel, Cooldown, PortUse, Reservation, ReservationToken};
-use crate::auth::{Credentials, NonceCheck, NonceKey, RateLimiter, SigningKey};
+use crate::auth::{Credentials, NonceCheck, NonceKey, SigningKey};
 use crate::config::{CHANNEL_COOLDOWN, CHANNEL_LIFETIME, Config, ConfigError, PERMISSION_LIFETIME};
 use crate::framing::{ChannelData, FrameKind, frame_kind};
 use crate::icmp::{ATTR_ICMP, Icmp, IcmpBudget};
@@ -33,6 +33,7 @@ use crate::long_term::{Auth, Malformed, Offer, PASSWORD_ALGORITHMS};
 use crate::policy::PeerPolicy;
 use crate::stats::{RequestMethod, Stats};
 use crate::stun::{Builder, Parsed, parse};
+use crate::timers::Timers;
 use crate::types::{
     AllocationPort, ChannelBinding, ChannelNumber, ClientAddr, Family, FiveTuple, PeerAddr,
     RelayAddr, Transport,
@@ -227,10 +228,15 @@ pub struct Server {
     /// When the server started: the time base of the ICMP rate caps.
     started: Instant,
     pending: HashMap<(FiveTuple, ChannelNumber), Pending>,
-    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// One deadline per allocation, permission, channel, cooldown, held response and
+    /// reservation.
+    timers: Timers<Timer>,
     transmits: VecDeque<Transmit>,
     commands: VecDeque<Command>,
+    /// The host-wide backstop on answers to unauthenticated requests (this core's share).
     unauthorized: Option<RateLimiter>,
+    /// The per-source limit on answers to unauthenticated requests (this core's share).
+    sources: Option<SourceLimiter>,
     stats: Stats,
 }
 
@@ -242,8 +248,9 @@ struct Pending {
     responses: Vec<Transmit>,
 }
 
-/// Timer entries; stale ones (refreshed or deleted since) are skipped when they come due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// What a deadline watches. When it comes due the object's current deadline is looked up
+/// ([`Server::timer_deadline`]): a refresh since only re-arms it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Timer {
     Allocation(FiveTuple),
     Permission(FiveTuple, IpAddr),
@@ -379,6 +386,9 @@ impl Server {
         let rng = StdRng::from_seed(stream_seed);
         let policy = Self::build_policy(&config);
         let unauthorized = config.unauthorized_rate.map(RateLimiter::new);
+        let sources = config
+            .unauthenticated_per_source
+            .map(|rate| SourceLimiter::new(rate, config.source_table_capacity, now));
         Ok(Self {
             config,
             policy,
@@ -390,10 +400,11 @@ impl Server {
             reservations: HashMap::new(),
             started: now,
             pending: HashMap::new(),
-            timers: BinaryHeap::new(),
+            timers: Timers::new(),
             transmits: VecDeque::new(),
             commands: VecDeque::new(),
             unauthorized,
+            sources,
             stats: Stats::default(),
         })
     }
@@ -408,6 +419,7 @@ impl Server {
             .chain(config.own_addresses.iter().copied());
         PeerPolicy::new(own, config.listeners.iter().copied())
             .with_lists(config.allow_peers.clone(), config.deny_peers.clone())
+            .with_relay_ports(config.port_range.clone())
             .with_loopback(config.allow_loopback_peers)
     }
 
@@ -425,17 +437,44 @@ impl Server {
     /// lists refuse are revoked at once (their channels leave the data plane, as when a
     /// permission expires); the rest stay.
     pub fn set_peer_lists(&mut self, allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>) {
+        self.policy = std::mem::take(&mut self.policy).with_lists(allow.clone(), deny.clone());
         self.config.allow_peers = allow;
         self.config.deny_peers = deny;
-        self.policy = Self::build_policy(&self.config);
+        self.revoke_denied_permissions();
+    }
+
+    /// Replaces the addresses of this host that peers must not reach
+    /// ([`Config::own_addresses`]; the daemon follows its interfaces' addresses) and the ports
+    /// such an address is open on where the operator allows it: the allocation ports of every
+    /// server of the daemon, so that their allocations reach each other (the hairpin;
+    /// [`Config::port_range`] until this is called). Permissions for addresses now refused
+    /// are revoked, as by [`Server::set_peer_lists`].
+    pub fn set_own_addresses(
+        &mut self,
+        addresses: Vec<IpAddr>,
+        relay_ports: std::ops::RangeInclusive<u16>,
+    ) {
+        self.config.own_addresses = addresses;
+        self.policy = Self::build_policy(&self.config).with_relay_ports(relay_ports);
+        self.revoke_denied_permissions();
+    }
+
+    /// Whether the 5-tuple has an allocation (the daemon closes idle TCP connections
+    /// without one).
+    pub fn has_allocation(&self, tuple: &FiveTuple) -> bool {
+        self.allocations.contains_key(tuple)
+    }
+
+    /// Ends the permissions (and with them the channels) of addresses the policy now refuses.
+    fn revoke_denied_permissions(&mut self) {
         let revoked: Vec<(FiveTuple, IpAddr)> = self
             .allocations
             .iter()
             .flat_map(|(tuple, alloc)| alloc.permissions.keys().map(move |ip| (*tuple, *ip)))
-            .filter(|(_, ip)| self.policy.check(SocketAddr::new(*ip, 0)).is_err())
+            .filter(|(_, ip)| self.policy.check_ip(*ip).is_err())
             .collect();
         for (tuple, ip) in revoked {
-            tracing::debug!(client = %tuple.client, %ip, "permission revoked by new peer lists");
+            tracing::debug!(client = %tuple.client, %ip, "permission revoked by the peer policy");
             self.expire_permission(&tuple, ip);
         }
     }
@@ -809,8 +848,11 @@ impl Server {
             .allocations
             .get_mut(&tuple)
             .filter(|a| a.binding(&tuple, binding.channel, binding.peer) == Some(*binding))
-            .and_then(|a| a.channels.get_mut(&binding.channel))
-            .filter(|ch| ch.peer == binding.peer);
+            .and_then(|a| {
+                let username = a.username.clone();
+                let ch = a.channels.get_mut(&binding.channel)?;
+                (ch.peer == binding.peer).then_some((username, ch))
+            });
         match result {
             Ok(()) => {
                 self.stats.offload_installed += 1;
@@ -825,9 +867,10 @@ impl Server {
                 // an early deletion of the allocation; so it goes now. Answers to installs
                 // sent before the remove cannot bring it back: the daemon carries commands out
                 // in order.
-                if let Some(ch) = current
+                if let Some((username, ch)) = current
                     && ch.kernel_expires.take().is_some()
                 {
+                    self.config.quotas.remove_kernel_bindings(&username, 1);
                     self.commands
                         .push_back(Command::RemoveChannel { binding: *binding });
                 }
@@ -846,7 +889,7 @@ impl Server {
     /// Expires whatever is due at `now`, emitting the matching remove commands and releasing
     /// held ChannelBind successes whose offload timeout passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(Reverse((deadline, timer))) = self.timers.peek().copied() {
+        while let Some((deadline, timer)) = self.timers.peek() {
             if deadline > now {
                 break;
             }
@@ -854,7 +897,7 @@ impl Server {
             match self.timer_deadline(timer) {
                 Some(actual) if actual <= now => self.fire(now, timer),
                 // Refreshed since: wait for the new deadline.
-                Some(actual) => self.timers.push(Reverse((actual, timer))),
+                Some(actual) => self.timers.schedule(timer, actual),
                 None => {}
             }
         }
@@ -862,12 +905,12 @@ impl Server {
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        while let Some(Reverse((deadline, timer))) = self.timers.peek().copied() {
+        while let Some((deadline, timer)) = self.timers.peek() {
             match self.timer_deadline(timer) {
                 Some(actual) if actual <= deadline => return Some(deadline),
                 Some(actual) => {
                     self.timers.pop();
-                    self.timers.push(Reverse((actual, timer)));
+                    self.timers.schedule(timer, actual);
                 }
                 None => {
                     self.timers.pop();
@@ -875,6 +918,12 @@ impl Server {
             }
         }
         None
+    }
+
+    /// Deadlines queued: one per allocation, permission, channel, cooldown, held response and
+    /// reservation, however often and however clients refresh.
+    pub fn pending_timers(&self) -> usize {
+        self.timers.len()
     }
 
     /// The next datagram to send.
@@ -940,12 +989,14 @@ impl Server {
         };
         match (req.class(), req.method()) {
             (CLASS_INDICATION, METHOD_SEND) => self.send_indication(now, tuple, &req),
-            (CLASS_REQUEST, METHOD_BINDING) => self.binding(tuple, &req),
+            (CLASS_REQUEST, METHOD_BINDING) => self.binding(now, tuple, &req),
             (CLASS_REQUEST, method) => match request_method(method) {
                 Some(method) => self.turn_request(now, tuple, &req, method),
                 None => {
                     // RFC 8489 §6.3.1: an unknown method in a request gets 400.
-                    self.error(tuple, &req, 400, None);
+                    if self.admit_unauthenticated(now, tuple) {
+                        self.error(tuple, &req, 400, None);
+                    }
                 }
             },
             _ => self.stats.dropped += 1,
@@ -954,7 +1005,13 @@ impl Server {
 
     // ---- requests -----------------------------------------------------------------------
 
-    fn binding(&mut self, tuple: &FiveTuple, req: &Parsed<'_>) {
+    /// RFC 8489 §7.3.1: answered without authentication, so under the limits on such answers
+    /// ([`Server::admit_unauthenticated`]): the success is larger than the request, which a
+    /// spoofed source would otherwise turn into an amplified reflection.
+    fn binding(&mut self, now: Instant, tuple: &FiveTuple, req: &Parsed<'_>) {
+        if !self.admit_unauthenticated(now, tuple) {
+            return;
+        }
         let unknown = req.unknown_required(KNOWN_ATTRIBUTES);
         if !unknown.is_empty() {
             self.stats.response(RequestMethod::Binding, 420);
@@ -1035,9 +1092,11 @@ impl Server {
     }
 
     /// RFC 8489 §9.2.4 long-term credential checks. Answers the request itself (401, 438,
-    /// 400) when they fail. The nonce is checked before the user and key, where the RFC
-    /// checks it last: a forged or stale request then costs one HMAC, and a client with both
-    /// a stale nonce and wrong credentials gets 438, then 401, instead of 401.
+    /// 400) when they fail, within the limits on unauthenticated answers. The nonce is
+    /// checked before the user and key, where the RFC checks it last: a forged request then
+    /// costs one HMAC, and a client with both a stale nonce and wrong credentials gets 438,
+    /// then 401, instead of 401. A request with a stale nonce has its integrity checked too,
+    /// to tell a real user (whose 438 is never held back) from a flood.
     fn authenticate(
         &mut self,
         now: Instant,
@@ -1048,7 +1107,9 @@ impl Server {
         let offer = match Offer::read(req) {
             Ok(Some(offer)) => offer,
             Ok(None) => {
-                self.challenge(now, tuple, req, method, 401);
+                if self.admit_unauthenticated(now, tuple) {
+                    self.challenge(now, tuple, req, method, 401);
+                }
                 return None;
             }
             Err(error) => {
@@ -1056,8 +1117,10 @@ impl Server {
                 if error == Malformed::IntegrityLength {
                     self.stats.auth_failures += 1;
                 }
-                self.stats.response(method, 400);
-                self.error(tuple, req, 400, None);
+                if self.admit_unauthenticated(now, tuple) {
+                    self.stats.response(method, 400);
+                    self.error(tuple, req, 400, None);
+                }
                 return None;
             }
         };
@@ -1069,6 +1132,16 @@ impl Server {
             .check(offer.nonce, tuple.client.0, unix, lifetime)
             != NonceCheck::Valid
         {
+            // A request whose integrity verifies comes from someone who holds the user's key
+            // and only brought an old nonce (or moved to another address): its 438 is sent
+            // outside the limits on unauthenticated answers, so that a flood cannot keep real
+            // users from refreshing their allocations.
+            let verified = offer.authenticate(&self.config.credentials, unix).is_ok();
+            if verified {
+                self.stats.stale_nonce_verified += 1;
+            } else if !self.admit_unauthenticated(now, tuple) {
+                return None;
+            }
             self.challenge(now, tuple, req, method, 438);
             return None;
         }
@@ -1077,14 +1150,45 @@ impl Server {
             Err(error) => {
                 tracing::debug!(client = %tuple.client, %error, "authentication failed");
                 self.stats.auth_failures += 1;
-                self.challenge(now, tuple, req, method, 401);
+                if self.admit_unauthenticated(now, tuple) {
+                    self.challenge(now, tuple, req, method, 401);
+                }
                 None
             }
         }
     }
 
+    /// Whether an answer to a request that is not authenticated (a Binding, a 401 or 438
+    /// challenge, an error before authentication) may go to the client of `tuple`: within
+    /// its source's share ([`Config::unauthenticated_per_source`]), then within the
+    /// host-wide backstop ([`Config::unauthorized_rate`]). Counts what it refuses. Answers over
+    /// TCP are always admitted: the handshake proved the source, so nothing is reflected,
+    /// and they go back over the client's own connection.
+    fn admit_unauthenticated(&mut self, now: Instant, tuple: &FiveTuple) -> bool {
+        if tuple.transport != Transport::Udp {
+            return true;
+        }
+        if let Some(sources) = &mut self.sources
+            && !sources.allow(now, tuple.client.0.ip())
+        {
+            tracing::trace!(client = %tuple.client, "source over its unauthenticated rate");
+            self.stats.unauthenticated_source_limited += 1;
+            return false;
+        }
+        if let Some(limiter) = &mut self.unauthorized
+            && !limiter.allow(now)
+        {
+            tracing::trace!(client = %tuple.client, "host-wide unauthenticated rate reached");
+            self.stats.unauthorized_rate_limited += 1;
+            return false;
+        }
+        true
+    }
+
     /// 401 or 438 with REALM, a fresh NONCE with the nonce cookie and PASSWORD-ALGORITHMS
-    /// (RFC 8489 §9.2.4), subject to the 401 rate cap.
+    /// (RFC 8489 §9.2.4). The caller has admitted the answer
+    /// ([`Server::admit_unauthenticated`]) unless it is a 438 to a request whose integrity
+    /// verified.
     fn challenge(
         &mut self,
         now: Instant,
@@ -1093,12 +1197,6 @@ impl Server {
         method: RequestMethod,
         code: u16,
     ) {
-        if let Some(limiter) = &mut self.unauthorized
-            && !limiter.allow(now)
-        {
-            self.stats.unauthorized_rate_limited += 1;
-            return;
-        }
         self.stats.response(method, code);
         let nonce = self.nonce_key.0.issue(
             self.config.credentials.security_features(),
@@ -1212,7 +1310,7 @@ impl Server {
         tracing::debug!(client = %tuple.client, port = %alloc.port, username = %alloc.username, ?lifetime, "allocation created");
         self.by_port.insert(alloc.port, PortUse::Allocation(*tuple));
         self.timers
-            .push(Reverse((alloc.expires, Timer::Allocation(*tuple))));
+            .schedule(Timer::Allocation(*tuple), alloc.expires);
         self.allocations.insert(*tuple, alloc);
         self.stats.allocations_created += 1;
         self.stats.allocations_active += 1;
@@ -1322,11 +1420,8 @@ impl Server {
             }
         } else {
             let expires = now + lifetime;
-            // A later deadline reuses the queued timer entry; an earlier one needs its own.
-            if expires < alloc.expires {
-                self.timers
-                    .push(Reverse((expires, Timer::Allocation(*tuple))));
-            }
+            // A later deadline reuses the queued timer entry; an earlier one supersedes it.
+            self.timers.schedule(Timer::Allocation(*tuple), expires);
             alloc.expires = expires;
             // Up or down: a shorter lifetime can make the allocation the earliest term of a
             // binding's effective expiry.
@@ -1372,6 +1467,22 @@ impl Server {
         if peers.is_empty() {
             return Err(400);
         }
+        // RFC 8656 §10.2: all or none, so the cap is checked for the request as a whole.
+        let Some(alloc) = self.allocations.get(tuple) else {
+            return Err(437);
+        };
+        let mut new: Vec<IpAddr> = peers
+            .iter()
+            .map(|peer| peer.0.ip())
+            .filter(|ip| !alloc.permissions.contains_key(ip))
+            .collect();
+        new.sort_unstable();
+        new.dedup();
+        if alloc.permissions.len() + new.len() > self.config.max_permissions_per_allocation {
+            tracing::debug!(client = %tuple.client, held = alloc.permissions.len(), asked = new.len(), "permission cap reached");
+            self.stats.permission_cap_reached += 1;
+            return Err(508);
+        }
         for peer in peers {
             self.install_permission(now, tuple, peer.0.ip());
         }
@@ -1413,6 +1524,22 @@ impl Server {
             || alloc.cooldown_conflict(number, peer, now)
         {
             return Err(400);
+        }
+        // RFC 8656 §12.2: 508 when the server cannot fulfil the request; a refresh of what the
+        // allocation holds always can.
+        if !alloc.channels.contains_key(&number)
+            && alloc.channels.len() >= self.config.max_channels_per_allocation
+        {
+            tracing::debug!(client = %tuple.client, channel = %number, "channel cap reached");
+            self.stats.channel_cap_reached += 1;
+            return Err(508);
+        }
+        if !alloc.permissions.contains_key(&peer.0.ip())
+            && alloc.permissions.len() >= self.config.max_permissions_per_allocation
+        {
+            tracing::debug!(client = %tuple.client, %peer, "permission cap reached");
+            self.stats.permission_cap_reached += 1;
+            return Err(508);
         }
         let key = (*tuple, number);
         let builder = Builder::new(
@@ -1461,10 +1588,14 @@ impl Server {
         let Some(alloc) = self.allocations.get_mut(tuple) else {
             return Err(437);
         };
-        alloc.cooldowns.remove(&number);
+        if alloc.cooldowns.remove(&number).is_some() {
+            self.timers.cancel(Timer::Cooldown(*tuple, number));
+        }
         self.timers
-            .push(Reverse((expires, Timer::Channel(*tuple, number))));
-        let offload = tuple.transport == Transport::Udp;
+            .schedule(Timer::Channel(*tuple, number), expires);
+        // TCP clients are never offloaded; nor is a user past its share of the data plane.
+        let offload = tuple.transport == Transport::Udp
+            && take_kernel_share(&self.config, &mut self.stats, &alloc.username);
         let channel = Channel {
             peer,
             expires,
@@ -1504,7 +1635,7 @@ impl Server {
             },
         );
         self.timers
-            .push(Reverse((deadline, Timer::Install(*tuple, number))));
+            .schedule(Timer::Install(*tuple, number), deadline);
         Ok(Reply::Hold(builder, key))
     }
 
@@ -1557,8 +1688,7 @@ impl Server {
         if alloc.permissions.insert(ip, expires).is_some() {
             return;
         }
-        self.timers
-            .push(Reverse((expires, Timer::Permission(*tuple, ip))));
+        self.timers.schedule(Timer::Permission(*tuple, ip), expires);
         self.stats.permissions_active += 1;
         if tuple.transport != Transport::Udp {
             return;
@@ -1582,19 +1712,24 @@ impl Server {
         let Some(alloc) = self.allocations.get_mut(tuple) else {
             return;
         };
-        let due: Vec<(ChannelNumber, PeerAddr, Instant)> = alloc
+        let due: Vec<(ChannelNumber, PeerAddr, Instant, bool)> = alloc
             .channels
             .iter()
             .filter(|(_, ch)| select(ch))
             .filter_map(|(number, ch)| {
                 let expires = alloc.effective_expiry(ch);
-                (ch.kernel_expires != Some(expires)).then_some((*number, ch.peer, expires))
+                let entering = ch.kernel_expires.is_none();
+                (ch.kernel_expires != Some(expires))
+                    .then_some((*number, ch.peer, expires, entering))
             })
             .collect();
-        for (number, peer, expires) in due {
+        for (number, peer, expires, entering) in due {
             let Some(binding) = alloc.binding(tuple, number, peer) else {
                 continue;
             };
+            if entering && !take_kernel_share(&self.config, &mut self.stats, &alloc.username) {
+                continue;
+            }
             if let Some(ch) = alloc.channels.get_mut(&number) {
                 ch.kernel_expires = Some(expires);
             }
@@ -1605,10 +1740,10 @@ impl Server {
 
     /// The current deadline of what `timer` watches, `None` if it is gone.
     ///
-    /// Refreshes that only push a deadline later add no heap entry: the old entry, when it
-    /// comes due, is put back at the new deadline. So the heap holds about one entry per
-    /// live allocation, permission, channel, cooldown, held response and reservation, however often
-    /// clients refresh.
+    /// Refreshes that only push a deadline later add no entry: the queued one, when it comes
+    /// due, is put back at the new deadline; one that brings it earlier supersedes the queued
+    /// entry ([`Timers`]). So each live allocation, permission, channel, cooldown, held response
+    /// and reservation has one entry, however often and however clients refresh.
     fn timer_deadline(&self, timer: Timer) -> Option<Instant> {
         match timer {
             Timer::Allocation(t) => self.allocations.get(&t).map(|a| a.expires),
@@ -1664,6 +1799,8 @@ impl Server {
             return;
         };
         alloc.permissions.remove(&ip);
+        // Revoked early by the peer policy, its deadline is moot.
+        self.timers.cancel(Timer::Permission(*tuple, ip));
         self.stats.permissions_active = self.stats.permissions_active.saturating_sub(1);
         let gone: Vec<(ChannelNumber, PeerAddr)> = alloc
             .channels
@@ -1671,6 +1808,9 @@ impl Server {
             .filter(|(_, ch)| ch.peer.0.ip() == ip)
             .filter_map(|(number, ch)| ch.kernel_expires.take().map(|_| (*number, ch.peer)))
             .collect();
+        self.config
+            .quotas
+            .remove_kernel_bindings(&alloc.username, gone.len());
         for (number, peer) in gone {
             if let Some(binding) = alloc.binding(tuple, number, peer) {
                 self.commands.push_back(Command::RemoveChannel { binding });
@@ -1695,15 +1835,18 @@ impl Server {
                 until,
             },
         );
-        self.timers
-            .push(Reverse((until, Timer::Cooldown(*tuple, number))));
+        self.timers.schedule(Timer::Cooldown(*tuple, number), until);
         self.stats.channels_active = self.stats.channels_active.saturating_sub(1);
-        if ch.kernel_expires.is_some()
-            && let Some(binding) = alloc.binding(tuple, number, ch.peer)
-        {
-            self.commands.push_back(Command::RemoveChannel { binding });
+        if ch.kernel_expires.is_some() {
+            self.config
+                .quotas
+                .remove_kernel_bindings(&alloc.username, 1);
+            if let Some(binding) = alloc.binding(tuple, number, ch.peer) {
+                self.commands.push_back(Command::RemoveChannel { binding });
+            }
         }
         self.pending.remove(&(*tuple, number));
+        self.timers.cancel(Timer::Install(*tuple, number));
         tracing::debug!(client = %tuple.client, channel = %number, "channel expired");
     }
 
@@ -1711,6 +1854,7 @@ impl Server {
         let Some(pending) = self.pending.remove(&key) else {
             return;
         };
+        self.timers.cancel(Timer::Install(key.0, key.1));
         if let Some(ch) = self
             .allocations
             .get_mut(&key.0)
@@ -1740,22 +1884,35 @@ impl Server {
             // The binding is taken while the relay of its family is still there.
             if let Some(ch) = alloc.channels.get(&number).copied()
                 && ch.kernel_expires.is_some()
-                && let Some(binding) = alloc.binding(tuple, number, ch.peer)
             {
-                self.commands.push_back(Command::RemoveChannel { binding });
+                self.config
+                    .quotas
+                    .remove_kernel_bindings(&alloc.username, 1);
+                if let Some(binding) = alloc.binding(tuple, number, ch.peer) {
+                    self.commands.push_back(Command::RemoveChannel { binding });
+                }
             }
             if let Some(ch) = alloc.channels.remove(&number) {
                 alloc.peers.remove(&ch.peer);
                 self.stats.channels_active = self.stats.channels_active.saturating_sub(1);
                 self.pending.remove(&(*tuple, number));
+                self.timers.cancel(Timer::Channel(*tuple, number));
+                self.timers.cancel(Timer::Install(*tuple, number));
             }
         }
         match family {
             Family::V4 => alloc.relay_v4 = None,
             Family::V6 => alloc.relay_v6 = None,
         }
+        let timers = &mut self.timers;
         let before = alloc.permissions.len();
-        alloc.permissions.retain(|ip, _| Family::of(*ip) != family);
+        alloc.permissions.retain(|ip, _| {
+            let keep = Family::of(*ip) != family;
+            if !keep {
+                timers.cancel(Timer::Permission(*tuple, *ip));
+            }
+            keep
+        });
         let removed = (before - alloc.permissions.len()) as u64;
         self.stats.permissions_active = self.stats.permissions_active.saturating_sub(removed);
         self.commands.push_back(Command::FreeRelayPort { relay });
@@ -1771,6 +1928,15 @@ impl Server {
         }
         self.by_port.remove(&alloc.port);
         self.config.quotas.release(&alloc.username);
+        self.cancel_timers(tuple, &alloc);
+        let in_kernel = alloc
+            .channels
+            .values()
+            .filter(|ch| ch.kernel_expires.is_some())
+            .count();
+        self.config
+            .quotas
+            .remove_kernel_bindings(&alloc.username, in_kernel);
         for (number, ch) in &alloc.channels {
             self.pending.remove(&(*tuple, *number));
             if ch.kernel_expires.is_some()
@@ -1791,6 +1957,22 @@ impl Server {
             .saturating_sub(alloc.permissions.len() as u64);
         s.allocations_active = s.allocations_active.saturating_sub(1);
         tracing::debug!(client = %tuple.client, port = %alloc.port, "allocation deleted");
+    }
+
+    /// Forgets the deadlines of the deleted allocation `alloc` of `tuple` and of everything it
+    /// held, which would otherwise wait in the queue until they came due.
+    fn cancel_timers(&mut self, tuple: &FiveTuple, alloc: &Allocation) {
+        self.timers.cancel(Timer::Allocation(*tuple));
+        for ip in alloc.permissions.keys() {
+            self.timers.cancel(Timer::Permission(*tuple, *ip));
+        }
+        for number in alloc.channels.keys() {
+            self.timers.cancel(Timer::Channel(*tuple, *number));
+            self.timers.cancel(Timer::Install(*tuple, *number));
+        }
+        for number in alloc.cooldowns.keys() {
+            self.timers.cancel(Timer::Cooldown(*tuple, *number));
+        }
     }
 
     // ---- responses ----------------------------------------------------------------------
@@ -1823,6 +2005,21 @@ impl Server {
         let payload = b.finish(self.config.software.as_deref(), key, true);
         self.reply(tuple, payload);
     }
+}
+
+/// Counts one more data-plane binding of `username` against its share
+/// ([`Config::user_kernel_bindings`], over every server sharing [`Config::quotas`]). A user
+/// past it is relayed in user space: refused, the binding is counted and never installed.
+fn take_kernel_share(config: &Config, stats: &mut Stats, username: &Arc<str>) -> bool {
+    if config
+        .quotas
+        .try_add_kernel_binding(username, config.user_kernel_bindings)
+    {
+        return true;
+    }
+    tracing::debug!(%username, "user holds its share of the data plane; relaying in user space");
+    stats.kernel_share_exceeded += 1;
+    false
 }
 
 /// An Allocate's REQUESTED-TRANSPORT (UDP only: 442 otherwise, RFC 8656 §7.2) and whether it

@@ -1878,7 +1878,7 @@ proptest! {
     /// Random operations with random time steps keep the gauges equal to the tables and the
     /// data plane's expiries current.
     #[test]
-    fn gauges_match_tables(ops in prop::collection::vec((0u8..7, 0u64..400), 1..30)) {
+    fn gauges_match_tables(ops in prop::collection::vec((0u8..9, 0u64..400), 1..30)) {
         let mut h = Harness::new();
         let mut c = Client::alice();
         for (op, secs) in ops {
@@ -1889,14 +1889,18 @@ proptest! {
                 3 => c.request(METHOD_CHANNEL_BIND, |b| { channel_attr(b, 0x4001); peer_attr(b, PEER2); }),
                 4 => c.request(METHOD_REFRESH, |_| {}),
                 5 => c.request(METHOD_REFRESH, |b| { b.raw(ATTR_LIFETIME, &[0; 4]); }),
-                _ => {
+                6 | 7 => {
+                    // The data plane installs (op 6) or refuses (op 7) what it was sent.
                     for cmd in h.take_commands() {
                         if let Command::InstallChannel { binding, .. } = cmd {
-                            h.server.channel_installed(h.now, &binding, Ok(()));
+                            let result = if op == 6 { Ok(()) } else { Err(OffloadError::Unavailable) };
+                            h.server.channel_installed(h.now, &binding, result);
                         }
                     }
                     Vec::new()
                 }
+                // A longer lifetime, which the next plain Refresh (op 4) brings down again.
+                _ => c.request(METHOD_REFRESH, |b| { b.raw(ATTR_LIFETIME, &3600u32.to_be_bytes()); }),
             };
             for t in h.send(&c, &req) {
                 if let Some(nonce) = Resp(t.payload().to_vec()).attr(ATTR_NONCE) {
@@ -1915,6 +1919,19 @@ proptest! {
             let current = |a: &Allocation| a.channels.values()
                 .all(|ch| ch.kernel_expires.is_none_or(|sent| sent == a.effective_expiry(ch)));
             prop_assert!(allocs.values().all(current));
+            // The user's share of the data plane counts what the data plane holds.
+            let in_kernel: usize = allocs.values()
+                .map(|a| a.channels.values().filter(|ch| ch.kernel_expires.is_some()).count())
+                .sum();
+            prop_assert_eq!(h.server.config.quotas.kernel_bindings("alice"), in_kernel);
+            // One deadline per timed object, none left by the deleted ones.
+            let timed = allocs.len()
+                + allocs.values()
+                    .map(|a| a.permissions.len() + a.channels.len() + a.cooldowns.len())
+                    .sum::<usize>()
+                + h.server.pending.len()
+                + h.server.reservations.len();
+            prop_assert_eq!(h.server.pending_timers(), timed);
         }
     }
 }
@@ -1955,9 +1972,11 @@ fn refreshes_do_not_grow_the_timer_heap() {
 
 #[test]
 fn timer_entry_size() {
-    let size = std::mem::size_of::<std::cmp::Reverse<(Instant, Timer)>>();
-    println!("timer heap entry {size} B");
-    assert!(size <= 112, "{size}");
+    // One queue entry and one index entry per timed object (`Timers`).
+    let queue = std::mem::size_of::<(Instant, Timer)>();
+    let index = std::mem::size_of::<(Timer, Instant)>();
+    println!("timer queue entry {queue} B, index entry {index} B");
+    assert!(queue <= 112 && index <= 112, "{queue} {index}");
 }
 
 #[test]
@@ -2129,3 +2148,8 @@ mod ports_and_icmp;
 /// ledger.
 #[path = "server_tests_cores.rs"]
 mod cores;
+
+/// Unauthenticated answers limited per source and host-wide, caps per allocation and per
+/// user, one timer per object.
+#[path = "server_tests_abuse.rs"]
+mod abuse;

@@ -61,8 +61,25 @@ pub struct Stats {
     pub responses: BTreeMap<(RequestMethod, u16), u64>,
     /// Requests refused for credentials: unknown or expired user, bad MESSAGE-INTEGRITY.
     pub auth_failures: u64,
-    /// 401 answers not sent because the rate cap was reached.
+    /// Answers to unauthenticated requests (Binding responses, 401 and 438 challenges,
+    /// errors before authentication) not sent because the host-wide backstop
+    /// ([`crate::Config::unauthorized_rate`]) was reached.
     pub unauthorized_rate_limited: u64,
+    /// Answers to unauthenticated requests not sent because their source (an IPv4 address or
+    /// an IPv6 /64) had used its share ([`crate::Config::unauthenticated_per_source`]).
+    pub unauthenticated_source_limited: u64,
+    /// 438 (Stale Nonce) answers to requests whose MESSAGE-INTEGRITY verified, sent outside
+    /// the limits on unauthenticated answers.
+    pub stale_nonce_verified: u64,
+    /// CreatePermission and ChannelBind requests refused with 508 because the allocation
+    /// holds [`crate::Config::max_permissions_per_allocation`] permissions.
+    pub permission_cap_reached: u64,
+    /// ChannelBind requests refused with 508 because the allocation holds
+    /// [`crate::Config::max_channels_per_allocation`] channels.
+    pub channel_cap_reached: u64,
+    /// Channel bindings kept in user space, not sent to the data plane, because their user
+    /// held [`crate::Config::user_kernel_bindings`] there already.
+    pub kernel_share_exceeded: u64,
     /// Peer addresses refused by policy (CreatePermission, ChannelBind, Send).
     pub peers_denied: u64,
     /// Allocations currently alive.
@@ -117,6 +134,11 @@ impl Stats {
             responses,
             auth_failures,
             unauthorized_rate_limited,
+            unauthenticated_source_limited,
+            stale_nonce_verified,
+            permission_cap_reached,
+            channel_cap_reached,
+            kernel_share_exceeded,
             peers_denied,
             allocations_active,
             allocations_created,
@@ -137,6 +159,11 @@ impl Stats {
         }
         self.auth_failures += auth_failures;
         self.unauthorized_rate_limited += unauthorized_rate_limited;
+        self.unauthenticated_source_limited += unauthenticated_source_limited;
+        self.stale_nonce_verified += stale_nonce_verified;
+        self.permission_cap_reached += permission_cap_reached;
+        self.channel_cap_reached += channel_cap_reached;
+        self.kernel_share_exceeded += kernel_share_exceeded;
         self.peers_denied += peers_denied;
         self.allocations_active += allocations_active;
         self.allocations_created += allocations_created;

@@ -356,12 +356,26 @@ async fn connect(socket: &Path) -> anyhow::Result<proto::DataPlaneClient> {
     })
     .find_map(|e| e.downcast_ref::<std::io::Error>());
     let Some(io) = io else {
-        return Err(anyhow!(error).context(format!(
-            "cannot connect to the agent at {}",
-            socket.display()
-        )));
+        // No I/O error: the connection was made, then closed.
+        return Err(anyhow!(
+            "cannot connect: {}",
+            closed_by_the_agent(socket, &error.to_string())
+        ));
     };
-    if io.kind() == std::io::ErrorKind::PermissionDenied {
+    use std::io::ErrorKind;
+    if matches!(
+        io.kind(),
+        ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::UnexpectedEof
+    ) {
+        return Err(anyhow!(
+            "cannot connect: {}",
+            closed_by_the_agent(socket, &io_reason(io))
+        ));
+    }
+    if io.kind() == ErrorKind::PermissionDenied {
         return Err(anyhow!(
             "cannot connect to the agent at {}: permission denied; the socket is for root \
              and the agent's group (--grpc-group)",
@@ -373,6 +387,17 @@ async fn connect(socket: &Path) -> anyhow::Result<proto::DataPlaneClient> {
         reason: io_reason(io),
     }
     .into())
+}
+
+/// Why the agent may have closed a connection it accepted, after `what` the
+/// transport said.
+fn closed_by_the_agent(socket: &Path, what: &str) -> String {
+    format!(
+        "the agent at {} closed the connection ({what}); it serves root, its own user and \
+         --grpc-user, or without it the users whose primary group is --grpc-group (its log \
+         says \"gRPC connection refused\")",
+        socket.display()
+    )
 }
 
 /// An I/O error without Rust's "(os error N)" suffix.
@@ -404,6 +429,12 @@ fn answer_of<T>(
             socket.display()
         ),
         Code::NotFound => Failure::NotFound(format!("{rpc}: {}", status.message())).into(),
+        // What a client sees of a connection the agent closed at once (the
+        // one or the other, by timing): its peer credentials are not ones the
+        // agent serves.
+        Code::Cancelled | Code::Unknown => {
+            anyhow!("{rpc}: {}", closed_by_the_agent(socket, status.message()))
+        }
         code => anyhow!("{rpc} failed ({code:?}): {}", status.message()),
     })
 }
@@ -417,6 +448,24 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_closed_connection_points_at_the_served_users() {
+        let cancelled = answer_of::<()>(
+            Path::new("/run/xdp-turn/agent.sock"),
+            "Health",
+            Err(tonic::Status::cancelled("operation was canceled")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            cancelled.starts_with(
+                "Health: the agent at /run/xdp-turn/agent.sock closed the connection \
+                 (operation was canceled); it serves root"
+            ) && cancelled.contains("--grpc-group"),
+            "{cancelled}"
+        );
     }
 
     #[test]
