@@ -4,8 +4,6 @@
 //! usual and every one of its requests is answered; the flood is limited per source and
 //! counted.
 
-#![expect(clippy::unwrap_used, reason = "tests: a failure is a test failure")]
-
 mod common;
 
 use std::net::UdpSocket;
