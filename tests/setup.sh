@@ -81,4 +81,25 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
+# --- kubernetes-validate ------------------------------------------------------
+# tests/tests/kubernetes.rs validates the rendered deploy/kubernetes manifests offline
+# against the Kubernetes JSON schemas (PyPI's kubernetes-validate, in its own venv; the
+# test finds it there). kubectl (for `kubectl kustomize`) is not installed here.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+kv_venv=${XDG_CACHE_HOME:-$HOME/.cache}/xdp-turn/kubernetes-validate
+if ! "$kv_venv/bin/kubernetes-validate" --version 2>/dev/null \
+    | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        log "installing python3-venv"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends python3-venv
+    fi
+    log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION in $kv_venv"
+    python3 -m venv "$kv_venv"
+    "$kv_venv/bin/pip" install -q --disable-pip-version-check \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+command -v kubectl >/dev/null \
+    || log "kubectl is missing: tests/tests/kubernetes.rs needs it (CI=true fails without it)"
+
 log "ok: $(bpf-linker --version 2>/dev/null || echo bpf-linker), nightly LLVM $llvm_major"

@@ -58,6 +58,11 @@ pub const DEFAULT_TCP_IDLE_UNALLOCATED: u32 = 30;
 pub const DEFAULT_TCP_CONNECTIONS_PER_SOURCE: u32 = 100;
 /// Default `--tcp-connections-max`, unless the open-files limit allows fewer.
 pub const DEFAULT_TCP_CONNECTIONS_MAX: u32 = 100_000;
+/// Default `--drain-deadline`: an hour, the longest allocation lifetime RFC 8656 §7.2
+/// recommends.
+pub const DEFAULT_DRAIN_DEADLINE: u32 = 3600;
+/// The admin address `turn-control drain` reaches without `--admin`.
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9643);
 
 /// The command line: [`Settings`] plus what only a command line says. Every option can also
 /// come from the environment variable named in `--help`; list variables take
@@ -68,7 +73,34 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     /// `--print-config`.
     pub print_config: bool,
+    /// A subcommand instead of the daemon.
+    pub command: Option<Subcommand>,
     settings: CommandLine<Settings>,
+}
+
+/// What `turn-control` runs instead of the daemon.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Subcommand {
+    /// Start draining a running daemon through its admin server (POST /drain): new Allocates
+    /// are redirected, existing allocations live on, the daemon exits when none is left.
+    /// The Kubernetes preStop hook.
+    Drain(DrainArgs),
+}
+
+/// `turn-control drain`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainArgs {
+    /// The daemon's admin server.
+    #[arg(
+        long,
+        env = "TURN_CONTROL_ADMIN",
+        value_name = "ADDR:PORT",
+        default_value_t = DEFAULT_ADMIN
+    )]
+    pub admin: SocketAddr,
+    /// Wait until the daemon has exited or holds no allocation.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, clap::Parser)]
@@ -85,6 +117,8 @@ struct Flags {
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Subcommand>,
     #[command(flatten)]
     settings: Settings,
 }
@@ -358,6 +392,45 @@ pub struct Settings {
         skip_serializing_if = "is_default_agent_queue"
     )]
     pub agent_queue: usize,
+    /// Admin HTTP listener: GET /healthz (every event-loop thread alive), GET /readyz
+    /// (listening and not draining), POST /drain (start draining), GET /drain [default: none].
+    #[arg(long, env = "TURN_CONTROL_ADMIN", value_name = "ADDR:PORT")]
+    pub admin: Option<SocketAddr>,
+    /// Where new Allocates are sent while draining or shedding (repeatable): a 300 (Try
+    /// Alternate) names the first of the client's address family in ALTERNATE-SERVER; without
+    /// one of its family the client gets 508. Reloaded on SIGHUP.
+    #[arg(
+        long = "alternate-server",
+        env = "TURN_CONTROL_ALTERNATE_SERVER",
+        value_name = "ADDR:PORT",
+        value_delimiter = ','
+    )]
+    pub alternate_server: Vec<SocketAddr>,
+    /// ALTERNATE-DOMAIN sent with ALTERNATE-SERVER, the name TLS clients check the
+    /// alternate's certificate against. Reloaded on SIGHUP.
+    #[arg(
+        long = "alternate-domain",
+        env = "TURN_CONTROL_ALTERNATE_DOMAIN",
+        value_name = "NAME"
+    )]
+    pub alternate_domain: Option<String>,
+    /// Redirect new Allocates (as while draining) while the relay holds this many
+    /// allocations or more [default: none].
+    #[arg(
+        long = "shed-allocations",
+        env = "TURN_CONTROL_SHED_ALLOCATIONS",
+        value_name = "N"
+    )]
+    pub shed_allocations: Option<u32>,
+    /// Seconds after the drain started (POST /drain, SIGUSR1) at which the daemon exits even
+    /// with allocations left, deleting them as on SIGTERM.
+    #[arg(
+        long = "drain-deadline",
+        env = "TURN_CONTROL_DRAIN_DEADLINE",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_DRAIN_DEADLINE
+    )]
+    pub drain_deadline: u32,
 
     /// The IPv4 address of `relay_ip` (derived).
     #[arg(skip)]
@@ -422,6 +495,7 @@ impl Cli {
         Ok(Self {
             config: flags.config,
             print_config: flags.print_config,
+            command: flags.command,
             settings: CommandLine::new(flags.settings, &matches),
         })
     }
@@ -513,6 +587,7 @@ impl Settings {
         if self.agent_queue == 0 {
             return Err(invalid("agent_queue", "must be at least 1"));
         }
+        self.check_draining()?;
         if self.threads > MAX_THREADS {
             return Err(invalid(
                 "threads",
@@ -556,6 +631,31 @@ impl Settings {
                     "{} is more than max_allocation_lifetime {}",
                     self.default_allocation_lifetime, self.max_allocation_lifetime
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The drain deadline and the shedding threshold are at least one, the alternate domain
+    /// is not empty.
+    fn check_draining(&self) -> Result<(), ConfigError> {
+        if self.drain_deadline == 0 {
+            return Err(invalid("drain_deadline", "must be at least 1"));
+        }
+        if self.shed_allocations == Some(0) {
+            return Err(invalid("shed_allocations", "must be at least 1"));
+        }
+        if self.alternate_domain.as_deref() == Some("") {
+            return Err(invalid("alternate_domain", "must not be empty"));
+        }
+        if let Some(zero) = self
+            .alternate_server
+            .iter()
+            .find(|a| a.port() == 0 || a.ip().is_unspecified())
+        {
+            return Err(invalid(
+                "alternate_server",
+                format!("{zero}: must be a specific address and port"),
             ));
         }
         Ok(())
@@ -675,6 +775,9 @@ impl Settings {
         config.allow_peers = self.allow_peer.clone();
         config.deny_peers = self.deny_peer.clone();
         config.allow_loopback_peers = self.dev;
+        config.alternate_servers = self.alternate_server.clone();
+        config.alternate_domain = self.alternate_domain.clone();
+        config.shed_allocations = self.shed_allocations;
         config
     }
 
@@ -1183,6 +1286,70 @@ max_channels_per_allocation = 8
                 .validate()
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn draining_options_reach_the_core_and_are_checked() {
+        let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
+        let s = flags(&["--dev"]).unwrap();
+        assert_eq!(
+            (s.admin, s.drain_deadline, s.shed_allocations),
+            (None, DEFAULT_DRAIN_DEADLINE, None)
+        );
+        let s = merge(
+            &[
+                "--dev",
+                "--alternate-server",
+                "192.0.2.9:3478",
+                "--admin",
+                "127.0.0.1:9643",
+            ],
+            "alternate_server = [\"192.0.2.8:3478\"]\nalternate_domain = \"turn.example.org\"\n\
+             shed_allocations = 5\ndrain_deadline = 60",
+        )
+        .unwrap();
+        assert_eq!(
+            s.alternate_server,
+            vec!["192.0.2.9:3478".parse().unwrap()],
+            "the flag wins"
+        );
+        assert_eq!(s.admin, Some("127.0.0.1:9643".parse().unwrap()));
+        assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
+        let core = s.core_config(None, [0; 32], (0, 1), &quotas, &reservations);
+        assert_eq!(core.alternate_servers, s.alternate_server);
+        assert_eq!(core.alternate_domain.as_deref(), Some("turn.example.org"));
+        assert_eq!((core.shed_allocations, s.drain_deadline), (Some(5), 60));
+        for (args, error) in [
+            (
+                &["--dev", "--drain-deadline", "0"][..],
+                "drain_deadline: must be at least 1",
+            ),
+            (
+                &["--dev", "--shed-allocations", "0"][..],
+                "shed_allocations: must be at least 1",
+            ),
+            (
+                &["--dev", "--alternate-server", "0.0.0.0:3478"][..],
+                "alternate_server: 0.0.0.0:3478: must be a specific address and port",
+            ),
+        ] {
+            assert_eq!(flags(args).unwrap_err().to_string(), error, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn the_drain_subcommand_has_its_own_options() {
+        let c = cli(&["drain", "--wait"]);
+        let Some(Subcommand::Drain(args)) = c.command else {
+            panic!("no subcommand");
+        };
+        assert!(args.wait);
+        assert_eq!(args.admin, DEFAULT_ADMIN);
+        let c = cli(&["drain", "--admin", "127.0.0.1:1"]);
+        let Some(Subcommand::Drain(args)) = c.command else {
+            panic!("no subcommand");
+        };
+        assert_eq!((args.admin.port(), args.wait), (1, false));
     }
 
     #[test]

@@ -261,6 +261,16 @@ impl Eventloop {
                     allow_peer,
                     deny_peer,
                 }) => self.reload(credentials, allow_peer, deny_peer),
+                Event::Control(Control::Alternates(servers, domain)) => {
+                    self.server.set_alternates(servers, domain);
+                }
+                Event::Control(Control::Drain) => {
+                    tracing::debug!(
+                        thread = self.index,
+                        "draining: new allocations are redirected"
+                    );
+                    self.server.set_draining(true);
+                }
                 Event::Control(Control::OwnAddresses(addresses)) => self
                     .server
                     .set_own_addresses(addresses, self.settings.ports.range()),
@@ -810,6 +820,8 @@ impl Eventloop {
             stats: self.server.stats().clone(),
             tcp_connections: self.tcp_conns.len(),
             relay_sockets: self.relays.len(),
+            published: Some(Instant::now()),
+            agent_connected: self.agent_connected,
         };
     }
 

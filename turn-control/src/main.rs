@@ -2,10 +2,12 @@
 //! event loop per thread ([`threads`]) with batched UDP I/O and TURN over TCP; the main thread
 //! handles signals, Prometheus metrics and the gRPC link to the xdp-agent.
 
+mod admin;
 mod agent;
 #[cfg(test)]
 mod agent_properties;
 mod config;
+mod drain;
 mod eventloop;
 mod host_addresses;
 mod metrics;
@@ -23,7 +25,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use turn_control_core::{QuotaLedger, ReservationLedger};
 
-use crate::config::{Cli, Settings, User};
+use crate::config::{Cli, Settings, Subcommand, User};
 use crate::threads::{Control, ReportSlot};
 
 fn main() -> ExitCode {
@@ -43,7 +45,11 @@ fn main() -> ExitCode {
             };
         }
     };
-    match run(cli) {
+    let result = match &cli.command {
+        Some(Subcommand::Drain(args)) => drain::run(args),
+        None => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("turn-control: {error:#}");
@@ -113,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(addr) = settings.metrics {
             metrics::install(addr)?;
         }
+        let admin = settings.admin.map(admin::bind).transpose()?;
         ::metrics::gauge!(metrics::name::AGENT_CONNECTED).set(0.0);
         let host_addresses = follow_host_addresses().await;
         let mut supervisor = Supervisor::start(
@@ -123,6 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             (&quotas, &reservations),
         )?;
+        supervisor.serve_admin(admin);
         if let Some(user) = &dev_user {
             print_dev_banner(user, &settings);
         }
@@ -136,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ports = %settings.ports,
             realm = %settings.realm,
             metrics = ?settings.metrics,
+            admin = ?settings.admin,
             agent = ?settings.agent,
             threads,
             "relay ready"
@@ -144,11 +153,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-/// The signals the main thread answers: SIGTERM and SIGINT drain, SIGHUP reloads.
+/// The signals the main thread answers: SIGTERM and SIGINT end the relay (deleting every
+/// allocation), SIGHUP reloads, SIGUSR1 starts draining.
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
+    user1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -157,6 +168,7 @@ impl Signals {
             terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
             hangup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            user1: signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
         })
     }
 }
@@ -181,6 +193,10 @@ struct Supervisor {
     reservations: Arc<ReservationLedger>,
     /// The host's addresses, learned and followed ([`host_addresses::watch`]).
     host_addresses: watch::Receiver<host_addresses::Learned>,
+    /// What the admin server shows, and its drain requests.
+    status: Arc<admin::Status>,
+    /// When the drain started (POST /drain, SIGUSR1).
+    drain_started: Option<std::time::Instant>,
 }
 
 impl Supervisor {
@@ -239,6 +255,8 @@ impl Supervisor {
             reserved_sockets: threads::ReservedSockets::default(),
             reservations: Arc::clone(reservations),
             host_addresses,
+            status: Arc::new(admin::Status::new(Vec::new(), Arc::clone(quotas), false)),
+            drain_started: None,
         };
         for (index, (listeners, agent_events)) in
             listeners.into_iter().zip(agent_receivers).enumerate()
@@ -273,6 +291,8 @@ impl Supervisor {
             this.reports.push(report);
             this.threads.push(thread);
         }
+        let agent = settings.agent.is_some();
+        this.status = admin::Status::started(this.reports.clone(), Arc::clone(quotas), agent);
         Ok(this)
     }
 
@@ -286,8 +306,20 @@ impl Supervisor {
                 _ = signals.terminate.recv() => break None,
                 _ = signals.interrupt.recv() => break None,
                 _ = signals.hangup.recv() => self.reload(),
+                _ = signals.user1.recv() => {
+                    if self.status.start_drain() {
+                        tracing::info!(allocations = self.status.allocations(), "drain requested (SIGUSR1)");
+                    }
+                }
+                () = self.status.drain_requested() => self.start_drain(),
                 Ok(()) = self.host_addresses.changed() => self.own_addresses_changed(),
-                _ = tick.tick() => self.publish(),
+                _ = tick.tick() => {
+                    self.publish();
+                    if let Some(why) = self.drain_over() {
+                        tracing::info!(why, "drain over");
+                        break None;
+                    }
+                }
                 ended = self.ended.recv() => {
                     let (index, panicked) = ended.unwrap_or((0, true));
                     let how = if panicked { "panicked" } else { "stopped" };
@@ -315,9 +347,41 @@ impl Supervisor {
         }
     }
 
+    /// Serves the admin endpoints on `listener` (bound at start), if configured.
+    fn serve_admin(&self, listener: Option<std::net::TcpListener>) {
+        if let Some(listener) = listener {
+            tokio::spawn(admin::serve(listener, Arc::clone(&self.status)));
+        }
+    }
+
+    /// POST /drain or SIGUSR1 (once): every thread redirects new Allocates from now on.
+    fn start_drain(&mut self) {
+        if self.drain_started.is_some() {
+            return;
+        }
+        self.drain_started = Some(std::time::Instant::now());
+        for control in &self.controls {
+            let _ = control.send(Control::Drain);
+        }
+        ::metrics::gauge!(metrics::name::DRAINING).set(1.0);
+        ::metrics::gauge!(metrics::name::READY).set(0.0);
+    }
+
+    /// Why the drain is over, if it is: no allocation left, or `--drain-deadline` passed.
+    fn drain_over(&self) -> Option<&'static str> {
+        let started = self.drain_started?;
+        if self.status.allocations() == 0 {
+            return Some("no allocation left");
+        }
+        let deadline = Duration::from_secs(u64::from(self.settings.drain_deadline));
+        (started.elapsed() >= deadline).then_some("drain deadline passed")
+    }
+
     fn publish(&self) {
         use metrics::name;
         ::metrics::gauge!(name::THREADS).set(self.reports.len() as f64);
+        ::metrics::gauge!(name::DRAINING).set(f64::from(u8::from(self.status.is_draining())));
+        ::metrics::gauge!(name::READY).set(f64::from(u8::from(self.status.is_ready())));
         for (thread, slot) in self.reports.iter().enumerate() {
             let allocations = daemon::lock(slot).stats.allocations_active;
             ::metrics::gauge!(name::THREAD_ALLOCATIONS, "thread" => thread.to_string())
@@ -365,18 +429,22 @@ impl Supervisor {
             auth_secret: self.settings.auth_secret.clone(),
             allow_peer: self.settings.allow_peer.clone(),
             deny_peer: self.settings.deny_peer.clone(),
+            alternate_server: self.settings.alternate_server.clone(),
+            alternate_domain: self.settings.alternate_domain.clone(),
             realm: self.settings.realm.clone(),
             ..new.clone()
         } != self.settings;
         if restart_needed {
             tracing::warn!(
-                "keys other than users, auth_secret, allow_peer and deny_peer changed; they take effect on restart"
+                "keys other than users, auth_secret, allow_peer, deny_peer, alternate_server and alternate_domain changed; they take effect on restart"
             );
         }
         self.settings.users = new.users;
         self.settings.auth_secret = new.auth_secret;
         self.settings.allow_peer = new.allow_peer;
         self.settings.deny_peer = new.deny_peer;
+        self.settings.alternate_server = new.alternate_server;
+        self.settings.alternate_domain = new.alternate_domain;
         let credentials = self.settings.credentials(self.dev_user.as_ref());
         for control in &self.controls {
             let _ = control.send(Control::Reload {
@@ -384,6 +452,10 @@ impl Supervisor {
                 allow_peer: self.settings.allow_peer.clone(),
                 deny_peer: self.settings.deny_peer.clone(),
             });
+            let _ = control.send(Control::Alternates(
+                self.settings.alternate_server.clone(),
+                self.settings.alternate_domain.clone(),
+            ));
         }
         ::metrics::counter!(name::RELOADS, "result" => "ok").increment(1);
         tracing::info!(
@@ -391,6 +463,7 @@ impl Supervisor {
             rest_secret = self.settings.auth_secret.is_some(),
             allow_peer = ?self.settings.allow_peer,
             deny_peer = ?self.settings.deny_peer,
+            alternate_server = ?self.settings.alternate_server,
             "configuration reloaded"
         );
     }

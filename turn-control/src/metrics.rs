@@ -96,6 +96,11 @@ declare_metrics! {
         "TURN allocations alive per event-loop thread (the kernel spreads clients by address hash)";
     gauge THREADS = "turn_threads", "Event-loop threads (--threads)";
     counter RELOADS = "turn_config_reloads_total", "Configuration reloads (SIGHUP), by result";
+    gauge DRAINING = "turn_draining",
+        "1 while the relay drains (POST /drain, SIGUSR1): new Allocates are redirected";
+    gauge READY = "turn_ready", "1 while the relay takes new allocations (GET /readyz answers 200)";
+    counter REDIRECTS = "turn_redirects_total",
+        "Allocates redirected (300 Try Alternate, or 508 without an alternate of the client's family), by reason (drain, load)";
 }
 
 /// Installs the global recorder and serves `/metrics` on `addr`. Must run inside the
@@ -148,6 +153,12 @@ pub fn publish(stats: &Stats) {
     }
     counter!(name::ICMP_RELAYED).absolute(stats.icmp_relayed);
     counter!(name::ICMP_RATE_LIMITED).absolute(stats.icmp_rate_limited);
+    for (reason, count) in [
+        ("drain", stats.redirected_drain),
+        ("load", stats.redirected_load),
+    ] {
+        counter!(name::REDIRECTS, "reason" => reason).absolute(count);
+    }
     for (result, count) in [
         ("installed", stats.offload_installed),
         ("failed", stats.offload_failed),

@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use ipnet::IpNet;
@@ -42,6 +43,11 @@ pub enum Control {
         /// Operator deny list.
         deny_peer: Vec<IpNet>,
     },
+    /// SIGHUP: where new Allocates are redirected while draining or shedding, and the
+    /// ALTERNATE-DOMAIN sent with them.
+    Alternates(Vec<SocketAddr>, Option<String>),
+    /// POST /drain or SIGUSR1: redirect new Allocates, keep the allocations there are.
+    Drain,
     /// The host's addresses changed (or were learned at start): every address of every
     /// interface, and the configured relay addresses, all refused as peers.
     OwnAddresses(Vec<IpAddr>),
@@ -58,6 +64,10 @@ pub struct Report {
     pub tcp_connections: usize,
     /// Relay sockets open.
     pub relay_sockets: usize,
+    /// When the thread last published: GET /healthz finds a stuck thread by it.
+    pub published: Option<Instant>,
+    /// Whether the thread is linked to the xdp-agent.
+    pub agent_connected: bool,
 }
 
 /// Where an event-loop thread writes its [`Report`] and the main thread reads it.
@@ -71,6 +81,7 @@ pub fn total(slots: &[ReportSlot]) -> Report {
         sum.stats.accumulate(&report.stats);
         sum.tcp_connections += report.tcp_connections;
         sum.relay_sockets += report.relay_sockets;
+        sum.agent_connected |= report.agent_connected;
     }
     sum
 }

@@ -208,11 +208,16 @@ fn rtp_and_rtcp_relays_pair_up_across_threads_ipv4_udp() {
         let rest = &line[line.find(key).unwrap() + key.len()..];
         rest.split_whitespace().next().unwrap().to_owned()
     };
-    let reserved: BTreeSet<String> = log
+    let mut reserved: BTreeSet<String> = log
         .lines()
         .filter(|l| l.contains("port reserved"))
         .map(|l| field(l, " relay="))
         .collect();
+    // A pair whose port was taken by another socket moved before its token went out.
+    for moved in log.lines().filter(|l| l.contains("reserved port moved")) {
+        reserved.remove(&field(moved, " from="));
+        reserved.insert(field(moved, " relay="));
+    }
     let taken: Vec<(String, String, String)> = log
         .lines()
         .filter(|l| l.contains("reserved port taken "))

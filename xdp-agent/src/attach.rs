@@ -156,6 +156,45 @@ pub fn unpin_links(pin_dir: &Path) -> anyhow::Result<usize> {
     Ok(removed)
 }
 
+/// Checks with the kernel that `program` runs on `interface` now, whatever
+/// this agent attached at start: an operator, another tool or the
+/// interface's removal may have detached it since (`BPF_LINK_DETACH`, say).
+/// The error is one line naming the interface.
+pub fn verify_attached(program: BorrowedFd<'_>, interface: &str) -> anyhow::Result<()> {
+    let ifindex = nix::net::if_::if_nametoindex(interface)
+        .with_context(|| format!("{interface}: no such interface"))?;
+    let query = libbpf_rs::Xdp::new(program)
+        .query(ifindex as i32, libbpf_rs::XdpFlags::NONE)
+        .with_context(|| format!("{interface}: cannot query its XDP program"))?;
+    let id = program_id(program)?;
+    let running = [
+        query.prog_id,
+        query.drv_prog_id,
+        query.skb_prog_id,
+        query.hw_prog_id,
+    ];
+    if !running.contains(&id) {
+        bail!("{interface}: the XDP program is not attached");
+    }
+    Ok(())
+}
+
+/// The kernel's id of `program`.
+fn program_id(program: BorrowedFd<'_>) -> anyhow::Result<u32> {
+    let mut info = libbpf_sys::bpf_prog_info::default();
+    let mut len = size_of::<libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: `info` and `len` describe a valid, writable bpf_prog_info.
+    let ret =
+        unsafe { libbpf_sys::bpf_prog_get_info_by_fd(program.as_raw_fd(), &mut info, &mut len) };
+    if ret != 0 {
+        bail!(
+            "cannot inspect the XDP program: {}",
+            std::io::Error::from_raw_os_error(-ret)
+        );
+    }
+    Ok(info.id)
+}
+
 /// `XDP_FLAGS_SKB_MODE` from `linux/if_link.h`.
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 /// `XDP_FLAGS_DRV_MODE` from `linux/if_link.h`.

@@ -214,6 +214,12 @@ pub struct Config {
     #[arg(long, env = "XDP_AGENT_METRICS", value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
 
+    /// Serve health checks over HTTP on this address, e.g. 127.0.0.1:9644: GET /healthz
+    /// answers 200 while the agent runs (liveness); GET /readyz answers 200 while the
+    /// program is attached to every --iface and its maps answer, else 503 with the reason.
+    #[arg(long, env = "XDP_AGENT_HEALTH", value_name = "ADDR:PORT")]
+    pub health: Option<SocketAddr>,
+
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info" or
     /// "xdp_agent=debug,libbpf=debug" (`--log` is an older name of the flag).
     #[arg(
@@ -342,6 +348,7 @@ mod tests {
         assert!(!config.persist && !config.tail_adjust && !config.replace_incompatible);
         assert!(config.allow_peer.is_empty());
         assert_eq!((config.grpc_user, config.grpc_group), (None, None));
+        assert_eq!((config.metrics, config.health), (None, None));
     }
 
     #[test]
@@ -393,6 +400,17 @@ mod tests {
 
         let printed = config.to_toml().unwrap();
         assert_eq!(load(&[], &printed).unwrap(), config);
+    }
+
+    #[test]
+    fn the_health_endpoint_comes_from_a_flag_or_the_file() {
+        let address: SocketAddr = "127.0.0.1:9644".parse().unwrap();
+        let config = load(&["--iface", "eth0", "--health", "127.0.0.1:9644"], "").unwrap();
+        assert_eq!(config.health, Some(address));
+        let printed = config.to_toml().unwrap();
+        assert!(printed.contains("health = \"127.0.0.1:9644\""), "{printed}");
+        assert_eq!(load(&[], &printed).unwrap(), config);
+        assert!(load(&["--iface", "eth0", "--health", "9643"], "").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod binding;
 mod config;
 mod events;
 mod grpc;
+mod health;
 mod maps;
 mod metrics;
 mod peers;
@@ -120,7 +121,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics::install(address)?;
     }
     let ifindexes = interface_indexes(&config.iface)?;
+    // Served from here on, so that liveness holds during a slow start;
+    // readiness waits for `started`.
+    let started = health::Started::default();
+    let health = match config.health {
+        Some(address) => Some(health::spawn(
+            health::bind(address).await?,
+            Arc::clone(&started),
+        )),
+        None => None,
+    };
     let mut agent = Agent::start(&config, settings, ifindexes).await?;
+    agent.health = health;
+    let _ = started.set(Arc::clone(&agent.state));
     let served = match socket::bind(&config.grpc, access.group()) {
         Ok(listener) => {
             let incoming = socket::admitted(listener, access);
@@ -202,6 +215,8 @@ struct Agent {
     reader: std::thread::JoinHandle<()>,
     stop_reader: Arc<AtomicBool>,
     metrics_task: Option<JoinHandle<()>>,
+    /// The `--health` endpoint.
+    health: Option<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -261,6 +276,7 @@ impl Agent {
             reader,
             stop_reader,
             metrics_task,
+            health: None,
         })
     }
 
@@ -357,7 +373,7 @@ impl Agent {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.watcher.abort();
         self.sweeper.abort();
-        if let Some(task) = self.metrics_task {
+        for task in [self.metrics_task, self.health].into_iter().flatten() {
             task.abort();
         }
         self.stop_reader.store(true, Ordering::Relaxed);

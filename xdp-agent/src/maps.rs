@@ -232,6 +232,16 @@ impl Maps {
             .context("cannot write the data-plane configuration")
     }
 
+    /// Checks that the maps answer: the configuration written at start is
+    /// still there to read.
+    pub fn probe(&self) -> anyhow::Result<()> {
+        self.config
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .context("cannot read the data-plane configuration")?
+            .context("the data-plane configuration is missing")?;
+        Ok(())
+    }
+
     /// Makes `interfaces` (the attached ones, by ifindex) the set a relayed
     /// frame may be redirected to, and no other.
     pub fn set_egress(&self, interfaces: &[u32]) -> anyhow::Result<()> {

@@ -49,6 +49,9 @@ pub mod name {
     pub const SYNC_REFUSED: &str = "xdp_agent_sync_refused_bindings_total";
     /// Gauge: 1 if the maps were adopted from an earlier run.
     pub const ADOPTED: &str = "xdp_agent_adopted";
+    /// Gauge: 1 while the program is attached to every interface, as the
+    /// kernel says, and the maps answer (what `/readyz` reports), else 0.
+    pub const READY: &str = "xdp_agent_ready";
     /// Gauge: seconds since the agent started.
     pub const UPTIME: &str = "xdp_agent_uptime_seconds";
     /// Counter: gRPC requests by `method` and status `code`.
@@ -144,6 +147,10 @@ fn describe() {
         name::ADOPTED,
         "1 if the program's maps were adopted from an earlier run."
     );
+    describe_gauge!(
+        name::READY,
+        "1 while the program is attached to every --iface (as the kernel says) and its maps answer, else 0: what /readyz reports."
+    );
     describe_gauge!(name::UPTIME, "Seconds since the agent started.");
     describe_counter!(
         name::GRPC_REQUESTS,
@@ -187,5 +194,6 @@ fn refresh(state: &AgentState) {
     }
     gauge!(name::SYNC_GENERATION).set(state.generation() as f64);
     gauge!(name::ADOPTED).set(if state.adopted { 1.0 } else { 0.0 });
+    gauge!(name::READY).set(if state.readiness().is_ok() { 1.0 } else { 0.0 });
     gauge!(name::UPTIME).set(state.started.elapsed().as_secs_f64());
 }

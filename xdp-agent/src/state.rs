@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use daemon::lock;
 
-use crate::attach::AttachedMode;
+use crate::attach::{self, AttachedMode};
 use crate::events::Reports;
 use crate::maps::Maps;
 use crate::settings::Settings;
@@ -76,5 +76,18 @@ impl AgentState {
     /// Records a Sync's generation.
     pub fn set_generation(&self, generation: u64) {
         self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// Whether the data plane works now, as the kernel says: the program
+    /// attached to every interface it was attached to at start, and the maps
+    /// answering. `Err` holds the first reason it does not, in one line.
+    pub fn readiness(&self) -> Result<(), String> {
+        let program = self.maps.program_fd();
+        for (interface, _) in &self.attachments {
+            attach::verify_attached(program, interface).map_err(|error| format!("{error:#}"))?;
+        }
+        self.maps
+            .probe()
+            .map_err(|error| format!("maps: {error:#}"))
     }
 }

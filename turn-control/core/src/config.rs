@@ -196,6 +196,17 @@ pub struct Config {
     /// Which of the daemon's cores this is. Cores given the same seed share the nonce key
     /// but draw different random streams. Default 0.
     pub core_index: u32,
+    /// Where new Allocates are sent while the server drains ([`crate::Server::set_draining`])
+    /// or sheds load ([`Config::shed_allocations`]): a 300 (Try Alternate) names the first of
+    /// the client's address family in ALTERNATE-SERVER (RFC 8489 §10, §14.15). Replace at
+    /// runtime with [`crate::Server::set_alternates`]. Default none.
+    pub alternate_servers: Vec<SocketAddr>,
+    /// ALTERNATE-DOMAIN (RFC 8489 §14.16) sent with ALTERNATE-SERVER, for clients over TLS
+    /// that check the alternate's certificate against it. Default none.
+    pub alternate_domain: Option<String>,
+    /// While the allocations counted in [`Config::quotas`] (every core sharing it) are this
+    /// many or more, new Allocates are redirected as while draining. `None`: never.
+    pub shed_allocations: Option<u32>,
 }
 
 impl Config {
@@ -234,6 +245,9 @@ impl Config {
             max_lifetime: MAX_LIFETIME,
             rng_seed,
             core_index: 0,
+            alternate_servers: Vec::new(),
+            alternate_domain: None,
+            shed_allocations: None,
         }
     }
 

@@ -135,6 +135,7 @@ pub mod icmp;
 mod long_term;
 pub mod policy;
 pub mod quota;
+mod redirect;
 pub mod reservation_ledger;
 mod server;
 pub mod stats;

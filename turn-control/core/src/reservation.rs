@@ -342,9 +342,11 @@ impl Server {
             return;
         };
         let next = AllocationPort(port.0.saturating_add(1));
+        let from = r.relay;
         r.relay = RelayAddr(SocketAddr::new(r.relay.0.ip(), next.0));
         r.bound = false;
         let (relay, dont_fragment) = (r.relay, r.dont_fragment);
+        tracing::debug!(%from, %relay, "reserved port moved");
         self.by_port.insert(next, PortUse::Reserved(token));
         self.commands.push_back(Command::ReservePort {
             relay,

@@ -31,8 +31,9 @@ use crate::framing::{ChannelData, FrameKind, frame_kind};
 use crate::icmp::{ATTR_ICMP, Icmp, IcmpBudget};
 use crate::long_term::{Auth, Malformed, Offer, PASSWORD_ALGORITHMS};
 use crate::policy::PeerPolicy;
+use crate::redirect::{NO_ALTERNATE, Redirect, TRY_ALTERNATE, alternate, redirect};
 use crate::stats::{RequestMethod, Stats};
-use crate::stun::{Builder, Parsed, parse};
+use crate::stun::{ATTR_ALTERNATE_DOMAIN, ATTR_ALTERNATE_SERVER, Builder, Parsed, parse};
 use crate::timers::Timers;
 use crate::types::{
     AllocationPort, ChannelBinding, ChannelNumber, ClientAddr, Family, FiveTuple, PeerAddr,
@@ -237,6 +238,8 @@ pub struct Server {
     unauthorized: Option<RateLimiter>,
     /// The per-source limit on answers to unauthenticated requests (this core's share).
     sources: Option<SourceLimiter>,
+    /// New Allocates are redirected ([`Server::set_draining`]).
+    draining: bool,
     stats: Stats,
 }
 
@@ -333,6 +336,7 @@ const PROTO_UDP: u8 = 17;
 
 fn reason(code: u16) -> &'static str {
     match code {
+        300 => "Try Alternate",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -405,6 +409,7 @@ impl Server {
             commands: VecDeque::new(),
             unauthorized,
             sources,
+            draining: false,
             stats: Stats::default(),
         })
     }
@@ -502,6 +507,23 @@ impl Server {
                 Some((alloc.binding(tuple, *number, ch.peer)?, ch.kernel_expires?))
             })
         })
+    }
+
+    /// Starts (or stops) draining: new Allocates are redirected ([`crate::redirect`]) while
+    /// existing allocations live on as before.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Whether the server drains.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Replaces [`Config::alternate_servers`] and [`Config::alternate_domain`] (a reload).
+    pub fn set_alternates(&mut self, servers: Vec<SocketAddr>, domain: Option<String>) {
+        self.config.alternate_servers = servers;
+        self.config.alternate_domain = domain;
     }
 
     /// The number of allocations alive.
@@ -1056,6 +1078,14 @@ impl Server {
                 return;
             }
         }
+        // A retransmitted Allocate of an allocation made before still gets its success.
+        if method == RequestMethod::Allocate
+            && !self.allocations.contains_key(tuple)
+            && let Some(why) = redirect(&self.config, self.draining)
+        {
+            self.redirect(tuple, req, &auth.key, why);
+            return;
+        }
         let result = match method {
             RequestMethod::Allocate => self.allocate(now, tuple, req, &auth),
             RequestMethod::Refresh => self.refresh(now, tuple, req),
@@ -1089,6 +1119,31 @@ impl Server {
                 self.error(tuple, req, code, Some(&auth.key));
             }
         }
+    }
+
+    /// Answers an authenticated Allocate with 300 (Try Alternate) naming the alternate of
+    /// the client's family, or 508 without one (see [`crate::redirect`]).
+    fn redirect(&mut self, tuple: &FiveTuple, req: &Parsed<'_>, key: &SigningKey, why: Redirect) {
+        match why {
+            Redirect::Drain => self.stats.redirected_drain += 1,
+            Redirect::Load => self.stats.redirected_load += 1,
+        }
+        let Some(alternate) = alternate(&self.config, tuple.client.0) else {
+            tracing::debug!(client = %tuple.client, ?why, "allocate refused, no alternate of its family");
+            self.stats.response(RequestMethod::Allocate, NO_ALTERNATE);
+            self.error(tuple, req, NO_ALTERNATE, Some(key));
+            return;
+        };
+        tracing::debug!(client = %tuple.client, %alternate, ?why, "allocate redirected");
+        self.stats.response(RequestMethod::Allocate, TRY_ALTERNATE);
+        let mut b = Builder::new(req.method(), CLASS_ERROR_RESPONSE, req.transaction_id());
+        b.error(TRY_ALTERNATE, reason(TRY_ALTERNATE));
+        b.plain_address(ATTR_ALTERNATE_SERVER, alternate);
+        if let Some(domain) = &self.config.alternate_domain {
+            b.raw(ATTR_ALTERNATE_DOMAIN, domain.as_bytes());
+        }
+        let payload = b.finish(self.config.software.as_deref(), Some(key), true);
+        self.reply(tuple, payload);
     }
 
     /// RFC 8489 §9.2.4 long-term credential checks. Answers the request itself (401, 438,

@@ -2153,3 +2153,8 @@ mod cores;
 /// user, one timer per object.
 #[path = "server_tests_abuse.rs"]
 mod abuse;
+
+/// Draining and load shedding: new Allocates redirected with 300 (Try Alternate), existing
+/// allocations untouched.
+#[path = "server_tests_redirect.rs"]
+mod redirect;

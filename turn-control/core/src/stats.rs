@@ -115,6 +115,11 @@ pub struct Stats {
     /// ICMP errors not relayed because their allocation's rate cap ([`crate::ICMP_RATE`]) was
     /// reached.
     pub icmp_rate_limited: u64,
+    /// Allocates redirected (300, or 508 without an alternate) because the server drains.
+    pub redirected_drain: u64,
+    /// Allocates redirected (300, or 508 without an alternate) because the allocations
+    /// reached [`crate::Config::shed_allocations`].
+    pub redirected_load: u64,
 }
 
 impl Stats {
@@ -153,6 +158,8 @@ impl Stats {
             reservations_active,
             icmp_relayed,
             icmp_rate_limited,
+            redirected_drain,
+            redirected_load,
         } = other;
         for (key, count) in responses {
             *self.responses.entry(*key).or_default() += count;
@@ -183,6 +190,8 @@ impl Stats {
         self.reservations_active += reservations_active;
         self.icmp_relayed += icmp_relayed;
         self.icmp_rate_limited += icmp_rate_limited;
+        self.redirected_drain += redirected_drain;
+        self.redirected_load += redirected_load;
     }
 }
 

@@ -25,6 +25,11 @@ pub(crate) const ATTR_ADDITIONAL_ADDRESS_FAMILY_DRAFT: AttrType = AttrType(0x803
 /// ADDRESS-ERROR-CODE (RFC 8656 §18.12), comprehension-optional.
 pub(crate) const ATTR_ADDRESS_ERROR_CODE: AttrType = AttrType(0x8001);
 
+/// ALTERNATE-DOMAIN (RFC 8489 §14.16), comprehension-optional.
+pub(crate) const ATTR_ALTERNATE_DOMAIN: AttrType = AttrType(0x8003);
+/// ALTERNATE-SERVER (RFC 8489 §14.15), comprehension-optional.
+pub(crate) const ATTR_ALTERNATE_SERVER: AttrType = AttrType(0x8023);
+
 const ATTR_HEADER_LEN: usize = 4;
 const MAX_REASON_LEN: usize = 763;
 
@@ -226,6 +231,25 @@ pub(crate) fn parse(packet: &[u8]) -> Result<Parsed<'_>, ParseError> {
     })
 }
 
+/// MAPPED-ADDRESS's value (RFC 8489 §14.1): a zero byte, the family (1 IPv4, 2 IPv6), the
+/// port and the address, all in network order.
+pub(crate) fn encode_plain_address(addr: SocketAddr) -> Vec<u8> {
+    let mut value = vec![0u8];
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            value.push(0x01);
+            value.extend_from_slice(&addr.port().to_be_bytes());
+            value.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            value.push(0x02);
+            value.extend_from_slice(&addr.port().to_be_bytes());
+            value.extend_from_slice(&ip.octets());
+        }
+    }
+    value
+}
+
 fn decode_xor_address(value: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
     let cookie = MAGIC_COOKIE.to_be_bytes();
     let port = u16::from_be_bytes([*value.get(2)?, *value.get(3)?]) ^ (MAGIC_COOKIE >> 16) as u16;
@@ -286,6 +310,12 @@ impl Builder {
             tracing::debug!(%error, "address not encoded");
         }
         self
+    }
+
+    /// An address attribute encoded as MAPPED-ADDRESS is (RFC 8489 §14.1: not XORed), as
+    /// ALTERNATE-SERVER is (§14.15).
+    pub(crate) fn plain_address(&mut self, t: AttrType, addr: SocketAddr) -> &mut Self {
+        self.raw(t, &encode_plain_address(addr))
     }
 
     pub(crate) fn error(&mut self, code: u16, reason: &str) -> &mut Self {
