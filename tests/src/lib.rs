@@ -31,6 +31,7 @@ use anyhow::{Context, bail, ensure};
 pub mod agent;
 pub mod bench;
 pub mod clients;
+pub mod files;
 pub mod hosts;
 pub mod packet;
 pub mod stun;

@@ -24,11 +24,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use serde_json::Value;
+use tests::files::{TempDir, deploy, read, repo, run};
 use tests::{required_tool, workspace_binary};
 
 /// The Kubernetes release whose schemas the manifests are validated against.
@@ -37,63 +37,6 @@ const KUBERNETES_VERSION: &str = "1.32.0";
 const IMAGE_BIN: &str = "/usr/local/bin/";
 /// A stand-in for the node's address (the downward API's `status.podIP`).
 const NODE_IP: &str = "192.0.2.10";
-
-/// The repository's root.
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn deploy(path: &str) -> PathBuf {
-    repo().join("deploy").join(path)
-}
-
-fn read(path: &Path) -> String {
-    fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))
-        .unwrap()
-}
-
-/// Runs `command`, failing with its output unless it exits 0.
-fn run(command: &mut Command) -> anyhow::Result<Output> {
-    let output = command
-        .output()
-        .with_context(|| format!("cannot run {command:?}"))?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(output)
-}
-
-/// A directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        // Tests run in parallel in one process: a counter keeps their directories apart.
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "lab-k8s-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `kubernetes-validate`: `$KUBERNETES_VALIDATE`, the venv `tests/setup.sh` installs, or
 /// one on `PATH`.
