@@ -1,6 +1,6 @@
 //! Test harnesses shared by the lab tests (the `tests` package) and turn-control's own
 //! integration tests: the real daemon on loopback ([`daemon`]), a blocking STUN/TURN client
-//! ([`stun`]), coturn's client tools ([`coturn`]), and finding the workspace's binaries and
+//! ([`stun`]), coturn's client tools ([`coturn`]), certificates for TLS ([`tls`]), and finding the workspace's binaries and
 //! tools.
 //!
 //! Small on purpose: turn-control's tests use it as a dev-dependency, so it must not pull in
@@ -19,6 +19,7 @@ use anyhow::Context as _;
 pub mod coturn;
 pub mod daemon;
 pub mod stun;
+pub mod tls;
 
 /// Whether this is a CI run (`CI=true`), where nothing may be skipped.
 pub fn in_ci() -> bool {
