@@ -13,4 +13,4 @@ pub mod value_enum;
 pub use config::{CommandLine, FileError, parse, parse_from, to_toml};
 pub use logging::{LogFormat, LoggingError, init_logging};
 pub use net::{PortRange, PortRangeError, TwoInOneFamily, one_per_family};
-pub use sync::lock;
+pub use sync::{lock, read, write};

@@ -54,6 +54,10 @@ pub const LONGEST_ALLOCATION_LIFETIME: u32 = 7 * 86_400;
 /// Default `--tcp-idle-unallocated-seconds`: long enough for a client's Allocate after a
 /// Binding or a 401, short enough that idle connections cannot pile up.
 pub const DEFAULT_TCP_IDLE_UNALLOCATED: u32 = 30;
+/// Default `--tls-handshake-timeout-seconds`: a handshake is two round trips and some
+/// signing; ten seconds cover a lossy mobile path, and a client slower than that is dead or
+/// hostile.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: u32 = 10;
 /// Default `--tcp-connections-per-source`.
 pub const DEFAULT_TCP_CONNECTIONS_PER_SOURCE: u32 = 100;
 /// Default `--tcp-connections-max`, unless the open-files limit allows fewer.
@@ -176,6 +180,31 @@ pub struct Settings {
         value_name = "N"
     )]
     pub tcp_connections_max: Option<u32>,
+    /// PEM certificate chain, leaf first, for TURN over TLS (RFC 8656 §3.1). With it and
+    /// --tls-key every TCP listener also takes TLS, told apart by the first byte, so one port
+    /// (443) serves UDP, TCP and TLS. Reloaded on SIGHUP and when the file changes.
+    #[arg(long = "tls-cert", env = "TURN_CONTROL_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert's leaf (PKCS#8, EC or RSA).
+    #[arg(long = "tls-key", env = "TURN_CONTROL_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// TCP listener for TURN over TLS alone, without UDP (repeatable; 5349 by RFC 7350); plain
+    /// TURN over TCP is taken on it too. Needs --tls-cert [default: none].
+    #[arg(
+        long = "tls-listen",
+        env = "TURN_CONTROL_TLS_LISTEN",
+        value_name = "ADDR:PORT",
+        value_delimiter = ','
+    )]
+    pub tls_listen: Vec<SocketAddr>,
+    /// Seconds a TLS handshake may take from the connection's first byte.
+    #[arg(
+        long = "tls-handshake-timeout-seconds",
+        env = "TURN_CONTROL_TLS_HANDSHAKE_TIMEOUT_SECONDS",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    )]
+    pub tls_handshake_timeout_seconds: u32,
     /// Address relay sockets bind to, one per family (repeatable) [default: the listeners'
     /// specific addresses].
     #[arg(
@@ -583,6 +612,7 @@ impl Settings {
         }
         self.check_allocation_lifetimes()?;
         self.check_tcp_limits()?;
+        self.check_tls()?;
         self.check_abuse_limits()?;
         if self.agent_queue == 0 {
             return Err(invalid("agent_queue", "must be at least 1"));
@@ -656,6 +686,47 @@ impl Settings {
             return Err(invalid(
                 "alternate_server",
                 format!("{zero}: must be a specific address and port"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Certificate and key come together; TLS listeners need them, are distinct, and do not
+    /// take a TCP address of --listen.
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(invalid("tls_key", "--tls-cert needs --tls-key")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "--tls-key needs --tls-cert")),
+            _ => {}
+        }
+        if !self.tls_listen.is_empty() && self.tls_cert.is_none() {
+            return Err(invalid(
+                "tls_listen",
+                "a TLS listener needs a certificate: set --tls-cert and --tls-key",
+            ));
+        }
+        let unique: BTreeSet<_> = self.tls_listen.iter().collect();
+        if unique.len() != self.tls_listen.len() {
+            return Err(invalid("tls_listen", "the same address is given twice"));
+        }
+        if let Some(zero) = self.tls_listen.iter().find(|a| a.port() == 0) {
+            return Err(invalid(
+                "tls_listen",
+                format!("{zero}: port 0 is not a port"),
+            ));
+        }
+        if self.tcp
+            && let Some(both) = self.tls_listen.iter().find(|a| self.listen.contains(a))
+        {
+            return Err(invalid(
+                "tls_listen",
+                format!("{both} is a --listen address, whose TCP listener takes TLS already"),
+            ));
+        }
+        if self.tls_handshake_timeout_seconds == 0 {
+            return Err(invalid(
+                "tls_handshake_timeout_seconds",
+                "must be at least 1",
             ));
         }
         Ok(())
@@ -1275,6 +1346,47 @@ max_channels_per_allocation = 8
                 format!("{key}: must be at least 1")
             );
         }
+    }
+
+    #[test]
+    fn tls_options_are_checked_together() {
+        let error = |args: &[&str]| flags(args).unwrap_err().to_string();
+        assert_eq!(
+            error(&["--dev", "--tls-cert", "c.pem"]),
+            "tls_key: --tls-cert needs --tls-key"
+        );
+        assert_eq!(
+            error(&["--dev", "--tls-key", "k.pem"]),
+            "tls_cert: --tls-key needs --tls-cert"
+        );
+        assert_eq!(
+            error(&["--dev", "--tls-listen", "127.0.0.1:5349"]),
+            "tls_listen: a TLS listener needs a certificate: set --tls-cert and --tls-key"
+        );
+        let tls = ["--dev", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let with = |extra: &[&'static str]| [&tls[..], extra].concat();
+        assert_eq!(
+            error(&with(&["--tls-listen", "127.0.0.1:5349,127.0.0.1:5349"])),
+            "tls_listen: the same address is given twice"
+        );
+        assert_eq!(
+            error(&with(&["--tls-listen", "127.0.0.1:3478"])),
+            "tls_listen: 127.0.0.1:3478 is a --listen address, whose TCP listener takes TLS already"
+        );
+        assert_eq!(
+            error(&with(&["--tls-handshake-timeout-seconds", "0"])),
+            "tls_handshake_timeout_seconds: must be at least 1"
+        );
+        // Without TCP on --listen, its address is free for a TLS listener.
+        let s = flags(&with(&["--no-tcp", "--tls-listen", "127.0.0.1:3478"])).unwrap();
+        assert_eq!(s.tls_listen, ["127.0.0.1:3478".parse().unwrap()]);
+        let s = file("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_listen = [\"[::1]:5349\"]")
+            .unwrap();
+        assert_eq!(s.tls_cert.as_deref(), Some(Path::new("c.pem")));
+        assert_eq!(
+            s.tls_handshake_timeout_seconds,
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::config::Settings;
 use crate::metrics::name;
 use crate::tcp::{self, TcpEvent};
 use crate::threads::{Control, Listeners, Report, ReportSlot, ReservedSocket, ReservedSockets};
+use crate::tls::Tls;
 use crate::udp::{self, RecvBatch};
 
 /// Sockets whose batches are read per round before the loop looks at timers and channels
@@ -104,6 +105,8 @@ pub struct ThreadSetup {
     pub own_addresses: Vec<IpAddr>,
     /// The TCP connection limits, shared by every thread.
     pub tcp_limits: Arc<tcp::Limits>,
+    /// TURN over TLS on the TCP listeners, if a certificate is configured.
+    pub tls: Option<Arc<Tls>>,
     /// Requests to the agent link, if an agent is configured.
     pub agent: Option<AgentQueue>,
     /// Answers and link events from the agent link.
@@ -158,6 +161,7 @@ impl Eventloop {
             listeners,
             own_addresses,
             tcp_limits,
+            tls,
             agent,
             agent_events,
             control,
@@ -208,7 +212,8 @@ impl Eventloop {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .with_context(|| format!("listen tcp {addr}"))?;
             let inbox = this.inbox_tx.clone();
-            let task = tokio::spawn(tcp::accept(listener, addr, inbox, Arc::clone(&tcp_limits)));
+            let limits = Arc::clone(&tcp_limits);
+            let task = tokio::spawn(tcp::accept(listener, addr, inbox, limits, tls.clone()));
             this.tcp_accept.push(task);
         }
         Ok(this)

@@ -13,6 +13,7 @@ mod host_addresses;
 mod metrics;
 mod tcp;
 mod threads;
+mod tls;
 mod udp;
 
 use std::io::Write as _;
@@ -77,8 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let threads = settings.threads;
     // Everything that can fail on bad input fails here, before any thread starts.
+    let tls = tls(&settings)?;
     let listeners = threads::bind_listeners(
-        &settings.listen,
+        (&settings.listen, &settings.tls_listen),
         settings.tcp,
         settings.listener_buffer_bytes,
         threads,
@@ -129,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             (listeners, host_addresses),
             seed,
             (&quotas, &reservations),
+            tls,
         )?;
         supervisor.serve_admin(admin);
         if let Some(user) = &dev_user {
@@ -137,6 +140,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(
             listen = ?settings.listen,
             tcp = settings.tcp,
+            tls = settings.tls_cert.is_some(),
+            tls_listen = ?settings.tls_listen,
             relay_ipv4 = ?settings.relay_ipv4,
             relay_ipv6 = ?settings.relay_ipv6,
             external_ipv4 = ?settings.external_ipv4,
@@ -197,6 +202,8 @@ struct Supervisor {
     status: Arc<admin::Status>,
     /// When the drain started (POST /drain, SIGUSR1).
     drain_started: Option<std::time::Instant>,
+    /// TURN over TLS, whose certificate SIGHUP reloads.
+    tls: Option<Arc<tls::Tls>>,
 }
 
 impl Supervisor {
@@ -210,7 +217,11 @@ impl Supervisor {
         ),
         seed: [u8; 32],
         (quotas, reservations): (&Arc<QuotaLedger>, &Arc<ReservationLedger>),
+        tls: Option<Arc<tls::Tls>>,
     ) -> anyhow::Result<Self> {
+        if let Some(tls) = &tls {
+            tokio::spawn(tls::watch(Arc::clone(tls)));
+        }
         let own_addresses =
             host_addresses::with_configured(&settings, host_addresses.borrow_and_update().as_ref());
         tracing::info!(addresses = ?own_addresses, "the host's addresses are refused as peers");
@@ -257,6 +268,7 @@ impl Supervisor {
             host_addresses,
             status: Arc::new(admin::Status::new(Vec::new(), Arc::clone(quotas), false)),
             drain_started: None,
+            tls: tls.clone(),
         };
         for (index, (listeners, agent_events)) in
             listeners.into_iter().zip(agent_receivers).enumerate()
@@ -272,6 +284,7 @@ impl Supervisor {
                 listeners,
                 own_addresses: own_addresses.clone(),
                 tcp_limits: Arc::clone(&tcp_limits),
+                tls: tls.clone(),
                 agent: agent_tx.clone(),
                 agent_events,
                 control,
@@ -393,6 +406,9 @@ impl Supervisor {
         total.stats.reservations_active = self.reservations.total() as u64;
         metrics::publish(&total.stats);
         ::metrics::gauge!(metrics::name::TCP_CONNECTIONS).set(total.tcp_connections as f64);
+        if let Some(tls) = &self.tls {
+            tls.publish();
+        }
         let relay_sockets = total.relay_sockets + self.reserved_sockets.count();
         ::metrics::gauge!(metrics::name::RELAY_SOCKETS).set(relay_sockets as f64);
     }
@@ -409,10 +425,13 @@ impl Supervisor {
         }
     }
 
-    /// SIGHUP: users, REST secrets and peer lists from the file (flags and environment still
-    /// win). Other keys need a restart.
+    /// SIGHUP: the TLS certificate from its files; users, REST secrets and peer lists from the
+    /// configuration file (flags and environment still win). Other keys need a restart.
     fn reload(&mut self) {
         use metrics::name;
+        if let Some(tls) = &self.tls {
+            tls.reload("SIGHUP");
+        }
         let new = match Settings::load(&self.cli) {
             Ok(new) => new,
             Err(error) => {
@@ -484,6 +503,22 @@ async fn follow_host_addresses() -> watch::Receiver<host_addresses::Learned> {
 }
 
 /// The TCP connection limits of `settings`, shared by every thread.
+/// TURN over TLS if a certificate is configured: the certificate is loaded and checked here,
+/// before anything starts, so that a fault stops the daemon with one line.
+fn tls(settings: &Settings) -> anyhow::Result<Option<Arc<tls::Tls>>> {
+    let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+        return Ok(None);
+    };
+    let files = tls::CertificateFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    let timeout = Duration::from_secs(u64::from(settings.tls_handshake_timeout_seconds));
+    Ok(Some(
+        tls::Tls::new(files, timeout).context("TLS certificate")?,
+    ))
+}
+
 fn tcp_limits(settings: &Settings) -> Arc<tcp::Limits> {
     let total = settings.tcp_connections_max.map_or_else(
         || tcp::default_connections_max(config::DEFAULT_TCP_CONNECTIONS_MAX as usize),
@@ -556,10 +591,15 @@ fn print_dev_banner(user: &User, settings: &Settings) {
         .listen
         .first()
         .map_or(config::DEFAULT_PORT, |a| a.port());
+    let transports = match (settings.tcp, settings.tls_cert.is_some()) {
+        (true, true) => "UDP, TCP and TLS",
+        (true, false) => "UDP and TCP",
+        (false, _) => "UDP",
+    };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "turn-control development relay on {listen} (UDP and TCP); loopback peers allowed"
+        "turn-control development relay on {listen} ({transports}); loopback peers allowed"
     );
     let _ = writeln!(out, "  username: {}", user.name);
     let _ = writeln!(out, "  password: {}", user.password);

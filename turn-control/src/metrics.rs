@@ -16,7 +16,8 @@ macro_rules! declare_metrics {
     ($($kind:ident $id:ident = $name:literal, $help:literal;)*) => {
         /// Names of the metrics, one place to read them all. Every name carries the `turn_`
         /// prefix except the user-space relay counters, which pair with the agent's
-        /// `data_relayed_ebpf_*` (the product brief fixes both).
+        /// `data_relayed_ebpf_*` (the product brief fixes both), and the certificate's
+        /// expiry, named as certificate exporters name it so that one alert rule fits.
         pub mod name {
             $(
                 #[doc = concat!(stringify!($kind), ": ", $help, ".")]
@@ -90,7 +91,15 @@ declare_metrics! {
         "Datagrams too long for the receive buffer, dropped";
     gauge TCP_CONNECTIONS = "turn_tcp_connections_active", "TURN-over-TCP connections open";
     counter TCP_CLOSED = "turn_tcp_connections_closed_total",
-        "TURN-over-TCP connections closed, by reason (client, error, server, shutdown, not_turn, first_frame_timeout, frame_timeout, frame_too_long, write_timeout, unallocated_timeout; refused at once: per_source_cap, total_cap)";
+        "TURN-over-TCP and TLS connections closed, by reason (client, error, server, shutdown, not_turn, first_frame_timeout, frame_timeout, frame_too_long, write_timeout, unallocated_timeout, tls_handshake, tls_not_configured; refused at once: per_source_cap, total_cap)";
+    counter TLS_HANDSHAKES = "turn_tls_handshakes_total",
+        "TLS handshakes completed, by protocol version (1.2, 1.3) and whether the session was resumed";
+    counter TLS_HANDSHAKE_FAILURES = "turn_tls_handshake_failures_total",
+        "TLS handshakes that failed, by reason (timeout, no_common_cipher, alert, closed, protocol)";
+    counter TLS_RELOADS = "turn_tls_certificate_reloads_total",
+        "TLS certificate reloads (SIGHUP, files changed on disk), by result; a failed one keeps the served certificate";
+    gauge TLS_CERTIFICATE_EXPIRY = "tls_certificate_expiry_seconds",
+        "When the served TLS certificate expires: its notAfter as Unix time";
     gauge RELAY_SOCKETS = "turn_relay_sockets_open", "Relay UDP sockets open";
     gauge THREAD_ALLOCATIONS = "turn_thread_allocations_active",
         "TURN allocations alive per event-loop thread (the kernel spreads clients by address hash)";

@@ -1,4 +1,6 @@
-//! TURN over TCP (RFC 8656 §3.1, §12.5): accept connections and split their streams into
+//! TURN over TCP and TLS (RFC 8656 §3.1, §12.5): accept connections, tell TLS from plain TURN
+//! by the first byte (every TCP listener takes both once a certificate is configured, so one
+//! port serves UDP, TCP and TLS: [`crate::tls`] does the handshake), and split the streams into
 //! STUN and ChannelData frames with [`turn_control_core::frame_len`]. Connection tasks only frame
 //! bytes and enforce stream hygiene (what a connection must send, and how fast); every
 //! TURN decision is the event loop's.
@@ -14,7 +16,8 @@
 //!   only flows on a channel bound by a ChannelBind request on this same connection's
 //!   allocation (RFC 8656 §12; over TCP the 5-tuple is the connection, §3.1), so ChannelData
 //!   before any request cannot belong to anything.
-//! - The first complete frame must arrive within [`FIRST_FRAME_TIMEOUT`] of the accept.
+//! - The first complete frame must arrive within [`FIRST_FRAME_TIMEOUT`] of the accept (over
+//!   TLS: of the handshake's end; the handshake has a deadline of its own).
 //! - A frame whose first byte arrived must be complete within [`FRAME_TIMEOUT`].
 //! - A write to the client must finish within [`WRITE_TIMEOUT`] (a client that never reads
 //!   would otherwise park this task, and its reads, for good).
@@ -36,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -44,6 +47,7 @@ use turn_control_core::frame_len;
 use turn_control_core::framing::{FrameKind, frame_kind};
 
 use crate::metrics::name;
+use crate::tls::Tls;
 
 /// What the connection tasks report to their event loop.
 #[derive(Debug)]
@@ -124,6 +128,10 @@ enum Close {
     PerSourceCap,
     /// Refused: [`Limits`]' connections in all were open already.
     TotalCap,
+    /// The TLS handshake failed or took too long ([`crate::tls::HandshakeFailure`] says why).
+    TlsHandshake,
+    /// A TLS handshake on a relay without a certificate.
+    TlsNotConfigured,
 }
 
 impl Close {
@@ -142,6 +150,8 @@ impl Close {
             Close::UnallocatedTimeout => "unallocated_timeout",
             Close::PerSourceCap => "per_source_cap",
             Close::TotalCap => "total_cap",
+            Close::TlsHandshake => "tls_handshake",
+            Close::TlsNotConfigured => "tls_not_configured",
         }
     }
 }
@@ -270,19 +280,23 @@ fn open_files_limit() -> std::io::Result<libc::rlimit> {
     Ok(limit)
 }
 
-/// Accepts connections on `listener` until the task is aborted, within `limits`.
+/// Accepts connections on `listener` until the task is aborted, within `limits`; with `tls`,
+/// connections that open with a TLS handshake are TURN over TLS.
 pub async fn accept(
     listener: TcpListener,
     local: SocketAddr,
     inbox: mpsc::Sender<TcpEvent>,
     limits: Arc<Limits>,
+    tls: Option<Arc<Tls>>,
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, client)) => match limits.admit(client.ip()) {
                 Ok(admitted) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, local, client, inbox.clone(), admitted));
+                    let tls = tls.clone();
+                    let inbox = inbox.clone();
+                    tokio::spawn(connection(stream, local, client, inbox, admitted, tls));
                 }
                 Err(cap) => refuse(stream, local, client, cap),
             },
@@ -370,17 +384,58 @@ impl Deadlines {
     }
 }
 
-/// One connection: frames from the client go to the event loop, frames from the event loop
-/// to the client, until either side ends it or a deadline of [`Deadlines`] passes. Its place
-/// in [`Limits`] goes with it.
+/// The first byte of a TLS connection: a handshake record (RFC 8446 §5.1, content type 22).
+/// A STUN message starts with 0x00 or 0x01 (RFC 8489 §5: the two top bits are zero and no
+/// method reaches 0x1000), so one byte tells them apart (RFC 7983 §7 demultiplexes the same
+/// way).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// One accepted connection: TLS or plain TURN by its first byte, then [`serve`]. Its place in
+/// [`Limits`] goes with it.
 async fn connection(
     stream: TcpStream,
     local: SocketAddr,
     client: SocketAddr,
     inbox: mpsc::Sender<TcpEvent>,
     admitted: Admitted,
+    tls: Option<Arc<Tls>>,
 ) {
     let accepted = Instant::now();
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout_at(accepted + FIRST_FRAME_TIMEOUT, stream.peek(&mut first));
+    let ended = |reason: Close, detail: &str| {
+        metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
+        tracing::debug!(%client, %local, reason = reason.label(), detail, "TCP connection ended");
+    };
+    match peeked.await {
+        Err(_) => return ended(Close::FirstFrameTimeout, "nothing sent"),
+        Ok(Ok(0)) => return ended(Close::Client, ""),
+        Ok(Err(error)) => return ended(Close::Error, &error.to_string()),
+        Ok(Ok(_)) => {}
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        return serve(stream, local, client, inbox, admitted).await;
+    }
+    let Some(tls) = tls else {
+        return ended(Close::TlsNotConfigured, "no --tls-cert");
+    };
+    match tls.handshake(stream).await {
+        Ok(stream) => serve(stream, local, client, inbox, admitted).await,
+        Err(failure) => ended(Close::TlsHandshake, failure.label()),
+    }
+}
+
+/// One connection's TURN stream, plain or TLS: frames from the client go to the event loop,
+/// frames from the event loop to the client, until either side ends it or a deadline of
+/// [`Deadlines`] passes. Deadlines count from here: after the TLS handshake, which has its own.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    local: SocketAddr,
+    client: SocketAddr,
+    inbox: mpsc::Sender<TcpEvent>,
+    admitted: Admitted,
+) {
+    let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUT_QUEUE);
     let allocated = Arc::new(AtomicBool::new(false));
     let opened = TcpEvent::Opened {
@@ -393,9 +448,8 @@ async fn connection(
         return;
     }
     tracing::debug!(%client, %local, "TCP connection");
-    let (mut reader, mut writer) = stream.into_split();
     let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
-    let mut deadlines = Deadlines::new(accepted, admitted.limits.idle_unallocated);
+    let mut deadlines = Deadlines::new(started, admitted.limits.idle_unallocated);
     // One timer for the connection, re-armed only when the deadline changes: most reads of
     // a healthy connection carry whole frames and leave it as it is.
     let mut armed = deadlines.next();
@@ -418,10 +472,15 @@ async fn connection(
                     timer.as_mut().reset(armed.0);
                 }
             }
-            read = reader.read_buf(&mut buf) => {
+            read = stream.read_buf(&mut buf) => {
                 match read {
                     Ok(0) => break (Close::Client, String::new()),
                     Ok(_) => {}
+                    // A TLS client that closes without close_notify (RFC 8446 §6.1): most
+                    // do, and nothing of a frame is lost to it that framing would not see.
+                    Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        break (Close::Client, error.to_string());
+                    }
                     Err(error) => break (Close::Error, error.to_string()),
                 }
                 let forwarded = forward_frames(&mut buf, &mut deadlines, &inbox, local, client);
@@ -433,7 +492,12 @@ async fn connection(
                 let Some(frame) = out else {
                     break (Close::Server, String::new());
                 };
-                match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&frame)).await {
+                // A TLS stream holds written records until flushed; a TCP flush is free.
+                let write = async {
+                    stream.write_all(&frame).await?;
+                    stream.flush().await
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => break (Close::Error, error.to_string()),
                     Err(_) => break (Close::WriteTimeout, String::new()),

@@ -129,15 +129,16 @@ impl ReservedSockets {
 pub struct Listeners {
     /// UDP listeners by address.
     pub udp: Vec<(SocketAddr, Socket)>,
-    /// TCP listeners by address (empty without TCP).
+    /// TCP listeners by address, `--listen`'s (unless --no-tcp) and `--tls-listen`'s.
     pub tcp: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
 /// Binds every address of `listen` as a SO_REUSEPORT group of `threads` UDP sockets (of
-/// `buffer_bytes` each) and, with `tcp`, `threads` TCP listeners; `result[i]` belongs to
-/// thread `i`. Errors name the address.
+/// `buffer_bytes` each) and, with `tcp`, `threads` TCP listeners, and every address of
+/// `tls_listen` as a group of `threads` TCP listeners; `result[i]` belongs to thread `i`.
+/// Errors name the address.
 pub fn bind_listeners(
-    listen: &[SocketAddr],
+    (listen, tls_listen): (&[SocketAddr], &[SocketAddr]),
     tcp: bool,
     buffer_bytes: usize,
     threads: usize,
@@ -153,14 +154,23 @@ pub fn bind_listeners(
             listeners.udp.push((addr, socket));
         }
         if tcp {
-            exclusive_probe(addr, Type::STREAM).with_context(|| format!("listen tcp {addr}"))?;
-            for listeners in &mut out {
-                let listener = tcp_listener(addr).with_context(|| format!("listen tcp {addr}"))?;
-                listeners.tcp.push((addr, listener));
-            }
+            bind_tcp(addr, &mut out)?;
         }
     }
+    for &addr in tls_listen {
+        bind_tcp(addr, &mut out)?;
+    }
     Ok(out)
+}
+
+/// Binds `addr` as a SO_REUSEPORT group of TCP listeners, one for each of `out`.
+fn bind_tcp(addr: SocketAddr, out: &mut [Listeners]) -> anyhow::Result<()> {
+    exclusive_probe(addr, Type::STREAM).with_context(|| format!("listen tcp {addr}"))?;
+    for listeners in out {
+        let listener = tcp_listener(addr).with_context(|| format!("listen tcp {addr}"))?;
+        listeners.tcp.push((addr, listener));
+    }
+    Ok(())
 }
 
 /// Binds `addr` without SO_REUSEPORT and lets it go: fails if anyone holds the address.
