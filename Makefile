@@ -107,6 +107,9 @@ install-files:
 		install -m 0640 deploy/turn-control.example.toml $(DESTDIR)$(CONFDIR)/turn-control.toml
 	install -m 0644 deploy/README.md deploy/turn-control.example.toml deploy/xdp-agent.env \
 		$(DESTDIR)$(PREFIX)/share/xdp-turn/
+	install -d $(DESTDIR)$(PREFIX)/share/xdp-turn/systemd/turn-control.service.d
+	install -m 0644 deploy/systemd/turn-control.service.d/tls.conf \
+		$(DESTDIR)$(PREFIX)/share/xdp-turn/systemd/turn-control.service.d/
 	install -m 0644 deploy/prometheus/prometheus.yml deploy/prometheus/alerts.yml \
 		deploy/prometheus/alerts_test.yml $(DESTDIR)$(PREFIX)/share/xdp-turn/prometheus/
 	install -m 0644 deploy/grafana/xdp-turn.json $(DESTDIR)$(PREFIX)/share/xdp-turn/grafana/

@@ -88,7 +88,13 @@ fn systemd_units_pass_verify() -> anyhow::Result<()> {
         let text = text.replace("/usr/local/bin/", &format!("{}/", bin.display()));
         fs::write(dir.0.join(unit), text)?;
     }
-    let complaints = verify_units(&analyze, &dir.0, &units)?;
+    // The TLS drop-in on top of turn-control's unit: a unit file may repeat a section, and
+    // its later assignments win as a drop-in's do.
+    let with_tls = "turn-control-tls.service";
+    let text = fs::read_to_string(dir.0.join("turn-control.service"))?
+        + &read(&deploy("systemd/turn-control.service.d/tls.conf"));
+    fs::write(dir.0.join(with_tls), text)?;
+    let complaints = verify_units(&analyze, &dir.0, &[&units[..], &[with_tls]].concat())?;
     assert!(
         complaints.is_empty(),
         "systemd-analyze verify:\n{}",
@@ -152,6 +158,31 @@ fn units_keep_the_designed_properties() {
     assert_eq!(unit_values(&control, "Group"), ["turn-control"]);
     assert_eq!(unit_values(&control, "CapabilityBoundingSet"), [""]);
     assert_eq!(unit_values(&control, "AmbientCapabilities"), [""]);
+    // For port 443 the TLS drop-in grants one capability, which the daemon drops once its
+    // listeners are bound, and a group to read certificates it does not own.
+    let tls = read(&deploy("systemd/turn-control.service.d/tls.conf"));
+    assert_eq!(
+        unit_values(&tls, "CapabilityBoundingSet"),
+        ["CAP_NET_BIND_SERVICE"]
+    );
+    assert_eq!(
+        unit_values(&tls, "AmbientCapabilities"),
+        ["CAP_NET_BIND_SERVICE"]
+    );
+    assert_eq!(unit_values(&tls, "SupplementaryGroups"), ["ssl-cert"]);
+    let keys: Vec<&str> = tls
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.starts_with('['))
+        .filter_map(|line| line.split_once('=').map(|(key, _)| key))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "CapabilityBoundingSet",
+            "AmbientCapabilities",
+            "SupplementaryGroups"
+        ]
+    );
     assert!(unit_values(&control, "DynamicUser").is_empty());
     assert_eq!(
         unit_values(&control, "ExecReload"),
@@ -445,6 +476,10 @@ fn make_install_files_lands_everything() -> anyhow::Result<()> {
         ("usr/share/xdp-turn/prometheus/prometheus.yml", 0o644),
         ("usr/share/xdp-turn/prometheus/alerts.yml", 0o644),
         ("usr/share/xdp-turn/grafana/xdp-turn.json", 0o644),
+        (
+            "usr/share/xdp-turn/systemd/turn-control.service.d/tls.conf",
+            0o644,
+        ),
     ];
     for (path, mode) in expected {
         let metadata = fs::metadata(root.join(path)).with_context(|| format!("{path} missing"))?;

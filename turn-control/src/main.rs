@@ -11,6 +11,7 @@ mod drain;
 mod eventloop;
 mod host_addresses;
 mod metrics;
+mod privileges;
 mod tcp;
 mod threads;
 mod tls;
@@ -85,6 +86,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         settings.listener_buffer_bytes,
         threads,
     )?;
+    // Every listener is bound: a capability granted to bind port 443 is not needed again.
+    if privileges::drop_bind_capability().context("dropping CAP_NET_BIND_SERVICE")? {
+        tracing::info!("listeners bound; CAP_NET_BIND_SERVICE dropped");
+    }
     let dev_user = settings.dev.then(dev_credential).transpose()?;
     let mut seed = [0u8; 32];
     {
