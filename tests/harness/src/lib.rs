@@ -1,7 +1,7 @@
 //! Test harnesses shared by the lab tests (the `tests` package) and turn-control's own
 //! integration tests: the real daemon on loopback ([`daemon`]), a blocking STUN/TURN client
-//! ([`stun`]), coturn's client tools ([`coturn`]), certificates and a TURN client for TLS ([`tls`]), and finding the workspace's binaries and
-//! tools.
+//! ([`stun`]), coturn's client tools ([`coturn`]), certificates and a TURN client for TLS
+//! ([`tls`]), and finding the workspace's binaries and tools.
 //!
 //! Small on purpose: turn-control's tests use it as a dev-dependency, so it must not pull in
 //! the lab's BPF build.

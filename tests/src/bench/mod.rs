@@ -41,6 +41,7 @@ pub mod control;
 pub mod expiry;
 pub mod plot;
 pub mod raw;
+pub mod tls;
 pub mod turn;
 
 /// The client's address (a local address of the generator's namespace).

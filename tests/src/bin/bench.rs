@@ -10,9 +10,11 @@
 //! next-hop mode (the kernel's FIB, the default, and MAC swap), and the floor
 //! program of each mode (`floor_fib`, `floor`). Then the relay program with
 //! and without its expiry check, side by side (`tests::bench::expiry`).
+//! Apart: TURN over TLS, coturn beside turn-control (`tests::bench::tls`).
 //!
-//! Usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only]
-//! (`--expiry-only`: only the expiry check's section, printed; no report written)
+//! Usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only | --tls-only]
+//! (`--expiry-only`: only the expiry check's section, printed; `--tls-only`: only TURN over
+//! TLS, its section printed; no report written)
 //! Environment: BENCH_QUICK=1 for a tiny run; BENCH_RUNS, BENCH_SECONDS.
 
 use std::fmt::Write as _;
@@ -24,7 +26,7 @@ use tests::bench::control::{ControlFigures, RawOptions};
 use tests::bench::raw::percentile;
 use tests::bench::{
     BenchNet, BpfStats, Direction, Handling, Offered, case_frames, floor_key, plot, prog_stats,
-    turn,
+    tls, turn,
 };
 use tests::workspace_binary;
 
@@ -36,6 +38,8 @@ struct Options {
     quick: bool,
     /// Measure only the expiry check and print its section.
     expiry_only: bool,
+    /// Measure only TURN over TLS and print its section.
+    tls_only: bool,
     out: PathBuf,
     png: PathBuf,
 }
@@ -72,6 +76,7 @@ fn options() -> anyhow::Result<Options> {
         trial_seconds: if quick { 0.2 } else { 0.6 },
         quick,
         expiry_only: false,
+        tls_only: false,
         out: PathBuf::from("BENCHMARKS.md"),
         png: PathBuf::from("tests/bench/bench.png"),
     };
@@ -82,9 +87,10 @@ fn options() -> anyhow::Result<Options> {
             "--out" => options.out = value()?.into(),
             "--png" => options.png = value()?.into(),
             "--expiry-only" => options.expiry_only = true,
+            "--tls-only" => options.tls_only = true,
             "--help" | "-h" => {
                 println!(
-                    "usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only]"
+                    "usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only | --tls-only]"
                 );
                 println!("env: BENCH_QUICK=1, BENCH_RUNS=N, BENCH_SECONDS=S");
                 std::process::exit(0);
@@ -93,6 +99,10 @@ fn options() -> anyhow::Result<Options> {
         }
     }
     ensure!(options.runs > 0, "BENCH_RUNS must be positive");
+    ensure!(
+        !(options.expiry_only && options.tls_only),
+        "--expiry-only and --tls-only exclude each other"
+    );
     Ok(options)
 }
 
@@ -732,6 +742,9 @@ fn run() -> anyhow::Result<()> {
         tests::privileged(),
         "the bench needs root (namespaces, XDP)"
     );
+    if options.tls_only {
+        return tls_only(&options);
+    }
     let started = Instant::now();
     let _stats = BpfStats::enable()?;
     if options.expiry_only {
@@ -861,6 +874,57 @@ fn expiry_section(
         .find("\n## ")
         .map_or(TEMPLATE.len(), |end| start + 1 + end + 1);
     fill(&TEMPLATE[start..end], &expiry_values(options, expiry)?)
+}
+
+/// `--tls-only`: measures TURN over TLS, coturn beside turn-control, and prints its section
+/// of the report with the machine, the command and the load average before and after.
+fn tls_only(options: &Options) -> anyhow::Result<()> {
+    let load_before = load_average();
+    let shape = tls::Shape::bench(
+        options.runs,
+        Duration::from_secs_f64(options.seconds),
+        options.quick,
+    );
+    eprintln!(
+        "bench: TURN over TLS, {} round(s) of {:.1} s per figure and server (about {:.0} s of measurement)",
+        shape.rounds,
+        shape.window.as_secs_f64(),
+        shape.duration().as_secs_f64()
+    );
+    let started = Instant::now();
+    let figures = tls::measure(&tls_commands()?, shape)?;
+    let took = started.elapsed();
+    print!("{}", tls::section(&figures, &shape)?);
+    println!(
+        "Measured on its own with `BENCH_RUNS={} BENCH_SECONDS={}{} target/release/bench --tls-only` (built by `cargo build --release -p turn-control -p tests --bins`; run as root), in {:.0} s, on:\n\n{}- Load average before the run: {load_before}; after it: {}.\n",
+        options.runs,
+        options.seconds,
+        if options.quick { " BENCH_QUICK=1" } else { "" },
+        took.as_secs_f64(),
+        machine()
+            .lines()
+            .filter(|line| !line.starts_with("- Load average"))
+            .map(|line| format!("{line}\n"))
+            .collect::<String>(),
+        load_average()
+    );
+    Ok(())
+}
+
+/// The servers as the rest of the bench starts them, for TURN over TLS: coturn without
+/// `--no-tls`; `tests::bench::tls` adds the certificate and the TLS listener.
+fn tls_commands() -> anyhow::Result<tls::Commands> {
+    let mut coturn: Vec<String> = COTURN_ARGS
+        .iter()
+        .filter(|arg| **arg != "--no-tls")
+        .map(|arg| (*arg).to_owned())
+        .collect();
+    coturn.extend(["--no-stun-backward-compatibility", "--simple-log"].map(str::to_owned));
+    Ok(tls::Commands {
+        coturn,
+        turn_control: workspace_binary("turn-control")?,
+        turn_control_args: turn_control_args().into_iter().map(str::to_owned).collect(),
+    })
 }
 
 /// The expiry section's heading in [`TEMPLATE`].
@@ -1410,6 +1474,7 @@ mod render_tests {
             trial_seconds: 1.0,
             quick,
             expiry_only: false,
+            tls_only: false,
             out: PathBuf::from("BENCHMARKS.md"),
             png: PathBuf::from("tests/bench/bench.png"),
         }
