@@ -1,6 +1,6 @@
 //! The TURN server state machine.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -240,6 +240,9 @@ pub struct Server {
     sources: Option<SourceLimiter>,
     /// New Allocates are redirected ([`Server::set_draining`]).
     draining: bool,
+    /// The allocations changed since the daemon last journaled them
+    /// ([`Server::take_changes`]); `None` while nobody keeps a journal.
+    changed: Option<HashSet<FiveTuple>>,
     stats: Stats,
 }
 
@@ -410,6 +413,7 @@ impl Server {
             unauthorized,
             sources,
             draining: false,
+            changed: None,
             stats: Stats::default(),
         })
     }
@@ -863,6 +867,7 @@ impl Server {
             transport: binding.transport,
         };
         let key = (tuple, binding.channel);
+        self.mark_changed(&tuple);
         // The whole binding must match, relay address included: a late answer
         // for a deleted allocation's binding must not touch the channel a new
         // allocation of the same 5-tuple bound since.
@@ -1001,6 +1006,11 @@ impl Server {
     fn client_stun(&mut self, now: Instant, tuple: &FiveTuple, packet: &[u8]) {
         // Expire what is due first, so that no request sees a lapsed entry as alive.
         self.handle_timeout(now);
+        // Any request may change the allocation of its 5-tuple (a Send indication cannot, but
+        // marking costs one set insertion against a journal record only when it did change).
+        if self.allocations.contains_key(tuple) {
+            self.mark_changed(tuple);
+        }
         let req = match parse(packet) {
             Ok(req) => req,
             Err(error) => {
@@ -1376,6 +1386,10 @@ impl Server {
         let Some(alloc) = self.allocations.get(tuple) else {
             return;
         };
+        // Known to its client from now on: worth saving.
+        if let Some(changed) = &mut self.changed {
+            changed.insert(*tuple);
+        }
         let (txid, key, reservation) = (alloc.allocate_txid, *alloc.key, alloc.reservation);
         if let Some(token) = reservation {
             self.publish_reservation(now, tuple, token);
@@ -1824,6 +1838,13 @@ impl Server {
 
     fn fire(&mut self, now: Instant, timer: Timer) {
         match timer {
+            Timer::Allocation(tuple)
+            | Timer::Permission(tuple, _)
+            | Timer::Channel(tuple, _)
+            | Timer::Install(tuple, _) => self.mark_changed(&tuple),
+            Timer::Cooldown(..) | Timer::Reservation(_) => {}
+        }
+        match timer {
             Timer::Allocation(tuple) => {
                 tracing::debug!(client = %tuple.client, "allocation expired");
                 self.delete_allocation(&tuple);
@@ -1974,6 +1995,7 @@ impl Server {
     }
 
     fn delete_allocation(&mut self, tuple: &FiveTuple) {
+        self.mark_changed(tuple);
         let unannounced = self.unannounced_reservation(tuple);
         let Some(alloc) = self.allocations.remove(tuple) else {
             return;
@@ -2116,6 +2138,9 @@ fn remaining(expires: Instant, now: Instant) -> Duration {
 
 #[path = "reservation.rs"]
 mod reservation;
+
+#[path = "persist.rs"]
+pub(crate) mod persist;
 
 #[cfg(test)]
 #[path = "server_tests.rs"]

@@ -13,6 +13,7 @@ use crate::stun::{
     ATTR_ADDITIONAL_ADDRESS_FAMILY, ATTR_ADDITIONAL_ADDRESS_FAMILY_DRAFT, ATTR_ADDRESS_ERROR_CODE,
     Builder, error_code, parse,
 };
+use crate::{Change, RestoreRefusal, Restored, SavedChannel};
 
 const REALM: &str = "example.org";
 const LISTEN: &str = "198.51.100.1:3478";
@@ -2158,3 +2159,142 @@ mod abuse;
 /// allocations untouched.
 #[path = "server_tests_redirect.rs"]
 mod redirect;
+
+/// A fresh server of `config()` (adjusted by `f`) started `later` after `h`'s, as a new
+/// process would be: the same seed (hence nonce key), a new monotonic clock.
+fn restarted(h: &Harness, later: Duration, f: impl FnOnce(&mut Config)) -> Harness {
+    let mut config = config();
+    f(&mut config);
+    let now = Instant::now() + Duration::from_secs(3600);
+    let unix = SystemTime::UNIX_EPOCH + Duration::from_secs(h.unix_now()) + later;
+    Harness {
+        server: Server::new(config, now, unix).unwrap(),
+        now,
+        commands: Vec::new(),
+    }
+}
+
+#[test]
+fn a_saved_allocation_is_restored_with_its_permissions_and_kernel_channels() {
+    let mut h = Harness::new();
+    h.server.track_changes();
+    let mut c = Client::alice();
+    let relay = h.allocate(&mut c);
+    h.permit(&mut c, PEER2);
+    assert!(h.bind_acked(&mut c, 0x4001, PEER).is_success());
+    let changes = h.server.take_changes();
+    let [Change::Saved(saved)] = changes.as_slice() else {
+        panic!("{changes:?}");
+    };
+    assert_eq!(saved.relays, [relay.0]);
+    assert_eq!(saved.username, "alice");
+    assert_eq!(saved.permissions.len(), 2);
+    assert_eq!(
+        saved.channels,
+        [SavedChannel {
+            number: 0x4001,
+            peer: sa(PEER),
+            expires_unix_ms: (h.unix_now() + 600) * 1000,
+            in_kernel: true,
+        }]
+    );
+    assert!(h.server.take_changes().is_empty(), "nothing changed since");
+    assert_eq!(h.server.saved_allocations(), std::slice::from_ref(saved));
+
+    // A new process, ten seconds later.
+    let mut r = restarted(&h, Duration::from_secs(10), |_| {});
+    let restored = r.server.restore(r.now, saved).unwrap();
+    assert_eq!(
+        restored,
+        Restored {
+            permissions: 2,
+            channels: 1,
+            in_kernel: 1,
+        }
+    );
+    assert_eq!(r.server.allocation_count(), 1);
+    assert_eq!(r.server.stats().channels_active, 1);
+    // Its first sync carries the binding: the kernel never lets go of it. The permission
+    // (300 s from the bind, 10 s gone) bounds it.
+    let binding = channel_binding(&c, relay, 0x4001, PEER);
+    assert_eq!(
+        r.server.channel_bindings().collect::<Vec<_>>(),
+        vec![(binding, r.now + Duration::from_secs(290))]
+    );
+    // The client goes on as if nothing happened: its nonce is still good, its Refresh
+    // succeeds, its channel relays both ways.
+    let refresh = refresh_for(&mut c, 600);
+    let resp = r.call(&c, &refresh);
+    assert!(resp.is_success(), "{:?}", resp.code());
+    let out = r.send(&c, &channel_data(0x4001, b"after"));
+    assert_eq!(
+        out,
+        vec![Transmit::ToPeer {
+            relay,
+            peer: PeerAddr(sa(PEER)),
+            payload: b"after".to_vec()
+        }]
+    );
+    let out = r.peer_send(relay, PEER, b"back");
+    assert_eq!(out[0].payload(), &channel_data(0x4001, b"back")[..]);
+    // The quota ledger counts it again.
+    assert_eq!(r.server.config().quotas.user("alice"), 1);
+    // Restoring it twice is refused.
+    assert_eq!(
+        r.server.restore(r.now, saved),
+        Err(RestoreRefusal::PortTaken)
+    );
+}
+
+#[test]
+fn what_no_longer_fits_is_not_restored_and_deletions_are_reported() {
+    let mut h = Harness::new();
+    h.server.track_changes();
+    let mut c = Client::alice();
+    h.allocate(&mut c);
+    let changes = h.server.take_changes();
+    let [Change::Saved(saved)] = changes.as_slice() else {
+        panic!("{changes:?}");
+    };
+    // Down longer than the allocation's 600 s.
+    let mut r = restarted(&h, Duration::from_secs(601), |_| {});
+    assert_eq!(r.server.restore(r.now, saved), Err(RestoreRefusal::Expired));
+    let mut r = restarted(&h, Duration::ZERO, |config| {
+        config.listeners = vec![sa("198.51.100.1:443")];
+    });
+    assert_eq!(
+        r.server.restore(r.now, saved),
+        Err(RestoreRefusal::ListenerRemoved)
+    );
+    let mut r = restarted(&h, Duration::ZERO, |config| {
+        config.relay_ipv4 = Some("198.51.100.8".parse().unwrap());
+    });
+    assert_eq!(
+        r.server.restore(r.now, saved),
+        Err(RestoreRefusal::RelayAddressChanged)
+    );
+    let port = saved.port;
+    let mut r = restarted(&h, Duration::ZERO, |config| {
+        config.port_range = if port > 50_000 {
+            49_152..=50_000
+        } else {
+            60_000..=65_535
+        };
+    });
+    assert_eq!(
+        r.server.restore(r.now, saved),
+        Err(RestoreRefusal::PortOutOfRange)
+    );
+    assert_eq!(r.server.allocation_count(), 0);
+
+    // A deletion is a change too.
+    let refresh = refresh_for(&mut c, 0);
+    let resp = h.call(&c, &refresh);
+    assert!(resp.is_success());
+    assert_eq!(h.server.take_changes(), [Change::Deleted(saved.tuple())]);
+    // And nothing is tracked where nobody asked.
+    let mut quiet = Harness::new();
+    let mut c = Client::alice();
+    quiet.allocate(&mut c);
+    assert!(quiet.server.take_changes().is_empty());
+}
