@@ -17,8 +17,12 @@ as_root() {
 # bpftool, ethtool, iproute2: the lab and verifier logs.
 # coturn: the reference TURN server, peer and load generator for tests/bench.
 # prometheus: promtool, to check the shipped scrape config, rules and metrics.
+# chromium, chromium-driver: tests/tests/browser.rs, a real browser's WebRTC through
+# the relay over WebDriver; libnss3-tools: certutil, to make that Chromium trust
+# the test's CA.
 packages=(build-essential pkg-config libelf-dev zlib1g-dev protobuf-compiler
-          bpftool ethtool iproute2 coturn prometheus tcpdump)
+          bpftool ethtool iproute2 coturn prometheus tcpdump
+          chromium chromium-driver libnss3-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
