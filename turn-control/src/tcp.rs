@@ -99,6 +99,8 @@ pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write to the client may block (its receive window closed).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an orderly close may take (a TLS close_notify and the FIN).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a connection ended: the `reason` label of [`name::TCP_CLOSED`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,6 +507,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
+    if matches!(reason, Close::Client | Close::Server) {
+        // An orderly end: over TLS a close_notify answers the client's (RFC 8446 §6.1) before
+        // the FIN. Bounded: a peer that stopped reading gets no more time than this.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+    }
     drop(admitted);
     metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
     tracing::debug!(%client, %local, reason = reason.label(), %detail, "TCP connection ended");

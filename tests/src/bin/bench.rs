@@ -809,6 +809,10 @@ fn run() -> anyhow::Result<()> {
         .map(|s| (s, end_to_end(s, &options)))
         .collect();
 
+    eprintln!("bench: TURN over TLS beside coturn's");
+    let tls = tls_report(&options, false).unwrap_or_else(|error| {
+        format!("## TURN over TLS: handshakes and relayed messages\n\nNot measured: {error:#}\n")
+    });
     let report = render(
         &options,
         &results,
@@ -818,7 +822,8 @@ fn run() -> anyhow::Result<()> {
         &expiry,
         &e2e,
         started.elapsed(),
-    )?;
+    )? + "\n"
+        + &tls;
     std::fs::write(&options.out, report)
         .with_context(|| format!("cannot write {}", options.out.display()))?;
     if let Some(parent) = options.png.parent() {
@@ -879,6 +884,13 @@ fn expiry_section(
 /// `--tls-only`: measures TURN over TLS, coturn beside turn-control, and prints its section
 /// of the report with the machine, the command and the load average before and after.
 fn tls_only(options: &Options) -> anyhow::Result<()> {
+    print!("{}", tls_report(options, true)?);
+    Ok(())
+}
+
+/// The TURN-over-TLS section of the report: its figures and how they were measured; `alone`
+/// when the section was measured by `--tls-only` rather than as part of the whole bench.
+fn tls_report(options: &Options, alone: bool) -> anyhow::Result<String> {
     let load_before = load_average();
     let shape = tls::Shape::bench(
         options.runs,
@@ -886,29 +898,36 @@ fn tls_only(options: &Options) -> anyhow::Result<()> {
         options.quick,
     );
     eprintln!(
-        "bench: TURN over TLS, {} round(s) of {:.1} s per figure and server (about {:.0} s of measurement)",
+        "bench: TURN over TLS, {} round(s) of {:.1} s per figure and server",
         shape.rounds,
         shape.window.as_secs_f64(),
-        shape.duration().as_secs_f64()
     );
     let started = Instant::now();
     let figures = tls::measure(&tls_commands()?, shape)?;
     let took = started.elapsed();
-    print!("{}", tls::section(&figures, &shape)?);
-    println!(
-        "Measured on its own with `BENCH_RUNS={} BENCH_SECONDS={}{} target/release/bench --tls-only` (built by `cargo build --release -p turn-control -p tests --bins`; run as root), in {:.0} s, on:\n\n{}- Load average before the run: {load_before}; after it: {}.\n",
-        options.runs,
-        options.seconds,
-        if options.quick { " BENCH_QUICK=1" } else { "" },
-        took.as_secs_f64(),
-        machine()
-            .lines()
-            .filter(|line| !line.starts_with("- Load average"))
-            .map(|line| format!("{line}\n"))
-            .collect::<String>(),
-        load_average()
-    );
-    Ok(())
+    let mut out = tls::section(&figures, &shape)?;
+    if alone {
+        out.push_str(&format!(
+            "Measured on its own with `BENCH_RUNS={} BENCH_SECONDS={}{} target/release/bench --tls-only` (built by `cargo build --release -p turn-control -p tests --bins`; run as root), in {:.0} s, on:\n\n{}- Load average before the run: {load_before}; after it: {} (a shared machine: other builds and tests ran on the same cores, so absolute figures are low and noisy; the servers take turns within each round, and the ratios are the result).\n",
+            options.runs,
+            options.seconds,
+            if options.quick { " BENCH_QUICK=1" } else { "" },
+            took.as_secs_f64(),
+            machine()
+                .lines()
+                .filter(|line| !line.starts_with("- Load average"))
+                .map(|line| format!("{line}\n"))
+                .collect::<String>(),
+            load_average()
+        ));
+    } else {
+        out.push_str(&format!(
+            "Measured in this run, on the machine above, in {:.0} s; load average {load_before} before it and {} after. `target/release/bench --tls-only` measures this section alone.\n",
+            took.as_secs_f64(),
+            load_average()
+        ));
+    }
+    Ok(out)
 }
 
 /// The servers as the rest of the bench starts them, for TURN over TLS: coturn without
