@@ -5,6 +5,7 @@
 //! threads.
 
 mod config;
+pub mod fd_store;
 mod logging;
 mod net;
 mod sync;

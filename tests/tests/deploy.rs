@@ -153,7 +153,12 @@ fn units_keep_the_designed_properties() {
     }
 
     let control = read(&deploy("systemd/turn-control.service"));
-    assert_eq!(unit_values(&control, "Type"), ["simple"]);
+    assert_eq!(unit_values(&control, "Type"), ["notify"]);
+    // Restarts keep allocations: the state directory outlives a restart (not a stop), and the
+    // sockets wait in the store.
+    assert_eq!(unit_values(&control, "RuntimeDirectory"), ["turn-control"]);
+    assert_eq!(unit_values(&control, "RuntimeDirectoryPreserve"), ["restart"]);
+    assert_eq!(unit_values(&control, "FileDescriptorStoreMax"), ["65536"]);
     assert_eq!(unit_values(&control, "User"), ["turn-control"]);
     assert_eq!(unit_values(&control, "Group"), ["turn-control"]);
     assert_eq!(unit_values(&control, "CapabilityBoundingSet"), [""]);
@@ -209,6 +214,10 @@ fn units_keep_the_designed_properties() {
     );
     assert!(
         start.contains("--agent /run/xdp-turn/agent.sock"),
+        "{start}"
+    );
+    assert!(
+        start.contains("--state-dir /run/turn-control"),
         "{start}"
     );
     for unit in [&agent, &control] {

@@ -421,6 +421,17 @@ pub struct Settings {
         skip_serializing_if = "is_default_agent_queue"
     )]
     pub agent_queue: usize,
+    /// Directory for state that outlives the process: the nonce key's seed and a journal of
+    /// every allocation, restored at the next start. With it SIGTERM hands over (allocations
+    /// stay, for the next process) and SIGINT ends them all; under systemd the listener and
+    /// relay sockets go into the service's file-descriptor store [default: none; SIGTERM ends
+    /// every allocation].
+    #[arg(
+        long = "state-dir",
+        env = "TURN_CONTROL_STATE_DIR",
+        value_name = "PATH"
+    )]
+    pub state_dir: Option<PathBuf>,
     /// Admin HTTP listener: GET /healthz (every event-loop thread alive), GET /readyz
     /// (listening and not draining), POST /drain (start draining), GET /drain [default: none].
     #[arg(long, env = "TURN_CONTROL_ADMIN", value_name = "ADDR:PORT")]

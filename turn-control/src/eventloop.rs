@@ -28,12 +28,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use turn_control_core::{
     ClientAddr, Command, Config, Credentials, Family, FiveTuple, OffloadError, PeerAddr, RelayAddr,
-    Server, Transmit, Transport,
+    RestoreRefusal, Restored, Server, Transmit, Transport,
 };
 
 use crate::agent::{AgentQueue, FromAgent, Lease, ToAgent};
 use crate::config::Settings;
+use crate::handover::{SocketStore, relay_name};
 use crate::metrics::name;
+use crate::state::{Loaded, ThreadJournal};
 use crate::tcp::{self, TcpEvent};
 use crate::threads::{Control, Listeners, Report, ReportSlot, ReservedSocket, ReservedSockets};
 use crate::tls::Tls;
@@ -107,6 +109,10 @@ pub struct ThreadSetup {
     pub tcp_limits: Arc<tcp::Limits>,
     /// TURN over TLS on the TCP listeners, if a certificate is configured.
     pub tls: Option<Arc<Tls>>,
+    /// The thread's journal and what it restores (`--state-dir`).
+    pub state: Option<ThreadState>,
+    /// The service manager's file-descriptor store for relay sockets (may be none).
+    pub store: Arc<SocketStore>,
     /// Requests to the agent link, if an agent is configured.
     pub agent: Option<AgentQueue>,
     /// Answers and link events from the agent link.
@@ -115,6 +121,18 @@ pub struct ThreadSetup {
     pub control: mpsc::UnboundedReceiver<Control>,
     /// Where it reports its counters.
     pub report: ReportSlot,
+}
+
+/// What a thread restores at start and journals afterwards (`--state-dir`).
+#[derive(Debug)]
+pub struct ThreadState {
+    /// The thread's journal.
+    pub journal: ThreadJournal,
+    /// What it held.
+    pub loaded: Loaded,
+    /// The relay sockets of the thread's port slice that the previous process left in the
+    /// store, by family and port.
+    pub relays: HashMap<(Family, u16), Socket>,
 }
 
 /// The event loop. Build with [`Eventloop::new`] inside the thread's runtime, then
@@ -149,6 +167,10 @@ pub struct Eventloop {
     /// The reserved ports' sockets of every thread, kept unread until an allocation adopts
     /// them.
     reserved_sockets: ReservedSockets,
+    /// The journal of this thread's allocations (`--state-dir`).
+    journal: Option<ThreadJournal>,
+    /// Where relay sockets go to outlive the process.
+    store: Arc<SocketStore>,
 }
 
 impl Eventloop {
@@ -162,6 +184,8 @@ impl Eventloop {
             own_addresses,
             tcp_limits,
             tls,
+            state,
+            store,
             agent,
             agent_events,
             control,
@@ -201,6 +225,8 @@ impl Eventloop {
             report,
             reserved_sockets,
             settings,
+            journal: None,
+            store,
         };
         for (addr, socket) in listeners.udp {
             let slot = this
@@ -216,7 +242,147 @@ impl Eventloop {
             let task = tokio::spawn(tcp::accept(listener, addr, inbox, limits, tls.clone()));
             this.tcp_accept.push(task);
         }
+        if let Some(state) = state {
+            this.restore(state);
+        }
         Ok(this)
+    }
+
+    /// Brings back the allocations of the thread's journal whose relay sockets it holds again
+    /// (passed back by the store, or bound anew on the same port), then rewrites the journal
+    /// as what was restored. What cannot be restored ends as if it had expired: its channels
+    /// are not in the first sync, so they leave the kernel too.
+    fn restore(&mut self, state: ThreadState) {
+        let ThreadState {
+            mut journal,
+            loaded,
+            mut relays,
+        } = state;
+        let dropped = |reason: &'static str, count: usize| {
+            metrics::counter!(name::RESTORE_DROPPED, "reason" => reason).increment(count as u64);
+        };
+        if let Some((reason, why)) = &loaded.discarded {
+            tracing::warn!(thread = self.index, why, "the journal is not restored");
+            dropped(reason, 1);
+        }
+        if loaded.torn_bytes > 0 {
+            tracing::warn!(
+                thread = self.index,
+                bytes = loaded.torn_bytes,
+                "the journal had a torn or damaged tail; restoring what came before it"
+            );
+        }
+        let now = Instant::now();
+        let mut totals = Restored::default();
+        let (mut allocations, mut kept, mut rebound) = (0u64, 0u64, 0u64);
+        for saved in &loaded.allocations {
+            let tuple = saved.tuple();
+            if tuple.transport == Transport::Tcp {
+                // Its connection closed with the previous process: the client knows it gone.
+                tracing::debug!(client = %tuple.client, "TCP allocation not restored: its connection ended");
+                dropped("tcp_connection_closed", 1);
+                continue;
+            }
+            let mut sockets = Vec::with_capacity(saved.relays.len());
+            for &relay in &saved.relays {
+                let relay = RelayAddr(relay);
+                let socket = match relays.remove(&(relay.family(), relay.0.port())) {
+                    Some(socket) => {
+                        kept += 1;
+                        Ok((socket, true))
+                    }
+                    None => self
+                        .open_relay_socket(relay, saved.dont_fragment)
+                        .map(|socket| {
+                            rebound += 1;
+                            (socket, false)
+                        }),
+                };
+                match socket {
+                    Ok(socket) => sockets.push((relay, socket)),
+                    Err(error) => {
+                        tracing::info!(%relay, %error, "relay port of a saved allocation unavailable");
+                        break;
+                    }
+                }
+            }
+            if sockets.len() != saved.relays.len() {
+                dropped("relay_port_unavailable", 1);
+                self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
+                continue;
+            }
+            match self
+                .server
+                .restore(now, saved, &self.settings.ports.range())
+            {
+                Ok(restored) => {
+                    allocations += 1;
+                    totals.permissions += restored.permissions;
+                    totals.channels += restored.channels;
+                    totals.in_kernel += restored.in_kernel;
+                    for (relay, (socket, in_store)) in sockets {
+                        if let Err(error) = self.read_relay_socket(relay, socket, in_store) {
+                            tracing::warn!(%relay, %error, "cannot read a restored relay socket");
+                        }
+                    }
+                }
+                Err(refusal) => {
+                    tracing::info!(client = %tuple.client, reason = %refusal, "saved allocation not restored");
+                    dropped(refusal_label(refusal), 1);
+                    self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
+                }
+            }
+        }
+        // Relay sockets of allocations that were not restored.
+        for (family, port) in relays.into_keys() {
+            self.store.forget(&relay_name(family, port));
+        }
+        for (what, count) in [
+            ("allocations", allocations),
+            ("permissions", totals.permissions as u64),
+            ("channels", totals.channels as u64),
+            ("kernel_channels", totals.in_kernel as u64),
+            ("relay_sockets_kept", kept),
+            ("relay_sockets_rebound", rebound),
+        ] {
+            metrics::counter!(name::RESTORED, "what" => what).increment(count);
+        }
+        if !loaded.allocations.is_empty() || loaded.discarded.is_some() {
+            tracing::info!(
+                thread = self.index,
+                saved = loaded.allocations.len(),
+                allocations,
+                permissions = totals.permissions,
+                channels = totals.channels,
+                kernel_channels = totals.in_kernel,
+                relay_sockets_kept = kept,
+                relay_sockets_rebound = rebound,
+                "allocations restored"
+            );
+        }
+        self.server.track_changes();
+        journal.compact(self.server.saved_allocations());
+        self.journal = Some(journal);
+    }
+
+    /// Takes the relay sockets of `relays` out of the store (they close with their values).
+    fn forget_relays(&self, relays: impl Iterator<Item = RelayAddr>) {
+        for relay in relays {
+            self.store
+                .forget(&relay_name(relay.family(), relay.0.port()));
+        }
+    }
+
+    /// Journals what changed in the allocations since the last call; compacts the journal
+    /// when it has grown enough.
+    fn journal_changes(&mut self) {
+        let Some(journal) = &mut self.journal else {
+            return;
+        };
+        journal.append(self.server.take_changes());
+        if journal.should_compact() {
+            journal.compact(self.server.saved_allocations());
+        }
     }
 
     /// Runs until the main thread says [`Control::Terminate`] (or goes away), then drains:
@@ -232,8 +398,10 @@ impl Eventloop {
         // Sockets may have become readable before tokio watched the epoll descriptor.
         let mut first = true;
 
+        let mut handover = false;
         loop {
             self.flush();
+            self.journal_changes();
             let deadline = self.server.poll_timeout();
             if deadline != armed {
                 if let Some(d) = deadline {
@@ -261,6 +429,10 @@ impl Eventloop {
             };
             match event {
                 Event::Control(Control::Terminate) => break,
+                Event::Control(Control::Handover) => {
+                    handover = true;
+                    break;
+                }
                 Event::Control(Control::Reload {
                     credentials,
                     allow_peer,
@@ -302,7 +474,11 @@ impl Eventloop {
                 }
             }
         }
-        self.drain();
+        if handover {
+            self.hand_over();
+        } else {
+            self.drain();
+        }
     }
 
     fn insert(&mut self, socket: Socket, role: Role) -> std::io::Result<usize> {
@@ -617,7 +793,7 @@ impl Eventloop {
     fn bind_relay(&mut self, relay: RelayAddr, dont_fragment: bool) {
         let result = self
             .open_relay_socket(relay, dont_fragment)
-            .and_then(|socket| self.read_relay_socket(relay, socket));
+            .and_then(|socket| self.read_relay_socket(relay, socket, false));
         self.answer_bind(relay, result);
     }
 
@@ -653,7 +829,7 @@ impl Eventloop {
                 self.open_relay_socket(relay, dont_fragment)
             }
         };
-        let result = socket.and_then(|socket| self.read_relay_socket(relay, socket));
+        let result = socket.and_then(|socket| self.read_relay_socket(relay, socket, false));
         self.answer_bind(relay, result);
     }
 
@@ -685,8 +861,18 @@ impl Eventloop {
         Ok(socket)
     }
 
-    /// Reads `socket` on this thread as the relay socket of `relay`.
-    fn read_relay_socket(&mut self, relay: RelayAddr, socket: Socket) -> std::io::Result<()> {
+    /// Reads `socket` on this thread as the relay socket of `relay`, and puts it into the
+    /// store unless it is there already (`in_store`: passed back by it).
+    fn read_relay_socket(
+        &mut self,
+        relay: RelayAddr,
+        socket: Socket,
+        in_store: bool,
+    ) -> std::io::Result<()> {
+        if !in_store {
+            self.store
+                .keep(&relay_name(relay.family(), relay.0.port()), &socket);
+        }
         let slot = self.insert(socket, Role::Relay(relay))?;
         if let Some(old) = self.relays.insert((relay.family(), relay.0.port()), slot) {
             self.remove(old);
@@ -717,6 +903,7 @@ impl Eventloop {
             return;
         };
         self.remove(slot);
+        self.store.forget(&relay_name(relay.family(), port));
         tracing::debug!(%relay, "relay socket closed");
     }
 
@@ -830,6 +1017,30 @@ impl Eventloop {
         };
     }
 
+    /// Stops for a restart: the UDP allocations stay as journaled, their relay sockets in the
+    /// store and their channels in the kernel, for the next process. TCP allocations end (a
+    /// connection does not outlive the process), with their relay sockets.
+    fn hand_over(&mut self) {
+        for task in self.tcp_accept.drain(..) {
+            task.abort();
+        }
+        let tcp: Vec<(SocketAddr, SocketAddr)> = self.tcp_conns.keys().copied().collect();
+        for (local, client) in tcp {
+            self.server
+                .handle_client_closed(Transport::Tcp, local, ClientAddr(client));
+        }
+        self.flush();
+        self.journal_changes();
+        self.tcp_conns.clear();
+        tracing::debug!(
+            thread = self.index,
+            allocations = self.server.allocation_count(),
+            "handed over"
+        );
+        self.publish();
+        self.agent = None;
+    }
+
     fn drain(&mut self) {
         tracing::debug!(
             thread = self.index,
@@ -846,6 +1057,7 @@ impl Eventloop {
         // Every allocation ends: its channels leave the kernel, its sockets close.
         self.server.shutdown();
         self.flush();
+        self.journal_changes();
         self.tcp_conns.clear();
         self.publish();
         // The agent link ends once every thread dropped its sender.
@@ -867,5 +1079,17 @@ async fn agent_slot(agent: Option<&AgentQueue>) -> mpsc::OwnedPermit<ToAgent> {
     match agent {
         Some(queue) => queue.slot().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The `reason` label of [`name::RESTORE_DROPPED`] for a refusal of the core.
+fn refusal_label(refusal: RestoreRefusal) -> &'static str {
+    match refusal {
+        RestoreRefusal::Expired => "expired",
+        RestoreRefusal::PortOutOfRange => "port_out_of_range",
+        RestoreRefusal::RelayAddressChanged => "relay_address_changed",
+        RestoreRefusal::ListenerRemoved => "listener_removed",
+        RestoreRefusal::PortTaken => "port_taken",
+        RestoreRefusal::MalformedKey => "malformed_key",
     }
 }

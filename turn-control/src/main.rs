@@ -9,9 +9,12 @@ mod agent_properties;
 mod config;
 mod drain;
 mod eventloop;
+mod handover;
 mod host_addresses;
+mod journal;
 mod metrics;
 mod privileges;
+mod state;
 mod tcp;
 mod threads;
 mod tls;
@@ -78,6 +81,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
     }
     let threads = settings.threads;
+    // The service manager's store and what it passed back: before any thread exists, since
+    // taking the passed fds clears their environment variables.
+    let notify = daemon::fd_store::FdStore::from_env()
+        .context("$NOTIFY_SOCKET")?
+        .map(Arc::new);
+    let (mut inherited, store) = match &settings.state_dir {
+        Some(dir) => {
+            state::prepare(dir)?;
+            // SAFETY: no other thread exists yet (the runtime starts below), so nothing else
+            // reads or writes the environment, and nothing else owns the passed fds.
+            let fds = unsafe { daemon::fd_store::inherited() }.context("$LISTEN_FDS")?;
+            let store = handover::SocketStore::new(notify.clone());
+            (handover::Inherited::new(fds, &store), store)
+        }
+        None => Default::default(),
+    };
+    if inherited.len() > 0 {
+        tracing::info!(
+            sockets = inherited.len(),
+            "sockets passed back by the service manager"
+        );
+    }
+    let store = Arc::new(store);
     // Everything that can fail on bad input fails here, before any thread starts.
     let tls = tls(&settings)?;
     let listeners = threads::bind_listeners(
@@ -85,18 +111,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         settings.tcp,
         settings.listener_buffer_bytes,
         threads,
+        (&mut inherited, &store),
     )?;
     // Every listener is bound: a capability granted to bind port 443 is not needed again.
     if privileges::drop_bind_capability().context("dropping CAP_NET_BIND_SERVICE")? {
         tracing::info!("listeners bound; CAP_NET_BIND_SERVICE dropped");
     }
     let dev_user = settings.dev.then(dev_credential).transpose()?;
-    let mut seed = [0u8; 32];
-    {
-        use rand::TryRng as _;
-        rand::rngs::SysRng
-            .try_fill_bytes(&mut seed)
-            .context("seeding the random number generator from the OS")?;
+    let seed = match &settings.state_dir {
+        Some(dir) => state::seed(dir)?,
+        None => {
+            let mut seed = [0u8; 32];
+            use rand::TryRng as _;
+            rand::rngs::SysRng
+                .try_fill_bytes(&mut seed)
+                .context("seeding the random number generator from the OS")?;
+            seed
+        }
+    };
+    let mut thread_states = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let Some(dir) = &settings.state_dir else {
+            thread_states.push(None);
+            continue;
+        };
+        let (journal, loaded) = state::ThreadJournal::open(dir, index, threads)?;
+        let relays = inherited.take_relays(
+            loaded
+                .allocations
+                .iter()
+                .flat_map(|saved| saved.relays.iter().copied()),
+        );
+        thread_states.push(Some(eventloop::ThreadState {
+            journal,
+            loaded,
+            relays,
+        }));
+    }
+    let closed = std::mem::take(&mut inherited).close_rest(&store);
+    if closed > 0 {
+        tracing::info!(
+            sockets = closed,
+            "inherited sockets closed: not of this configuration"
+        );
     }
     // Shared by every thread's core: quotas and RESERVATION-TOKENs hold daemon-wide.
     let quotas = QuotaLedger::shared();
@@ -136,7 +193,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             (listeners, host_addresses),
             seed,
             (&quotas, &reservations),
-            tls,
+            Prepared {
+                tls,
+                thread_states,
+                store,
+                notify: notify.clone(),
+            },
         )?;
         supervisor.serve_admin(admin);
         if let Some(user) = &dev_user {
@@ -159,12 +221,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             "relay ready"
         );
+        if let Some(notify) = &notify
+            && let Err(error) = notify.notify("READY=1")
+        {
+            tracing::warn!(%error, "cannot tell the service manager that the relay is ready");
+        }
         supervisor.run(signals).await
     })
 }
 
-/// The signals the main thread answers: SIGTERM and SIGINT end the relay (deleting every
-/// allocation), SIGHUP reloads, SIGUSR1 starts draining.
+/// The signals the main thread answers: SIGINT ends the relay (deleting every allocation),
+/// and so does SIGTERM, unless a state directory is configured: then SIGTERM hands over (the
+/// allocations stay, for the next process); SIGHUP reloads, SIGUSR1 starts draining.
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -181,6 +249,18 @@ impl Signals {
             user1: signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
         })
     }
+}
+
+/// What start-up prepared for the event-loop threads besides their listeners.
+struct Prepared {
+    /// TURN over TLS, if a certificate is configured.
+    tls: Option<Arc<tls::Tls>>,
+    /// Per thread, its journal and what it restores (`--state-dir`).
+    thread_states: Vec<Option<eventloop::ThreadState>>,
+    /// Where relay sockets go to outlive the process.
+    store: Arc<handover::SocketStore>,
+    /// The service manager's notification socket.
+    notify: Option<Arc<daemon::fd_store::FdStore>>,
 }
 
 /// The main thread's side of the event-loop threads: their control channels, reports and
@@ -209,6 +289,8 @@ struct Supervisor {
     drain_started: Option<std::time::Instant>,
     /// TURN over TLS, whose certificate SIGHUP reloads.
     tls: Option<Arc<tls::Tls>>,
+    /// The service manager's notification socket, if there is one.
+    notify: Option<Arc<daemon::fd_store::FdStore>>,
 }
 
 impl Supervisor {
@@ -222,7 +304,12 @@ impl Supervisor {
         ),
         seed: [u8; 32],
         (quotas, reservations): (&Arc<QuotaLedger>, &Arc<ReservationLedger>),
-        tls: Option<Arc<tls::Tls>>,
+        Prepared {
+            tls,
+            thread_states,
+            store,
+            notify,
+        }: Prepared,
     ) -> anyhow::Result<Self> {
         if let Some(tls) = &tls {
             tokio::spawn(tls::watch(Arc::clone(tls)));
@@ -274,9 +361,13 @@ impl Supervisor {
             status: Arc::new(admin::Status::new(Vec::new(), Arc::clone(quotas), false)),
             drain_started: None,
             tls: tls.clone(),
+            notify,
         };
-        for (index, (listeners, agent_events)) in
-            listeners.into_iter().zip(agent_receivers).enumerate()
+        for (index, ((listeners, agent_events), state)) in listeners
+            .into_iter()
+            .zip(agent_receivers)
+            .zip(thread_states)
+            .enumerate()
         {
             let (control_tx, control) = mpsc::unbounded_channel();
             let report = ReportSlot::default();
@@ -290,6 +381,8 @@ impl Supervisor {
                 own_addresses: own_addresses.clone(),
                 tcp_limits: Arc::clone(&tcp_limits),
                 tls: tls.clone(),
+                state,
+                store: Arc::clone(&store),
                 agent: agent_tx.clone(),
                 agent_events,
                 control,
@@ -319,9 +412,15 @@ impl Supervisor {
     async fn run(&mut self, mut signals: Signals) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut handover = false;
         let failure = loop {
             tokio::select! {
-                _ = signals.terminate.recv() => break None,
+                _ = signals.terminate.recv() => {
+                    // With a state directory SIGTERM is a restart (systemctl restart, an
+                    // upgrade): the allocations stay for the next process.
+                    handover = self.settings.state_dir.is_some();
+                    break None;
+                }
                 _ = signals.interrupt.recv() => break None,
                 _ = signals.hangup.recv() => self.reload(),
                 _ = signals.user1.recv() => {
@@ -345,9 +444,20 @@ impl Supervisor {
                 }
             }
         };
-        tracing::info!("draining");
+        if handover {
+            tracing::info!(
+                allocations = self.status.allocations(),
+                "handing over: the allocations stay for the next process"
+            );
+        } else {
+            tracing::info!("draining");
+        }
         for control in &self.controls {
-            let _ = control.send(Control::Terminate);
+            let _ = control.send(if handover {
+                Control::Handover
+            } else {
+                Control::Terminate
+            });
         }
         for thread in self.threads.drain(..) {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -357,6 +467,13 @@ impl Supervisor {
             && tokio::time::timeout(AGENT_DRAIN, task).await.is_err()
         {
             tracing::warn!("xdp-agent did not take the last removals in time");
+        }
+        if let Some(notify) = &self.notify {
+            // The last FDSTORE and FDSTOREREMOVE messages reach the manager before it sees
+            // the process exit (sd_notify_barrier(3)).
+            if let Err(error) = notify.barrier(Duration::from_secs(5)) {
+                tracing::warn!(%error, "the service manager did not confirm the last socket changes");
+            }
         }
         tracing::info!("drained, exiting");
         match failure {

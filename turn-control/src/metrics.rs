@@ -92,6 +92,12 @@ declare_metrics! {
     gauge TCP_CONNECTIONS = "turn_tcp_connections_active", "TURN-over-TCP connections open";
     counter TCP_CLOSED = "turn_tcp_connections_closed_total",
         "TURN-over-TCP and TLS connections closed, by reason (client, error, server, shutdown, not_turn, first_frame_timeout, frame_timeout, frame_too_long, write_timeout, unallocated_timeout, tls_handshake, tls_not_configured; refused at once: per_source_cap, total_cap)";
+    counter RESTORED = "turn_restart_restored_total",
+        "What a start restored from --state-dir, by kind (allocations, permissions, channels, kernel_channels, relay_sockets_kept, relay_sockets_rebound, listeners_kept)";
+    counter RESTORE_DROPPED = "turn_restart_dropped_total",
+        "Saved allocations a start did not restore, by reason (expired, port_out_of_range, relay_address_changed, listener_removed, port_taken, malformed_key, relay_port_unavailable, tcp_connection_closed; a whole journal: threads_changed, journal_format, journal_unreadable)";
+    counter JOURNAL_ERRORS = "turn_journal_write_errors_total",
+        "Failed writes of the allocation journal (--state-dir): a restart would lose what they held";
     counter TLS_HANDSHAKES = "turn_tls_handshakes_total",
         "TLS handshakes completed, by protocol version (1.2, 1.3) and whether the session was resumed";
     counter TLS_HANDSHAKE_FAILURES = "turn_tls_handshake_failures_total",

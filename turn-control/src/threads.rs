@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use socket2::{Domain, Protocol, Socket, Type};
 use turn_control_core::{Credentials, RelayAddr, Stats};
 
+use crate::handover::{Inherited, ListenerKind, SocketStore, listener_name};
 use crate::udp;
 
 /// What the main thread tells an event-loop thread.
@@ -51,8 +52,11 @@ pub enum Control {
     /// The host's addresses changed (or were learned at start): every address of every
     /// interface, and the configured relay addresses, all refused as peers.
     OwnAddresses(Vec<IpAddr>),
-    /// SIGTERM: drain and stop.
+    /// SIGTERM or SIGINT: delete every allocation and stop.
     Terminate,
+    /// SIGTERM with a state directory: stop, leaving the allocations (journaled, their
+    /// sockets in the store, their channels in the kernel) to the next process.
+    Handover,
 }
 
 /// What an event-loop thread shows the metrics, refreshed once a second.
@@ -136,41 +140,96 @@ pub struct Listeners {
 /// Binds every address of `listen` as a SO_REUSEPORT group of `threads` UDP sockets (of
 /// `buffer_bytes` each) and, with `tcp`, `threads` TCP listeners, and every address of
 /// `tls_listen` as a group of `threads` TCP listeners; `result[i]` belongs to thread `i`.
-/// Errors name the address.
+/// A socket the previous process left in the store ([`Inherited`]) is taken instead of a
+/// fresh one, so the group, and with it the kernel's choice of thread for each client, stays
+/// as it was; every listener is (again) in the store afterwards. Errors name the address.
 pub fn bind_listeners(
     (listen, tls_listen): (&[SocketAddr], &[SocketAddr]),
     tcp: bool,
     buffer_bytes: usize,
     threads: usize,
+    (inherited, store): (&mut Inherited, &SocketStore),
 ) -> anyhow::Result<Vec<Listeners>> {
     let mut out: Vec<Listeners> = (0..threads).map(|_| Listeners::default()).collect();
+    let mut kept = 0;
     for &addr in listen {
         // SO_REUSEPORT would let this daemon join a group that another process of the same
         // user holds, silently splitting its clients; a plain bind first finds it busy.
-        exclusive_probe(addr, Type::DGRAM).with_context(|| format!("listen udp {addr}"))?;
-        for listeners in &mut out {
-            let socket = udp::bind(addr, buffer_bytes, true)
-                .with_context(|| format!("listen udp {addr}"))?;
+        // Sockets passed back from the store hold the address themselves.
+        if !inherited.has_listener(addr) {
+            exclusive_probe(addr, Type::DGRAM).with_context(|| format!("listen udp {addr}"))?;
+        }
+        for (thread, listeners) in out.iter_mut().enumerate() {
+            let socket = match inherited.take_listener(ListenerKind::Udp, thread, addr) {
+                Some(socket) => {
+                    kept += 1;
+                    udp::set_buffers(&socket, buffer_bytes)
+                        .with_context(|| format!("listen udp {addr}"))?;
+                    socket
+                }
+                None => udp::bind(addr, buffer_bytes, true)
+                    .with_context(|| format!("listen udp {addr}"))?,
+            };
             listeners.udp.push((addr, socket));
         }
         if tcp {
-            bind_tcp(addr, &mut out)?;
+            kept += bind_tcp(addr, &mut out, inherited)?;
         }
     }
     for &addr in tls_listen {
-        bind_tcp(addr, &mut out)?;
+        kept += bind_tcp(addr, &mut out, inherited)?;
+    }
+    if store.is_some() {
+        for (thread, listeners) in out.iter().enumerate() {
+            // Replaced as a whole: a listener of a removed address leaves the store with it.
+            let (udp, tcp) = (
+                listener_name(ListenerKind::Udp, thread),
+                listener_name(ListenerKind::Tcp, thread),
+            );
+            store.forget(&udp);
+            store.forget(&tcp);
+            for (_, socket) in &listeners.udp {
+                store.keep(&udp, socket);
+            }
+            for (_, listener) in &listeners.tcp {
+                store.keep(&tcp, &Socket::from(listener.try_clone()?));
+            }
+        }
+    }
+    if kept > 0 {
+        metrics::counter!(crate::metrics::name::RESTORED, "what" => "listeners_kept")
+            .increment(kept as u64);
+        tracing::info!(
+            sockets = kept,
+            "listener sockets kept from the previous process"
+        );
     }
     Ok(out)
 }
 
-/// Binds `addr` as a SO_REUSEPORT group of TCP listeners, one for each of `out`.
-fn bind_tcp(addr: SocketAddr, out: &mut [Listeners]) -> anyhow::Result<()> {
-    exclusive_probe(addr, Type::STREAM).with_context(|| format!("listen tcp {addr}"))?;
-    for listeners in out {
-        let listener = tcp_listener(addr).with_context(|| format!("listen tcp {addr}"))?;
+/// Binds `addr` as a SO_REUSEPORT group of TCP listeners, one for each of `out`, or takes
+/// them from `inherited`; how many were inherited.
+fn bind_tcp(
+    addr: SocketAddr,
+    out: &mut [Listeners],
+    inherited: &mut Inherited,
+) -> anyhow::Result<usize> {
+    if !inherited.has_listener(addr) {
+        exclusive_probe(addr, Type::STREAM).with_context(|| format!("listen tcp {addr}"))?;
+    }
+    let mut kept = 0;
+    for (thread, listeners) in out.iter_mut().enumerate() {
+        let listener = match inherited.take_listener(ListenerKind::Tcp, thread, addr) {
+            Some(socket) => {
+                kept += 1;
+                socket.set_nonblocking(true)?;
+                socket.into()
+            }
+            None => tcp_listener(addr).with_context(|| format!("listen tcp {addr}"))?,
+        };
         listeners.tcp.push((addr, listener));
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Binds `addr` without SO_REUSEPORT and lets it go: fails if anyone holds the address.

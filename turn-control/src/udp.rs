@@ -25,12 +25,19 @@ pub fn bind(addr: SocketAddr, buffer: usize, reuse_port: bool) -> io::Result<Soc
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
-    socket.set_nonblocking(true)?;
-    // Best effort: a smaller buffer than asked for is not a reason to fail.
-    let _ = socket.set_recv_buffer_size(buffer);
-    let _ = socket.set_send_buffer_size(buffer);
+    set_buffers(&socket, buffer)?;
     socket.bind(&addr.into())?;
     Ok(socket)
+}
+
+/// Makes `socket` non-blocking with `buffer` bytes of SO_RCVBUF and SO_SNDBUF (best effort:
+/// a smaller buffer than asked for is not a reason to fail). Also for a socket passed back
+/// from the file-descriptor store, whose flags and sizes the configuration may have changed.
+pub fn set_buffers(socket: &Socket, buffer: usize) -> io::Result<()> {
+    socket.set_nonblocking(true)?;
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    Ok(())
 }
 
 /// Sets what DONT-FRAGMENT asks of an allocation's relay socket (RFC 8656 section 7.2):

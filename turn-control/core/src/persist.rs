@@ -135,8 +135,7 @@ pub enum RestoreRefusal {
     /// It expired while the daemon was down.
     #[error("expired")]
     Expired,
-    /// Its port is outside this core's slice of the port range (the range or the number of
-    /// threads changed).
+    /// Its port is outside the configured port range (the range shrank).
     #[error("port outside the configured range")]
     PortOutOfRange,
     /// A relayed address is not the configured relay address of its family.
@@ -265,10 +264,15 @@ impl Server {
     /// out; the channels the data plane held are marked as held, so that the first sync after
     /// the restart carries them and the kernel never drops them. Counts against the quotas as
     /// the allocation did (without refusing: it exists already).
+    ///
+    /// `ports` is the daemon's whole port range, not only this core's slice: an allocation
+    /// that took a port reserved by another core (RFC 8656 §7.2, a RESERVATION-TOKEN) lives
+    /// outside the slice, as it did before the restart.
     pub fn restore(
         &mut self,
         now: Instant,
         saved: &SavedAllocation,
+        ports: &std::ops::RangeInclusive<u16>,
     ) -> Result<Restored, RestoreRefusal> {
         let tuple = saved.tuple();
         let expires = self.instant_of(saved.expires_unix_ms, now);
@@ -276,7 +280,7 @@ impl Server {
             return Err(RestoreRefusal::Expired);
         }
         let port = AllocationPort(saved.port);
-        if !self.config.port_range.contains(&saved.port) {
+        if !ports.contains(&saved.port) {
             return Err(RestoreRefusal::PortOutOfRange);
         }
         if self.by_port.contains_key(&port) {

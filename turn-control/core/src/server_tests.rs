@@ -2203,7 +2203,7 @@ fn a_saved_allocation_is_restored_with_its_permissions_and_kernel_channels() {
 
     // A new process, ten seconds later.
     let mut r = restarted(&h, Duration::from_secs(10), |_| {});
-    let restored = r.server.restore(r.now, saved).unwrap();
+    let restored = r.server.restore(r.now, saved, &(49152..=65535)).unwrap();
     assert_eq!(
         restored,
         Restored {
@@ -2241,7 +2241,7 @@ fn a_saved_allocation_is_restored_with_its_permissions_and_kernel_channels() {
     assert_eq!(r.server.config().quotas.user("alice"), 1);
     // Restoring it twice is refused.
     assert_eq!(
-        r.server.restore(r.now, saved),
+        r.server.restore(r.now, saved, &(49152..=65535)),
         Err(RestoreRefusal::PortTaken)
     );
 }
@@ -2258,31 +2258,31 @@ fn what_no_longer_fits_is_not_restored_and_deletions_are_reported() {
     };
     // Down longer than the allocation's 600 s.
     let mut r = restarted(&h, Duration::from_secs(601), |_| {});
-    assert_eq!(r.server.restore(r.now, saved), Err(RestoreRefusal::Expired));
+    assert_eq!(r.server.restore(r.now, saved, &(49152..=65535)), Err(RestoreRefusal::Expired));
     let mut r = restarted(&h, Duration::ZERO, |config| {
         config.listeners = vec![sa("198.51.100.1:443")];
     });
     assert_eq!(
-        r.server.restore(r.now, saved),
+        r.server.restore(r.now, saved, &(49152..=65535)),
         Err(RestoreRefusal::ListenerRemoved)
     );
     let mut r = restarted(&h, Duration::ZERO, |config| {
         config.relay_ipv4 = Some("198.51.100.8".parse().unwrap());
     });
     assert_eq!(
-        r.server.restore(r.now, saved),
+        r.server.restore(r.now, saved, &(49152..=65535)),
         Err(RestoreRefusal::RelayAddressChanged)
     );
-    let port = saved.port;
+    let shrunk = if saved.port > 50_000 {
+        49_152..=50_000
+    } else {
+        60_000..=65_535
+    };
     let mut r = restarted(&h, Duration::ZERO, |config| {
-        config.port_range = if port > 50_000 {
-            49_152..=50_000
-        } else {
-            60_000..=65_535
-        };
+        config.port_range = shrunk.clone();
     });
     assert_eq!(
-        r.server.restore(r.now, saved),
+        r.server.restore(r.now, saved, &shrunk),
         Err(RestoreRefusal::PortOutOfRange)
     );
     assert_eq!(r.server.allocation_count(), 0);
