@@ -40,6 +40,7 @@ use crate::tcp::{self, TcpEvent};
 use crate::threads::{Control, Listeners, Report, ReportSlot, ReservedSocket, ReservedSockets};
 use crate::tls::Tls;
 use crate::udp::{self, RecvBatch};
+use tokio::sync::watch;
 
 /// Sockets whose batches are read per round before the loop looks at timers and channels
 /// again.
@@ -51,6 +52,8 @@ const EVENTS: usize = 1024;
 const ERRORS_PER_ROUND: usize = 32;
 /// How often the wall clock is re-anchored (REST usernames, nonces follow NTP steps).
 const WALL_CLOCK_EVERY: u64 = 60;
+/// How long a hand-over waits for its kept TCP connections to stop and report.
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 enum Role {
@@ -74,6 +77,8 @@ struct UdpEntry {
 struct TcpConn {
     /// Frames to write to the client.
     tx: mpsc::Sender<Vec<u8>>,
+    /// Its socket is in the file-descriptor store: it outlives the process.
+    kept: bool,
     /// Whether its 5-tuple has an allocation, for the connection's task (see
     /// [`TcpEvent::Opened`]).
     allocated: Arc<AtomicBool>,
@@ -130,9 +135,12 @@ pub struct ThreadState {
     pub journal: ThreadJournal,
     /// What it held.
     pub loaded: Loaded,
-    /// The relay sockets of the thread's port slice that the previous process left in the
+    /// The relay sockets of the thread's allocations that the previous process left in the
     /// store, by family and port.
     pub relays: HashMap<(Family, u16), Socket>,
+    /// The TCP connections of the thread's allocations that the previous process left in
+    /// the store, by listener and client.
+    pub connections: HashMap<(SocketAddr, SocketAddr), Socket>,
 }
 
 /// The event loop. Build with [`Eventloop::new`] inside the thread's runtime, then
@@ -155,7 +163,6 @@ pub struct Eventloop {
     tcp_conns: HashMap<(SocketAddr, SocketAddr), TcpConn>,
     tcp_accept: Vec<JoinHandle<()>>,
     inbox_rx: mpsc::Receiver<TcpEvent>,
-    inbox_tx: mpsc::Sender<TcpEvent>,
     agent: Option<AgentQueue>,
     agent_rx: mpsc::Receiver<FromAgent>,
     agent_connected: bool,
@@ -169,6 +176,10 @@ pub struct Eventloop {
     reserved_sockets: ReservedSockets,
     /// The journal of this thread's allocations (`--state-dir`).
     journal: Option<ThreadJournal>,
+    /// What the TCP connection tasks share.
+    tcp: tcp::Shared,
+    /// Tells kept TCP connections to stop for a hand-over.
+    handover_tx: watch::Sender<bool>,
     /// Where relay sockets go to outlive the process.
     store: Arc<SocketStore>,
 }
@@ -201,6 +212,17 @@ impl Eventloop {
         // the AsyncFd holds it; dropping the AsyncFd deregisters before closing.
         let poll = unsafe { AsyncFd::register(poll) }.context("registering epoll with tokio")?;
         let (inbox_tx, inbox_rx) = mpsc::channel(4096);
+        let (handover_tx, handover) = watch::channel(false);
+        let tcp = tcp::Shared {
+            inbox: inbox_tx.clone(),
+            limits: Arc::clone(&tcp_limits),
+            tls,
+            // Without a journal nothing restores their allocations: no point keeping them.
+            store: state
+                .as_ref()
+                .and(store.is_some().then(|| Arc::clone(&store))),
+            handover,
+        };
         let mut this = Self {
             index,
             server,
@@ -216,7 +238,6 @@ impl Eventloop {
             tcp_conns: HashMap::new(),
             tcp_accept: Vec::new(),
             inbox_rx,
-            inbox_tx,
             agent,
             agent_rx: agent_events,
             agent_connected: false,
@@ -227,6 +248,8 @@ impl Eventloop {
             settings,
             journal: None,
             store,
+            tcp,
+            handover_tx,
         };
         for (addr, socket) in listeners.udp {
             let slot = this
@@ -237,9 +260,7 @@ impl Eventloop {
         for (addr, listener) in listeners.tcp {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .with_context(|| format!("listen tcp {addr}"))?;
-            let inbox = this.inbox_tx.clone();
-            let limits = Arc::clone(&tcp_limits);
-            let task = tokio::spawn(tcp::accept(listener, addr, inbox, limits, tls.clone()));
+            let task = tokio::spawn(tcp::accept(listener, addr, this.tcp.clone()));
             this.tcp_accept.push(task);
         }
         if let Some(state) = state {
@@ -255,8 +276,9 @@ impl Eventloop {
     fn restore(&mut self, state: ThreadState) {
         let ThreadState {
             mut journal,
-            loaded,
+            mut loaded,
             mut relays,
+            mut connections,
         } = state;
         let dropped = |reason: &'static str, count: usize| {
             metrics::counter!(name::RESTORE_DROPPED, "reason" => reason).increment(count as u64);
@@ -274,15 +296,24 @@ impl Eventloop {
         }
         let now = Instant::now();
         let mut totals = Restored::default();
-        let (mut allocations, mut kept, mut rebound) = (0u64, 0u64, 0u64);
+        let (mut allocations, mut kept, mut rebound, mut tcp_kept) = (0u64, 0u64, 0u64, 0u64);
         for saved in &loaded.allocations {
             let tuple = saved.tuple();
-            if tuple.transport == Transport::Tcp {
-                // Its connection closed with the previous process: the client knows it gone.
-                tracing::debug!(client = %tuple.client, "TCP allocation not restored: its connection ended");
-                dropped("tcp_connection_closed", 1);
-                continue;
-            }
+            let key = (tuple.server, tuple.client.0);
+            let connection = if tuple.transport == Transport::Tcp {
+                match connections.remove(&key) {
+                    Some(connection) => Some(connection),
+                    None => {
+                        // Its connection closed with the previous process (a TLS one, or no
+                        // store): the client knows it gone.
+                        tracing::debug!(client = %tuple.client, "TCP allocation not restored: its connection ended");
+                        dropped("tcp_connection_closed", 1);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let mut sockets = Vec::with_capacity(saved.relays.len());
             for &relay in &saved.relays {
                 let relay = RelayAddr(relay);
@@ -309,6 +340,7 @@ impl Eventloop {
             if sockets.len() != saved.relays.len() {
                 dropped("relay_port_unavailable", 1);
                 self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
+                self.forget_connection(key, connection);
                 continue;
             }
             match self
@@ -325,17 +357,37 @@ impl Eventloop {
                             tracing::warn!(%relay, %error, "cannot read a restored relay socket");
                         }
                     }
+                    if let Some(connection) = connection {
+                        let pending = loaded.pending.remove(&key).unwrap_or_default();
+                        let (local, client) = key;
+                        match tcp::resume(
+                            connection.into(),
+                            local,
+                            client,
+                            pending,
+                            self.tcp.clone(),
+                        ) {
+                            Ok(()) => tcp_kept += 1,
+                            Err(error) => {
+                                tracing::warn!(%client, %error, "cannot resume a kept TCP connection");
+                            }
+                        }
+                    }
                 }
                 Err(refusal) => {
                     tracing::info!(client = %tuple.client, reason = %refusal, "saved allocation not restored");
                     dropped(refusal_label(refusal), 1);
                     self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
+                    self.forget_connection(key, connection);
                 }
             }
         }
-        // Relay sockets of allocations that were not restored.
+        // Relay sockets and connections of allocations that were not restored.
         for (family, port) in relays.into_keys() {
             self.store.forget(&relay_name(family, port));
+        }
+        for (key, connection) in connections {
+            self.forget_connection(key, Some(connection));
         }
         for (what, count) in [
             ("allocations", allocations),
@@ -344,6 +396,7 @@ impl Eventloop {
             ("kernel_channels", totals.in_kernel as u64),
             ("relay_sockets_kept", kept),
             ("relay_sockets_rebound", rebound),
+            ("tcp_connections_kept", tcp_kept),
         ] {
             metrics::counter!(name::RESTORED, "what" => what).increment(count);
         }
@@ -357,12 +410,25 @@ impl Eventloop {
                 kernel_channels = totals.in_kernel,
                 relay_sockets_kept = kept,
                 relay_sockets_rebound = rebound,
+                tcp_connections_kept = tcp_kept,
                 "allocations restored"
             );
         }
         self.server.track_changes();
         journal.compact(self.server.saved_allocations());
         self.journal = Some(journal);
+    }
+
+    /// Takes a kept TCP connection whose allocation is not restored out of the store; it
+    /// closes with `connection`, and its client learns that its allocation is gone.
+    fn forget_connection(
+        &self,
+        (local, client): (SocketAddr, SocketAddr),
+        connection: Option<Socket>,
+    ) {
+        if connection.is_some() {
+            self.store.forget(&tcp::connection_name(local, client));
+        }
     }
 
     /// Takes the relay sockets of `relays` out of the store (they close with their values).
@@ -401,7 +467,6 @@ impl Eventloop {
         let mut handover = false;
         loop {
             self.flush();
-            self.journal_changes();
             let deadline = self.server.poll_timeout();
             if deadline != armed {
                 if let Some(d) = deadline {
@@ -475,7 +540,7 @@ impl Eventloop {
             }
         }
         if handover {
-            self.hand_over();
+            self.hand_over().await;
         } else {
             self.drain();
         }
@@ -665,6 +730,9 @@ impl Eventloop {
     /// response whose side effect is not confirmed, so the order does not matter).
     fn flush(&mut self) {
         self.commands();
+        // Before any answer goes out: a client told of a change (an Allocate, a ChannelBind
+        // success) must find it after a crash that comes right after.
+        self.journal_changes();
         while let Some(transmit) = self.server.poll_transmit() {
             match transmit {
                 Transmit::ToClient {
@@ -914,10 +982,19 @@ impl Eventloop {
                 client,
                 tx,
                 allocated,
+                kept,
             } => {
-                self.tcp_conns
-                    .insert((local, client), TcpConn { tx, allocated });
+                self.tcp_conns.insert(
+                    (local, client),
+                    TcpConn {
+                        tx,
+                        kept,
+                        allocated,
+                    },
+                );
             }
+            // Only while handing over, which waits for these itself.
+            TcpEvent::HandedOver { .. } | TcpEvent::Stopped { .. } => {}
             TcpEvent::Frame {
                 local,
                 client,
@@ -1017,21 +1094,77 @@ impl Eventloop {
         };
     }
 
-    /// Stops for a restart: the UDP allocations stay as journaled, their relay sockets in the
-    /// store and their channels in the kernel, for the next process. TCP allocations end (a
-    /// connection does not outlive the process), with their relay sockets.
-    fn hand_over(&mut self) {
+    /// Stops for a restart: the allocations stay as journaled, their relay sockets in the
+    /// store and their channels in the kernel, for the next process. Kept TCP connections
+    /// stop where they are and report what they had read of their next frame, which the
+    /// journal carries over; the allocations of the other TCP connections (TLS, or without a
+    /// store) end, as their connections do.
+    async fn hand_over(&mut self) {
         for task in self.tcp_accept.drain(..) {
             task.abort();
         }
-        let tcp: Vec<(SocketAddr, SocketAddr)> = self.tcp_conns.keys().copied().collect();
-        for (local, client) in tcp {
+        let (kept, ended): (Vec<_>, Vec<_>) = self
+            .tcp_conns
+            .iter()
+            .map(|(&key, conn)| (key, conn.kept))
+            .partition(|(_, kept)| *kept);
+        for ((local, client), _) in ended {
             self.server
                 .handle_client_closed(Transport::Tcp, local, ClientAddr(client));
         }
+        let _ = self.handover_tx.send(true);
+        // First every kept connection stops reading (its frames read until then are handled
+        // here, their answers queued to it); then its queue closes, and it writes what is
+        // queued before it stops.
+        let kept: std::collections::HashSet<(SocketAddr, SocketAddr)> =
+            kept.into_iter().map(|(key, _)| key).collect();
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        let mut reading = kept.clone();
+        let mut pending = Vec::new();
+        while !reading.is_empty() {
+            match tokio::time::timeout_at(deadline, self.inbox_rx.recv()).await {
+                Ok(Some(TcpEvent::HandedOver {
+                    local,
+                    client,
+                    pending: bytes,
+                })) => {
+                    reading.remove(&(local, client));
+                    pending.push(((local, client), bytes));
+                }
+                Ok(Some(TcpEvent::Closed { local, client })) => {
+                    reading.remove(&(local, client));
+                    self.tcp_event(TcpEvent::Closed { local, client });
+                }
+                Ok(Some(event)) => self.tcp_event(event),
+                Ok(None) | Err(_) => break,
+            }
+            self.flush();
+        }
         self.flush();
-        self.journal_changes();
+        let writing = kept.len() - reading.len();
         self.tcp_conns.clear();
+        let mut stopped = 0;
+        while stopped < writing {
+            match tokio::time::timeout_at(deadline, self.inbox_rx.recv()).await {
+                Ok(Some(TcpEvent::Stopped { local, client })) => {
+                    tracing::trace!(%local, %client, "TCP connection left to the next process");
+                    stopped += 1;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !reading.is_empty() || stopped < writing {
+            tracing::warn!(
+                thread = self.index,
+                connections = kept.len() - stopped,
+                "TCP connections did not stop in time; part of their streams may be lost"
+            );
+        }
+        self.flush();
+        if let Some(journal) = &mut self.journal {
+            journal.append_pending(pending);
+        }
         tracing::debug!(
             thread = self.index,
             allocations = self.server.allocation_count(),
@@ -1054,10 +1187,16 @@ impl Eventloop {
         for slot in listeners {
             self.remove(slot);
         }
+        // Kept connections leave the store now: their tasks do not run again once the loop
+        // returns, and the clients must see their connections end with the relay.
+        for (&(local, client), conn) in &self.tcp_conns {
+            if conn.kept {
+                self.store.forget(&tcp::connection_name(local, client));
+            }
+        }
         // Every allocation ends: its channels leave the kernel, its sockets close.
         self.server.shutdown();
         self.flush();
-        self.journal_changes();
         self.tcp_conns.clear();
         self.publish();
         // The agent link ends once every thread dropped its sender.

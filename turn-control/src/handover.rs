@@ -1,8 +1,8 @@
 //! Sockets that outlive the process (`--state-dir` under a service manager with a
 //! file-descriptor store: systemd's `FileDescriptorStoreMax=`, see sd_notify(3) FDSTORE=1).
 //!
-//! Every listener socket and every relay socket goes into the store when it is bound and
-//! leaves it when it closes, so the store always holds what the process holds: after a
+//! Every listener socket, relay socket and plain TCP client connection goes into the store
+//! when it is bound (accepted) and leaves it when it closes, so the store always holds what the process holds: after a
 //! SIGTERM, and after a crash just as well, the service manager passes them to the next
 //! process (`LISTEN_FDS`), which reads them again. No port is free for a moment, so no other
 //! socket takes it, and a datagram that arrives meanwhile waits in the socket's queue instead
@@ -10,7 +10,9 @@
 //!
 //! Names: `listener-udp-<thread>` and `listener-tcp-<thread>` (one per listener address,
 //! told apart by their bound address), `relay-v4-<port>` and `relay-v6-<port>` (one relay
-//! address per family, so the port names the socket). systemd allows neither ':' nor more
+//! address per family, so the port names the socket), `tcp-<listener>-<client>` for plain
+//! TURN-over-TCP connections ([`crate::tcp::connection_name`]; a TLS session's keys cannot
+//! be handed to another process, so TLS connections end with it). systemd allows neither ':' nor more
 //! than 255 characters in a name, which rules out addresses.
 
 use std::collections::HashMap;
@@ -102,6 +104,8 @@ pub struct Inherited {
     listeners: HashMap<String, Vec<(SocketAddr, Socket)>>,
     /// Relay sockets by family and port.
     relays: HashMap<(Family, u16), Socket>,
+    /// Plain TCP client connections by store name ([`crate::tcp::connection_name`]).
+    connections: HashMap<String, Socket>,
 }
 
 impl Inherited {
@@ -113,6 +117,8 @@ impl Inherited {
             let socket = Socket::from(fd);
             if let Some(key) = parse_relay_name(&name) {
                 this.relays.insert(key, socket);
+            } else if name.starts_with("tcp-") {
+                this.connections.insert(name, socket);
             } else if name.starts_with("listener-")
                 && let Ok(Some(addr)) = socket.local_addr().map(|a| a.as_socket())
             {
@@ -130,7 +136,9 @@ impl Inherited {
 
     /// How many sockets were passed.
     pub fn len(&self) -> usize {
-        self.relays.len() + self.listeners.values().map(Vec::len).sum::<usize>()
+        self.relays.len()
+            + self.connections.len()
+            + self.listeners.values().map(Vec::len).sum::<usize>()
     }
 
     /// The listener of `kind` of `thread` bound to `addr`, if the previous process had it.
@@ -166,6 +174,20 @@ impl Inherited {
             .collect()
     }
 
+    /// The TCP connections of `connections` (listener and client of the TCP allocations a
+    /// thread restores) that the previous process left, by listener and client.
+    pub fn take_connections(
+        &mut self,
+        connections: impl Iterator<Item = (SocketAddr, SocketAddr)>,
+    ) -> HashMap<(SocketAddr, SocketAddr), Socket> {
+        connections
+            .filter_map(|(local, client)| {
+                let name = crate::tcp::connection_name(local, client);
+                Some(((local, client), self.connections.remove(&name)?))
+            })
+            .collect()
+    }
+
     /// Closes what nobody took (listeners no longer configured, relay sockets of allocations
     /// no journal holds) and takes them out of the store; how many.
     pub fn close_rest(self, store: &SocketStore) -> usize {
@@ -179,6 +201,14 @@ impl Inherited {
                 );
                 closed += sockets.len();
             }
+        }
+        for name in self.connections.into_keys() {
+            tracing::info!(
+                name,
+                "closing an inherited TCP connection whose allocation is not saved"
+            );
+            store.forget(&name);
+            closed += 1;
         }
         for (family, port) in self.relays.into_keys() {
             tracing::info!(

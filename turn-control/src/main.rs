@@ -106,7 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let store = Arc::new(store);
     // Everything that can fail on bad input fails here, before any thread starts.
     let tls = tls(&settings)?;
-    let listeners = threads::bind_listeners(
+    let (listeners, listeners_kept) = threads::bind_listeners(
         (&settings.listen, &settings.tls_listen),
         settings.tcp,
         settings.listener_buffer_bytes,
@@ -142,10 +142,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .flat_map(|saved| saved.relays.iter().copied()),
         );
+        let connections = inherited.take_connections(
+            loaded
+                .allocations
+                .iter()
+                .map(|saved| (saved.server, saved.client)),
+        );
         thread_states.push(Some(eventloop::ThreadState {
             journal,
             loaded,
             relays,
+            connections,
         }));
     }
     let closed = std::mem::take(&mut inherited).close_rest(&store);
@@ -183,6 +190,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(addr) = settings.metrics {
             metrics::install(addr)?;
         }
+        // Counted here: the listeners were bound before the recorder existed.
+        ::metrics::counter!(metrics::name::RESTORED, "what" => "listeners_kept")
+            .increment(listeners_kept as u64);
         let admin = settings.admin.map(admin::bind).transpose()?;
         ::metrics::gauge!(metrics::name::AGENT_CONNECTED).set(0.0);
         let host_addresses = follow_host_addresses().await;

@@ -49,6 +49,16 @@ pub enum Record {
     },
     /// An allocation as it stands.
     Saved(Box<SavedAllocation>),
+    /// What a TCP connection handed over had read of its next frame: the next process reads
+    /// on from there (only the last process's hand-over counts: a compaction drops it).
+    Pending {
+        /// The client.
+        client: SocketAddr,
+        /// The listener.
+        server: SocketAddr,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
     /// The allocation of this 5-tuple ended.
     Deleted {
         /// The client.
@@ -132,7 +142,12 @@ pub fn seed(dir: &Path) -> anyhow::Result<[u8; 32]> {
 
 /// Makes `dir` if it is missing (0700: it holds keys) and checks that it is a directory.
 pub fn prepare(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let metadata = std::fs::metadata(dir).with_context(|| format!("{}", dir.display()))?;
     anyhow::ensure!(metadata.is_dir(), "{} is not a directory", dir.display());
     if metadata.permissions().mode() & 0o077 != 0 {
@@ -160,6 +175,8 @@ pub struct Loaded {
     pub discarded: Option<(&'static str, String)>,
     /// Bytes of a torn or damaged tail that were cut off.
     pub torn_bytes: u64,
+    /// What handed-over TCP connections had read of their next frame, by listener and client.
+    pub pending: HashMap<(SocketAddr, SocketAddr), Vec<u8>>,
 }
 
 impl ThreadJournal {
@@ -223,6 +240,13 @@ impl ThreadJournal {
                     Ok(Record::Saved(saved)) => {
                         allocations.insert(saved.tuple(), *saved);
                     }
+                    Ok(Record::Pending {
+                        client,
+                        server,
+                        bytes,
+                    }) => {
+                        loaded.pending.insert((server, client), bytes);
+                    }
                     Ok(Record::Deleted {
                         client,
                         server,
@@ -266,6 +290,29 @@ impl ThreadJournal {
         if let Err(error) = self.journal.append(records.iter().map(Vec::as_slice)) {
             metrics::counter!(crate::metrics::name::JOURNAL_ERRORS).increment(1);
             tracing::error!(path = %self.path.display(), %error, "journal write failed; a restart now would lose these changes");
+        }
+    }
+
+    /// Records what the handed-over TCP connections had read of their next frames.
+    pub fn append_pending(&mut self, pending: Vec<((SocketAddr, SocketAddr), Vec<u8>)>) {
+        let records: Vec<Vec<u8>> = pending
+            .into_iter()
+            .filter(|(_, bytes)| !bytes.is_empty())
+            .map(|((server, client), bytes)| {
+                Record::Pending {
+                    client,
+                    server,
+                    bytes,
+                }
+                .encode()
+            })
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        if let Err(error) = self.journal.append(records.iter().map(Vec::as_slice)) {
+            metrics::counter!(crate::metrics::name::JOURNAL_ERRORS).increment(1);
+            tracing::error!(path = %self.path.display(), %error, "journal write failed; handed-over TCP connections may lose part of a frame");
         }
     }
 

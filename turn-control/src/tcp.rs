@@ -41,11 +41,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use turn_control_core::frame_len;
 use turn_control_core::framing::{FrameKind, frame_kind};
 
+use crate::handover::SocketStore;
 use crate::metrics::name;
 use crate::tls::Tls;
 
@@ -63,6 +64,21 @@ pub enum TcpEvent {
         /// Whether the connection's 5-tuple has an allocation: the event loop keeps it
         /// current, the task reads it when the connection has been idle for long.
         allocated: Arc<AtomicBool>,
+        /// The connection's socket is in the file-descriptor store: it outlives the process
+        /// (plain TCP with `--state-dir`; a TLS session cannot be handed to another process).
+        kept: bool,
+    },
+    /// A kept connection stopped reading for a hand-over ([`Shared::handover`]): its socket
+    /// stays in the store, unread bytes of a partial frame are here, for the next process. It
+    /// goes on writing what the event loop queues until its queue closes, then says
+    /// [`TcpEvent::Stopped`].
+    HandedOver {
+        /// The listener.
+        local: SocketAddr,
+        /// The client.
+        client: SocketAddr,
+        /// What was read of the next frame.
+        pending: Vec<u8>,
     },
     /// One STUN or ChannelData frame from a client.
     Frame {
@@ -72,6 +88,14 @@ pub enum TcpEvent {
         client: SocketAddr,
         /// The frame.
         frame: Vec<u8>,
+    },
+    /// A handed-over connection wrote everything queued for it and left its socket to the
+    /// next process.
+    Stopped {
+        /// The listener.
+        local: SocketAddr,
+        /// The client.
+        client: SocketAddr,
     },
     /// A client's connection ended.
     Closed {
@@ -134,6 +158,8 @@ enum Close {
     TlsHandshake,
     /// A TLS handshake on a relay without a certificate.
     TlsNotConfigured,
+    /// The process hands over; a kept connection goes on in the next one.
+    Handover,
 }
 
 impl Close {
@@ -154,6 +180,7 @@ impl Close {
             Close::TotalCap => "total_cap",
             Close::TlsHandshake => "tls_handshake",
             Close::TlsNotConfigured => "tls_not_configured",
+            Close::Handover => "handover",
         }
     }
 }
@@ -206,6 +233,21 @@ impl Limits {
             limits: Arc::clone(self),
             source,
         })
+    }
+}
+
+impl Limits {
+    /// A place for a connection from `client` whatever the caps (a connection the previous
+    /// process had admitted).
+    fn count(self: &Arc<Self>, client: IpAddr) -> Admitted {
+        let source = source_of(client);
+        let mut open = daemon::lock(&self.open);
+        *open.by_source.entry(source).or_default() += 1;
+        open.total += 1;
+        Admitted {
+            limits: Arc::clone(self),
+            source,
+        }
     }
 }
 
@@ -282,23 +324,40 @@ fn open_files_limit() -> std::io::Result<libc::rlimit> {
     Ok(limit)
 }
 
-/// Accepts connections on `listener` until the task is aborted, within `limits`; with `tls`,
-/// connections that open with a TLS handshake are TURN over TLS.
-pub async fn accept(
-    listener: TcpListener,
-    local: SocketAddr,
-    inbox: mpsc::Sender<TcpEvent>,
-    limits: Arc<Limits>,
-    tls: Option<Arc<Tls>>,
-) {
+/// What every connection task of an event loop shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// The event loop's inbox.
+    pub inbox: mpsc::Sender<TcpEvent>,
+    /// The connection caps and the idle time.
+    pub limits: Arc<Limits>,
+    /// TURN over TLS, with a certificate.
+    pub tls: Option<Arc<Tls>>,
+    /// Where plain connections go to outlive the process (with `--state-dir` under a
+    /// service manager).
+    pub store: Option<Arc<SocketStore>>,
+    /// Becomes true when the event loop hands over: kept connections stop where they are,
+    /// leaving their sockets to the next process ([`TcpEvent::HandedOver`]).
+    pub handover: watch::Receiver<bool>,
+}
+
+/// The store name of the connection from `client` to the listener `local`: unique among the
+/// open connections, without the ':' that the store does not allow.
+pub fn connection_name(local: SocketAddr, client: SocketAddr) -> String {
+    let plain = |addr: SocketAddr| format!("{}-{}", addr.ip(), addr.port()).replace(':', "_");
+    format!("tcp-{}-{}", plain(local), plain(client))
+}
+
+/// Accepts connections on `listener` until the task is aborted, within `shared`'s limits;
+/// with a certificate, connections that open with a TLS handshake are TURN over TLS.
+pub async fn accept(listener: TcpListener, local: SocketAddr, shared: Shared) {
     loop {
         match listener.accept().await {
-            Ok((stream, client)) => match limits.admit(client.ip()) {
+            Ok((stream, client)) => match shared.limits.admit(client.ip()) {
                 Ok(admitted) => {
                     let _ = stream.set_nodelay(true);
-                    let tls = tls.clone();
-                    let inbox = inbox.clone();
-                    tokio::spawn(connection(stream, local, client, inbox, admitted, tls));
+                    let shared = shared.clone();
+                    tokio::spawn(connection(stream, local, client, admitted, shared));
                 }
                 Err(cap) => refuse(stream, local, client, cap),
             },
@@ -309,6 +368,35 @@ pub async fn accept(
             }
         }
     }
+}
+
+/// Goes on with a connection the previous process kept in the store, whose allocation was
+/// restored: `pending` is what that process had read of the next frame.
+pub fn resume(
+    stream: std::net::TcpStream,
+    local: SocketAddr,
+    client: SocketAddr,
+    pending: Vec<u8>,
+    shared: Shared,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(true)?;
+    let stream = TcpStream::from_std(stream)?;
+    let _ = stream.set_nodelay(true);
+    // It was admitted by the process before; counted again, it may exceed a cap lowered
+    // since, which is no reason to end a call.
+    let admitted = shared.limits.count(client.ip());
+    let name = connection_name(local, client);
+    tokio::spawn(serve(
+        stream,
+        (local, client),
+        admitted,
+        shared,
+        Resume {
+            kept: Some(name),
+            pending: Some(pending),
+        },
+    ));
+    Ok(())
 }
 
 /// Closes a connection beyond a cap of [`Limits`] at once, with a reset: nothing was said on
@@ -398,9 +486,8 @@ async fn connection(
     stream: TcpStream,
     local: SocketAddr,
     client: SocketAddr,
-    inbox: mpsc::Sender<TcpEvent>,
     admitted: Admitted,
-    tls: Option<Arc<Tls>>,
+    shared: Shared,
 ) {
     let accepted = Instant::now();
     let mut first = [0u8; 1];
@@ -416,97 +503,163 @@ async fn connection(
         Ok(Ok(_)) => {}
     }
     if first[0] != TLS_HANDSHAKE_RECORD {
-        return serve(stream, local, client, inbox, admitted).await;
+        // A plain connection can outlive the process: its socket goes into the store.
+        let kept = shared.store.as_ref().map(|store| {
+            let name = connection_name(local, client);
+            store.keep(&name, &socket2::SockRef::from(&stream));
+            name
+        });
+        let resume = Resume {
+            kept,
+            pending: None,
+        };
+        return serve(stream, (local, client), admitted, shared, resume).await;
     }
-    let Some(tls) = tls else {
+    let Some(tls) = shared.tls.clone() else {
         return ended(Close::TlsNotConfigured, "no --tls-cert");
     };
     match tls.handshake(stream).await {
-        Ok(stream) => serve(stream, local, client, inbox, admitted).await,
+        Ok(stream) => serve(stream, (local, client), admitted, shared, Resume::default()).await,
         Err(failure) => ended(Close::TlsHandshake, failure.label()),
     }
 }
 
+/// How a connection's stream starts and whether it outlives the process.
+#[derive(Debug, Default)]
+struct Resume {
+    /// Its name in the file-descriptor store, if it is kept there.
+    kept: Option<String>,
+    /// Resumed from the previous process, with what it had read of the next frame.
+    pending: Option<Vec<u8>>,
+}
+
 /// One connection's TURN stream, plain or TLS: frames from the client go to the event loop,
-/// frames from the event loop to the client, until either side ends it or a deadline of
-/// [`Deadlines`] passes. Deadlines count from here: after the TLS handshake, which has its own.
+/// frames from the event loop to the client, until either side ends it, a deadline of
+/// [`Deadlines`] passes, or the process hands it over. Deadlines count from here: after the
+/// TLS handshake, which has its own.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
-    local: SocketAddr,
-    client: SocketAddr,
-    inbox: mpsc::Sender<TcpEvent>,
+    (local, client): (SocketAddr, SocketAddr),
     admitted: Admitted,
+    mut shared: Shared,
+    resume: Resume,
 ) {
     let started = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUT_QUEUE);
-    let allocated = Arc::new(AtomicBool::new(false));
+    let resumed = resume.pending.is_some();
+    // A resumed connection comes with its allocation.
+    let allocated = Arc::new(AtomicBool::new(resumed));
     let opened = TcpEvent::Opened {
         local,
         client,
         tx,
         allocated: Arc::clone(&allocated),
+        kept: resume.kept.is_some(),
     };
+    let inbox = shared.inbox.clone();
     if inbox.send(opened).await.is_err() {
         return;
     }
-    tracing::debug!(%client, %local, "TCP connection");
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
+    tracing::debug!(%client, %local, resumed, "TCP connection");
+    let mut buf: Vec<u8> = resume.pending.unwrap_or_default();
+    buf.reserve(READ_BUF);
     let mut deadlines = Deadlines::new(started, admitted.limits.idle_unallocated);
+    if resumed {
+        deadlines.first_frame = None;
+    }
     // One timer for the connection, re-armed only when the deadline changes: most reads of
     // a healthy connection carry whole frames and leave it as it is.
     let mut armed = deadlines.next();
     let timer = tokio::time::sleep_until(armed.0);
     tokio::pin!(timer);
-    let (reason, detail): (Close, String) = loop {
-        let next = deadlines.next();
-        if next != armed {
-            timer.as_mut().reset(next.0);
-            armed = next;
-        }
-        tokio::select! {
-            () = &mut timer => {
-                let now = Instant::now();
-                if let Some(close) = deadlines.expired(now, allocated.load(Ordering::Relaxed)) {
-                    break (close, format!("{} bytes buffered", buf.len()));
-                }
-                if deadlines.next() == armed {
-                    // Fired early by the timer's granularity: wait for the rest.
-                    timer.as_mut().reset(armed.0);
-                }
-            }
-            read = stream.read_buf(&mut buf) => {
-                match read {
-                    Ok(0) => break (Close::Client, String::new()),
-                    Ok(_) => {}
-                    // A TLS client that closes without close_notify (RFC 8446 §6.1): most
-                    // do, and nothing of a frame is lost to it that framing would not see.
-                    Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        break (Close::Client, error.to_string());
-                    }
-                    Err(error) => break (Close::Error, error.to_string()),
-                }
-                let forwarded = forward_frames(&mut buf, &mut deadlines, &inbox, local, client);
-                if let Err(close) = forwarded.await {
-                    break close;
-                }
-            }
-            out = rx.recv() => {
-                let Some(frame) = out else {
-                    break (Close::Server, String::new());
-                };
-                // A TLS stream holds written records until flushed; a TCP flush is free.
-                let write = async {
-                    stream.write_all(&frame).await?;
-                    stream.flush().await
-                };
-                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => break (Close::Error, error.to_string()),
-                    Err(_) => break (Close::WriteTimeout, String::new()),
-                }
-            }
-        }
+    // Whole frames the previous process had read but not yet passed on.
+    let carried = if buf.is_empty() {
+        Ok(())
+    } else {
+        forward_frames(&mut buf, &mut deadlines, &inbox, local, client).await
     };
+    let (reason, detail): (Close, String) = match carried {
+        Err(close) => close,
+        Ok(()) => loop {
+            let next = deadlines.next();
+            if next != armed {
+                timer.as_mut().reset(next.0);
+                armed = next;
+            }
+            tokio::select! {
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if let Some(close) = deadlines.expired(now, allocated.load(Ordering::Relaxed)) {
+                        break (close, format!("{} bytes buffered", buf.len()));
+                    }
+                    if deadlines.next() == armed {
+                        // Fired early by the timer's granularity: wait for the rest.
+                        timer.as_mut().reset(armed.0);
+                    }
+                }
+                read = stream.read_buf(&mut buf) => {
+                    match read {
+                        Ok(0) => break (Close::Client, String::new()),
+                        Ok(_) => {}
+                        // A TLS client that closes without close_notify (RFC 8446 §6.1): most
+                        // do, and nothing of a frame is lost to it that framing would not see.
+                        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            break (Close::Client, error.to_string());
+                        }
+                        Err(error) => break (Close::Error, error.to_string()),
+                    }
+                    let forwarded = forward_frames(&mut buf, &mut deadlines, &inbox, local, client);
+                    if let Err(close) = forwarded.await {
+                        break close;
+                    }
+                }
+                out = rx.recv() => {
+                    let Some(frame) = out else {
+                        break (Close::Server, String::new());
+                    };
+                    // A TLS stream holds written records until flushed; a TCP flush is free.
+                    let write = async {
+                        stream.write_all(&frame).await?;
+                        stream.flush().await
+                    };
+                    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => break (Close::Error, error.to_string()),
+                        Err(_) => break (Close::WriteTimeout, String::new()),
+                    }
+                }
+                true = handed_over(&mut shared.handover), if resume.kept.is_some() => {
+                    break (Close::Handover, String::new());
+                }
+            }
+        },
+    };
+    if reason == Close::Handover {
+        // The socket stays open in the store; the next process reads on from here. What the
+        // event loop still answers or relays to this client goes out first.
+        tracing::debug!(%client, %local, pending = buf.len(), "TCP connection handed over");
+        let _ = inbox
+            .send(TcpEvent::HandedOver {
+                local,
+                client,
+                pending: buf,
+            })
+            .await;
+        while let Some(frame) = rx.recv().await {
+            let write = async {
+                stream.write_all(&frame).await?;
+                stream.flush().await
+            };
+            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(()))) {
+                break;
+            }
+        }
+        let _ = inbox.send(TcpEvent::Stopped { local, client }).await;
+        return;
+    }
+    if let (Some(name), Some(store)) = (&resume.kept, &shared.store) {
+        store.forget(name);
+    }
     if matches!(reason, Close::Client | Close::Server) {
         // An orderly end: over TLS a close_notify answers the client's (RFC 8446 §6.1) before
         // the FIN. Bounded: a peer that stopped reading gets no more time than this.
@@ -516,6 +669,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
     tracing::debug!(%client, %local, reason = reason.label(), %detail, "TCP connection ended");
     let _ = inbox.send(TcpEvent::Closed { local, client }).await;
+}
+
+/// Once the event loop hands over: true (false if it is gone without).
+async fn handed_over(handover: &mut watch::Receiver<bool>) -> bool {
+    handover.wait_for(|handover| *handover).await.is_ok()
 }
 
 /// Sends every complete frame in `buf` to the event loop and starts the clock of a partial

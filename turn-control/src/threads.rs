@@ -142,14 +142,15 @@ pub struct Listeners {
 /// `tls_listen` as a group of `threads` TCP listeners; `result[i]` belongs to thread `i`.
 /// A socket the previous process left in the store ([`Inherited`]) is taken instead of a
 /// fresh one, so the group, and with it the kernel's choice of thread for each client, stays
-/// as it was; every listener is (again) in the store afterwards. Errors name the address.
+/// as it was; every listener is (again) in the store afterwards. Also says how many were
+/// inherited. Errors name the address.
 pub fn bind_listeners(
     (listen, tls_listen): (&[SocketAddr], &[SocketAddr]),
     tcp: bool,
     buffer_bytes: usize,
     threads: usize,
     (inherited, store): (&mut Inherited, &SocketStore),
-) -> anyhow::Result<Vec<Listeners>> {
+) -> anyhow::Result<(Vec<Listeners>, usize)> {
     let mut out: Vec<Listeners> = (0..threads).map(|_| Listeners::default()).collect();
     let mut kept = 0;
     for &addr in listen {
@@ -197,14 +198,12 @@ pub fn bind_listeners(
         }
     }
     if kept > 0 {
-        metrics::counter!(crate::metrics::name::RESTORED, "what" => "listeners_kept")
-            .increment(kept as u64);
         tracing::info!(
             sockets = kept,
             "listener sockets kept from the previous process"
         );
     }
-    Ok(out)
+    Ok((out, kept))
 }
 
 /// Binds `addr` as a SO_REUSEPORT group of TCP listeners, one for each of `out`, or takes

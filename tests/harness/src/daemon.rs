@@ -57,13 +57,28 @@ impl Daemon {
     pub fn spawn(ip: &str, ports: RangeInclusive<u16>, log_level: &str, args: &[&str]) -> Daemon {
         let listen = SocketAddr::new(ip.parse().unwrap(), free_port(ip));
         let metrics = SocketAddr::new([127, 0, 0, 1].into(), free_port("127.0.0.1"));
-        let mut child = Command::new(workspace_binary("turn-control").unwrap())
+        let mut command = Command::new(workspace_binary("turn-control").unwrap());
+        command
             .args(["--listen", &listen.to_string()])
             .args(["--metrics", &metrics.to_string()])
             .args(["--ports", &format!("{}-{}", ports.start(), ports.end())])
             .args(["--log-level", log_level])
             .args(args)
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        Daemon::spawn_command(command, listen, metrics, ports)
+    }
+
+    /// Spawns `command`, a turn-control command line the test built in full (to start it
+    /// through [`ServiceManager::command`](crate::service_manager::ServiceManager::command),
+    /// say), whose arguments include `--listen listen`, `--metrics metrics` and `--ports ports`;
+    /// reads its output and waits for its "relay ready" line.
+    pub fn spawn_command(
+        mut command: Command,
+        listen: SocketAddr,
+        metrics: SocketAddr,
+        ports: RangeInclusive<u16>,
+    ) -> Daemon {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
