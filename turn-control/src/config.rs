@@ -424,8 +424,8 @@ pub struct Settings {
     /// Directory for state that outlives the process: the nonce key's seed and a journal of
     /// every allocation, restored at the next start. With it SIGTERM hands over (allocations
     /// stay, for the next process) and SIGINT ends them all; under systemd the listener and
-    /// relay sockets go into the service's file-descriptor store [default: none; SIGTERM ends
-    /// every allocation].
+    /// relay sockets and plain TCP connections go into the service's file-descriptor store
+    /// [default: none; SIGTERM ends every allocation].
     #[arg(
         long = "state-dir",
         env = "TURN_CONTROL_STATE_DIR",
