@@ -157,7 +157,10 @@ fn units_keep_the_designed_properties() {
     // Restarts keep allocations: the state directory outlives a restart (not a stop), and the
     // sockets wait in the store.
     assert_eq!(unit_values(&control, "RuntimeDirectory"), ["turn-control"]);
-    assert_eq!(unit_values(&control, "RuntimeDirectoryPreserve"), ["restart"]);
+    assert_eq!(
+        unit_values(&control, "RuntimeDirectoryPreserve"),
+        ["restart"]
+    );
     assert_eq!(unit_values(&control, "FileDescriptorStoreMax"), ["65536"]);
     assert_eq!(unit_values(&control, "User"), ["turn-control"]);
     assert_eq!(unit_values(&control, "Group"), ["turn-control"]);
@@ -216,10 +219,7 @@ fn units_keep_the_designed_properties() {
         start.contains("--agent /run/xdp-turn/agent.sock"),
         "{start}"
     );
-    assert!(
-        start.contains("--state-dir /run/turn-control"),
-        "{start}"
-    );
+    assert!(start.contains("--state-dir /run/turn-control"), "{start}");
     for unit in [&agent, &control] {
         for key in [
             "NoNewPrivileges",

@@ -2258,7 +2258,10 @@ fn what_no_longer_fits_is_not_restored_and_deletions_are_reported() {
     };
     // Down longer than the allocation's 600 s.
     let mut r = restarted(&h, Duration::from_secs(601), |_| {});
-    assert_eq!(r.server.restore(r.now, saved, &(49152..=65535)), Err(RestoreRefusal::Expired));
+    assert_eq!(
+        r.server.restore(r.now, saved, &(49152..=65535)),
+        Err(RestoreRefusal::Expired)
+    );
     let mut r = restarted(&h, Duration::ZERO, |config| {
         config.listeners = vec![sa("198.51.100.1:443")];
     });
