@@ -425,39 +425,15 @@ mod tests {
     use std::os::fd::AsFd as _;
     use std::os::linux::net::SocketAddrExt as _;
     use std::os::unix::net::SocketAddr;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     use nix::sys::socket::{ControlMessageOwned, recvmsg};
     use nix::sys::stat::fstat;
+    use tests_harness::scratch::TempDir;
 
     use super::*;
 
-    /// A directory of its own for one test, removed on drop.
-    struct ScratchDir(PathBuf);
-
-    impl ScratchDir {
-        fn new(name: &str) -> ScratchDir {
-            // Tests run in parallel in one process: a counter keeps their directories apart.
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "fd-store-{name}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            ScratchDir(path)
-        }
-    }
-
-    impl Drop for ScratchDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     /// A bound stand-in for the manager's socket and an [`FdStore`] talking to it.
-    fn manager_and_store(dir: &ScratchDir) -> (UnixDatagram, FdStore) {
+    fn manager_and_store(dir: &TempDir) -> (UnixDatagram, FdStore) {
         let path = dir.0.join("notify");
         let manager = UnixDatagram::bind(&path).unwrap();
         let store = FdStore::new(path.as_os_str()).unwrap();
@@ -498,7 +474,7 @@ mod tests {
 
     #[test]
     fn store_sends_the_fd_with_its_name_and_no_polling() {
-        let dir = ScratchDir::new("store");
+        let dir = TempDir::new("store");
         let (manager, store) = manager_and_store(&dir);
         let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
 
@@ -519,7 +495,7 @@ mod tests {
 
     #[test]
     fn remove_and_notify_send_text_alone() {
-        let dir = ScratchDir::new("remove");
+        let dir = TempDir::new("remove");
         let (manager, store) = manager_and_store(&dir);
 
         store.remove("relay-udp").unwrap();
@@ -555,14 +531,14 @@ mod tests {
 
     #[test]
     fn a_gone_manager_is_an_error() {
-        let dir = ScratchDir::new("gone");
+        let dir = TempDir::new("gone");
         let store = FdStore::new(dir.0.join("nobody").as_os_str()).unwrap();
         assert!(store.notify("READY=1\n").is_err());
     }
 
     #[test]
     fn barrier_returns_once_the_manager_closes_the_fd() {
-        let dir = ScratchDir::new("barrier");
+        let dir = TempDir::new("barrier");
         let (manager, store) = manager_and_store(&dir);
         let manager = std::thread::spawn(move || {
             let (text, fds) = receive(&manager);
@@ -578,7 +554,7 @@ mod tests {
 
     #[test]
     fn barrier_times_out_while_the_manager_holds_the_fd() {
-        let dir = ScratchDir::new("barrier-timeout");
+        let dir = TempDir::new("barrier-timeout");
         // Bound but never read: the queued fd stays open.
         let (_manager, store) = manager_and_store(&dir);
 
@@ -616,7 +592,7 @@ mod tests {
 
     #[test]
     fn an_invalid_name_sends_nothing() {
-        let dir = ScratchDir::new("invalid");
+        let dir = TempDir::new("invalid");
         let (manager, store) = manager_and_store(&dir);
         manager.set_nonblocking(true).unwrap();
         let relay = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -285,4 +285,23 @@ impl Agent {
             .with_context(|| format!("no counter named {reason}"))?;
         Ok((counter.packets, counter.bytes))
     }
+
+    /// Channel data the kernel relayed, in either direction, on every path (the eight family
+    /// pairs of client to peer and of the hairpin).
+    pub fn relayed_in_kernel(&mut self) -> anyhow::Result<u64> {
+        let mut sum = 0;
+        for reason in [
+            "relay_client_to_peer_v4_v4",
+            "relay_client_to_peer_v4_v6",
+            "relay_client_to_peer_v6_v4",
+            "relay_client_to_peer_v6_v6",
+            "relay_hairpin_v4_v4",
+            "relay_hairpin_v4_v6",
+            "relay_hairpin_v6_v4",
+            "relay_hairpin_v6_v6",
+        ] {
+            sum += self.counter(reason)?.0;
+        }
+        Ok(sum)
+    }
 }

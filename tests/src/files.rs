@@ -5,7 +5,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, ensure};
 
@@ -52,32 +51,4 @@ pub fn run(command: &mut Command) -> anyhow::Result<Output> {
     Ok(output)
 }
 
-/// A directory under the system's temporary directory, removed on drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// A new, empty directory named after `name`.
-    ///
-    /// # Panics
-    /// When it cannot be created.
-    #[expect(clippy::unwrap_used, reason = "a test's scratch space")]
-    pub fn new(name: &str) -> Self {
-        // Tests run in parallel in one process: a counter keeps their directories apart.
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "lab-files-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+pub use tests_harness::scratch::TempDir;

@@ -103,23 +103,6 @@ const MODES: &[Mode] = &[
     },
 ];
 
-/// Channel data relayed by the kernel in either direction, all paths.
-fn relayed_in_kernel(agent: &mut Agent) -> u64 {
-    [
-        "relay_client_to_peer_v4_v4",
-        "relay_client_to_peer_v4_v6",
-        "relay_client_to_peer_v6_v4",
-        "relay_client_to_peer_v6_v6",
-        "relay_hairpin_v4_v4",
-        "relay_hairpin_v4_v6",
-        "relay_hairpin_v6_v4",
-        "relay_hairpin_v6_v6",
-    ]
-    .iter()
-    .map(|reason| agent.counter(reason).unwrap().0)
-    .sum()
-}
-
 fn run_modes(client_v6: bool) {
     if !tests::privileged() || !tools_present("coturn_modes") {
         return;
@@ -153,7 +136,7 @@ fn run_modes(client_v6: bool) {
         } else {
             (IpAddr::V4(PEER_V4), "3480")
         };
-        let before = relayed_in_kernel(&mut agent);
+        let before = agent.relayed_in_kernel().unwrap();
         let mut uclient = lab.client.command("turnutils_uclient");
         uclient
             .args(["-u", "test", "-w", "testpass"])
@@ -176,7 +159,7 @@ fn run_modes(client_v6: bool) {
         assert!(output.status.success(), "{}", context());
         let Totals { sent, received } = Totals::parse(&stdout)
             .unwrap_or_else(|| panic!("no totals from uclient: {}", context()));
-        let kernel = relayed_in_kernel(&mut agent) - before;
+        let kernel = agent.relayed_in_kernel().unwrap() - before;
         table.push(format!(
             "{:<62} {:>6} {:>8} {:>5} {:>7}",
             mode.name,

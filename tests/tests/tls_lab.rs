@@ -83,24 +83,6 @@ const RUNS: &[(u16, &[Mode])] = &[
     (TLS_PORT, &[TLS_CHANNELS, TLS_SEND]),
 ];
 
-/// Channel data relayed by the kernel in either direction, all paths (as coturn_modes
-/// counts it).
-fn relayed_in_kernel(agent: &mut Agent) -> u64 {
-    [
-        "relay_client_to_peer_v4_v4",
-        "relay_client_to_peer_v4_v6",
-        "relay_client_to_peer_v6_v4",
-        "relay_client_to_peer_v6_v6",
-        "relay_hairpin_v4_v4",
-        "relay_hairpin_v4_v6",
-        "relay_hairpin_v6_v4",
-        "relay_hairpin_v6_v6",
-    ]
-    .iter()
-    .map(|reason| agent.counter(reason).unwrap().0)
-    .sum()
-}
-
 /// The sum of the samples of `name` whose labels contain `label` (`""`: all), in a
 /// Prometheus text body.
 fn labelled_sum(body: &str, name: &str, label: &str) -> u64 {
@@ -267,7 +249,7 @@ fn run_uclient(
     } else {
         (IpAddr::V4(PEER_V4), "3480")
     };
-    let kernel_before = relayed_in_kernel(agent);
+    let kernel_before = agent.relayed_in_kernel().unwrap();
     let handshakes_before = Handshakes::scrape(lab);
     let mut uclient = lab.client.command("turnutils_uclient");
     uclient
@@ -307,7 +289,7 @@ fn run_uclient(
         context()
     );
 
-    let kernel = relayed_in_kernel(agent) - kernel_before;
+    let kernel = agent.relayed_in_kernel().unwrap() - kernel_before;
     if mode.transport == Transport::Udp {
         assert!(
             kernel >= totals.sent,

@@ -552,23 +552,7 @@ impl Settings {
     /// The mode-dependent defaults (`--dev`, `relay_ip` from the listeners) and the checks
     /// that need more than one option.
     fn resolve(mut self) -> Result<Self, ConfigError> {
-        if self.listen.is_empty() {
-            self.listen = if self.dev {
-                vec![SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT))]
-            } else {
-                vec![
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
-                    SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PORT)),
-                ]
-            };
-        }
-        let unique: BTreeSet<_> = self.listen.iter().collect();
-        if unique.len() != self.listen.len() {
-            return Err(invalid("listen", "the same address is given twice"));
-        }
-        if let Some(zero) = self.listen.iter().find(|a| a.port() == 0) {
-            return Err(invalid("listen", format!("{zero}: port 0 is not a port")));
-        }
+        self.resolve_listen()?;
 
         if self.relay_ip.is_empty() {
             // Without --relay-ip, relay on the listeners' own addresses where they are
@@ -651,6 +635,29 @@ impl Settings {
             self.metrics = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, DEV_METRICS_PORT)));
         }
         Ok(self)
+    }
+
+    /// The listeners: `--dev`'s or the wildcard defaults if none are given; distinct, with
+    /// ports.
+    fn resolve_listen(&mut self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            self.listen = if self.dev {
+                vec![SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT))]
+            } else {
+                vec![
+                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
+                    SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PORT)),
+                ]
+            };
+        }
+        let unique: BTreeSet<_> = self.listen.iter().collect();
+        if unique.len() != self.listen.len() {
+            return Err(invalid("listen", "the same address is given twice"));
+        }
+        if let Some(zero) = self.listen.iter().find(|a| a.port() == 0) {
+            return Err(invalid("listen", format!("{zero}: port 0 is not a port")));
+        }
+        Ok(())
     }
 
     /// The default allocation lifetime at least a second and at most the maximum, which is at

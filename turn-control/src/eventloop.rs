@@ -28,12 +28,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use turn_control_core::{
     ClientAddr, Command, Config, Credentials, Family, FiveTuple, OffloadError, PeerAddr, RelayAddr,
-    RestoreRefusal, Restored, Server, Transmit, Transport,
+    RestoreRefusal, Restored, SavedAllocation, Server, Transmit, Transport,
 };
 
 use crate::agent::{AgentQueue, FromAgent, Lease, ToAgent};
 use crate::config::Settings;
-use crate::handover::{SocketStore, relay_name};
+use crate::handover::{SocketStore, connection_name, relay_name};
 use crate::metrics::name;
 use crate::state::{Loaded, ThreadJournal};
 use crate::tcp::{self, TcpEvent};
@@ -276,16 +276,13 @@ impl Eventloop {
     fn restore(&mut self, state: ThreadState) {
         let ThreadState {
             mut journal,
-            mut loaded,
+            loaded,
             mut relays,
             mut connections,
         } = state;
-        let dropped = |reason: &'static str, count: usize| {
-            metrics::counter!(name::RESTORE_DROPPED, "reason" => reason).increment(count as u64);
-        };
         if let Some((reason, why)) = &loaded.discarded {
             tracing::warn!(thread = self.index, why, "the journal is not restored");
-            dropped(reason, 1);
+            metrics::counter!(name::RESTORE_DROPPED, "reason" => *reason).increment(1);
         }
         if loaded.torn_bytes > 0 {
             tracing::warn!(
@@ -294,92 +291,16 @@ impl Eventloop {
                 "the journal had a torn or damaged tail; restoring what came before it"
             );
         }
-        let now = Instant::now();
-        let mut totals = Restored::default();
-        let (mut allocations, mut kept, mut rebound, mut tcp_kept) = (0u64, 0u64, 0u64, 0u64);
+        let mut pending = loaded.pending;
+        let mut tally = RestoreTally::default();
         for saved in &loaded.allocations {
-            let tuple = saved.tuple();
-            let key = (tuple.server, tuple.client.0);
-            let connection = if tuple.transport == Transport::Tcp {
-                match connections.remove(&key) {
-                    Some(connection) => Some(connection),
-                    None => {
-                        // Its connection closed with the previous process (a TLS one, or no
-                        // store): the client knows it gone.
-                        tracing::debug!(client = %tuple.client, "TCP allocation not restored: its connection ended");
-                        dropped("tcp_connection_closed", 1);
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-            let mut sockets = Vec::with_capacity(saved.relays.len());
-            for &relay in &saved.relays {
-                let relay = RelayAddr(relay);
-                let socket = match relays.remove(&(relay.family(), relay.0.port())) {
-                    Some(socket) => {
-                        kept += 1;
-                        Ok((socket, true))
-                    }
-                    None => self
-                        .open_relay_socket(relay, saved.dont_fragment)
-                        .map(|socket| {
-                            rebound += 1;
-                            (socket, false)
-                        }),
-                };
-                match socket {
-                    Ok(socket) => sockets.push((relay, socket)),
-                    Err(error) => {
-                        tracing::info!(%relay, %error, "relay port of a saved allocation unavailable");
-                        break;
-                    }
-                }
-            }
-            if sockets.len() != saved.relays.len() {
-                dropped("relay_port_unavailable", 1);
-                self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
-                self.forget_connection(key, connection);
-                continue;
-            }
-            match self
-                .server
-                .restore(now, saved, &self.settings.ports.range())
-            {
-                Ok(restored) => {
-                    allocations += 1;
-                    totals.permissions += restored.permissions;
-                    totals.channels += restored.channels;
-                    totals.in_kernel += restored.in_kernel;
-                    for (relay, (socket, in_store)) in sockets {
-                        if let Err(error) = self.read_relay_socket(relay, socket, in_store) {
-                            tracing::warn!(%relay, %error, "cannot read a restored relay socket");
-                        }
-                    }
-                    if let Some(connection) = connection {
-                        let pending = loaded.pending.remove(&key).unwrap_or_default();
-                        let (local, client) = key;
-                        match tcp::resume(
-                            connection.into(),
-                            local,
-                            client,
-                            pending,
-                            self.tcp.clone(),
-                        ) {
-                            Ok(()) => tcp_kept += 1,
-                            Err(error) => {
-                                tracing::warn!(%client, %error, "cannot resume a kept TCP connection");
-                            }
-                        }
-                    }
-                }
-                Err(refusal) => {
-                    tracing::info!(client = %tuple.client, reason = %refusal, "saved allocation not restored");
-                    dropped(refusal_label(refusal), 1);
-                    self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
-                    self.forget_connection(key, connection);
-                }
+            let key = (saved.server, saved.client);
+            let connection = connections.remove(&key);
+            let restored =
+                self.restore_one(saved, &mut relays, connection, &mut pending, &mut tally);
+            if let Err(reason) = restored {
+                tracing::info!(client = %saved.client, reason, "saved allocation not restored");
+                metrics::counter!(name::RESTORE_DROPPED, "reason" => reason).increment(1);
             }
         }
         // Relay sockets and connections of allocations that were not restored.
@@ -389,34 +310,95 @@ impl Eventloop {
         for (key, connection) in connections {
             self.forget_connection(key, Some(connection));
         }
-        for (what, count) in [
-            ("allocations", allocations),
-            ("permissions", totals.permissions as u64),
-            ("channels", totals.channels as u64),
-            ("kernel_channels", totals.in_kernel as u64),
-            ("relay_sockets_kept", kept),
-            ("relay_sockets_rebound", rebound),
-            ("tcp_connections_kept", tcp_kept),
-        ] {
-            metrics::counter!(name::RESTORED, "what" => what).increment(count);
-        }
-        if !loaded.allocations.is_empty() || loaded.discarded.is_some() {
-            tracing::info!(
-                thread = self.index,
-                saved = loaded.allocations.len(),
-                allocations,
-                permissions = totals.permissions,
-                channels = totals.channels,
-                kernel_channels = totals.in_kernel,
-                relay_sockets_kept = kept,
-                relay_sockets_rebound = rebound,
-                tcp_connections_kept = tcp_kept,
-                "allocations restored"
-            );
-        }
+        let log = !loaded.allocations.is_empty() || loaded.discarded.is_some();
+        tally.publish(self.index, loaded.allocations.len(), log);
         self.server.track_changes();
         journal.compact(self.server.saved_allocations());
         self.journal = Some(journal);
+    }
+
+    /// Restores one saved allocation with its relay sockets (from `relays`, or bound anew)
+    /// and, for TCP, its kept `connection` (with what was `pending` of its next frame); the
+    /// `turn_restart_dropped_total` reason when it cannot be.
+    fn restore_one(
+        &mut self,
+        saved: &SavedAllocation,
+        relays: &mut HashMap<(Family, u16), Socket>,
+        connection: Option<Socket>,
+        pending: &mut HashMap<(SocketAddr, SocketAddr), Vec<u8>>,
+        tally: &mut RestoreTally,
+    ) -> Result<(), &'static str> {
+        let key = (saved.server, saved.client);
+        if saved.tuple().transport == Transport::Tcp && connection.is_none() {
+            // Its connection closed with the previous process (a TLS one, or no store): the
+            // client knows it gone.
+            return Err("tcp_connection_closed");
+        }
+        let Some(sockets) = self.saved_relay_sockets(saved, relays, tally) else {
+            self.forget_connection(key, connection);
+            return Err("relay_port_unavailable");
+        };
+        let ports = self.settings.ports.range();
+        let restored = match self.server.restore(Instant::now(), saved, &ports) {
+            Ok(restored) => restored,
+            Err(refusal) => {
+                self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
+                self.forget_connection(key, connection);
+                return Err(refusal_label(refusal));
+            }
+        };
+        tally.add(restored);
+        for (relay, (socket, in_store)) in sockets {
+            if let Err(error) = self.read_relay_socket(relay, socket, in_store) {
+                tracing::warn!(%relay, %error, "cannot read a restored relay socket");
+            }
+        }
+        if let Some(connection) = connection {
+            let bytes = pending.remove(&key).unwrap_or_default();
+            let (local, client) = key;
+            match tcp::resume(connection.into(), local, client, bytes, self.tcp.clone()) {
+                Ok(()) => tally.tcp_kept += 1,
+                Err(error) => {
+                    tracing::warn!(%client, %error, "cannot resume a kept TCP connection");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The relay sockets of `saved`, each taken from `relays` (and marked as in the store) or
+    /// bound anew on its port; `None`, with what was taken closed, if one cannot be had.
+    fn saved_relay_sockets(
+        &mut self,
+        saved: &SavedAllocation,
+        relays: &mut HashMap<(Family, u16), Socket>,
+        tally: &mut RestoreTally,
+    ) -> Option<Vec<(RelayAddr, (Socket, bool))>> {
+        let mut sockets = Vec::with_capacity(saved.relays.len());
+        for &relay in &saved.relays {
+            let relay = RelayAddr(relay);
+            let socket = match relays.remove(&(relay.family(), relay.0.port())) {
+                Some(socket) => {
+                    tally.kept += 1;
+                    Ok((socket, true))
+                }
+                None => self
+                    .open_relay_socket(relay, saved.dont_fragment)
+                    .map(|socket| {
+                        tally.rebound += 1;
+                        (socket, false)
+                    }),
+            };
+            match socket {
+                Ok(socket) => sockets.push((relay, socket)),
+                Err(error) => {
+                    tracing::info!(%relay, %error, "relay port of a saved allocation unavailable");
+                    self.forget_relays(sockets.iter().map(|(relay, _)| *relay));
+                    return None;
+                }
+            }
+        }
+        Some(sockets)
     }
 
     /// Takes a kept TCP connection whose allocation is not restored out of the store; it
@@ -427,7 +409,7 @@ impl Eventloop {
         connection: Option<Socket>,
     ) {
         if connection.is_some() {
-            self.store.forget(&tcp::connection_name(local, client));
+            self.store.forget(&connection_name(local, client));
         }
     }
 
@@ -1191,7 +1173,7 @@ impl Eventloop {
         // returns, and the clients must see their connections end with the relay.
         for (&(local, client), conn) in &self.tcp_conns {
             if conn.kept {
-                self.store.forget(&tcp::connection_name(local, client));
+                self.store.forget(&connection_name(local, client));
             }
         }
         // Every allocation ends: its channels leave the kernel, its sockets close.
@@ -1218,6 +1200,55 @@ async fn agent_slot(agent: Option<&AgentQueue>) -> mpsc::OwnedPermit<ToAgent> {
     match agent {
         Some(queue) => queue.slot().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What a thread's start restored, for [`name::RESTORED`] and the log.
+#[derive(Debug, Default)]
+struct RestoreTally {
+    allocations: u64,
+    core: Restored,
+    kept: u64,
+    rebound: u64,
+    tcp_kept: u64,
+}
+
+impl RestoreTally {
+    fn add(&mut self, restored: Restored) {
+        self.allocations += 1;
+        self.core.permissions += restored.permissions;
+        self.core.channels += restored.channels;
+        self.core.in_kernel += restored.in_kernel;
+    }
+
+    /// Counts it, and logs it if `log`; `saved` allocations were in the journal.
+    fn publish(&self, thread: usize, saved: usize, log: bool) {
+        for (what, count) in [
+            ("allocations", self.allocations),
+            ("permissions", self.core.permissions as u64),
+            ("channels", self.core.channels as u64),
+            ("kernel_channels", self.core.in_kernel as u64),
+            ("relay_sockets_kept", self.kept),
+            ("relay_sockets_rebound", self.rebound),
+            ("tcp_connections_kept", self.tcp_kept),
+        ] {
+            metrics::counter!(name::RESTORED, "what" => what).increment(count);
+        }
+        if !log {
+            return;
+        }
+        tracing::info!(
+            thread,
+            saved,
+            allocations = self.allocations,
+            permissions = self.core.permissions,
+            channels = self.core.channels,
+            kernel_channels = self.core.in_kernel,
+            relay_sockets_kept = self.kept,
+            relay_sockets_rebound = self.rebound,
+            tcp_connections_kept = self.tcp_kept,
+            "allocations restored"
+        );
     }
 }
 

@@ -11,7 +11,7 @@
 //! Names: `listener-udp-<thread>` and `listener-tcp-<thread>` (one per listener address,
 //! told apart by their bound address), `relay-v4-<port>` and `relay-v6-<port>` (one relay
 //! address per family, so the port names the socket), `tcp-<listener>-<client>` for plain
-//! TURN-over-TCP connections ([`crate::tcp::connection_name`]; a TLS session's keys cannot
+//! TURN-over-TCP connections ([`connection_name`]; a TLS session's keys cannot
 //! be handed to another process, so TLS connections end with it). systemd allows neither ':' nor more
 //! than 255 characters in a name, which rules out addresses.
 
@@ -47,6 +47,13 @@ pub fn relay_name(family: Family, port: u16) -> String {
         Family::V4 => format!("relay-v4-{port}"),
         Family::V6 => format!("relay-v6-{port}"),
     }
+}
+
+/// The store name of the TCP connection from `client` to the listener `local`: unique among
+/// the open connections, without the ':' that the store does not allow.
+pub fn connection_name(local: SocketAddr, client: SocketAddr) -> String {
+    let plain = |addr: SocketAddr| format!("{}-{}", addr.ip(), addr.port()).replace(':', "_");
+    format!("tcp-{}-{}", plain(local), plain(client))
 }
 
 /// The relay socket a store name names, if it names one.
@@ -104,7 +111,7 @@ pub struct Inherited {
     listeners: HashMap<String, Vec<(SocketAddr, Socket)>>,
     /// Relay sockets by family and port.
     relays: HashMap<(Family, u16), Socket>,
-    /// Plain TCP client connections by store name ([`crate::tcp::connection_name`]).
+    /// Plain TCP client connections by store name ([`connection_name`]).
     connections: HashMap<String, Socket>,
 }
 
@@ -182,15 +189,15 @@ impl Inherited {
     ) -> HashMap<(SocketAddr, SocketAddr), Socket> {
         connections
             .filter_map(|(local, client)| {
-                let name = crate::tcp::connection_name(local, client);
+                let name = connection_name(local, client);
                 Some(((local, client), self.connections.remove(&name)?))
             })
             .collect()
     }
 
     /// Closes what nobody took (listeners no longer configured, relay sockets of allocations
-    /// no journal holds) and takes them out of the store; how many.
-    pub fn close_rest(self, store: &SocketStore) -> usize {
+    /// no journal holds) and takes them out of the store.
+    pub fn close_rest(self, store: &SocketStore) {
         let mut closed = 0;
         for (name, sockets) in self.listeners {
             if !sockets.is_empty() {
@@ -219,7 +226,12 @@ impl Inherited {
             store.forget(&relay_name(family, port));
             closed += 1;
         }
-        closed
+        if closed > 0 {
+            tracing::info!(
+                sockets = closed,
+                "inherited sockets closed: not of this configuration"
+            );
+        }
     }
 }
 

@@ -86,24 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let notify = daemon::fd_store::FdStore::from_env()
         .context("$NOTIFY_SOCKET")?
         .map(Arc::new);
-    let (mut inherited, store) = match &settings.state_dir {
-        Some(dir) => {
-            state::prepare(dir)?;
-            // SAFETY: no other thread exists yet (the runtime starts below), so nothing else
-            // reads or writes the environment, and nothing else owns the passed fds.
-            let fds = unsafe { daemon::fd_store::inherited() }.context("$LISTEN_FDS")?;
-            let store = handover::SocketStore::new(notify.clone());
-            (handover::Inherited::new(fds, &store), store)
-        }
-        None => Default::default(),
-    };
-    if inherited.len() > 0 {
-        tracing::info!(
-            sockets = inherited.len(),
-            "sockets passed back by the service manager"
-        );
-    }
-    let store = Arc::new(store);
+    let (mut inherited, store) = take_inherited(&settings, notify.as_ref())?;
     // Everything that can fail on bad input fails here, before any thread starts.
     let tls = tls(&settings)?;
     let (listeners, listeners_kept) = threads::bind_listeners(
@@ -120,48 +103,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let dev_user = settings.dev.then(dev_credential).transpose()?;
     let seed = match &settings.state_dir {
         Some(dir) => state::seed(dir)?,
-        None => {
-            let mut seed = [0u8; 32];
-            use rand::TryRng as _;
-            rand::rngs::SysRng
-                .try_fill_bytes(&mut seed)
-                .context("seeding the random number generator from the OS")?;
-            seed
-        }
+        None => fresh_seed()?,
     };
-    let mut thread_states = Vec::with_capacity(threads);
-    for index in 0..threads {
-        let Some(dir) = &settings.state_dir else {
-            thread_states.push(None);
-            continue;
-        };
-        let (journal, loaded) = state::ThreadJournal::open(dir, index, threads)?;
-        let relays = inherited.take_relays(
-            loaded
-                .allocations
-                .iter()
-                .flat_map(|saved| saved.relays.iter().copied()),
-        );
-        let connections = inherited.take_connections(
-            loaded
-                .allocations
-                .iter()
-                .map(|saved| (saved.server, saved.client)),
-        );
-        thread_states.push(Some(eventloop::ThreadState {
-            journal,
-            loaded,
-            relays,
-            connections,
-        }));
-    }
-    let closed = std::mem::take(&mut inherited).close_rest(&store);
-    if closed > 0 {
-        tracing::info!(
-            sockets = closed,
-            "inherited sockets closed: not of this configuration"
-        );
-    }
+    let thread_states = thread_states(&settings, &mut inherited)?;
+    std::mem::take(&mut inherited).close_rest(&store);
     // Shared by every thread's core: quotas and RESERVATION-TOKENs hold daemon-wide.
     let quotas = QuotaLedger::shared();
     let reservations = ReservationLedger::shared();
@@ -214,28 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(user) = &dev_user {
             print_dev_banner(user, &settings);
         }
-        tracing::info!(
-            listen = ?settings.listen,
-            tcp = settings.tcp,
-            tls = settings.tls_cert.is_some(),
-            tls_listen = ?settings.tls_listen,
-            relay_ipv4 = ?settings.relay_ipv4,
-            relay_ipv6 = ?settings.relay_ipv6,
-            external_ipv4 = ?settings.external_ipv4,
-            external_ipv6 = ?settings.external_ipv6,
-            ports = %settings.ports,
-            realm = %settings.realm,
-            metrics = ?settings.metrics,
-            admin = ?settings.admin,
-            agent = ?settings.agent,
-            threads,
-            "relay ready"
-        );
-        if let Some(notify) = &notify
-            && let Err(error) = notify.notify("READY=1")
-        {
-            tracing::warn!(%error, "cannot tell the service manager that the relay is ready");
-        }
+        announce_ready(&settings, notify.as_deref());
         supervisor.run(signals).await
     })
 }
@@ -635,6 +559,101 @@ async fn follow_host_addresses() -> watch::Receiver<host_addresses::Learned> {
 }
 
 /// The TCP connection limits of `settings`, shared by every thread.
+/// Says that the relay is ready: in the log, and to the service manager (READY=1).
+fn announce_ready(settings: &Settings, notify: Option<&daemon::fd_store::FdStore>) {
+    tracing::info!(
+        listen = ?settings.listen,
+        tcp = settings.tcp,
+        tls = settings.tls_cert.is_some(),
+        tls_listen = ?settings.tls_listen,
+        relay_ipv4 = ?settings.relay_ipv4,
+        relay_ipv6 = ?settings.relay_ipv6,
+        external_ipv4 = ?settings.external_ipv4,
+        external_ipv6 = ?settings.external_ipv6,
+        ports = %settings.ports,
+        realm = %settings.realm,
+        metrics = ?settings.metrics,
+        admin = ?settings.admin,
+        agent = ?settings.agent,
+        threads = settings.threads,
+        "relay ready"
+    );
+    if let Some(notify) = notify
+        && let Err(error) = notify.notify("READY=1")
+    {
+        tracing::warn!(%error, "cannot tell the service manager that the relay is ready");
+    }
+}
+
+/// With a state directory: the sockets the service manager passed back (sorted by use) and
+/// the store to keep sockets in; without, neither.
+fn take_inherited(
+    settings: &Settings,
+    notify: Option<&Arc<daemon::fd_store::FdStore>>,
+) -> anyhow::Result<(handover::Inherited, Arc<handover::SocketStore>)> {
+    let Some(dir) = &settings.state_dir else {
+        return Ok(Default::default());
+    };
+    state::prepare(dir)?;
+    // SAFETY: no other thread exists yet (the runtime starts later), so nothing else reads or
+    // writes the environment, and nothing else owns the passed fds.
+    let fds = unsafe { daemon::fd_store::inherited() }.context("$LISTEN_FDS")?;
+    let store = handover::SocketStore::new(notify.cloned());
+    let inherited = handover::Inherited::new(fds, &store);
+    if inherited.len() > 0 {
+        tracing::info!(
+            sockets = inherited.len(),
+            "sockets passed back by the service manager"
+        );
+    }
+    Ok((inherited, Arc::new(store)))
+}
+
+/// A seed from the OS, for a daemon that keeps no state.
+fn fresh_seed() -> anyhow::Result<[u8; 32]> {
+    use rand::TryRng as _;
+    let mut seed = [0u8; 32];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut seed)
+        .context("seeding the random number generator from the OS")?;
+    Ok(seed)
+}
+
+/// Per thread, with a state directory: its journal, what it held, and the relay sockets and
+/// TCP connections of those allocations that the previous process left.
+fn thread_states(
+    settings: &Settings,
+    inherited: &mut handover::Inherited,
+) -> anyhow::Result<Vec<Option<eventloop::ThreadState>>> {
+    let threads = settings.threads;
+    let Some(dir) = &settings.state_dir else {
+        return Ok((0..threads).map(|_| None).collect());
+    };
+    let mut states = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let (journal, loaded) = state::ThreadJournal::open(dir, index, threads)?;
+        let relays = inherited.take_relays(
+            loaded
+                .allocations
+                .iter()
+                .flat_map(|saved| saved.relays.iter().copied()),
+        );
+        let connections = inherited.take_connections(
+            loaded
+                .allocations
+                .iter()
+                .map(|saved| (saved.server, saved.client)),
+        );
+        states.push(Some(eventloop::ThreadState {
+            journal,
+            loaded,
+            relays,
+            connections,
+        }));
+    }
+    Ok(states)
+}
+
 /// TURN over TLS if a certificate is configured: the certificate is loaded and checked here,
 /// before anything starts, so that a fault stops the daemon with one line.
 fn tls(settings: &Settings) -> anyhow::Result<Option<Arc<tls::Tls>>> {

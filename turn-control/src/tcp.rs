@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use turn_control_core::frame_len;
 use turn_control_core::framing::{FrameKind, frame_kind};
 
-use crate::handover::SocketStore;
+use crate::handover::{SocketStore, connection_name};
 use crate::metrics::name;
 use crate::tls::Tls;
 
@@ -341,13 +341,6 @@ pub struct Shared {
     pub handover: watch::Receiver<bool>,
 }
 
-/// The store name of the connection from `client` to the listener `local`: unique among the
-/// open connections, without the ':' that the store does not allow.
-pub fn connection_name(local: SocketAddr, client: SocketAddr) -> String {
-    let plain = |addr: SocketAddr| format!("{}-{}", addr.ip(), addr.port()).replace(':', "_");
-    format!("tcp-{}-{}", plain(local), plain(client))
-}
-
 /// Accepts connections on `listener` until the task is aborted, within `shared`'s limits;
 /// with a certificate, connections that open with a TLS handshake are TURN over TLS.
 pub async fn accept(listener: TcpListener, local: SocketAddr, shared: Shared) {
@@ -598,15 +591,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 read = stream.read_buf(&mut buf) => {
-                    match read {
-                        Ok(0) => break (Close::Client, String::new()),
-                        Ok(_) => {}
-                        // A TLS client that closes without close_notify (RFC 8446 §6.1): most
-                        // do, and nothing of a frame is lost to it that framing would not see.
-                        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
-                            break (Close::Client, error.to_string());
-                        }
-                        Err(error) => break (Close::Error, error.to_string()),
+                    if let Err(close) = read_outcome(read) {
+                        break close;
                     }
                     let forwarded = forward_frames(&mut buf, &mut deadlines, &inbox, local, client);
                     if let Err(close) = forwarded.await {
@@ -617,15 +603,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     let Some(frame) = out else {
                         break (Close::Server, String::new());
                     };
-                    // A TLS stream holds written records until flushed; a TCP flush is free.
-                    let write = async {
-                        stream.write_all(&frame).await?;
-                        stream.flush().await
-                    };
-                    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => break (Close::Error, error.to_string()),
-                        Err(_) => break (Close::WriteTimeout, String::new()),
+                    if let Err(close) = write_frame(&mut stream, &frame).await {
+                        break close;
                     }
                 }
                 true = handed_over(&mut shared.handover), if resume.kept.is_some() => {
@@ -635,27 +614,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         },
     };
     if reason == Close::Handover {
-        // The socket stays open in the store; the next process reads on from here. What the
-        // event loop still answers or relays to this client goes out first.
-        tracing::debug!(%client, %local, pending = buf.len(), "TCP connection handed over");
-        let _ = inbox
-            .send(TcpEvent::HandedOver {
-                local,
-                client,
-                pending: buf,
-            })
-            .await;
-        while let Some(frame) = rx.recv().await {
-            let write = async {
-                stream.write_all(&frame).await?;
-                stream.flush().await
-            };
-            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(()))) {
-                break;
-            }
-        }
-        let _ = inbox.send(TcpEvent::Stopped { local, client }).await;
-        return;
+        return stay_for_the_next_process(stream, rx, &inbox, buf, (local, client)).await;
     }
     if let (Some(name), Some(store)) = (&resume.kept, &shared.store) {
         store.forget(name);
@@ -669,6 +628,63 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
     tracing::debug!(%client, %local, reason = reason.label(), %detail, "TCP connection ended");
     let _ = inbox.send(TcpEvent::Closed { local, client }).await;
+}
+
+/// A kept connection stops for a hand-over: it tells the event loop what it had read of the
+/// next frame, writes out what the event loop still queues for it until the queue closes,
+/// and leaves the socket open (the store holds it) for the next process to read on from.
+async fn stay_for_the_next_process<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    inbox: &mpsc::Sender<TcpEvent>,
+    pending: Vec<u8>,
+    (local, client): (SocketAddr, SocketAddr),
+) {
+    tracing::debug!(%client, %local, pending = pending.len(), "TCP connection handed over");
+    let _ = inbox
+        .send(TcpEvent::HandedOver {
+            local,
+            client,
+            pending,
+        })
+        .await;
+    while let Some(frame) = rx.recv().await {
+        if write_frame(&mut stream, &frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = inbox.send(TcpEvent::Stopped { local, client }).await;
+}
+
+/// What a read means for the connection: go on, or end it (and why).
+fn read_outcome(read: std::io::Result<usize>) -> Result<(), (Close, String)> {
+    match read {
+        Ok(0) => Err((Close::Client, String::new())),
+        Ok(_) => Ok(()),
+        // A TLS client that closes without close_notify (RFC 8446 §6.1): most do, and nothing
+        // of a frame is lost to it that framing would not see.
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err((Close::Client, error.to_string()))
+        }
+        Err(error) => Err((Close::Error, error.to_string())),
+    }
+}
+
+/// Writes one frame to the client within [`WRITE_TIMEOUT`]. A TLS stream holds written
+/// records until flushed; a TCP flush is free.
+async fn write_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    frame: &[u8],
+) -> Result<(), (Close, String)> {
+    let write = async {
+        stream.write_all(frame).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err((Close::Error, error.to_string())),
+        Err(_) => Err((Close::WriteTimeout, String::new())),
+    }
 }
 
 /// Once the event loop hands over: true (false if it is gone without).

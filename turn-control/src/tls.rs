@@ -1,6 +1,6 @@
 //! TURN over TLS (RFC 8656 §3.1 and §3.2; port 5349 by RFC 7350 §3, or 443): the server's
 //! certificate, its reloads, and the handshake of a connection whose first byte said TLS.
-//! After the handshake the stream is framed exactly as TURN over TCP ([`crate::tcp`]).
+//! After the handshake the stream is framed exactly as TURN over TCP, by the same code.
 //!
 //! - rustls with the `aws-lc-rs` provider: TLS 1.3 and 1.2 with AEAD suites only. aws-lc-rs is
 //!   rustls's default and best-maintained provider (AWS's fork of BoringSSL, FIPS-validated
@@ -584,26 +584,10 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 
 #[cfg(test)]
 mod tests {
+    use tests_harness::scratch::TempDir;
     use tests_harness::tls::{Validity as Days, certificate};
 
     use super::*;
-
-    /// A scratch directory for certificate files, removed at the end.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("tls-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn files(cert: &Path, key: &Path) -> CertificateFiles {
         CertificateFiles {
@@ -618,7 +602,7 @@ mod tests {
 
     #[test]
     fn a_chain_and_its_key_load_with_the_leafs_validity() {
-        let dir = Scratch::new("load");
+        let dir = TempDir::new("load");
         let good = certificate(&dir.0, "good", &["192.0.2.1"], Days::days(30)).unwrap();
         let loaded = files(&good.cert, &good.key)
             .load(&provider(), UnixTime::now())
@@ -632,7 +616,7 @@ mod tests {
 
     #[test]
     fn every_fault_is_one_line_naming_the_file() {
-        let dir = Scratch::new("faults");
+        let dir = TempDir::new("faults");
         let good = certificate(&dir.0, "good", &["relay.example"], Days::days(30)).unwrap();
         let other = certificate(&dir.0, "other", &["relay.example"], Days::days(30)).unwrap();
         let expired = certificate(&dir.0, "expired", &["relay.example"], Days::expired()).unwrap();
@@ -680,7 +664,7 @@ mod tests {
 
     #[test]
     fn a_reload_swaps_the_certificate_and_a_failed_one_keeps_it() {
-        let dir = Scratch::new("reload");
+        let dir = TempDir::new("reload");
         let first = certificate(&dir.0, "first", &["relay.example"], Days::days(30)).unwrap();
         let second = certificate(&dir.0, "second", &["relay.example"], Days::days(60)).unwrap();
         let (cert, key) = (dir.0.join("served.crt"), dir.0.join("served.key"));

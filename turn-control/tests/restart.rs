@@ -24,11 +24,11 @@ use std::os::unix::fs::DirBuilderExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{BIN, Daemon, free_port, quiet_port_range};
 use tests_harness::daemon::{LOG_LEVEL, READY};
+use tests_harness::scratch::TempDir;
 use tests_harness::service_manager::ServiceManager;
 use tests_harness::stun::{
     Answer, Client, Msg, attr, channel_data, channel_number, class, long_term_key, method,
@@ -342,34 +342,6 @@ fn stop(daemon: &mut Daemon, how: Stop) {
     }
 }
 
-/// A directory of its own for one test, removed on drop.
-#[derive(Debug)]
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(name: &str) -> ScratchDir {
-        // Tests run in parallel in one process: a counter keeps their directories apart.
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "turn-control-restart-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)
-            .unwrap();
-        ScratchDir(path)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// One relay's state directory, listener address and service manager (if any), started
 /// again and again.
 #[derive(Debug)]
@@ -378,14 +350,14 @@ struct Relay {
     manager: Option<ServiceManager>,
     /// The `--state-dir`, in `dir`.
     state: PathBuf,
-    dir: ScratchDir,
+    dir: TempDir,
     listen: SocketAddr,
 }
 
 impl Relay {
     /// `managed`: started through a service manager with a file-descriptor store.
     fn new(name: &str, managed: bool) -> Relay {
-        let dir = ScratchDir::new(name);
+        let dir = TempDir::new(name);
         let manager = managed.then(|| ServiceManager::new(&dir.0).unwrap());
         // 0700, as the daemon advises for the keys it holds.
         let state = dir.0.join("state");

@@ -18,6 +18,7 @@ use anyhow::Context as _;
 
 pub mod coturn;
 pub mod daemon;
+pub mod scratch;
 pub mod service_manager;
 pub mod stun;
 pub mod tls;

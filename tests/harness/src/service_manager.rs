@@ -436,39 +436,16 @@ mod tests {
     use std::os::fd::BorrowedFd;
     use std::os::unix::net::UnixStream;
     use std::process::Stdio;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     use daemon::fd_store::FdStore;
     use nix::sys::socket::{ControlMessage, UnixAddr, sendmsg};
 
     use super::*;
+    use crate::scratch::TempDir;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
-    /// A directory of its own for one test, removed on drop.
-    struct ScratchDir(PathBuf);
-
-    impl ScratchDir {
-        fn new(name: &str) -> ScratchDir {
-            // Tests run in parallel in one process: a counter keeps their directories apart.
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "service-manager-{name}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            ScratchDir(path)
-        }
-    }
-
-    impl Drop for ScratchDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn manager(dir: &ScratchDir) -> (ServiceManager, FdStore) {
+    fn manager(dir: &TempDir) -> (ServiceManager, FdStore) {
         let manager = ServiceManager::new(&dir.0).unwrap();
         let store = FdStore::new(manager.notify_socket().as_os_str()).unwrap();
         (manager, store)
@@ -498,7 +475,7 @@ mod tests {
 
     #[test]
     fn stores_by_name_with_repeats_and_removes_every_fd_of_a_name() {
-        let dir = ScratchDir::new("names");
+        let dir = TempDir::new("names");
         let (manager, store) = manager(&dir);
         let sockets: Vec<UdpSocket> = (0..3)
             .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
@@ -524,7 +501,7 @@ mod tests {
 
     #[test]
     fn a_socket_stored_twice_is_kept_once() {
-        let dir = ScratchDir::new("twice");
+        let dir = TempDir::new("twice");
         let (manager, store) = manager(&dir);
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let duplicate = socket.try_clone().unwrap();
@@ -539,7 +516,7 @@ mod tests {
 
     #[test]
     fn an_fd_without_a_valid_name_is_stored_as_stored() {
-        let dir = ScratchDir::new("default-name");
+        let dir = TempDir::new("default-name");
         let (manager, store) = manager(&dir);
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let other = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -553,7 +530,7 @@ mod tests {
 
     #[test]
     fn fds_without_fdstore_are_closed() {
-        let dir = ScratchDir::new("no-fdstore");
+        let dir = TempDir::new("no-fdstore");
         let (manager, store) = manager(&dir);
         let (ours, theirs) = UnixStream::pair().unwrap();
 
@@ -568,7 +545,7 @@ mod tests {
 
     #[test]
     fn an_fd_that_hangs_up_is_dropped_unless_stored_with_fdpoll_0() {
-        let dir = ScratchDir::new("fdpoll");
+        let dir = TempDir::new("fdpoll");
         let (manager, store) = manager(&dir);
         let (polled, polled_peer) = UnixStream::pair().unwrap();
         let (kept, kept_peer) = UnixStream::pair().unwrap();
@@ -584,7 +561,7 @@ mod tests {
 
     #[test]
     fn wait_for_consumes_each_line_once() {
-        let dir = ScratchDir::new("ready");
+        let dir = TempDir::new("ready");
         let (manager, store) = manager(&dir);
 
         store.notify("READY=1\nSTATUS=up\n").unwrap();
@@ -602,7 +579,7 @@ mod tests {
 
     #[test]
     fn the_child_gets_the_stored_fds_at_3_with_names_and_its_own_pid() {
-        let dir = ScratchDir::new("child");
+        let dir = TempDir::new("child");
         let (manager, store) = manager(&dir);
         let (first_reader, mut first_writer) = std::io::pipe().unwrap();
         let (second_reader, mut second_writer) = std::io::pipe().unwrap();
@@ -644,7 +621,7 @@ mod tests {
 
     #[test]
     fn without_stored_fds_the_child_gets_no_listen_variables() {
-        let dir = ScratchDir::new("no-fds");
+        let dir = TempDir::new("no-fds");
         let (manager, _store) = manager(&dir);
 
         let output = manager
@@ -666,7 +643,7 @@ mod tests {
 
     #[test]
     fn stored_fds_numbered_like_the_targets_still_land_in_order() {
-        let dir = ScratchDir::new("collide");
+        let dir = TempDir::new("collide");
         let (manager, store) = manager(&dir);
         // Many fds, so that the manager's own duplicates take numbers among 3..3+n.
         let pipes: Vec<_> = (0..24).map(|_| std::io::pipe().unwrap()).collect();

@@ -10,11 +10,11 @@
 
 use std::net::UdpSocket;
 use std::os::fd::AsFd as _;
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use daemon::fd_store::{self, FdStore};
+use tests_harness::scratch::TempDir;
 use tests_harness::service_manager::ServiceManager;
 
 /// Which instance this process plays; unset in the test itself.
@@ -27,7 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 #[test]
 fn a_relay_socket_and_its_queued_datagrams_survive_restarts() {
-    let dir = ScratchDir::new();
+    let dir = TempDir::new("fd-store-restart");
     let manager = ServiceManager::new(&dir.0).unwrap();
 
     // The first instance binds the relay socket and stores it.
@@ -136,21 +136,4 @@ fn instance() {
 fn single<T: std::fmt::Debug>(mut items: Vec<T>) -> T {
     assert_eq!(items.len(), 1, "{items:?}");
     items.pop().unwrap()
-}
-
-/// A directory of its own, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new() -> ScratchDir {
-        let path = std::env::temp_dir().join(format!("fd-store-restart-{}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap();
-        ScratchDir(path)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

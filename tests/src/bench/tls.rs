@@ -330,6 +330,43 @@ fn log_round(figures: &Figures, round: usize, rounds: usize) {
     eprintln!("{line}");
 }
 
+/// How the section's figures were measured: the setup, the servers' configuration and the
+/// shape of the rounds.
+fn method(out: &mut String, shape: &Shape) -> std::fmt::Result {
+    writeln!(out, "{HEADING}\n")?;
+    writeln!(
+        out,
+        "coturn (`turnserver` as in the rest of this report, without `--no-tls`, with `--cert`, `--pkey` and `--tls-listening-port={TLS_PORT}`) and turn-control (as in the rest of this report, with `--tls-cert`, `--tls-key` and `--tls-listen {ip}:{TLS_PORT}`) run at the same time, each alone in the relay namespace of its own copy of the topology above, with the same certificate files: an ECDSA P-256 leaf for the IP address {ip} signed by a private CA (`tests_harness::tls::certificate`). The clients run in the generator namespace, from {client}, on {threads} tokio thread(s): rustls 0.23 with the workspace's crypto provider, its key exchange groups offered in a browser's order (X25519MLKEM768 for TLS 1.3 only, X25519, secp256r1, secp384r1), ALPN `stun.turn` offered, the certificate verified against the CA and the relay's IP address SAN. They share the machine's CPUs with the server, so the absolute figures are what a server does beside its clients; the same clients serve both servers.\n",
+        ip = RELAY.ip(),
+        client = CLIENT.ip(),
+        threads = shape.threads,
+    )?;
+    writeln!(
+        out,
+        "The comparison is at TLS 1.2, the client offering TLS 1.2 alone to both servers: coturn 4.6.1 as Debian builds it answers a TLS 1.3 ClientHello with a handshake_failure alert, and offered both versions it negotiates TLS 1.2. turn-control's handshakes are also measured as the client offers them by default (TLS 1.3 and 1.2), which it takes as TLS 1.3; negotiated parameters below.\n"
+    )?;
+    writeln!(
+        out,
+        "- Handshakes/s: {tasks} tasks at once, each in a loop: connect to {ip}:{TLS_PORT}, TLS handshake, one STUN Binding request over the stream and its success response read, then close (close_notify and FIN, and the server's close read to its end); completed cycles per second in the window. Full: no session cache, a fresh client configuration each window (the server signs and the client verifies the certificate in every handshake). Cached: one client configuration with its session cache (256 sessions) shared by the tasks, fresh each window; the share the client saw resumed is given (TLS 1.2: a session ticket or ID; TLS 1.3: a ticket, with a new key exchange but no certificate). Server CPU is its process's utime + stime (/proc/PID/stat) over the window per completed cycle.",
+        tasks = shape.handshake_tasks,
+        ip = RELAY.ip(),
+    )?;
+    writeln!(
+        out,
+        "- Relayed messages/s (TLS 1.2): {clients} clients, each on its own TLS connection, allocate (long-term credentials, user test) and bind channel {FIRST_CHANNEL:#06x} to {peer}:{FIRST_PEER_PORT}+i, set up once per server; each window they write ChannelData frames of {PAYLOAD} B ({FRAMES_PER_WRITE} per TLS write) back to back, as fast as the server reads them. The sink on the generator's `rx` counts the UDP datagrams that reach the peer (checking their source, the allocation's relayed address, and their length) and drops them: relayed messages/s is that count over the window; written/s, what the clients' TLS streams took. Server CPU per relayed message as above.",
+        clients = shape.relay_clients,
+        peer = PEER.ip(),
+    )?;
+    writeln!(
+        out,
+        "- {rounds} round(s); in each, full handshakes, then cached ones, then relayed messages, each of both servers in turn (which server goes first alternates), each a warm-up of {warm:.1} s and then a counted window of {window:.1} s. The figures are medians over the rounds, with their range.\n",
+        rounds = shape.rounds,
+        warm = shape.warm_up.as_secs_f64(),
+        window = shape.window.as_secs_f64(),
+    )?;
+    Ok(())
+}
+
 /// The report's section: how it was measured, the table of medians over the rounds (with
 /// their range) and the ratio turn-control / coturn, and what each server negotiated.
 pub fn section(figures: &[Figures], shape: &Shape) -> anyhow::Result<String> {
@@ -340,37 +377,7 @@ pub fn section(figures: &[Figures], shape: &Shape) -> anyhow::Result<String> {
         bail!("the figures of a server are missing");
     };
     let mut md = String::new();
-    writeln!(md, "{HEADING}\n")?;
-    writeln!(
-        md,
-        "coturn (`turnserver` as in the rest of this report, without `--no-tls`, with `--cert`, `--pkey` and `--tls-listening-port={TLS_PORT}`) and turn-control (as in the rest of this report, with `--tls-cert`, `--tls-key` and `--tls-listen {ip}:{TLS_PORT}`) run at the same time, each alone in the relay namespace of its own copy of the topology above, with the same certificate files: an ECDSA P-256 leaf for the IP address {ip} signed by a private CA (`tests_harness::tls::certificate`). The clients run in the generator namespace, from {client}, on {threads} tokio thread(s): rustls 0.23 with the workspace's crypto provider, its key exchange groups offered in a browser's order (X25519MLKEM768 for TLS 1.3 only, X25519, secp256r1, secp384r1), ALPN `stun.turn` offered, the certificate verified against the CA and the relay's IP address SAN. They share the machine's CPUs with the server, so the absolute figures are what a server does beside its clients; the same clients serve both servers.\n",
-        ip = RELAY.ip(),
-        client = CLIENT.ip(),
-        threads = shape.threads,
-    )?;
-    writeln!(
-        md,
-        "The comparison is at TLS 1.2, the client offering TLS 1.2 alone to both servers: coturn 4.6.1 as Debian builds it answers a TLS 1.3 ClientHello with a handshake_failure alert, and offered both versions it negotiates TLS 1.2. turn-control's handshakes are also measured as the client offers them by default (TLS 1.3 and 1.2), which it takes as TLS 1.3; negotiated parameters below.\n"
-    )?;
-    writeln!(
-        md,
-        "- Handshakes/s: {tasks} tasks at once, each in a loop: connect to {ip}:{TLS_PORT}, TLS handshake, one STUN Binding request over the stream and its success response read, then close (close_notify and FIN, and the server's close read to its end); completed cycles per second in the window. Full: no session cache, a fresh client configuration each window (the server signs and the client verifies the certificate in every handshake). Cached: one client configuration with its session cache (256 sessions) shared by the tasks, fresh each window; the share the client saw resumed is given (TLS 1.2: a session ticket or ID; TLS 1.3: a ticket, with a new key exchange but no certificate). Server CPU is its process's utime + stime (/proc/PID/stat) over the window per completed cycle.",
-        tasks = shape.handshake_tasks,
-        ip = RELAY.ip(),
-    )?;
-    writeln!(
-        md,
-        "- Relayed messages/s (TLS 1.2): {clients} clients, each on its own TLS connection, allocate (long-term credentials, user test) and bind channel {FIRST_CHANNEL:#06x} to {peer}:{FIRST_PEER_PORT}+i, set up once per server; each window they write ChannelData frames of {PAYLOAD} B ({FRAMES_PER_WRITE} per TLS write) back to back, as fast as the server reads them. The sink on the generator's `rx` counts the UDP datagrams that reach the peer (checking their source, the allocation's relayed address, and their length) and drops them: relayed messages/s is that count over the window; written/s, what the clients' TLS streams took. Server CPU per relayed message as above.",
-        clients = shape.relay_clients,
-        peer = PEER.ip(),
-    )?;
-    writeln!(
-        md,
-        "- {rounds} round(s); in each, full handshakes, then cached ones, then relayed messages, each of both servers in turn (which server goes first alternates), each a warm-up of {warm:.1} s and then a counted window of {window:.1} s. The figures are medians over the rounds, with their range.\n",
-        rounds = shape.rounds,
-        warm = shape.warm_up.as_secs_f64(),
-        window = shape.window.as_secs_f64(),
-    )?;
+    method(&mut md, shape)?;
     let offered: Vec<&Figures> = [coturn, turn_control]
         .into_iter()
         .filter(|f| f.handshakes(Protocol::Offered, false).is_some())

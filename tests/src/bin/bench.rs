@@ -809,10 +809,7 @@ fn run() -> anyhow::Result<()> {
         .map(|s| (s, end_to_end(s, &options)))
         .collect();
 
-    eprintln!("bench: TURN over TLS beside coturn's");
-    let tls = tls_report(&options, false).unwrap_or_else(|error| {
-        format!("## TURN over TLS: handshakes and relayed messages\n\nNot measured: {error:#}\n")
-    });
+    let tls = tls_section_or_why(&options);
     let report = render(
         &options,
         &results,
@@ -886,6 +883,14 @@ fn expiry_section(
 fn tls_only(options: &Options) -> anyhow::Result<()> {
     print!("{}", tls_report(options, true)?);
     Ok(())
+}
+
+/// The TURN-over-TLS section of the whole bench's report, or why it is missing.
+fn tls_section_or_why(options: &Options) -> String {
+    eprintln!("bench: TURN over TLS beside coturn's");
+    tls_report(options, false).unwrap_or_else(|error| {
+        format!("## TURN over TLS: handshakes and relayed messages\n\nNot measured: {error:#}\n")
+    })
 }
 
 /// The TURN-over-TLS section of the report: its figures and how they were measured; `alone`

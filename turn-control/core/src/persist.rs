@@ -274,61 +274,9 @@ impl Server {
         saved: &SavedAllocation,
         ports: &std::ops::RangeInclusive<u16>,
     ) -> Result<Restored, RestoreRefusal> {
+        let (expires, key) = self.check_restorable(now, saved, ports)?;
         let tuple = saved.tuple();
-        let expires = self.instant_of(saved.expires_unix_ms, now);
-        if expires <= now {
-            return Err(RestoreRefusal::Expired);
-        }
         let port = AllocationPort(saved.port);
-        if !ports.contains(&saved.port) {
-            return Err(RestoreRefusal::PortOutOfRange);
-        }
-        if self.by_port.contains_key(&port) {
-            return Err(RestoreRefusal::PortTaken);
-        }
-        if !self.config.listeners.iter().any(|listener| {
-            *listener == tuple.server
-                || (listener.ip().is_unspecified()
-                    && listener.port() == tuple.server.port()
-                    && listener.is_ipv4() == tuple.server.is_ipv4())
-        }) {
-            return Err(RestoreRefusal::ListenerRemoved);
-        }
-        let configured = |family: Family| match family {
-            Family::V4 => self.config.relay_ipv4.map(IpAddr::V4),
-            Family::V6 => self.config.relay_ipv6.map(IpAddr::V6),
-        };
-        if saved.relays.is_empty()
-            || saved.relays.iter().any(|relay| {
-                relay.port() != saved.port || configured(Family::of(relay.ip())) != Some(relay.ip())
-            })
-        {
-            return Err(RestoreRefusal::RelayAddressChanged);
-        }
-        let key = SigningKey {
-            key: match saved.key.len() {
-                16 => LongTermKey::Md5(
-                    saved
-                        .key
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| RestoreRefusal::MalformedKey)?,
-                ),
-                32 => LongTermKey::Sha256(
-                    saved
-                        .key
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| RestoreRefusal::MalformedKey)?,
-                ),
-                _ => return Err(RestoreRefusal::MalformedKey),
-            },
-            integrity: if saved.integrity_sha256 {
-                Integrity::Sha256
-            } else {
-                Integrity::Sha1
-            },
-        };
         let username: Arc<str> = Arc::from(saved.username.as_str());
         let mut alloc = Allocation::new(
             port,
@@ -358,7 +306,91 @@ impl Server {
         }
         // Counted as at its Allocate, whatever the quotas are now: it exists already.
         self.config.quotas.try_reserve(&username, None, None);
-        for ch in &saved.channels {
+        self.restore_channels(now, &tuple, &mut alloc, &saved.channels, &mut restored);
+        self.by_port.insert(port, PortUse::Allocation(tuple));
+        self.timers.schedule(Timer::Allocation(tuple), expires);
+        self.allocations.insert(tuple, alloc);
+        let s = &mut self.stats;
+        s.allocations_active += 1;
+        s.permissions_active += restored.permissions as u64;
+        s.channels_active += restored.channels as u64;
+        Ok(restored)
+    }
+
+    /// Whether `saved` fits this server as it is configured now: its expiry and its key if it
+    /// does, why not otherwise.
+    fn check_restorable(
+        &self,
+        now: Instant,
+        saved: &SavedAllocation,
+        ports: &std::ops::RangeInclusive<u16>,
+    ) -> Result<(Instant, SigningKey), RestoreRefusal> {
+        let server = saved.server;
+        let expires = self.instant_of(saved.expires_unix_ms, now);
+        if expires <= now {
+            return Err(RestoreRefusal::Expired);
+        }
+        if !ports.contains(&saved.port) {
+            return Err(RestoreRefusal::PortOutOfRange);
+        }
+        if self.by_port.contains_key(&AllocationPort(saved.port)) {
+            return Err(RestoreRefusal::PortTaken);
+        }
+        if !self.config.listeners.iter().any(|listener| {
+            *listener == server
+                || (listener.ip().is_unspecified()
+                    && listener.port() == server.port()
+                    && listener.is_ipv4() == server.is_ipv4())
+        }) {
+            return Err(RestoreRefusal::ListenerRemoved);
+        }
+        let configured = |family: Family| match family {
+            Family::V4 => self.config.relay_ipv4.map(IpAddr::V4),
+            Family::V6 => self.config.relay_ipv6.map(IpAddr::V6),
+        };
+        if saved.relays.is_empty()
+            || saved.relays.iter().any(|relay| {
+                relay.port() != saved.port || configured(Family::of(relay.ip())) != Some(relay.ip())
+            })
+        {
+            return Err(RestoreRefusal::RelayAddressChanged);
+        }
+        let key = match saved.key.len() {
+            16 => LongTermKey::Md5(
+                saved
+                    .key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| RestoreRefusal::MalformedKey)?,
+            ),
+            32 => LongTermKey::Sha256(
+                saved
+                    .key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| RestoreRefusal::MalformedKey)?,
+            ),
+            _ => return Err(RestoreRefusal::MalformedKey),
+        };
+        let integrity = if saved.integrity_sha256 {
+            Integrity::Sha256
+        } else {
+            Integrity::Sha1
+        };
+        Ok((expires, SigningKey { key, integrity }))
+    }
+
+    /// Restores the channels of `saved` that have not expired into `alloc`, those the data
+    /// plane held marked as held (within the user's kernel share, as counted again).
+    fn restore_channels(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        alloc: &mut Allocation,
+        saved: &[SavedChannel],
+        restored: &mut Restored,
+    ) {
+        for ch in saved {
             let expires = self.instant_of(ch.expires_unix_ms, now);
             let (Ok(number), true) = (ChannelNumber::new(ch.number), expires > now) else {
                 continue;
@@ -375,24 +407,17 @@ impl Server {
                 && self
                     .config
                     .quotas
-                    .try_add_kernel_binding(&username, usize::MAX)
+                    .try_add_kernel_binding(&alloc.username, usize::MAX)
             {
                 channel.kernel_expires = Some(alloc.effective_expiry(&channel));
                 restored.in_kernel += 1;
             }
             alloc.channels.insert(number, channel);
             alloc.peers.insert(peer, number);
-            self.timers.schedule(Timer::Channel(tuple, number), expires);
+            self.timers
+                .schedule(Timer::Channel(*tuple, number), expires);
             restored.channels += 1;
         }
-        self.by_port.insert(port, PortUse::Allocation(tuple));
-        self.timers.schedule(Timer::Allocation(tuple), expires);
-        self.allocations.insert(tuple, alloc);
-        let s = &mut self.stats;
-        s.allocations_active += 1;
-        s.permissions_active += restored.permissions as u64;
-        s.channels_active += restored.channels as u64;
-        Ok(restored)
     }
 
     /// `at` as Unix milliseconds, by the wall clock the server was given.
