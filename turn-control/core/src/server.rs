@@ -1006,11 +1006,6 @@ impl Server {
     fn client_stun(&mut self, now: Instant, tuple: &FiveTuple, packet: &[u8]) {
         // Expire what is due first, so that no request sees a lapsed entry as alive.
         self.handle_timeout(now);
-        // Any request may change the allocation of its 5-tuple (a Send indication cannot, but
-        // marking costs one set insertion against a journal record only when it did change).
-        if self.allocations.contains_key(tuple) {
-            self.mark_changed(tuple);
-        }
         let req = match parse(packet) {
             Ok(req) => req,
             Err(error) => {
@@ -1019,6 +1014,11 @@ impl Server {
                 return;
             }
         };
+        // A request may change the allocation of its 5-tuple (a Send indication, relayed data,
+        // never does: the journal must stay off the data path).
+        if req.class() == CLASS_REQUEST && self.allocations.contains_key(tuple) {
+            self.mark_changed(tuple);
+        }
         match (req.class(), req.method()) {
             (CLASS_INDICATION, METHOD_SEND) => self.send_indication(now, tuple, &req),
             (CLASS_REQUEST, METHOD_BINDING) => self.binding(now, tuple, &req),

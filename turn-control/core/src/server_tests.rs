@@ -2199,6 +2199,16 @@ fn a_saved_allocation_is_restored_with_its_permissions_and_kernel_channels() {
         }]
     );
     assert!(h.server.take_changes().is_empty(), "nothing changed since");
+    // Relayed data changes nothing to journal: neither ChannelData nor a Send indication.
+    h.send(&c, &channel_data(0x4001, b"data"));
+    let mut b = Builder::new(METHOD_SEND, CLASS_INDICATION, TransactionId(c.next_txid()));
+    peer_attr(&mut b, PEER2);
+    b.raw(ATTR_DATA, b"data");
+    h.send(&c, &b.finish(None, None, false));
+    assert!(
+        h.server.take_changes().is_empty(),
+        "relayed data is no change"
+    );
     assert_eq!(h.server.saved_allocations(), std::slice::from_ref(saved));
 
     // A new process, ten seconds later.
