@@ -23,7 +23,7 @@ use std::ops::RangeInclusive;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{BIN, Daemon, free_port, quiet_port_range};
@@ -249,6 +249,76 @@ fn a_plain_tcp_connection_and_its_allocation_outlive_the_handover() {
         "a_plain_tcp_connection_and_its_allocation_outlive_the_handover",
         &second,
     );
+}
+
+/// coturn's own client, `turnutils_uclient`, client to client (`-y`: each client's channel
+/// data goes through the relay to the other's allocation) over UDP and over TCP at once,
+/// while the relay is stopped by SIGTERM and then SIGKILL and started again under the
+/// service manager: every message comes back, in both runs.
+#[test]
+fn coturns_client_loses_nothing_across_a_handover_and_a_crash() {
+    const TEST: &str = "coturns_client_loses_nothing_across_a_handover_and_a_crash";
+    if !tests_harness::coturn::tools_present(TEST) {
+        return;
+    }
+    let relay = Relay::new("uclient", true);
+    let ports = quiet_port_range(40);
+    let mut daemon = relay.start(THREADS, ports.clone());
+    let port = relay.listen.port().to_string();
+    // 300 messages 20 ms apart per client: six seconds of traffic, the restarts within it.
+    // Output to files: a pipe nobody reads while the client runs could fill and stall it.
+    let uclient = |name: &str, transport: &[&str]| {
+        let log = relay.dir.0.join(format!("uclient-{name}.log"));
+        let child = Command::new("turnutils_uclient")
+            .args(transport)
+            .args(["-y", "-u", USER, "-w", PASSWORD, "-p", &port])
+            .args(["-n", "300", "-m", "2", "-l", "100", "-z", "20", "127.0.0.1"])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (name.to_owned(), child, log)
+    };
+    let clients = [uclient("UDP", &[]), uclient("TCP", &["-t"])];
+    // Both runs have their channels (two pairs of RTP and RTCP allocations each).
+    daemon.wait_metric("turn_channel_bindings_active", |v| v >= 8.0, T);
+    for how in [Stop::Term, Stop::Kill] {
+        stop(&mut daemon, how);
+        daemon = relay.start(THREADS, ports.clone());
+        // The eight with channels, and any probe allocation uclient makes besides.
+        daemon.wait_metric(RESTORED_ALLOCATIONS, |v| v >= 8.0, T);
+    }
+    for (transport, client, log) in clients {
+        wait_success(client, Duration::from_secs(60));
+        let output = std::fs::read_to_string(log).unwrap();
+        let totals = tests_harness::coturn::Totals::parse(&output)
+            .unwrap_or_else(|| panic!("{transport}: no totals in\n{output}"));
+        println!("{TEST}: {transport}: {totals:?}");
+        // Two clients, each an RTP and an RTCP allocation, 300 messages on each.
+        assert_eq!(
+            (totals.sent, totals.received),
+            (1200, 1200),
+            "{transport}:\n{output}\n{}",
+            daemon.output()
+        );
+    }
+}
+
+/// Waits for `child` to exit successfully within `timeout` (killed and a failure otherwise).
+fn wait_success(mut child: std::process::Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("turnutils_uclient did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "turnutils_uclient: {status}");
 }
 
 /// Tests 1 to 3: SIGTERM or SIGKILL under a service manager, then `next` (a copy of the
