@@ -812,25 +812,33 @@ impl Settings {
         Ok(daemon::to_toml(&redacted)?)
     }
 
-    /// Thread `index` of `threads`' core configuration: the shared `seed` (one nonce key for
+    /// Thread `index` of `threads`' core configuration: the shared `seeds` (one nonce key for
     /// all), `quotas` and `reservations`, its own slice of the port range; `dev_user` is the
     /// generated `--dev` credential.
     pub fn core_config(
         &self,
         dev_user: Option<&User>,
-        seed: [u8; 32],
+        seeds: Seeds,
         (index, threads): (usize, usize),
         quotas: &Arc<QuotaLedger>,
         reservations: &Arc<ReservationLedger>,
     ) -> Config {
-        let mut config = Config::new(self.realm.clone(), seed);
+        let mut config = Config::new(self.realm.clone(), seeds.random);
+        config.nonce_seed = seeds.nonce;
         config.software = Some(self.software.clone()).filter(|software| !software.is_empty());
         config.credentials = self.credentials(dev_user);
         // Behind a 1:1 NAT the core announces the external address (XOR-RELAYED-ADDRESS); the
         // daemon maps it back to the relay address when binding and reading sockets.
         config.relay_ipv4 = self.external_ipv4.or(self.relay_ipv4);
         config.relay_ipv6 = self.external_ipv6.or(self.relay_ipv6);
-        config.listeners = self.listen.clone();
+        // Every listener, TLS ones too: none is a peer, and allocations restored after a
+        // restart may have come through any.
+        config.listeners = self
+            .listen
+            .iter()
+            .chain(&self.tls_listen)
+            .copied()
+            .collect();
         config.own_addresses = self
             .relay_ipv4
             .map(IpAddr::V4)
@@ -880,6 +888,25 @@ impl Settings {
             credentials = credentials.with_rest_secret(secret.as_bytes().to_vec());
         }
         credentials
+    }
+}
+
+/// The seeds of a daemon's cores: the random streams' (fresh at each start), and the nonce
+/// key's when it must outlive the process (`--state-dir`).
+#[derive(Debug, Clone, Copy)]
+pub struct Seeds {
+    /// Ports, transaction ids, tokens; and the nonce key without `nonce`.
+    pub random: [u8; 32],
+    /// The nonce key's, kept in the state directory.
+    pub nonce: Option<[u8; 32]>,
+}
+
+impl From<[u8; 32]> for Seeds {
+    fn from(random: [u8; 32]) -> Self {
+        Seeds {
+            random,
+            nonce: None,
+        }
     }
 }
 
@@ -1222,7 +1249,7 @@ mod tests {
     fn software_is_one_option() {
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
         let software = |s: &Settings| {
-            s.core_config(None, [0; 32], (0, 1), &quotas, &reservations)
+            s.core_config(None, [0; 32].into(), (0, 1), &quotas, &reservations)
                 .software
         };
         let s = flags(&["--dev"]).unwrap();
@@ -1244,7 +1271,8 @@ mod tests {
     #[test]
     fn allocation_lifetimes_reach_the_core_and_are_checked() {
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
-        let core = |s: &Settings| s.core_config(None, [0; 32], (0, 1), &quotas, &reservations);
+        let core =
+            |s: &Settings| s.core_config(None, [0; 32].into(), (0, 1), &quotas, &reservations);
         let s = flags(&["--dev"]).unwrap();
         assert_eq!(core(&s).default_lifetime, Duration::from_secs(600));
         assert_eq!(core(&s).max_lifetime, Duration::from_secs(3600));
@@ -1305,7 +1333,7 @@ mod tests {
     fn abuse_limits_reach_the_cores_shared_out() {
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
         let s = flags(&["--dev", "--threads", "4"]).unwrap();
-        let core = s.core_config(None, [0; 32], (1, 4), &quotas, &reservations);
+        let core = s.core_config(None, [0; 32].into(), (1, 4), &quotas, &reservations);
         assert_eq!(core.unauthorized_rate, Some(1250));
         assert_eq!(
             core.unauthenticated_per_source,
@@ -1337,7 +1365,7 @@ max_channels_per_allocation = 8
         )
         .unwrap();
         assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
-        let core = s.core_config(None, [0; 32], (0, 2), &quotas, &reservations);
+        let core = s.core_config(None, [0; 32].into(), (0, 2), &quotas, &reservations);
         assert_eq!(core.unauthorized_rate, Some(50));
         assert_eq!(
             core.unauthenticated_per_source,
@@ -1412,7 +1440,7 @@ max_channels_per_allocation = 8
         let s = flags(&["--dev", "--threads", "2"]).unwrap();
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
         for index in 0..2 {
-            s.core_config(None, [0; 32], (index, 2), &quotas, &reservations)
+            s.core_config(None, [0; 32].into(), (index, 2), &quotas, &reservations)
                 .validate()
                 .unwrap();
         }
@@ -1445,7 +1473,7 @@ max_channels_per_allocation = 8
         );
         assert_eq!(s.admin, Some("127.0.0.1:9643".parse().unwrap()));
         assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
-        let core = s.core_config(None, [0; 32], (0, 1), &quotas, &reservations);
+        let core = s.core_config(None, [0; 32].into(), (0, 1), &quotas, &reservations);
         assert_eq!(core.alternate_servers, s.alternate_server);
         assert_eq!(core.alternate_domain.as_deref(), Some("turn.example.org"));
         assert_eq!((core.shed_allocations, s.drain_deadline), (Some(5), 60));

@@ -101,9 +101,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!("listeners bound; CAP_NET_BIND_SERVICE dropped");
     }
     let dev_user = settings.dev.then(dev_credential).transpose()?;
-    let seed = match &settings.state_dir {
-        Some(dir) => state::seed(dir)?,
-        None => fresh_seed()?,
+    let seed = config::Seeds {
+        random: fresh_seed()?,
+        nonce: settings.state_dir.as_deref().map(state::seed).transpose()?,
     };
     let thread_states = thread_states(&settings, &mut inherited)?;
     std::mem::take(&mut inherited).close_rest(&store);
@@ -236,7 +236,7 @@ impl Supervisor {
             Vec<threads::Listeners>,
             watch::Receiver<host_addresses::Learned>,
         ),
-        seed: [u8; 32],
+        seed: config::Seeds,
         (quotas, reservations): (&Arc<QuotaLedger>, &Arc<ReservationLedger>),
         Prepared {
             tls,
@@ -609,7 +609,7 @@ fn take_inherited(
     Ok((inherited, Arc::new(store)))
 }
 
-/// A seed from the OS, for a daemon that keeps no state.
+/// A seed from the OS.
 fn fresh_seed() -> anyhow::Result<[u8; 32]> {
     use rand::TryRng as _;
     let mut seed = [0u8; 32];

@@ -100,9 +100,10 @@ impl Record {
     }
 }
 
-/// Loads the seed of the nonce key and port choices from `dir`, or makes one and saves it: a
-/// new process with the same seed accepts the nonces the old one issued (RFC 8489 §9.2), so
-/// clients do not meet a 438 after a restart.
+/// Loads the seed of the nonce key from `dir`, or makes one and saves it: a new process with
+/// the same seed accepts the nonces the old one issued (RFC 8489 §9.2), so clients do not
+/// meet a 438 after a restart. Only the nonce key: ports, transaction ids and tokens come
+/// from a seed of each start, so that none of their sequences repeats.
 pub fn seed(dir: &Path) -> anyhow::Result<[u8; 32]> {
     let path = dir.join("seed");
     match std::fs::read(&path) {

@@ -190,9 +190,15 @@ pub struct Config {
     pub default_lifetime: Duration,
     /// Longest allocation lifetime granted. Default 3600 s.
     pub max_lifetime: Duration,
-    /// Seed for the random number generator (ports, nonce key, transaction ids). The daemon
-    /// seeds from the OS; tests use a constant.
+    /// Seed for the random number generator (ports, nonce key, transaction ids, tokens). The
+    /// daemon seeds from the OS; tests use a constant.
     pub rng_seed: [u8; 32],
+    /// Seed of the nonce key alone, when the key must outlive the process (a daemon that
+    /// keeps its allocations across restarts, whose clients' nonces must stay good): the
+    /// random streams still come from `rng_seed`, fresh at each start, so that no port
+    /// sequence, transaction id or RESERVATION-TOKEN repeats. Default `None`: the key comes
+    /// from `rng_seed`.
+    pub nonce_seed: Option<[u8; 32]>,
     /// Which of the daemon's cores this is. Cores given the same seed share the nonce key
     /// but draw different random streams. Default 0.
     pub core_index: u32,
@@ -244,6 +250,7 @@ impl Config {
             default_lifetime: DEFAULT_LIFETIME,
             max_lifetime: MAX_LIFETIME,
             rng_seed,
+            nonce_seed: None,
             core_index: 0,
             alternate_servers: Vec::new(),
             alternate_domain: None,

@@ -383,6 +383,9 @@ impl Server {
         let mut rng = StdRng::from_seed(config.rng_seed);
         let mut nonce_key = [0u8; 32];
         rng.fill(&mut nonce_key);
+        if let Some(seed) = config.nonce_seed {
+            StdRng::from_seed(seed).fill(&mut nonce_key);
+        }
         // Cores of one daemon share the seed, hence the nonce key (a nonce one core issued is
         // good at every other), but each draws its own stream of ports and transaction ids.
         let mut stream_seed = [0u8; 32];

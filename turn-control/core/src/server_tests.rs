@@ -2161,9 +2161,12 @@ mod abuse;
 mod redirect;
 
 /// A fresh server of `config()` (adjusted by `f`) started `later` after `h`'s, as a new
-/// process would be: the same seed (hence nonce key), a new monotonic clock.
+/// process keeping its state would be: the nonce key kept (`nonce_seed`: the key `h`'s seed
+/// gave), fresh random streams, a new monotonic clock.
 fn restarted(h: &Harness, later: Duration, f: impl FnOnce(&mut Config)) -> Harness {
     let mut config = config();
+    config.nonce_seed = Some(config.rng_seed);
+    config.rng_seed = [7; 32];
     f(&mut config);
     let now = Instant::now() + Duration::from_secs(3600);
     let unix = SystemTime::UNIX_EPOCH + Duration::from_secs(h.unix_now()) + later;
