@@ -295,7 +295,10 @@ impl Eventloop {
         let mut tally = RestoreTally::default();
         for saved in &loaded.allocations {
             let key = (saved.server, saved.client);
-            let connection = connections.remove(&key);
+            // A UDP allocation of the same addresses is no claim on a TCP connection.
+            let connection = (saved.tuple().transport == Transport::Tcp)
+                .then(|| connections.remove(&key))
+                .flatten();
             let restored =
                 self.restore_one(saved, &mut relays, connection, &mut pending, &mut tally);
             if let Err(reason) = restored {
