@@ -24,7 +24,7 @@ use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use tests::stun::attr::{LIFETIME, NONCE, REQUESTED_TRANSPORT};
+use tests::stun::attr::{LIFETIME, REQUESTED_TRANSPORT};
 use tests::stun::class::SUCCESS;
 use tests::stun::method::{ALLOCATE, REFRESH};
 use tests::stun::{Answer, Client, Msg};
@@ -117,9 +117,8 @@ fn tcp_request(
         let request = signer.build(method, &build);
         tcp.write_all(&request).unwrap();
         let answer = read_answer(tcp);
-        match answer.error_code() {
-            Some(401 | 438) => signer.nonce = answer.attr(NONCE).map(<[u8]>::to_vec),
-            _ => return answer,
+        if !signer.credentials.learn(&answer) {
+            return answer;
         }
     }
     panic!("authentication over TCP did not converge");

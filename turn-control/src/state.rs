@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
-use turn_control_core::{Change, FiveTuple, SavedAllocation, SavedTransport, Transport};
+use turn_control_core::{Change, FiveTuple, SavedAllocation, Transport};
 
 use crate::journal::Journal;
 
@@ -66,7 +66,7 @@ pub enum Record {
         /// The listener.
         server: SocketAddr,
         /// Its transport.
-        transport: SavedTransport,
+        transport: Transport,
     },
 }
 
@@ -86,10 +86,7 @@ impl Record {
             Change::Deleted(tuple) => Record::Deleted {
                 client: tuple.client.0,
                 server: tuple.server,
-                transport: match tuple.transport {
-                    Transport::Udp => SavedTransport::Udp,
-                    Transport::Tcp => SavedTransport::Tcp,
-                },
+                transport: tuple.transport,
             },
         }
     }
@@ -254,8 +251,8 @@ impl ThreadJournal {
                         transport,
                     }) => {
                         allocations.retain(|tuple, _| {
-                            (tuple.client.0, tuple.server) != (client, server)
-                                || !same_transport(tuple.transport, transport)
+                            (tuple.client.0, tuple.server, tuple.transport)
+                                != (client, server, transport)
                         });
                     }
                     // A header in the middle, or a record this build cannot read: the rest is
@@ -281,39 +278,33 @@ impl ThreadJournal {
 
     /// Appends the changes of one loop iteration in one write.
     pub fn append(&mut self, changes: Vec<Change>) {
-        if changes.is_empty() {
-            return;
-        }
-        let records: Vec<Vec<u8>> = changes
-            .into_iter()
-            .map(|change| Record::of(change).encode())
-            .collect();
-        if let Err(error) = self.journal.append(records.iter().map(Vec::as_slice)) {
-            metrics::counter!(crate::metrics::name::JOURNAL_ERRORS).increment(1);
-            tracing::error!(path = %self.path.display(), %error, "journal write failed; a restart now would lose these changes");
-        }
+        self.write(changes.into_iter().map(Record::of));
     }
 
     /// Records what the handed-over TCP connections had read of their next frames.
     pub fn append_pending(&mut self, pending: Vec<((SocketAddr, SocketAddr), Vec<u8>)>) {
-        let records: Vec<Vec<u8>> = pending
-            .into_iter()
-            .filter(|(_, bytes)| !bytes.is_empty())
-            .map(|((server, client), bytes)| {
-                Record::Pending {
+        self.write(
+            pending
+                .into_iter()
+                .filter(|(_, bytes)| !bytes.is_empty())
+                .map(|((server, client), bytes)| Record::Pending {
                     client,
                     server,
                     bytes,
-                }
-                .encode()
-            })
-            .collect();
+                }),
+        );
+    }
+
+    /// Appends `records` in one write (none: nothing); a failure is counted and logged, the
+    /// journal stays as it was.
+    fn write(&mut self, records: impl Iterator<Item = Record>) {
+        let records: Vec<Vec<u8>> = records.map(|record| record.encode()).collect();
         if records.is_empty() {
             return;
         }
         if let Err(error) = self.journal.append(records.iter().map(Vec::as_slice)) {
             metrics::counter!(crate::metrics::name::JOURNAL_ERRORS).increment(1);
-            tracing::error!(path = %self.path.display(), %error, "journal write failed; handed-over TCP connections may lose part of a frame");
+            tracing::error!(path = %self.path.display(), %error, "journal write failed; a restart now would lose these changes");
         }
     }
 
@@ -335,13 +326,6 @@ impl ThreadJournal {
     }
 }
 
-fn same_transport(transport: Transport, saved: SavedTransport) -> bool {
-    matches!(
-        (transport, saved),
-        (Transport::Udp, SavedTransport::Udp) | (Transport::Tcp, SavedTransport::Tcp)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,7 +341,7 @@ mod tests {
         let deleted = Record::Deleted {
             client: "192.0.2.1:5000".parse().unwrap(),
             server: "192.0.2.10:3478".parse().unwrap(),
-            transport: SavedTransport::Udp,
+            transport: Transport::Udp,
         };
         let back: Record = serde_json::from_slice(&deleted.encode()).unwrap();
         assert_eq!(back, deleted);

@@ -485,10 +485,7 @@ async fn connection(
     let accepted = Instant::now();
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout_at(accepted + FIRST_FRAME_TIMEOUT, stream.peek(&mut first));
-    let ended = |reason: Close, detail: &str| {
-        metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
-        tracing::debug!(%client, %local, reason = reason.label(), detail, "TCP connection ended");
-    };
+    let ended = |reason: Close, detail: &str| count_end((local, client), reason, detail);
     match peeked.await {
         Err(_) => return ended(Close::FirstFrameTimeout, "nothing sent"),
         Ok(Ok(0)) => return ended(Close::Client, ""),
@@ -625,9 +622,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
     }
     drop(admitted);
-    metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
-    tracing::debug!(%client, %local, reason = reason.label(), %detail, "TCP connection ended");
+    count_end((local, client), reason, &detail);
     let _ = inbox.send(TcpEvent::Closed { local, client }).await;
+}
+
+/// Counts and logs the end of the connection from `client` to `local`.
+fn count_end((local, client): (SocketAddr, SocketAddr), reason: Close, detail: &str) {
+    metrics::counter!(name::TCP_CLOSED, "reason" => reason.label()).increment(1);
+    tracing::debug!(%client, %local, reason = reason.label(), detail, "TCP connection ended");
 }
 
 /// A kept connection stops for a hand-over: it tells the event loop what it had read of the

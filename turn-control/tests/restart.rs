@@ -610,7 +610,7 @@ impl Session {
     /// A Refresh signed with the nonce and key of before, sent once (no new 401 or 438
     /// round): what a client that saw no restart sends.
     fn refresh_as_before(&mut self) -> Answer {
-        assert!(self.client.nonce.is_some(), "no nonce yet");
+        assert!(self.client.credentials.nonce.is_some(), "no nonce yet");
         let request = self
             .client
             .build(method::REFRESH, |m| m.attr(attr::LIFETIME, &LIFETIME));

@@ -8,6 +8,77 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 pub use tests_stun::*;
 
+/// Long-term credentials (RFC 8489 §9.2) as a client holds them: the user and password, the
+/// realm and nonce the server gave (learnt from its 401 and 438), and the key that follows
+/// the realm.
+#[derive(Debug, Clone)]
+pub struct LongTerm {
+    user: String,
+    password: String,
+    realm: Option<Vec<u8>>,
+    key: Option<[u8; 16]>,
+    /// The current nonce (none before the first 401).
+    pub nonce: Option<Vec<u8>>,
+}
+
+impl LongTerm {
+    /// `user:password`, with no realm or nonce yet.
+    pub fn new(user: &str, password: &str) -> Self {
+        Self {
+            user: user.to_owned(),
+            password: password.to_owned(),
+            realm: None,
+            key: None,
+            nonce: None,
+        }
+    }
+
+    /// Takes `realm`, and the key it gives.
+    pub fn set_realm(&mut self, realm: &[u8]) {
+        self.key = Some(long_term_key(
+            &self.user,
+            &String::from_utf8_lossy(realm),
+            &self.password,
+        ));
+        self.realm = Some(realm.to_vec());
+    }
+
+    /// The realm (once known).
+    pub fn realm(&self) -> Option<&[u8]> {
+        self.realm.as_deref()
+    }
+
+    /// The long-term key (once the realm is known).
+    pub fn key(&self) -> Option<[u8; 16]> {
+        self.key
+    }
+
+    /// `msg` finished (with FINGERPRINT if `fingerprint`): signed once a nonce is known.
+    pub fn finish(&self, msg: &mut Msg, fingerprint: bool) -> Vec<u8> {
+        match (&self.nonce, &self.realm, self.key) {
+            (Some(nonce), Some(realm), Some(key)) => msg
+                .credentials(&self.user, realm, nonce)
+                .finish(Some(&key), fingerprint),
+            _ => msg.finish(None, fingerprint),
+        }
+    }
+
+    /// Learns the realm and nonce of a 401 or 438 that carries a nonce; whether `answer` was
+    /// one (then the request is to be sent again).
+    pub fn learn(&mut self, answer: &Answer) -> bool {
+        let (Some(401 | 438), Some(nonce)) = (answer.error_code(), answer.attr(attr::NONCE)) else {
+            return false;
+        };
+        if let Some(realm) = answer.attr(attr::REALM)
+            && self.realm.as_deref() != Some(realm)
+        {
+            self.set_realm(realm);
+        }
+        self.nonce = Some(nonce.to_vec());
+        true
+    }
+}
+
 /// A blocking UDP client with long-term credentials. The realm is learnt from the first
 /// 401 unless given; the key follows it.
 #[derive(Debug)]
@@ -16,12 +87,8 @@ pub struct Client {
     pub socket: UdpSocket,
     /// The server.
     pub server: SocketAddr,
-    user: String,
-    password: String,
-    realm: Option<Vec<u8>>,
-    key: Option<[u8; 16]>,
-    /// The current nonce (none before the first 401).
-    pub nonce: Option<Vec<u8>>,
+    /// The credentials, realm and nonce.
+    pub credentials: LongTerm,
     txid: u64,
     /// The first byte of every transaction id (tells clients apart in captures).
     pub txid_tag: u8,
@@ -47,11 +114,7 @@ impl Client {
         let mut client = Self {
             socket,
             server,
-            user: user.to_owned(),
-            password: password.to_owned(),
-            realm: None,
-            key: None,
-            nonce: None,
+            credentials: LongTerm::new(user, password),
             txid: 0,
             txid_tag: 0x5A,
             tries: 5,
@@ -59,28 +122,19 @@ impl Client {
             sent: 0,
         };
         if let Some(realm) = realm {
-            client.set_realm(realm.as_bytes());
+            client.credentials.set_realm(realm.as_bytes());
         }
         Ok(client)
     }
 
-    fn set_realm(&mut self, realm: &[u8]) {
-        self.key = Some(long_term_key(
-            &self.user,
-            &String::from_utf8_lossy(realm),
-            &self.password,
-        ));
-        self.realm = Some(realm.to_vec());
-    }
-
     /// The realm (once known).
     pub fn realm(&self) -> Option<&[u8]> {
-        self.realm.as_deref()
+        self.credentials.realm()
     }
 
     /// The long-term key (once the realm is known).
     pub fn key(&self) -> Option<[u8; 16]> {
-        self.key
+        self.credentials.key()
     }
 
     /// A fresh transaction id.
@@ -95,12 +149,7 @@ impl Client {
     pub fn build(&mut self, method: u16, build: impl Fn(&mut Msg) -> &mut Msg) -> Vec<u8> {
         let mut msg = Msg::new(method, class::REQUEST, self.next_txid());
         build(&mut msg);
-        match (&self.nonce, &self.realm, self.key) {
-            (Some(nonce), Some(realm), Some(key)) => msg
-                .credentials(&self.user, realm, nonce)
-                .finish(Some(&key), false),
-            _ => msg.finish(None, false),
-        }
+        self.credentials.finish(&mut msg, false)
     }
 
     /// Sends `request` (the same bytes each time, up to `tries` times) until an answer
@@ -144,17 +193,8 @@ impl Client {
             if answer.method != method {
                 bail!("answer of method {:#x} to {method:#x}", answer.method);
             }
-            match answer.error_code() {
-                Some(401 | 438) if let Some(nonce) = answer.attr(attr::NONCE) => {
-                    if let Some(realm) = answer.attr(attr::REALM)
-                        && self.realm.as_deref() != Some(realm)
-                    {
-                        let realm = realm.to_vec();
-                        self.set_realm(&realm);
-                    }
-                    self.nonce = Some(nonce.to_vec());
-                }
-                _ => return Ok(answer),
+            if !self.credentials.learn(&answer) {
+                return Ok(answer);
             }
         }
         bail!("authentication did not converge")

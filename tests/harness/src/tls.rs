@@ -20,7 +20,7 @@ use rustls::{
     SupportedProtocolVersion,
 };
 
-use crate::stun::{Answer, Msg, attr, channel_data, channel_number, class, long_term_key, method};
+use crate::stun::{Answer, LongTerm, Msg, attr, channel_data, channel_number, class, method};
 
 /// A certificate's PEM files.
 #[derive(Debug, Clone)]
@@ -223,11 +223,7 @@ pub enum Frame {
 pub struct Client<S = TlsStream> {
     /// The stream to the server.
     pub stream: S,
-    user: String,
-    password: String,
-    realm: Option<Vec<u8>>,
-    key: Option<[u8; 16]>,
-    nonce: Option<Vec<u8>>,
+    credentials: LongTerm,
     txid: u64,
     pending: VecDeque<Frame>,
 }
@@ -270,11 +266,7 @@ impl<S: Read + Write> Client<S> {
     pub fn new(stream: S, user: &str, password: &str) -> Self {
         Self {
             stream,
-            user: user.to_owned(),
-            password: password.to_owned(),
-            realm: None,
-            key: None,
-            nonce: None,
+            credentials: LongTerm::new(user, password),
             txid: 0,
             pending: VecDeque::new(),
         }
@@ -292,12 +284,7 @@ impl<S: Read + Write> Client<S> {
     pub fn build(&mut self, method: u16, build: impl Fn(&mut Msg) -> &mut Msg) -> Vec<u8> {
         let mut msg = Msg::new(method, class::REQUEST, self.next_txid());
         build(&mut msg);
-        match (&self.nonce, &self.realm, self.key) {
-            (Some(nonce), Some(realm), Some(key)) => msg
-                .credentials(&self.user, realm, nonce)
-                .finish(Some(&key), false),
-            _ => msg.finish(None, false),
-        }
+        self.credentials.finish(&mut msg, false)
     }
 
     /// Writes `frame` and flushes it (a TLS stream holds records until then).
@@ -366,18 +353,8 @@ impl<S: Read + Write> Client<S> {
             if answer.method != method {
                 bail!("answer of method {:#x} to {method:#x}", answer.method);
             }
-            match answer.error_code() {
-                Some(401 | 438) if let Some(nonce) = answer.attr(attr::NONCE) => {
-                    if let Some(realm) = answer.attr(attr::REALM)
-                        && self.realm.as_deref() != Some(realm)
-                    {
-                        let realm = String::from_utf8_lossy(realm).into_owned();
-                        self.key = Some(long_term_key(&self.user, &realm, &self.password));
-                        self.realm = Some(realm.into_bytes());
-                    }
-                    self.nonce = Some(nonce.to_vec());
-                }
-                _ => return Ok(answer),
+            if !self.credentials.learn(&answer) {
+                return Ok(answer);
             }
         }
         bail!("authentication did not converge")

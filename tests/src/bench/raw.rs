@@ -147,7 +147,7 @@ fn channel_bind(
     peer: SocketAddr,
 ) -> anyhow::Result<Vec<u8>> {
     let c = &alloc.client;
-    let nonce = c.nonce.as_deref().context("no nonce yet")?;
+    let nonce = c.credentials.nonce.as_deref().context("no nonce yet")?;
     let key = c.key().context("no realm yet")?;
     let realm = c.realm().context("no realm yet")?;
     Ok(Msg::new(CHANNEL_BIND, REQUEST, txid)
@@ -448,7 +448,7 @@ impl<'a> Binder<'a> {
             }
             (_, Some(401 | 438), Some(nonce)) => {
                 // A new nonce: send again with it (a new transmission).
-                alloc.client.nonce = Some(nonce.to_vec());
+                alloc.client.credentials.nonce = Some(nonce.to_vec());
                 slot.sent = Some(Instant::now());
                 self.peers.send(alloc, a, i)?;
             }

@@ -42,7 +42,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{
     ClientConfig, ClientConnection, HandshakeKind, NamedGroup, ProtocolVersion, RootCertStore,
 };
-use tests_harness::stun::{Answer, Msg, attr, channel_number, class, long_term_key, method};
+use tests_harness::stun::{Answer, LongTerm, Msg, attr, channel_number, class, method};
 use tests_harness::tls::{CertFiles, Validity};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
@@ -1270,16 +1270,14 @@ fn channel_data_batch(frames: usize) -> Vec<u8> {
 /// realm and nonce (RFC 8489 §9.2), as `tests_harness::stun::Client` does over UDP.
 struct TurnOverTls {
     stream: TlsStream<TcpStream>,
-    realm: Option<Vec<u8>>,
-    nonce: Option<Vec<u8>>,
+    credentials: LongTerm,
 }
 
 impl TurnOverTls {
     fn new(stream: TlsStream<TcpStream>) -> Self {
         Self {
             stream,
-            realm: None,
-            nonce: None,
+            credentials: LongTerm::new(USER, PASSWORD),
         }
     }
 
@@ -1293,13 +1291,7 @@ impl TurnOverTls {
             let txid = next_txid();
             let mut msg = Msg::new(method, class::REQUEST, txid);
             build(&mut msg);
-            let bytes = match (&self.realm, &self.nonce) {
-                (Some(realm), Some(nonce)) => {
-                    let key = long_term_key(USER, &String::from_utf8_lossy(realm), PASSWORD);
-                    msg.credentials(USER, realm, nonce).finish(Some(&key), true)
-                }
-                _ => msg.finish(None, true),
-            };
+            let bytes = self.credentials.finish(&mut msg, true);
             self.stream.write_all(&bytes).await?;
             self.stream.flush().await?;
             let answer = read_stun(&mut self.stream).await?;
@@ -1308,14 +1300,8 @@ impl TurnOverTls {
                 "an answer of method {:#x} to {method:#x}",
                 answer.method
             );
-            match answer.error_code() {
-                Some(401 | 438) if let Some(nonce) = answer.attr(attr::NONCE) => {
-                    if let Some(realm) = answer.attr(attr::REALM) {
-                        self.realm = Some(realm.to_vec());
-                    }
-                    self.nonce = Some(nonce.to_vec());
-                }
-                _ => return Ok(answer),
+            if !self.credentials.learn(&answer) {
+                return Ok(answer);
             }
         }
         bail!("authentication over TLS did not converge")

@@ -152,9 +152,7 @@ pub use icmp::{ICMP_RATE, Icmp};
 pub use policy::{PeerDenied, PeerPolicy};
 pub use quota::QuotaLedger;
 pub use reservation_ledger::ReservationLedger;
-pub use server::persist::{
-    Change, RestoreRefusal, Restored, SavedAllocation, SavedChannel, SavedFamily, SavedTransport,
-};
+pub use server::persist::{Change, RestoreRefusal, Restored, SavedAllocation, SavedChannel};
 pub use server::{Command, OffloadError, RELAY_BIND_ATTEMPTS, Server, Transmit};
 pub use stats::{RequestMethod, Stats, Traffic};
 pub use types::{

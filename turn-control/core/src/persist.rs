@@ -43,14 +43,14 @@ pub struct SavedAllocation {
     pub client: SocketAddr,
     /// The listener it reached.
     pub server: SocketAddr,
-    /// `udp` or `tcp` (TLS is TCP here).
-    pub transport: SavedTransport,
+    /// UDP or TCP (TLS is TCP here).
+    pub transport: Transport,
     /// The allocation port: the relayed addresses' port.
     pub port: u16,
     /// The relayed addresses, as announced in XOR-RELAYED-ADDRESS.
     pub relays: Vec<SocketAddr>,
     /// The family refused in ADDRESS-ERROR-CODE, if any.
-    pub refused_family: Option<SavedFamily>,
+    pub refused_family: Option<Family>,
     /// The username (the quota and the kernel share count against it).
     pub username: String,
     /// When the allocation expires, Unix milliseconds.
@@ -86,36 +86,13 @@ pub struct SavedChannel {
     pub in_kernel: bool,
 }
 
-/// [`Transport`] as saved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SavedTransport {
-    /// UDP.
-    Udp,
-    /// TCP (and TLS over TCP).
-    Tcp,
-}
-
-/// [`Family`] as saved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SavedFamily {
-    /// IPv4.
-    V4,
-    /// IPv6.
-    V6,
-}
-
 impl SavedAllocation {
     /// The allocation's 5-tuple.
     pub fn tuple(&self) -> FiveTuple {
         FiveTuple {
             client: ClientAddr(self.client),
             server: self.server,
-            transport: match self.transport {
-                SavedTransport::Udp => Transport::Udp,
-                SavedTransport::Tcp => Transport::Tcp,
-            },
+            transport: self.transport,
         }
     }
 }
@@ -234,16 +211,10 @@ impl Server {
         SavedAllocation {
             client: tuple.client.0,
             server: tuple.server,
-            transport: match tuple.transport {
-                Transport::Udp => SavedTransport::Udp,
-                Transport::Tcp => SavedTransport::Tcp,
-            },
+            transport: tuple.transport,
             port: alloc.port.0,
             relays: alloc.relays().map(|relay| relay.0).collect(),
-            refused_family: alloc.refused_family.map(|family| match family {
-                Family::V4 => SavedFamily::V4,
-                Family::V6 => SavedFamily::V6,
-            }),
+            refused_family: alloc.refused_family,
             username: alloc.username.to_string(),
             expires_unix_ms: unix_ms(alloc.expires),
             allocate_txid: alloc.allocate_txid.0,
@@ -286,10 +257,7 @@ impl Server {
             key,
             IcmpBudget::new(self.icmp_tick(now)),
         );
-        alloc.refused_family = saved.refused_family.map(|family| match family {
-            SavedFamily::V4 => Family::V4,
-            SavedFamily::V6 => Family::V6,
-        });
+        alloc.refused_family = saved.refused_family;
         alloc.even_port = saved.even_port;
         alloc.dont_fragment = saved.dont_fragment;
         for relay in &saved.relays {

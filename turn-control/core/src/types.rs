@@ -56,8 +56,12 @@ impl ChannelNumber {
 }
 
 /// The transport between a client and the server's listener. Relaying to peers is always
-/// UDP (RFC 8656 §3.1); TCP here means TURN over TCP on the client side only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// UDP (RFC 8656 §3.1); TCP here means TURN over TCP on the client side only. Saved
+/// (`--state-dir`) as `"udp"` and `"tcp"`.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// Plain UDP datagrams: one STUN message or ChannelData message per datagram.
     Udp,
@@ -66,8 +70,11 @@ pub enum Transport {
     Tcp,
 }
 
-/// An IP address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// An IP address family. Saved (`--state-dir`) as `"v4"` and `"v6"`.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Family {
     /// IPv4.
     V4,
