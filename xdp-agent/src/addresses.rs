@@ -3,25 +3,16 @@
 //! renumbered by the operator (or by DHCP or SLAAC) reaches the data plane
 //! without a restart.
 //!
-//! [`watch`] joins the kernel's IPv4 and IPv6 address groups *before* it
-//! asks for a dump of every address, on one socket: the kernel queues dump
-//! replies and notifications in the order it produced them, so applying
-//! them in order leaves no change unseen between the dump and the
-//! subscription. [`choose`] then picks one address per family; [`Learned`]
+//! [`watch`] follows them ([`daemon::addresses::follow`]: subscribed before
+//! the dump, so that no change goes unseen between the two). [`choose`] then picks one address per family; [`Learned`]
 //! also keeps every address of the attached interfaces (what turn-control may
 //! name as a relay address) and of the host (what no binding may reach).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::Context;
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
-};
-use netlink_packet_route::RouteNetlinkMessage;
+use daemon::addresses::{self, AddressTable, Ended};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -153,7 +144,8 @@ pub fn choose(interfaces: &[u32], addresses: &[InterfaceAddress]) -> RelayAddres
 pub async fn watch(interfaces: Vec<u32>, updates: watch::Sender<Learned>) -> anyhow::Result<()> {
     let mut sent = None;
     loop {
-        match follow(&interfaces, &updates, &mut sent).await? {
+        let publish = |table: &InterfaceTable| publish(&interfaces, &updates, &mut sent, table);
+        match addresses::follow(updates.closed(), publish).await? {
             Ended::Closed => return Ok(()),
             Ended::Overrun => {
                 warn!("netlink address notifications were lost; learning the addresses again");
@@ -162,167 +154,32 @@ pub async fn watch(interfaces: Vec<u32>, updates: watch::Sender<Learned>) -> any
     }
 }
 
-/// Why [`follow`] returned.
-#[derive(Debug)]
-enum Ended {
-    /// Nobody listens any more.
-    Closed,
-    /// The kernel dropped notifications; the table may be stale.
-    Overrun,
-}
-
-/// One socket's life: subscribe, dump, then apply notifications.
-async fn follow(
+/// Hands what `table` says to `updates` if it changed since `sent`; whether anyone listens.
+fn publish(
     interfaces: &[u32],
     updates: &watch::Sender<Learned>,
     sent: &mut Option<Learned>,
-) -> anyhow::Result<Ended> {
-    let mut socket = TokioSocket::new(NETLINK_ROUTE).context("cannot open a netlink socket")?;
-    let groups = nix::libc::RTMGRP_IPV4_IFADDR | nix::libc::RTMGRP_IPV6_IFADDR;
-    socket
-        .socket_mut()
-        .bind(&SocketAddr::new(0, groups.unsigned_abs()))
-        .context("cannot join the netlink address groups")?;
-    let mut table = AddressTable::default();
-    let mut dump = Dump::request(&socket, 1).await?;
-    loop {
-        let received = tokio::select! {
-            () = updates.closed() => return Ok(Ended::Closed),
-            received = socket.recv_from_full() => received,
-        };
-        let (bytes, from) = match received {
-            Ok(received) => received,
-            Err(error) if error.raw_os_error() == Some(nix::libc::ENOBUFS) => {
-                return Ok(Ended::Overrun);
-            }
-            Err(error) => return Err(error).context("cannot read from the netlink socket"),
-        };
-        // Only the kernel (port 0) speaks for the address table.
-        if from.port_number() != 0 {
-            continue;
+    table: &InterfaceTable,
+) -> bool {
+    let learned = Learned::new(interfaces, &table.snapshot());
+    if sent.as_ref() != Some(&learned) {
+        debug!(relay_ipv4 = ?learned.relay.relay_ipv4, relay_ipv6 = ?learned.relay.relay_ipv6, host = ?learned.host, "host addresses");
+        if updates.send(learned.clone()).is_err() {
+            return false;
         }
-        for message in messages(&bytes) {
-            let message = message.context("malformed netlink message")?;
-            if let Some(ended) = dump.apply(message, &mut table)? {
-                return Ok(ended);
-            }
-        }
-        if dump.running {
-            continue;
-        }
-        if dump.interrupted {
-            // The table changed while the kernel walked it, so the dump may
-            // have skipped an address that did not change (and so sent no
-            // notification). Notifications kept everything else current:
-            // asking again suffices.
-            debug!("the address dump was interrupted; dumping again");
-            dump = Dump::request(&socket, dump.sequence.wrapping_add(1)).await?;
-            continue;
-        }
-        let learned = Learned::new(interfaces, &table.snapshot());
-        if sent.as_ref() != Some(&learned) {
-            debug!(relay_ipv4 = ?learned.relay.relay_ipv4, relay_ipv6 = ?learned.relay.relay_ipv6, host = ?learned.host, "host addresses");
-            if updates.send(learned.clone()).is_err() {
-                return Ok(Ended::Closed);
-            }
-            *sent = Some(learned);
-        }
+        *sent = Some(learned);
     }
-}
-
-/// An address dump in flight.
-#[derive(Debug)]
-struct Dump {
-    sequence: u32,
-    running: bool,
-    interrupted: bool,
-}
-
-impl Dump {
-    /// Applies a dump reply or a notification to `table`, keeping track of
-    /// this dump; `Some` when the socket's life ends.
-    fn apply(
-        &mut self,
-        message: NetlinkMessage<RouteNetlinkMessage>,
-        table: &mut AddressTable,
-    ) -> anyhow::Result<Option<Ended>> {
-        let ours = message.header.sequence_number == self.sequence && self.running;
-        if ours && message.header.flags & NLM_F_DUMP_INTR != 0 {
-            self.interrupted = true;
-        }
-        match message.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(address)) => {
-                table.apply(&address, true);
-            }
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(address)) => {
-                table.apply(&address, false);
-            }
-            NetlinkPayload::Done(_) if ours => self.running = false,
-            NetlinkPayload::Error(error) if ours && error.code.is_some() => {
-                return Err(error.to_io()).context("the kernel refused the address dump");
-            }
-            NetlinkPayload::Overrun(_) => return Ok(Some(Ended::Overrun)),
-            _ => {}
-        }
-        Ok(None)
-    }
-
-    /// Asks the kernel for every address of every family.
-    async fn request(socket: &TokioSocket, sequence: u32) -> anyhow::Result<Self> {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = sequence;
-        let payload = RouteNetlinkMessage::GetAddress(AddressMessage::default());
-        let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-        message.finalize();
-        let mut buffer = vec![0; message.buffer_len()];
-        message.serialize(&mut buffer);
-        socket
-            .send_to(&buffer, &SocketAddr::new(0, 0))
-            .await
-            .context("cannot ask the kernel for its addresses")?;
-        Ok(Self {
-            sequence,
-            running: true,
-            interrupted: false,
-        })
-    }
-}
-
-/// The netlink messages in one datagram.
-fn messages(
-    mut bytes: &[u8],
-) -> impl Iterator<Item = anyhow::Result<NetlinkMessage<RouteNetlinkMessage>>> {
-    std::iter::from_fn(move || {
-        if bytes.is_empty() {
-            return None;
-        }
-        let result = NetlinkBuffer::new_checked(bytes)
-            .map_err(anyhow::Error::from)
-            .and_then(|buffer| {
-                // new_checked guarantees 16 <= length <= bytes.len().
-                let length = buffer.length() as usize;
-                let message = NetlinkMessage::deserialize(&bytes[..length])?;
-                // Messages are 4-byte aligned; the last one may lack padding.
-                bytes = bytes.get(length.next_multiple_of(4)..).unwrap_or_default();
-                Ok(message)
-            });
-        if result.is_err() {
-            // Nothing after a malformed header can be framed.
-            bytes = &[];
-        }
-        Some(result)
-    })
+    true
 }
 
 /// The current addresses of every interface.
 #[derive(Debug, Default)]
-struct AddressTable {
+struct InterfaceTable {
     /// Per ifindex, in the order the kernel first reported them.
     interfaces: BTreeMap<u32, Vec<InterfaceAddress>>,
 }
 
-impl AddressTable {
+impl AddressTable for InterfaceTable {
     /// Applies RTM_NEWADDR (`present`) or RTM_DELADDR. An address is its
     /// interface, IP and prefix length: a new message for one that exists
     /// updates its flags in place (IPv6 DAD ending, a lifetime running out).
@@ -341,7 +198,9 @@ impl AddressTable {
             self.interfaces.remove(&address.ifindex);
         }
     }
+}
 
+impl InterfaceTable {
     fn snapshot(&self) -> Vec<InterfaceAddress> {
         self.interfaces.values().flatten().copied().collect()
     }
@@ -601,7 +460,7 @@ mod tests {
                 ],
             )
         };
-        let mut table = AddressTable::default();
+        let mut table = InterfaceTable::default();
         table.apply(&new(1, "2001:db8::1", AddressFlags::Tentative), true);
         table.apply(&new(9, "2001:db8::9", AddressFlags::empty()), true);
         table.apply(&new(2, "2001:db8::2", AddressFlags::empty()), true);
@@ -636,41 +495,6 @@ mod tests {
         // Deleting what is not there changes nothing.
         table.apply(&new(2, "2001:db8::7", AddressFlags::empty()), false);
         assert_eq!(table.snapshot().len(), 1);
-    }
-
-    #[test]
-    fn datagrams_split_into_messages() {
-        let mut bytes = Vec::new();
-        for index in [1, 2] {
-            let attributes = vec![AddressAttribute::Local(
-                format!("192.0.2.{index}").parse().unwrap(),
-            )];
-            let payload =
-                RouteNetlinkMessage::NewAddress(message(index, AddressFamily::Inet, attributes));
-            let mut message = NetlinkMessage::new(
-                NetlinkHeader::default(),
-                NetlinkPayload::InnerMessage(payload),
-            );
-            message.finalize();
-            let mut buffer = vec![0; message.buffer_len()];
-            message.serialize(&mut buffer);
-            bytes.extend_from_slice(&buffer);
-        }
-        let parsed: Vec<_> = messages(&bytes).collect::<anyhow::Result<_>>().unwrap();
-        assert_eq!(parsed.len(), 2);
-        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(second)) =
-            &parsed[1].payload
-        else {
-            panic!("{:?}", parsed[1]);
-        };
-        assert_eq!(second.header.index, 2);
-        // Truncated and garbage input are errors, once, never panics.
-        for end in 0..bytes.len() {
-            let results: Vec<_> = messages(&bytes[..end]).collect();
-            assert!(results.iter().filter(|r| r.is_err()).count() <= 1, "{end}");
-        }
-        let garbage = [0xffu8; 40];
-        assert_eq!(messages(&garbage).count(), 1);
     }
 
     // Privileged: a real namespace, real links and `ip addr` changes.
