@@ -40,13 +40,33 @@ pub struct Binding {
 pub const MAX_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// A binding and how long from now the kernel may relay it: until the
-/// earliest expiry of its channel, its permission and its allocation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// earliest expiry of its channel, its permission and its allocation; and
+/// the rate limits the kernel holds its traffic to.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     /// The binding.
     pub binding: Binding,
     /// What is left of its authorisation, 1 ms to [`MAX_LIFETIME`].
     pub lifetime: Duration,
+    /// Its allocation's and its user's rate limits, at most [`MAX_RATE_LIMITS`].
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// Most rate limits one binding names: its allocation's and its user's.
+pub const MAX_RATE_LIMITS: usize = 2;
+
+/// Longest meter name accepted.
+pub const MAX_METER_NAME: usize = 256;
+
+/// A rate limit on a binding's traffic ([`v1::RateLimit`]): the meter it is
+/// counted against and the meter's rate, application bytes per second in
+/// each direction.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    /// The meter's name; bindings that name one meter share its rate.
+    pub meter: String,
+    /// Application bytes per second, each direction, at least 1.
+    pub bytes_per_second: u64,
 }
 
 /// Why a binding was refused.
@@ -106,6 +126,10 @@ pub enum BindingError {
     /// A binding to install needs a lifetime within 1 ms to [`MAX_LIFETIME`].
     #[error("lifetime_ms {0} is outside 1-3600000")]
     LifetimeOutOfRange(u32),
+    /// More rate limits than a binding can carry, or one without a meter
+    /// name or a rate.
+    #[error("rate_limits: {0}")]
+    RateLimit(String),
     /// A client can only reach a listener of its own family.
     #[error("listener {listener} is not of the family of client {client}")]
     ListenerFamily {
@@ -161,6 +185,8 @@ impl From<&Binding> for v1::ChannelBinding {
             listener: binding.listener.to_string(),
             lifetime_ms: 0,
             dont_fragment: binding.dont_fragment,
+            usage: None,
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -176,7 +202,39 @@ impl TryFrom<&v1::ChannelBinding> for Lease {
         if lifetime.is_zero() || lifetime > MAX_LIFETIME {
             return Err(BindingError::LifetimeOutOfRange(message.lifetime_ms));
         }
-        Ok(Self { binding, lifetime })
+        if message.rate_limits.len() > MAX_RATE_LIMITS {
+            return Err(BindingError::RateLimit(format!(
+                "{} given, at most {MAX_RATE_LIMITS}",
+                message.rate_limits.len()
+            )));
+        }
+        let rate_limits = message
+            .rate_limits
+            .iter()
+            .map(|limit| {
+                if limit.meter.is_empty() || limit.meter.len() > MAX_METER_NAME {
+                    return Err(BindingError::RateLimit(format!(
+                        "meter name {:?} must be 1 to {MAX_METER_NAME} bytes",
+                        limit.meter
+                    )));
+                }
+                if limit.bytes_per_second == 0 {
+                    return Err(BindingError::RateLimit(format!(
+                        "meter {:?} has a rate of 0 bytes per second",
+                        limit.meter
+                    )));
+                }
+                Ok(RateLimit {
+                    meter: limit.meter.clone(),
+                    bytes_per_second: limit.bytes_per_second,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            binding,
+            lifetime,
+            rate_limits,
+        })
     }
 }
 
@@ -187,6 +245,14 @@ impl From<&Lease> for v1::ChannelBinding {
         let millis = lease.lifetime.as_nanos().div_ceil(1_000_000);
         Self {
             lifetime_ms: u32::try_from(millis).unwrap_or(u32::MAX),
+            rate_limits: lease
+                .rate_limits
+                .iter()
+                .map(|limit| v1::RateLimit {
+                    meter: limit.meter.clone(),
+                    bytes_per_second: limit.bytes_per_second,
+                })
+                .collect(),
             ..Self::from(&lease.binding)
         }
     }
@@ -235,6 +301,7 @@ mod tests {
             listener: listener.into(),
             lifetime_ms: 0,
             dont_fragment: false,
+            ..Default::default()
         }
     }
 

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 mod binding;
 
-pub use binding::{Binding, BindingError, CHANNEL_RANGE, Lease, MAX_LIFETIME, parse_address};
+pub use binding::{
+    Binding, BindingError, CHANNEL_RANGE, Lease, MAX_LIFETIME, MAX_METER_NAME, MAX_RATE_LIMITS,
+    RateLimit, parse_address,
+};
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};

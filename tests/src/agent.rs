@@ -38,13 +38,16 @@ pub const LIFETIME: Duration = Duration::from_secs(600);
 const EXPIRY_BYTES: usize = size_of::<u64>();
 
 /// An entry of a binding map, its value split into what makes it a
-/// binding's half (what the agent compares entries by) and its expiry.
+/// binding's half (what the agent compares entries by), its usage slot and
+/// meters (which the agent chooses), and its expiry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MapEntry {
     /// The key's bytes.
     pub key: Vec<u8>,
-    /// The value's bytes without the expiry.
+    /// The value's bytes without its terms (usage slot, meters, expiry).
     pub value: Vec<u8>,
+    /// The usage slot and meter keys, as the value holds them.
+    pub accounting: Vec<u8>,
     /// The expiry, on the kernel's coarse monotonic clock.
     pub expires_at_ns: u64,
 }
@@ -52,25 +55,40 @@ pub struct MapEntry {
 impl MapEntry {
     /// An entry as a map holds it.
     pub fn new(key: &[u8], value: &[u8]) -> anyhow::Result<Self> {
-        let at = value
+        let terms = value
             .len()
-            .checked_sub(EXPIRY_BYTES)
-            .context("a value too short for an expiry")?;
+            .checked_sub(bpf_common::TERMS_LEN)
+            .context("a value too short for its terms")?;
+        let at = value.len() - EXPIRY_BYTES;
         Ok(Self {
             key: key.to_vec(),
-            value: value[..at].to_vec(),
+            value: value[..terms].to_vec(),
+            accounting: value[terms..at].to_vec(),
             expires_at_ns: u64::from_ne_bytes(value[at..].try_into()?),
         })
     }
 
-    /// Key and value without the expiry.
+    /// Key and value without the terms.
     pub fn identity(&self) -> (Vec<u8>, Vec<u8>) {
         (self.key.clone(), self.value.clone())
     }
 
-    /// The value as the map holds it, expiry included.
+    /// The usage slot the entry names.
+    pub fn usage_slot(&self) -> u32 {
+        self.accounting
+            .get(..4)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(0, u32::from_ne_bytes)
+    }
+
+    /// The value as the map holds it, terms included.
     pub fn value_bytes(&self) -> Vec<u8> {
-        [&self.value[..], &self.expires_at_ns.to_ne_bytes()].concat()
+        [
+            &self.value[..],
+            &self.accounting[..],
+            &self.expires_at_ns.to_ne_bytes(),
+        ]
+        .concat()
     }
 }
 
@@ -101,6 +119,8 @@ pub fn entries_of(bound: &ChannelBinding, expires_at_ns: u64) -> anyhow::Result<
         peer: binding.peer,
         allocation_port: binding.allocation_port,
         dont_fragment: binding.dont_fragment,
+        usage_slot: 0,
+        meters: [0; 2],
         expires_at_ns,
     };
     let (client_key, peer_target) = fields.client_entry();
@@ -156,6 +176,7 @@ pub fn binding_via(
     ChannelBinding::from(&proto::Lease {
         binding,
         lifetime: LIFETIME,
+        rate_limits: Vec::new(),
     })
 }
 
@@ -167,7 +188,7 @@ pub fn lasting(binding: &ChannelBinding, lifetime: Duration) -> ChannelBinding {
     }
 }
 
-/// Bindings without their lifetimes, sorted: what identifies them, to
+/// Bindings without their lifetimes, usage and limits, sorted: what identifies them, to
 /// compare what the agent lists (with what is left of each lifetime) with
 /// what was installed.
 pub fn bare(bindings: impl IntoIterator<Item = ChannelBinding>) -> Vec<ChannelBinding> {
@@ -175,6 +196,8 @@ pub fn bare(bindings: impl IntoIterator<Item = ChannelBinding>) -> Vec<ChannelBi
         .into_iter()
         .map(|binding| ChannelBinding {
             lifetime_ms: 0,
+            usage: None,
+            rate_limits: Vec::new(),
             ..binding
         })
         .collect();

@@ -98,6 +98,8 @@ impl LoadedRelay {
             peer,
             allocation_port,
             dont_fragment: false,
+            usage_slot: 0,
+            meters: [0; 2],
             expires_at_ns,
         })
     }
@@ -303,6 +305,8 @@ impl RelayObject {
             peer,
             allocation_port,
             dont_fragment: false,
+            usage_slot: 0,
+            meters: [0; 2],
             expires_at_ns: NEVER,
         };
         install_with(&binding, |key, value| {

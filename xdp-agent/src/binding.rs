@@ -6,11 +6,12 @@ use std::mem::offset_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use bpf_common::{BindingFields, ClientTarget, MapKey, PeerTarget, Pod};
+use bpf_common::{BindingFields, ClientTarget, MapKey, PeerTarget, Pod, TERMS_LEN};
 use proto::{Binding, BindingError, Lease};
 use tonic::Code;
 
 use crate::peers::{Denied, PeerPolicy};
+use crate::usage::MeterRef;
 
 /// Why a binding to install was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -104,6 +105,7 @@ impl Limits {
         let Lease {
             mut binding,
             lifetime,
+            rate_limits,
         } = Lease::try_from(wire)?;
         self.check_endpoint("client", binding.client)?;
         self.check_endpoint("peer", binding.peer)?;
@@ -136,7 +138,11 @@ impl Limits {
         self.policy
             .peer(binding.peer)
             .map_err(denied("peer", binding.peer))?;
-        Ok(Lease { binding, lifetime })
+        Ok(Lease {
+            binding,
+            lifetime,
+            rate_limits,
+        })
     }
 
     /// Reads a binding to remove: well-formed, its listener resolved, but
@@ -167,22 +173,34 @@ impl Limits {
 }
 
 /// A checked binding as the maps hold it: until `expires_at_ns` on the
-/// kernel's coarse monotonic clock ([`ClientTarget::expires_at_ns`]).
+/// kernel's coarse monotonic clock ([`ClientTarget::expires_at_ns`]),
+/// counted in its usage slot and held to its meters' rates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Installed {
     /// The binding, its listener resolved.
     pub binding: Binding,
     /// When its authorisation ends; the program ignores it from then on.
     pub expires_at_ns: u64,
+    /// Its `USAGE` slot: 0 until the maps give it one.
+    pub usage_slot: u32,
+    /// Its allocation's and its user's meters (key 0: none).
+    pub meters: [MeterRef; 2],
 }
 
 impl Installed {
-    /// `lease` installed at `now_ns`: until now plus its lifetime.
+    /// `lease` installed at `now_ns`: until now plus its lifetime, at its
+    /// rate limits (a checked lease has at most two).
     pub fn new(lease: &Lease, now_ns: u64) -> Self {
         let lifetime = u64::try_from(lease.lifetime.as_nanos()).unwrap_or(u64::MAX);
+        let mut meters = [MeterRef::default(); 2];
+        for (meter, limit) in meters.iter_mut().zip(&lease.rate_limits) {
+            *meter = MeterRef::of(limit);
+        }
         Self {
             binding: lease.binding,
             expires_at_ns: now_ns.saturating_add(lifetime),
+            usage_slot: 0,
+            meters,
         }
     }
 
@@ -193,7 +211,11 @@ impl Installed {
 
     /// The map fields of both its entries.
     pub fn fields(&self) -> BindingFields {
-        fields(&self.binding, self.expires_at_ns)
+        BindingFields {
+            usage_slot: self.usage_slot,
+            meters: self.meters.map(|meter| meter.key),
+            ..fields(&self.binding, self.expires_at_ns)
+        }
     }
 }
 
@@ -208,6 +230,8 @@ pub fn fields(binding: &Binding, expires_at_ns: u64) -> BindingFields {
         peer: binding.peer,
         allocation_port: binding.allocation_port,
         dont_fragment: binding.dont_fragment,
+        usage_slot: 0,
+        meters: [0; 2],
         expires_at_ns,
     }
 }
@@ -225,31 +249,55 @@ pub fn from_client_entry(key: &[u8], target: &PeerTarget) -> Option<Installed> {
             dont_fragment: fields.dont_fragment,
         },
         expires_at_ns: fields.expires_at_ns,
+        usage_slot: fields.usage_slot,
+        meters: fields.meters.map(|key| MeterRef {
+            key,
+            bytes_per_second: 0,
+        }),
     })
 }
 
 /// Bytes of the expiry that ends both kinds of map value.
 const EXPIRY_BYTES: usize = size_of::<u64>();
 
-// `identity` and `expiry` read the expiry as the last bytes of every value.
+// `identity` and `expiry` read the terms and the expiry as the last bytes
+// of every value.
 const _: () =
     assert!(offset_of!(PeerTarget, expires_at_ns) + EXPIRY_BYTES == size_of::<PeerTarget>());
 const _: () =
     assert!(offset_of!(ClientTarget, expires_at_ns) + EXPIRY_BYTES == size_of::<ClientTarget>());
+const _: () = assert!(offset_of!(PeerTarget, usage_slot) + TERMS_LEN == size_of::<PeerTarget>());
+const _: () =
+    assert!(offset_of!(ClientTarget, usage_slot) + TERMS_LEN == size_of::<ClientTarget>());
 
-/// A map value (a [`PeerTarget`] or a [`ClientTarget`]) without its expiry:
-/// what makes it this binding's half. A refresh changes the expiry alone,
-/// so every comparison of entries (removals, displaced halves, orphans,
-/// whether a binding is installed) compares these. The client-side value's
-/// DONT-FRAGMENT flag is part of it, as it is of a [`Binding`]: installing
-/// the other value replaces the binding, and a removal must name the value
-/// it was installed with.
+/// A map value (a [`PeerTarget`] or a [`ClientTarget`]) without its terms
+/// (usage slot, meters, expiry): what makes it this binding's half. A
+/// refresh or a new limit changes the terms alone, so every comparison of
+/// entries (removals, displaced halves, orphans, whether a binding is
+/// installed) compares these. The client-side value's DONT-FRAGMENT flag is
+/// part of it, as it is of a [`Binding`]: installing the other value
+/// replaces the binding, and a removal must name the value it was installed
+/// with.
 fn identity(value: &[u8]) -> &[u8] {
-    // A value too short to end in an expiry is compared whole.
-    match value.len().checked_sub(EXPIRY_BYTES) {
+    // A value too short to end in terms is compared whole.
+    match value.len().checked_sub(TERMS_LEN) {
         Some(end) => &value[..end],
         None => value,
     }
+}
+
+/// The usage slot and meter keys a map value (either kind) names; `None`
+/// for a value too short to be one.
+pub fn terms(value: &[u8]) -> Option<(u32, [u64; 2])> {
+    let at = value.len().checked_sub(TERMS_LEN)?;
+    let word = |offset: usize| -> Option<[u8; 8]> {
+        value.get(at + offset..at + offset + 8)?.try_into().ok()
+    };
+    let slot = u32::from_ne_bytes(value.get(at..at + 4)?.try_into().ok()?);
+    Some((
+        slot,
+        [u64::from_ne_bytes(word(8)?), u64::from_ne_bytes(word(16)?)],
+    ))
 }
 
 /// When a map value expires; `None` for a value too short to be one.
@@ -302,6 +350,8 @@ pub fn client_key_of(target: &ClientTarget) -> Option<MapKey> {
         peer: client,
         allocation_port: 0,
         dont_fragment: false,
+        usage_slot: 0,
+        meters: [0; 2],
         expires_at_ns: 0,
     };
     Some(fields.client_entry().0)
@@ -319,6 +369,8 @@ pub fn peer_key_of(target: &PeerTarget) -> Option<MapKey> {
         peer,
         allocation_port: u16::from_be_bytes(target.allocation_port),
         dont_fragment: false,
+        usage_slot: 0,
+        meters: [0; 2],
         expires_at_ns: 0,
     };
     Some(fields.peer_entry().0)
@@ -448,6 +500,7 @@ mod tests {
             listener: listener.into(),
             lifetime_ms: 600_000,
             dont_fragment: false,
+            ..Default::default()
         }
     }
 
@@ -833,6 +886,8 @@ mod tests {
         let installed = Installed {
             binding,
             expires_at_ns: 1_500_000,
+            usage_slot: 0,
+            meters: Default::default(),
         };
         assert_eq!(installed.remaining(500_000), Duration::from_millis(1));
         assert_eq!(installed.remaining(2_000_000), Duration::ZERO);

@@ -17,8 +17,9 @@ use proto::v1::{
     Attachment, ChannelBinding, CountersRequest, CountersResponse, DataPlaneConfig,
     GetChannelBindingRequest, GetConfigRequest, HealthRequest, HealthResponse,
     InstallChannelBindingRequest, InstallChannelBindingResponse, ListChannelBindingsRequest,
-    ListChannelBindingsResponse, RemoveChannelBindingRequest, RemoveChannelBindingResponse,
-    SetConfigRequest, SyncRequest, SyncResponse,
+    ListChannelBindingsResponse, ListUsageRequest, ListUsageResponse, RateLimit,
+    RemoveChannelBindingRequest, RemoveChannelBindingResponse, SetConfigRequest, SyncRequest,
+    SyncResponse,
 };
 use proto::{Binding, BindingError, Lease, parse_address};
 use tonic::transport::server::Router;
@@ -29,6 +30,11 @@ use crate::binding::{Installed, Refused};
 use crate::maps::{self, MapError};
 use crate::metrics::name;
 use crate::state::AgentState;
+use crate::usage;
+
+/// Bindings per part of a ListUsage answer: a part of a full map's stream
+/// stays far below gRPC's 4 MiB message limit.
+const USAGE_PART: usize = 4096;
 
 /// Reasons a SyncResponse gives, for the first of the bindings it refused.
 const MAX_REFUSALS: usize = 8;
@@ -195,12 +201,25 @@ impl Refusals {
 }
 
 /// A binding as a listing shows it: with what is left of its lifetime at
-/// `now_ns` (0 once it has passed).
-fn listed(installed: &Installed, now_ns: u64) -> ChannelBinding {
-    ChannelBinding::from(&Lease {
+/// `now_ns` (0 once it has passed), its usage and its meters (named by
+/// their keys: the kernel keeps no names).
+fn listed(installed: &Installed, now_ns: u64, maps: &maps::Maps) -> ChannelBinding {
+    let mut wire = ChannelBinding::from(&Lease {
         binding: installed.binding,
         lifetime: installed.remaining(now_ns),
-    })
+        rate_limits: Vec::new(),
+    });
+    wire.usage = Some(usage::to_wire(&maps.usage(installed.usage_slot)));
+    wire.rate_limits = installed
+        .meters
+        .iter()
+        .filter(|meter| meter.key != 0)
+        .map(|meter| RateLimit {
+            meter: format!("#{:016x}", meter.key),
+            bytes_per_second: maps.meter_rate(meter.key),
+        })
+        .collect();
+    wire
 }
 
 /// Every binding of a request, parsed; the first that does not parse is
@@ -284,15 +303,66 @@ impl DataPlane for Service {
         &self,
         request: Request<RemoveChannelBindingRequest>,
     ) -> Result<Response<RemoveChannelBindingResponse>, Status> {
-        observe(
-            "RemoveChannelBinding",
-            (|| {
-                let bindings = self.parse(&request.get_ref().bindings)?;
-                let removed = self.state.maps.remove(&bindings).map_err(map_status)?;
-                info!(count = bindings.len(), removed, "bindings removed");
-                Ok(Response::new(RemoveChannelBindingResponse { removed }))
-            })(),
-        )
+        let result = match self.parse(&request.get_ref().bindings) {
+            Ok(bindings) => {
+                let state = Arc::clone(&self.state);
+                // Blocking: the final figures wait for the program's runs
+                // in flight (a grace period, milliseconds).
+                let count = bindings.len();
+                tokio::task::spawn_blocking(move || state.maps.remove(&bindings))
+                    .await
+                    .map_err(|error| Status::internal(error.to_string()))
+                    .and_then(|removed| removed.map_err(map_status))
+                    .map(|removed| {
+                        info!(count, removed = removed.len(), "bindings removed");
+                        let removed_bindings = removed
+                            .iter()
+                            .map(|(binding, final_usage)| ChannelBinding {
+                                usage: Some(usage::to_wire(final_usage)),
+                                ..ChannelBinding::from(binding)
+                            })
+                            .collect();
+                        Response::new(RemoveChannelBindingResponse {
+                            removed: removed.len() as u64,
+                            removed_bindings,
+                        })
+                    })
+            }
+            Err(status) => Err(status),
+        };
+        observe("RemoveChannelBinding", result)
+    }
+
+    type ListUsageStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ListUsageResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn list_usage(
+        &self,
+        _request: Request<ListUsageRequest>,
+    ) -> Result<Response<Self::ListUsageStream>, Status> {
+        let result = self
+            .state
+            .maps
+            .bindings()
+            .map_err(map_status)
+            .map(|installed| {
+                let now_ns = maps::clock_ns();
+                let parts: Vec<Result<ListUsageResponse, Status>> = installed
+                    .chunks(USAGE_PART)
+                    .map(|part| {
+                        Ok(ListUsageResponse {
+                            bindings: part
+                                .iter()
+                                .map(|installed| listed(installed, now_ns, &self.state.maps))
+                                .collect(),
+                        })
+                    })
+                    .collect();
+                let stream: Self::ListUsageStream = Box::pin(tokio_stream::iter(parts));
+                Response::new(stream)
+            });
+        observe("ListUsage", result)
     }
 
     async fn sync(
@@ -324,7 +394,7 @@ impl DataPlane for Service {
                         && (filter.allocation_port == 0
                             || filter.allocation_port == u32::from(binding.allocation_port))
                     {
-                        bindings.push(listed(&installed, now_ns));
+                        bindings.push(listed(&installed, now_ns, &self.state.maps));
                     }
                 }
                 Ok(Response::new(ListChannelBindingsResponse { bindings }))
@@ -367,7 +437,11 @@ impl DataPlane for Service {
                         "no binding for {client} on channel {:#06x}",
                         request.channel
                     ))),
-                    [installed] => Ok(Response::new(listed(installed, maps::clock_ns()))),
+                    [installed] => Ok(Response::new(listed(
+                        installed,
+                        maps::clock_ns(),
+                        &self.state.maps,
+                    ))),
                     several => Err(Status::failed_precondition(format!(
                         "{} bindings for {client} on channel {:#06x}, one per listener ({}); \
                          give the listener",

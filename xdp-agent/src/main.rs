@@ -21,6 +21,7 @@ mod peers;
 mod settings;
 mod socket;
 mod state;
+mod usage;
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;

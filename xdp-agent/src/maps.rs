@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bpf_common::{
-    ClientTarget, Counter, KernelConfig, PeerTarget, Pod, REASON_COUNT, Reason, Verdict,
+    BindingUsage, ClientTarget, Counter, KernelConfig, PeerTarget, Pod, REASON_COUNT, Reason,
+    Verdict,
 };
 use libbpf_rs::libbpf_sys;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -20,8 +21,9 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, PrintLevel};
 use tracing::{debug, info, warn};
 
 use crate::binding::{
-    Installed, displaced, expired, expiry, fields, from_client_entry, orphans, same_half,
+    Installed, displaced, expired, expiry, fields, from_client_entry, orphans, same_half, terms,
 };
+use crate::usage::UsageTable;
 use bpf_common::MapKey;
 use daemon::lock;
 use proto::Binding;
@@ -43,7 +45,7 @@ pub enum MapError {
 }
 
 /// The maps of the relay program, by the names they are pinned under.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 13] = [
     "CONFIG",
     "CLIENT_V4",
     "CLIENT_V6",
@@ -55,6 +57,8 @@ const PINNED_MAPS: [&str; 11] = [
     "REDIRECTED",
     "NEXT_HOP",
     "SCRATCH",
+    "USAGE",
+    "METERS",
 ];
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
@@ -90,6 +94,8 @@ pub struct Maps {
     events: MapHandle,
     egress: MapHandle,
     redirected: MapHandle,
+    /// Each binding's counters and the rate limits.
+    usage: UsageTable,
     /// Serialises multi-entry writes so that a batch is all-or-nothing.
     write_lock: Mutex<()>,
     /// Held for as long as the maps are: no other agent uses this pin directory.
@@ -164,6 +170,8 @@ impl Maps {
             &mut maps.REDIRECTED,
             &mut maps.NEXT_HOP,
             &mut maps.SCRATCH,
+            &mut maps.USAGE,
+            &mut maps.METERS,
         ] {
             let name = map.name();
             debug_assert!(PINNED_MAPS.iter().any(|pinned| name == *pinned));
@@ -183,17 +191,32 @@ impl Maps {
             .as_fd()
             .try_clone_to_owned()
             .context("cannot duplicate the program descriptor")?;
+        let client_v4 = handle(&skel.maps.CLIENT_V4)?;
+        let client_v6 = handle(&skel.maps.CLIENT_V6)?;
+        // The slots the adopted bindings hold stay theirs, with their counts.
+        let mut held = Vec::new();
+        for map in [&client_v4, &client_v6] {
+            let entries = entries(map).context("cannot read the adopted bindings")?;
+            held.extend(
+                entries
+                    .iter()
+                    .filter_map(|(_, value)| terms(value))
+                    .map(|(slot, _)| slot),
+            );
+        }
+        let usage = UsageTable::new(&handle(&skel.maps.USAGE)?, handle(&skel.maps.METERS)?, held)?;
         let this = Self {
             program_fd,
             config: handle(&skel.maps.CONFIG)?,
-            client_v4: handle(&skel.maps.CLIENT_V4)?,
-            client_v6: handle(&skel.maps.CLIENT_V6)?,
+            client_v4,
+            client_v6,
             peer_v4: handle(&skel.maps.PEER_V4)?,
             peer_v6: handle(&skel.maps.PEER_V6)?,
             stats: handle(&skel.maps.STATS)?,
             events: handle(&skel.maps.EVENTS)?,
             egress: handle(&skel.maps.EGRESS)?,
             redirected: handle(&skel.maps.REDIRECTED)?,
+            usage,
             write_lock: Mutex::new(()),
             _lock: lock,
             installed: AtomicU64::new(0),
@@ -297,7 +320,7 @@ impl Maps {
             .collect();
         // Remove first: a stale binding may hold the peer-side key a wanted
         // one needs, and an orphan the room it needs.
-        let removed = self.remove_locked(&stale)?;
+        let removed = self.remove_locked(&stale)?.len() as u64;
         let orphans = self.delete_orphans(&wanted_set)?;
         let mut synced = Synced {
             removed,
@@ -355,10 +378,21 @@ impl Maps {
     /// between keeps its binding.
     pub fn sweep(&self, now_ns: u64) -> Result<u64, MapError> {
         let mut candidates = Vec::new();
+        let (mut slots, mut meters) = (HashSet::new(), HashSet::new());
         for ((_, map), count) in self.binding_maps().into_iter().zip(&self.entries) {
             let entries = entries(map)?;
             count.store(entries.len() as u64, Ordering::Relaxed);
+            for (slot, keys) in entries.iter().filter_map(|(_, value)| terms(value)) {
+                slots.insert(slot);
+                meters.extend(keys.into_iter().filter(|key| *key != 0));
+            }
             candidates.push((map, expired(entries.iter(), now_ns)));
+        }
+        // Expired entries still name their slots: taken back two sweeps
+        // after they went.
+        let (released, unused) = self.usage.collect(&slots, &meters);
+        if released + unused > 0 {
+            debug!(released, unused, "usage slots and meters taken back");
         }
         if candidates.iter().all(|(_, keys)| keys.is_empty()) {
             return Ok(0);
@@ -458,8 +492,8 @@ impl Maps {
     /// already (whatever their expiry).
     fn install_one(&self, journal: &mut Journal, installed: &Installed) -> Result<bool, MapError> {
         let binding = &installed.binding;
-        let (client_key, peer_target) = installed.fields().client_entry();
-        let (peer_key, client_target) = installed.fields().peer_entry();
+        let (client_key, _) = installed.fields().client_entry();
+        let (peer_key, _) = installed.fields().peer_entry();
         let at_client = self
             .map(&client_key)
             .lookup(client_key.bytes(), MapFlags::ANY)?;
@@ -469,12 +503,37 @@ impl Maps {
         let holds = |held: &Option<Vec<u8>>, value: &[u8]| {
             held.as_deref().is_some_and(|held| same_half(held, value))
         };
+        let (_, wanted_target) = installed.fields().client_entry();
+        // The binding keeps counting where it counted: a refresh or a new
+        // limit must not start its figures again.
+        let kept_slot = at_client
+            .as_deref()
+            .filter(|held| same_half(held, wanted_target.as_bytes()))
+            .and_then(terms)
+            .map(|(slot, _)| slot)
+            .filter(|slot| *slot != 0);
+        let usage_slot = match kept_slot {
+            Some(slot) => slot,
+            None => self.usage.allocate()?,
+        };
+        for meter in installed.meters {
+            self.usage.ensure_meter(meter)?;
+        }
+        let installed = &Installed {
+            usage_slot,
+            ..*installed
+        };
+        let (_, peer_target) = installed.fields().client_entry();
+        let (_, client_target) = installed.fields().peer_entry();
         let held =
             holds(&at_client, peer_target.as_bytes()) && holds(&at_peer, client_target.as_bytes());
         let old_target = at_client.as_deref().and_then(PeerTarget::from_bytes);
         let old_client = at_peer.as_deref().and_then(ClientTarget::from_bytes);
         for stale in displaced(binding, old_target.as_ref(), old_client.as_ref()) {
-            if journal.delete_if_holds(self, stale.key, &stale.value)? {
+            if journal
+                .delete_if_holds(self, stale.key, &stale.value)?
+                .is_some()
+            {
                 debug!(%binding, map = stale.key.map_name(), "displaced half binding deleted");
             }
         }
@@ -486,27 +545,48 @@ impl Maps {
         Ok(held)
     }
 
-    /// Removes bindings, both directions; returns how many were present.
-    /// A half that holds another binding's value is that binding's and stays.
-    pub fn remove(&self, bindings: &[Binding]) -> Result<u64, MapError> {
-        let _guard = lock(&self.write_lock);
-        self.remove_locked(bindings)
+    /// Removes bindings, both directions; returns each one that was present
+    /// with its final usage, read once no program run can count on it any
+    /// more. A half that holds another binding's value is that binding's
+    /// and stays.
+    pub fn remove(&self, bindings: &[Binding]) -> Result<Vec<(Binding, BindingUsage)>, MapError> {
+        let removed = {
+            let _guard = lock(&self.write_lock);
+            self.remove_locked(bindings)?
+        };
+        if removed.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A run that found an entry before it went may still be counting:
+        // its slot is read once every such run has ended. The slot is not
+        // handed out again before the next two sweeps, seconds from now.
+        self.usage.wait_for_readers()?;
+        Ok(removed
+            .into_iter()
+            .map(|(binding, slot)| (binding, self.usage.read(slot)))
+            .collect())
     }
 
-    /// [`Maps::remove`], with the write lock held.
-    fn remove_locked(&self, bindings: &[Binding]) -> Result<u64, MapError> {
+    /// [`Maps::remove`], with the write lock held: the bindings removed and
+    /// their usage slots.
+    fn remove_locked(&self, bindings: &[Binding]) -> Result<Vec<(Binding, u32)>, MapError> {
         // A journal only for its count of client-side entries: a removal is
         // not undone when a later one fails.
         let mut journal = Journal::default();
-        let mut removed = 0;
+        let mut removed = Vec::new();
         let result = bindings.iter().try_for_each(|binding| {
-            // Any expiry: the comparison leaves it out.
+            // Any terms: the comparison leaves them out.
             let (client_key, peer_target) = fields(binding, 0).client_entry();
             let (peer_key, client_target) = fields(binding, 0).peer_entry();
             let client = journal.delete_if_holds(self, client_key, peer_target.as_bytes())?;
             let peer = journal.delete_if_holds(self, peer_key, client_target.as_bytes())?;
-            if client || peer {
-                removed += 1;
+            let slot = client
+                .or(peer)
+                .as_deref()
+                .and_then(terms)
+                .map(|(slot, _)| slot);
+            if let Some(slot) = slot {
+                removed.push((*binding, slot));
                 debug!(%binding, "binding removed");
             }
             Ok(())
@@ -548,6 +628,16 @@ impl Maps {
         }
         bindings.sort_by_key(|installed| installed.binding);
         Ok(bindings)
+    }
+
+    /// What `slot` counted.
+    pub fn usage(&self, slot: u32) -> BindingUsage {
+        self.usage.read(slot)
+    }
+
+    /// The rate of meter `key` (0: none).
+    pub fn meter_rate(&self, key: u64) -> u64 {
+        self.usage.meter_rate(key)
     }
 
     /// How many bindings the client-side maps hold.
@@ -724,23 +814,23 @@ impl Journal {
         Ok(())
     }
 
-    /// Deletes `key` if it holds `value`, whatever the expiry of either;
-    /// returns whether it did.
+    /// Deletes `key` if it holds `value`, whatever the terms of either;
+    /// returns what it held if it did.
     fn delete_if_holds(
         &mut self,
         maps: &Maps,
         key: MapKey,
         value: &[u8],
-    ) -> Result<bool, MapError> {
+    ) -> Result<Option<Vec<u8>>, MapError> {
         let condition = |held: &[u8]| same_half(held, value);
         let Some(previous) = maps.delete_if(maps.map(&key), key.bytes(), condition)? else {
-            return Ok(false);
+            return Ok(None);
         };
         if key.is_client() {
             self.clients -= 1;
         }
-        self.changes.push((key, Some(previous)));
-        Ok(true)
+        self.changes.push((key, Some(previous.clone())));
+        Ok(Some(previous))
     }
 
     /// The batch succeeded: counts its client-side entries.

@@ -63,6 +63,11 @@ pub struct BindingFields {
     /// allocation asked for DONT-FRAGMENT); the client-side entry carries
     /// it ([`crate::PEER_DONT_FRAGMENT`]).
     pub dont_fragment: bool,
+    /// Its `USAGE` slot (0: not counted); both entries carry it.
+    pub usage_slot: u32,
+    /// Its allocation's and its user's `METERS` keys (0: none); both
+    /// entries carry them.
+    pub meters: [u64; 2],
     /// When its authorisation ends, on the kernel's coarse monotonic clock
     /// ([`crate::ClientTarget::expires_at_ns`]); both entries carry it.
     pub expires_at_ns: u64,
@@ -92,13 +97,15 @@ impl BindingFields {
                 reserved: [0; 2],
             }),
         };
-        let target = PeerTarget::new(
+        let mut target = PeerTarget::new(
             self.peer.ip(),
             self.peer.port(),
             self.allocation_port,
             self.expires_at_ns,
         )
         .with_dont_fragment(self.dont_fragment);
+        target.usage_slot = self.usage_slot;
+        target.meters = self.meters;
         (key, target)
     }
 
@@ -118,10 +125,11 @@ impl BindingFields {
                 allocation_port,
             }),
         };
-        (
-            key,
-            ClientTarget::new(self.client, self.listener, self.channel, self.expires_at_ns),
-        )
+        let mut target =
+            ClientTarget::new(self.client, self.listener, self.channel, self.expires_at_ns);
+        target.usage_slot = self.usage_slot;
+        target.meters = self.meters;
+        (key, target)
     }
 
     /// The binding a client-side entry describes (its key's bytes, its value).
@@ -148,6 +156,8 @@ impl BindingFields {
             peer: endpoint(target.peer()?, target.peer_port),
             allocation_port: u16::from_be_bytes(target.allocation_port),
             dont_fragment: target.dont_fragment(),
+            usage_slot: target.usage_slot,
+            meters: target.meters,
             expires_at_ns: target.expires_at_ns,
         })
     }
@@ -174,6 +184,8 @@ mod tests {
                 peer: "198.51.100.7:9000".parse().unwrap(),
                 allocation_port: 50000,
                 dont_fragment,
+                usage_slot: 3,
+                meters: [5, 0],
                 expires_at_ns: 7,
             };
             let (key, target) = binding.client_entry();

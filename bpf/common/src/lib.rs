@@ -17,8 +17,10 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 pub mod csum;
 mod entries;
 pub mod packet;
+pub mod usage;
 
 pub use entries::{BindingFields, MapKey};
+pub use usage::{BindingUsage, Meter};
 
 /// Most channel bindings each direction map holds. 65 536 bindings of
 /// `ClientKeyV4 -> PeerTarget` cost about 6.5 MiB of preallocated kernel memory.
@@ -64,7 +66,7 @@ pub const FAMILY_V6: u8 = 6;
 ///
 /// # Safety
 /// Implementors must be `#[repr(C)]` and contain only `u8`, arrays of `u8`,
-/// `u64` at its natural alignment and other `Pod` types, with no padding (so any bit pattern is valid and every
+/// `u32` and `u64` (and arrays of them) at their natural alignment and other `Pod` types, with no padding (so any bit pattern is valid and every
 /// byte is initialised).
 pub unsafe trait Pod: Copy + Sized {
     /// The type's bytes, as stored in a BPF map.
@@ -296,9 +298,20 @@ pub struct PeerTarget {
     pub flags: u8,
     /// Reserved, zero.
     pub reserved: [u8; 2],
+    /// See [`ClientTarget::usage_slot`].
+    pub usage_slot: u32,
+    /// Reserved, zero.
+    pub reserved_terms: u32,
+    /// See [`ClientTarget::meters`].
+    pub meters: [u64; 2],
     /// See [`ClientTarget::expires_at_ns`].
     pub expires_at_ns: u64,
 }
+
+/// Bytes at the end of both kinds of binding value that are the binding's
+/// terms, not its identity: its `USAGE` slot, its meters and its expiry. A
+/// refresh or a new limit rewrites them and leaves the binding as it is.
+pub const TERMS_LEN: usize = 32;
 
 /// `PeerTarget::flags`: the allocation asked for DONT-FRAGMENT (RFC 8656
 /// section 7.2), so its IPv4 datagrams to the peer leave with DF set. IPv6
@@ -309,7 +322,7 @@ pub const PEER_DONT_FRAGMENT: u8 = 1 << 0;
 
 impl PeerTarget {
     /// A target for a peer at `peer`, relayed to until `expires_at_ns`,
-    /// without flags.
+    /// without flags, counted nowhere, unmetered.
     pub fn new(peer: IpAddr, peer_port: u16, allocation_port: u16, expires_at_ns: u64) -> Self {
         let (peer_ip, peer_family) = ip_bytes(peer);
         Self {
@@ -319,6 +332,9 @@ impl PeerTarget {
             peer_family,
             flags: 0,
             reserved: [0; 2],
+            usage_slot: 0,
+            reserved_terms: 0,
+            meters: [0; 2],
             expires_at_ns,
         }
     }
@@ -366,6 +382,15 @@ pub struct ClientTarget {
     pub client_family: u8,
     /// Reserved, zero.
     pub reserved: u8,
+    /// The binding's slot in `USAGE`, the same in both of its entries
+    /// (0: not counted), in host byte order.
+    pub usage_slot: u32,
+    /// Reserved, zero.
+    pub reserved_terms: u32,
+    /// The `METERS` keys of its allocation's and its user's rate limits
+    /// (0: none), the same in both entries; each direction has its own
+    /// time in a meter.
+    pub meters: [u64; 2],
     /// When the binding's authorisation ends, on the kernel's coarse
     /// monotonic clock (`bpf_ktime_get_coarse_ns`, `CLOCK_MONOTONIC_COARSE`),
     /// in nanoseconds, in host byte order: from then on the program treats
@@ -387,6 +412,9 @@ impl ClientTarget {
             channel: channel.to_be_bytes(),
             client_family,
             reserved: 0,
+            usage_slot: 0,
+            reserved_terms: 0,
+            meters: [0; 2],
             expires_at_ns,
         }
     }
@@ -434,9 +462,10 @@ unsafe impl Pod for ClientKeyV6 {}
 unsafe impl Pod for PeerKeyV4 {}
 // SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
 unsafe impl Pod for PeerKeyV6 {}
-// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
+// SAFETY: repr(C), u8 fields and u32/u64 fields at their natural alignment,
+// no padding (sizes and offsets checked in the tests).
 unsafe impl Pod for PeerTarget {}
-// SAFETY: repr(C), u8 fields only, no padding (sizes checked in the tests).
+// SAFETY: as for `PeerTarget`.
 unsafe impl Pod for ClientTarget {}
 
 macro_rules! reasons {
@@ -567,10 +596,15 @@ reasons! {
     /// Dropped: channel data whose length field exceeds the datagram
     /// (RFC 8656 section 12.6: silently discarded).
     DropChannelDataTruncated => "drop_channel_data_truncated", Drop;
+    /// Dropped: over its allocation's or its user's rate limit (`max_bps`,
+    /// `user_max_bps`). Dropped, not passed: user space would drop it too,
+    /// after the flood had cost the stack and a copy to user space; its
+    /// binding's usage counts it.
+    DropRateLimited => "drop_rate_limited", Drop;
 }
 
 /// Number of [`Reason`]s: the size of the `STATS` array.
-pub const REASON_COUNT: u32 = Reason::DropChannelDataTruncated as u32 + 1;
+pub const REASON_COUNT: u32 = Reason::DropRateLimited as u32 + 1;
 
 /// A report through the `EVENTS` perf-event array: the reporting CPU's
 /// cumulative counter of one relay reason.
@@ -690,14 +724,26 @@ mod tests {
         assert_eq!(offset_of!(PeerKeyV4, allocation_port), 6);
         assert_eq!(size_of::<PeerKeyV6>(), 20);
         assert_eq!(offset_of!(PeerKeyV6, allocation_port), 18);
-        assert_eq!(size_of::<PeerTarget>(), 32);
-        assert_eq!(offset_of!(PeerTarget, expires_at_ns), 24);
+        assert_eq!(size_of::<PeerTarget>(), 56);
+        assert_eq!(offset_of!(PeerTarget, usage_slot), 24);
+        assert_eq!(offset_of!(PeerTarget, meters), 32);
+        assert_eq!(offset_of!(PeerTarget, expires_at_ns), 48);
+        assert_eq!(
+            size_of::<PeerTarget>() - TERMS_LEN,
+            offset_of!(PeerTarget, usage_slot)
+        );
         assert_eq!(offset_of!(PeerTarget, peer_port), 16);
         assert_eq!(offset_of!(PeerTarget, allocation_port), 18);
         assert_eq!(offset_of!(PeerTarget, peer_family), 20);
         assert_eq!(offset_of!(PeerTarget, flags), 21);
-        assert_eq!(size_of::<ClientTarget>(), 48);
-        assert_eq!(offset_of!(ClientTarget, expires_at_ns), 40);
+        assert_eq!(size_of::<ClientTarget>(), 72);
+        assert_eq!(offset_of!(ClientTarget, usage_slot), 40);
+        assert_eq!(offset_of!(ClientTarget, meters), 48);
+        assert_eq!(offset_of!(ClientTarget, expires_at_ns), 64);
+        assert_eq!(
+            size_of::<ClientTarget>() - TERMS_LEN,
+            offset_of!(ClientTarget, usage_slot)
+        );
         assert_eq!(offset_of!(ClientTarget, listener_ip), 16);
         assert_eq!(offset_of!(ClientTarget, client_port), 32);
         assert_eq!(offset_of!(ClientTarget, listener_port), 34);
@@ -743,7 +789,7 @@ mod tests {
         assert!(!config.mac_swap() && config.with_mac_swap(true).mac_swap());
 
         let target = PeerTarget::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 9000, 50001, 7);
-        assert_eq!(target.as_bytes()[24..], 7u64.to_ne_bytes());
+        assert_eq!(target.as_bytes()[48..], 7u64.to_ne_bytes());
         assert_eq!(target.as_bytes()[..4], [198, 51, 100, 7]);
         assert_eq!(target.as_bytes()[16..18], 9000u16.to_be_bytes());
         assert_eq!(target.as_bytes()[18..20], 50001u16.to_be_bytes());
@@ -760,7 +806,7 @@ mod tests {
         let v6: SocketAddr = "[2001:db8:3::2]:40000".parse().unwrap();
         let listener: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         let client = ClientTarget::new(v6, listener, 0x4001, u64::MAX);
-        assert_eq!(client.as_bytes()[40..], u64::MAX.to_ne_bytes());
+        assert_eq!(client.as_bytes()[64..], u64::MAX.to_ne_bytes());
         assert_eq!(client.client_family, FAMILY_V6);
         assert_eq!(client.channel, [0x40, 0x01]);
         assert_eq!(client.client(), Some(v6));
@@ -796,6 +842,7 @@ mod tests {
         }
         assert_eq!(Reason::RelayClientToPeerV4V4.verdict(), Verdict::Tx);
         assert_eq!(Reason::DropChannelDataTruncated.verdict(), Verdict::Drop);
+        assert_eq!(Reason::DropRateLimited.verdict(), Verdict::Drop);
         assert_eq!(Reason::PassUnknownBinding.verdict(), Verdict::Pass);
     }
 

@@ -18,6 +18,10 @@
 //! entry as absent (`Reason::PassExpired`), whether or not anyone deleted it.
 #![no_std]
 #![no_main]
+// The target declares no atomic types: the BPF instructions exist
+// (atomic add, compare-and-exchange), reached through the intrinsics.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, xdp_md},
@@ -29,15 +33,18 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
+
 use bpf_common::{
-    ClientKeyV4, ClientKeyV6, ClientTarget, Counter, FAMILY_V4, FAMILY_V6, KernelConfig,
-    MAX_BINDINGS, MAX_INTERFACES, PeerKeyV4, PeerKeyV6, PeerTarget, Pod, REASON_COUNT, Reason,
-    RelayEvent, Verdict,
+    BindingUsage, ClientKeyV4, ClientKeyV6, ClientTarget, Counter, FAMILY_V4, FAMILY_V6,
+    KernelConfig, MAX_BINDINGS, MAX_INTERFACES, Meter, PeerKeyV4, PeerKeyV6, PeerTarget, Pod,
+    REASON_COUNT, Reason, RelayEvent, Verdict,
     packet::{
         CHANNEL_HEADER_LEN, ChannelFrame, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_UDP,
         IpBytes, IpHeader, Ipv4Hdr, Ipv6Hdr, Padding, Relay, Translate, UDP_LEN, UdpFrame, UdpHdr,
         relay,
     },
+    usage::{CLIENT_TO_PEER, MAX_METERS, PEER_TO_CLIENT, USAGE_SLOTS, gcra},
 };
 
 const BINDINGS: usize = MAX_BINDINGS as usize;
@@ -77,6 +84,23 @@ static PEER_V4: HashMap<PeerKeyV4, ClientTarget, BINDINGS, BINDING_FLAGS> = Hash
 #[btf_map]
 static PEER_V6: HashMap<PeerKeyV6, ClientTarget, BINDINGS, BINDING_FLAGS> = HashMap::new();
 
+/// `BPF_F_MMAPABLE`: the agent maps `USAGE` into its memory and reads
+/// every binding's counters without a system call.
+const MMAPABLE: usize = 1 << 10;
+
+/// Each binding's traffic (`BindingUsage`), by the slot its entries name;
+/// slot 0 counts what entries without a slot relay, and nobody reads it.
+/// Shared by all CPUs and added to atomically: exact whatever CPU a packet
+/// lands on (see `bpf_common::usage`).
+#[btf_map]
+static USAGE: Array<BindingUsage, { USAGE_SLOTS as usize }, MMAPABLE> = Array::new();
+
+/// Rate limits (`Meter`) by key (`bpf_common::usage::meter_key`): an
+/// allocation's `max_bps` and its user's cap, written by the agent; each
+/// direction's time is updated here by compare-and-exchange.
+#[btf_map]
+static METERS: HashMap<u64, Meter, { MAX_METERS as usize }, BINDING_FLAGS> = HashMap::new();
+
 /// Per-CPU packet and byte counters, indexed by `Reason`.
 #[btf_map]
 static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();
@@ -108,6 +132,45 @@ struct Scratch {
     params: bpf_fib_lookup,
     /// The IP length `bpf_check_mtu` checks in MAC-swap mode.
     mtu_len: u32,
+    /// Reserved, zero.
+    reserved: u32,
+    /// The relayed packet's application bytes.
+    bytes: u64,
+    /// The bindings it is relayed on, as `next_hop` found them: the sending
+    /// client's (client-to-peer traffic, index `CLIENT_TO_PEER`) and the
+    /// receiving client's (peer-to-client, `PEER_TO_CLIENT`); a hairpin
+    /// has both. Their meters are charged by `look_up_next_hop`, which runs
+    /// anyway with every path's locals saved; their counters by `xdp_relay`
+    /// once the frame is relayed.
+    terms: [Terms; 2],
+}
+
+/// A binding's counting and metering terms, as its entry holds them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Terms {
+    /// Its allocation's and its user's meter keys (0: none).
+    meters: [u64; 2],
+    /// Its `USAGE` slot (0: none).
+    slot: u64,
+}
+
+impl Terms {
+    /// No binding on this side.
+    const NONE: Self = Self {
+        meters: [0; 2],
+        slot: 0,
+    };
+}
+
+/// The terms of the bindings a packet of `bytes` application bytes is
+/// relayed on: the sender's client-side entry and the receiver's
+/// peer-side entry.
+#[derive(Clone, Copy)]
+struct Bindings<'a> {
+    sender: Option<&'a PeerTarget>,
+    receiver: Option<&'a ClientTarget>,
+    bytes: usize,
 }
 
 /// This CPU's `Scratch`.
@@ -146,7 +209,10 @@ pub fn xdp_relay(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let (reason, bytes, egress) = match try_relay(&ctx, config) {
-        Ok(relayed) => (relayed.reason, relayed.bytes, relayed.egress),
+        Ok(relayed) => {
+            count_usage();
+            (relayed.reason, relayed.bytes, relayed.egress)
+        }
         Err(reason) => (
             reason,
             (ctx.data_end() - ctx.data()) as u64,
@@ -292,8 +358,12 @@ where
             return Err(Reason::PassExpired);
         }
         return match other.client_family {
-            FAMILY_V4 => hairpin::<In, Ipv4Hdr>(ctx, config, input, udp_len, other, padding),
-            FAMILY_V6 => hairpin::<In, Ipv6Hdr>(ctx, config, input, udp_len, other, padding),
+            FAMILY_V4 => {
+                hairpin::<In, Ipv4Hdr>(ctx, config, input, udp_len, target, other, padding)
+            }
+            FAMILY_V6 => {
+                hairpin::<In, Ipv6Hdr>(ctx, config, input, udp_len, target, other, padding)
+            }
             _ => Err(Reason::PassHairpinUnbound),
         };
     }
@@ -307,7 +377,12 @@ where
         padding,
     };
     let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
-    let egress = next_hop::<Out>(ctx, config, &route, UDP_LEN + data_len)?;
+    let terms = Bindings {
+        sender: Some(target),
+        receiver: None,
+        bytes: data_len,
+    };
+    let egress = next_hop::<Out>(ctx, config, &route, UDP_LEN + data_len, terms)?;
     let (mut out, _) = relay::<In, Out>(&input.udp, udp_len, &route)?;
     // Here, not in `route`: a field there changed the layout of every
     // path's `Relay`, and the hairpin's became a `memmove` call.
@@ -335,6 +410,7 @@ fn hairpin<In, Out>(
     config: &KernelConfig,
     input: &ChannelFrame<In>,
     udp_len: usize,
+    sender: &PeerTarget,
     other: &ClientTarget,
     padding: Padding,
 ) -> Result<Relayed, Reason>
@@ -353,7 +429,13 @@ where
         padding,
     };
     let data_len = udp_len - UDP_LEN - CHANNEL_HEADER_LEN - padding.len as usize;
-    let egress = next_hop::<Out>(ctx, config, &route, UDP_LEN + CHANNEL_HEADER_LEN + data_len)?;
+    let terms = Bindings {
+        sender: Some(sender),
+        receiver: Some(other),
+        bytes: data_len,
+    };
+    let udp_out = UDP_LEN + CHANNEL_HEADER_LEN + data_len;
+    let egress = next_hop::<Out>(ctx, config, &route, udp_out, terms)?;
     let (udp, added) = relay::<In, Out>(&input.udp, udp_len, &route)?;
     let out = ChannelFrame {
         udp,
@@ -456,7 +538,12 @@ where
         padding: Padding::default(),
     };
     let data_len = udp_len - UDP_LEN;
-    let egress = next_hop::<Out>(ctx, config, &route, udp_len + CHANNEL_HEADER_LEN)?;
+    let terms = Bindings {
+        sender: None,
+        receiver: Some(target),
+        bytes: data_len,
+    };
+    let egress = next_hop::<Out>(ctx, config, &route, udp_len + CHANNEL_HEADER_LEN, terms)?;
     let (udp, added) = relay::<In, Out>(frame, udp_len, &route)?;
     let out = ChannelFrame {
         udp,
@@ -493,12 +580,28 @@ fn next_hop<Out: IpVersion>(
     config: &KernelConfig,
     route: &Relay<Out::Addr>,
     udp_len: usize,
+    bindings: Bindings,
 ) -> Result<Egress, Reason> {
     let scratch = NEXT_HOP.get_ptr_mut(0).ok_or(Reason::PassNoRoute)?;
     let ip_len = Out::LEN + udp_len;
     // SAFETY: a per-CPU slot that only this run uses until it returns (XDP
     // runs with preemption disabled); all zero is "no flags, no VLAN".
     unsafe {
+        (*scratch).bytes = bindings.bytes as u64;
+        (*scratch).terms[CLIENT_TO_PEER] = match bindings.sender {
+            Some(sender) => Terms {
+                meters: sender.meters,
+                slot: u64::from(sender.usage_slot),
+            },
+            None => Terms::NONE,
+        };
+        (*scratch).terms[PEER_TO_CLIENT] = match bindings.receiver {
+            Some(receiver) => Terms {
+                meters: receiver.meters,
+                slot: u64::from(receiver.usage_slot),
+            },
+            None => Terms::NONE,
+        };
         if config.mac_swap() {
             (*scratch).mtu_len = ip_len as u32;
         } else {
@@ -547,6 +650,7 @@ fn reason_from(index: u32) -> Reason {
         i if i == Reason::PassNoNeighbour as u32 => Reason::PassNoNeighbour,
         i if i == Reason::PassMtuExceeded as u32 => Reason::PassMtuExceeded,
         i if i == Reason::PassEgressNotAttached as u32 => Reason::PassEgressNotAttached,
+        i if i == Reason::DropRateLimited as u32 => Reason::DropRateLimited,
         _ => Reason::PassNoRoute,
     }
 }
@@ -567,6 +671,8 @@ fn look_up_next_hop(ctx: *mut xdp_md, mac_swap: bool) -> u32 {
         let too_big = unsafe { bpf_check_mtu(ctx.cast(), 0, &mut (*scratch).mtu_len, 0, 0) };
         return if too_big != 0 {
             Reason::PassMtuExceeded as u32
+        } else if over_rate(scratch) {
+            Reason::DropRateLimited as u32
         } else {
             EGRESS_INGRESS
         };
@@ -581,6 +687,12 @@ fn look_up_next_hop(ctx: *mut xdp_md, mac_swap: bool) -> u32 {
         FIB_NO_NEIGHBOUR => return Reason::PassNoNeighbour as u32,
         FIB_FRAGMENTATION_NEEDED => return Reason::PassMtuExceeded as u32,
         _ => return Reason::PassNoRoute as u32,
+    }
+    // Metered once the packet is known to be relayable: one the stack gets
+    // is metered in user space instead, and must not cost the kernel's
+    // meters too.
+    if over_rate(scratch) {
+        return Reason::DropRateLimited as u32;
     }
     if params.ifindex == ingress {
         return EGRESS_INGRESS;
@@ -724,6 +836,123 @@ fn count(ctx: &XdpContext, config: Option<&KernelConfig>, reason: Reason, bytes:
             0,
         );
     }
+}
+
+/// Counts the packet just relayed in the usage slots of the bindings it
+/// went on (see `Scratch::terms`).
+#[inline(always)]
+fn count_usage() {
+    let Some(scratch) = NEXT_HOP.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, written by `next_hop` in this run (every
+    // relay path calls it).
+    let (bytes, sender, receiver) = unsafe {
+        (
+            (*scratch).bytes,
+            (*scratch).terms[CLIENT_TO_PEER].slot,
+            (*scratch).terms[PEER_TO_CLIENT].slot,
+        )
+    };
+    if sender != 0 {
+        add_usage(sender as u32, CLIENT_TO_PEER as u32, bytes);
+    }
+    if receiver != 0 {
+        add_usage(receiver as u32, PEER_TO_CLIENT as u32, bytes);
+    }
+}
+
+/// Adds one packet of `bytes` to counter `counter` of slot `slot`
+/// (`BindingUsage` as four counters: relayed client-to-peer and
+/// peer-to-client, then dropped the same ways). Not inlined: one copy of
+/// the atomic adds for every path.
+#[inline(never)]
+fn add_usage(slot: u32, counter: u32, bytes: u64) -> u32 {
+    let Some(usage) = USAGE.get_ptr_mut(slot) else {
+        return 0;
+    };
+    // SAFETY: `usage` points at a whole `BindingUsage` in the map's
+    // memory, which lives as long as the program; its u64 fields are
+    // 8-aligned, and every writer (this program on every CPU) adds
+    // atomically; the agent only reads, and zeroes a slot before it names
+    // it in an entry.
+    unsafe {
+        let counters = usage.cast::<Counter>().add((counter & 3) as usize);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counters).packets, 1);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counters).bytes, bytes);
+    }
+    0
+}
+
+/// Whether the packet `scratch` describes exceeds a rate of the bindings it
+/// would go on: their allocations' and users' meters, each for its
+/// direction. Every meter must admit it before any is charged, so that a
+/// packet one meter drops costs the others nothing; a dropped packet is
+/// counted in the usage of the binding whose meter dropped it. The meters
+/// are looked up twice rather than held: four held charges would not fit
+/// the stack this runs on, and only limited bindings get here.
+#[inline(always)]
+fn over_rate(scratch: *mut Scratch) -> bool {
+    // SAFETY: this CPU's slot, just written by `next_hop`.
+    let terms = unsafe { &(*scratch).terms };
+    if terms[0].meters[0] | terms[0].meters[1] | terms[1].meters[0] | terms[1].meters[1] == 0 {
+        return false;
+    }
+    // SAFETY: as above; the helper takes no arguments and only reads the clock.
+    let (bytes, now) = unsafe { ((*scratch).bytes, bpf_ktime_get_coarse_ns()) };
+    let (sending, receiving) = (&terms[CLIENT_TO_PEER], &terms[PEER_TO_CLIENT]);
+    if !side_admits(sending, CLIENT_TO_PEER, bytes, now, false) {
+        add_usage(sending.slot as u32, (CLIENT_TO_PEER + 2) as u32, bytes);
+        return true;
+    }
+    if !side_admits(receiving, PEER_TO_CLIENT, bytes, now, false) {
+        add_usage(receiving.slot as u32, (PEER_TO_CLIENT + 2) as u32, bytes);
+        return true;
+    }
+    side_admits(sending, CLIENT_TO_PEER, bytes, now, true);
+    side_admits(receiving, PEER_TO_CLIENT, bytes, now, true);
+    false
+}
+
+/// Whether both meters of one binding admit the packet (see
+/// `charge_meter`); with `commit`, charges them.
+#[inline(always)]
+fn side_admits(side: &Terms, direction: usize, bytes: u64, now: u64, commit: bool) -> bool {
+    (side.meters[0] == 0 || charge_meter(side.meters[0], direction, bytes, now, commit))
+        && (side.meters[1] == 0 || charge_meter(side.meters[1], direction, bytes, now, commit))
+}
+
+/// Whether meter `key` admits a packet of `bytes` going `direction` at
+/// `now` (an absent meter admits everything); with `commit`, also charges
+/// it. A compare-and-exchange that loses a race with another CPU's charge
+/// is made again as an add: the cost is never lost, at worst counted from
+/// a time already past.
+#[inline(always)]
+fn charge_meter(key: u64, direction: usize, bytes: u64, now: u64, commit: bool) -> bool {
+    let Some(meter) = METERS.get_ptr_mut(key) else {
+        return true;
+    };
+    // SAFETY: `meter` points at a whole `Meter`, in memory that outlives
+    // this run (see `BINDING_FLAGS`); its times are 8-aligned u64s that the
+    // program only changes atomically, and an aligned 8-byte load is atomic.
+    unsafe {
+        let time = if direction == CLIENT_TO_PEER {
+            &raw mut (*meter).tat_ns[CLIENT_TO_PEER]
+        } else {
+            &raw mut (*meter).tat_ns[PEER_TO_CLIENT]
+        };
+        let held = time.read_volatile();
+        let Some(next) = gcra(held, now, (*meter).cost_ns(bytes), (*meter).burst_ns) else {
+            return false;
+        };
+        if commit {
+            let (_, exchanged) = atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(time, held, next);
+            if !exchanged {
+                atomic_xadd::<u64, u64, { Relaxed }>(time, next - held.max(now));
+            }
+        }
+    }
+    true
 }
 
 /// The kernel's coarse monotonic clock, the one bindings expire on: read

@@ -4,6 +4,8 @@
 //! check costs per packet; nothing else differs between the two objects.
 #![no_std]
 #![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 #[expect(
     unused_attributes,

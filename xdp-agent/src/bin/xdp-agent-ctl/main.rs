@@ -65,8 +65,11 @@ struct Cli {
 enum Action {
     /// Lists the channel bindings the kernel's maps hold, whether datagrams
     /// to the peer leave with DF set (DF: the allocation asked for
-    /// DONT-FRAGMENT), and what is left of each one's lifetime (LIFETIME, in
-    /// seconds; "expired" once it has passed and until the agent deletes it).
+    /// DONT-FRAGMENT), what is left of each one's lifetime (LIFETIME, in
+    /// seconds; "expired" once it has passed and until the agent deletes it),
+    /// what the kernel relayed on it each way (TO PEER, TO CLIENT:
+    /// packets/application bytes, exact), what its rate limits dropped
+    /// (DROPPED) and its limits (LIMIT, bytes per second each way).
     Bindings {
         /// Only bindings of this client (an IP alone matches every port).
         #[arg(long, value_name = "IP[:PORT]")]
@@ -78,7 +81,9 @@ enum Action {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         /// Print a JSON array of {client, listener, channel, peer,
-        /// allocation_port, dont_fragment, lifetime_ms}.
+        /// allocation_port, dont_fragment, lifetime_ms, usage: {client_to_peer,
+        /// peer_to_client, dropped_client_to_peer, dropped_peer_to_client:
+        /// {packets, bytes}}, rate_limits: [{meter, bytes_per_second}]}.
         #[arg(long)]
         json: bool,
     },
@@ -94,8 +99,7 @@ enum Action {
         /// client has bindings of the channel on several listeners.
         #[arg(long, value_name = "IP:PORT", value_parser = args::parse_socket_addr)]
         listener: Option<SocketAddr>,
-        /// Print a JSON object {client, listener, channel, peer,
-        /// allocation_port, dont_fragment, lifetime_ms}.
+        /// Print a JSON object as one element of `bindings --json`.
         #[arg(long)]
         json: bool,
     },

@@ -97,8 +97,47 @@ pub fn dont_fragment(on: bool) -> String {
     if on { "yes" } else { "no" }.to_owned()
 }
 
+/// A binding's usage, zero when the answer has none.
+fn usage_of(binding: &ChannelBinding) -> UsageJson {
+    let usage = binding.usage.unwrap_or_default();
+    let traffic = |traffic: Option<proto::v1::Traffic>| {
+        let traffic = traffic.unwrap_or_default();
+        TrafficJson {
+            packets: traffic.packets,
+            bytes: traffic.bytes,
+        }
+    };
+    UsageJson {
+        client_to_peer: traffic(usage.client_to_peer),
+        peer_to_client: traffic(usage.peer_to_client),
+        dropped_client_to_peer: traffic(usage.dropped_client_to_peer),
+        dropped_peer_to_client: traffic(usage.dropped_peer_to_client),
+    }
+}
+
+/// Packets and bytes as one cell: "12/3400".
+fn traffic_cell(traffic: &TrafficJson) -> String {
+    format!("{}/{}", traffic.packets, traffic.bytes)
+}
+
+/// A binding's rate limits as one cell: "-" for none, else each meter's
+/// rate in bytes per second.
+fn limits_cell(binding: &ChannelBinding) -> String {
+    if binding.rate_limits.is_empty() {
+        return "-".to_owned();
+    }
+    binding
+        .rate_limits
+        .iter()
+        .map(|limit| format!("{}B/s", limit.bytes_per_second))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The `bindings` table: CLIENT, LISTENER, CHANNEL, PEER, PORT, DF,
-/// LIFETIME, then a count line.
+/// LIFETIME, the usage each way (TO PEER, TO CLIENT: packets/bytes of
+/// application data relayed in the kernel; DROPPED: what the rate limits
+/// dropped, both ways), LIMIT, then a count line.
 pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
     let count = match bindings.len() {
         1 => "1 binding\n".to_owned(),
@@ -118,6 +157,10 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
                 b.allocation_port.to_string(),
                 dont_fragment(b.dont_fragment),
                 lifetime(b.lifetime_ms),
+                traffic_cell(&usage_of(b).client_to_peer),
+                traffic_cell(&usage_of(b).peer_to_client),
+                dropped_cell(&usage_of(b)),
+                limits_cell(b),
             ]
         })
         .collect();
@@ -129,8 +172,42 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
         ("PORT", Align::Right),
         ("DF", Align::Left),
         ("LIFETIME", Align::Right),
+        ("TO PEER", Align::Right),
+        ("TO CLIENT", Align::Right),
+        ("DROPPED", Align::Right),
+        ("LIMIT", Align::Right),
     ];
     table(&header, &rows) + &count
+}
+
+/// Both ways' drops as one cell.
+fn dropped_cell(usage: &UsageJson) -> String {
+    let packets = usage.dropped_client_to_peer.packets + usage.dropped_peer_to_client.packets;
+    let bytes = usage.dropped_client_to_peer.bytes + usage.dropped_peer_to_client.bytes;
+    format!("{packets}/{bytes}")
+}
+
+/// Packets and application bytes.
+#[derive(Debug, Default, Serialize)]
+pub struct TrafficJson {
+    packets: u64,
+    bytes: u64,
+}
+
+/// A binding's usage in the kernel.
+#[derive(Debug, Default, Serialize)]
+pub struct UsageJson {
+    client_to_peer: TrafficJson,
+    peer_to_client: TrafficJson,
+    dropped_client_to_peer: TrafficJson,
+    dropped_peer_to_client: TrafficJson,
+}
+
+/// A rate limit: the meter (its key; the kernel keeps no names) and rate.
+#[derive(Debug, Serialize)]
+pub struct RateLimitJson<'a> {
+    meter: &'a str,
+    bytes_per_second: u64,
 }
 
 /// One binding as JSON.
@@ -145,6 +222,10 @@ pub struct BindingJson<'a> {
     dont_fragment: bool,
     /// Milliseconds left, 0 once passed.
     lifetime_ms: u32,
+    /// What the kernel relayed and dropped on it.
+    usage: UsageJson,
+    /// Its meters.
+    rate_limits: Vec<RateLimitJson<'a>>,
 }
 
 impl<'a> From<&'a ChannelBinding> for BindingJson<'a> {
@@ -157,6 +238,15 @@ impl<'a> From<&'a ChannelBinding> for BindingJson<'a> {
             allocation_port: binding.allocation_port,
             dont_fragment: binding.dont_fragment,
             lifetime_ms: binding.lifetime_ms,
+            usage: usage_of(binding),
+            rate_limits: binding
+                .rate_limits
+                .iter()
+                .map(|limit| RateLimitJson {
+                    meter: &limit.meter,
+                    bytes_per_second: limit.bytes_per_second,
+                })
+                .collect(),
         }
     }
 }
@@ -182,6 +272,17 @@ pub fn binding_text(binding: &ChannelBinding) -> String {
         ("allocation port", binding.allocation_port.to_string()),
         ("don't fragment", dont_fragment(binding.dont_fragment)),
         ("lifetime", lifetime(binding.lifetime_ms)),
+        ("to peer", traffic_cell(&usage_of(binding).client_to_peer)),
+        ("to client", traffic_cell(&usage_of(binding).peer_to_client)),
+        (
+            "dropped to peer",
+            traffic_cell(&usage_of(binding).dropped_client_to_peer),
+        ),
+        (
+            "dropped to client",
+            traffic_cell(&usage_of(binding).dropped_peer_to_client),
+        ),
+        ("rate limits", limits_cell(binding)),
     ])
 }
 
@@ -445,6 +546,24 @@ mod tests {
         on("203.0.113.10:3478", client, channel, peer, port)
     }
 
+    /// A binding that relayed and dropped traffic, under one rate limit.
+    fn used(binding: ChannelBinding) -> ChannelBinding {
+        let traffic = |packets, bytes| Some(proto::v1::Traffic { packets, bytes });
+        ChannelBinding {
+            usage: Some(proto::v1::Usage {
+                client_to_peer: traffic(12, 3400),
+                peer_to_client: traffic(10, 1000),
+                dropped_client_to_peer: traffic(2, 200),
+                dropped_peer_to_client: traffic(1, 100),
+            }),
+            rate_limits: vec![proto::v1::RateLimit {
+                meter: "#00000000000000ab".to_owned(),
+                bytes_per_second: 125_000,
+            }],
+            ..binding
+        }
+    }
+
     fn on(listener: &str, client: &str, channel: u32, peer: &str, port: u32) -> ChannelBinding {
         ChannelBinding {
             client: client.to_owned(),
@@ -454,13 +573,19 @@ mod tests {
             listener: listener.to_owned(),
             lifetime_ms: 287_000,
             dont_fragment: false,
+            ..Default::default()
         }
     }
 
     #[test]
     fn bindings_table_is_aligned_with_a_count() {
         let bindings = [
-            binding("192.0.2.2:40000", 0x4001, "198.51.100.2:5000", 49160),
+            used(binding(
+                "192.0.2.2:40000",
+                0x4001,
+                "198.51.100.2:5000",
+                49160,
+            )),
             ChannelBinding {
                 dont_fragment: true,
                 ..on(
@@ -473,9 +598,9 @@ mod tests {
             },
         ];
         let expected = "\
-CLIENT                 LISTENER              CHANNEL  PEER                PORT  DF   LIFETIME
-192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160  no       287s
-[2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535  yes      287s
+CLIENT                 LISTENER              CHANNEL  PEER                PORT  DF   LIFETIME  TO PEER  TO CLIENT  DROPPED      LIMIT
+192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160  no       287s  12/3400    10/1000    3/300  125000B/s
+[2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535  yes      287s      0/0        0/0      0/0          -
 2 bindings
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -488,8 +613,8 @@ CLIENT                 LISTENER              CHANNEL  PEER                PORT  
             ..on("192.0.2.1:443", "192.0.2.2:1", 0x4000, "198.51.100.2:2", 7)
         }];
         let expected = "\
-CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME
-192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7  no   expired
+CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME  TO PEER  TO CLIENT  DROPPED  LIMIT
+192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7  no   expired      0/0        0/0      0/0      -
 1 binding
 ";
         assert_eq!(bindings_table(&bindings), expected);
@@ -530,12 +655,12 @@ CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME
 
     #[test]
     fn bindings_json_shape() {
-        let bindings = [binding(
+        let bindings = [used(binding(
             "192.0.2.2:40000",
             0x4001,
             "198.51.100.2:5000",
             49160,
-        )];
+        ))];
         assert_eq!(
             bindings_json(&bindings),
             json!([{
@@ -546,6 +671,13 @@ CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME
                 "allocation_port": 49160,
                 "dont_fragment": false,
                 "lifetime_ms": 287000,
+                "usage": {
+                    "client_to_peer": {"packets": 12, "bytes": 3400},
+                    "peer_to_client": {"packets": 10, "bytes": 1000},
+                    "dropped_client_to_peer": {"packets": 2, "bytes": 200},
+                    "dropped_peer_to_client": {"packets": 1, "bytes": 100},
+                },
+                "rate_limits": [{"meter": "#00000000000000ab", "bytes_per_second": 125000}],
             }])
         );
         assert_eq!(bindings_json(&[]), json!([]));
@@ -563,13 +695,18 @@ CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME
         assert_eq!(
             text,
             "\
-client           192.0.2.2:40000
-listener         203.0.113.10:3478
-channel          0x4001
-peer             198.51.100.2:5000
-allocation port  49160
-don't fragment   no
-lifetime         287s
+client             192.0.2.2:40000
+listener           203.0.113.10:3478
+channel            0x4001
+peer               198.51.100.2:5000
+allocation port    49160
+don't fragment     no
+lifetime           287s
+to peer            0/0
+to client          0/0
+dropped to peer    0/0
+dropped to client  0/0
+rate limits        -
 "
         );
     }
