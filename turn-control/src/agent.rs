@@ -29,18 +29,22 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use turn_control_core::{ChannelBinding, OffloadError};
+use turn_control_core::{ChannelBinding, OffloadError, RateLimits, Usage};
 
+use crate::kernel_usage::{self, Owners};
 use crate::metrics::name;
 
-/// A binding for the data plane and the instant its authorisation ends: the earliest
-/// expiry of its channel, permission and allocation, as the core computes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A binding for the data plane, the instant its authorisation ends (the earliest expiry
+/// of its channel, permission and allocation, as the core computes it) and the rate limits
+/// the kernel holds it to.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// The binding.
     pub binding: ChannelBinding,
     /// When the kernel must stop relaying it.
     pub expires: std::time::Instant,
+    /// Its allocation's and its user's meters.
+    pub limits: RateLimits,
 }
 
 /// Requests from the event-loop threads; `thread` is the sender's index, where answers go.
@@ -53,8 +57,13 @@ pub enum ToAgent {
         /// The binding and its expiry.
         lease: Lease,
     },
-    /// Remove one binding; no answer.
-    Remove(ChannelBinding),
+    /// Remove one binding; answer with [`FromAgent::Removed`].
+    Remove {
+        /// The sending thread.
+        thread: usize,
+        /// The binding.
+        binding: ChannelBinding,
+    },
     /// One thread's full set of bindings, its answer to [`FromAgent::Connected`]. Once every
     /// thread answered, their union goes out as one Sync RPC; a refused one is retried.
     Sync {
@@ -73,6 +82,12 @@ pub enum ToAgent {
 pub enum FromAgent {
     /// The outcome of an [`ToAgent::Install`].
     Installed(ChannelBinding, Result<(), OffloadError>),
+    /// The outcome of a [`ToAgent::Remove`]: the binding's final usage in the kernel (zero
+    /// if the kernel did not hold it), or `None` when the agent could not say.
+    Removed(ChannelBinding, Option<Usage>),
+    /// What the kernel has relayed on this thread's bindings so far, cumulative for each
+    /// binding's life in the kernel (every [`USAGE_INTERVAL`]).
+    Usage(Vec<(ChannelBinding, Usage)>),
     /// The agent is reachable (again), or lost our state: the thread answers with
     /// [`ToAgent::Sync`] of this round.
     Connected {
@@ -130,8 +145,12 @@ impl AgentQueue {
     /// Queues a removal or, when it does not fit, marks the link as needing a full sync:
     /// the threads' parts of the next round no longer hold the binding, so the Sync takes
     /// it out of the data plane.
-    pub fn remove(&self, binding: ChannelBinding) {
-        if self.tx.try_send(ToAgent::Remove(binding)).is_err() {
+    pub fn remove(&self, thread: usize, binding: ChannelBinding) {
+        if self
+            .tx
+            .try_send(ToAgent::Remove { thread, binding })
+            .is_err()
+        {
             if self.resync.swap(true, Ordering::AcqRel) {
                 tracing::debug!(%binding, "agent queue full, removal dropped");
             } else {
@@ -208,6 +227,10 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 const SYNC_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// Bindings per RPC.
 const MAX_BATCH: usize = 256;
+/// How often the link reads every binding's usage from the agent (one streaming ListUsage)
+/// and hands each thread its share: how stale the kernel's part of an interim record can be,
+/// and how late the user-space meters learn what the kernel relayed.
+pub const USAGE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The link's state between steps of [`run`].
 struct Link {
@@ -236,6 +259,10 @@ struct Link {
     retry_at: Option<Instant>,
     /// The wait before the next retry of a refused Sync.
     sync_backoff: Duration,
+    /// Which thread each binding in the kernel belongs to.
+    owners: Owners,
+    /// When to read the kernel's usage next.
+    next_usage: Instant,
 }
 
 impl Link {
@@ -269,6 +296,8 @@ impl Link {
             next_probe: Instant::now(),
             retry_at: None,
             sync_backoff: SYNC_BACKOFF.0,
+            owners: Owners::default(),
+            next_usage: Instant::now() + USAGE_INTERVAL,
         }
     }
 
@@ -282,6 +311,7 @@ impl Link {
         self.retry_at
             .map_or(check, |at| at.min(check))
             .min(self.next_probe)
+            .min(self.next_usage)
     }
 
     /// While connected: a full sync when removals were dropped (once the round under way,
@@ -307,6 +337,30 @@ impl Link {
         if now >= self.next_probe {
             self.next_probe = now + PROBE_INTERVAL;
             self.probe().await;
+        }
+        if now >= self.next_usage {
+            self.next_usage = now + USAGE_INTERVAL;
+            self.read_usage().await;
+        }
+    }
+
+    /// Every binding's usage, to the threads that hold them.
+    async fn read_usage(&mut self) {
+        let Some(client) = &mut self.client else {
+            return;
+        };
+        match kernel_usage::list(client, RPC_TIMEOUT).await {
+            Ok(bindings) => {
+                for (thread, usage) in self.owners.by_thread(bindings) {
+                    if let Some(tx) = self.events.get(thread) {
+                        let _ = tx.send(FromAgent::Usage(usage)).await;
+                    }
+                }
+            }
+            Err(status) => {
+                metrics::counter!(name::AGENT_RPC_ERRORS).increment(1);
+                tracing::warn!(%status, "xdp-agent ListUsage failed");
+            }
         }
     }
 
@@ -427,11 +481,30 @@ impl Link {
             return Err(RpcError::Gone("not connected".to_owned()));
         };
         match op {
-            Op::Remove(bindings) => {
+            Op::Remove(removals) => {
                 let request = proto::v1::RemoveChannelBindingRequest {
-                    bindings: wire_removals(&bindings),
+                    bindings: wire_removals(removals.iter().map(|(_, binding)| binding)),
                 };
-                rpc(client.remove_channel_binding(request)).await.map(drop)
+                let response = rpc(client.remove_channel_binding(request)).await;
+                let finals = match &response {
+                    Ok(response) => kernel_usage::finals(&response.removed_bindings),
+                    Err(_) => Default::default(),
+                };
+                for (thread, binding) in removals {
+                    self.owners.forget(&binding);
+                    // Not among the removed: the kernel did not hold it, nothing to add.
+                    let usage = match &response {
+                        Ok(_) => Some(
+                            finals
+                                .get(&kernel_usage::key_of(&binding))
+                                .copied()
+                                .unwrap_or_default(),
+                        ),
+                        Err(_) => None,
+                    };
+                    removed(&self.events, thread, binding, usage).await;
+                }
+                response.map(drop)
             }
             Op::Install(installs) => {
                 // A lease that ran out in the queue is no longer the kernel's to relay: the
@@ -453,6 +526,9 @@ impl Link {
                 let result = rpc(client.install_channel_binding(request)).await.map(drop);
                 let answer_with = result.clone().map_err(OffloadError::from);
                 for (thread, lease) in live {
+                    if answer_with.is_ok() {
+                        self.owners.hold(thread, lease.binding);
+                    }
                     answer(&self.events, thread, lease.binding, answer_with.clone()).await;
                 }
                 result
@@ -464,11 +540,13 @@ impl Link {
                 self.generation += 1;
                 let generation = self.generation;
                 let now = std::time::Instant::now();
-                let bindings: Vec<_> = wire(all.iter(), now).collect();
+                let bindings: Vec<_> = wire(all.iter().map(|(_, lease)| lease), now).collect();
                 let count = bindings.len();
                 let parts = sync_parts(generation, bindings);
                 let timeout = RPC_TIMEOUT + SYNC_TIME_PER_BINDING * count as u32;
                 let response = rpc_within(timeout, client.sync(tokio_stream::iter(parts))).await?;
+                self.owners =
+                    Owners::of(all.iter().map(|(thread, lease)| (*thread, lease.binding)));
                 self.synced = Some(generation);
                 self.sync_backoff = SYNC_BACKOFF.0;
                 if response.refused > 0 {
@@ -567,15 +645,22 @@ impl PendingSync {
         }
     }
 
-    /// The union of every thread's part, once all have answered.
-    fn take_union(&mut self) -> Option<Vec<Lease>> {
+    /// The union of every thread's part, once all have answered, each lease with its
+    /// thread.
+    fn take_union(&mut self) -> Option<Vec<(usize, Lease)>> {
         if self.parts.iter().any(Option::is_none) {
             return None;
         }
         Some(
             self.parts
                 .iter_mut()
-                .flat_map(|p| p.take().unwrap_or_default())
+                .enumerate()
+                .flat_map(|(thread, p)| {
+                    p.take()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |lease| (thread, lease))
+                })
                 .collect(),
         )
     }
@@ -621,10 +706,10 @@ fn plan(requests: impl Iterator<Item = ToAgent>, pending: &mut Option<PendingSyn
 enum Op {
     /// InstallChannelBinding, answered to each binding's thread.
     Install(Vec<(usize, Lease)>),
-    /// RemoveChannelBinding.
-    Remove(Vec<ChannelBinding>),
+    /// RemoveChannelBinding, answered to each binding's thread.
+    Remove(Vec<(usize, ChannelBinding)>),
     /// Sync with every thread's bindings.
-    Sync(Vec<Lease>),
+    Sync(Vec<(usize, Lease)>),
 }
 
 /// The RPCs a batch of requests comes to, in arrival order: consecutive installs share one
@@ -647,10 +732,14 @@ impl Ops {
             (ToAgent::Install { thread, lease }, _) => {
                 self.0.push(Op::Install(vec![(thread, lease)]))
             }
-            (ToAgent::Remove(binding), Some(Op::Remove(removes))) if removes.len() < MAX_BATCH => {
-                removes.push(binding);
+            (ToAgent::Remove { thread, binding }, Some(Op::Remove(removes)))
+                if removes.len() < MAX_BATCH =>
+            {
+                removes.push((thread, binding));
             }
-            (ToAgent::Remove(binding), _) => self.0.push(Op::Remove(vec![binding])),
+            (ToAgent::Remove { thread, binding }, _) => {
+                self.0.push(Op::Remove(vec![(thread, binding)]))
+            }
             (ToAgent::Sync { .. }, _) => {}
         }
     }
@@ -668,7 +757,12 @@ impl Ops {
                         answer(events, thread, lease.binding, unavailable).await;
                     }
                 }
-                Op::Remove(removes) => dropped += removes.len(),
+                Op::Remove(removes) => {
+                    dropped += removes.len();
+                    for (thread, binding) in removes {
+                        removed(events, thread, binding, None).await;
+                    }
+                }
                 Op::Sync(_) => {}
             }
         }
@@ -780,6 +874,7 @@ fn wire<'a>(
             proto::v1::ChannelBinding::from(&proto::Lease {
                 binding: kernel_binding(&lease.binding),
                 lifetime: lifetime.min(proto::MAX_LIFETIME),
+                rate_limits: kernel_usage::rate_limits(&lease.limits),
             })
         })
     })
@@ -805,9 +900,10 @@ fn sync_parts(
 }
 
 /// The wire form of bindings to remove, without a lifetime.
-fn wire_removals(bindings: &[ChannelBinding]) -> Vec<proto::v1::ChannelBinding> {
+fn wire_removals<'a>(
+    bindings: impl Iterator<Item = &'a ChannelBinding>,
+) -> Vec<proto::v1::ChannelBinding> {
     bindings
-        .iter()
         .map(|b| proto::v1::ChannelBinding::from(&kernel_binding(b)))
         .collect()
 }
@@ -816,6 +912,18 @@ fn wire_removals(bindings: &[ChannelBinding]) -> Vec<proto::v1::ChannelBinding> 
 async fn broadcast(events: &[mpsc::Sender<FromAgent>], event: impl Fn() -> FromAgent) {
     for tx in events {
         let _ = tx.send(event()).await;
+    }
+}
+
+/// The outcome of a removal, to the thread that asked.
+async fn removed(
+    events: &[mpsc::Sender<FromAgent>],
+    thread: usize,
+    binding: ChannelBinding,
+    usage: Option<Usage>,
+) {
+    if let Some(tx) = events.get(thread) {
+        let _ = tx.send(FromAgent::Removed(binding, usage)).await;
     }
 }
 
@@ -853,6 +961,7 @@ mod tests {
         Lease {
             binding: binding(channel),
             expires: std::time::Instant::now() + Duration::from_secs(300),
+            limits: RateLimits::default(),
         }
     }
 
@@ -865,10 +974,10 @@ mod tests {
                     "install",
                     v.iter().map(|(_, l)| l.binding.channel.value()).collect(),
                 ),
-                Op::Remove(v) => ("remove", v.iter().map(|b| b.channel.value()).collect()),
+                Op::Remove(v) => ("remove", v.iter().map(|(_, b)| b.channel.value()).collect()),
                 Op::Sync(v) => (
                     "sync",
-                    v.iter().map(|l| l.binding.channel.value()).collect(),
+                    v.iter().map(|(_, l)| l.binding.channel.value()).collect(),
                 ),
             })
             .collect()
@@ -880,8 +989,14 @@ mod tests {
         for request in [
             install(0, 0x4000),
             install(1, 0x4001),
-            ToAgent::Remove(binding(0x4000)),
-            ToAgent::Remove(binding(0x4001)),
+            ToAgent::Remove {
+                thread: 0,
+                binding: binding(0x4000),
+            },
+            ToAgent::Remove {
+                thread: 0,
+                binding: binding(0x4001),
+            },
             install(0, 0x4000),
         ] {
             ops.request(request);
@@ -933,7 +1048,10 @@ mod tests {
                 part(0, 2, &[0x4000]),
                 // After thread 0's part: must not be undone by the Sync.
                 install(0, 0x4001),
-                ToAgent::Remove(binding(0x4000)),
+                ToAgent::Remove {
+                    thread: 0,
+                    binding: binding(0x4000),
+                },
             ]
             .into_iter(),
             &mut pending,
@@ -961,7 +1079,10 @@ mod tests {
         let mut pending = PendingSync::start(None, 1, 2);
         pending.parts[1] = Some(vec![lease(0x4001)]);
         assert!(pending.take_union().is_none(), "thread 0 has not answered");
-        pending.held.push(ToAgent::Remove(binding(0x4001)));
+        pending.held.push(ToAgent::Remove {
+            thread: 0,
+            binding: binding(0x4001),
+        });
         // The agent restarts before thread 0 answers: a new round keeps the held removal.
         let mut pending = PendingSync::start(Some(pending), 2, 2);
         assert_eq!(pending.held.len(), 1);
@@ -971,7 +1092,7 @@ mod tests {
             .take_union()
             .unwrap()
             .iter()
-            .map(|l| l.binding.channel.value())
+            .map(|(_, l)| l.binding.channel.value())
             .collect();
         assert_eq!(union, vec![0x4000, 0x4002, 0x4003]);
     }
@@ -989,7 +1110,7 @@ mod tests {
     #[test]
     fn what_does_not_fit_the_queue_is_accounted_for() {
         let (queue, requests) = super::queue(1);
-        queue.remove(binding(0x4000));
+        queue.remove(0, binding(0x4000));
         assert!(!requests.resync.load(Ordering::Acquire), "it fitted");
         assert!(
             !queue.install(0, lease(0x4001)),
@@ -999,7 +1120,7 @@ mod tests {
             !requests.resync.load(Ordering::Acquire),
             "a failed install leaves no trace"
         );
-        queue.remove(binding(0x4002));
+        queue.remove(0, binding(0x4002));
         assert!(
             requests.resync.load(Ordering::Acquire),
             "a dropped removal needs a sync"
@@ -1033,7 +1154,7 @@ mod tests {
             expires: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
             ..lease(0x4004)
         };
-        assert_eq!(wire_removals(&[ended.binding])[0].lifetime_ms, 0);
+        assert_eq!(wire_removals([ended.binding].iter())[0].lifetime_ms, 0);
     }
 
     #[test]
@@ -1047,9 +1168,9 @@ mod tests {
                 },
                 ..lease(0x4000)
             };
-            let installed: Vec<_> = wire([lease].iter(), now).collect();
+            let installed: Vec<_> = wire([lease.clone()].iter(), now).collect();
             assert_eq!(installed[0].dont_fragment, dont_fragment);
-            let removed = wire_removals(&[lease.binding]);
+            let removed = wire_removals([lease.binding].iter());
             assert_eq!(removed[0].dont_fragment, dont_fragment);
             // The agent removes what it installed: the same binding.
             assert_eq!(

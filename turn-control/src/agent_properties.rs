@@ -137,11 +137,28 @@ impl DataPlane for FakeAgent {
         request: Request<RemoveChannelBindingRequest>,
     ) -> Result<Response<RemoveChannelBindingResponse>, Status> {
         let mut maps = self.maps.lock().unwrap();
-        let mut removed = 0;
+        let mut removed_bindings = Vec::new();
         for binding in &request.get_ref().bindings {
-            removed += u64::from(maps.entries.remove(&identity(binding)).is_some());
+            if maps.entries.remove(&identity(binding)).is_some() {
+                removed_bindings.push(binding.clone());
+            }
         }
-        Ok(Response::new(RemoveChannelBindingResponse { removed }))
+        Ok(Response::new(RemoveChannelBindingResponse {
+            removed: removed_bindings.len() as u64,
+            removed_bindings,
+        }))
+    }
+
+    type ListUsageStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ListUsageResponse, Status>> + Send + 'static>,
+    >;
+
+    /// The fake relays nothing: every binding it holds has counted nothing.
+    async fn list_usage(
+        &self,
+        _: Request<ListUsageRequest>,
+    ) -> Result<Response<Self::ListUsageStream>, Status> {
+        Ok(Response::new(Box::pin(tokio_stream::iter(Vec::new()))))
     }
 
     async fn sync(
@@ -349,6 +366,7 @@ impl Daemon {
         let lease = Lease {
             binding,
             expires: channel.expires,
+            limits: Default::default(),
         };
         if !(self.connected && self.queue.install(0, lease)) {
             self.install_failed(which);
@@ -369,7 +387,7 @@ impl Daemon {
     /// `Command::RemoveChannel`, as the event loop carries it out.
     fn remove_from_kernel(&self, which: usize) {
         if self.connected {
-            self.queue.remove(binding(which));
+            self.queue.remove(0, binding(which));
         }
     }
 
@@ -432,7 +450,8 @@ impl Daemon {
                         self.install_failed(which);
                     }
                 }
-                FromAgent::Installed(_, Ok(())) => {}
+                // Figures: nothing here depends on them.
+                FromAgent::Installed(_, Ok(())) | FromAgent::Removed(..) | FromAgent::Usage(_) => {}
                 FromAgent::Connected { round } => {
                     self.connected = true;
                     self.sync_part = Some(round);
@@ -454,6 +473,7 @@ impl Daemon {
                 .map(|(which, c)| Lease {
                     binding: binding(*which),
                     expires: c.expires,
+                    limits: Default::default(),
                 })
                 .collect();
             permit.send(ToAgent::Sync {

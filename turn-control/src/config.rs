@@ -8,7 +8,7 @@
 //! [`daemon::CommandLine`]; [`Settings::load`] then fills the defaults that depend on other
 //! options and checks that the options fit together.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -24,7 +24,9 @@ use turn_control_core::config::{
     MAX_CHANNELS_PER_ALLOCATION, MAX_PERMISSIONS_PER_ALLOCATION, UNAUTHENTICATED_BURST_PER_SOURCE,
     UNAUTHENTICATED_RATE_PER_SOURCE, UNAUTHORIZED_RATE, USER_KERNEL_BINDINGS,
 };
-use turn_control_core::{Config, Credentials, QuotaLedger, ReservationLedger, SourceRate};
+use turn_control_core::{
+    BandwidthLedger, Config, Credentials, QuotaLedger, ReservationLedger, SourceRate, UserLimits,
+};
 
 /// The TURN port of RFC 8656 §18 (and RFC 8489 §9.1 for STUN).
 pub const DEFAULT_PORT: u16 = 3478;
@@ -65,6 +67,11 @@ pub const DEFAULT_TCP_CONNECTIONS_MAX: u32 = 100_000;
 /// Default `--drain-deadline`: an hour, the longest allocation lifetime RFC 8656 §7.2
 /// recommends.
 pub const DEFAULT_DRAIN_DEADLINE: u32 = 3600;
+/// Default `--accounting-interim-seconds`: an interim record a minute, as RADIUS servers
+/// commonly ask for.
+pub const DEFAULT_ACCOUNTING_INTERIM: u32 = 60;
+/// Default `--accounting-webhook-queue`.
+pub const DEFAULT_ACCOUNTING_WEBHOOK_QUEUE: usize = 10_000;
 /// The admin address `turn-control drain` reaches without `--admin`.
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9643);
 
@@ -471,6 +478,74 @@ pub struct Settings {
         default_value_t = DEFAULT_DRAIN_DEADLINE
     )]
     pub drain_deadline: u32,
+    /// Bytes per second of application data one allocation may relay, each direction on its
+    /// own (coturn's max-bps; 125000 is 1 Mbit/s), in user space and in the kernel alike; the
+    /// excess is dropped [default: unlimited].
+    #[arg(long = "max-bps", env = "TURN_CONTROL_MAX_BPS", value_name = "BYTES")]
+    pub max_bps: Option<u64>,
+    /// Bytes per second all of one user's allocations together may relay, each direction on
+    /// its own. The user is the username, or for TURN REST credentials (--auth-secret) the part
+    /// after the first ':' [default: unlimited].
+    #[arg(
+        long = "user-max-bps",
+        env = "TURN_CONTROL_USER_MAX_BPS",
+        value_name = "BYTES"
+    )]
+    pub user_max_bps: Option<u64>,
+    /// Bytes per second the allocations' max-bps may add up to (coturn's bps-capacity): each
+    /// allocation reserves its max-bps; with nothing left an Allocate gets 486 (Allocation
+    /// Quota Reached), with less left it gets what is left. Needs --max-bps (or a user limit's
+    /// max_bps) [default: unlimited].
+    #[arg(
+        long = "bps-capacity",
+        env = "TURN_CONTROL_BPS_CAPACITY",
+        value_name = "BYTES"
+    )]
+    pub bps_capacity: Option<u64>,
+    /// One user's max-bps and user-max-bps instead of the server-wide ones (repeatable; the
+    /// environment variable takes entries separated by ';'). In the file, a table per user:
+    /// `[user_limits.alice]` with `max_bps = 125000`, `user_max_bps = 250000`.
+    #[arg(
+        long = "user-limit",
+        env = "TURN_CONTROL_USER_LIMITS",
+        value_name = "USER:max_bps=N[,user_max_bps=M]",
+        value_delimiter = ';'
+    )]
+    #[serde(default, with = "user_limits_table")]
+    pub user_limits: Vec<UserLimit>,
+    /// File accounting records are appended to, one JSON object per line (start, interim
+    /// and stop of each allocation, like RADIUS accounting); `-` for standard output
+    /// [default: none].
+    #[arg(
+        long = "accounting-file",
+        env = "TURN_CONTROL_ACCOUNTING_FILE",
+        value_name = "PATH"
+    )]
+    pub accounting_file: Option<PathBuf>,
+    /// Seconds between the interim records of a live allocation; 0 for start and stop only.
+    #[arg(
+        long = "accounting-interim-seconds",
+        env = "TURN_CONTROL_ACCOUNTING_INTERIM_SECONDS",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_ACCOUNTING_INTERIM
+    )]
+    pub accounting_interim_seconds: u32,
+    /// URL (http:// or https://) each accounting record is POSTed to as JSON [default: none].
+    #[arg(
+        long = "accounting-webhook",
+        env = "TURN_CONTROL_ACCOUNTING_WEBHOOK",
+        value_name = "URL"
+    )]
+    pub accounting_webhook: Option<String>,
+    /// Records waiting for the webhook at most, while it is slow or down; records beyond it
+    /// are dropped (and counted).
+    #[arg(
+        long = "accounting-webhook-queue",
+        env = "TURN_CONTROL_ACCOUNTING_WEBHOOK_QUEUE",
+        value_name = "N",
+        default_value_t = DEFAULT_ACCOUNTING_WEBHOOK_QUEUE
+    )]
+    pub accounting_webhook_queue: usize,
 
     /// The IPv4 address of `relay_ip` (derived).
     #[arg(skip)]
@@ -497,6 +572,18 @@ pub struct User {
     pub name: String,
     /// The password.
     pub password: String,
+}
+
+/// One user's limits, `USER:max_bps=N[,user_max_bps=M]` on the command line (either key may
+/// be left out, not both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserLimit {
+    /// The user (the username, or a REST username's part after the first ':').
+    pub user: String,
+    /// The user's allocations' max-bps, if not the server-wide one.
+    pub max_bps: Option<u64>,
+    /// The user's user-max-bps, if not the server-wide one.
+    pub user_max_bps: Option<u64>,
 }
 
 /// A configuration the daemon cannot run with. Each message names the key (or flag) and
@@ -613,6 +700,10 @@ impl Settings {
             return Err(invalid("agent_queue", "must be at least 1"));
         }
         self.check_draining()?;
+        // In the order of the file's tables, so that --print-config reads back the same.
+        self.user_limits.sort_by(|a, b| a.user.cmp(&b.user));
+        self.check_bandwidth()?;
+        self.check_accounting()?;
         if self.threads > MAX_THREADS {
             return Err(invalid(
                 "threads",
@@ -707,6 +798,84 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Rates are at least one byte per second, each user is limited once, and bps_capacity
+    /// has a max_bps to count.
+    fn check_bandwidth(&self) -> Result<(), ConfigError> {
+        let rates = [
+            ("max_bps", self.max_bps),
+            ("user_max_bps", self.user_max_bps),
+            ("bps_capacity", self.bps_capacity),
+        ];
+        if let Some((key, _)) = rates.into_iter().find(|&(_, rate)| rate == Some(0)) {
+            return Err(invalid(key, "must be at least 1"));
+        }
+        let mut users = BTreeSet::new();
+        for limit in &self.user_limits {
+            if !users.insert(&limit.user) {
+                return Err(invalid(
+                    "user_limits",
+                    format!("{}: limited twice", limit.user),
+                ));
+            }
+            if limit.max_bps == Some(0) || limit.user_max_bps == Some(0) {
+                return Err(invalid(
+                    "user_limits",
+                    format!("{}: rates must be at least 1", limit.user),
+                ));
+            }
+        }
+        let any_max_bps =
+            self.max_bps.is_some() || self.user_limits.iter().any(|l| l.max_bps.is_some());
+        if self.bps_capacity.is_some() && !any_max_bps {
+            return Err(invalid(
+                "bps_capacity",
+                "bps_capacity needs max_bps: an allocation without a limit reserves nothing",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The accounting file is named, the webhook is an http:// or https:// URL with a host,
+    /// and its queue holds something.
+    fn check_accounting(&self) -> Result<(), ConfigError> {
+        if self
+            .accounting_file
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(invalid("accounting_file", "must not be empty"));
+        }
+        if let Some(url) = &self.accounting_webhook {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            match rest {
+                None => {
+                    return Err(invalid(
+                        "accounting_webhook",
+                        format!("{url}: must start with http:// or https://"),
+                    ));
+                }
+                Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                    return Err(invalid(
+                        "accounting_webhook",
+                        format!("{url}: names no host"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if self.accounting_webhook_queue == 0 {
+            return Err(invalid("accounting_webhook_queue", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Whether accounting records go anywhere.
+    pub fn accounting(&self) -> bool {
+        self.accounting_file.is_some() || self.accounting_webhook.is_some()
     }
 
     /// Certificate and key come together; TLS listeners need them, are distinct, and do not
@@ -813,8 +982,8 @@ impl Settings {
     }
 
     /// Thread `index` of `threads`' core configuration: the shared `seeds` (one nonce key for
-    /// all), `quotas` and `reservations`, its own slice of the port range; `dev_user` is the
-    /// generated `--dev` credential.
+    /// all), `quotas`, `reservations` and `bandwidth`, its own slice of the port range;
+    /// `dev_user` is the generated `--dev` credential.
     pub fn core_config(
         &self,
         dev_user: Option<&User>,
@@ -822,6 +991,7 @@ impl Settings {
         (index, threads): (usize, usize),
         quotas: &Arc<QuotaLedger>,
         reservations: &Arc<ReservationLedger>,
+        bandwidth: &Arc<BandwidthLedger>,
     ) -> Config {
         let mut config = Config::new(self.realm.clone(), seeds.random);
         config.nonce_seed = seeds.nonce;
@@ -875,7 +1045,32 @@ impl Settings {
         config.alternate_servers = self.alternate_server.clone();
         config.alternate_domain = self.alternate_domain.clone();
         config.shed_allocations = self.shed_allocations;
+        self.limits_config(&mut config, bandwidth);
         config
+    }
+
+    /// The bandwidth limits and the interim accounting interval of a core's `config`;
+    /// `bandwidth` is shared by every core, so that bps_capacity and user_max_bps hold across
+    /// them. Without a place for records, none are made in the interim.
+    fn limits_config(&self, config: &mut Config, bandwidth: &Arc<BandwidthLedger>) {
+        config.max_bps = self.max_bps;
+        config.user_max_bps = self.user_max_bps;
+        config.bps_capacity = self.bps_capacity;
+        config.user_limits = Arc::new(
+            self.user_limits
+                .iter()
+                .map(|limit| {
+                    let limits = UserLimits {
+                        max_bps: limit.max_bps,
+                        user_max_bps: limit.user_max_bps,
+                    };
+                    (limit.user.clone(), limits)
+                })
+                .collect::<HashMap<_, _>>(),
+        );
+        config.interim_interval = (self.accounting() && self.accounting_interim_seconds > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(self.accounting_interim_seconds)));
+        config.bandwidth = Arc::clone(bandwidth);
     }
 
     /// Static users (and the development user) and REST secrets.
@@ -946,6 +1141,81 @@ impl<'de> Deserialize<'de> for User {
         String::deserialize(deserializer)?
             .parse()
             .map_err(de::Error::custom)
+    }
+}
+
+impl FromStr for UserLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const EXPECTED: &str = "expected USER:max_bps=N[,user_max_bps=M]";
+        // The rates hold no ':', a user may (a REST username's part after the first one).
+        let Some((user, rates)) = s.rsplit_once(':').filter(|(user, _)| !user.is_empty()) else {
+            return Err(EXPECTED.to_owned());
+        };
+        let mut limit = UserLimit {
+            user: user.to_owned(),
+            max_bps: None,
+            user_max_bps: None,
+        };
+        for rate in rates.split(',') {
+            let (key, value) = rate.split_once('=').ok_or_else(|| EXPECTED.to_owned())?;
+            let value: u64 = value
+                .parse()
+                .map_err(|_| format!("{key}: {value:?} is not a number of bytes per second"))?;
+            match key {
+                "max_bps" => limit.max_bps = Some(value),
+                "user_max_bps" => limit.user_max_bps = Some(value),
+                _ => return Err(format!("{key}: unknown; {EXPECTED}")),
+            }
+        }
+        Ok(limit)
+    }
+}
+
+/// `user_limits` in the file: a table per user, `[user_limits.alice]` with `max_bps` and
+/// `user_max_bps`.
+mod user_limits_table {
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Rates {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bps: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_max_bps: Option<u64>,
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        limits: &[UserLimit],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let table: BTreeMap<&str, Rates> = limits
+            .iter()
+            .map(|limit| {
+                let rates = Rates {
+                    max_bps: limit.max_bps,
+                    user_max_bps: limit.user_max_bps,
+                };
+                (limit.user.as_str(), rates)
+            })
+            .collect();
+        table.serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<UserLimit>, D::Error> {
+        let table = BTreeMap::<String, Rates>::deserialize(deserializer)?;
+        Ok(table
+            .into_iter()
+            .map(|(user, rates)| UserLimit {
+                user,
+                max_bps: rates.max_bps,
+                user_max_bps: rates.user_max_bps,
+            })
+            .collect())
     }
 }
 
@@ -1249,8 +1519,15 @@ mod tests {
     fn software_is_one_option() {
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
         let software = |s: &Settings| {
-            s.core_config(None, [0; 32].into(), (0, 1), &quotas, &reservations)
-                .software
+            s.core_config(
+                None,
+                [0; 32].into(),
+                (0, 1),
+                &quotas,
+                &reservations,
+                &BandwidthLedger::shared(),
+            )
+            .software
         };
         let s = flags(&["--dev"]).unwrap();
         assert_eq!(s.software, DEFAULT_SOFTWARE);
@@ -1271,8 +1548,16 @@ mod tests {
     #[test]
     fn allocation_lifetimes_reach_the_core_and_are_checked() {
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
-        let core =
-            |s: &Settings| s.core_config(None, [0; 32].into(), (0, 1), &quotas, &reservations);
+        let core = |s: &Settings| {
+            s.core_config(
+                None,
+                [0; 32].into(),
+                (0, 1),
+                &quotas,
+                &reservations,
+                &BandwidthLedger::shared(),
+            )
+        };
         let s = flags(&["--dev"]).unwrap();
         assert_eq!(core(&s).default_lifetime, Duration::from_secs(600));
         assert_eq!(core(&s).max_lifetime, Duration::from_secs(3600));
@@ -1333,7 +1618,14 @@ mod tests {
     fn abuse_limits_reach_the_cores_shared_out() {
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
         let s = flags(&["--dev", "--threads", "4"]).unwrap();
-        let core = s.core_config(None, [0; 32].into(), (1, 4), &quotas, &reservations);
+        let core = s.core_config(
+            None,
+            [0; 32].into(),
+            (1, 4),
+            &quotas,
+            &reservations,
+            &BandwidthLedger::shared(),
+        );
         assert_eq!(core.unauthorized_rate, Some(1250));
         assert_eq!(
             core.unauthenticated_per_source,
@@ -1365,7 +1657,14 @@ max_channels_per_allocation = 8
         )
         .unwrap();
         assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
-        let core = s.core_config(None, [0; 32].into(), (0, 2), &quotas, &reservations);
+        let core = s.core_config(
+            None,
+            [0; 32].into(),
+            (0, 2),
+            &quotas,
+            &reservations,
+            &BandwidthLedger::shared(),
+        );
         assert_eq!(core.unauthorized_rate, Some(50));
         assert_eq!(
             core.unauthenticated_per_source,
@@ -1440,9 +1739,16 @@ max_channels_per_allocation = 8
         let s = flags(&["--dev", "--threads", "2"]).unwrap();
         let (quotas, reservations) = (QuotaLedger::shared(), ReservationLedger::shared());
         for index in 0..2 {
-            s.core_config(None, [0; 32].into(), (index, 2), &quotas, &reservations)
-                .validate()
-                .unwrap();
+            s.core_config(
+                None,
+                [0; 32].into(),
+                (index, 2),
+                &quotas,
+                &reservations,
+                &BandwidthLedger::shared(),
+            )
+            .validate()
+            .unwrap();
         }
     }
 
@@ -1473,7 +1779,14 @@ max_channels_per_allocation = 8
         );
         assert_eq!(s.admin, Some("127.0.0.1:9643".parse().unwrap()));
         assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
-        let core = s.core_config(None, [0; 32].into(), (0, 1), &quotas, &reservations);
+        let core = s.core_config(
+            None,
+            [0; 32].into(),
+            (0, 1),
+            &quotas,
+            &reservations,
+            &BandwidthLedger::shared(),
+        );
         assert_eq!(core.alternate_servers, s.alternate_server);
         assert_eq!(core.alternate_domain.as_deref(), Some("turn.example.org"));
         assert_eq!((core.shed_allocations, s.drain_deadline), (Some(5), 60));
@@ -1541,5 +1854,117 @@ max_channels_per_allocation = 8
                 format!("{key}: must be at least 1")
             );
         }
+    }
+
+    #[test]
+    fn bandwidth_limits_reach_the_core() {
+        let s = flags(&[
+            "--dev",
+            "--max-bps",
+            "125000",
+            "--bps-capacity",
+            "1000000",
+            "--user-limit",
+            "alice:max_bps=50000,user_max_bps=100000",
+            "--user-limit",
+            "1767225600:bob:user_max_bps=7",
+        ])
+        .unwrap();
+        assert_eq!(s.user_limits[0].user, "1767225600:bob", "sorted by user");
+        let core = s.core_config(
+            None,
+            [0; 32].into(),
+            (0, 1),
+            &QuotaLedger::shared(),
+            &ReservationLedger::shared(),
+            &BandwidthLedger::shared(),
+        );
+        assert_eq!(
+            (core.max_bps, core.user_max_bps, core.bps_capacity),
+            (Some(125_000), None, Some(1_000_000))
+        );
+        assert_eq!(
+            core.user_limits.get("alice"),
+            Some(&UserLimits {
+                max_bps: Some(50_000),
+                user_max_bps: Some(100_000),
+            })
+        );
+        assert_eq!(core.interim_interval, None, "records go nowhere");
+        assert_eq!(merge(&[], &s.to_toml().unwrap()).unwrap(), s);
+        // The file's table per user.
+        let s = file("max_bps = 1000\n[user_limits.carol]\nuser_max_bps = 5\n").unwrap();
+        assert_eq!(
+            s.user_limits,
+            [UserLimit {
+                user: "carol".to_owned(),
+                max_bps: None,
+                user_max_bps: Some(5),
+            }]
+        );
+        assert!(file("[user_limits.carol]\nmax = 5\n").is_err());
+        for args in [
+            &["--user-limit", "alice"][..],
+            &["--user-limit", "alice:max_bps=x"],
+        ] {
+            let args = std::iter::once("turn-control").chain(args.iter().copied());
+            assert!(Cli::try_parse_from(args).is_err());
+        }
+    }
+
+    #[test]
+    fn bandwidth_and_accounting_settings_are_checked() {
+        for (args, error) in [
+            (&["--max-bps", "0"][..], "max_bps: must be at least 1"),
+            (
+                &["--bps-capacity", "10"],
+                "bps_capacity: bps_capacity needs max_bps: an allocation without a limit \
+                 reserves nothing",
+            ),
+            (
+                &["--user-limit", "a:max_bps=0"],
+                "user_limits: a: rates must be at least 1",
+            ),
+            (
+                &["--accounting-webhook", "ftp://x"],
+                "accounting_webhook: ftp://x: must start with http:// or https://",
+            ),
+            (
+                &["--accounting-webhook", "https:///x"],
+                "accounting_webhook: https:///x: names no host",
+            ),
+            (
+                &["--accounting-webhook-queue", "0"],
+                "accounting_webhook_queue: must be at least 1",
+            ),
+        ] {
+            let args: Vec<&str> = std::iter::once("--dev")
+                .chain(args.iter().copied())
+                .collect();
+            assert_eq!(flags(&args).unwrap_err().to_string(), error);
+        }
+        let s = flags(&["--dev", "--accounting-file", "-"]).unwrap();
+        assert_eq!(s.accounting_interim_seconds, DEFAULT_ACCOUNTING_INTERIM);
+        assert_eq!(s.accounting_webhook_queue, DEFAULT_ACCOUNTING_WEBHOOK_QUEUE);
+        let core = |s: &Settings| {
+            s.core_config(
+                None,
+                [0; 32].into(),
+                (0, 1),
+                &QuotaLedger::shared(),
+                &ReservationLedger::shared(),
+                &BandwidthLedger::shared(),
+            )
+        };
+        assert_eq!(core(&s).interim_interval, Some(Duration::from_secs(60)));
+        let s = merge(
+            &["--dev", "--accounting-interim-seconds", "0"],
+            "accounting_webhook = \"https://billing.example.org/turn\"",
+        )
+        .unwrap();
+        assert!(s.accounting());
+        assert_eq!(core(&s).interim_interval, None);
+        // A limit for a user nobody knows (yet) is fine.
+        assert!(flags(&["--dev", "--user-limit", "nobody:max_bps=1"]).is_ok());
     }
 }

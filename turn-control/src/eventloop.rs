@@ -31,6 +31,7 @@ use turn_control_core::{
     RestoreRefusal, Restored, SavedAllocation, Server, Transmit, Transport,
 };
 
+use crate::accounting::Sink;
 use crate::agent::{AgentQueue, FromAgent, Lease, ToAgent};
 use crate::config::Settings;
 use crate::handover::{SocketStore, connection_name, relay_name};
@@ -120,6 +121,9 @@ pub struct ThreadSetup {
     pub store: Arc<SocketStore>,
     /// Requests to the agent link, if an agent is configured.
     pub agent: Option<AgentQueue>,
+    /// Where accounting records go (`--accounting-file`, `--accounting-webhook`), shared
+    /// by every thread.
+    pub accounting: Option<Arc<Sink>>,
     /// Answers and link events from the agent link.
     pub agent_events: mpsc::Receiver<FromAgent>,
     /// Messages from the main thread; closed means terminate.
@@ -164,6 +168,7 @@ pub struct Eventloop {
     tcp_accept: Vec<JoinHandle<()>>,
     inbox_rx: mpsc::Receiver<TcpEvent>,
     agent: Option<AgentQueue>,
+    accounting: Option<Arc<Sink>>,
     agent_rx: mpsc::Receiver<FromAgent>,
     agent_connected: bool,
     /// The sync round whose part this thread owes the link, while the queue has no room
@@ -198,6 +203,7 @@ impl Eventloop {
             state,
             store,
             agent,
+            accounting,
             agent_events,
             control,
             report,
@@ -239,6 +245,7 @@ impl Eventloop {
             tcp_accept: Vec::new(),
             inbox_rx,
             agent,
+            accounting,
             agent_rx: agent_events,
             agent_connected: false,
             sync_part: None,
@@ -304,6 +311,11 @@ impl Eventloop {
             if let Err(reason) = restored {
                 tracing::info!(client = %saved.client, reason, "saved allocation not restored");
                 metrics::counter!(name::RESTORE_DROPPED, "reason" => reason).increment(1);
+                // Its accounting ends here, with what was counted (the core does the same
+                // for the allocations it refuses).
+                if !refused_by_core(reason) {
+                    self.server.saved_allocation_lost(Instant::now(), saved);
+                }
             }
         }
         // Relay sockets and connections of allocations that were not restored.
@@ -804,8 +816,16 @@ impl Eventloop {
                     dont_fragment,
                 } => self.adopt_reserved_port(relay, dont_fragment),
                 Command::ReleaseReservedPort { relay } => self.release_reserved_port(relay),
-                Command::InstallChannel { binding, expires } => {
-                    let lease = Lease { binding, expires };
+                Command::InstallChannel {
+                    binding,
+                    expires,
+                    limits,
+                } => {
+                    let lease = Lease {
+                        binding,
+                        expires,
+                        limits,
+                    };
                     let sent = self.agent_connected
                         && self
                             .agent
@@ -823,11 +843,16 @@ impl Eventloop {
                     }
                 }
                 Command::RemoveChannel { binding } => {
-                    // Not connected: the full sync on reconnect leaves the binding out.
-                    if self.agent_connected
-                        && let Some(queue) = &self.agent
-                    {
-                        queue.remove(binding);
+                    // Not connected: the full sync on reconnect leaves the binding out, and
+                    // its last figures in the kernel are out of reach.
+                    match &self.agent {
+                        Some(queue) if self.agent_connected => queue.remove(self.index, binding),
+                        _ => self.server.channel_removed(Instant::now(), &binding, None),
+                    }
+                }
+                Command::Account { record } => {
+                    if let Some(sink) = &self.accounting {
+                        sink.submit(&record);
                     }
                 }
             }
@@ -1021,6 +1046,15 @@ impl Eventloop {
                 self.server
                     .channel_installed(Instant::now(), &binding, result);
             }
+            FromAgent::Removed(binding, usage) => {
+                self.server.channel_removed(Instant::now(), &binding, usage);
+            }
+            FromAgent::Usage(bindings) => {
+                let now = Instant::now();
+                for (binding, usage) in bindings {
+                    self.server.kernel_usage(now, &binding, usage);
+                }
+            }
             FromAgent::Connected { round } => {
                 self.agent_connected = true;
                 self.sync_part = Some(round);
@@ -1051,7 +1085,11 @@ impl Eventloop {
             .server
             .channel_bindings()
             .filter(|(binding, _)| binding.transport == Transport::Udp)
-            .map(|(binding, expires)| Lease { binding, expires })
+            .map(|(binding, expires)| Lease {
+                binding,
+                expires,
+                limits: self.server.channel_limits(&binding),
+            })
             .collect();
         permit.send(ToAgent::Sync {
             thread: self.index,
@@ -1253,6 +1291,12 @@ impl RestoreTally {
             "allocations restored"
         );
     }
+}
+
+/// Whether a restore's `reason` is the core's refusal, which has ended the allocation's
+/// accounting already, rather than the daemon's (a socket or connection that is gone).
+fn refused_by_core(reason: &str) -> bool {
+    !matches!(reason, "tcp_connection_closed" | "relay_port_unavailable")
 }
 
 /// The `reason` label of [`name::RESTORE_DROPPED`] for a refusal of the core.

@@ -2,6 +2,7 @@
 //! event loop per thread ([`threads`]) with batched UDP I/O and TURN over TCP; the main thread
 //! handles signals, Prometheus metrics and the gRPC link to the xdp-agent.
 
+mod accounting;
 mod admin;
 mod agent;
 #[cfg(test)]
@@ -12,6 +13,7 @@ mod eventloop;
 mod handover;
 mod host_addresses;
 mod journal;
+mod kernel_usage;
 mod metrics;
 mod privileges;
 mod state;
@@ -19,6 +21,7 @@ mod tcp;
 mod threads;
 mod tls;
 mod udp;
+mod webhook;
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -28,7 +31,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
-use turn_control_core::{QuotaLedger, ReservationLedger};
+use turn_control_core::{BandwidthLedger, QuotaLedger, ReservationLedger};
 
 use crate::config::{Cli, Settings, Subcommand, User};
 use crate::threads::{Control, ReportSlot};
@@ -62,6 +65,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the webhook may take at exit to deliver the accounting records still queued
+/// (the file has every record).
+const ACCOUNTING_DRAIN: Duration = Duration::from_secs(5);
 
 /// How long the shutdown drain waits for the agent to take the last removals.
 const AGENT_DRAIN: Duration = Duration::from_secs(3);
@@ -106,10 +113,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         nonce: settings.state_dir.as_deref().map(state::seed).transpose()?,
     };
     let thread_states = thread_states(&settings, &mut inherited)?;
+    let accounting = accounting::Sink::configured(&settings)?.map(Arc::new);
     std::mem::take(&mut inherited).close_rest(&store);
     // Shared by every thread's core: quotas and RESERVATION-TOKENs hold daemon-wide.
     let quotas = QuotaLedger::shared();
     let reservations = ReservationLedger::shared();
+    // And bps_capacity and each user's user_max_bps.
+    let bandwidth = BandwidthLedger::shared();
     for index in 0..threads {
         settings
             .core_config(
@@ -118,6 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (index, threads),
                 &quotas,
                 &reservations,
+                &bandwidth,
             )
             .validate()
             .context("protocol core configuration")?;
@@ -147,12 +158,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dev_user.clone(),
             (listeners, host_addresses),
             seed,
-            (&quotas, &reservations),
+            (&quotas, &reservations, &bandwidth),
             Prepared {
                 tls,
                 thread_states,
                 store,
                 notify: notify.clone(),
+                accounting,
             },
         )?;
         supervisor.serve_admin(admin);
@@ -195,6 +207,8 @@ struct Prepared {
     store: Arc<handover::SocketStore>,
     /// The service manager's notification socket.
     notify: Option<Arc<daemon::fd_store::FdStore>>,
+    /// Where accounting records go, if anywhere.
+    accounting: Option<Arc<accounting::Sink>>,
 }
 
 /// The main thread's side of the event-loop threads: their control channels, reports and
@@ -225,6 +239,8 @@ struct Supervisor {
     tls: Option<Arc<tls::Tls>>,
     /// The service manager's notification socket, if there is one.
     notify: Option<Arc<daemon::fd_store::FdStore>>,
+    /// Where accounting records go, flushed once the threads are gone.
+    accounting: Option<Arc<accounting::Sink>>,
 }
 
 impl Supervisor {
@@ -237,12 +253,17 @@ impl Supervisor {
             watch::Receiver<host_addresses::Learned>,
         ),
         seed: config::Seeds,
-        (quotas, reservations): (&Arc<QuotaLedger>, &Arc<ReservationLedger>),
+        (quotas, reservations, bandwidth): (
+            &Arc<QuotaLedger>,
+            &Arc<ReservationLedger>,
+            &Arc<BandwidthLedger>,
+        ),
         Prepared {
             tls,
             thread_states,
             store,
             notify,
+            accounting,
         }: Prepared,
     ) -> anyhow::Result<Self> {
         if let Some(tls) = &tls {
@@ -296,6 +317,7 @@ impl Supervisor {
             drain_started: None,
             tls: tls.clone(),
             notify,
+            accounting: accounting.clone(),
         };
         for (index, ((listeners, agent_events), state)) in listeners
             .into_iter()
@@ -308,7 +330,14 @@ impl Supervisor {
             let core = (index, thread_count);
             let setup = eventloop::ThreadSetup {
                 index,
-                core: settings.core_config(dev_user.as_ref(), seed, core, quotas, reservations),
+                core: settings.core_config(
+                    dev_user.as_ref(),
+                    seed,
+                    core,
+                    quotas,
+                    reservations,
+                    bandwidth,
+                ),
                 reserved_sockets: this.reserved_sockets.clone(),
                 settings: settings.clone(),
                 listeners,
@@ -318,6 +347,7 @@ impl Supervisor {
                 state,
                 store: Arc::clone(&store),
                 agent: agent_tx.clone(),
+                accounting: accounting.clone(),
                 agent_events,
                 control,
                 report: report.clone(),
@@ -402,6 +432,19 @@ impl Supervisor {
         {
             tracing::warn!("xdp-agent did not take the last removals in time");
         }
+        // The threads are gone, their last stop records with them into the sink.
+        if let Some(sink) = self.accounting.take().and_then(Arc::into_inner) {
+            tracing::info!(counts = ?sink.stats(), "accounting sink flushing");
+            let left = tokio::task::spawn_blocking(move || sink.shutdown(ACCOUNTING_DRAIN))
+                .await
+                .unwrap_or_default();
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "accounting records not delivered to the webhook before exit"
+                );
+            }
+        }
         if let Some(notify) = &self.notify {
             // The last FDSTORE and FDSTOREREMOVE messages reach the manager before it sees
             // the process exit (sd_notify_barrier(3)).
@@ -460,7 +503,7 @@ impl Supervisor {
         // A core counts a token it made until it learns that another core used it; the
         // shared ledger knows at once.
         total.stats.reservations_active = self.reservations.total() as u64;
-        metrics::publish(&total.stats);
+        metrics::publish(&total.stats, &self.settings.realm);
         ::metrics::gauge!(metrics::name::TCP_CONNECTIONS).set(total.tcp_connections as f64);
         if let Some(tls) = &self.tls {
             tls.publish();

@@ -66,6 +66,20 @@ declare_metrics! {
         "Application bytes relayed in user space, by direction";
     counter RELAYED_PACKETS = "data_relayed_userspace_packets_total",
         "Packets relayed in user space, by direction";
+    counter USAGE_BYTES = "turn_usage_bytes_total",
+        "Application bytes relayed, both paths (user space, and the kernel as the agent reports it), by realm and direction";
+    counter USAGE_PACKETS = "turn_usage_packets_total",
+        "Packets relayed, both paths, by realm and direction";
+    counter USAGE_DROPPED_BYTES = "turn_usage_dropped_bytes_total",
+        "Application bytes dropped by max_bps and user_max_bps, both paths, by realm and direction";
+    counter USAGE_DROPPED_PACKETS = "turn_usage_dropped_packets_total",
+        "Packets dropped by max_bps and user_max_bps, both paths, by realm and direction";
+    counter ACCOUNTING_RECORDS = "turn_accounting_records_total",
+        "Accounting records by sink (file, webhook) and result (written, delivered, dropped, rejected, error)";
+    gauge ACCOUNTING_WEBHOOK_QUEUE = "turn_accounting_webhook_queue_depth",
+        "Accounting records waiting for the webhook";
+    counter ACCOUNTING_WEBHOOK_RETRIES = "turn_accounting_webhook_retries_total",
+        "Webhook deliveries tried again after a failure";
     counter ICMP_RELAYED = "turn_icmp_relayed_total",
         "ICMP errors about relayed datagrams sent to clients as Data indications";
     counter ICMP_RATE_LIMITED = "turn_icmp_rate_limited_total",
@@ -135,8 +149,33 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies the core's counters into the recorder.
-pub fn publish(stats: &Stats) {
+/// Copies the core's counters into the recorder; `realm` labels the usage totals (one
+/// label value per realm: per-user or per-address labels would grow without bound, the
+/// per-allocation detail is in the accounting records).
+pub fn publish(stats: &Stats, realm: &str) {
+    let usage = &stats.usage;
+    for (direction, relayed, dropped) in [
+        (
+            "client_to_peer",
+            usage.client_to_peer,
+            usage.dropped_client_to_peer,
+        ),
+        (
+            "peer_to_client",
+            usage.peer_to_client,
+            usage.dropped_peer_to_client,
+        ),
+    ] {
+        let realm = realm.to_owned();
+        counter!(name::USAGE_BYTES, "realm" => realm.clone(), "direction" => direction)
+            .absolute(relayed.bytes);
+        counter!(name::USAGE_PACKETS, "realm" => realm.clone(), "direction" => direction)
+            .absolute(relayed.packets);
+        counter!(name::USAGE_DROPPED_BYTES, "realm" => realm.clone(), "direction" => direction)
+            .absolute(dropped.bytes);
+        counter!(name::USAGE_DROPPED_PACKETS, "realm" => realm, "direction" => direction)
+            .absolute(dropped.packets);
+    }
     gauge!(name::ALLOCATIONS).set(stats.allocations_active as f64);
     counter!(name::ALLOCATIONS_CREATED).absolute(stats.allocations_created);
     gauge!(name::PERMISSIONS).set(stats.permissions_active as f64);

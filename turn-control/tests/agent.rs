@@ -167,7 +167,20 @@ impl DataPlane for Fake {
         }
         Ok(Response::new(RemoveChannelBindingResponse {
             removed: bindings.len() as u64,
+            removed_bindings: bindings,
         }))
+    }
+
+    type ListUsageStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ListUsageResponse, Status>> + Send + 'static>,
+    >;
+
+    /// No traffic goes through a fake: every binding it holds has counted nothing.
+    async fn list_usage(
+        &self,
+        _: Request<ListUsageRequest>,
+    ) -> Result<Response<Self::ListUsageStream>, Status> {
+        Ok(Response::new(Box::pin(tokio_stream::iter(Vec::new()))))
     }
 
     async fn sync(

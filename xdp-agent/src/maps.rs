@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::binding::{
     Installed, displaced, expired, expiry, fields, from_client_entry, orphans, same_half, terms,
 };
-use crate::usage::UsageTable;
+use crate::usage::{UsageError, UsageTable};
 use bpf_common::MapKey;
 use daemon::lock;
 use proto::Binding;
@@ -42,6 +42,15 @@ pub enum MapError {
     /// The kernel refused the operation.
     #[error("map operation failed: {0}")]
     Kernel(#[from] libbpf_rs::Error),
+}
+
+impl From<UsageError> for MapError {
+    fn from(error: UsageError) -> Self {
+        match error {
+            UsageError::Full { capacity } => MapError::Full { capacity },
+            UsageError::Kernel(error) => MapError::Kernel(error),
+        }
+    }
 }
 
 /// The maps of the relay program, by the names they are pinned under.

@@ -26,8 +26,21 @@ use nix::sys::mman::{MapFlags as MmapFlags, ProtFlags, mmap, munmap};
 use proto::RateLimit;
 use tracing::debug;
 
-use crate::maps::MapError;
 use daemon::lock;
+
+/// Why a slot or a meter could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    /// Every usage slot is held, or the meter map is full.
+    #[error("no room left for usage counters or meters ({capacity})")]
+    Full {
+        /// How many the table holds.
+        capacity: u32,
+    },
+    /// The kernel refused the operation.
+    #[error("map operation failed: {0}")]
+    Kernel(#[from] libbpf_rs::Error),
+}
 
 /// A meter a binding is counted against: its key in `METERS` and the rate
 /// turn-control gave it (0 when read back from an entry, which holds the
@@ -96,9 +109,9 @@ impl UsageTable {
     }
 
     /// A zeroed slot for a new binding.
-    pub fn allocate(&self) -> Result<u32, MapError> {
+    pub fn allocate(&self) -> Result<u32, UsageError> {
         let mut slots = lock(&self.slots);
-        let slot = slots.free.pop().ok_or(MapError::Full {
+        let slot = slots.free.pop().ok_or(UsageError::Full {
             capacity: USAGE_SLOTS - 1,
         })?;
         slots.unreferenced.remove(&slot);
@@ -113,7 +126,7 @@ impl UsageTable {
 
     /// Makes `meter` exist at its rate; a meter whose rate changes keeps
     /// its times (no fresh burst).
-    pub fn ensure_meter(&self, meter: MeterRef) -> Result<(), MapError> {
+    pub fn ensure_meter(&self, meter: MeterRef) -> Result<(), UsageError> {
         if meter.key == 0 || meter.bytes_per_second == 0 {
             return Ok(());
         }
@@ -130,10 +143,10 @@ impl UsageTable {
         self.meters
             .update(&key, wanted.as_bytes(), MapFlags::ANY)
             .map_err(|error| match error.kind() {
-                libbpf_rs::ErrorKind::TooBig => MapError::Full {
+                libbpf_rs::ErrorKind::TooBig => UsageError::Full {
                     capacity: self.meters.max_entries(),
                 },
-                _ => MapError::Kernel(error),
+                _ => UsageError::Kernel(error),
             })?;
         debug!(
             meter = meter.key,
@@ -191,7 +204,7 @@ impl UsageTable {
     /// Returns once every program run that started before the call has
     /// ended: from then on nothing counts on a binding deleted before it,
     /// and its slot holds its final figures.
-    pub fn wait_for_readers(&self) -> Result<(), MapError> {
+    pub fn wait_for_readers(&self) -> Result<(), UsageError> {
         self.grace.wait()
     }
 }
@@ -318,7 +331,7 @@ impl GracePeriod {
         Ok(Self { outer, inner })
     }
 
-    fn wait(&self) -> Result<(), MapError> {
+    fn wait(&self) -> Result<(), UsageError> {
         let fd = self.inner.as_fd().as_raw_fd() as u32;
         self.outer
             .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)?;

@@ -200,7 +200,9 @@ impl Harness {
                         "{relay:?} released unreserved"
                     );
                 }
-                Command::InstallChannel { binding, expires } => {
+                Command::InstallChannel {
+                    binding, expires, ..
+                } => {
                     assert_eq!(binding.transport, Transport::Udp, "TCP binding offloaded");
                     assert!(
                         self.relays.contains(&binding.relay),
@@ -215,6 +217,15 @@ impl Harness {
                 Command::RemoveChannel { binding } => {
                     self.installed.remove(&binding);
                     self.removes += 1;
+                    // The data plane took it out, having counted nothing.
+                    self.server.channel_removed(self.now, &binding, Some(Default::default()));
+                }
+                Command::Account { record } => {
+                    let client_to_peer = record.client_to_peer;
+                    assert!(
+                        client_to_peer.bytes >= record.kernel_client_to_peer.bytes,
+                        "{record:?}: the kernel's part exceeds the total"
+                    );
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! The allocation, permission and channel tables (RFC 8656 §6, §9, §12).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +11,7 @@ use crate::icmp::IcmpBudget;
 use crate::types::{
     AllocationPort, ChannelBinding, ChannelNumber, Family, FiveTuple, PeerAddr, RelayAddr,
 };
+use crate::usage::{RateMeter, Usage};
 
 /// A RESERVATION-TOKEN (RFC 8656 §18.10): eight random bytes, so that it tells nothing about
 /// the port it holds nor lets anyone guess another client's.
@@ -88,6 +89,62 @@ pub(crate) struct Allocation {
     pub(crate) peers: HashMap<PeerAddr, ChannelNumber>,
     /// Expired channels whose number and peer stay reserved for each other (RFC 8656 §12).
     pub(crate) cooldowns: HashMap<ChannelNumber, Cooldown>,
+    /// Usage, limits and accounting. Boxed: the table entry stays small for the lookups of
+    /// the per-packet paths.
+    pub(crate) account: Box<Account>,
+}
+
+/// An allocation's usage, limits and accounting records.
+#[derive(Debug)]
+pub(crate) struct Account {
+    /// The random id that names the allocation in accounting records and the data plane's
+    /// meters (saved across restarts).
+    pub(crate) id: u64,
+    /// When the allocation was made, Unix milliseconds.
+    pub(crate) started_unix_ms: u64,
+    /// Its user ([`crate::usage::user_of`]).
+    pub(crate) user: Arc<str>,
+    /// The granted `max_bps`, reserved from `bps_capacity`; `None`: unlimited.
+    pub(crate) max_bps: Option<u64>,
+    /// The user's `user_max_bps`, whose meters the allocation joined in the shared ledger.
+    pub(crate) user_max_bps: Option<u64>,
+    /// The `max_bps` meters, client to peer and peer to client.
+    pub(crate) meters: Option<[RateMeter; 2]>,
+    /// Relayed and dropped, both paths.
+    pub(crate) usage: Usage,
+    /// The kernel's part of `usage`.
+    pub(crate) kernel: Usage,
+    /// The sequence number of the next accounting record (0: no start record went out yet).
+    pub(crate) sequence: u64,
+    /// When the next interim record is due, once the start went out.
+    pub(crate) next_interim: Option<Instant>,
+    /// Per channel, the kernel's last cumulative reading taken into account.
+    pub(crate) kernel_seen: HashMap<ChannelNumber, Usage>,
+    /// Bindings removed from the data plane whose final figures have not come back.
+    pub(crate) removing: HashSet<ChannelBinding>,
+    /// A removal was answered without figures: the kernel's part is not complete.
+    pub(crate) kernel_incomplete: bool,
+}
+
+impl Account {
+    /// A fresh account: no usage, no records.
+    pub(crate) fn new(id: u64, started_unix_ms: u64, user: Arc<str>) -> Self {
+        Self {
+            id,
+            started_unix_ms,
+            user,
+            max_bps: None,
+            user_max_bps: None,
+            meters: None,
+            usage: Usage::default(),
+            kernel: Usage::default(),
+            sequence: 0,
+            next_interim: None,
+            kernel_seen: HashMap::new(),
+            removing: HashSet::new(),
+            kernel_incomplete: false,
+        }
+    }
 }
 
 /// A channel binding.
@@ -119,6 +176,7 @@ impl Allocation {
         allocate_txid: TransactionId,
         key: crate::auth::SigningKey,
         icmp: IcmpBudget,
+        account: Account,
     ) -> Self {
         Self {
             port,
@@ -139,6 +197,7 @@ impl Allocation {
             channels: HashMap::new(),
             peers: HashMap::new(),
             cooldowns: HashMap::new(),
+            account: Box::new(account),
         }
     }
 
@@ -251,7 +310,7 @@ mod tests {
              peer index {peer} B, permission {permission} B, cooldown {cooldown} B, \
              reservation {reservation} B"
         );
-        assert!(allocation <= 408, "{allocation}");
+        assert!(allocation <= 416, "{allocation}");
         assert!(by_port <= 72, "{by_port}");
         assert!(channel + peer <= 128, "{}", channel + peer);
         assert!(permission <= 48, "{permission}");

@@ -1,5 +1,6 @@
 //! Server configuration.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::auth::Credentials;
+use crate::bandwidth::BandwidthLedger;
 use crate::quota::QuotaLedger;
 use crate::reservation_ledger::ReservationLedger;
 
@@ -96,6 +98,22 @@ impl SourceRate {
     pub fn burst(&self) -> f64 {
         self.burst
     }
+}
+
+/// How long the stop record of an allocation whose bindings were in the data plane waits for
+/// the kernel's final figures of each ([`crate::Server::channel_removed`]) before it goes out
+/// with what is known and `kernel_final: false`.
+pub const KERNEL_FINAL_WAIT: Duration = Duration::from_secs(5);
+
+/// One user's limits, overriding [`Config::max_bps`] and [`Config::user_max_bps`] for the
+/// allocations of that user (see [`crate::usage::user_of`]); `None` keeps the server-wide
+/// default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserLimits {
+    /// `max_bps` of each of the user's allocations.
+    pub max_bps: Option<u64>,
+    /// `user_max_bps` of all of the user's allocations together.
+    pub user_max_bps: Option<u64>,
 }
 
 /// Upper bound for configured durations, so that deadline arithmetic cannot overflow.
@@ -213,6 +231,29 @@ pub struct Config {
     /// While the allocations counted in [`Config::quotas`] (every core sharing it) are this
     /// many or more, new Allocates are redirected as while draining. `None`: never.
     pub shed_allocations: Option<u32>,
+    /// Bytes per second of application data one allocation may relay, each direction on its
+    /// own (coturn's `max-bps`; 125000 is 1 Mbit/s); the excess is dropped and counted as
+    /// dropped usage. `None`: unlimited. Default `None`.
+    pub max_bps: Option<u64>,
+    /// The same over all of one user's allocations together, per direction, over every server
+    /// sharing [`Config::bandwidth`]. `None`: unlimited. Default `None`.
+    pub user_max_bps: Option<u64>,
+    /// Server-wide bytes per second the allocations' `max_bps` may add up to (coturn's
+    /// `bps-capacity`), over every server sharing [`Config::bandwidth`]: each allocation
+    /// reserves its `max_bps` at creation and releases it at its end; with nothing left an
+    /// Allocate gets 486 (Allocation Quota Reached, RFC 8656 §7.2), with less left than its
+    /// `max_bps` it gets what is left. Needs a `max_bps` (an allocation without one reserves
+    /// nothing). Default `None`.
+    pub bps_capacity: Option<u64>,
+    /// Per-user overrides of `max_bps` and `user_max_bps`, keyed by user
+    /// ([`crate::usage::user_of`]). Default empty.
+    pub user_limits: Arc<HashMap<String, UserLimits>>,
+    /// How often a live allocation gets an interim accounting record
+    /// ([`crate::Command::Account`]); `None`: none (start and stop only). Default 60 s.
+    pub interim_interval: Option<Duration>,
+    /// Where `bps_capacity` is reserved and each user's `user_max_bps` meters are kept; the
+    /// servers of one daemon share one ledger. Default: a ledger of this server's own.
+    pub bandwidth: Arc<BandwidthLedger>,
 }
 
 impl Config {
@@ -255,6 +296,22 @@ impl Config {
             alternate_servers: Vec::new(),
             alternate_domain: None,
             shed_allocations: None,
+            max_bps: None,
+            user_max_bps: None,
+            bps_capacity: None,
+            user_limits: Arc::new(HashMap::new()),
+            interim_interval: Some(Duration::from_secs(60)),
+            bandwidth: BandwidthLedger::shared(),
+        }
+    }
+
+    /// The `max_bps` and `user_max_bps` of `user`'s allocations: its overrides, else the
+    /// server-wide defaults.
+    pub fn limits_of(&self, user: &str) -> UserLimits {
+        let own = self.user_limits.get(user).copied().unwrap_or_default();
+        UserLimits {
+            max_bps: own.max_bps.or(self.max_bps),
+            user_max_bps: own.user_max_bps.or(self.user_max_bps),
         }
     }
 
@@ -280,6 +337,35 @@ impl Config {
         if self.credentials.realm() != self.realm {
             return Err(ConfigError::RealmMismatch);
         }
+        self.validate_limits()
+    }
+
+    /// Rates are at least one byte per second; bps_capacity needs some max_bps; the interim
+    /// interval is at least a second.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let overrides = self
+            .user_limits
+            .values()
+            .flat_map(|limits| [limits.max_bps, limits.user_max_bps]);
+        let rates = [self.max_bps, self.user_max_bps, self.bps_capacity];
+        if rates
+            .into_iter()
+            .chain(overrides)
+            .any(|rate| rate == Some(0))
+        {
+            return Err(ConfigError::ZeroRate);
+        }
+        let any_max_bps =
+            self.max_bps.is_some() || self.user_limits.values().any(|l| l.max_bps.is_some());
+        if self.bps_capacity.is_some() && !any_max_bps {
+            return Err(ConfigError::CapacityWithoutMaxBps);
+        }
+        if self
+            .interim_interval
+            .is_some_and(|interval| interval.as_secs() == 0 || interval > MAX_CONFIGURABLE)
+        {
+            return Err(ConfigError::InterimInterval);
+        }
         Ok(())
     }
 }
@@ -304,4 +390,51 @@ pub enum ConfigError {
     /// The credentials were built for another realm, so their keys cannot match.
     #[error("credentials were built for a different realm")]
     RealmMismatch,
+    /// A `max_bps`, `user_max_bps` or `bps_capacity` of zero, which would relay nothing.
+    #[error("max_bps, user_max_bps and bps_capacity must be at least 1")]
+    ZeroRate,
+    /// `bps_capacity` without any `max_bps`.
+    #[error("bps_capacity needs max_bps: an allocation without a limit reserves nothing")]
+    CapacityWithoutMaxBps,
+    /// The interim interval is under a second or above a week.
+    #[error("the interim accounting interval must be at least one second and at most a week")]
+    InterimInterval,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        let mut config = Config::new("example.org", [0; 32]);
+        config.relay_ipv4 = Some(Ipv4Addr::new(192, 0, 2, 1));
+        config
+    }
+
+    #[test]
+    fn limits_are_checked_and_overridden_per_user() {
+        let mut config = valid();
+        config.bps_capacity = Some(1_000_000);
+        assert_eq!(config.validate(), Err(ConfigError::CapacityWithoutMaxBps));
+        let carol = UserLimits {
+            max_bps: Some(50_000),
+            user_max_bps: None,
+        };
+        config.user_limits = Arc::new(HashMap::from([("carol".to_owned(), carol)]));
+        assert_eq!(config.validate(), Ok(()), "a user's max_bps is a max_bps");
+        config.user_max_bps = Some(200_000);
+        assert_eq!(
+            config.limits_of("carol"),
+            UserLimits {
+                max_bps: Some(50_000),
+                user_max_bps: Some(200_000),
+            }
+        );
+        assert_eq!(config.limits_of("alice").max_bps, None);
+        config.max_bps = Some(0);
+        assert_eq!(config.validate(), Err(ConfigError::ZeroRate));
+        config.max_bps = Some(1);
+        config.interim_interval = Some(Duration::from_millis(500));
+        assert_eq!(config.validate(), Err(ConfigError::InterimInterval));
+    }
 }

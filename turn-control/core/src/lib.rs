@@ -89,6 +89,15 @@
 //!   §12.2). A username holds at most [`Config::user_kernel_bindings`] bindings in the data
 //!   plane (1024), over every server sharing [`Config::quotas`]; its further channels are
 //!   bound all the same and relayed in user space.
+//! - **Bandwidth and accounting** ([`usage`]): an allocation relays at most
+//!   [`Config::max_bps`] bytes per second each way, a user's allocations together
+//!   [`Config::user_max_bps`] (per-user overrides in [`Config::user_limits`]); the excess is
+//!   dropped and counted. [`Config::bps_capacity`] caps the sum of the allocations' `max_bps`
+//!   (486 when nothing is left, what is left when less is). The data plane gets the same
+//!   limits as named meters with every install, and its figures come back through
+//!   [`Server::kernel_usage`] and [`Server::channel_removed`]. Each allocation has start,
+//!   interim and stop records ([`Command::Account`]); a stop waits up to
+//!   [`config::KERNEL_FINAL_WAIT`] for the kernel's final figures.
 //! - **Long-term credentials** follow RFC 8489 §9.2: MESSAGE-INTEGRITY with the MD5 key as
 //!   RFC 5389 clients send it, or MESSAGE-INTEGRITY-SHA256 (truncated to no less than 16
 //!   bytes) with the key of PASSWORD-ALGORITHM (SHA-256 or MD5), whose PASSWORD-ALGORITHMS
@@ -110,8 +119,9 @@
 //!
 //! Memory (from `size_of`, hashbrown at 7/8 load and power-of-two growth, so about 1.5x the
 //! entry size on average, plus about 0.25 KiB of timer per timed object: a 104-byte entry in
-//! the ordered queue and one in its index by object): an allocation is about 0.95 KiB
-//! (408-byte table entry, 72-byte port index entry, username, timer); its first permission
+//! the ordered queue and one in its index by object): an allocation is about 1.6 KiB
+//! (416-byte table entry, 72-byte port index entry, username, timer, and about 0.4 KiB of
+//! boxed usage and meters with the interim record's timer); its first permission
 //! and first channel add about 0.5 KiB of per-allocation maps; each further channel about
 //! 0.42 KiB (80-byte channel entry, 36-byte reverse index entry, timer) and each further
 //! permission about 0.32 KiB, which [`Config::max_permissions_per_allocation`] and
@@ -123,12 +133,14 @@
 //!
 //! Modules: [`types`] (role newtypes), [`framing`] (STUN/ChannelData demultiplexing and TCP
 //! framing), [`policy`] (which peers may be reached), [`icmp`] (ICMP errors for clients), [`auth`] (long-term and REST
-//! credentials, password algorithms, nonces), [`config`], [`stats`]; the state machine is
+//! credentials, password algorithms, nonces), [`usage`] (usage, meters, accounting records),
+//! [`bandwidth`] (bandwidth shared by the cores), [`config`], [`stats`]; the state machine is
 //! [`Server`].
 
 mod admission;
 mod allocation;
 pub mod auth;
+pub mod bandwidth;
 pub mod config;
 pub mod framing;
 pub mod icmp;
@@ -142,11 +154,13 @@ pub mod stats;
 mod stun;
 mod timers;
 pub mod types;
+pub mod usage;
 
 pub use auth::{
     Credentials, LongTermKey, PasswordAlgorithm, long_term_key, rest_password, userhash,
 };
-pub use config::{Config, ConfigError, SourceRate};
+pub use bandwidth::BandwidthLedger;
+pub use config::{Config, ConfigError, SourceRate, UserLimits};
 pub use framing::{ChannelData, FrameError, frame_len};
 pub use icmp::{ICMP_RATE, Icmp};
 pub use policy::{PeerDenied, PeerPolicy};
@@ -158,4 +172,7 @@ pub use stats::{RequestMethod, Stats, Traffic};
 pub use types::{
     AllocationPort, ChannelBinding, ChannelNumber, ClientAddr, Family, FiveTuple,
     InvalidChannelNumber, PeerAddr, RelayAddr, Transport,
+};
+pub use usage::{
+    Direction, EndReason, Meter, RateLimits, RateMeter, RecordKind, Usage, UsageRecord,
 };

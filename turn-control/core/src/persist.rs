@@ -19,6 +19,12 @@
 //!
 //! Times are saved as Unix milliseconds: a monotonic [`Instant`] means nothing to another
 //! process, and an allocation that expired while the daemon was down must stay expired.
+//!
+//! Usage and accounting are saved too (the allocation's id, start, granted `max_bps`, usage,
+//! the kernel's part, the next record's sequence, each channel's last kernel reading), with
+//! serde defaults so that files of earlier versions still load. Usage changes per packet, so
+//! an allocation is not marked changed for it: it is marked when its interim record goes out,
+//! and the journal saves it once per interval (see [`Server::take_changes`]).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -29,11 +35,14 @@ use rtc_stun::message::TransactionId;
 use serde::{Deserialize, Serialize};
 
 use super::{Server, Timer};
-use crate::allocation::{Allocation, Channel, PortUse};
+use crate::allocation::{Account, Allocation, Channel, PortUse};
 use crate::auth::{Integrity, LongTermKey, SigningKey};
 use crate::icmp::IcmpBudget;
 use crate::types::{
     AllocationPort, ChannelNumber, ClientAddr, Family, FiveTuple, PeerAddr, RelayAddr, Transport,
+};
+use crate::usage::{
+    EndReason, RateMeter, RecordKind, Usage, UsageRecord, rfc3339_of_unix_ms, user_of,
 };
 
 /// An allocation as it outlives the process.
@@ -70,6 +79,25 @@ pub struct SavedAllocation {
     pub permissions: Vec<(IpAddr, u64)>,
     /// Confirmed channel bindings.
     pub channels: Vec<SavedChannel>,
+    /// The allocation's id in accounting records and data-plane meters (0 in files of
+    /// versions without accounting: a new one is drawn).
+    #[serde(default)]
+    pub id: u64,
+    /// When the allocation was made, Unix milliseconds (0: unknown, taken as the restore).
+    #[serde(default)]
+    pub started_unix_ms: u64,
+    /// The granted `max_bps`, reserved again from `bps_capacity` at restore.
+    #[serde(default)]
+    pub max_bps: Option<u64>,
+    /// Relayed and dropped so far, both paths.
+    #[serde(default)]
+    pub usage: Usage,
+    /// The kernel's part of `usage`.
+    #[serde(default)]
+    pub kernel: Usage,
+    /// The sequence number of the next accounting record (0: no start record went out).
+    #[serde(default)]
+    pub sequence: u64,
 }
 
 /// A channel binding as it outlives the process.
@@ -84,6 +112,10 @@ pub struct SavedChannel {
     /// The data plane holds it (the new process's first sync carries it again, so the kernel
     /// goes on relaying it throughout).
     pub in_kernel: bool,
+    /// The kernel's last cumulative figures of the binding taken into account: its entry
+    /// lives on through the restart, and counts on from there.
+    #[serde(default)]
+    pub kernel_seen: Usage,
 }
 
 impl SavedAllocation {
@@ -99,6 +131,10 @@ impl SavedAllocation {
 
 /// What changed in an allocation since the last [`Server::take_changes`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per journaled allocation and interval, never per packet"
+)]
 pub enum Change {
     /// The allocation as it stands now (new, refreshed, a permission or channel more or less).
     Saved(SavedAllocation),
@@ -198,6 +234,12 @@ impl Server {
                 peer: ch.peer.0,
                 expires_unix_ms: unix_ms(ch.expires),
                 in_kernel: ch.kernel_expires.is_some(),
+                kernel_seen: alloc
+                    .account
+                    .kernel_seen
+                    .get(number)
+                    .copied()
+                    .unwrap_or_default(),
             })
             .collect();
         channels.sort_by_key(|ch| ch.number);
@@ -227,14 +269,24 @@ impl Server {
             dont_fragment: alloc.dont_fragment,
             permissions,
             channels,
+            id: alloc.account.id,
+            started_unix_ms: alloc.account.started_unix_ms,
+            max_bps: alloc.account.max_bps,
+            usage: alloc.account.usage,
+            kernel: alloc.account.kernel,
+            sequence: alloc.account.sequence,
         }
     }
 
     /// Brings back a saved allocation whose relay sockets the daemon holds again (from the
     /// previous process, or bound anew). Permissions and channels that expired meanwhile stay
     /// out; the channels the data plane held are marked as held, so that the first sync after
-    /// the restart carries them and the kernel never drops them. Counts against the quotas as
-    /// the allocation did (without refusing: it exists already).
+    /// the restart carries them and the kernel never drops them. Counts against the quotas and
+    /// `bps_capacity` as the allocation did (without refusing: it exists already).
+    ///
+    /// Its accounting goes on: same id, usage and record sequence; an allocation saved before
+    /// any record went out gets its start now. One that cannot be restored gets its stop
+    /// record, end reason "lost", with its saved figures ([`Server::saved_allocation_lost`]).
     ///
     /// `ports` is the daemon's whole port range, not only this core's slice: an allocation
     /// that took a port reserved by another core (RFC 8656 §7.2, a RESERVATION-TOKEN) lives
@@ -245,10 +297,17 @@ impl Server {
         saved: &SavedAllocation,
         ports: &std::ops::RangeInclusive<u16>,
     ) -> Result<Restored, RestoreRefusal> {
-        let (expires, key) = self.check_restorable(now, saved, ports)?;
+        let (expires, key) = match self.check_restorable(now, saved, ports) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                self.saved_allocation_lost(now, saved);
+                return Err(refusal);
+            }
+        };
         let tuple = saved.tuple();
         let port = AllocationPort(saved.port);
         let username: Arc<str> = Arc::from(saved.username.as_str());
+        let account = self.restore_account(now, saved);
         let mut alloc = Allocation::new(
             port,
             Arc::clone(&username),
@@ -256,6 +315,7 @@ impl Server {
             TransactionId(saved.allocate_txid),
             key,
             IcmpBudget::new(self.icmp_tick(now)),
+            account,
         );
         alloc.refused_family = saved.refused_family;
         alloc.even_port = saved.even_port;
@@ -282,7 +342,75 @@ impl Server {
         s.allocations_active += 1;
         s.permissions_active += restored.permissions as u64;
         s.channels_active += restored.channels as u64;
+        self.start_record(now, &tuple);
         Ok(restored)
+    }
+
+    /// The account of `saved` as it goes on: its bandwidth reserved again (without refusing)
+    /// and its user's meters joined.
+    fn restore_account(&mut self, now: Instant, saved: &SavedAllocation) -> Account {
+        let user = user_of(&saved.username);
+        let id = match saved.id {
+            0 => rand::RngExt::random(&mut self.rng),
+            id => id,
+        };
+        let started = match saved.started_unix_ms {
+            0 => self.unix_ms(now),
+            started => started,
+        };
+        let mut account = Account::new(id, started, user.into());
+        account.max_bps = saved.max_bps;
+        account.meters = saved.max_bps.map(|rate| {
+            let meter = RateMeter::new(rate, now);
+            [meter.clone(), meter]
+        });
+        self.config.bandwidth.reserve_anyway(saved.max_bps);
+        account.user_max_bps = self.config.limits_of(user).user_max_bps;
+        if let Some(rate) = account.user_max_bps {
+            self.config.bandwidth.join(user, rate, now);
+        }
+        account.usage = saved.usage;
+        account.kernel = saved.kernel;
+        account.sequence = saved.sequence;
+        account
+    }
+
+    /// A saved allocation that this process goes on without (the core refused to restore it,
+    /// or the daemon could not have its relay socket or TCP connection back): its stop
+    /// record, end reason "lost", with the figures saved, ended at its expiry if that has
+    /// passed, else now. The kernel's figures since the save are gone with its entries, so
+    /// `kernel_final` is false if it had any. Nothing if no record of it ever went out.
+    pub fn saved_allocation_lost(&mut self, now: Instant, saved: &SavedAllocation) {
+        if saved.sequence == 0 {
+            return;
+        }
+        let now_ms = self.unix_ms(now);
+        let mut record = UsageRecord {
+            record: RecordKind::Stop,
+            sequence: saved.sequence,
+            allocation: format!("{:016x}", saved.id),
+            time: rfc3339_of_unix_ms(now_ms),
+            username: saved.username.clone(),
+            user: user_of(&saved.username).to_owned(),
+            realm: self.config.realm.clone(),
+            client: saved.client,
+            transport: saved.transport,
+            server: saved.server,
+            relay: saved.relays.clone(),
+            started: rfc3339_of_unix_ms(saved.started_unix_ms),
+            ended: Some(rfc3339_of_unix_ms(now_ms.min(saved.expires_unix_ms))),
+            end_reason: Some(EndReason::Lost),
+            max_bps: saved.max_bps,
+            client_to_peer: Default::default(),
+            peer_to_client: Default::default(),
+            dropped_client_to_peer: Default::default(),
+            dropped_peer_to_client: Default::default(),
+            kernel_client_to_peer: Default::default(),
+            kernel_peer_to_client: Default::default(),
+            kernel_final: Some(!saved.channels.iter().any(|ch| ch.in_kernel)),
+        };
+        record.set_figures(&saved.usage, &saved.kernel);
+        self.commands.push_back(super::Command::Account { record });
     }
 
     /// Whether `saved` fits this server as it is configured now: its expiry and its key if it
@@ -370,6 +498,9 @@ impl Server {
                 kernel_expires: None,
                 confirmed: true,
             };
+            if ch.kernel_seen != Usage::default() {
+                alloc.account.kernel_seen.insert(number, ch.kernel_seen);
+            }
             if ch.in_kernel
                 && alloc.permissions.contains_key(&peer.0.ip())
                 && self
@@ -389,7 +520,7 @@ impl Server {
     }
 
     /// `at` as Unix milliseconds, by the wall clock the server was given.
-    fn unix_ms(&self, at: Instant) -> u64 {
+    pub(super) fn unix_ms(&self, at: Instant) -> u64 {
         let unix = if at >= self.wall.instant {
             self.wall.unix + (at - self.wall.instant)
         } else {

@@ -36,6 +36,7 @@ use crate::icmp::IcmpBudget;
 use crate::reservation_ledger::ReservedAddress;
 use crate::stun::Parsed;
 use crate::types::{AllocationPort, FiveTuple, RelayAddr};
+use crate::usage::user_of;
 
 impl Server {
     /// Whether the Allocate success of `tuple`'s allocation has gone out: every relay socket
@@ -91,14 +92,15 @@ impl Server {
             .map(AllocationPort)
     }
 
-    /// Counts a new allocation of `username` against the quotas (486 beyond) and, when it
-    /// reserves `reserved`, enters that in the shared ledger within its bounds (508 beyond):
-    /// the reservation's token.
+    /// Counts a new allocation of `username` against the quotas and reserves its `max_bps`
+    /// from `bps_capacity` (486 beyond either) and, when it reserves `reserved`, enters that in
+    /// the shared ledger within its bounds (508 beyond): the reservation's token and the
+    /// granted `max_bps`.
     pub(super) fn admit(
         &mut self,
         username: &Arc<str>,
         reserved: Option<RelayAddr>,
-    ) -> Result<Option<ReservationToken>, u16> {
+    ) -> Result<(Option<ReservationToken>, Option<u64>), u16> {
         let token = reserved
             .map(|relay| self.enter_reservation(relay, username).ok_or(508u16))
             .transpose()?;
@@ -113,7 +115,30 @@ impl Server {
             }
             return Err(486);
         }
-        Ok(token)
+        match self.reserve_bandwidth(username) {
+            Ok(max_bps) => Ok((token, max_bps)),
+            Err(code) => {
+                self.config.quotas.release(username);
+                if let Some(token) = token {
+                    self.config.reservations.remove(&token);
+                }
+                Err(code)
+            }
+        }
+    }
+
+    /// Reserves the `max_bps` of a new allocation of `username` (its user's override, else the
+    /// server-wide default) from `bps_capacity`: what is granted, or 486 (Allocation Quota
+    /// Reached, RFC 8656 §7.2, as coturn answers) when nothing is left.
+    pub(super) fn reserve_bandwidth(&self, username: &str) -> Result<Option<u64>, u16> {
+        let wanted = self.config.limits_of(user_of(username)).max_bps;
+        self.config
+            .bandwidth
+            .reserve(wanted, self.config.bps_capacity)
+            .map_err(|_| {
+                tracing::debug!(%username, "bps_capacity reached");
+                486u16
+            })
     }
 
     /// Enters a reservation of `relay` for `username` in the shared ledger under a new random
@@ -226,17 +251,26 @@ impl Server {
         ) {
             return Err(486);
         }
+        let max_bps = match self.reserve_bandwidth(&username) {
+            Ok(max_bps) => max_bps,
+            Err(code) => {
+                self.config.quotas.release(&username);
+                return Err(code);
+            }
+        };
         // Unknown, expired, used, lost its socket, or another user's: 508 alike (RFC 8656 §7.2
         // has 508 for a token that is not valid), so a token tells nothing to those it was not
         // given to.
         let Some(reserved) = self.config.reservations.take(&token, &username, now) else {
             self.config.quotas.release(&username);
+            self.config.bandwidth.release(max_bps);
             return Err(508);
         };
         // Made here, the port passes from the reservation to the allocation at once; made on
         // another core, that core forgets it when the reservation's time is up.
         self.forget_reservation(token);
         let relay = reserved.relay;
+        let account = self.open_account(now, &username, max_bps);
         let mut alloc = Allocation::new(
             relay.port(),
             username,
@@ -244,6 +278,7 @@ impl Server {
             req.transaction_id(),
             auth.key,
             IcmpBudget::new(self.icmp_tick(now)),
+            account,
         );
         alloc.dont_fragment = dont_fragment;
         alloc.set_relay(relay);

@@ -39,6 +39,7 @@ use crate::types::{
     AllocationPort, ChannelBinding, ChannelNumber, ClientAddr, Family, FiveTuple, PeerAddr,
     RelayAddr, Transport,
 };
+use crate::usage::{Direction, EndReason, RateLimits, UsageRecord};
 
 /// A datagram or stream frame for the daemon to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,13 +163,28 @@ pub enum Command {
         /// (§9) and the allocation's expiry (§7). The data plane checks neither permissions
         /// nor allocations, so this is how their lifetimes reach it.
         expires: Instant,
+        /// The meters the data plane enforces on this binding, by name: the allocation's
+        /// `max_bps` and its user's `user_max_bps` (none when unlimited). Every binding of an
+        /// allocation names the same allocation meter, every binding of a user the same user
+        /// meter, so that they share it; the data plane counts each binding's figures for
+        /// [`Server::kernel_usage`] and [`Server::channel_removed`].
+        limits: RateLimits,
     },
     /// Remove `binding` from the data plane. Emitted when a channel expires, its allocation
     /// is deleted, the permission for its peer lapses or an install of it failed; removing
-    /// an absent entry is fine.
+    /// an absent entry is fine. Answer with [`Server::channel_removed`] and the binding's
+    /// final figures (or `None` when the data plane cannot say, or is not connected): the
+    /// stop record of its allocation waits for them, at most
+    /// [`crate::config::KERNEL_FINAL_WAIT`].
     RemoveChannel {
         /// The binding.
         binding: ChannelBinding,
+    },
+    /// Write an accounting record (one JSON object per line): "start" when an Allocate
+    /// success goes out, "interim" every [`Config::interim_interval`], "stop" at the end.
+    Account {
+        /// The record.
+        record: UsageRecord,
     },
 }
 
@@ -243,6 +259,13 @@ pub struct Server {
     /// The allocations changed since the daemon last journaled them
     /// ([`Server::take_changes`]); `None` while nobody keeps a journal.
     changed: Option<HashSet<FiveTuple>>,
+    /// The latest `now` of any input: the time of the inputs that carry none (a TCP
+    /// connection closed, a relay socket lost, a shutdown).
+    latest: Instant,
+    /// Ended allocations whose stop record waits for the kernel's final figures, by id.
+    finishing: HashMap<u64, accounting::Finishing>,
+    /// The bindings whose final figures those wait for, and whose allocation.
+    finishing_bindings: HashMap<ChannelBinding, u64>,
     stats: Stats,
 }
 
@@ -264,6 +287,10 @@ enum Timer {
     Cooldown(FiveTuple, ChannelNumber),
     Install(FiveTuple, ChannelNumber),
     Reservation(ReservationToken),
+    /// The next interim accounting record of an allocation.
+    Interim(FiveTuple),
+    /// The latest time for the stop record of an ended allocation (by id).
+    Stop(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -417,6 +444,9 @@ impl Server {
             sources,
             draining: false,
             changed: None,
+            latest: now,
+            finishing: HashMap::new(),
+            finishing_bindings: HashMap::new(),
             stats: Stats::default(),
         })
     }
@@ -549,6 +579,7 @@ impl Server {
         from: ClientAddr,
         packet: &[u8],
     ) {
+        self.latest = self.latest.max(now);
         let tuple = FiveTuple {
             client: from,
             server: local,
@@ -572,12 +603,13 @@ impl Server {
     /// Goes to the client as ChannelData when a channel is bound to `from`, as a Data
     /// indication when only a permission exists, and nowhere otherwise.
     pub fn handle_peer(&mut self, now: Instant, relay: RelayAddr, from: PeerAddr, packet: &[u8]) {
-        let Some(PortUse::Allocation(tuple)) = self.by_port.get(&relay.port()) else {
+        self.latest = self.latest.max(now);
+        let Some(&PortUse::Allocation(tuple)) = self.by_port.get(&relay.port()) else {
             tracing::trace!(%relay, peer = %from, "no allocation on relay port");
             self.stats.dropped += 1;
             return;
         };
-        let Some(alloc) = self.allocations.get(tuple) else {
+        let Some(alloc) = self.allocations.get_mut(&tuple) else {
             self.stats.dropped += 1;
             return;
         };
@@ -586,7 +618,17 @@ impl Server {
             self.stats.dropped += 1;
             return;
         }
-        let tuple = *tuple;
+        let (ledger, stats) = (&self.config.bandwidth, &mut self.stats);
+        if !accounting::meter(
+            alloc,
+            ledger,
+            stats,
+            now,
+            Direction::PeerToClient,
+            packet.len(),
+        ) {
+            return;
+        }
         let channel = alloc
             .peers
             .get(&from)
@@ -610,7 +652,7 @@ impl Server {
             }
         };
         tracing::trace!(peer = %from, client = %tuple.client, ?channel, len = packet.len(), "relay to client");
-        self.stats.relayed_to_client.add(packet.len());
+        self.stats.relayed_to_client.count(packet.len());
         self.transmits.push_back(Transmit::ToClient {
             transport: tuple.transport,
             server: tuple.server,
@@ -629,6 +671,7 @@ impl Server {
     /// daemon passes only errors about its UDP relay sockets' datagrams, which is what §11.5
     /// asks for (an encapsulated UDP header).
     pub fn handle_icmp(&mut self, now: Instant, relay: RelayAddr, peer: PeerAddr, icmp: Icmp) {
+        self.latest = self.latest.max(now);
         let family = relay.family();
         if Family::of(peer.0.ip()) != family || !icmp.is_relayed(family) {
             tracing::trace!(%relay, %peer, ?icmp, "ICMP not relayed");
@@ -687,7 +730,7 @@ impl Server {
             server: local,
             transport,
         };
-        self.delete_allocation(&tuple);
+        self.delete_allocation(self.latest, &tuple, EndReason::ClientClosed);
     }
 
     /// The daemon's answer to [`Command::BindRelayPort`]: the socket of `relay` is bound.
@@ -696,6 +739,7 @@ impl Server {
     /// A socket nobody needs any more (its allocation was deleted or moved to another port
     /// meanwhile) is handed back with [`Command::FreeRelayPort`].
     pub fn relay_bound(&mut self, now: Instant, relay: RelayAddr) {
+        self.latest = self.latest.max(now);
         if let Some(&PortUse::Reserved(token)) = self.by_port.get(&relay.port()) {
             self.reservation_bound(now, token, relay);
             return;
@@ -744,7 +788,7 @@ impl Server {
         };
         if self.is_announced(&tuple) {
             tracing::debug!(%relay, "relay port lost after the allocation was announced; deleting it");
-            self.delete_allocation(&tuple);
+            self.delete_allocation(self.latest, &tuple, EndReason::Lost);
             return;
         }
         let Some(alloc) = self.allocations.get_mut(&tuple) else {
@@ -791,7 +835,8 @@ impl Server {
                 alloc.relay_v4 = None;
                 alloc.relay_v6 = None;
             }
-            self.delete_allocation(&tuple);
+            // Never announced: no accounting record, only its bandwidth to release.
+            self.delete_allocation(self.latest, &tuple, EndReason::Lost);
             self.stats.response(RequestMethod::Allocate, 508);
             let mut b = Builder::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE, txid);
             b.error(508, reason(508));
@@ -842,11 +887,18 @@ impl Server {
     /// releases their sockets: a stopped core ends nothing, so a token it left there would
     /// count against the bounds for good, and another core could still take it after its
     /// socket closed. A token another core took already is that core's, and so is its socket.
+    ///
+    /// Every allocation gets its stop record ([`Command::Account`], end reason "shutdown") at
+    /// once, with what is known: the kernel's final figures cannot be waited for, so a stop
+    /// of an allocation with bindings in the data plane says `kernel_final: false`, as do the
+    /// stops still waiting for them.
     pub fn shutdown(&mut self) {
+        let now = self.latest;
         let tuples: Vec<FiveTuple> = self.allocations.keys().copied().collect();
         for tuple in tuples {
-            self.delete_allocation(&tuple);
+            self.delete_allocation(now, &tuple, EndReason::Shutdown);
         }
+        self.finish_all(now);
         let tokens: Vec<ReservationToken> = self.reservations.keys().copied().collect();
         for token in tokens {
             self.end_reservation(token);
@@ -864,6 +916,7 @@ impl Server {
         binding: &ChannelBinding,
         result: Result<(), OffloadError>,
     ) {
+        self.latest = self.latest.max(now);
         let tuple = FiveTuple {
             client: binding.client,
             server: binding.server,
@@ -881,7 +934,7 @@ impl Server {
             .and_then(|a| {
                 let username = a.username.clone();
                 let ch = a.channels.get_mut(&binding.channel)?;
-                (ch.peer == binding.peer).then_some((username, ch))
+                (ch.peer == binding.peer).then_some((username, ch, &mut a.account.removing))
             });
         match result {
             Ok(()) => {
@@ -897,10 +950,11 @@ impl Server {
                 // an early deletion of the allocation; so it goes now. Answers to installs
                 // sent before the remove cannot bring it back: the daemon carries commands out
                 // in order.
-                if let Some((username, ch)) = current
+                if let Some((username, ch, removing)) = current
                     && ch.kernel_expires.take().is_some()
                 {
                     self.config.quotas.remove_kernel_bindings(&username, 1);
+                    removing.insert(*binding);
                     self.commands
                         .push_back(Command::RemoveChannel { binding: *binding });
                 }
@@ -919,6 +973,7 @@ impl Server {
     /// Expires whatever is due at `now`, emitting the matching remove commands and releasing
     /// held ChannelBind successes whose offload timeout passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.latest = self.latest.max(now);
         while let Some((deadline, timer)) = self.timers.peek() {
             if deadline > now {
                 break;
@@ -975,7 +1030,7 @@ impl Server {
             self.stats.dropped += 1;
             return;
         };
-        let Some(alloc) = self.allocations.get(tuple) else {
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
             tracing::trace!(client = %tuple.client, "ChannelData without allocation");
             self.stats.dropped += 1;
             return;
@@ -997,8 +1052,12 @@ impl Server {
             self.stats.dropped += 1;
             return;
         };
+        let (ledger, stats, len) = (&self.config.bandwidth, &mut self.stats, data.payload.len());
+        if !accounting::meter(alloc, ledger, stats, now, Direction::ClientToPeer, len) {
+            return;
+        }
         tracing::trace!(client = %tuple.client, %peer, len = data.payload.len(), "relay to peer");
-        self.stats.relayed_to_peer.add(data.payload.len());
+        self.stats.relayed_to_peer.count(data.payload.len());
         self.transmits.push_back(Transmit::ToPeer {
             relay,
             peer,
@@ -1343,7 +1402,8 @@ impl Server {
         // pick_pair leaves port + 1 free and in range.
         let reserved =
             reserve.then(|| RelayAddr(SocketAddr::new(primary_ip, port.0.saturating_add(1))));
-        let token = self.admit(&username, reserved)?;
+        let (token, max_bps) = self.admit(&username, reserved)?;
+        let account = self.open_account(now, &username, max_bps);
         let mut alloc = Allocation::new(
             port,
             username.clone(),
@@ -1351,6 +1411,7 @@ impl Server {
             req.transaction_id(),
             auth.key,
             IcmpBudget::new(self.icmp_tick(now)),
+            account,
         );
         alloc.refused_family = refused_family;
         alloc.even_port = even_port;
@@ -1404,6 +1465,7 @@ impl Server {
             true,
         );
         self.reply(tuple, payload);
+        self.start_record(now, tuple);
     }
 
     fn allocate_success(&self, now: Instant, tuple: &FiveTuple, txid: TransactionId) -> Builder {
@@ -1488,7 +1550,7 @@ impl Server {
             match family {
                 // Deleting one family of a dual-stack allocation.
                 Some(family) if dual => self.drop_family(tuple, family),
-                _ => self.delete_allocation(tuple),
+                _ => self.delete_allocation(now, tuple, EndReason::Deleted),
             }
         } else {
             let expires = now + lifetime;
@@ -1696,6 +1758,7 @@ impl Server {
         self.commands.push_back(Command::InstallChannel {
             binding,
             expires: kernel_expires,
+            limits: accounting::rate_limits(&alloc.account),
         });
         let deadline = now + self.config.offload_timeout;
         self.pending.insert(
@@ -1723,7 +1786,7 @@ impl Server {
             self.stats.dropped += 1;
             return;
         };
-        let Some(alloc) = self.allocations.get(tuple) else {
+        let Some(alloc) = self.allocations.get_mut(tuple) else {
             self.stats.dropped += 1;
             return;
         };
@@ -1740,7 +1803,18 @@ impl Server {
             self.stats.dropped += 1;
             return;
         }
-        self.stats.relayed_to_peer.add(data.len());
+        let (ledger, stats) = (&self.config.bandwidth, &mut self.stats);
+        if !accounting::meter(
+            alloc,
+            ledger,
+            stats,
+            now,
+            Direction::ClientToPeer,
+            data.len(),
+        ) {
+            return;
+        }
+        self.stats.relayed_to_peer.count(data.len());
         self.transmits.push_back(Transmit::ToPeer {
             relay,
             peer: PeerAddr(peer),
@@ -1805,8 +1879,11 @@ impl Server {
             if let Some(ch) = alloc.channels.get_mut(&number) {
                 ch.kernel_expires = Some(expires);
             }
-            self.commands
-                .push_back(Command::InstallChannel { binding, expires });
+            self.commands.push_back(Command::InstallChannel {
+                binding,
+                expires,
+                limits: accounting::rate_limits(&alloc.account),
+            });
         }
     }
 
@@ -1836,6 +1913,11 @@ impl Server {
                 .map(|c| c.until),
             Timer::Install(t, n) => self.pending.get(&(t, n)).map(|p| p.deadline),
             Timer::Reservation(token) => self.reservations.get(&token).map(|r| r.expires),
+            Timer::Interim(t) => self
+                .allocations
+                .get(&t)
+                .and_then(|a| a.account.next_interim),
+            Timer::Stop(id) => self.finishing.get(&id).map(|f| f.deadline),
         }
     }
 
@@ -1845,13 +1927,15 @@ impl Server {
             | Timer::Permission(tuple, _)
             | Timer::Channel(tuple, _)
             | Timer::Install(tuple, _) => self.mark_changed(&tuple),
-            Timer::Cooldown(..) | Timer::Reservation(_) => {}
+            Timer::Cooldown(..) | Timer::Reservation(_) | Timer::Interim(_) | Timer::Stop(_) => {}
         }
         match timer {
             Timer::Allocation(tuple) => {
                 tracing::debug!(client = %tuple.client, "allocation expired");
-                self.delete_allocation(&tuple);
+                self.delete_allocation(now, &tuple, EndReason::Expired);
             }
+            Timer::Interim(tuple) => self.interim_record(now, &tuple),
+            Timer::Stop(id) => self.finish(now, id),
             Timer::Permission(tuple, ip) => self.expire_permission(&tuple, ip),
             Timer::Channel(tuple, number) => self.expire_channel(now, &tuple, number),
             Timer::Cooldown(tuple, number) => {
@@ -1892,6 +1976,7 @@ impl Server {
             .remove_kernel_bindings(&alloc.username, gone.len());
         for (number, peer) in gone {
             if let Some(binding) = alloc.binding(tuple, number, peer) {
+                alloc.account.removing.insert(binding);
                 self.commands.push_back(Command::RemoveChannel { binding });
             }
         }
@@ -1921,6 +2006,7 @@ impl Server {
                 .quotas
                 .remove_kernel_bindings(&alloc.username, 1);
             if let Some(binding) = alloc.binding(tuple, number, ch.peer) {
+                alloc.account.removing.insert(binding);
                 self.commands.push_back(Command::RemoveChannel { binding });
             }
         }
@@ -1968,6 +2054,7 @@ impl Server {
                     .quotas
                     .remove_kernel_bindings(&alloc.username, 1);
                 if let Some(binding) = alloc.binding(tuple, number, ch.peer) {
+                    alloc.account.removing.insert(binding);
                     self.commands.push_back(Command::RemoveChannel { binding });
                 }
             }
@@ -1997,10 +2084,13 @@ impl Server {
         self.commands.push_back(Command::FreeRelayPort { relay });
     }
 
-    fn delete_allocation(&mut self, tuple: &FiveTuple) {
+    /// Ends the allocation of `tuple` at `now` for `reason`: its data-plane entries, sockets,
+    /// timers, quota and bandwidth go, and its stop record goes out (or waits for the kernel's
+    /// final figures).
+    fn delete_allocation(&mut self, now: Instant, tuple: &FiveTuple, reason: EndReason) {
         self.mark_changed(tuple);
         let unannounced = self.unannounced_reservation(tuple);
-        let Some(alloc) = self.allocations.remove(tuple) else {
+        let Some(mut alloc) = self.allocations.remove(tuple) else {
             return;
         };
         if let Some(token) = unannounced {
@@ -2022,6 +2112,7 @@ impl Server {
             if ch.kernel_expires.is_some()
                 && let Some(binding) = alloc.binding(tuple, *number, ch.peer)
             {
+                alloc.account.removing.insert(binding);
                 self.commands.push_back(Command::RemoveChannel { binding });
             }
         }
@@ -2036,7 +2127,9 @@ impl Server {
             .permissions_active
             .saturating_sub(alloc.permissions.len() as u64);
         s.allocations_active = s.allocations_active.saturating_sub(1);
-        tracing::debug!(client = %tuple.client, port = %alloc.port, "allocation deleted");
+        tracing::debug!(client = %tuple.client, port = %alloc.port, ?reason, "allocation deleted");
+        let wait = reason != EndReason::Shutdown;
+        self.close_account(now, tuple, alloc, reason, wait);
     }
 
     /// Forgets the deadlines of the deleted allocation `alloc` of `tuple` and of everything it
@@ -2053,6 +2146,7 @@ impl Server {
         for number in alloc.cooldowns.keys() {
             self.timers.cancel(Timer::Cooldown(*tuple, *number));
         }
+        self.timers.cancel(Timer::Interim(*tuple));
     }
 
     // ---- responses ----------------------------------------------------------------------
@@ -2144,6 +2238,9 @@ mod reservation;
 
 #[path = "persist.rs"]
 pub(crate) mod persist;
+
+#[path = "accounting.rs"]
+mod accounting;
 
 #[cfg(test)]
 #[path = "server_tests.rs"]

@@ -40,6 +40,8 @@ fn config() -> Config {
     // Long scenarios would otherwise need to follow 438s; `stale_and_foreign_nonces_get_438`
     // tests the default.
     config.nonce_lifetime = Duration::from_secs(86_400);
+    // Interim accounting records have tests of their own (`server_tests_usage.rs`).
+    config.interim_interval = None;
     config
 }
 
@@ -155,6 +157,11 @@ struct Harness {
     server: Server,
     now: Instant,
     commands: Vec<Command>,
+    /// The accounting records, kept apart from the other commands.
+    records: Vec<UsageRecord>,
+    /// Answer each [`Command::RemoveChannel`] at once, as a data plane that relayed nothing
+    /// on the binding.
+    answer_removals: bool,
 }
 
 impl Harness {
@@ -171,6 +178,8 @@ impl Harness {
             server: Server::new(config, now, unix).unwrap(),
             now,
             commands: Vec::new(),
+            records: Vec::new(),
+            answer_removals: true,
         }
     }
 
@@ -189,6 +198,16 @@ impl Harness {
     /// socket is adopted) and collects them, then returns the transmits.
     fn drain(&mut self) -> Vec<Transmit> {
         while let Some(c) = self.server.poll_command() {
+            if let Command::Account { record } = c {
+                self.records.push(record);
+                continue;
+            }
+            if let Command::RemoveChannel { binding } = &c
+                && self.answer_removals
+            {
+                let none = crate::Usage::default();
+                self.server.channel_removed(self.now, binding, Some(none));
+            }
             if let Command::BindRelayPort { relay, .. }
             | Command::ReservePort { relay, .. }
             | Command::AdoptReservedPort { relay, .. } = c
@@ -1051,7 +1070,11 @@ fn channel_bind_waits_for_the_data_plane() {
     let expires = h.now + Duration::from_secs(300);
     assert_eq!(
         h.take_commands(),
-        vec![Command::InstallChannel { binding, expires }]
+        vec![Command::InstallChannel {
+            binding,
+            expires,
+            limits: RateLimits::default(),
+        }]
     );
     assert_eq!(
         h.server.channel_bindings().collect::<Vec<_>>(),
@@ -1246,6 +1269,7 @@ fn allocation_expires_with_its_channels() {
     let install = |secs| Command::InstallChannel {
         binding,
         expires: start + Duration::from_secs(secs),
+        limits: RateLimits::default(),
     };
     // Keep permission and channel fresh; the allocation itself is not refreshed, and ends
     // their bindings in the data plane once it is the earliest.
@@ -1311,7 +1335,11 @@ fn permission_expires_after_300_seconds_and_takes_kernel_entries_with_it() {
     let expires = h.now + Duration::from_secs(300);
     assert_eq!(
         h.take_commands(),
-        vec![Command::InstallChannel { binding, expires }]
+        vec![Command::InstallChannel {
+            binding,
+            expires,
+            limits: RateLimits::default(),
+        }]
     );
     assert_eq!(
         h.server.channel_bindings().collect::<Vec<_>>(),
@@ -1392,7 +1420,11 @@ fn a_first_install_expires_with_the_allocation_when_it_ends_first() {
     let expires = h.now + Duration::from_secs(120);
     assert_eq!(
         h.take_commands(),
-        vec![Command::InstallChannel { binding, expires }]
+        vec![Command::InstallChannel {
+            binding,
+            expires,
+            limits: RateLimits::default(),
+        }]
     );
     assert_eq!(
         h.server.channel_bindings().collect::<Vec<_>>(),
@@ -1415,7 +1447,11 @@ fn a_channel_bind_refresh_reinstalls_with_a_later_expiry() {
     let expires = h.now + Duration::from_secs(300);
     assert_eq!(
         h.take_commands(),
-        vec![Command::InstallChannel { binding, expires }]
+        vec![Command::InstallChannel {
+            binding,
+            expires,
+            limits: RateLimits::default(),
+        }]
     );
     assert_eq!(
         h.server.channel_bindings().collect::<Vec<_>>(),
@@ -1449,7 +1485,11 @@ fn a_create_permission_refresh_reinstalls_the_channels_of_its_ip_only() {
     for (n, peer) in [(0x4000, PEER), (0x4001, same_ip)] {
         let binding = channel_binding(&c, relay, n, peer);
         assert!(
-            commands.contains(&Command::InstallChannel { binding, expires }),
+            commands.contains(&Command::InstallChannel {
+                binding,
+                expires,
+                limits: RateLimits::default(),
+            }),
             "{commands:?}"
         );
     }
@@ -1483,6 +1523,7 @@ fn an_allocation_refresh_reinstalls_only_when_it_moves_the_earliest_expiry() {
     let install = |secs| Command::InstallChannel {
         binding,
         expires: at(secs),
+        limits: RateLimits::default(),
     };
     assert_eq!(refresh(&mut h, 100), vec![install(100)]);
     // Up, and still the earliest.
@@ -1517,7 +1558,11 @@ fn a_failed_reinstall_removes_the_binding_it_replaced() {
     let expires = h.now + Duration::from_secs(300);
     assert_eq!(
         h.take_commands(),
-        vec![Command::InstallChannel { binding, expires }]
+        vec![Command::InstallChannel {
+            binding,
+            expires,
+            limits: RateLimits::default(),
+        }]
     );
     h.server.channel_installed(
         h.now,
@@ -1931,7 +1976,8 @@ proptest! {
                     .map(|a| a.permissions.len() + a.channels.len() + a.cooldowns.len())
                     .sum::<usize>()
                 + h.server.pending.len()
-                + h.server.reservations.len();
+                + h.server.reservations.len()
+                + h.server.finishing.len();
             prop_assert_eq!(h.server.pending_timers(), timed);
         }
     }
@@ -2160,6 +2206,10 @@ mod abuse;
 #[path = "server_tests_redirect.rs"]
 mod redirect;
 
+/// Bandwidth limits and usage accounting: meters, capacity, kernel figures, records.
+#[path = "server_tests_usage.rs"]
+mod usage;
+
 /// A fresh server of `config()` (adjusted by `f`) started `later` after `h`'s, as a new
 /// process keeping its state would be: the nonce key kept (`nonce_seed`: the key `h`'s seed
 /// gave), fresh random streams, a new monotonic clock.
@@ -2174,6 +2224,8 @@ fn restarted(h: &Harness, later: Duration, f: impl FnOnce(&mut Config)) -> Harne
         server: Server::new(config, now, unix).unwrap(),
         now,
         commands: Vec::new(),
+        records: Vec::new(),
+        answer_removals: true,
     }
 }
 
@@ -2199,6 +2251,7 @@ fn a_saved_allocation_is_restored_with_its_permissions_and_kernel_channels() {
             peer: sa(PEER),
             expires_unix_ms: (h.unix_now() + 600) * 1000,
             in_kernel: true,
+            kernel_seen: crate::Usage::default(),
         }]
     );
     assert!(h.server.take_changes().is_empty(), "nothing changed since");
@@ -2212,7 +2265,13 @@ fn a_saved_allocation_is_restored_with_its_permissions_and_kernel_channels() {
         h.server.take_changes().is_empty(),
         "relayed data is no change"
     );
-    assert_eq!(h.server.saved_allocations(), std::slice::from_ref(saved));
+    // A snapshot has the usage (journaled with the next interim record, not per packet).
+    let mut with_usage = saved.clone();
+    with_usage.usage.client_to_peer = crate::usage::Traffic {
+        packets: 2,
+        bytes: 8,
+    };
+    assert_eq!(h.server.saved_allocations(), [with_usage]);
 
     // A new process, ten seconds later.
     let mut r = restarted(&h, Duration::from_secs(10), |_| {});

@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use crate::usage::Traffic;
+use crate::usage::Usage;
+
 /// A STUN/TURN request method, as counted in [`Stats::responses`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RequestMethod {
@@ -35,22 +38,6 @@ impl RequestMethod {
 impl fmt::Display for RequestMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// Packet and byte counts of one direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// Packets relayed.
-    pub packets: u64,
-    /// Payload bytes relayed (application data, without TURN framing).
-    pub bytes: u64,
-}
-
-impl Traffic {
-    pub(crate) fn add(&mut self, bytes: usize) {
-        self.packets = self.packets.wrapping_add(1);
-        self.bytes = self.bytes.wrapping_add(bytes as u64);
     }
 }
 
@@ -94,6 +81,11 @@ pub struct Stats {
     pub relayed_to_peer: Traffic,
     /// User-space relaying peer to client (ChannelData and Data indications).
     pub relayed_to_client: Traffic,
+    /// Relayed and dropped application data of every allocation, both paths: user space as
+    /// it relays (what [`Stats::relayed_to_peer`] and [`Stats::relayed_to_client`] count, and
+    /// what `max_bps` and `user_max_bps` dropped there) plus the kernel's figures as the
+    /// daemon feeds them ([`crate::Server::kernel_usage`], [`crate::Server::channel_removed`]).
+    pub usage: Usage,
     /// Packets dropped: not STUN/ChannelData, no allocation, no permission, unbound channel;
     /// ICMP errors of a type not relayed, or for a relayed address without allocation or
     /// permission.
@@ -151,6 +143,7 @@ impl Stats {
             channels_active,
             relayed_to_peer,
             relayed_to_client,
+            usage,
             dropped,
             offload_installed,
             offload_failed,
@@ -183,6 +176,7 @@ impl Stats {
             sum.packets = sum.packets.wrapping_add(part.packets);
             sum.bytes = sum.bytes.wrapping_add(part.bytes);
         }
+        self.usage += *usage;
         self.dropped += dropped;
         self.offload_installed += offload_installed;
         self.offload_failed += offload_failed;
@@ -203,7 +197,7 @@ mod tests {
     fn accumulate_adds_every_counter() {
         let mut one = Stats::default();
         one.response(RequestMethod::Allocate, 200);
-        one.relayed_to_peer.add(100);
+        one.relayed_to_peer.count(100);
         one.allocations_active = 2;
         one.offload_installed = 3;
         let mut two = one.clone();

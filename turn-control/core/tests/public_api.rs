@@ -204,6 +204,10 @@ impl Relay {
         self.server
             .handle_client(self.now, c.transport, self.listen, c.addr, bytes);
         while let Some(cmd) = self.server.poll_command() {
+            // Accounting records go to their own sink, not to sockets or the data plane.
+            if matches!(cmd, Command::Account { .. }) {
+                continue;
+            }
             if let Command::BindRelayPort { relay, .. } = cmd {
                 self.server.relay_bound(self.now, relay);
             }
@@ -286,7 +290,10 @@ fn full_udp_session_with_offload_handshake() {
     };
     let req = c.request(METHOD_CHANNEL_BIND, &[&ChannelAttr(0x4ABC), &peer_attr]);
     assert!(relay.feed(&c, &req).is_empty());
-    let Some(Command::InstallChannel { binding, expires }) = relay.commands.pop() else {
+    let Some(Command::InstallChannel {
+        binding, expires, ..
+    }) = relay.commands.pop()
+    else {
         panic!("no install command");
     };
     assert_eq!(binding.channel, ChannelNumber::new(0x4ABC).unwrap());
