@@ -8,9 +8,9 @@ use anyhow::Context;
 
 use crate::{LISTEN_PORT, RELAY_V4, RELAY_V6};
 use proto::v1::{
-    ChannelBinding, CountersRequest, CountersResponse, HealthRequest, HealthResponse,
-    InstallChannelBindingRequest, ListChannelBindingsRequest, RemoveChannelBindingRequest,
-    SyncRequest, SyncResponse,
+    ChannelBinding, CountersRequest, CountersResponse, GetChannelBindingRequest, HealthRequest,
+    HealthResponse, InstallChannelBindingRequest, ListChannelBindingsRequest, ListUsageRequest,
+    RateLimit, RemoveChannelBindingRequest, SyncRequest, SyncResponse, Traffic, Usage,
 };
 
 /// The agent's flags that let it relay to the lab's peers, 198.51.100.0/24 and
@@ -207,6 +207,40 @@ pub fn bare(bindings: impl IntoIterator<Item = ChannelBinding>) -> Vec<ChannelBi
     bare
 }
 
+/// `binding` held to the rate limit of meter `meter`, `bytes_per_second`
+/// each way, as an install or a sync carries it (added to any it names).
+pub fn limited(binding: &ChannelBinding, meter: &str, bytes_per_second: u64) -> ChannelBinding {
+    let mut limited = binding.clone();
+    limited.rate_limits.push(RateLimit {
+        meter: meter.to_owned(),
+        bytes_per_second,
+    });
+    limited
+}
+
+/// A usage as the agent answers it: (packets, bytes) relayed client to
+/// peer and peer to client, then dropped the same ways.
+pub fn usage(
+    client_to_peer: (u64, u64),
+    peer_to_client: (u64, u64),
+    dropped_client_to_peer: (u64, u64),
+    dropped_peer_to_client: (u64, u64),
+) -> Usage {
+    let traffic = |(packets, bytes)| Some(Traffic { packets, bytes });
+    Usage {
+        client_to_peer: traffic(client_to_peer),
+        peer_to_client: traffic(peer_to_client),
+        dropped_client_to_peer: traffic(dropped_client_to_peer),
+        dropped_peer_to_client: traffic(dropped_peer_to_client),
+    }
+}
+
+/// Whether `a` and `b` name the same binding (client, listener, channel),
+/// whatever their lifetimes, usage and limits.
+pub fn same_binding(a: &ChannelBinding, b: &ChannelBinding) -> bool {
+    bare([a.clone()]) == bare([b.clone()])
+}
+
 impl Agent {
     /// Connects to the agent's socket.
     pub fn connect(socket: &Path) -> anyhow::Result<Self> {
@@ -296,6 +330,55 @@ impl Agent {
             .block_on(self.client.list_channel_bindings(request))?
             .into_inner()
             .bindings)
+    }
+
+    /// RemoveChannelBinding; the bindings removed, each with its final usage.
+    pub fn remove_with_usage(
+        &mut self,
+        bindings: Vec<ChannelBinding>,
+    ) -> Result<Vec<ChannelBinding>, tonic::Status> {
+        let request = RemoveChannelBindingRequest { bindings };
+        Ok(self
+            .runtime
+            .block_on(self.client.remove_channel_binding(request))?
+            .into_inner()
+            .removed_bindings)
+    }
+
+    /// GetChannelBinding of `binding`'s client, channel and listener: the
+    /// binding as installed, with its usage.
+    pub fn get(&mut self, binding: &ChannelBinding) -> Result<ChannelBinding, tonic::Status> {
+        let request = GetChannelBindingRequest {
+            client: binding.client.clone(),
+            channel: binding.channel,
+            listener: binding.listener.clone(),
+        };
+        Ok(self
+            .runtime
+            .block_on(self.client.get_channel_binding(request))?
+            .into_inner())
+    }
+
+    /// ListUsage: every binding with its usage, all parts of the stream.
+    pub fn usage(&mut self) -> Result<Vec<ChannelBinding>, tonic::Status> {
+        let client = &mut self.client;
+        self.runtime.block_on(async {
+            let mut stream = client.list_usage(ListUsageRequest {}).await?.into_inner();
+            let mut bindings = Vec::new();
+            while let Some(part) = stream.message().await? {
+                bindings.extend(part.bindings);
+            }
+            Ok(bindings)
+        })
+    }
+
+    /// The usage ListUsage reports for `binding`, `None` if it is not installed.
+    pub fn usage_of(&mut self, binding: &ChannelBinding) -> Result<Option<Usage>, tonic::Status> {
+        Ok(self
+            .usage()?
+            .into_iter()
+            .find(|listed| same_binding(listed, binding))
+            .and_then(|listed| listed.usage))
     }
 
     /// (packets, bytes) of the counter named `reason`.

@@ -210,6 +210,7 @@ pub fn xdp_relay(ctx: XdpContext) -> u32 {
     };
     let (reason, bytes, egress) = match try_relay(&ctx, config) {
         Ok(relayed) => {
+            charge_rates();
             count_usage();
             (relayed.reason, relayed.bytes, relayed.egress)
         }
@@ -688,21 +689,23 @@ fn look_up_next_hop(ctx: *mut xdp_md, mac_swap: bool) -> u32 {
         FIB_FRAGMENTATION_NEEDED => return Reason::PassMtuExceeded as u32,
         _ => return Reason::PassNoRoute as u32,
     }
-    // Metered once the packet is known to be relayable: one the stack gets
-    // is metered in user space instead, and must not cost the kernel's
-    // meters too.
+    let egress = if params.ifindex == ingress {
+        EGRESS_INGRESS
+    } else {
+        // The redirect is recorded now and carried out when the program
+        // returns `XDP_REDIRECT` (a drop ignores it); an interface not in
+        // `EGRESS` passes the frame.
+        match EGRESS.redirect(params.ifindex, u64::from(xdp_action::XDP_PASS)) {
+            Ok(_) => EGRESS_REDIRECT,
+            Err(_) => return Reason::PassEgressNotAttached as u32,
+        }
+    };
+    // Metered once the packet is known to leave: one the stack gets is
+    // metered in user space instead.
     if over_rate(scratch) {
         return Reason::DropRateLimited as u32;
     }
-    if params.ifindex == ingress {
-        return EGRESS_INGRESS;
-    }
-    // The redirect is recorded now and carried out when the program
-    // returns `XDP_REDIRECT`; an interface not in `EGRESS` passes the frame.
-    match EGRESS.redirect(params.ifindex, u64::from(xdp_action::XDP_PASS)) {
-        Ok(_) => EGRESS_REDIRECT,
-        Err(_) => Reason::PassEgressNotAttached as u32,
-    }
+    egress
 }
 
 /// Replaces the frame's first `in_len` bytes (headers) by `out`, keeping the
@@ -886,11 +889,11 @@ fn add_usage(slot: u32, counter: u32, bytes: u64) -> u32 {
 
 /// Whether the packet `scratch` describes exceeds a rate of the bindings it
 /// would go on: their allocations' and users' meters, each for its
-/// direction. Every meter must admit it before any is charged, so that a
-/// packet one meter drops costs the others nothing; a dropped packet is
-/// counted in the usage of the binding whose meter dropped it. The meters
-/// are looked up twice rather than held: four held charges would not fit
-/// the stack this runs on, and only limited bindings get here.
+/// direction. A dropped packet is counted in the usage of the binding whose
+/// meter dropped it. Nothing is charged here: a packet that passes is
+/// charged by `charge_rates` once it is relayed (a frame that cannot be
+/// rewritten after all goes to the stack, where user space meters it), so
+/// that it costs every meter or none.
 #[inline(always)]
 fn over_rate(scratch: *mut Scratch) -> bool {
     // SAFETY: this CPU's slot, just written by `next_hop`.
@@ -909,9 +912,26 @@ fn over_rate(scratch: *mut Scratch) -> bool {
         add_usage(receiving.slot as u32, (PEER_TO_CLIENT + 2) as u32, bytes);
         return true;
     }
-    side_admits(sending, CLIENT_TO_PEER, bytes, now, true);
-    side_admits(receiving, PEER_TO_CLIENT, bytes, now, true);
     false
+}
+
+/// Charges the meters of the packet just relayed (see `over_rate`). Not
+/// inlined, and without arguments: the entry point's stack is full.
+#[inline(never)]
+fn charge_rates() -> u32 {
+    let Some(scratch) = NEXT_HOP.get_ptr(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, written by `next_hop` in this run.
+    let terms = unsafe { &(*scratch).terms };
+    if terms[0].meters[0] | terms[0].meters[1] | terms[1].meters[0] | terms[1].meters[1] == 0 {
+        return 0;
+    }
+    // SAFETY: as above; the helper takes no arguments and only reads the clock.
+    let (bytes, now) = unsafe { ((*scratch).bytes, bpf_ktime_get_coarse_ns()) };
+    side_admits(&terms[CLIENT_TO_PEER], CLIENT_TO_PEER, bytes, now, true);
+    side_admits(&terms[PEER_TO_CLIENT], PEER_TO_CLIENT, bytes, now, true);
+    0
 }
 
 /// Whether both meters of one binding admit the packet (see
@@ -923,10 +943,11 @@ fn side_admits(side: &Terms, direction: usize, bytes: u64, now: u64, commit: boo
 }
 
 /// Whether meter `key` admits a packet of `bytes` going `direction` at
-/// `now` (an absent meter admits everything); with `commit`, also charges
-/// it. A compare-and-exchange that loses a race with another CPU's charge
-/// is made again as an add: the cost is never lost, at worst counted from
-/// a time already past.
+/// `now` (an absent meter admits everything); with `commit`, charges it
+/// instead, whatever its time (the packet was admitted, and relayed). A
+/// compare-and-exchange that loses a race with another CPU's charge is made
+/// again as an add: the cost is never lost, at worst counted from a time
+/// already past.
 #[inline(always)]
 fn charge_meter(key: u64, direction: usize, bytes: u64, now: u64, commit: bool) -> bool {
     let Some(meter) = METERS.get_ptr_mut(key) else {
@@ -942,14 +963,14 @@ fn charge_meter(key: u64, direction: usize, bytes: u64, now: u64, commit: bool) 
             &raw mut (*meter).tat_ns[PEER_TO_CLIENT]
         };
         let held = time.read_volatile();
-        let Some(next) = gcra(held, now, (*meter).cost_ns(bytes), (*meter).burst_ns) else {
-            return false;
-        };
-        if commit {
-            let (_, exchanged) = atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(time, held, next);
-            if !exchanged {
-                atomic_xadd::<u64, u64, { Relaxed }>(time, next - held.max(now));
-            }
+        let cost = (*meter).cost_ns(bytes);
+        if !commit {
+            return gcra(held, now, cost, (*meter).burst_ns).is_some();
+        }
+        let next = held.max(now).saturating_add(cost);
+        let (_, exchanged) = atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(time, held, next);
+        if !exchanged {
+            atomic_xadd::<u64, u64, { Relaxed }>(time, cost);
         }
     }
     true
