@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
-use bpf_common::{BindingFields, Counter, KernelConfig, MapKey, Pod, Reason};
+use bpf_common::{BindingFields, BindingUsage, Counter, KernelConfig, MapKey, Meter, Pod, Reason};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
@@ -251,7 +251,8 @@ fn install_with(
 
 /// The relay program loaded from an object file without the skeleton, for
 /// the bench, which compares the program the agent loads with its variant
-/// without the expiry check (`relay_unexpiring`), both loaded the same way.
+/// without the expiry check (`relay_unexpiring`), both loaded the same way,
+/// and times it with its binding counted and metered or not.
 #[derive(Debug)]
 pub struct RelayObject {
     object: libbpf_rs::Object,
@@ -298,6 +299,27 @@ impl RelayObject {
         peer: SocketAddr,
         allocation_port: u16,
     ) -> anyhow::Result<()> {
+        self.bind_with(config, client, channel, peer, allocation_port, 0, [0; 2])
+    }
+
+    /// [`RelayObject::bind`], the binding counted in `USAGE` slot
+    /// `usage_slot` (0: not counted) and metered by the `METERS` keys
+    /// `meters` (0: none). Writing a binding again replaces its two
+    /// entries, as the agent does for a refresh or a new limit.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a binding's fields as the agent writes them"
+    )]
+    pub fn bind_with(
+        &self,
+        config: &KernelConfig,
+        client: SocketAddr,
+        channel: u16,
+        peer: SocketAddr,
+        allocation_port: u16,
+        usage_slot: u32,
+        meters: [u64; 2],
+    ) -> anyhow::Result<()> {
         let binding = BindingFields {
             client,
             listener: listener_of(config, client),
@@ -305,8 +327,8 @@ impl RelayObject {
             peer,
             allocation_port,
             dont_fragment: false,
-            usage_slot: 0,
-            meters: [0; 2],
+            usage_slot,
+            meters,
             expires_at_ns: NEVER,
         };
         install_with(&binding, |key, value| {
@@ -314,6 +336,42 @@ impl RelayObject {
                 .map(key.map_name())?
                 .update(key.bytes(), value, MapFlags::ANY)?)
         })
+    }
+
+    /// Sets the `METERS` entry `key` (`bpf_common::usage::meter_key`) to a
+    /// rate of `bytes_per_second`, its bucket full, as the agent creates a
+    /// meter.
+    pub fn set_meter(&self, key: u64, bytes_per_second: u64) -> anyhow::Result<()> {
+        self.map("METERS")?.update(
+            &key.to_ne_bytes(),
+            Meter::new(bytes_per_second).as_bytes(),
+            MapFlags::ANY,
+        )?;
+        Ok(())
+    }
+
+    /// What `USAGE` slot `slot` has counted.
+    pub fn usage(&self, slot: u32) -> anyhow::Result<BindingUsage> {
+        let bytes = self
+            .map("USAGE")?
+            .lookup(&slot.to_ne_bytes(), MapFlags::ANY)?
+            .with_context(|| format!("no USAGE slot {slot}"))?;
+        BindingUsage::from_ne_bytes(&bytes).context("a USAGE slot of another size")
+    }
+
+    /// One reason's counter (`STATS`), summed over CPUs.
+    pub fn counter(&self, reason: Reason) -> anyhow::Result<Counter> {
+        let per_cpu = self
+            .map("STATS")?
+            .lookup_percpu(&(reason as u32).to_ne_bytes(), MapFlags::ANY)?
+            .unwrap_or_default();
+        Ok(per_cpu
+            .iter()
+            .filter_map(|raw| Counter::from_ne_bytes(raw))
+            .fold(Counter::default(), |sum, cpu| Counter {
+                packets: sum.packets + cpu.packets,
+                bytes: sum.bytes + cpu.bytes,
+            }))
     }
 
     fn map(&self, name: &str) -> anyhow::Result<libbpf_rs::Map<'_>> {

@@ -57,6 +57,8 @@ fn bind(
             peer,
             allocation_port,
             dont_fragment,
+            usage_slot: 0,
+            meters: [0; 2],
             expires_at_ns: NEVER,
         })
         .unwrap();

@@ -29,12 +29,19 @@ use crate::webhook::{Backoff, Client, Endpoint, Verdict};
 pub struct SinkConfig {
     /// A file to append JSON lines to; `-` is standard output.
     pub file: Option<PathBuf>,
-    /// An `http://` URL to POST each record to.
+    /// An `http://` or `https://` URL to POST each record to. An `https://` collector's
+    /// certificate must chain to the system's trust store as `rustls-native-certs` reads it:
+    /// setting the `SSL_CERT_FILE` environment variable to a PEM bundle (or `SSL_CERT_DIR`)
+    /// replaces that store, as it does for OpenSSL (see [`crate::webhook::trusted_roots`]).
     pub webhook: Option<String>,
     /// Records waiting for the webhook before new ones are dropped for it.
     pub webhook_queue: usize,
     /// Longest wait for one delivery (connect, send, answer) before trying again.
     pub webhook_timeout: Duration,
+    /// A PEM bundle of CA certificates an `https://` collector's certificate may also chain
+    /// to, read at start-up in addition to the system's trust store; none by default. (The
+    /// tests' CA: unlike `SSL_CERT_FILE`, it is not shared by the whole process.)
+    pub webhook_extra_roots: Option<PathBuf>,
 }
 
 impl SinkConfig {
@@ -49,6 +56,7 @@ impl Default for SinkConfig {
             webhook: None,
             webhook_queue: SinkConfig::DEFAULT_WEBHOOK_QUEUE,
             webhook_timeout: SinkConfig::DEFAULT_WEBHOOK_TIMEOUT,
+            webhook_extra_roots: None,
         }
     }
 }
@@ -99,7 +107,8 @@ pub struct SinkStats {
 
 impl Sink {
     /// Opens the file and starts the writer threads. Errors are one line: the file's path
-    /// and the system's reason, or what is wrong with the webhook's URL.
+    /// and the system's reason, what is wrong with the webhook's URL, or (`https://`) why
+    /// there are no roots to trust its certificate by.
     pub fn start(config: SinkConfig) -> anyhow::Result<Sink> {
         Sink::start_with_backoff(config, Backoff::default())
     }
@@ -135,11 +144,12 @@ impl Sink {
                     "the accounting webhook's timeout must be more than zero"
                 );
                 let delivery = Delivery {
-                    client: Client::new(endpoint),
+                    client: Client::new(endpoint, config.webhook_extra_roots.as_deref())?,
                     timeout: config.webhook_timeout,
                     backoff,
                     deadline: Arc::clone(&webhook_deadline),
                     counters: Arc::clone(&counters),
+                    last_failure: None,
                 };
                 let worker =
                     Worker::spawn("accounting-webhook", config.webhook_queue, move |lines| {
@@ -433,6 +443,9 @@ struct Delivery {
     backoff: Backoff,
     deadline: Arc<Deadline>,
     counters: Arc<Counters>,
+    /// Why the last attempt failed, while the collector is failing: warned about once per
+    /// distinct reason, not once per attempt.
+    last_failure: Option<String>,
 }
 
 impl Delivery {
@@ -461,6 +474,7 @@ impl Delivery {
                         if failures > 0 {
                             tracing::info!(failures, "accounting webhook delivering again");
                         }
+                        self.last_failure = None;
                         self.counters
                             .webhook_delivered
                             .fetch_add(1, Ordering::Relaxed);
@@ -477,18 +491,21 @@ impl Delivery {
                             .webhook_rejected
                             .fetch_add(1, Ordering::Relaxed);
                         count_record("webhook", "rejected");
+                        self.last_failure = None;
                         return true;
                     }
                     Verdict::Retry => format!("answered {status}"),
                 },
                 Err(error) => error.to_string(),
             };
-            // One warning per record held up, not one per attempt.
-            if failures == 0 {
+            // One warning per reason ("answered 503", "TLS handshake with ... failed:
+            // certificate not trusted"...), not one per attempt or per record held up.
+            if self.last_failure.as_ref() != Some(&failure) {
                 tracing::warn!(failure, "accounting webhook failed; retrying with backoff");
             } else {
                 tracing::debug!(failure, failures, "accounting webhook failed again");
             }
+            self.last_failure = Some(failure);
             failures += 1;
             self.counters
                 .webhook_retries

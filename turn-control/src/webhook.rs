@@ -1,21 +1,32 @@
-//! The HTTP side of the accounting webhook: the endpoint (an `http://` URL), a minimal
-//! HTTP/1.1 client that POSTs one body at a time over a kept-alive TCP connection
+//! The HTTP side of the accounting webhook: the endpoint (an `http://` or `https://` URL),
+//! a minimal HTTP/1.1 client that POSTs one body at a time over a kept-alive connection
 //! (RFC 9112), what an answer means for the record, and the delay between attempts.
 //!
-//! Only `http://`: the dependency tree has no store of trusted TLS roots (neither
-//! webpki-roots nor rustls-native-certs), and a TLS client without one would either trust
-//! nothing or everything. A collector reached over the network belongs behind a local
-//! TLS-terminating proxy or on a private link.
+//! `https://` runs the same client over rustls (the aws-lc-rs provider, as in
+//! [`crate::tls`]) on the same TCP connection. The server's certificate must be valid for
+//! the URL's host (a name, sent as SNI, or an IP address) and chain to a root of the
+//! system's trust store, read by `rustls-native-certs`: like OpenSSL, that honours the
+//! `SSL_CERT_FILE` (a PEM bundle) and `SSL_CERT_DIR` environment variables, which then
+//! replace the system's store. A handshake or certificate failure is a failed delivery
+//! like a refused connection: retried with backoff, its reason in the error.
 
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs as _};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail, ensure};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{CertificateError, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-/// Where the records go: an `http://host[:port][/path]` URL, taken apart once at start-up.
+/// Where the records go: an `http[s]://host[:port][/path]` URL, taken apart once at
+/// start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// `https://`: TLS over the TCP connection.
+    tls: bool,
     /// The name or address to connect to (IPv6 without brackets).
     host: String,
     port: u16,
@@ -29,17 +40,15 @@ impl Endpoint {
     /// Parses `url`; the error is one line naming the URL and what is wrong with it.
     pub fn parse(url: &str) -> anyhow::Result<Endpoint> {
         let Some((scheme, rest)) = url.split_once("://") else {
-            bail!("accounting webhook {url:?} is not a URL (expected http://host[:port]/path)");
+            bail!("accounting webhook {url:?} is not a URL (expected http[s]://host[:port]/path)");
         };
-        if scheme.eq_ignore_ascii_case("https") {
-            bail!(
-                "accounting webhook {url:?}: https:// is not supported (this build has no store \
-                 of trusted TLS roots); use http:// to a local TLS-terminating proxy"
-            );
-        }
-        if !scheme.eq_ignore_ascii_case("http") {
-            bail!("accounting webhook {url:?}: the scheme must be http://");
-        }
+        let tls = if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else {
+            bail!("accounting webhook {url:?}: the scheme must be http:// or https://");
+        };
         let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
         let split = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(split);
@@ -51,9 +60,12 @@ impl Endpoint {
         if authority.contains('@') {
             bail!("accounting webhook {url:?}: credentials in the URL are not supported");
         }
-        let Some((host, port)) = split_host_port(authority) else {
+        let Some((host, port)) = split_host_port(authority, if tls { 443 } else { 80 }) else {
             bail!("accounting webhook {url:?}: bad host or port");
         };
+        if tls && ServerName::try_from(host).is_err() {
+            bail!("accounting webhook {url:?}: {host:?} is not a name a certificate can be for");
+        }
         if path
             .bytes()
             .any(|byte| byte.is_ascii_control() || byte == b' ')
@@ -61,6 +73,7 @@ impl Endpoint {
             bail!("accounting webhook {url:?}: the path has spaces or control characters");
         }
         Ok(Endpoint {
+            tls,
             host: host.to_owned(),
             port,
             authority: authority.to_owned(),
@@ -71,12 +84,13 @@ impl Endpoint {
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.path)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.path)
     }
 }
 
-/// `host`, `host:port`, `[v6]` or `[v6]:port`; the port defaults to 80.
-fn split_host_port(authority: &str) -> Option<(&str, u16)> {
+/// `host`, `host:port`, `[v6]` or `[v6]:port`; the port defaults to `default_port`.
+fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)> {
     let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
         let (host, after) = bracketed.split_once(']')?;
         match after {
@@ -90,7 +104,7 @@ fn split_host_port(authority: &str) -> Option<(&str, u16)> {
         }
     };
     let port = match port {
-        None => 80,
+        None => default_port,
         Some(port) => port.parse().ok().filter(|&port| port != 0)?,
     };
     (!host.is_empty() && !host.contains(['/', ' ', '[', ']'])).then_some((host, port))
@@ -168,20 +182,79 @@ impl Default for Backoff {
 /// Longest status line plus headers accepted in an answer.
 const MAX_HEAD: usize = 64 * 1024;
 
+/// The roots an `https://` collector's certificate must chain to: the system's trust
+/// store as `rustls-native-certs` reads it (or, when the `SSL_CERT_FILE` or `SSL_CERT_DIR`
+/// environment variable is set, the certificates there instead), plus the PEM bundle
+/// `extra` if given. The error is one line: `extra` unreadable, or no root at all.
+pub fn trusted_roots(extra: Option<&Path>) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    for error in &native.errors {
+        tracing::warn!(%error, "some of the system's trusted TLS roots could not be read");
+    }
+    if let Some(path) = extra {
+        let context = || format!("cannot read the CA bundle {}", path.display());
+        let certificates = CertificateDer::pem_file_iter(path)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .with_context(context)?;
+        ensure!(
+            !certificates.is_empty(),
+            "{}: no certificate in it",
+            context()
+        );
+        for certificate in certificates {
+            roots.add(certificate).with_context(context)?;
+        }
+    }
+    ensure!(
+        !roots.is_empty(),
+        "no trusted TLS roots for the accounting webhook ({}); install the system's CA \
+         certificates or set SSL_CERT_FILE to a PEM bundle",
+        native.errors.first().map_or(
+            "the system's store is empty".to_owned(),
+            ToString::to_string
+        )
+    );
+    Ok(roots)
+}
+
+/// The TLS client side for `https://` collectors: TLS 1.3 or 1.2 with the aws-lc-rs
+/// provider (the one the daemon's TLS listener uses), offering ALPN `http/1.1`.
+fn client_config(roots: RootCertStore) -> anyhow::Result<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// An HTTP/1.1 client for one endpoint, one request at a time, reusing its connection
 /// while the server keeps it open (RFC 9112 §9.3).
 #[derive(Debug)]
 pub struct Client {
     endpoint: Endpoint,
-    connection: Option<TcpStream>,
+    /// For an `https://` endpoint.
+    tls: Option<Arc<ClientConfig>>,
+    connection: Option<Connection>,
 }
 
 impl Client {
-    pub fn new(endpoint: Endpoint) -> Client {
-        Client {
+    /// A client for `endpoint`; for `https://`, trusting [`trusted_roots`]`(extra_roots)`
+    /// (read now: the error is one line).
+    pub fn new(endpoint: Endpoint, extra_roots: Option<&Path>) -> anyhow::Result<Client> {
+        let tls = if endpoint.tls {
+            Some(client_config(trusted_roots(extra_roots)?)?)
+        } else {
+            None
+        };
+        Ok(Client {
             endpoint,
+            tls,
             connection: None,
-        }
+        })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -225,7 +298,14 @@ impl Client {
     ) -> io::Result<(u16, bool)> {
         let stream = match &mut self.connection {
             Some(stream) => stream,
-            None => self.connection.insert(connect(&self.endpoint, deadline)?),
+            None => {
+                let tcp = connect(&self.endpoint, deadline)?;
+                let connection = match &self.tls {
+                    None => Connection::Plain(tcp),
+                    Some(config) => handshake(config, &self.endpoint, tcp, deadline)?,
+                };
+                self.connection.insert(connection)
+            }
         };
         let mut request = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
@@ -237,8 +317,12 @@ impl Client {
         )
         .into_bytes();
         request.extend_from_slice(body);
-        stream.set_write_timeout(Some(remaining(deadline)?))?;
+        stream
+            .socket()
+            .set_write_timeout(Some(remaining(deadline)?))?;
         stream.write_all(&request)?;
+        // TLS: a write only queues what the socket did not take; this sends it or fails.
+        stream.flush()?;
         let mut reader = ResponseReader {
             stream,
             buffer: Vec::new(),
@@ -286,6 +370,110 @@ fn connect(endpoint: &Endpoint, deadline: Instant) -> io::Result<TcpStream> {
     Err(last_error)
 }
 
+/// An open connection to the collector: plain TCP or TLS over it.
+#[derive(Debug)]
+enum Connection {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Connection {
+    /// The TCP connection underneath, for its timeouts.
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Connection::Plain(stream) => stream,
+            Connection::Tls(stream) => &stream.sock,
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Plain(stream) => stream.read(buffer),
+            Connection::Tls(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Plain(stream) => stream.write(buffer),
+            Connection::Tls(stream) => stream.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Connection::Plain(stream) => stream.flush(),
+            Connection::Tls(stream) => stream.flush(),
+        }
+    }
+}
+
+/// Runs the TLS handshake on `tcp`, within the deadline: SNI and the certificate's name
+/// are the endpoint's host. A failure names its reason ("certificate not trusted"...).
+fn handshake(
+    config: &Arc<ClientConfig>,
+    endpoint: &Endpoint,
+    mut tcp: TcpStream,
+    deadline: Instant,
+) -> io::Result<Connection> {
+    // Checked by `Endpoint::parse`.
+    let name = ServerName::try_from(endpoint.host.clone())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    let mut tls = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
+    while tls.is_handshaking() {
+        let left = remaining(deadline)?;
+        tcp.set_read_timeout(Some(left))?;
+        tcp.set_write_timeout(Some(left))?;
+        tls.complete_io(&mut tcp)
+            .map_err(|error| handshake_failed(error, &endpoint.host))?;
+    }
+    Ok(Connection::Tls(Box::new(StreamOwned::new(tls, tcp))))
+}
+
+/// `error` from a handshake with `host`, saying why in words an operator knows.
+fn handshake_failed(error: io::Error, host: &str) -> io::Error {
+    let kind = error.kind();
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        let reason = match kind {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                return io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake in time");
+            }
+            io::ErrorKind::UnexpectedEof => "the server closed the connection".to_owned(),
+            _ => error.to_string(),
+        };
+        return io::Error::new(kind, format!("TLS handshake with {host} failed: {reason}"));
+    };
+    let reason = match tls {
+        rustls::Error::InvalidCertificate(certificate) => match certificate {
+            CertificateError::UnknownIssuer => "certificate not trusted".to_owned(),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!("certificate not valid for {host}")
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "certificate expired".to_owned()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "certificate not yet valid".to_owned()
+            }
+            CertificateError::Revoked => "certificate revoked".to_owned(),
+            _ => "certificate rejected".to_owned(),
+        },
+        rustls::Error::AlertReceived(alert) => format!("the server refused it ({alert:?})"),
+        _ => "protocol error".to_owned(),
+    };
+    io::Error::new(
+        kind,
+        format!("TLS handshake with {host} failed: {reason} ({tls})"),
+    )
+}
+
 fn remaining(deadline: Instant) -> io::Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
@@ -303,7 +491,7 @@ fn malformed(what: &str) -> io::Error {
 
 /// Reads one answer from the stream, all of it bounded by the deadline.
 struct ResponseReader<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut Connection,
     /// Received and not yet consumed.
     buffer: Vec<u8>,
     deadline: Instant,
@@ -414,8 +602,13 @@ impl ResponseReader<'_> {
     fn skip_to_end(&mut self) -> io::Result<()> {
         loop {
             self.buffer.clear();
-            if self.fill()? == 0 {
-                return Ok(());
+            match self.fill() {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                // TLS: the server closed without close_notify. Only the status matters, and
+                // the connection is not kept either way.
+                Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(error) => return Err(error),
             }
         }
     }
@@ -433,6 +626,7 @@ impl ResponseReader<'_> {
     /// Reads what has arrived (waiting at most until the deadline); 0 at the end.
     fn fill(&mut self) -> io::Result<usize> {
         self.stream
+            .socket()
             .set_read_timeout(Some(remaining(self.deadline)?))?;
         let mut chunk = [0_u8; 4096];
         let read = match self.stream.read(&mut chunk) {
@@ -563,7 +757,7 @@ mod tests {
             }
             requests
         });
-        let mut client = Client::new(Endpoint::parse(&url).unwrap());
+        let mut client = Client::new(Endpoint::parse(&url).unwrap(), None).unwrap();
         let timeout = Duration::from_secs(5);
         assert_eq!(client.post(b"{\"n\":1}", timeout).unwrap(), 200);
         assert_eq!(client.post(b"{\"n\":2}", timeout).unwrap(), 503);
@@ -586,7 +780,7 @@ mod tests {
     fn a_silent_server_times_out_within_the_timeout() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
-        let mut client = Client::new(Endpoint::parse(&url).unwrap());
+        let mut client = Client::new(Endpoint::parse(&url).unwrap(), None).unwrap();
         let started = Instant::now();
         let error = client.post(b"{}", Duration::from_millis(200)).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
@@ -595,7 +789,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_parse_and_https_is_refused_in_one_line() {
+    fn endpoints_parse_and_errors_are_one_line() {
         let endpoint = Endpoint::parse("http://collector.example:8080/usage?key=1").unwrap();
         assert_eq!(endpoint.host, "collector.example");
         assert_eq!(endpoint.port, 8080);
@@ -605,9 +799,21 @@ mod tests {
         assert_eq!((endpoint.host.as_str(), endpoint.port), ("::1", 80));
         assert_eq!(endpoint.path, "/");
         assert_eq!(Endpoint::parse("http://h?x#frag").unwrap().path, "/?x");
+        let endpoint = Endpoint::parse("HTTPS://collector.example/in").unwrap();
+        assert!(endpoint.tls);
+        assert_eq!(
+            (endpoint.host.as_str(), endpoint.port),
+            ("collector.example", 443)
+        );
+        assert_eq!(endpoint.to_string(), "https://collector.example/in");
+        let endpoint = Endpoint::parse("https://[::1]:8443").unwrap();
+        assert_eq!((endpoint.host.as_str(), endpoint.port), ("::1", 8443));
+        assert!(!Endpoint::parse("http://h/").unwrap().tls);
         for bad in [
             "collector:80",
             "ftp://h/",
+            "https://h!/",
+            "https://-h-/",
             "http://",
             "http://h:0/",
             "http://h:99999/",
@@ -621,8 +827,29 @@ mod tests {
                 "{bad}: {error}"
             );
         }
-        let error = Endpoint::parse("https://h/").unwrap_err().to_string();
-        assert!(error.contains("https:// is not supported"), "{error}");
+    }
+
+    #[test]
+    fn an_extra_ca_bundle_that_cannot_be_read_stops_the_start_in_one_line() {
+        let https = || Endpoint::parse("https://collector.example/").unwrap();
+        let dir = std::env::temp_dir().join(format!("turn-control-webhook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        for (path, cause) in [(&missing, "No such file"), (&garbage, "no certificate")] {
+            let error = Client::new(https(), Some(path)).unwrap_err();
+            let message = format!("{error:#}");
+            assert!(
+                message.contains(&*path.to_string_lossy())
+                    && message.contains(cause)
+                    && !message.contains('\n'),
+                "{message}"
+            );
+        }
+        // Plain http has no use for roots and does not read them.
+        assert!(Client::new(Endpoint::parse("http://h/").unwrap(), Some(&missing)).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -2,7 +2,7 @@
 """A webhook collector for turn-control's accounting tests, built on Python's http.server
 (a server we did not write, speaking HTTP/1.1 with keep-alive).
 
-Usage: webhook_server.py DIR
+Usage: webhook_server.py DIR [--tls CERT KEY]
 
 Listens on 127.0.0.1 on a port the system picks and writes that port to DIR/port once
 listening. For each request it reads DIR/mode (missing = "ok"):
@@ -16,15 +16,26 @@ A body is recorded only when it is answered 2xx, so a request the client gave up
 never counted as received. Each new connection appends a line to DIR/connections; a
 request without `Content-Type: application/json` or with a body that is not one line is
 answered 400 and appended to DIR/protocol_errors.
+
+With --tls it speaks HTTPS: Python's ssl module serves the certificate chain in the PEM file
+CERT with the key in KEY. Each connection's handshake runs in its own thread; one that fails
+(the client did not trust the certificate) appends the reason to DIR/tls_errors.
 """
 
 import os
+import ssl
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DIR = sys.argv[1]
+TLS = None
+if sys.argv[2:3] == ["--tls"] and len(sys.argv) == 5:
+    TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    TLS.load_cert_chain(sys.argv[3], sys.argv[4])
+elif len(sys.argv) != 2:
+    sys.exit(__doc__)
 WRITE_LOCK = threading.Lock()
 
 
@@ -51,8 +62,21 @@ class Collector(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def setup(self):
+        if TLS is not None:
+            try:
+                self.request = TLS.wrap_socket(self.request, server_side=True)
+            except (ssl.SSLError, OSError) as error:
+                append("tls_errors", str(error).encode())
+                raise
         super().setup()
         append("connections", str(self.client_address).encode())
+
+    def finish(self):
+        super().finish()
+        if TLS is not None:
+            # The wrapped socket took over the connection: socketserver closes only the
+            # original, now detached one.
+            self.request.close()
 
     def answer(self, status):
         self.send_response(status)
@@ -84,9 +108,17 @@ class Collector(BaseHTTPRequestHandler):
         pass
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A failed TLS handshake is on file (DIR/tls_errors): keep the test output quiet.
+        if not isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            super().handle_error(request, client_address)
+
+
 def main():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), Collector)
     with open(path("port.tmp"), "w") as file:
         file.write(str(server.server_address[1]))
     os.replace(path("port.tmp"), path("port"))

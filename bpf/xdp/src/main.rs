@@ -210,7 +210,6 @@ pub fn xdp_relay(ctx: XdpContext) -> u32 {
     };
     let (reason, bytes, egress) = match try_relay(&ctx, config) {
         Ok(relayed) => {
-            charge_rates();
             count_usage();
             (relayed.reason, relayed.bytes, relayed.egress)
         }
@@ -841,8 +840,10 @@ fn count(ctx: &XdpContext, config: Option<&KernelConfig>, reason: Reason, bytes:
     }
 }
 
-/// Counts the packet just relayed in the usage slots of the bindings it
-/// went on (see `Scratch::terms`).
+/// Charges the meters (see `charge_rates`) and counts the packet just
+/// relayed in the usage slots of the bindings it went on (see
+/// `Scratch::terms`). Calls only what the bindings ask for: a binding
+/// without meters costs no call to `charge_rates`.
 #[inline(always)]
 fn count_usage() {
     let Some(scratch) = NEXT_HOP.get_ptr(0) else {
@@ -850,13 +851,18 @@ fn count_usage() {
     };
     // SAFETY: this CPU's slot, written by `next_hop` in this run (every
     // relay path calls it).
-    let (bytes, sender, receiver) = unsafe {
+    let (bytes, sender, receiver, metered) = unsafe {
+        let terms = &(*scratch).terms;
         (
             (*scratch).bytes,
-            (*scratch).terms[CLIENT_TO_PEER].slot,
-            (*scratch).terms[PEER_TO_CLIENT].slot,
+            terms[CLIENT_TO_PEER].slot,
+            terms[PEER_TO_CLIENT].slot,
+            terms[0].meters[0] | terms[0].meters[1] | terms[1].meters[0] | terms[1].meters[1],
         )
     };
+    if metered != 0 {
+        charge_rates();
+    }
     if sender != 0 {
         add_usage(sender as u32, CLIENT_TO_PEER as u32, bytes);
     }
@@ -916,7 +922,8 @@ fn over_rate(scratch: *mut Scratch) -> bool {
 }
 
 /// Charges the meters of the packet just relayed (see `over_rate`). Not
-/// inlined, and without arguments: the entry point's stack is full.
+/// inlined, and without arguments: the entry point's stack is full, and
+/// most bindings have no meter.
 #[inline(never)]
 fn charge_rates() -> u32 {
     let Some(scratch) = NEXT_HOP.get_ptr(0) else {
@@ -924,9 +931,6 @@ fn charge_rates() -> u32 {
     };
     // SAFETY: this CPU's slot, written by `next_hop` in this run.
     let terms = unsafe { &(*scratch).terms };
-    if terms[0].meters[0] | terms[0].meters[1] | terms[1].meters[0] | terms[1].meters[1] == 0 {
-        return 0;
-    }
     // SAFETY: as above; the helper takes no arguments and only reads the clock.
     let (bytes, now) = unsafe { ((*scratch).bytes, bpf_ktime_get_coarse_ns()) };
     side_admits(&terms[CLIENT_TO_PEER], CLIENT_TO_PEER, bytes, now, true);

@@ -43,6 +43,7 @@ pub mod plot;
 pub mod raw;
 pub mod tls;
 pub mod turn;
+pub mod usage;
 
 /// The client's address (a local address of the generator's namespace).
 pub const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 40000);

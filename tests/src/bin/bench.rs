@@ -9,12 +9,15 @@
 //! system: coturn, turn-control alone, turn-control with xdp-agent in each
 //! next-hop mode (the kernel's FIB, the default, and MAC swap), and the floor
 //! program of each mode (`floor_fib`, `floor`). Then the relay program with
-//! and without its expiry check, side by side (`tests::bench::expiry`).
+//! and without its expiry check, side by side (`tests::bench::expiry`), and
+//! with its usage counters and rate limits on and off beside the floor
+//! (`tests::bench::usage`).
 //! Apart: TURN over TLS, coturn beside turn-control (`tests::bench::tls`).
 //!
-//! Usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only | --tls-only]
-//! (`--expiry-only`: only the expiry check's section, printed; `--tls-only`: only TURN over
-//! TLS, its section printed; no report written)
+//! Usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only | --usage-only | --tls-only]
+//! (`--expiry-only`: only the expiry check's section, printed; `--usage-only`: only the usage
+//! counters' and rate limits' section, printed; `--tls-only`: only TURN over TLS, its section
+//! printed; no report written)
 //! Environment: BENCH_QUICK=1 for a tiny run; BENCH_RUNS, BENCH_SECONDS.
 
 use std::fmt::Write as _;
@@ -38,6 +41,8 @@ struct Options {
     quick: bool,
     /// Measure only the expiry check and print its section.
     expiry_only: bool,
+    /// Measure only the usage counters and rate limits and print their section.
+    usage_only: bool,
     /// Measure only TURN over TLS and print its section.
     tls_only: bool,
     out: PathBuf,
@@ -76,6 +81,7 @@ fn options() -> anyhow::Result<Options> {
         trial_seconds: if quick { 0.2 } else { 0.6 },
         quick,
         expiry_only: false,
+        usage_only: false,
         tls_only: false,
         out: PathBuf::from("BENCHMARKS.md"),
         png: PathBuf::from("tests/bench/bench.png"),
@@ -87,10 +93,11 @@ fn options() -> anyhow::Result<Options> {
             "--out" => options.out = value()?.into(),
             "--png" => options.png = value()?.into(),
             "--expiry-only" => options.expiry_only = true,
+            "--usage-only" => options.usage_only = true,
             "--tls-only" => options.tls_only = true,
             "--help" | "-h" => {
                 println!(
-                    "usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only | --tls-only]"
+                    "usage: bench [--out BENCHMARKS.md] [--png tests/bench/bench.png] [--expiry-only | --usage-only | --tls-only]"
                 );
                 println!("env: BENCH_QUICK=1, BENCH_RUNS=N, BENCH_SECONDS=S");
                 std::process::exit(0);
@@ -100,8 +107,12 @@ fn options() -> anyhow::Result<Options> {
     }
     ensure!(options.runs > 0, "BENCH_RUNS must be positive");
     ensure!(
-        !(options.expiry_only && options.tls_only),
-        "--expiry-only and --tls-only exclude each other"
+        [options.expiry_only, options.usage_only, options.tls_only]
+            .into_iter()
+            .filter(|only| *only)
+            .count()
+            <= 1,
+        "--expiry-only, --usage-only and --tls-only exclude each other"
     );
     Ok(options)
 }
@@ -750,6 +761,9 @@ fn run() -> anyhow::Result<()> {
     if options.expiry_only {
         return expiry_only(&options);
     }
+    if options.usage_only {
+        return usage_only(&options);
+    }
     let sizes = [100usize, 1200];
     let directions = [Direction::ClientToPeer, Direction::PeerToClient];
     let mut results: Vec<CaseResult> = Vec::new();
@@ -773,21 +787,9 @@ fn run() -> anyhow::Result<()> {
         }
         // The control plane is the same in both next-hop modes: measured with
         // the agent's default (FIB) only.
-        if let Some(pid) = sut.server_pid.filter(|_| system != System::XdpMacSwap) {
-            net.set_rules(&[])?;
-            let count = if options.quick { 20 } else { 200 };
-            let boost: Vec<u32> = [Some(pid), net.process("xdp-agent").ok().map(|p| p.pid())]
-                .into_iter()
-                .flatten()
-                .collect();
-            let figures = tests::bench::control::run(
-                &net.gen_ns,
-                count,
-                pid,
-                sut.agent_socket.as_deref().map(|socket| (socket, 1)),
-                RawOptions::bench(options.quick),
-                boost,
-            );
+        if system != System::XdpMacSwap
+            && let Some(figures) = control_plane(&mut net, &sut, &options)?
+        {
             log_control(system, &figures);
             control.push((system, figures));
         }
@@ -799,6 +801,7 @@ fn run() -> anyhow::Result<()> {
     } else {
         Err(anyhow::anyhow!("not selected (BENCH_SYSTEMS)"))
     };
+    let usage = usage_in_report(&options, &only)?;
     drop(_stats);
 
     eprintln!("bench: xdp-microbench");
@@ -820,6 +823,8 @@ fn run() -> anyhow::Result<()> {
         &e2e,
         started.elapsed(),
     )? + "\n"
+        + &usage
+        + "\n"
         + &tls;
     std::fs::write(&options.out, report)
         .with_context(|| format!("cannot write {}", options.out.display()))?;
@@ -834,6 +839,32 @@ fn run() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The control plane's figures of a system with a server (`None` for one
+/// without: a floor).
+fn control_plane(
+    net: &mut BenchNet,
+    sut: &Sut,
+    options: &Options,
+) -> anyhow::Result<Option<anyhow::Result<ControlFigures>>> {
+    let Some(pid) = sut.server_pid else {
+        return Ok(None);
+    };
+    net.set_rules(&[])?;
+    let count = if options.quick { 20 } else { 200 };
+    let boost: Vec<u32> = [Some(pid), net.process("xdp-agent").ok().map(|p| p.pid())]
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(Some(tests::bench::control::run(
+        &net.gen_ns,
+        count,
+        pid,
+        sut.agent_socket.as_deref().map(|socket| (socket, 1)),
+        RawOptions::bench(options.quick),
+        boost,
+    )))
 }
 
 /// The relay program with and without its expiry check, side by side
@@ -860,6 +891,59 @@ fn expiry_only(options: &Options) -> anyhow::Result<()> {
         if options.quick { ", BENCH_QUICK=1" } else { "" },
         load_average()
     );
+    Ok(())
+}
+
+/// The relay program's usage counters and rate limits on and off beside the
+/// floor (`tests::bench::usage`), in both directions at both sizes: its
+/// section of the report, and when it was measured; `alone` when measured by
+/// `--usage-only` rather than as part of the whole bench.
+fn usage_section(options: &Options, alone: bool) -> anyhow::Result<String> {
+    eprintln!("bench: the usage counters and rate limits");
+    let load_before = load_average();
+    let started = Instant::now();
+    let cases = tests::bench::usage::measure(
+        options.runs,
+        Duration::from_secs_f64(options.seconds),
+        Duration::from_secs_f64(options.trial_seconds),
+        &[100, 1200],
+    );
+    let mut section = tests::bench::usage::section(options.runs, options.seconds, &cases)?;
+    let quick = if options.quick { ", BENCH_QUICK=1" } else { "" };
+    let how = if alone {
+        format!(
+            "measured on its own (`bench --usage-only`, {} run(s) of {:.1} s{quick})",
+            options.runs, options.seconds
+        )
+    } else {
+        "measured in this run".to_owned()
+    };
+    writeln!(
+        section,
+        "This section was {how}, on the machine above, in {:.0} s; load average {load_before} before it and {} after.",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    )?;
+    Ok(section)
+}
+
+/// The usage section of the whole bench's report: measured unless
+/// BENCH_SYSTEMS (`only`) selects other systems and not `usage`.
+fn usage_in_report(options: &Options, only: &str) -> anyhow::Result<String> {
+    if only.is_empty() || only.split(',').any(|s| s == "usage") {
+        return usage_section(options, false);
+    }
+    tests::bench::usage::section(
+        options.runs,
+        options.seconds,
+        &Err(anyhow::anyhow!("not selected (BENCH_SYSTEMS)")),
+    )
+}
+
+/// `--usage-only`: measures the usage counters and rate limits alone and
+/// prints their section of the report.
+fn usage_only(options: &Options) -> anyhow::Result<()> {
+    print!("{}", usage_section(options, true)?);
     Ok(())
 }
 
@@ -1498,6 +1582,7 @@ mod render_tests {
             trial_seconds: 1.0,
             quick,
             expiry_only: false,
+            usage_only: false,
             tls_only: false,
             out: PathBuf::from("BENCHMARKS.md"),
             png: PathBuf::from("tests/bench/bench.png"),

@@ -1,5 +1,7 @@
 //! The sink against a real file and a real HTTP server: Python's `http.server`, driven by
-//! `tests/webhook_server.py`, whose behaviour the tests switch while records flow.
+//! `tests/webhook_server.py`, whose behaviour the tests switch while records flow. For
+//! `https://` the server is wrapped in Python's `ssl`, with certificates the `openssl`
+//! command makes for each test.
 
 use std::collections::HashMap;
 use std::fs;
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use super::*;
+use crate::webhook::Endpoint;
 
 /// A directory of its own under the system's temp dir, removed when dropped.
 struct TempDir(PathBuf);
@@ -74,27 +77,119 @@ fn quick_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(50), Duration::from_millis(400))
 }
 
+/// A certificate and its key, PEM files.
+struct Issued {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// Test certificates made by the `openssl` command in a directory of their own: CAs, and
+/// server certificates they sign.
+struct Pki {
+    dir: TempDir,
+    openssl: PathBuf,
+}
+
+impl Pki {
+    /// None (the test skips) when `openssl` is not installed, unless CI requires it.
+    fn new(test: &str) -> Option<Pki> {
+        let openssl = tests_harness::required_tool("openssl", test)?;
+        Some(Pki {
+            dir: TempDir::new("pki"),
+            openssl,
+        })
+    }
+
+    /// Runs `openssl` with the words of `command` in the directory (no word has a space).
+    fn run(&self, command: &str) {
+        let output = Command::new(&self.openssl)
+            .args(command.split_whitespace())
+            .current_dir(&self.dir.0)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// A self-signed CA named `name` (P-256, valid for two days).
+    fn ca(&self, name: &str) -> Issued {
+        self.run(&format!(
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+             -subj /CN={name}-test-CA -keyout {name}.key -out {name}.pem \
+             -addext basicConstraints=critical,CA:TRUE \
+             -addext keyUsage=critical,keyCertSign,cRLSign"
+        ));
+        self.issued(name)
+    }
+
+    /// A server certificate that the CA `ca` signed, for `names` (subjectAltName syntax:
+    /// `IP:...,DNS:...`).
+    fn server(&self, ca: &str, name: &str, names: &str) -> Issued {
+        fs::write(
+            self.dir.0.join(format!("{name}.ext")),
+            format!(
+                "subjectAltName={names}\nbasicConstraints=critical,CA:FALSE\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        self.run(&format!(
+            "req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -subj /CN=collector -keyout {name}.key -out {name}.csr"
+        ));
+        let serial = rand::random::<u64>();
+        self.run(&format!(
+            "x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -set_serial 0x{serial:x} \
+             -days 2 -extfile {name}.ext -out {name}.pem"
+        ));
+        self.issued(name)
+    }
+
+    /// `DIR/name.pem` and `DIR/name.key`.
+    fn issued(&self, name: &str) -> Issued {
+        Issued {
+            cert: self.dir.0.join(format!("{name}.pem")),
+            key: self.dir.0.join(format!("{name}.key")),
+        }
+    }
+}
+
 /// Python's http.server answering as `DIR/mode` says (see the script).
 struct Collector {
     dir: TempDir,
     child: Child,
     port: u16,
+    scheme: &'static str,
 }
 
 impl Collector {
     fn start() -> Collector {
+        Collector::spawn(None)
+    }
+
+    /// The same collector behind TLS, serving `certificate`.
+    fn start_tls(certificate: &Issued) -> Collector {
+        Collector::spawn(Some(certificate))
+    }
+
+    fn spawn(tls: Option<&Issued>) -> Collector {
         let dir = TempDir::new("collector");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/webhook_server.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .arg(&dir.0)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("python3 runs the webhook collector");
+        let mut command = Command::new("python3");
+        command.arg(script).arg(&dir.0).stdin(Stdio::null());
+        if let Some(issued) = tls {
+            command.arg("--tls").arg(&issued.cert).arg(&issued.key);
+        }
+        let child = command.spawn().expect("python3 runs the webhook collector");
         let mut collector = Collector {
             dir,
             child,
             port: 0,
+            scheme: if tls.is_some() { "https" } else { "http" },
         };
         let port_file = collector.dir.0.join("port");
         wait_until("the collector listens", Duration::from_secs(10), || {
@@ -109,7 +204,17 @@ impl Collector {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/accounting", self.port)
+        self.url_for("127.0.0.1")
+    }
+
+    /// The URL with `host` for the collector's address.
+    fn url_for(&self, host: &str) -> String {
+        format!("{}://{host}:{}/accounting", self.scheme, self.port)
+    }
+
+    /// The reasons of the TLS handshakes the collector saw fail.
+    fn tls_errors(&self) -> String {
+        fs::read_to_string(self.dir.0.join("tls_errors")).unwrap_or_default()
     }
 
     fn set_mode(&self, mode: &str) {
@@ -274,6 +379,7 @@ fn a_stuck_webhook_fills_its_queue_without_holding_up_submit_or_the_file() {
         webhook: Some(format!("http://{}/", listener.local_addr().unwrap())),
         webhook_queue: 3,
         webhook_timeout: Duration::from_secs(1),
+        webhook_extra_roots: None,
     };
     let sink = Sink::start_with_backoff(config, quick_backoff()).unwrap();
     let started = Instant::now();
@@ -365,7 +471,7 @@ fn start_up_errors_are_one_line_naming_the_cause() {
     assert!(!message.contains('\n'));
 
     for (url, queue, cause) in [
-        ("https://collector/", 10, "https:// is not supported"),
+        ("ftp://collector/", 10, "must be http:// or https://"),
         ("collector:80", 10, "not a URL"),
         ("http://collector/", 0, "at least one record"),
     ] {
@@ -381,6 +487,133 @@ fn start_up_errors_are_one_line_naming_the_cause() {
             "{message}"
         );
     }
+    let error = Sink::start(SinkConfig {
+        webhook: Some("https://collector/".to_owned()),
+        webhook_extra_roots: Some(missing.clone()),
+        ..SinkConfig::default()
+    })
+    .unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("cannot read the CA bundle")
+            && message.contains(&*missing.to_string_lossy()),
+        "{message}"
+    );
+}
+
+/// A sink POSTing to `url`, trusting `ca` besides the system's roots.
+fn https_sink(url: String, ca: &Issued) -> Sink {
+    let config = SinkConfig {
+        webhook: Some(url),
+        webhook_queue: 1000,
+        webhook_timeout: Duration::from_secs(2),
+        webhook_extra_roots: Some(ca.cert.clone()),
+        ..SinkConfig::default()
+    };
+    Sink::start_with_backoff(config, quick_backoff()).unwrap()
+}
+
+/// Why one POST to `url`, trusting `ca`, fails.
+fn https_failure(url: &str, ca: &Issued) -> String {
+    let mut client = Client::new(Endpoint::parse(url).unwrap(), Some(&ca.cert)).unwrap();
+    client
+        .post(b"{}", Duration::from_secs(5))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn https_delivers_every_record_in_order_over_one_kept_alive_connection() {
+    let Some(pki) = Pki::new("https_delivers_every_record_in_order") else {
+        return;
+    };
+    let ca = pki.ca("trusted");
+    let certificate = pki.server("trusted", "collector", "DNS:localhost,IP:127.0.0.1");
+    let collector = Collector::start_tls(&certificate);
+    // By name: SNI and the certificate's DNS name.
+    let sink = https_sink(collector.url_for("localhost"), &ca);
+    let within = Duration::from_secs(30);
+
+    (0..10).for_each(|n| sink.submit(&record(n)));
+    wait_until("10 records arrive", within, || {
+        collector.received().len() == 10
+    });
+    collector.set_mode("fail");
+    (10..20).for_each(|n| sink.submit(&record(n)));
+    wait_until("503s are retried", within, || {
+        sink.stats().webhook_retries >= 3
+    });
+    collector.set_mode("ok");
+    wait_until("all 20 arrive", within, || collector.received().len() >= 20);
+    assert_eq!(collector.received(), (0..20).collect::<Vec<_>>());
+    assert_eq!(
+        collector.connections(),
+        1,
+        "one kept-alive TLS connection carries them"
+    );
+    assert_eq!(collector.tls_errors(), "");
+    collector.assert_no_protocol_errors();
+    assert_eq!(sink.stats().webhook_delivered, 20);
+    assert_eq!(sink.shutdown(Duration::from_secs(1)), 0);
+}
+
+#[test]
+fn https_to_a_certificate_of_an_untrusted_ca_delivers_nothing_and_retries() {
+    let Some(pki) = Pki::new("https_to_a_certificate_of_an_untrusted_ca") else {
+        return;
+    };
+    let trusted = pki.ca("trusted");
+    let untrusted = pki.ca("untrusted");
+    let certificate = pki.server("untrusted", "collector", "IP:127.0.0.1");
+    let collector = Collector::start_tls(&certificate);
+    let sink = https_sink(collector.url(), &trusted);
+    (0..3).for_each(|n| sink.submit(&record(n)));
+    wait_until("handshakes are retried", Duration::from_secs(30), || {
+        sink.stats().webhook_retries >= 3
+    });
+    assert!(collector.received().is_empty());
+    assert_eq!(sink.stats().webhook_delivered, 0);
+    assert!(
+        !collector.tls_errors().is_empty(),
+        "the collector saw the handshakes fail"
+    );
+    let failure = https_failure(&collector.url(), &trusted);
+    assert!(failure.contains("certificate not trusted"), "{failure}");
+    assert_eq!(sink.shutdown(Duration::ZERO), 3);
+    // The same collector, its CA trusted: the handshake was the only thing in the way.
+    let sink = https_sink(collector.url(), &untrusted);
+    sink.submit(&record(3));
+    wait_until("the record arrives", Duration::from_secs(30), || {
+        collector.received() == [3]
+    });
+    assert_eq!(sink.shutdown(Duration::from_secs(1)), 0);
+}
+
+#[test]
+fn https_to_a_certificate_for_another_name_delivers_nothing() {
+    let Some(pki) = Pki::new("https_to_a_certificate_for_another_name") else {
+        return;
+    };
+    let ca = pki.ca("trusted");
+    let certificate = pki.server(
+        "trusted",
+        "other",
+        "DNS:collector.other.example,IP:192.0.2.1",
+    );
+    let collector = Collector::start_tls(&certificate);
+    let sink = https_sink(collector.url(), &ca);
+    (0..3).for_each(|n| sink.submit(&record(n)));
+    wait_until("handshakes are retried", Duration::from_secs(30), || {
+        sink.stats().webhook_retries >= 3
+    });
+    assert!(collector.received().is_empty());
+    assert_eq!(sink.stats().webhook_delivered, 0);
+    let failure = https_failure(&collector.url(), &ca);
+    assert!(
+        failure.contains("certificate not valid for 127.0.0.1"),
+        "{failure}"
+    );
+    assert_eq!(sink.shutdown(Duration::ZERO), 3);
 }
 
 #[test]
