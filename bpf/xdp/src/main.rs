@@ -55,6 +55,12 @@ const BINDINGS: usize = MAX_BINDINGS as usize;
 /// costs per packet beside the program as it runs.
 const CHECK_EXPIRY: bool = !same(env!("CARGO_BIN_NAME"), "relay_unexpiring");
 
+/// Whether the program counts and meters bindings: always, but in
+/// `relay_uncounted` (`src/bin/relay_uncounted.rs`), this file built again
+/// without the usage counters and meters, which only the bench loads, to
+/// measure what they cost per packet, the bookkeeping included.
+const COUNT_USAGE: bool = !same(env!("CARGO_BIN_NAME"), "relay_uncounted");
+
 /// The data-plane configuration: one entry, written by the agent.
 #[btf_map]
 static CONFIG: Array<KernelConfig, 1> = Array::new();
@@ -210,7 +216,9 @@ pub fn xdp_relay(ctx: XdpContext) -> u32 {
     };
     let (reason, bytes, egress) = match try_relay(&ctx, config) {
         Ok(relayed) => {
-            count_usage();
+            if COUNT_USAGE {
+                count_usage();
+            }
             (relayed.reason, relayed.bytes, relayed.egress)
         }
         Err(reason) => (
@@ -587,21 +595,23 @@ fn next_hop<Out: IpVersion>(
     // SAFETY: a per-CPU slot that only this run uses until it returns (XDP
     // runs with preemption disabled); all zero is "no flags, no VLAN".
     unsafe {
-        (*scratch).bytes = bindings.bytes as u64;
-        (*scratch).terms[CLIENT_TO_PEER] = match bindings.sender {
-            Some(sender) => Terms {
-                meters: sender.meters,
-                slot: u64::from(sender.usage_slot),
-            },
-            None => Terms::NONE,
-        };
-        (*scratch).terms[PEER_TO_CLIENT] = match bindings.receiver {
-            Some(receiver) => Terms {
-                meters: receiver.meters,
-                slot: u64::from(receiver.usage_slot),
-            },
-            None => Terms::NONE,
-        };
+        if COUNT_USAGE {
+            (*scratch).bytes = bindings.bytes as u64;
+            (*scratch).terms[CLIENT_TO_PEER] = match bindings.sender {
+                Some(sender) => Terms {
+                    meters: sender.meters,
+                    slot: u64::from(sender.usage_slot),
+                },
+                None => Terms::NONE,
+            };
+            (*scratch).terms[PEER_TO_CLIENT] = match bindings.receiver {
+                Some(receiver) => Terms {
+                    meters: receiver.meters,
+                    slot: u64::from(receiver.usage_slot),
+                },
+                None => Terms::NONE,
+            };
+        }
         if config.mac_swap() {
             (*scratch).mtu_len = ip_len as u32;
         } else {
@@ -671,7 +681,7 @@ fn look_up_next_hop(ctx: *mut xdp_md, mac_swap: bool) -> u32 {
         let too_big = unsafe { bpf_check_mtu(ctx.cast(), 0, &mut (*scratch).mtu_len, 0, 0) };
         return if too_big != 0 {
             Reason::PassMtuExceeded as u32
-        } else if over_rate(scratch) {
+        } else if COUNT_USAGE && over_rate(scratch) {
             Reason::DropRateLimited as u32
         } else {
             EGRESS_INGRESS
@@ -701,7 +711,7 @@ fn look_up_next_hop(ctx: *mut xdp_md, mac_swap: bool) -> u32 {
     };
     // Metered once the packet is known to leave: one the stack gets is
     // metered in user space instead.
-    if over_rate(scratch) {
+    if COUNT_USAGE && over_rate(scratch) {
         return Reason::DropRateLimited as u32;
     }
     egress
