@@ -34,6 +34,7 @@ pub mod clients;
 pub mod files;
 pub mod hosts;
 pub mod packet;
+pub mod records;
 pub mod stun;
 pub mod xdp;
 
