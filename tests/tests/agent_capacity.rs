@@ -256,6 +256,14 @@ fn a_streamed_sync_of_130_000_bindings_installs_them_and_another_converges() {
     );
     assert_eq!(listed.len(), 130_000);
 
+    // Every binding's usage, as turn-control polls it every 2 s: one
+    // streamed answer in parts, each binding with its (zero) figures.
+    let started = Instant::now();
+    let usage = agent.usage().unwrap();
+    eprintln!("ListUsage of {}: {:?}", usage.len(), started.elapsed());
+    assert_eq!(usage.len(), 130_000);
+    assert!(usage.iter().all(|binding| binding.usage.is_some()));
+
     // Half kept, half new, in the other order of families.
     let second: Vec<ChannelBinding> = set(PER_FAMILY / 2).into_iter().rev().collect();
     let started = Instant::now();

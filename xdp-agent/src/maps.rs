@@ -328,8 +328,14 @@ impl Maps {
             .filter(|binding| !wanted_set.contains(binding))
             .collect();
         // Remove first: a stale binding may hold the peer-side key a wanted
-        // one needs, and an orphan the room it needs.
-        let removed = self.remove_locked(&stale)?.len() as u64;
+        // one needs, an orphan the room it needs, and its usage slot the
+        // slot it needs (handed back once no program run can count on it).
+        let stale = self.remove_locked(&stale)?;
+        let removed = stale.len() as u64;
+        if !stale.is_empty() {
+            self.usage.wait_for_readers()?;
+            self.usage.release(stale.into_iter().map(|(_, slot)| slot));
+        }
         let orphans = self.delete_orphans(&wanted_set)?;
         let mut synced = Synced {
             removed,
@@ -567,13 +573,16 @@ impl Maps {
             return Ok(Vec::new());
         }
         // A run that found an entry before it went may still be counting:
-        // its slot is read once every such run has ended. The slot is not
-        // handed out again before the next two sweeps, seconds from now.
+        // its slot is read once every such run has ended, and then handed
+        // back.
         self.usage.wait_for_readers()?;
-        Ok(removed
-            .into_iter()
-            .map(|(binding, slot)| (binding, self.usage.read(slot)))
-            .collect())
+        let finals = removed
+            .iter()
+            .map(|(binding, slot)| (*binding, self.usage.read(*slot)))
+            .collect();
+        self.usage
+            .release(removed.into_iter().map(|(_, slot)| slot));
+        Ok(finals)
     }
 
     /// [`Maps::remove`], with the write lock held: the bindings removed and

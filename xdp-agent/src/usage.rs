@@ -76,6 +76,8 @@ pub struct UsageTable {
 struct Slots {
     /// Slots nobody holds, to hand out.
     free: Vec<u32>,
+    /// Whether each slot is in `free`: a slot is never handed out twice.
+    is_free: Vec<bool>,
     /// Slots handed out that the last sweep found no entry naming.
     unreferenced: HashSet<u32>,
     /// Meters the last sweep found no entry naming.
@@ -93,16 +95,21 @@ impl UsageTable {
         let view = MappedUsage::new(usage)?;
         let held: HashSet<u32> = held.into_iter().collect();
         // Highest first, so that `pop` hands out low slots first.
-        let free = (1..USAGE_SLOTS)
+        let free: Vec<u32> = (1..USAGE_SLOTS)
             .rev()
             .filter(|slot| !held.contains(slot))
             .collect();
+        let mut is_free = vec![false; USAGE_SLOTS as usize];
+        for slot in &free {
+            is_free[*slot as usize] = true;
+        }
         Ok(Self {
             meters,
             view,
             grace: GracePeriod::new()?,
             slots: Mutex::new(Slots {
                 free,
+                is_free,
                 ..Slots::default()
             }),
         })
@@ -114,9 +121,25 @@ impl UsageTable {
         let slot = slots.free.pop().ok_or(UsageError::Full {
             capacity: USAGE_SLOTS - 1,
         })?;
+        slots.is_free[slot as usize] = false;
         slots.unreferenced.remove(&slot);
         self.view.zero(slot);
         Ok(slot)
+    }
+
+    /// Takes back the slots of bindings just deleted from the maps, once
+    /// [`UsageTable::wait_for_readers`] has returned after their deletion
+    /// (and their final figures were read): no program run counts on them
+    /// any more. Churn then reuses slots at once instead of two sweeps later.
+    pub fn release(&self, released: impl IntoIterator<Item = u32>) {
+        let mut slots = lock(&self.slots);
+        for slot in released {
+            if (1..USAGE_SLOTS).contains(&slot) && !slots.is_free[slot as usize] {
+                slots.is_free[slot as usize] = true;
+                slots.unreferenced.remove(&slot);
+                slots.free.push(slot);
+            }
+        }
     }
 
     /// What slot `slot` counted (zero for slot 0 or one out of range).
@@ -172,9 +195,8 @@ impl UsageTable {
     /// Returns how many slots and meters went.
     pub fn collect(&self, slots: &HashSet<u32>, meters: &HashSet<u64>) -> (usize, usize) {
         let mut table = lock(&self.slots);
-        let free: HashSet<u32> = table.free.iter().copied().collect();
         let unreferenced: HashSet<u32> = (1..USAGE_SLOTS)
-            .filter(|slot| !slots.contains(slot) && !free.contains(slot))
+            .filter(|slot| !slots.contains(slot) && !table.is_free[*slot as usize])
             .collect();
         let released: Vec<u32> = unreferenced
             .intersection(&table.unreferenced)
@@ -183,6 +205,7 @@ impl UsageTable {
         table.unreferenced = unreferenced;
         for slot in &released {
             table.unreferenced.remove(slot);
+            table.is_free[*slot as usize] = true;
         }
         table.free.extend(&released);
         let held_meters: HashSet<u64> = self
