@@ -843,11 +843,17 @@ impl Eventloop {
                     }
                 }
                 Command::RemoveChannel { binding } => {
-                    // Not connected: the full sync on reconnect leaves the binding out, and
-                    // its last figures in the kernel are out of reach.
+                    let now = Instant::now();
                     match &self.agent {
                         Some(queue) if self.agent_connected => queue.remove(self.index, binding),
-                        _ => self.server.channel_removed(Instant::now(), &binding, None),
+                        // Not connected: the full sync on reconnect leaves the binding out,
+                        // and its last figures in the kernel are out of reach.
+                        Some(_) => self.server.channel_removed(now, &binding, None),
+                        // No data plane at all: nothing was ever counted in a kernel.
+                        None => {
+                            self.server
+                                .channel_removed(now, &binding, Some(Default::default()))
+                        }
                     }
                 }
                 Command::Account { record } => {
