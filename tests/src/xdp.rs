@@ -283,6 +283,20 @@ impl RelayObject {
         Ok(Self { object })
     }
 
+    /// The same program built without the usage counters and meters
+    /// (`relay_uncounted`: no terms copied, no meter checked, nothing
+    /// counted): bench only.
+    pub fn uncounted() -> anyhow::Result<Self> {
+        // Beside the floor's, as `relay_unexpiring`.
+        let path = std::path::Path::new(env!("LAB_FLOOR_OBJECT")).with_file_name("relay_uncounted");
+        let object = libbpf_rs::ObjectBuilder::default()
+            .open_file(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?
+            .load()
+            .with_context(|| format!("cannot load {}", path.display()))?;
+        Ok(Self { object })
+    }
+
     /// Writes the configuration.
     pub fn configure(&self, config: &KernelConfig) -> anyhow::Result<()> {
         self.map("CONFIG")?
