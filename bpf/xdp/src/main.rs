@@ -140,6 +140,10 @@ struct Scratch {
     mtu_len: u32,
     /// Reserved, zero.
     reserved: u32,
+    /// Non-zero when a binding the packet goes on is counted or metered:
+    /// then `bytes` and `terms` describe it, else they are stale and the
+    /// rest of the bookkeeping is one load and a branch.
+    accounted: u64,
     /// The relayed packet's application bytes.
     bytes: u64,
     /// The bindings it is relayed on, as `next_hop` found them: the sending
@@ -167,6 +171,12 @@ impl Terms {
         meters: [0; 2],
         slot: 0,
     };
+
+    /// Non-zero when the binding is counted or metered.
+    #[inline(always)]
+    fn any(&self) -> u64 {
+        self.slot | self.meters[0] | self.meters[1]
+    }
 }
 
 /// The terms of the bindings a packet of `bytes` application bytes is
@@ -596,21 +606,22 @@ fn next_hop<Out: IpVersion>(
     // runs with preemption disabled); all zero is "no flags, no VLAN".
     unsafe {
         if COUNT_USAGE {
-            (*scratch).bytes = bindings.bytes as u64;
-            (*scratch).terms[CLIENT_TO_PEER] = match bindings.sender {
-                Some(sender) => Terms {
-                    meters: sender.meters,
-                    slot: u64::from(sender.usage_slot),
-                },
-                None => Terms::NONE,
+            let terms_of = |slot: u32, meters: [u64; 2]| Terms {
+                meters,
+                slot: u64::from(slot),
             };
-            (*scratch).terms[PEER_TO_CLIENT] = match bindings.receiver {
-                Some(receiver) => Terms {
-                    meters: receiver.meters,
-                    slot: u64::from(receiver.usage_slot),
-                },
-                None => Terms::NONE,
-            };
+            let sending = bindings.sender.map_or(Terms::NONE, |sender| {
+                terms_of(sender.usage_slot, sender.meters)
+            });
+            let receiving = bindings.receiver.map_or(Terms::NONE, |receiver| {
+                terms_of(receiver.usage_slot, receiver.meters)
+            });
+            let accounted = sending.any() | receiving.any();
+            (*scratch).accounted = accounted;
+            if accounted != 0 {
+                (*scratch).bytes = bindings.bytes as u64;
+                (*scratch).terms = [sending, receiving];
+            }
         }
         if config.mac_swap() {
             (*scratch).mtu_len = ip_len as u32;
@@ -861,6 +872,10 @@ fn count_usage() {
     };
     // SAFETY: this CPU's slot, written by `next_hop` in this run (every
     // relay path calls it).
+    if unsafe { (*scratch).accounted } == 0 {
+        return;
+    }
+    // SAFETY: as above.
     let (bytes, sender, receiver, metered) = unsafe {
         let terms = &(*scratch).terms;
         (
@@ -913,6 +928,10 @@ fn add_usage(slot: u32, counter: u32, bytes: u64) -> u32 {
 #[inline(always)]
 fn over_rate(scratch: *mut Scratch) -> bool {
     // SAFETY: this CPU's slot, just written by `next_hop`.
+    if unsafe { (*scratch).accounted } == 0 {
+        return false;
+    }
+    // SAFETY: as above.
     let terms = unsafe { &(*scratch).terms };
     if terms[0].meters[0] | terms[0].meters[1] | terms[1].meters[0] | terms[1].meters[1] == 0 {
         return false;
