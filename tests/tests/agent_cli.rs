@@ -91,7 +91,17 @@ fn cli_shows_what_the_agent_holds() {
     assert_eq!(
         header,
         [
-            "CLIENT", "LISTENER", "CHANNEL", "PEER", "PORT", "DF", "LIFETIME"
+            "CLIENT",
+            "LISTENER",
+            "CHANNEL",
+            "PEER",
+            "PORT",
+            "DF",
+            "LIFETIME",
+            "TO-PEER",
+            "TO-CLIENT",
+            "DROPPED",
+            "LIMIT"
         ],
         "{table}"
     );
@@ -99,6 +109,11 @@ fn cli_shows_what_the_agent_holds() {
         .iter()
         .map(|line| line.split_whitespace().collect())
         .collect();
+    // Nothing relayed yet (packets/bytes each way, dropped), no limit.
+    for row in &mut rows {
+        let usage = row.split_off(7);
+        assert_eq!(usage, ["0/0", "0/0", "0/0", "-"], "{table}");
+    }
     // What is left of each lifetime, in seconds: a little less than given.
     let lifetimes: Vec<u32> = rows
         .iter_mut()
@@ -213,9 +228,12 @@ fn cli_shows_what_the_agent_holds() {
     assert!(text.contains("0x4fff"), "{text}");
     assert!(text.contains("\nlistener "), "{text}");
     assert!(text.contains("[2001:db8:2::a]:3478"), "{text}");
-    assert!(text.contains("\ndon't fragment   yes\n"), "{text}");
+    assert!(text.contains("\ndon't fragment     yes\n"), "{text}");
     assert!(text.contains("\nlifetime "), "{text}");
-    assert!(text.trim_end().ends_with('s'), "{text}");
+    // What the kernel relayed and dropped on it, and its limits: none yet.
+    assert!(text.contains("\nto peer            0/0\n"), "{text}");
+    assert!(text.contains("\nto client          0/0\n"), "{text}");
+    assert!(text.trim_end().ends_with("rate limits        -"), "{text}");
 
     // The same client and channel on a second listener: listed before the
     // first (port 443 < 3478), and `binding` wants --listener (exit 4,

@@ -65,9 +65,15 @@ fn channel_data_is_relayed_in_the_kernel_until_the_binding_is_removed() {
         (1..=LIFETIME_MS).contains(&listed[0].lifetime_ms),
         "{listed:?}"
     );
+    // And with what it relayed so far: nothing.
+    assert_eq!(
+        listed[0].usage,
+        Some(tests::agent::usage((0, 0), (0, 0), (0, 0), (0, 0)))
+    );
     assert_eq!(
         ChannelBinding {
             lifetime_ms: LIFETIME_MS,
+            usage: None,
             ..listed[0].clone()
         },
         bound

@@ -67,7 +67,7 @@ enum Action {
     /// to the peer leave with DF set (DF: the allocation asked for
     /// DONT-FRAGMENT), what is left of each one's lifetime (LIFETIME, in
     /// seconds; "expired" once it has passed and until the agent deletes it),
-    /// what the kernel relayed on it each way (TO PEER, TO CLIENT:
+    /// what the kernel relayed on it each way (TO-PEER, TO-CLIENT:
     /// packets/application bytes, exact), what its rate limits dropped
     /// (DROPPED) and its limits (LIMIT, bytes per second each way).
     Bindings {

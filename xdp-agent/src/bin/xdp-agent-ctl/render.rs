@@ -135,7 +135,7 @@ fn limits_cell(binding: &ChannelBinding) -> String {
 }
 
 /// The `bindings` table: CLIENT, LISTENER, CHANNEL, PEER, PORT, DF,
-/// LIFETIME, the usage each way (TO PEER, TO CLIENT: packets/bytes of
+/// LIFETIME, the usage each way (TO-PEER, TO-CLIENT: packets/bytes of
 /// application data relayed in the kernel; DROPPED: what the rate limits
 /// dropped, both ways), LIMIT, then a count line.
 pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
@@ -172,8 +172,8 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
         ("PORT", Align::Right),
         ("DF", Align::Left),
         ("LIFETIME", Align::Right),
-        ("TO PEER", Align::Right),
-        ("TO CLIENT", Align::Right),
+        ("TO-PEER", Align::Right),
+        ("TO-CLIENT", Align::Right),
         ("DROPPED", Align::Right),
         ("LIMIT", Align::Right),
     ];
@@ -598,7 +598,7 @@ mod tests {
             },
         ];
         let expected = "\
-CLIENT                 LISTENER              CHANNEL  PEER                PORT  DF   LIFETIME  TO PEER  TO CLIENT  DROPPED      LIMIT
+CLIENT                 LISTENER              CHANNEL  PEER                PORT  DF   LIFETIME  TO-PEER  TO-CLIENT  DROPPED      LIMIT
 192.0.2.2:40000        203.0.113.10:3478     0x4001   198.51.100.2:5000  49160  no       287s  12/3400    10/1000    3/300  125000B/s
 [2001:db8:1::2]:40000  [2001:db8:2::a]:3478  0x4fff   203.0.113.99:6     65535  yes      287s      0/0        0/0      0/0          -
 2 bindings
@@ -613,7 +613,7 @@ CLIENT                 LISTENER              CHANNEL  PEER                PORT  
             ..on("192.0.2.1:443", "192.0.2.2:1", 0x4000, "198.51.100.2:2", 7)
         }];
         let expected = "\
-CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME  TO PEER  TO CLIENT  DROPPED  LIMIT
+CLIENT       LISTENER       CHANNEL  PEER            PORT  DF  LIFETIME  TO-PEER  TO-CLIENT  DROPPED  LIMIT
 192.0.2.2:1  192.0.2.1:443  0x4000   198.51.100.2:2     7  no   expired      0/0        0/0      0/0      -
 1 binding
 ";
