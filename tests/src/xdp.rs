@@ -208,19 +208,7 @@ impl LoadedRelay {
 
     /// One reason's counter, summed over CPUs.
     pub fn counter(&self, reason: Reason) -> anyhow::Result<Counter> {
-        let per_cpu = self
-            .skel
-            .maps
-            .STATS
-            .lookup_percpu(&(reason as u32).to_ne_bytes(), MapFlags::ANY)?
-            .unwrap_or_default();
-        Ok(per_cpu
-            .iter()
-            .filter_map(|raw| Counter::from_ne_bytes(raw))
-            .fold(Counter::default(), |sum, cpu| Counter {
-                packets: sum.packets + cpu.packets,
-                bytes: sum.bytes + cpu.bytes,
-            }))
+        reason_total(&self.skel.maps.STATS, reason)
     }
 }
 
@@ -375,17 +363,7 @@ impl RelayObject {
 
     /// One reason's counter (`STATS`), summed over CPUs.
     pub fn counter(&self, reason: Reason) -> anyhow::Result<Counter> {
-        let per_cpu = self
-            .map("STATS")?
-            .lookup_percpu(&(reason as u32).to_ne_bytes(), MapFlags::ANY)?
-            .unwrap_or_default();
-        Ok(per_cpu
-            .iter()
-            .filter_map(|raw| Counter::from_ne_bytes(raw))
-            .fold(Counter::default(), |sum, cpu| Counter {
-                packets: sum.packets + cpu.packets,
-                bytes: sum.bytes + cpu.bytes,
-            }))
+        reason_total(&self.map("STATS")?, reason)
     }
 
     fn map(&self, name: &str) -> anyhow::Result<libbpf_rs::Map<'_>> {
@@ -540,4 +518,15 @@ pub fn relay_ip(family_of: SocketAddr) -> IpAddr {
 /// A payload of `len` bytes in which a shifted or reordered byte shows.
 pub fn data(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 13 + 7) as u8).collect()
+}
+
+/// A `STATS` map's counter of `reason`, summed over CPUs.
+fn reason_total(stats: &impl MapCore, reason: Reason) -> anyhow::Result<Counter> {
+    let per_cpu = stats
+        .lookup_percpu(&(reason as u32).to_ne_bytes(), MapFlags::ANY)?
+        .unwrap_or_default();
+    Ok(per_cpu
+        .iter()
+        .filter_map(|raw| Counter::from_ne_bytes(raw))
+        .sum())
 }
