@@ -11,7 +11,7 @@
 //! nothing leaks and nothing is reused while a reader may still look at it.
 //! Meters go the same way.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
@@ -82,6 +82,9 @@ struct Slots {
     unreferenced: HashSet<u32>,
     /// Meters the last sweep found no entry naming.
     unused_meters: HashSet<u64>,
+    /// Every meter in `METERS` and its rate, so that neither an install nor
+    /// a listing nor a sweep reads the map to learn them.
+    rates: HashMap<u64, u64>,
 }
 
 impl UsageTable {
@@ -103,6 +106,15 @@ impl UsageTable {
         for slot in &free {
             is_free[*slot as usize] = true;
         }
+        // Adopted meters, read once.
+        let rates = meters
+            .keys()
+            .filter_map(|key| {
+                let value = meters.lookup(&key, MapFlags::ANY).ok()??;
+                let rate = Meter::from_bytes(&value)?.bytes_per_second();
+                Some((u64::from_ne_bytes(key.as_slice().try_into().ok()?), rate))
+            })
+            .collect();
         Ok(Self {
             meters,
             view,
@@ -110,6 +122,7 @@ impl UsageTable {
             slots: Mutex::new(Slots {
                 free,
                 is_free,
+                rates,
                 ..Slots::default()
             }),
         })
@@ -153,6 +166,12 @@ impl UsageTable {
         if meter.key == 0 || meter.bytes_per_second == 0 {
             return Ok(());
         }
+        let mut table = lock(&self.slots);
+        // Named again: not a meter for the next sweep to take back.
+        table.unused_meters.remove(&meter.key);
+        if table.rates.get(&meter.key) == Some(&meter.bytes_per_second) {
+            return Ok(());
+        }
         let key = meter.key.to_ne_bytes();
         let held = self.meters.lookup(&key, MapFlags::ANY)?;
         let held = held.as_deref().and_then(Meter::from_bytes);
@@ -171,6 +190,7 @@ impl UsageTable {
                 },
                 _ => UsageError::Kernel(error),
             })?;
+        table.rates.insert(meter.key, meter.bytes_per_second);
         debug!(
             meter = meter.key,
             rate = meter.bytes_per_second,
@@ -181,13 +201,7 @@ impl UsageTable {
 
     /// The rate of meter `key` (0 if it does not exist).
     pub fn meter_rate(&self, key: u64) -> u64 {
-        self.meters
-            .lookup(&key.to_ne_bytes(), MapFlags::ANY)
-            .ok()
-            .flatten()
-            .as_deref()
-            .and_then(Meter::from_bytes)
-            .map_or(0, |meter| meter.bytes_per_second())
+        lock(&self.slots).rates.get(&key).copied().unwrap_or(0)
     }
 
     /// Takes back the slots and meters that no entry named in this sweep
@@ -208,20 +222,20 @@ impl UsageTable {
             table.is_free[*slot as usize] = true;
         }
         table.free.extend(&released);
-        let held_meters: HashSet<u64> = self
-            .meters
+        let unused: HashSet<u64> = table
+            .rates
             .keys()
-            .filter_map(|key| key.as_slice().try_into().ok().map(u64::from_ne_bytes))
+            .filter(|key| !meters.contains(key))
+            .copied()
             .collect();
-        let unused: HashSet<u64> = held_meters.difference(meters).copied().collect();
-        let mut deleted = 0;
-        for key in unused.intersection(&table.unused_meters) {
-            if self.meters.delete(&key.to_ne_bytes()).is_ok() {
-                deleted += 1;
-            }
+        let stale: Vec<u64> = unused.intersection(&table.unused_meters).copied().collect();
+        for key in &stale {
+            // Gone already or not, the agent no longer counts it.
+            let _ = self.meters.delete(&key.to_ne_bytes());
+            table.rates.remove(key);
         }
         table.unused_meters = unused;
-        (released.len(), deleted)
+        (released.len(), stale.len())
     }
 
     /// Returns once every program run that started before the call has

@@ -149,6 +149,7 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
     let rows: Vec<Vec<String>> = bindings
         .iter()
         .map(|b| {
+            let usage = usage_of(b);
             vec![
                 b.client.clone(),
                 b.listener.clone(),
@@ -157,9 +158,9 @@ pub fn bindings_table(bindings: &[ChannelBinding]) -> String {
                 b.allocation_port.to_string(),
                 dont_fragment(b.dont_fragment),
                 lifetime(b.lifetime_ms),
-                traffic_cell(&usage_of(b).client_to_peer),
-                traffic_cell(&usage_of(b).peer_to_client),
-                dropped_cell(&usage_of(b)),
+                traffic_cell(&usage.client_to_peer),
+                traffic_cell(&usage.peer_to_client),
+                dropped_cell(&usage),
                 limits_cell(b),
             ]
         })
@@ -264,6 +265,7 @@ pub fn binding_json(binding: &ChannelBinding) -> serde_json::Value {
 
 /// One binding for people.
 pub fn binding_text(binding: &ChannelBinding) -> String {
+    let usage = usage_of(binding);
     fields(&[
         ("client", binding.client.clone()),
         ("listener", binding.listener.clone()),
@@ -272,15 +274,15 @@ pub fn binding_text(binding: &ChannelBinding) -> String {
         ("allocation port", binding.allocation_port.to_string()),
         ("don't fragment", dont_fragment(binding.dont_fragment)),
         ("lifetime", lifetime(binding.lifetime_ms)),
-        ("to peer", traffic_cell(&usage_of(binding).client_to_peer)),
-        ("to client", traffic_cell(&usage_of(binding).peer_to_client)),
+        ("to peer", traffic_cell(&usage.client_to_peer)),
+        ("to client", traffic_cell(&usage.peer_to_client)),
         (
             "dropped to peer",
-            traffic_cell(&usage_of(binding).dropped_client_to_peer),
+            traffic_cell(&usage.dropped_client_to_peer),
         ),
         (
             "dropped to client",
-            traffic_cell(&usage_of(binding).dropped_peer_to_client),
+            traffic_cell(&usage.dropped_peer_to_client),
         ),
         ("rate limits", limits_cell(binding)),
     ])
