@@ -278,6 +278,20 @@ impl Rig {
             .collect()
     }
 
+    /// Fails unless the store comes to hold exactly the relay sockets of `ports`: the
+    /// daemon sends FDSTORE before it answers, but the manager reads it on its own thread.
+    fn expect_stored_relay_ports(&self, ports: &[u16], what: &str) {
+        let expected: BTreeSet<u16> = ports.iter().copied().collect();
+        let waited = wait_for(what, T, || {
+            Ok((self.stored_relay_ports() == expected).then_some(()))
+        });
+        assert!(
+            waited.is_ok(),
+            "{what}: stored {:?}, expected {expected:?}",
+            self.stored_relay_ports()
+        );
+    }
+
     /// Channel data relayed by the kernel: (client to peer, peer to client), IPv4.
     fn kernel_counters(&mut self) -> (u64, u64) {
         (
@@ -757,14 +771,13 @@ fn turn_control_restarts_keep_every_allocation_and_the_kernel_loses_no_channel_d
         "the quota holds before any restart"
     );
     let mut tcp = TcpAllocation::new(&rig.lab, server).unwrap();
-    assert_eq!(
-        rig.stored_relay_ports(),
-        BTreeSet::from([
+    rig.expect_stored_relay_ports(
+        &[
             relayed_addr.port(),
             second.relayed.port(),
-            tcp.relayed.port()
-        ]),
-        "the fd store holds every relay socket"
+            tcp.relayed.port(),
+        ],
+        "the fd store holds every relay socket",
     );
 
     let mut table = Vec::new();
@@ -913,14 +926,13 @@ fn turn_control_restarts_keep_every_allocation_and_the_kernel_loses_no_channel_d
             "{how:?}: turn_restart_dropped_total"
         );
         assert_eq!(metric(&body, "turn_journal_write_errors_total", ""), 0.0);
-        assert_eq!(
-            rig.stored_relay_ports(),
-            BTreeSet::from([
+        rig.expect_stored_relay_ports(
+            &[
                 relayed_addr.port(),
                 second.relayed.port(),
-                tcp.relayed.port()
-            ]),
-            "{how:?}: the fd store holds the relay sockets of every allocation"
+                tcp.relayed.port(),
+            ],
+            &format!("{how:?}: the fd store holds the relay sockets of every allocation"),
         );
 
         // The second allocation answers Refresh at once (the nonce still valid) and relays
@@ -1029,11 +1041,7 @@ fn turn_control_restarts_keep_every_allocation_and_the_kernel_loses_no_channel_d
         Ok((rig.agent.list()?.is_empty() && entries == 0.0).then_some(()))
     })
     .unwrap();
-    assert_eq!(
-        rig.stored_relay_ports(),
-        BTreeSet::new(),
-        "relay sockets left in the fd store"
-    );
+    rig.expect_stored_relay_ports(&[], "no relay socket left in the fd store");
     let _ = runtime.block_on(client.close());
 
     // Every listener came back from the fd store each time, and is counted so.
