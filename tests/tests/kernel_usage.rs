@@ -35,11 +35,24 @@ fn start(lab: &mut Lab, extra: &[&str]) -> Agent {
     Agent::connect(&socket).unwrap()
 }
 
+/// A socket whose receive buffer holds a second of the tests' streams: a reader thread
+/// that a loaded machine does not schedule for a while must not lose datagrams the
+/// kernel counted as relayed.
 fn udp(netns: &tests::Netns, ip: std::net::Ipv4Addr) -> UdpSocket {
     let socket = netns.enter(|| Ok(UdpSocket::bind((ip, 0))?)).unwrap();
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::RcvBufForce,
+        &RECEIVE_BUFFER,
+    )
+    .unwrap();
     socket.set_read_timeout(Some(DEADLINE)).unwrap();
     socket
 }
+
+/// [`udp`]'s receive buffer, in bytes (the kernel doubles it for its bookkeeping; a
+/// 100-byte datagram takes about 1 KiB of it).
+const RECEIVE_BUFFER: usize = 16 << 20;
 
 fn listener() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(RELAY_V4), LISTEN_PORT)
@@ -844,7 +857,11 @@ fn the_final_figures_hold_everything_relayed_up_to_the_removal() {
         },
     )
     .unwrap_or_else(|error| {
-        panic!("{error}: sent {sent}, final {relayed:?}, (arrived, to the stack) {last:?}")
+        let overflows = lab.peer.udp_receive_buffer_errors();
+        panic!(
+            "{error}: sent {sent}, final {relayed:?}, (arrived, to the stack) {last:?}, \
+             datagrams the peer's sockets had no room for: {overflows:?}"
+        )
     });
     assert!(
         relayed.0 >= 2_000 && relayed.0 < sent,
