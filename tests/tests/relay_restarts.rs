@@ -26,8 +26,13 @@ fn turn_control_bindings(lab: &Lab) -> f64 {
 }
 
 fn connected(lab: &Lab) -> anyhow::Result<Option<()>> {
+    agent_link(lab, 1.0)
+}
+
+/// Some(()) once turn-control reports its agent link as `state` (1 up, 0 down).
+fn agent_link(lab: &Lab, state: f64) -> anyhow::Result<Option<()>> {
     let body = Lab::scrape(&lab.relay, TURN_CONTROL_METRICS)?;
-    Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
+    Ok((sample(&body, "turn_agent_connected", "") == Some(state)).then_some(()))
 }
 
 #[test]
@@ -132,4 +137,73 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     })
     .unwrap();
     let _ = runtime.block_on(first.close());
+}
+
+/// A call set up while the agent is down is relayed in user space; once the agent is back,
+/// its channel moves to the kernel without any help from the client, which keeps
+/// refreshing the channel as it would for the rest of the call.
+#[test]
+fn a_channel_bound_while_the_agent_is_down_moves_to_the_kernel_when_it_is_back() {
+    if !tests::privileged() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    lab.start_turn_control(Some(&socket), &[]).unwrap();
+    wait_for(
+        "turn-control to connect to the agent",
+        Duration::from_secs(15),
+        || connected(&lab),
+    )
+    .unwrap();
+    lab.take_process("xdp-agent")
+        .unwrap()
+        .stop(Signal::SIGKILL)
+        .unwrap();
+    wait_for(
+        "turn-control to see the agent gone",
+        Duration::from_secs(15),
+        || agent_link(&lab, 0.0),
+    )
+    .unwrap();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let peer = tests::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
+    let client = runtime.block_on(client(&lab));
+    let relayed = runtime.block_on(client.allocate()).unwrap();
+    runtime
+        .block_on(tests::clients::round_trips(&relayed, &peer, 20, T))
+        .unwrap();
+    wait_for("turn-control to report the channel", T, || {
+        Ok((turn_control_bindings(&lab) == 1.0).then_some(()))
+    })
+    .unwrap();
+
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    let mut agent = Agent::connect(&socket).unwrap();
+    let listed = wait_for("the channel in the kernel", Duration::from_secs(15), || {
+        Ok(Some(agent.list()?).filter(|listed| listed.len() == 1))
+    })
+    .unwrap();
+    let binding = proto::Binding::try_from(&listed[0]).unwrap();
+    assert_eq!(
+        (binding.client.ip(), binding.peer),
+        (IpAddr::V4(CLIENT_V4), peer.local_addr().unwrap()),
+        "the kernel's binding: {binding:?}"
+    );
+    let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
+    runtime
+        .block_on(tests::clients::round_trips(&relayed, &peer, 20, T))
+        .unwrap();
+    assert_eq!(
+        agent.counter("relay_client_to_peer_v4_v4").unwrap().0,
+        before + 20,
+        "relayed in the kernel"
+    );
+    let _ = runtime.block_on(client.close());
 }

@@ -1072,11 +1072,15 @@ impl Eventloop {
                         "agent queue full; the sync part waits for room"
                     ),
                 }
+                // Channels bound while the link was down go to the kernel now, as installs
+                // that the link sends once this round's Sync is through.
+                self.server.set_data_plane_connected(Instant::now(), true);
             }
             FromAgent::Disconnected => {
                 self.agent_connected = false;
                 // The round after the reconnect asks again.
                 self.sync_part = None;
+                self.server.set_data_plane_connected(Instant::now(), false);
             }
         }
     }

@@ -256,6 +256,9 @@ pub struct Server {
     sources: Option<SourceLimiter>,
     /// New Allocates are redirected ([`Server::set_draining`]).
     draining: bool,
+    /// The daemon's link to the data plane is up ([`Server::set_data_plane_connected`]):
+    /// a channel relayed in user space is offered to the kernel again when refreshed.
+    data_plane_connected: bool,
     /// The allocations changed since the daemon last journaled them
     /// ([`Server::take_changes`]); `None` while nobody keeps a journal.
     changed: Option<HashSet<FiveTuple>>,
@@ -443,6 +446,7 @@ impl Server {
             unauthorized,
             sources,
             draining: false,
+            data_plane_connected: false,
             changed: None,
             latest: now,
             finishing: HashMap::new(),
@@ -544,6 +548,25 @@ impl Server {
                 Some((alloc.binding(tuple, *number, ch.peer)?, ch.kernel_expires?))
             })
         })
+    }
+
+    /// The daemon's link to the data plane came up (`true`: first connected, or connected
+    /// again after it was lost) or went down. Coming up, every UDP channel that user space
+    /// relays although the kernel could (bound while the link was down, or its install
+    /// refused or lost) is offered to the data plane again ([`Command::InstallChannel`]),
+    /// after the full state of [`Server::channel_bindings`]. Without this, a channel bound
+    /// while the agent restarted would stay in user space for as long as its client kept
+    /// refreshing it: a refresh only moves the expiry of what the kernel holds.
+    pub fn set_data_plane_connected(&mut self, now: Instant, connected: bool) {
+        self.latest = self.latest.max(now);
+        self.data_plane_connected = connected;
+        if !connected {
+            return;
+        }
+        let tuples: Vec<FiveTuple> = self.allocations.keys().copied().collect();
+        for tuple in tuples {
+            self.offer_user_space_channels(now, &tuple, None);
+        }
     }
 
     /// Starts (or stops) draining: new Allocates are redirected ([`crate::redirect`]) while
@@ -1698,6 +1721,11 @@ impl Server {
         // others to the same IP) is re-installed.
         self.install_permission(now, tuple, peer.0.ip());
         self.sync_kernel_expiries(tuple);
+        if refresh && self.data_plane_connected {
+            // A channel relayed in user space (its install refused, or lost with the link
+            // to the data plane) gets another chance with each refresh.
+            self.offer_user_space_channels(now, tuple, Some(peer));
+        }
         if refresh {
             // Answered at once unless the first answer is still held.
             if self.pending.contains_key(&key) {
@@ -1839,7 +1867,7 @@ impl Server {
         if tuple.transport != Transport::Udp {
             return;
         }
-        self.install_channels(tuple, |ch| {
+        self.install_channels(tuple, |_, ch| {
             ch.peer.0.ip() == ip && ch.confirmed && ch.kernel_expires.is_none()
         });
     }
@@ -1849,19 +1877,70 @@ impl Server {
     /// permission too), a CreatePermission (§10.2) or a Refresh (§8.2). Nothing is sent
     /// when no expiry moved.
     fn sync_kernel_expiries(&mut self, tuple: &FiveTuple) {
-        self.install_channels(tuple, |ch| ch.kernel_expires.is_some());
+        self.install_channels(tuple, |_, ch| ch.kernel_expires.is_some());
+    }
+
+    /// Offers the data plane the channels of `tuple` (those to `peer`, if given) that user
+    /// space relays although the kernel could: a UDP client's confirmed channel whose
+    /// permission is live, not on its way out of the data plane (a removal not yet answered
+    /// would end the reading its figures continue), of a user with room in its share.
+    fn offer_user_space_channels(
+        &mut self,
+        now: Instant,
+        tuple: &FiveTuple,
+        peer: Option<PeerAddr>,
+    ) {
+        let Some(alloc) = self.allocations.get(tuple) else {
+            return;
+        };
+        if tuple.transport != Transport::Udp
+            || self.config.quotas.kernel_bindings(&alloc.username)
+                >= self.config.user_kernel_bindings
+        {
+            return;
+        }
+        let permitted: HashSet<IpAddr> = alloc
+            .permissions
+            .keys()
+            .copied()
+            .filter(|ip| alloc.has_permission(*ip, now))
+            .collect();
+        let leaving: HashSet<ChannelNumber> =
+            alloc.account.removing.iter().map(|b| b.channel).collect();
+        let offered: Vec<ChannelNumber> = alloc
+            .channels
+            .iter()
+            .filter(|(number, ch)| {
+                ch.confirmed
+                    && ch.kernel_expires.is_none()
+                    && ch.expires > now
+                    && peer.is_none_or(|peer| peer == ch.peer)
+                    && permitted.contains(&ch.peer.0.ip())
+                    && !leaving.contains(number)
+            })
+            .map(|(number, _)| *number)
+            .collect();
+        if offered.is_empty() {
+            return;
+        }
+        tracing::debug!(client = %tuple.client, channels = offered.len(), "offering user-space channels to the data plane");
+        self.install_channels(tuple, |number, _| offered.contains(&number));
     }
 
     /// Emits [`Command::InstallChannel`] for the channels of `tuple` that `select` picks and
     /// whose effective expiry is not the one the data plane was last told, and records it.
-    fn install_channels(&mut self, tuple: &FiveTuple, select: impl Fn(&Channel) -> bool) {
+    fn install_channels(
+        &mut self,
+        tuple: &FiveTuple,
+        select: impl Fn(ChannelNumber, &Channel) -> bool,
+    ) {
         let Some(alloc) = self.allocations.get_mut(tuple) else {
             return;
         };
         let due: Vec<(ChannelNumber, PeerAddr, Instant, bool)> = alloc
             .channels
             .iter()
-            .filter(|(_, ch)| select(ch))
+            .filter(|(number, ch)| select(**number, ch))
             .filter_map(|(number, ch)| {
                 let expires = alloc.effective_expiry(ch);
                 let entering = ch.kernel_expires.is_none();

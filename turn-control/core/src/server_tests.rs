@@ -1924,7 +1924,7 @@ proptest! {
     /// Random operations with random time steps keep the gauges equal to the tables and the
     /// data plane's expiries current.
     #[test]
-    fn gauges_match_tables(ops in prop::collection::vec((0u8..9, 0u64..400), 1..30)) {
+    fn gauges_match_tables(ops in prop::collection::vec((0u8..11, 0u64..400), 1..30)) {
         let mut h = Harness::new();
         let mut c = Client::alice();
         for (op, secs) in ops {
@@ -1943,6 +1943,12 @@ proptest! {
                             h.server.channel_installed(h.now, &binding, result);
                         }
                     }
+                    Vec::new()
+                }
+                // The link to the data plane comes up (op 9: user-space channels offered)
+                // or goes down (op 10).
+                9 | 10 => {
+                    h.server.set_data_plane_connected(h.now, op == 9);
                     Vec::new()
                 }
                 // A longer lifetime, which the next plain Refresh (op 4) brings down again.
@@ -2209,6 +2215,11 @@ mod redirect;
 /// Bandwidth limits and usage accounting: meters, capacity, kernel figures, records.
 #[path = "server_tests_usage.rs"]
 mod usage;
+
+/// Channels relayed in user space offered to the data plane again: when the link to it
+/// comes back, and when refreshed while it is up.
+#[path = "server_tests_offload.rs"]
+mod offload;
 
 /// A fresh server of `config()` (adjusted by `f`) started `later` after `h`'s, as a new
 /// process keeping its state would be: the nonce key kept (`nonce_seed`: the key `h`'s seed
