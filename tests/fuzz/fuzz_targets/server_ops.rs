@@ -86,6 +86,11 @@ enum Op {
         client: u8,
         bytes: Vec<u8>,
     },
+    /// The daemon's link to the data plane comes up (user-space channels offered to it
+    /// again) or goes down.
+    DataPlane {
+        connected: bool,
+    },
 }
 
 /// Clients: UDP over IPv4 (three), UDP over IPv6, TCP over IPv4 and IPv6.
@@ -512,6 +517,10 @@ impl Harness {
             }
             Op::Raw { client, bytes } => {
                 self.client_input(pick(client), &bytes);
+            }
+            Op::DataPlane { connected } => {
+                self.server.set_data_plane_connected(self.now, connected);
+                self.drain(None);
             }
         }
     }
