@@ -47,8 +47,13 @@ pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), LoggingError>
         filter: filter.to_owned(),
         source,
     })?;
+    // Colours only for a person at a terminal: journald, a log file or a pipe would keep
+    // the escape sequences as text (and NO_COLOR, https://no-color.org, turns them off).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.try_init(),

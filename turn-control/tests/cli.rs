@@ -186,6 +186,8 @@ fn sigterm_drains_and_exits_zero() {
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}: {}", daemon.log.join("\n"));
     assert!(daemon.log.iter().any(|l| l.contains("drained, exiting")));
+    // Not a terminal: no colour sequences for journald or a log file to keep as text.
+    assert!(!daemon.output().contains('\x1b'), "{}", daemon.output());
 }
 
 #[test]

@@ -58,19 +58,8 @@ fn dropped(reason: &str) -> String {
 
 /// Prints what `daemon` said about the restore (seen with `--nocapture`).
 fn print_restore(test: &str, daemon: &Daemon) {
-    // Without the colours of the daemon's text log.
     let output = daemon.output();
-    let mut plain = String::with_capacity(output.len());
-    let mut in_escape = false;
-    for c in output.chars() {
-        match (in_escape, c) {
-            (false, '\x1b') => in_escape = true,
-            (false, c) => plain.push(c),
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-        }
-    }
-    for line in plain.lines().filter(|line| {
+    for line in output.lines().filter(|line| {
         [
             "restored",
             "journal",

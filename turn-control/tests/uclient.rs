@@ -203,7 +203,7 @@ fn rtp_and_rtcp_relays_pair_up_across_threads_ipv4_udp() {
 
     // The RTCP relays took the ports their RTP relays reserved: odd, next to an allocation's
     // even port. (uclient leaves one reservation unused with `-m 10`, on one thread as well.)
-    let log = without_colours(&daemon.output());
+    let log = daemon.output();
     let field = |line: &str, key: &str| -> String {
         let rest = &line[line.find(key).unwrap() + key.len()..];
         rest.split_whitespace().next().unwrap().to_owned()
@@ -251,23 +251,4 @@ fn rtp_and_rtcp_relays_pair_up_across_threads_ipv4_udp() {
         taken.iter().any(|(_, core, maker)| core != maker),
         "{test}: every token was used on the thread that made it: {taken:?}"
     );
-}
-
-/// `text` without ANSI colour sequences.
-fn without_colours(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ parameters final-letter
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
