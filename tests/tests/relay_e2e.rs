@@ -99,11 +99,10 @@ fn run_case(case: &Case) {
         "{}: {installed:?} offloads",
         case.name
     );
-    for result in ["failed", "timed_out"] {
-        let label = format!("result=\"{result}\"");
-        let count = sample(&control, "turn_offload_installs_total", &label).unwrap_or(0.0);
-        assert_eq!(count, 0.0, "{}: {result}", case.name);
-    }
+    // None failed. One may have timed out (its success sent after 50 ms on a loaded
+    // machine) and still be installed, counted above.
+    let failed = sample(&control, "turn_offload_installs_total", "result=\"failed\"");
+    assert_eq!(failed.unwrap_or(0.0), 0.0, "{}: failed offloads", case.name);
     // The agent refreshes its metrics every second: wait for this traffic.
     let agent_metrics = wait_for("the agent's relayed bytes", Duration::from_secs(10), || {
         let body = Lab::scrape(&lab.relay, AGENT_METRICS)?;

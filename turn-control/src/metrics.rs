@@ -85,7 +85,7 @@ declare_metrics! {
     counter ICMP_RATE_LIMITED = "turn_icmp_rate_limited_total",
         "ICMP errors not relayed because their allocation's rate cap was reached";
     counter OFFLOADS = "turn_offload_installs_total",
-        "Channel bindings sent to the XDP data plane, by result (installed, failed, timed_out)";
+        "Channel bindings sent to the XDP data plane, by result (installed; failed: relayed in user space; timed_out: the ChannelBind success went out before the answer, which may still be installed)";
     gauge AGENT_CONNECTED = "turn_agent_connected",
         "1 while the xdp-agent is connected, 0 otherwise";
     counter AGENT_RPC_ERRORS = "turn_agent_rpc_errors_total", "Failed gRPC calls to the xdp-agent";
