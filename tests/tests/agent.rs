@@ -23,7 +23,7 @@ fn start(lab: &mut Lab) -> Agent {
             "native",
             "--metrics",
             METRICS,
-            // 200 packets in the metrics test make three reports.
+            // The metrics test's packets make three reports or more.
             "--event-interval",
             "64",
         ]))
@@ -522,6 +522,9 @@ fn scrape(lab: &Lab) -> String {
         .unwrap()
 }
 
+/// The datagrams the metrics test relays.
+const DATAGRAMS: usize = 320;
+
 #[test]
 fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
     if !tests::privileged() {
@@ -539,9 +542,11 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
             50000,
         )])
         .unwrap();
-    // 200 datagrams of 100 bytes: more than three perf-event reports' worth.
+    // 320 datagrams of 100 bytes. Reports are due every 64 packets of one CPU, and a
+    // sender that moves between CPUs splits the count: on two CPUs, 320 make at least
+    // four reports however they split (3 * 64 + 63 is the least that makes three).
     let mut buffer = [0u8; 2048];
-    for _ in 0..200 {
+    for _ in 0..DATAGRAMS {
         client
             .send_to(&channel_data(0x4001, &[7u8; 100]), (RELAY_V4, 3478))
             .unwrap();
@@ -558,16 +563,17 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
                 .nth(1)
                 .unwrap_or_default()
                 .to_owned();
-            Ok(
-                (sample(&body, "data_relayed_ebpf_bytes_total", "") == Some(20_000.0))
-                    .then_some(body),
-            )
+            // The agent refreshes its metrics once a second, and reads the perf events on
+            // a thread of their own: both may lag the traffic.
+            let relayed = sample(&body, "data_relayed_ebpf_bytes_total", "");
+            let events = sample(&body, "xdp_perf_events_total", "").unwrap_or(0.0);
+            Ok((relayed == Some(DATAGRAMS as f64 * 100.0) && events >= 3.0).then_some(body))
         },
     )
     .unwrap();
     assert_eq!(
         sample(&body, "data_relayed_ebpf_packets_total", ""),
-        Some(200.0)
+        Some(DATAGRAMS as f64)
     );
     assert_eq!(
         sample(
@@ -575,13 +581,9 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
             "xdp_packets_total",
             "reason=\"relay_client_to_peer_v4_v4\""
         ),
-        Some(200.0)
+        Some(DATAGRAMS as f64)
     );
     assert_eq!(sample(&body, "xdp_bindings_installed", ""), Some(1.0));
-    assert!(
-        sample(&body, "xdp_perf_events_total", "").unwrap() >= 3.0,
-        "perf events arrive"
-    );
     assert_eq!(sample(&body, "xdp_perf_events_lost_total", ""), Some(0.0));
     assert_eq!(
         sample(&body, "xdp_attached", "interface=\"x0\",mode=\"native\"").or(sample(
@@ -601,7 +603,7 @@ fn metrics_are_prometheus_text_and_count_the_relayed_bytes() {
         assert!(name.chars().next().unwrap().is_ascii_alphabetic(), "{line}");
     }
     let counters = agent.counter("relay_client_to_peer_v4_v4").unwrap();
-    assert_eq!(counters, (200, 20_000));
+    assert_eq!(counters, (DATAGRAMS as u64, DATAGRAMS as u64 * 100));
     tests::promtool_check_metrics(&body).unwrap();
 }
 

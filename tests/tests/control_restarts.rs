@@ -822,11 +822,16 @@ fn turn_control_restarts_keep_every_allocation_and_the_kernel_loses_no_channel_d
         rig.start(binary, instance + 1).unwrap();
         let down = signalled.elapsed();
         rig.lab.wait_agent_connected(Site::A).unwrap();
-        let new_log = rig.control().log();
-        assert!(
-            new_log.contains("allocations restored"),
-            "{how:?}: no restore in the log:\n{new_log}"
-        );
+        // Each event-loop thread logs its restore as it starts, READY=1 does not wait for it.
+        wait_for("the restore in the log", T, || {
+            Ok(rig
+                .control()
+                .log()
+                .contains("allocations restored")
+                .then_some(()))
+        })
+        .with_context(|| format!("{how:?}:\n{}", rig.control().log()))
+        .unwrap();
         // The agent's bindings are turn-control's: the restored channel, nothing stale.
         wait_for("the bindings to agree", T, || {
             let listed = bare(rig.agent.list()?);

@@ -5,7 +5,7 @@
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::agent::Agent;
 use tests::{
@@ -96,7 +96,6 @@ fn removals_dropped_by_a_full_queue_force_a_sync_and_the_kernel_converges() {
 
     // The allocation is deleted: its removals come in one burst, most of
     // them do not fit, and a full Sync takes them out.
-    let deleted = Instant::now();
     runtime
         .block_on(webrtc_util::Conn::close(&relayed))
         .unwrap();
@@ -107,19 +106,15 @@ fn removals_dropped_by_a_full_queue_force_a_sync_and_the_kernel_converges() {
         Ok((listed.is_empty() && entries == 0.0).then_some(()))
     })
     .unwrap();
-    let converged = deleted.elapsed();
+    // Within T, where the bindings' own lifetimes would have taken minutes.
     assert!(
         turn_control_metric(&lab, "turn_agent_syncs_forced_total") > forced_before,
         "the dropped removals forced a full sync"
     );
-    assert!(
-        converged < Duration::from_secs(2),
-        "converged {converged:?} after the deletion"
-    );
-    assert_eq!(
-        turn_control_metric(&lab, "turn_channel_bindings_active"),
-        0.0,
-        "turn-control holds nothing either"
-    );
+    // turn-control publishes its gauges once a second.
+    wait_for("turn-control to hold nothing either", T, || {
+        Ok((turn_control_metric(&lab, "turn_channel_bindings_active") == 0.0).then_some(()))
+    })
+    .unwrap();
     let _ = runtime.block_on(client.close());
 }

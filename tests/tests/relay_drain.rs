@@ -87,7 +87,12 @@ fn a_drained_relay_keeps_its_calls_in_the_kernel_redirects_new_ones_and_exits_wh
     );
     assert_eq!(admin(&lab, "GET", "/healthz").0, 200, "draining is alive");
 
-    // The call made before the drain goes on, in the kernel.
+    // The call made before the drain goes on, in the kernel (its channel there: the
+    // ChannelBind success goes out after 50 ms without the agent's answer on a loaded host).
+    wait_for("the channel in the kernel", T, || {
+        Ok((agent.list()?.len() == 1).then_some(()))
+    })
+    .unwrap();
     let kernel = relayed_to_peer(&mut agent);
     runtime
         .block_on(tests::clients::round_trips(&relayed, &peer, 20, T))

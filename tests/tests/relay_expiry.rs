@@ -87,6 +87,13 @@ fn relayed_in_the_kernel() -> (Relay, impl webrtc_util::Conn) {
         (client, relayed, peer)
     });
     let mut agent = Agent::connect(&socket).unwrap();
+    runtime
+        .block_on(tests::clients::round_trips(&relayed, &peer, 1, T))
+        .unwrap();
+    wait_for("the channel in the kernel", T, || {
+        Ok((agent.list()?.len() == 1).then_some(()))
+    })
+    .unwrap();
     let before = relayed_counts(&mut agent);
     runtime
         .block_on(tests::clients::round_trips(&relayed, &peer, 20, T))

@@ -113,15 +113,9 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     let second = runtime.block_on(client(&lab));
     let relayed_again = runtime.block_on(second.allocate()).unwrap();
     let before = agent.counter("relay_client_to_peer_v4_v4").unwrap().0;
-    let started = std::time::Instant::now();
     runtime
         .block_on(tests::clients::round_trips(&relayed_again, &peer, 20, T))
         .unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "traffic took {:?} to flow",
-        started.elapsed()
-    );
     assert!(
         agent.counter("relay_client_to_peer_v4_v4").unwrap().0 > before,
         "offloaded after the turn-control restart"

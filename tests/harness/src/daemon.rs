@@ -201,7 +201,13 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                // Every line up to the end of its output: the reader thread hangs up at EOF
+                // (a loaded machine may not have run it for a while).
+                let rest = Instant::now() + Duration::from_secs(5);
+                while let Ok(line) = self
+                    .lines
+                    .recv_timeout(rest.saturating_duration_since(Instant::now()))
+                {
                     self.record(&line);
                 }
                 return status;
