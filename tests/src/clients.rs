@@ -8,6 +8,18 @@ use turn::client::{Client, ClientConfig};
 
 use crate::Netns;
 
+/// The runtime a test runs its clients on: two worker threads, so that a client's reader
+/// task and the test's own sends make progress side by side.
+///
+/// # Errors
+/// When the runtime cannot be built (no threads left).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 /// A webrtc-rs TURN client (`turn::client::Client`, listening) whose UDP
 /// socket lives in `netns` on `local`, for the server at `server` with the
 /// lab's user `test:testpass` in realm `lab.example`. Call from within a

@@ -700,11 +700,7 @@ fn turn_control_restarts_keep_every_allocation_and_the_kernel_loses_no_channel_d
     // Two threads, two addresses, UDP and TCP.
     assert_eq!(listeners_stored, 8, "stored: {:?}", rig.manager.names());
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     let _guard = runtime.enter();
     let server = SocketAddr::new(IpAddr::V4(RELAY_V4), LISTEN_PORT);
     let peer = || Arc::new(tests::clients::udp_socket(&rig.lab.peer, IpAddr::V4(PEER_V4)).unwrap());

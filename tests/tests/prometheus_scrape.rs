@@ -539,11 +539,7 @@ fn prometheus_scrapes_the_daemons_and_evaluates_the_alerts_with_the_shipped_conf
     // A TURN client binds a channel to the peer: the binding appears in both
     // daemons' series, then channel data is relayed in the kernel and its
     // bytes reach Prometheus.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     let _guard = runtime.enter();
     let peer = tests::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
     let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478);

@@ -51,11 +51,7 @@ fn removals_dropped_by_a_full_queue_force_a_sync_and_the_kernel_converges() {
     )
     .unwrap();
     lab.wait_agent_connected(Site::A).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     let _guard = runtime.enter();
     let mut agent = Agent::connect(&socket).unwrap();
 

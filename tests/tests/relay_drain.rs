@@ -52,11 +52,7 @@ fn a_drained_relay_keeps_its_calls_in_the_kernel_redirects_new_ones_and_exits_wh
     )
     .unwrap();
     lab.wait_agent_connected(Site::A).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     let _guard = runtime.enter();
     let mut agent = Agent::connect(&socket).unwrap();
     let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478);

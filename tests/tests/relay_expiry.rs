@@ -72,11 +72,7 @@ fn relayed_in_the_kernel() -> (Relay, impl webrtc_util::Conn) {
         Ok((sample(&body, "turn_agent_connected", "") == Some(1.0)).then_some(()))
     })
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     let (client, relayed, peer) = runtime.block_on(async {
         let server = SocketAddr::new(IpAddr::V4(Site::A.v4()), 3478);
         let client = tests::clients::webrtc_client(&lab.client, IpAddr::V4(CLIENT_V4), server)

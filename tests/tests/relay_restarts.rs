@@ -4,6 +4,7 @@
 #![expect(clippy::unwrap_used, reason = "a test: failures should panic")]
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -25,6 +26,15 @@ fn turn_control_bindings(lab: &Lab) -> f64 {
     sample(&body, "turn_channel_bindings_active", "").unwrap_or(-1.0)
 }
 
+/// A lab whose turn-control is connected to its agent, and the agent's socket.
+fn connected_lab() -> (Lab, PathBuf) {
+    let mut lab = Lab::new().unwrap();
+    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
+    lab.start_turn_control(Some(&socket), &[]).unwrap();
+    lab.wait_agent_connected(Site::A).unwrap();
+    (lab, socket)
+}
+
 fn connected(lab: &Lab) -> anyhow::Result<Option<()>> {
     agent_link(lab, 1.0)
 }
@@ -40,20 +50,8 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     if !tests::privileged() {
         return;
     }
-    let mut lab = Lab::new().unwrap();
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
-    lab.start_turn_control(Some(&socket), &[]).unwrap();
-    wait_for(
-        "turn-control to connect to the agent",
-        Duration::from_secs(15),
-        || connected(&lab),
-    )
-    .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (mut lab, socket) = connected_lab();
+    let runtime = tests::clients::runtime().unwrap();
     let _guard = runtime.enter();
     let peer = tests::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
 
@@ -141,15 +139,7 @@ fn a_channel_bound_while_the_agent_is_down_moves_to_the_kernel_when_it_is_back()
     if !tests::privileged() {
         return;
     }
-    let mut lab = Lab::new().unwrap();
-    let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
-    lab.start_turn_control(Some(&socket), &[]).unwrap();
-    wait_for(
-        "turn-control to connect to the agent",
-        Duration::from_secs(15),
-        || connected(&lab),
-    )
-    .unwrap();
+    let (mut lab, _) = connected_lab();
     lab.take_process("xdp-agent")
         .unwrap()
         .stop(Signal::SIGKILL)
@@ -161,11 +151,7 @@ fn a_channel_bound_while_the_agent_is_down_moves_to_the_kernel_when_it_is_back()
     )
     .unwrap();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     let _guard = runtime.enter();
     let peer = tests::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
     let client = runtime.block_on(client(&lab));

@@ -104,11 +104,7 @@ fn clients_on_two_relays_talk_through_both_kernels() {
     lab.add_second_relay().unwrap();
     let socket_a = start_relay(&mut lab, Site::A, "198.18.0.0/24");
     let socket_b = start_relay(&mut lab, Site::B, "203.0.113.0/24");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     runtime.block_on(async {
         let client_a = client(&lab.client, IpAddr::V4(CLIENT_V4), Site::A).await;
         let client_b = client(&lab.peer, IpAddr::V4(PEER_V4), Site::B).await;
@@ -148,11 +144,7 @@ fn two_allocations_on_one_relay_talk_through_the_kernel_hairpin() {
     let mut lab = Lab::new().unwrap();
     // The operator opens the relay's own address to its clients: the hairpin.
     let socket = start_relay(&mut lab, Site::A, "203.0.113.10/32");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     runtime.block_on(async {
         let first = client(&lab.client, IpAddr::V4(CLIENT_V4), Site::A).await;
         let second = client(&lab.peer, IpAddr::V4(PEER_V4), Site::A).await;

@@ -331,11 +331,7 @@ fn run_uclient(
 /// the relayed address. webrtc-rs's TURN client speaks UDP only (its `ClientConfig` takes a
 /// datagram `Conn`), so TCP and TLS are uclient's part.
 fn webrtc_on_one_port(lab: &Lab, client: IpAddr, relay: IpAddr) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tests::clients::runtime().unwrap();
     runtime.block_on(async {
         let server = SocketAddr::new(relay, ONE_PORT);
         let turn = tests::clients::webrtc_client(&lab.client, client, server)

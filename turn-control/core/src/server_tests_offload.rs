@@ -9,16 +9,38 @@ use crate::config::PERMISSION_LIFETIME;
 /// refused as the daemon refuses it with no agent connected, the ChannelBind succeeds and
 /// user space relays the channel.
 fn bind_in_user_space(h: &mut Harness, client: &mut Client, n: u16, peer: &str) -> ChannelBinding {
+    bind_refused(h, client, (n, peer), OffloadError::Unavailable)
+}
+
+/// Binds channel `n` of `client` to `peer`, and the data plane refuses it with `error`: the
+/// ChannelBind succeeds, the binding is taken out again and user space relays it.
+fn bind_refused(
+    h: &mut Harness,
+    client: &mut Client,
+    (n, peer): (u16, &str),
+    error: OffloadError,
+) -> ChannelBinding {
     assert!(h.bind(client, n, peer).is_empty(), "held for the install");
     let Some(Command::InstallChannel { binding, .. }) = h.take_commands().pop() else {
         panic!("no install");
     };
-    h.server
-        .channel_installed(h.now, &binding, Err(OffloadError::Unavailable));
+    h.server.channel_installed(h.now, &binding, Err(error));
     let out = h.drain();
     assert!(Resp(out[0].payload().to_vec()).is_success());
     assert_eq!(h.take_commands(), vec![Command::RemoveChannel { binding }]);
     binding
+}
+
+/// A minute on, `client` refreshes `binding` (a ChannelBind to its peer), which installs it
+/// with the permission's new expiry.
+fn refresh_installs(h: &mut Harness, client: &mut Client, binding: ChannelBinding) {
+    h.advance(Duration::from_secs(60));
+    let out = h.bind(client, binding.channel.value(), &binding.peer.0.to_string());
+    assert!(Resp(out[0].payload().to_vec()).is_success());
+    assert_eq!(
+        installed(&h.take_commands()),
+        vec![(binding, h.now + PERMISSION_LIFETIME)]
+    );
 }
 
 /// The bindings `commands` install, with their expiries, sorted.
@@ -100,33 +122,16 @@ fn a_refresh_offers_a_refused_channel_again_while_the_data_plane_is_up() {
     h.allocate(&mut c);
     h.take_commands();
     // Refused (a full map, say) and removed: relayed in user space.
-    assert!(h.bind(&mut c, 0x4001, PEER).is_empty());
-    let Some(Command::InstallChannel { binding, .. }) = h.take_commands().pop() else {
-        panic!("no install");
-    };
-    let refused = OffloadError::Rejected("binding map full".to_owned());
-    h.server.channel_installed(h.now, &binding, Err(refused));
-    h.drain();
-    h.take_commands();
+    let full = OffloadError::Rejected("binding map full".to_owned());
+    let binding = bind_refused(&mut h, &mut c, (0x4001, PEER), full);
 
     // The client's refresh is answered at once and offers the channel again.
-    h.advance(Duration::from_secs(60));
-    let out = h.bind(&mut c, 0x4001, PEER);
-    assert!(Resp(out[0].payload().to_vec()).is_success());
-    assert_eq!(
-        installed(&h.take_commands()),
-        vec![(binding, h.now + PERMISSION_LIFETIME)]
-    );
+    refresh_installs(&mut h, &mut c, binding);
     h.server.channel_installed(h.now, &binding, Ok(()));
     assert_eq!(h.server.channel_bindings().count(), 1);
 
     // A refresh of what the kernel holds moves its expiry, as before.
-    h.advance(Duration::from_secs(60));
-    h.bind(&mut c, 0x4001, PEER);
-    assert_eq!(
-        installed(&h.take_commands()),
-        vec![(binding, h.now + PERMISSION_LIFETIME)]
-    );
+    refresh_installs(&mut h, &mut c, binding);
 }
 
 #[test]
@@ -161,12 +166,7 @@ fn no_offer_while_the_link_is_down_or_the_last_removal_is_unanswered() {
     // Answered: the next refresh offers it.
     h.server
         .channel_removed(h.now, &binding, Some(crate::Usage::default()));
-    h.advance(Duration::from_secs(60));
-    h.bind(&mut c, 0x4001, PEER);
-    assert_eq!(
-        installed(&h.take_commands()),
-        vec![(binding, h.now + PERMISSION_LIFETIME)]
-    );
+    refresh_installs(&mut h, &mut c, binding);
 }
 
 #[test]
