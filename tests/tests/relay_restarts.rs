@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tests::agent::Agent;
+use tests::records;
 use tests::{CLIENT_V4, Lab, PEER_V4, Site, TURN_CONTROL_METRICS, sample, wait_for};
 use turn::client::Client;
 
@@ -26,13 +27,25 @@ fn turn_control_bindings(lab: &Lab) -> f64 {
     sample(&body, "turn_channel_bindings_active", "").unwrap_or(-1.0)
 }
 
-/// A lab whose turn-control is connected to its agent, and the agent's socket.
-fn connected_lab() -> (Lab, PathBuf) {
+/// A lab whose turn-control is connected to its agent, and the agent's socket; with
+/// `accounting`, turn-control writes its records to [`records_file`].
+fn connected_lab(accounting: bool) -> (Lab, PathBuf) {
     let mut lab = Lab::new().unwrap();
     let socket = lab.start_xdp_agent(&["--xdp-mode", "native"]).unwrap();
-    lab.start_turn_control(Some(&socket), &[]).unwrap();
+    let file = records_file(&lab);
+    let args: &[&str] = if accounting {
+        &["--accounting-file", file.to_str().unwrap()]
+    } else {
+        &[]
+    };
+    lab.start_turn_control(Some(&socket), args).unwrap();
     lab.wait_agent_connected(Site::A).unwrap();
     (lab, socket)
+}
+
+/// Where turn-control writes its accounting records, in the lab's directory.
+fn records_file(lab: &Lab) -> PathBuf {
+    lab.dir().join("records.jsonl")
 }
 
 fn connected(lab: &Lab) -> anyhow::Result<Option<()>> {
@@ -50,7 +63,7 @@ fn either_daemon_restarts_and_the_kernel_path_recovers_without_stale_bindings() 
     if !tests::privileged() {
         return;
     }
-    let (mut lab, socket) = connected_lab();
+    let (mut lab, socket) = connected_lab(false);
     let runtime = tests::clients::runtime().unwrap();
     let _guard = runtime.enter();
     let peer = tests::clients::udp_socket(&lab.peer, IpAddr::V4(PEER_V4)).unwrap();
@@ -139,7 +152,7 @@ fn a_channel_bound_while_the_agent_is_down_moves_to_the_kernel_when_it_is_back()
     if !tests::privileged() {
         return;
     }
-    let (mut lab, _) = connected_lab();
+    let (mut lab, _) = connected_lab(true);
     lab.take_process("xdp-agent")
         .unwrap()
         .stop(Signal::SIGKILL)
@@ -184,6 +197,26 @@ fn a_channel_bound_while_the_agent_is_down_moves_to_the_kernel_when_it_is_back()
         agent.counter("relay_client_to_peer_v4_v4").unwrap().0,
         before + 20,
         "relayed in the kernel"
+    );
+
+    // Deallocated: the stop record has both paths' figures, and the kernel's are final
+    // (the install refused while the agent was away left nothing there to wait for).
+    let relayed_addr = webrtc_util::Conn::local_addr(&relayed).unwrap();
+    runtime
+        .block_on(webrtc_util::Conn::close(&relayed))
+        .unwrap();
+    let client_addr = SocketAddr::new(IpAddr::V4(CLIENT_V4), binding.client.port());
+    let stop = wait_for("the stop record", T, || {
+        let written = records::read(&records_file(&lab))?;
+        Ok(records::of_allocation(&written, client_addr, relayed_addr)
+            .into_iter()
+            .find(|record| record.record == "stop"))
+    })
+    .unwrap();
+    assert_eq!(stop.kernel_final, Some(true), "{stop:?}");
+    assert!(
+        stop.kernel_client_to_peer.packets >= 20 && stop.client_to_peer.packets >= 40,
+        "20 round trips in user space, then 20 in the kernel: {stop:?}"
     );
     let _ = runtime.block_on(client.close());
 }

@@ -158,6 +158,11 @@ pub(crate) struct Channel {
     pub(crate) kernel_expires: Option<Instant>,
     /// The ChannelBind success has been sent: ChannelData may go to the client.
     pub(crate) confirmed: bool,
+    /// An install of this binding may have reached the data plane since the last removal
+    /// (the data plane answered one, or its answer was lost on the way): taking the channel
+    /// out of the kernel then needs a removal. False while every install since was one the
+    /// daemon could not send ([`crate::OffloadError::Unavailable`]).
+    pub(crate) maybe_in_kernel: bool,
 }
 
 /// A recently expired binding.

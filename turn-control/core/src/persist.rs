@@ -497,6 +497,8 @@ impl Server {
                 expires,
                 kernel_expires: None,
                 confirmed: true,
+                // The kernel kept what the previous process installed.
+                maybe_in_kernel: ch.in_kernel,
             };
             if ch.kernel_seen != Usage::default() {
                 alloc.account.kernel_seen.insert(number, ch.kernel_seen);

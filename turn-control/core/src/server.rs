@@ -963,6 +963,9 @@ impl Server {
             Ok(()) => {
                 self.stats.offload_installed += 1;
                 tracing::debug!(%binding, "channel offloaded");
+                if let Some((_, ch, _)) = current {
+                    ch.maybe_in_kernel = true;
+                }
             }
             Err(error) => {
                 self.stats.offload_failed += 1;
@@ -972,14 +975,20 @@ impl Server {
                 // marked as in the data plane, nothing else would remove that entry, not even
                 // an early deletion of the allocation; so it goes now. Answers to installs
                 // sent before the remove cannot bring it back: the daemon carries commands out
-                // in order.
+                // in order. Nothing goes when no install since the last removal can have got
+                // there (the daemon sent none: no agent connected), so that the allocation's
+                // figures do not wait for, or miss, final figures of a binding the kernel
+                // never held.
                 if let Some((username, ch, removing)) = current
                     && ch.kernel_expires.take().is_some()
                 {
                     self.config.quotas.remove_kernel_bindings(&username, 1);
-                    removing.insert(*binding);
-                    self.commands
-                        .push_back(Command::RemoveChannel { binding: *binding });
+                    if error != OffloadError::Unavailable || ch.maybe_in_kernel {
+                        ch.maybe_in_kernel = false;
+                        removing.insert(*binding);
+                        self.commands
+                            .push_back(Command::RemoveChannel { binding: *binding });
+                    }
                 }
             }
         }
@@ -1763,6 +1772,7 @@ impl Server {
             expires,
             kernel_expires: None,
             confirmed: !offload,
+            maybe_in_kernel: false,
         };
         let kernel_expires = alloc.effective_expiry(&channel);
         alloc.channels.insert(
@@ -2048,7 +2058,12 @@ impl Server {
             .channels
             .iter_mut()
             .filter(|(_, ch)| ch.peer.0.ip() == ip)
-            .filter_map(|(number, ch)| ch.kernel_expires.take().map(|_| (*number, ch.peer)))
+            .filter_map(|(number, ch)| {
+                ch.kernel_expires.take()?;
+                // The removal below takes out whatever an install left.
+                ch.maybe_in_kernel = false;
+                Some((*number, ch.peer))
+            })
             .collect();
         self.config
             .quotas

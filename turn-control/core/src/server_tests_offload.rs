@@ -12,8 +12,9 @@ fn bind_in_user_space(h: &mut Harness, client: &mut Client, n: u16, peer: &str) 
     bind_refused(h, client, (n, peer), OffloadError::Unavailable)
 }
 
-/// Binds channel `n` of `client` to `peer`, and the data plane refuses it with `error`: the
-/// ChannelBind succeeds, the binding is taken out again and user space relays it.
+/// Binds channel `n` of `client` to `peer`, and the install fails with `error`: the
+/// ChannelBind succeeds and user space relays the channel. The binding is taken out of the
+/// kernel again unless the daemon could not send the install at all (no agent connected).
 fn bind_refused(
     h: &mut Harness,
     client: &mut Client,
@@ -24,10 +25,12 @@ fn bind_refused(
     let Some(Command::InstallChannel { binding, .. }) = h.take_commands().pop() else {
         panic!("no install");
     };
+    let sent = error != OffloadError::Unavailable;
     h.server.channel_installed(h.now, &binding, Err(error));
     let out = h.drain();
     assert!(Resp(out[0].payload().to_vec()).is_success());
-    assert_eq!(h.take_commands(), vec![Command::RemoveChannel { binding }]);
+    let removal = sent.then_some(Command::RemoveChannel { binding });
+    assert_eq!(h.take_commands(), Vec::from_iter(removal));
     binding
 }
 
@@ -191,4 +194,42 @@ fn a_user_past_its_share_of_the_data_plane_is_not_offered_more() {
     assert!(!offered.contains(&0x4002), "offered: {offered:x?}");
     // Not counted again: the counter counts channels turned away, not refreshes.
     assert_eq!(h.server.stats().kernel_share_exceeded, 1);
+}
+
+#[test]
+fn a_channel_the_kernel_never_held_leaves_its_figures_final() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate(&mut c);
+    bind_in_user_space(&mut h, &mut c, 0x4001, PEER);
+    // Deleted (Refresh with lifetime 0): no removal to wait for, and none whose figures
+    // could be missing.
+    let req = c.request(METHOD_REFRESH, |b| {
+        b.raw(ATTR_LIFETIME, &[0; 4]);
+    });
+    assert!(h.call(&c, &req).is_success());
+    let commands = h.take_commands();
+    assert!(
+        !commands
+            .iter()
+            .any(|command| matches!(command, Command::RemoveChannel { .. })),
+        "{commands:?}"
+    );
+    let stop = h.records.last().unwrap();
+    assert_eq!(
+        (stop.record, stop.kernel_final),
+        (crate::RecordKind::Stop, Some(true))
+    );
+
+    // Once the kernel answered an install, a later one that could not be sent still takes
+    // the binding out (the kernel holds the earlier one), and the allocation waits for it.
+    let mut d = Client::new("192.0.2.2:5000", "alice", "alice-pw");
+    h.allocate(&mut d);
+    assert!(h.bind_acked(&mut d, 0x4001, PEER).is_success());
+    h.advance(Duration::from_secs(60));
+    h.bind(&mut d, 0x4001, PEER);
+    let binding = installed(&h.take_commands())[0].0;
+    h.server
+        .channel_installed(h.now, &binding, Err(OffloadError::Unavailable));
+    assert_eq!(h.take_commands(), vec![Command::RemoveChannel { binding }]);
 }
