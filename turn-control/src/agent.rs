@@ -803,12 +803,13 @@ impl From<tonic::Status> for RpcError {
     }
 }
 
-/// What a thread hears of an install that failed.
+/// What a thread hears of an install that was sent and failed. Gone is not "unavailable":
+/// the agent may have applied the install before the link broke.
 impl From<RpcError> for OffloadError {
     fn from(error: RpcError) -> Self {
         match error {
             RpcError::Rejected(reason) => OffloadError::Rejected(reason),
-            RpcError::Gone(_) => OffloadError::Unavailable,
+            RpcError::Gone(reason) => OffloadError::Lost(reason),
         }
     }
 }

@@ -191,12 +191,17 @@ pub enum Command {
 /// Why the data plane did not install a binding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OffloadError {
-    /// No data-plane agent is connected.
+    /// The install was not sent: no data-plane agent is connected, or no room in the queue
+    /// to it.
     #[error("no data plane agent is connected")]
     Unavailable,
     /// The agent refused or failed the request.
     #[error("data plane refused the binding: {0}")]
     Rejected(String),
+    /// The install was sent and the link to the agent was lost before its answer: the data
+    /// plane may hold the binding (the full sync after the reconnect settles it).
+    #[error("data plane unreachable before it answered: {0}")]
+    Lost(String),
 }
 
 /// The sans-IO TURN server (RFC 8656).

@@ -14,7 +14,7 @@ fn bind_in_user_space(h: &mut Harness, client: &mut Client, n: u16, peer: &str) 
 
 /// Binds channel `n` of `client` to `peer`, and the install fails with `error`: the
 /// ChannelBind succeeds and user space relays the channel. The binding is taken out of the
-/// kernel again unless the daemon could not send the install at all (no agent connected).
+/// kernel again (a removal) unless the daemon could not send the install at all.
 fn bind_refused(
     h: &mut Harness,
     client: &mut Client,
@@ -232,4 +232,15 @@ fn a_channel_the_kernel_never_held_leaves_its_figures_final() {
     h.server
         .channel_installed(h.now, &binding, Err(OffloadError::Unavailable));
     assert_eq!(h.take_commands(), vec![Command::RemoveChannel { binding }]);
+}
+
+#[test]
+fn an_install_whose_answer_was_lost_is_taken_out_again() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate(&mut c);
+    h.take_commands();
+    // Sent, and the link broke before the answer: the agent may have applied it.
+    let lost = OffloadError::Lost("connection reset".to_owned());
+    bind_refused(&mut h, &mut c, (0x4001, PEER), lost);
 }
