@@ -313,32 +313,28 @@ impl Netns {
     /// Datagrams the namespace's UDP sockets dropped for want of room in their receive
     /// buffers (`RcvbufErrors` of /proc/net/snmp, which is per namespace), IPv4 and IPv6.
     pub fn udp_receive_buffer_errors(&self) -> anyhow::Result<u64> {
-        let mut total = 0;
-        for (file, table) in [("/proc/net/snmp", "Udp:"), ("/proc/net/snmp6", "Udp6")] {
-            let text = self.exec("cat", [file])?;
-            total += if table == "Udp:" {
-                // Two lines, names then values, each starting with "Udp:".
-                let mut lines = text.lines().filter(|line| line.starts_with(table));
-                let (names, values) = (lines.next(), lines.next());
-                let (Some(names), Some(values)) = (names, values) else {
-                    bail!("no Udp table in {file}");
-                };
-                names
-                    .split_whitespace()
-                    .zip(values.split_whitespace())
-                    .find(|(name, _)| *name == "RcvbufErrors")
-                    .context("no RcvbufErrors in /proc/net/snmp")?
-                    .1
-                    .parse::<u64>()?
-            } else {
-                text.lines()
-                    .find_map(|line| line.strip_prefix("Udp6RcvbufErrors"))
-                    .context("no Udp6RcvbufErrors in /proc/net/snmp6")?
-                    .trim()
-                    .parse::<u64>()?
-            };
-        }
-        Ok(total)
+        // IPv4: a line of names, then a line of values, both starting with "Udp:".
+        let snmp = self.exec("cat", ["/proc/net/snmp"])?;
+        let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+        let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+            bail!("no Udp table in /proc/net/snmp");
+        };
+        let v4: u64 = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "RcvbufErrors")
+            .context("no RcvbufErrors in /proc/net/snmp")?
+            .1
+            .parse()?;
+        // IPv6: a line per counter, its name and its value.
+        let snmp6 = self.exec("cat", ["/proc/net/snmp6"])?;
+        let v6: u64 = snmp6
+            .lines()
+            .find_map(|line| line.strip_prefix("Udp6RcvbufErrors"))
+            .context("no Udp6RcvbufErrors in /proc/net/snmp6")?
+            .trim()
+            .parse()?;
+        Ok(v4 + v6)
     }
 
     /// A command that will run inside the namespace. Only the network

@@ -827,6 +827,7 @@ fn the_final_figures_hold_everything_relayed_up_to_the_removal() {
         50000,
     );
     agent.install(vec![bound.clone()]).unwrap();
+    let overflows_before = lab.peer.udp_receive_buffer_errors().unwrap();
     let arrivals = Arrivals::count(&peer, 0);
     let message = channel_data(0x4001, &[5; 100]);
     let (sent, removed) = std::thread::scope(|scope| {
@@ -857,7 +858,10 @@ fn the_final_figures_hold_everything_relayed_up_to_the_removal() {
         },
     )
     .unwrap_or_else(|error| {
-        let overflows = lab.peer.udp_receive_buffer_errors();
+        let overflows = lab
+            .peer
+            .udp_receive_buffer_errors()
+            .map(|now| now - overflows_before);
         panic!(
             "{error}: sent {sent}, final {relayed:?}, (arrived, to the stack) {last:?}, \
              datagrams the peer's sockets had no room for: {overflows:?}"

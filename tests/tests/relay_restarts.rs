@@ -206,7 +206,8 @@ fn a_channel_bound_while_the_agent_is_down_moves_to_the_kernel_when_it_is_back()
         .block_on(webrtc_util::Conn::close(&relayed))
         .unwrap();
     let client_addr = SocketAddr::new(IpAddr::V4(CLIENT_V4), binding.client.port());
-    let stop = wait_for("the stop record", T, || {
+    // A stop waits up to 5 s for the kernel's final figures.
+    let stop = wait_for("the stop record", T * 3, || {
         let written = records::read(&records_file(&lab))?;
         Ok(records::of_allocation(&written, client_addr, relayed_addr)
             .into_iter()
