@@ -670,6 +670,18 @@ impl Lab {
         command
     }
 
+    /// Gives the relay host the network 10.9.0.0/24 (its address 10.9.0.1) behind `d0`, one
+    /// end of a veth pair (`d1` the other; not every kernel has dummy links) that the XDP
+    /// program is not attached to.
+    pub fn add_unattached_network(&self) -> anyhow::Result<()> {
+        self.relay
+            .ip(["link", "add", "d0", "type", "veth", "peer", "name", "d1"])?;
+        self.relay.ip(["addr", "add", "10.9.0.1/24", "dev", "d0"])?;
+        self.relay.ip(["link", "set", "d0", "up"])?;
+        self.relay.ip(["link", "set", "d1", "up"])?;
+        Ok(())
+    }
+
     /// Waits until turn-control at `site` reports `turn_agent_connected 1`.
     pub fn wait_agent_connected(&self, site: Site) -> anyhow::Result<()> {
         wait_for(

@@ -395,15 +395,8 @@ fn bindings_the_agent_s_peer_policy_denies_are_refused() {
         return;
     }
     let mut lab = Lab::new().unwrap();
-    // An address of the host on an interface the program is not attached to
-    // (a veth pair: not every kernel has dummy links).
-    lab.relay
-        .ip(["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
-        .unwrap();
-    lab.relay
-        .ip(["addr", "add", "10.9.0.1/24", "dev", "d0"])
-        .unwrap();
-    lab.relay.ip(["link", "set", "d0", "up"]).unwrap();
+    // An address of the host on an interface the program is not attached to.
+    lab.add_unattached_network().unwrap();
     // The lab's peers stay denied: the agent allows other networks only.
     let socket = lab
         .start_xdp_agent(&[

@@ -498,15 +498,7 @@ struct UdpAllocation {
 impl UdpAllocation {
     fn new(lab: &Lab, server: SocketAddr) -> anyhow::Result<Self> {
         let mut client = harness_client(lab, server)?;
-        let answer = client.allocate()?;
-        ensure!(
-            answer.class == class::SUCCESS,
-            "Allocate answered {:?}",
-            answer.error_code()
-        );
-        let relayed = answer
-            .xor_addr(attr::XOR_RELAYED_ADDRESS)
-            .context("no XOR-RELAYED-ADDRESS")?;
+        let relayed = client.allocate_relayed()?;
         Ok(Self { client, relayed })
     }
 

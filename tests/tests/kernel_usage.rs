@@ -35,6 +35,35 @@ fn start(lab: &mut Lab, extra: &[&str]) -> Agent {
     Agent::connect(&socket).unwrap()
 }
 
+/// A lab with its agent, a client and a peer socket, and the binding of channel 0x4001
+/// between them on relay port 50000, not installed yet.
+struct Direct {
+    lab: Lab,
+    agent: Agent,
+    client: UdpSocket,
+    peer: UdpSocket,
+    binding: ChannelBinding,
+}
+
+fn direct() -> Direct {
+    let mut lab = Lab::new().unwrap();
+    let agent = start(&mut lab, &[]);
+    let (client, peer) = (udp(&lab.client, CLIENT_V4), udp(&lab.peer, PEER_V4));
+    let binding = binding(
+        client.local_addr().unwrap(),
+        0x4001,
+        peer.local_addr().unwrap(),
+        50000,
+    );
+    Direct {
+        lab,
+        agent,
+        client,
+        peer,
+        binding,
+    }
+}
+
 /// A socket whose receive buffer holds a second of the tests' streams: a reader thread
 /// that a loaded machine does not schedule for a while must not lose datagrams the
 /// kernel counted as relayed.
@@ -292,16 +321,13 @@ fn usage_counts_every_packet_and_byte_each_way_and_the_removal_answers_the_final
     if !tests::privileged() {
         return;
     }
-    let mut lab = Lab::new().unwrap();
-    let mut agent = start(&mut lab, &[]);
-    let client = udp(&lab.client, CLIENT_V4);
-    let peer = udp(&lab.peer, PEER_V4);
-    let bound = binding(
-        client.local_addr().unwrap(),
-        0x4001,
-        peer.local_addr().unwrap(),
-        50000,
-    );
+    let Direct {
+        lab: _lab,
+        mut agent,
+        client,
+        peer,
+        binding: bound,
+    } = direct();
     agent.install(vec![bound.clone()]).unwrap();
     assert_eq!(usage_of(&mut agent, &bound), usage(NONE, NONE, NONE, NONE));
 
@@ -638,15 +664,13 @@ fn usage_survives_an_agent_restart() {
     if !tests::privileged() {
         return;
     }
-    let mut lab = Lab::new().unwrap();
-    let mut agent = start(&mut lab, &[]);
-    let (client, peer) = (udp(&lab.client, CLIENT_V4), udp(&lab.peer, PEER_V4));
-    let bound = binding(
-        client.local_addr().unwrap(),
-        0x4001,
-        peer.local_addr().unwrap(),
-        50000,
-    );
+    let Direct {
+        mut lab,
+        mut agent,
+        client,
+        peer,
+        binding: bound,
+    } = direct();
     agent.install(vec![bound.clone()]).unwrap();
     let to_peer = client_sends(&client, &peer, 0x4001, 30);
     let to_client = peer_sends(&peer, &client, 0x4001, 50000, 20);
@@ -733,15 +757,13 @@ fn a_limit_installed_again_without_it_is_lifted_and_the_counts_go_on() {
     if !tests::privileged() {
         return;
     }
-    let mut lab = Lab::new().unwrap();
-    let mut agent = start(&mut lab, &[]);
-    let (client, peer) = (udp(&lab.client, CLIENT_V4), udp(&lab.peer, PEER_V4));
-    let plain = binding(
-        client.local_addr().unwrap(),
-        0x4001,
-        peer.local_addr().unwrap(),
-        50000,
-    );
+    let Direct {
+        lab: _lab,
+        mut agent,
+        client,
+        peer,
+        binding: plain,
+    } = direct();
     let bound = limited(&plain, "allocation:test", RATE);
     agent.install(vec![bound.clone()]).unwrap();
     let listed = agent.get(&bound).unwrap().rate_limits;
@@ -817,15 +839,13 @@ fn the_final_figures_hold_everything_relayed_up_to_the_removal() {
     if !tests::privileged() {
         return;
     }
-    let mut lab = Lab::new().unwrap();
-    let mut agent = start(&mut lab, &[]);
-    let (client, peer) = (udp(&lab.client, CLIENT_V4), udp(&lab.peer, PEER_V4));
-    let bound = binding(
-        client.local_addr().unwrap(),
-        0x4001,
-        peer.local_addr().unwrap(),
-        50000,
-    );
+    let Direct {
+        lab,
+        mut agent,
+        client,
+        peer,
+        binding: bound,
+    } = direct();
     agent.install(vec![bound.clone()]).unwrap();
     let overflows_before = lab.peer.udp_receive_buffer_errors().unwrap();
     let arrivals = Arrivals::count(&peer, 0);
@@ -886,14 +906,7 @@ fn a_datagram_passed_to_the_stack_costs_the_kernel_meter_nothing() {
     }
     let mut lab = Lab::new().unwrap();
     // A network of the relay's host behind an interface without the program.
-    lab.relay
-        .ip(["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
-        .unwrap();
-    lab.relay
-        .ip(["addr", "add", "10.9.0.1/24", "dev", "d0"])
-        .unwrap();
-    lab.relay.ip(["link", "set", "d0", "up"]).unwrap();
-    lab.relay.ip(["link", "set", "d1", "up"]).unwrap();
+    lab.add_unattached_network().unwrap();
     lab.relay
         .add_static_neighbour("10.9.0.2".parse().unwrap(), [2, 0, 0, 0, 0, 2], "d0")
         .unwrap();

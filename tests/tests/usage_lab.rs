@@ -75,15 +75,7 @@ impl Turn {
     /// An allocation of `user`; fails unless the Allocate succeeds.
     fn allocate(lab: &Lab, user: &str, password: &str) -> anyhow::Result<Self> {
         let mut client = Self::client(lab, user, password)?;
-        let answer = client.allocate()?;
-        ensure!(
-            answer.class == class::SUCCESS,
-            "Allocate answered {:?}",
-            answer.error_code()
-        );
-        let relayed = answer
-            .xor_addr(attr::XOR_RELAYED_ADDRESS)
-            .context("no XOR-RELAYED-ADDRESS")?;
+        let relayed = client.allocate_relayed()?;
         let local = client.socket.local_addr()?;
         Ok(Self {
             client,

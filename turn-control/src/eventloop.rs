@@ -170,7 +170,6 @@ pub struct Eventloop {
     agent: Option<AgentQueue>,
     accounting: Option<Arc<Sink>>,
     agent_rx: mpsc::Receiver<FromAgent>,
-    agent_connected: bool,
     /// The sync round whose part this thread owes the link, while the queue has no room
     /// for it: dropping it would leave the round incomplete and the agent unsynced.
     sync_part: Option<u64>,
@@ -247,7 +246,6 @@ impl Eventloop {
             agent,
             accounting,
             agent_rx: agent_events,
-            agent_connected: false,
             sync_part: None,
             control,
             report,
@@ -826,7 +824,7 @@ impl Eventloop {
                         expires,
                         limits,
                     };
-                    let sent = self.agent_connected
+                    let sent = self.server.data_plane_connected()
                         && self
                             .agent
                             .as_ref()
@@ -845,7 +843,9 @@ impl Eventloop {
                 Command::RemoveChannel { binding } => {
                     let now = Instant::now();
                     match &self.agent {
-                        Some(queue) if self.agent_connected => queue.remove(self.index, binding),
+                        Some(queue) if self.server.data_plane_connected() => {
+                            queue.remove(self.index, binding)
+                        }
                         // Not connected: the full sync on reconnect leaves the binding out,
                         // and its last figures in the kernel are out of reach.
                         Some(_) => self.server.channel_removed(now, &binding, None),
@@ -1062,7 +1062,6 @@ impl Eventloop {
                 }
             }
             FromAgent::Connected { round } => {
-                self.agent_connected = true;
                 self.sync_part = Some(round);
                 match self.agent.as_ref().and_then(AgentQueue::try_slot) {
                     Some(permit) => self.send_sync_part(permit),
@@ -1077,7 +1076,6 @@ impl Eventloop {
                 self.server.set_data_plane_connected(Instant::now(), true);
             }
             FromAgent::Disconnected => {
-                self.agent_connected = false;
                 // The round after the reconnect asks again.
                 self.sync_part = None;
                 self.server.set_data_plane_connected(Instant::now(), false);
@@ -1123,7 +1121,7 @@ impl Eventloop {
             tcp_connections: self.tcp_conns.len(),
             relay_sockets: self.relays.len(),
             published: Some(Instant::now()),
-            agent_connected: self.agent_connected,
+            agent_connected: self.server.data_plane_connected(),
         };
     }
 

@@ -206,4 +206,17 @@ impl Client {
             m.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
         })
     }
+
+    /// A UDP allocation that must succeed: its relayed address.
+    pub fn allocate_relayed(&mut self) -> anyhow::Result<SocketAddr> {
+        let answer = self.allocate()?;
+        anyhow::ensure!(
+            answer.class == class::SUCCESS,
+            "Allocate answered {:?}",
+            answer.error_code()
+        );
+        answer
+            .xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .context("no XOR-RELAYED-ADDRESS")
+    }
 }

@@ -574,6 +574,11 @@ impl Server {
         }
     }
 
+    /// Whether the daemon's link to the data plane is up ([`Server::set_data_plane_connected`]).
+    pub fn data_plane_connected(&self) -> bool {
+        self.data_plane_connected
+    }
+
     /// Starts (or stops) draining: new Allocates are redirected ([`crate::redirect`]) while
     /// existing allocations live on as before.
     pub fn set_draining(&mut self, draining: bool) {
